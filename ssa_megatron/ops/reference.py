@@ -1,0 +1,218 @@
+"""Plain-PyTorch SSA attention: the specification the Triton kernels must match.
+
+Layout everywhere in ``ssa_megatron.ops``: ``q`` is [B, T, HQ, D], ``k`` and ``v`` are
+[B, T, H, D] with HQ = G * H (query head h belongs to kv head h // G).
+
+Packed sequences: pass ``cu_seqlens`` (int tensor [N + 1], offsets of N documents along the
+token axis) with B == 1. Each document is an independent causal sequence whose blocks start at
+the document's first token; nothing crosses a document boundary (selection, sparse and full
+attention alike).
+
+Block selection (DESIGN §1): for token t of block c = t // bs, the scores of the complete blocks
+b < (t + 1) // bs are softmax_b(q_{t,h} . mean(K_b) * scale) per query head, summed over the G
+heads of a kv group; the current block is always selected, future blocks never; the top
+``block_counts`` blocks are kept (ties: the smaller block index wins); unused slots hold -1.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# Tokens processed at once by the reference selection / sparse attention; bounds memory.
+_CHUNK = 1024
+
+
+def _segments(total: int, cu_seqlens: Optional[torch.Tensor], batch: int) -> List[Tuple[int, int]]:
+    if cu_seqlens is None:
+        return [(0, total)]
+    if batch != 1:
+        raise ValueError("cu_seqlens needs a packed batch of size 1; flatten the batch first")
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"cu_seqlens {offsets} must rise from 0 to the token count {total}")
+    return [(a, b) for a, b in zip(offsets, offsets[1:]) if b > a]
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = None) -> int:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError("q and k must be [B, T, heads, D]")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B, T or D")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
+    return q.shape[2] // k.shape[2]
+
+
+def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Mean of each complete block of ``block_size`` tokens: [B, T, H, D] -> [B, T // bs, H, D]."""
+    b, t, h, d = x.shape
+    nb = t // block_size
+    return x[:, : nb * block_size].reshape(b, nb, block_size, h, d).float().mean(dim=2)
+
+
+def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
+                 scale: Optional[float] = None) -> torch.Tensor:
+    """Group-summed block importance [B, T, H, ceil(T / bs)] of one sequence (fp32).
+
+    Complete past blocks get the summed per-head softmax probability; the current block +inf;
+    blocks not yet complete and future blocks -inf.
+    """
+    _check_shapes(q, k)
+    return _chunk_scores(q, k, 0, block_size, scale)
+
+
+def _topk_stable(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim; ties resolved towards the smaller index (stable sort)."""
+    k = min(k, scores.shape[-1])
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return order.values[..., :k], order.indices[..., :k]
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
+                  cu_seqlens: Optional[torch.Tensor] = None,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """Top-``block_counts`` block indices [B, T, H, block_counts] (int32, -1 = empty slot).
+
+    Indices count blocks from the start of each token's document. Slot 0 holds the current block;
+    the others follow in decreasing score.
+    """
+    _check_shapes(q, k)
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    out = torch.full((b, t, h, block_counts), -1, dtype=torch.int32, device=q.device)
+    for start, end in _segments(t, cu_seqlens, b):
+        for c0 in range(start, end, _CHUNK):
+            c1 = min(c0 + _CHUNK, end)
+            # Scores need the whole prefix of keys but only this chunk's queries.
+            scores = _chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale)
+            vals, idx = _topk_stable(scores, block_counts)
+            idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1))
+            out[:, c0:c1, :, : idx.shape[-1]] = idx.to(torch.int32)
+    return out
+
+
+def _chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
+                  scale: Optional[float]) -> torch.Tensor:
+    """block_scores for queries at positions first_pos.. of a sequence whose keys are k_prefix."""
+    group = q_chunk.shape[2] // k_prefix.shape[2]
+    b, tc, hq, d = q_chunk.shape
+    h = k_prefix.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    pooled = mean_pool_blocks(k_prefix, block_size)
+    nb = pooled.shape[1]
+    nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
+    pos = torch.arange(first_pos, first_pos + tc, device=q_chunk.device)
+    out = torch.full((b, tc, h, nb_all), float("-inf"), device=q_chunk.device)
+    if nb > 0:
+        qg = q_chunk.float().reshape(b, tc, h, group, d)
+        logits = torch.einsum("bthgd,bnhd->bthgn", qg, pooled) * scale
+        complete = torch.arange(nb, device=q_chunk.device)[None, :] < ((pos + 1) // block_size)[:, None]
+        logits = logits.masked_fill(~complete[None, :, None, None, :], float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+        out[..., :nb] = probs.sum(dim=3).masked_fill(~complete[None, :, None, :], float("-inf"))
+    out.scatter_(3, (pos // block_size).view(1, tc, 1, 1).expand(b, tc, h, 1), float("inf"))
+    return out
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention of each query over the tokens of its selected blocks only.
+
+    ``indices`` [B, T, H, K] as returned by :func:`select_blocks`. Gathers the selected blocks'
+    keys/values per (token, kv head) and runs a masked softmax; differentiable in q, k, v.
+    Returns [B, T, HQ, D] in q's dtype.
+    """
+    group = _check_shapes(q, k, v)
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    nsel = indices.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    outs = []
+    offs = torch.arange(block_size, device=q.device)
+    for start, end in _segments(t, cu_seqlens, b):
+        ks, vs = k[:, start:end], v[:, start:end]
+        for c0 in range(start, end, _CHUNK):
+            c1 = min(c0 + _CHUNK, end)
+            tc = c1 - c0
+            idx = indices[:, c0:c1].long()  # [B, tc, H, K]
+            tok = idx.unsqueeze(-1) * block_size + offs  # [B, tc, H, K, bs] doc-relative
+            pos = torch.arange(c0 - start, c1 - start, device=q.device).view(1, tc, 1, 1, 1)
+            valid = (idx.unsqueeze(-1) >= 0) & (tok <= pos)
+            tok = tok.clamp(0, end - start - 1).reshape(b, tc, h, nsel * block_size)
+            # gather keys/values: [B, tc, H, K*bs, D]
+            gidx = tok.permute(0, 2, 1, 3).reshape(b, h, tc * nsel * block_size)
+            kh = ks.permute(0, 2, 1, 3)  # [B, H, L, D]
+            vh = vs.permute(0, 2, 1, 3)
+            kg = torch.gather(kh, 2, gidx.unsqueeze(-1).expand(-1, -1, -1, d))
+            vg = torch.gather(vh, 2, gidx.unsqueeze(-1).expand(-1, -1, -1, d))
+            kg = kg.view(b, h, tc, nsel * block_size, d)
+            vg = vg.view(b, h, tc, nsel * block_size, d)
+            qc = q[:, c0:c1].reshape(b, tc, h, group, d).permute(0, 2, 1, 3, 4)  # [B,H,tc,G,D]
+            logits = torch.einsum("bhtgd,bhtnd->bhtgn", qc.float(), kg.float()) * scale
+            mask = valid.reshape(b, tc, h, nsel * block_size).permute(0, 2, 1, 3).unsqueeze(3)
+            logits = logits.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            o = torch.einsum("bhtgn,bhtnd->bhtgd", probs, vg.float())
+            outs.append(o.permute(0, 2, 1, 3, 4).reshape(b, tc, hq, d).to(q.dtype))
+    return torch.cat(outs, dim=1)
+
+
+def causal_segment_mask(t: int, cu_seqlens: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Boolean [T, T] mask: True where query i may attend key j (causal, same document)."""
+    mask = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+    if cu_seqlens is not None:
+        doc = torch.zeros(t, dtype=torch.long, device=device)
+        doc[cu_seqlens[1:-1].long()] = 1
+        doc = doc.cumsum(0)
+        mask &= doc[:, None] == doc[None, :]
+    return mask
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cu_seqlens: Optional[torch.Tensor] = None,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Ordinary causal softmax attention with GQA through torch SDPA: [B, T, HQ, D]."""
+    group = _check_shapes(q, k, v)
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if group > 1:
+        kh = kh.repeat_interleave(group, dim=1)
+        vh = vh.repeat_interleave(group, dim=1)
+    if cu_seqlens is None:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        _segments(q.shape[1], cu_seqlens, q.shape[0])  # validates
+        mask = causal_segment_mask(q.shape[1], cu_seqlens, q.device)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+    return o.transpose(1, 2)
+
+
+def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor:
+    """SmoothL1(O_full, sg(O_sparse)) + SmoothL1(sg(O_full), O_sparse), beta 1, mean (fp32)."""
+    of, osp = o_full.float(), o_sparse.float()
+    return (F.smooth_l1_loss(of, osp.detach(), beta=1.0)
+            + F.smooth_l1_loss(of.detach(), osp, beta=1.0))
+
+
+def selection_mask(indices: torch.Tensor, block_size: int, t: int,
+                   cu_seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dense boolean [B, H, T, T] mask equivalent to ``indices`` (for tests and evaluation)."""
+    b, _, h, _ = indices.shape
+    mask = torch.zeros(b, h, t, t, dtype=torch.bool, device=indices.device)
+    for start, end in _segments(t, cu_seqlens, b):
+        length = end - start
+        nb_all = (length + block_size - 1) // block_size
+        idx = indices[:, start:end].long()
+        chosen = torch.zeros(b, length, h, nb_all + 1, dtype=torch.bool, device=indices.device)
+        chosen.scatter_(3, torch.where(idx < 0, nb_all, idx), True)
+        chosen = chosen[..., :nb_all]
+        key_block = torch.arange(length, device=indices.device) // block_size
+        allowed = chosen[..., key_block]  # [B, L, H, L]
+        allowed &= torch.ones(length, length, dtype=torch.bool, device=indices.device).tril()[None, :, None, :]
+        mask[:, :, start:end, start:end] = allowed.permute(0, 2, 1, 3)
+    return mask
