@@ -1,0 +1,131 @@
+"""One dispatch point for SSA attention math: Triton kernels on CUDA, the reference elsewhere.
+
+``select_blocks``, ``sparse_attention``, ``full_attention`` and ``alignment_loss`` take the
+arguments of their namesakes in :mod:`ssa_megatron.ops.reference`.
+
+Backend switch: environment variable ``SSA_ATTENTION_BACKEND`` = ``auto`` (default: Triton for
+CUDA tensors, reference otherwise), ``triton`` (always Triton; on CPU it needs
+``TRITON_INTERPRET=1``) or ``reference``; or call :func:`set_backend` (which wins over the
+variable). The Triton modules are imported only when first used.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ssa_megatron.ops import reference
+
+_BACKENDS = ("auto", "triton", "reference")
+_forced: Optional[str] = None
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force ``"triton"`` or ``"reference"``; ``"auto"`` or None returns to the env/default."""
+    global _forced
+    if name is not None and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
+    _forced = None if name in (None, "auto") else name
+
+
+def get_backend() -> str:
+    """The configured backend name: auto, triton or reference."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("SSA_ATTENTION_BACKEND", "auto").strip().lower() or "auto"
+    if env not in _BACKENDS:
+        raise ValueError(f"SSA_ATTENTION_BACKEND={env!r} is not one of {', '.join(_BACKENDS)}")
+    return env
+
+
+def _use_triton(t: torch.Tensor, block_size: Optional[int] = None) -> bool:
+    name = get_backend()
+    if name == "reference":
+        return False
+    if name == "triton":
+        return True
+    if not t.is_cuda:
+        return False
+    # tensor-core tiles need >= 16 key columns per block and power-of-two block sizes
+    return block_size is None or (block_size >= 16 and block_size & (block_size - 1) == 0)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
+                  cu_seqlens: Optional[torch.Tensor] = None,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    if _use_triton(q, block_size):
+        from ssa_megatron.ops import triton_selection
+        return triton_selection.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
+    return reference.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    if _use_triton(q, block_size):
+        from ssa_megatron.ops import triton_sparse_attention
+        return triton_sparse_attention.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
+                                                        scale)
+    return reference.sparse_attention(q, k, v, indices, block_size, cu_seqlens, scale)
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   cu_seqlens: Optional[torch.Tensor] = None,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Causal attention through torch SDPA (flash backend on GPU); packed docs one by one."""
+    if not _use_triton(q):
+        return reference.full_attention(q, k, v, cu_seqlens, scale)
+    reference._check_shapes(q, k, v)
+    g = q.shape[2] // k.shape[2]
+
+    def run(qs, ks, vs):
+        qh, kh, vh = qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2)
+        if g > 1:
+            try:  # torch >= 2.5: GQA inside the flash kernel, no expanded kv copy
+                return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                                      enable_gqa=True).transpose(1, 2)
+            except TypeError:
+                kh = kh.repeat_interleave(g, dim=1)
+                vh = vh.repeat_interleave(g, dim=1)
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale).transpose(1, 2)
+
+    if cu_seqlens is None:
+        return run(q, k, v)
+    segs = reference._segments(q.shape[1], cu_seqlens, q.shape[0])
+    return torch.cat([run(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in segs], dim=1)
+
+
+class _AlignmentLoss(torch.autograd.Function):
+    """SmoothL1(f, sg(s)) + SmoothL1(sg(f), s) in one pass: both terms equal 2 * mean(h(f - s)),
+    the gradients are +-clamp(f - s, -1, 1) / n (beta 1); only the clamped difference is kept."""
+
+    @staticmethod
+    def forward(ctx, of, osp):
+        diff = of.float() - osp.float()
+        ad = diff.abs()
+        loss = torch.where(ad < 1.0, 0.5 * diff * diff, ad - 0.5).mean() * 2.0
+        keep = torch.bfloat16 if of.dtype == torch.bfloat16 else torch.float32
+        ctx.save_for_backward(diff.clamp_(-1.0, 1.0).to(keep))
+        ctx.n = diff.numel()
+        ctx.dtypes = (of.dtype, osp.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, gl):
+        (cd,) = ctx.saved_tensors
+        gr = cd.float() * (gl / ctx.n)
+        return gr.to(ctx.dtypes[0]), (-gr).to(ctx.dtypes[1])
+
+
+def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor:
+    if not _use_triton(o_full):
+        return reference.alignment_loss(o_full, o_sparse)
+    if o_full.shape != o_sparse.shape:
+        raise ValueError(f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} differ")
+    return _AlignmentLoss.apply(o_full, o_sparse)
+
+
+__all__ = ["set_backend", "get_backend", "select_blocks", "sparse_attention", "full_attention",
+           "alignment_loss"]

@@ -1,0 +1,251 @@
+"""Fused SSA block selection in Triton (spec: ``reference.select_blocks``).
+
+One program scores ``BT`` consecutive tokens of one document against all complete past blocks
+of one kv head. The tile's rows are the ``BT x G`` (token, query head) pairs, so the pooled keys
+read by a program serve every head of the group and several tokens (G < 16 puts more tokens in a
+tile). Two passes over the pooled keys:
+
+1. per-row online max / sum of ``exp(q . Kbar * scale)`` over blocks b < (t + 1) // bs;
+2. probabilities, summed over the G heads of each token, merged into an exact running top-(K-1)
+   kept in registers as packed int64 keys ``(float bits of score) << 20 | (2^20 - 1 - block)``:
+   larger score first, then the smaller block index (the reference's stable-sort tie rule).
+
+Slot 0 is the current block. Nothing of size [T, T / bs] is ever written to memory; the only
+extra buffer is the mean-pooled keys [blocks, H, D] (fp32).
+
+Plain pointer arithmetic only (runs under Triton 3.6 on GPU and 3.9's CPU interpreter).
+"""
+from __future__ import annotations
+
+import math
+import os
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per document
+
+# launch parameters (tools/bench_attention.py may sweep them)
+# (swept on an H100 at B4 T8192, bf16; see docs/KERNEL_NOTES.md)
+CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": None}
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers shared with the sparse-attention kernels
+# --------------------------------------------------------------------------------------------
+
+def doc_offsets(batch: int, seqlen: int, cu_seqlens: Optional[torch.Tensor]) -> Tuple[int, ...]:
+    """Document offsets along the flattened token axis [B * T]."""
+    if cu_seqlens is None:
+        return tuple(i * seqlen for i in range(batch + 1))
+    if batch != 1:
+        raise ValueError("cu_seqlens needs a packed batch of size 1; flatten the batch first")
+    offs = tuple(int(x) for x in cu_seqlens.tolist())
+    if offs[0] != 0 or offs[-1] != seqlen or any(b < a for a, b in zip(offs, offs[1:])):
+        raise ValueError(f"cu_seqlens {list(offs)} must rise from 0 to the token count {seqlen}")
+    return offs
+
+
+@lru_cache(maxsize=64)
+def _tiles_cpu(offs: Tuple[int, ...], bt: int, bs: int):
+    """Per tile of ``bt`` tokens: (first token, doc start, doc length, pooled-block offset)."""
+    tok, dstart, dlen, poff = [], [], [], []
+    pool = 0
+    for a, b in zip(offs, offs[1:]):
+        n = b - a
+        if n > 0:
+            starts = torch.arange(a, b, bt, dtype=torch.int32)
+            tok.append(starts)
+            dstart.append(torch.full_like(starts, a))
+            dlen.append(torch.full_like(starts, n))
+            poff.append(torch.full_like(starts, pool))
+        pool += n // bs
+    if not tok:
+        e = torch.zeros(0, dtype=torch.int32)
+        return e, e, e, e
+    return torch.cat(tok), torch.cat(dstart), torch.cat(dlen), torch.cat(poff)
+
+
+_DEV_CACHE: dict = {}
+
+
+def tiles(offs: Tuple[int, ...], bt: int, bs: int, device) -> Tuple[torch.Tensor, ...]:
+    key = (offs, bt, bs, str(device))
+    hit = _DEV_CACHE.get(key)
+    if hit is None:
+        if len(_DEV_CACHE) > 64:
+            _DEV_CACHE.clear()
+        hit = tuple(x.to(device) for x in _tiles_cpu(offs, bt, bs))
+        _DEV_CACHE[key] = hit
+    return hit
+
+
+def pooled_keys(kf: torch.Tensor, offs: Tuple[int, ...], bs: int) -> torch.Tensor:
+    """Mean of each complete block of each document: [sum_d len_d // bs, H, D] fp32."""
+    n, h, d = kf.shape
+    docs = [(a, b) for a, b in zip(offs, offs[1:])]
+    lens = {b - a for a, b in docs}
+    if len(lens) == 1 and all(a == i * (b - a) for i, (a, b) in enumerate(docs)):
+        ln = lens.pop()
+        nb = ln // bs
+        nd = len(docs)
+        x = kf.view(nd, ln, h, d)[:, : nb * bs].reshape(nd, nb, bs, h, d)
+        return x.float().mean(dim=2).reshape(nd * nb, h, d)
+    key = ("pool", offs, bs, str(kf.device))
+    starts = _DEV_CACHE.get(key)
+    if starts is None:
+        s = [torch.arange(a, a + ((b - a) // bs) * bs, bs) for a, b in docs]
+        starts = torch.cat(s).to(kf.device) if s else torch.zeros(0, dtype=torch.long)
+        _DEV_CACHE[key] = starts
+    gi = starts[:, None] + torch.arange(bs, device=kf.device)[None, :]
+    return kf[gi].float().mean(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _select_kernel(
+    Q, KP, OUT, TILE_TOK, TILE_DS, TILE_DL, TILE_POFF,
+    scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    KB: tl.constexpr, IDX_BITS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(TILE_TOK + pid)
+    ds = tl.load(TILE_DS + pid)
+    dl = tl.load(TILE_DL + pid)
+    poff = tl.load(TILE_POFF + pid).to(tl.int64)
+
+    R: tl.constexpr = BT * GP
+    r = tl.arange(0, R)
+    rt = r // GP
+    rg = r % GP
+    tok_r = tok0 + rt
+    pos_r = tok_r - ds
+    row_ok = (pos_r < dl) & (rg < G)
+    nc_r = tl.where(row_ok, (pos_r + 1) // BS, 0)  # blocks in the softmax
+    nc_max = tl.max(nc_r, axis=0)
+
+    dd = tl.arange(0, BD)
+    q_ptr = Q + (tok_r.to(tl.int64) * HQ + h * G + rg)[:, None] * D + dd[None, :]
+    q = tl.load(q_ptr, mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+
+    # ---- pass 1: running max / sum per row
+    m = tl.full([R], -1.0e30, tl.float32)
+    lsum = tl.zeros([R], tl.float32)
+    bb = tl.arange(0, BN)
+    for b0 in range(0, nc_max, BN):
+        b = b0 + bb
+        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
+        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kp)) * scale_log2
+        s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    inv = 1.0 / tl.maximum(lsum, 1.0e-30)
+
+    # ---- pass 2: group-summed probabilities, exact running top-(K-1)
+    t = tl.arange(0, BT)
+    tok_t = tok0 + t
+    pos_t = tok_t - ds
+    tok_ok = pos_t < dl
+    cur_t = pos_t // BS  # candidates: complete blocks b < cur (the current block is forced)
+    kk = tl.arange(0, KB)
+    MASK: tl.constexpr = (1 << IDX_BITS) - 1
+    NEG: tl.constexpr = -(1 << 62)
+    # running top-(K-1), unsorted; empty slots hold distinct negatives (-1 - slot) so the minimum
+    # is unique, padding slots (>= K-1) a huge value so they are never the minimum
+    BIG: tl.constexpr = 1 << 62
+    kk64 = kk.to(tl.int64) + tl.zeros([BT, KB], tl.int64)
+    lst = tl.where(kk64 < K - 1, -1 - kk64, BIG)
+    for b0 in range(0, nc_max, BN):
+        b = b0 + bb
+        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
+        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kp)) * scale_log2
+        p = tl.exp2(tl.minimum(s - m[:, None], 0.0)) * inv[:, None]
+        p = tl.where(b[None, :] < nc_r[:, None], p, 0.0)
+        score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
+        cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        key = tl.where(cand, (bits << IDX_BITS) | (MASK - b[None, :]).to(tl.int64), NEG)
+        # insert the chunk's best while it beats the token's current worst kept entry
+        thr = tl.min(lst, axis=1)
+        cmax = tl.max(key, axis=1)
+        while tl.max((cmax > thr).to(tl.int32), axis=0) > 0:
+            ins = cmax > thr
+            lst = tl.where((lst == thr[:, None]) & ins[:, None], cmax[:, None], lst)
+            key = tl.where((key == cmax[:, None]) & ins[:, None], NEG, key)
+            thr = tl.min(lst, axis=1)
+            cmax = tl.max(key, axis=1)
+
+    # order the kept entries by decreasing score (slot 1 = best)
+    srt = tl.full([BT, KB], -1, tl.int64)
+    lst = tl.where(kk[None, :] < K - 1, lst, NEG)
+    for i in tl.static_range(K - 1):
+        best = tl.max(lst, axis=1)
+        srt = tl.where(kk[None, :] == i, best[:, None], srt)
+        lst = tl.where(lst == best[:, None], NEG, lst)
+    lst = srt
+
+    out_t = OUT + (tok_t.to(tl.int64) * H + h) * K
+    tl.store(out_t, cur_t.to(tl.int32), mask=tok_ok)
+    dec = tl.where(lst < 0, -1, MASK - (lst & MASK)).to(tl.int32)
+    tl.store(out_t[:, None] + 1 + kk[None, :], dec, mask=tok_ok[:, None] & (kk[None, :] < K - 1))
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
+                  cu_seqlens: Optional[torch.Tensor] = None,
+                  scale: Optional[float] = None) -> torch.Tensor:
+    """Triton twin of ``reference.select_blocks``: int32 [B, T, H, block_counts], -1 = empty."""
+    if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: expected [B, T, heads, D]")
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    if hq % h:
+        raise ValueError(f"{hq} query heads are not a multiple of {h} kv heads")
+    g = hq // h
+    kc = int(block_counts)
+    if kc < 1:
+        raise ValueError("block_counts must be >= 1")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    offs = doc_offsets(b, t, cu_seqlens)
+    qf = q.reshape(b * t, hq, d).contiguous()
+    kf = k.reshape(b * t, h, d).contiguous()
+    pooled = pooled_keys(kf, offs, block_size).contiguous()
+    out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
+    if b * t == 0:
+        return out.view(b, t, h, kc)
+    gp = _next_pow2(g)
+    bt = max(1, CONFIG["rows"] // gp)
+    bt = min(bt, _next_pow2(block_size))
+    bd = max(16, _next_pow2(d))
+    bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
+    kb = max(1, _next_pow2(kc - 1))
+    tok, dstart, dlen, poff = tiles(offs, bt, block_size, q.device)
+    if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
+        pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
+    grid = (tok.shape[0], h)
+    _select_kernel[grid](
+        qf, pooled, out, tok, dstart, dlen, poff, scale * 1.4426950408889634,
+        HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
+        IDX_BITS=_IDX_BITS, num_warps=CONFIG["warps"],
+        **({} if CONFIG["stages"] is None else {"num_stages": CONFIG["stages"]}),
+    )
+    return out.view(b, t, h, kc)

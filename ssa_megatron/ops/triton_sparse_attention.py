@@ -1,0 +1,384 @@
+"""Block-sparse SSA attention in Triton, forward and backward (spec: ``reference.sparse_attention``).
+
+Layout: q [B, T, HQ, D], k/v [B, T, H, D], indices int32 [B, T, H, K] (document-relative block
+numbers, -1 = empty slot), optional ``cu_seqlens`` (packed, B == 1).
+
+Forward / dq (query-centric): a program holds ``BT`` tokens x ``G`` query heads of one kv head
+as tile rows. With G >= 16, BT = 1: the group's heads are the rows and every slot is one
+[bs, D] key block. With G < 16, BT = 16 / G tokens share the tile: for slot i the program loads
+the BT tokens' own blocks side by side ([BT * bs, D]) and masks the cross-token entries, so the
+matmuls keep 16 rows (tensor-core shape) at the price of BT-fold redundant MMA work.
+
+dk / dv (key-centric, no atomics): the selections are inverted once per backward (a sort of the
+(head, block) ids) into, for every key block, the list of tokens that selected it; one program per
+(key block, kv head) walks that list, ``BE`` tokens x G heads at a time, and writes dk, dv once.
+
+Plain pointer arithmetic only (Triton 3.6 on GPU, 3.9 CPU interpreter).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ssa_megatron.ops.triton_selection import _next_pow2, doc_offsets, tiles
+
+LOG2E = 1.4426950408889634
+
+# launch parameters (tools/bench_attention.py may sweep them)
+# (swept on an H100 at B4 T8192, bf16; see docs/KERNEL_NOTES.md). Keyed by head dim <= 64 / > 64.
+CONFIG = {
+    "small_d": {"cols": 64, "fwd_warps": 2, "bwd_warps": 4, "stages": 2, "dkv_rows": 128},
+    "large_d": {"cols": 128, "fwd_warps": 4, "bwd_warps": 4, "stages": 2, "dkv_rows": 64},
+}
+
+
+def _cfg(bd: int) -> dict:
+    return CONFIG["small_d" if bd <= 64 else "large_d"]
+
+
+def _launch_opts(bd: int, which: str) -> dict:
+    c = _cfg(bd)
+    opts = {"num_warps": c[which + "_warps"]}
+    if c["stages"] is not None and not _interp():
+        opts["num_stages"] = c["stages"]
+    return opts
+
+
+def _interp() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=64)
+def _blocks_cpu(offs: Tuple[int, ...], bs: int):
+    """Global key blocks (partial ones included): first token, length; per-doc block offset."""
+    start, length, doc_boff = [], [], []
+    nb = 0
+    for a, b in zip(offs, offs[1:]):
+        n = b - a
+        doc_boff.append(nb)
+        if n > 0:
+            s = torch.arange(a, b, bs, dtype=torch.int32)
+            start.append(s)
+            length.append(torch.clamp(b - s, max=bs).to(torch.int32))
+            nb += s.numel()
+    if not start:
+        e = torch.zeros(0, dtype=torch.int32)
+        return e, e, nb
+    return torch.cat(start), torch.cat(length), nb
+
+
+_BLK_CACHE: dict = {}
+
+
+def _blocks(offs, bs, device):
+    key = (offs, bs, str(device))
+    hit = _BLK_CACHE.get(key)
+    if hit is None:
+        if len(_BLK_CACHE) > 64:
+            _BLK_CACHE.clear()
+        s, ln, nb = _blocks_cpu(offs, bs)
+        # block offset of each token's document, per token
+        tok_boff = torch.empty(offs[-1], dtype=torch.int32)
+        boff = 0
+        for a, b in zip(offs, offs[1:]):
+            tok_boff[a:b] = boff
+            boff += (b - a + bs - 1) // bs
+        hit = (s.to(device), ln.to(device), nb, tok_boff.to(device))
+        _BLK_CACHE[key] = hit
+    return hit
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_kernel(
+    Q, Kt, V, IDX, O, LSE, TILE_TOK, TILE_DS, TILE_DL,
+    scale_log2,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(TILE_TOK + pid)
+    ds = tl.load(TILE_DS + pid)
+    dl = tl.load(TILE_DL + pid)
+
+    R: tl.constexpr = BT * GP
+    C: tl.constexpr = NS * BT * BS  # columns: NS slots x BT tokens x BS keys
+    r = tl.arange(0, R)
+    rt = r // GP
+    rg = r % GP
+    tok_r = tok0 + rt
+    row_ok = (tok_r - ds < dl) & (rg < G)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    qrow = (tok_r.to(tl.int64) * HQ + h * G + rg) * D
+    q = tl.load(Q + qrow[:, None] + dd[None, :], mask=row_ok[:, None] & dmask[None, :], other=0.0)
+
+    c = tl.arange(0, C)
+    cs = c // (BT * BS)
+    ct = (c // BS) % BT
+    cj = c % BS
+    tok_c = tok0 + ct
+    col_tok_ok = tok_c - ds < dl
+    same = rt[:, None] == ct[None, :]
+
+    m = tl.full([R], -1.0e30, tl.float32)
+    lsum = tl.zeros([R], tl.float32)
+    acc = tl.zeros([R, BD], tl.float32)
+    for i0 in range(0, K, NS):
+        slot = i0 + cs
+        blk = tl.load(IDX + (tok_c.to(tl.int64) * H + h) * K + slot, mask=col_tok_ok & (slot < K),
+                      other=-1)
+        kpos = ds + blk * BS + cj
+        col_ok = col_tok_ok & (blk >= 0) & (kpos <= tok_c)
+        kv_off = (kpos.to(tl.int64) * H + h) * D
+        kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        s = tl.where(same & col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        lsum = lsum * alpha + tl.sum(p, axis=1)
+        vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m = m_new
+    lsafe = tl.maximum(lsum, 1.0e-30)
+    o = acc / lsafe[:, None]
+    tl.store(O + qrow[:, None] + dd[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    lrow = tok_r.to(tl.int64) * HQ + h * G + rg
+    tl.store(LSE + lrow, m + tl.log2(lsafe), mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dq (query-centric; also writes delta = rowsum(dO * O))
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, Kt, V, IDX, O, DO, LSE, DELTA, DQ, TILE_TOK, TILE_DS, TILE_DL,
+    scale_log2, scale,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
+    BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    tok0 = tl.load(TILE_TOK + pid)
+    ds = tl.load(TILE_DS + pid)
+    dl = tl.load(TILE_DL + pid)
+
+    R: tl.constexpr = BT * GP
+    C: tl.constexpr = NS * BT * BS  # columns: NS slots x BT tokens x BS keys
+    r = tl.arange(0, R)
+    rt = r // GP
+    rg = r % GP
+    tok_r = tok0 + rt
+    row_ok = (tok_r - ds < dl) & (rg < G)
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    rmask = row_ok[:, None] & dmask[None, :]
+    lrow = tok_r.to(tl.int64) * HQ + h * G + rg
+    qrow = lrow * D
+    q = tl.load(Q + qrow[:, None] + dd[None, :], mask=rmask, other=0.0)
+    do = tl.load(DO + qrow[:, None] + dd[None, :], mask=rmask, other=0.0)
+    o = tl.load(O + qrow[:, None] + dd[None, :], mask=rmask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+    tl.store(DELTA + lrow, delta, mask=row_ok)
+    lse = tl.load(LSE + lrow, mask=row_ok, other=0.0)
+
+    c = tl.arange(0, C)
+    cs = c // (BT * BS)
+    ct = (c // BS) % BT
+    cj = c % BS
+    tok_c = tok0 + ct
+    col_tok_ok = tok_c - ds < dl
+    same = rt[:, None] == ct[None, :]
+
+    dq = tl.zeros([R, BD], tl.float32)
+    for i0 in range(0, K, NS):
+        slot = i0 + cs
+        blk = tl.load(IDX + (tok_c.to(tl.int64) * H + h) * K + slot, mask=col_tok_ok & (slot < K),
+                      other=-1)
+        kpos = ds + blk * BS + cj
+        col_ok = col_tok_ok & (blk >= 0) & (kpos <= tok_c)
+        kv_off = (kpos.to(tl.int64) * H + h) * D
+        kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
+        vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        ok = same & col_ok[None, :] & row_ok[:, None]
+        p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
+        dp = tl.dot(do, tl.trans(vt))
+        dsc = p * (dp - delta[:, None])
+        dq += tl.dot(dsc.to(kt.dtype), kt)
+    tl.store(DQ + qrow[:, None] + dd[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward: dk, dv (key-centric over the inverted selection lists)
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, Kt, V, DO, LSE, DELTA, DK, DV, BLK_START, BLK_LEN, LIST_OFF, LIST_TOK,
+    scale_log2, scale, NB,
+    HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
+    BS: tl.constexpr, BE: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr,
+):
+    gb = tl.program_id(0)
+    h = tl.program_id(1)
+    k0 = tl.load(BLK_START + gb)
+    kl = tl.load(BLK_LEN + gb)
+    j = tl.arange(0, BS)
+    kpos = k0 + j
+    kok = j < kl
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    kv_off = (kpos.to(tl.int64) * H + h) * D
+    kmask = kok[:, None] & dmask[None, :]
+    kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
+    vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
+
+    e_lo = tl.load(LIST_OFF + h * NB + gb)
+    e_hi = tl.load(LIST_OFF + h * NB + gb + 1)
+
+    R: tl.constexpr = BE * GP
+    r = tl.arange(0, R)
+    re = r // GP
+    rg = r % GP
+    dk = tl.zeros([BS, BD], tl.float32)
+    dv = tl.zeros([BS, BD], tl.float32)
+    for e0 in range(e_lo, e_hi, BE):
+        e = e0 + re
+        e_ok = (e < e_hi) & (rg < G)
+        tok = tl.load(LIST_TOK + e, mask=e_ok, other=0)
+        lrow = tok.to(tl.int64) * HQ + h * G + rg
+        rmask = e_ok[:, None] & dmask[None, :]
+        q = tl.load(Q + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
+        do = tl.load(DO + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
+        lse = tl.load(LSE + lrow, mask=e_ok, other=0.0)
+        delta = tl.load(DELTA + lrow, mask=e_ok, other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        ok = e_ok[:, None] & kok[None, :] & (kpos[None, :] <= tok[:, None])
+        p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(vt))
+        dsc = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(dsc.to(q.dtype)), q)
+    tl.store(DK + kv_off[:, None] + dd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + kv_off[:, None] + dd[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+def _tile_tokens(g: int, bs: int) -> int:
+    gp = _next_pow2(g)
+    return max(1, min(16 // gp, bs)) if gp < 16 else 1
+
+
+def _slots(bt: int, bs: int, kc: int, bd: int) -> int:
+    """Selected blocks handled per loop step (enough for CONFIG's key columns per step)."""
+    return max(1, min(_cfg(bd)["cols"] // (bt * bs), _next_pow2(kc)))
+
+
+def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
+    """(head, global key block) -> tokens that selected it: CSR offsets [H * nb + 1], tokens."""
+    n, h, kc = idx.shape
+    gblk = idx + tok_boff[:, None, None]
+    head = torch.arange(h, device=idx.device, dtype=torch.int32).view(1, h, 1)
+    key = torch.where(idx >= 0, head * nb + gblk, torch.full_like(gblk, h * nb))
+    key = key.permute(1, 0, 2).reshape(-1)  # [H * N * K], ordered (head, token, slot)
+    skey, perm = torch.sort(key)  # order inside one block's list does not matter
+    toks = (perm % (n * kc)) // kc
+    counts = torch.bincount(skey.long() if skey.device.type == "cpu" else skey,
+                            minlength=h * nb + 1)[: h * nb]
+    off = torch.zeros(h * nb + 1, dtype=torch.int32, device=idx.device)
+    off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return off, toks.to(torch.int32)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, block_size, cu_seqlens, scale):
+        b, t, hq, d = q.shape
+        h = k.shape[2]
+        g = hq // h
+        kc = indices.shape[-1]
+        offs = doc_offsets(b, t, cu_seqlens)
+        qf = q.reshape(b * t, hq, d).contiguous()
+        kf = k.reshape(b * t, h, d).contiguous()
+        vf = v.reshape(b * t, h, d).contiguous()
+        idx = indices.reshape(b * t, h, kc).to(torch.int32).contiguous()
+        o = torch.empty_like(qf)
+        lse = torch.empty(b * t, hq, dtype=torch.float32, device=q.device)
+        gp = _next_pow2(g)
+        bt = _tile_tokens(g, block_size)
+        bd = max(16, _next_pow2(d))
+        tok, dstart, dlen, _ = tiles(offs, bt, block_size, q.device)
+        if tok.numel():
+            _fwd_kernel[(tok.shape[0], h)](
+                qf, kf, vf, idx, o, lse, tok, dstart, dlen, scale * LOG2E,
+                HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd,
+                NS=_slots(bt, block_size, kc, bd), **_launch_opts(bd, "fwd"),
+            )
+        ctx.save_for_backward(qf, kf, vf, idx, o, lse)
+        ctx.meta = (b, t, hq, h, d, g, kc, offs, block_size, scale)
+        return o.view(b, t, hq, d)
+
+    @staticmethod
+    def backward(ctx, do):
+        qf, kf, vf, idx, o, lse = ctx.saved_tensors
+        b, t, hq, h, d, g, kc, offs, bs, scale = ctx.meta
+        dof = do.reshape(b * t, hq, d).contiguous()
+        dq = torch.empty_like(qf)
+        dk = torch.empty_like(kf)
+        dv = torch.empty_like(vf)
+        delta = torch.empty(b * t, hq, dtype=torch.float32, device=qf.device)
+        gp = _next_pow2(g)
+        bt = _tile_tokens(g, bs)
+        bd = max(16, _next_pow2(d))
+        tok, dstart, dlen, _ = tiles(offs, bt, bs, qf.device)
+        if tok.numel():
+            _bwd_dq_kernel[(tok.shape[0], h)](
+                qf, kf, vf, idx, o, dof, lse, delta, dq, tok, dstart, dlen, scale * LOG2E, scale,
+                HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BT=bt, GP=gp, BD=bd,
+                NS=_slots(bt, bs, kc, bd), **_launch_opts(bd, "bwd"),
+            )
+        bstart, blen, nb, tok_boff = _blocks(offs, bs, qf.device)
+        if nb:
+            off, ltok = _invert(idx, tok_boff, nb)
+            be = max(1, _cfg(bd)["dkv_rows"] // gp)
+            _bwd_dkv_kernel[(nb, h)](
+                qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok,
+                scale * LOG2E, scale, nb,
+                HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, **_launch_opts(bd, "bwd"),
+            )
+        else:
+            dk.zero_()
+            dv.zero_()
+        return (dq.view(b, t, hq, d), dk.view(b, t, h, d), dv.view(b, t, h, d),
+                None, None, None, None)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Triton twin of ``reference.sparse_attention`` (differentiable in q, k, v)."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or q.shape[:2] != k.shape[:2] \
+            or q.shape[3] != k.shape[3] or q.shape[2] % k.shape[2]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: "
+                         "expected q [B, T, G*H, D] and k, v [B, T, H, D]")
+    if indices.shape[:3] != k.shape[:3]:
+        raise ValueError(f"indices {tuple(indices.shape)} must be [B, T, H, K] for k {tuple(k.shape)}")
+    d = q.shape[-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    return _SparseAttention.apply(q, k, v, indices, int(block_size), cu_seqlens, scale)

@@ -1,0 +1,180 @@
+"""Triton SSA kernels vs the reference, on the CPU under TRITON_INTERPRET=1 (fp32).
+
+The interpreter flag must be set before Triton compiles anything, and other tests in the same
+pytest process import torch (and maybe triton) first, so the kernel checks run in a fresh
+subprocess: this file re-executes itself with ``TRITON_INTERPRET=1`` and one group of cases,
+and the child prints one JSON line per case.
+
+Checks: selection indices equal the reference's as sets (where they differ, the differing
+blocks' reference scores lie within 1e-5 of the reference's K-th score: genuine near-ties),
+slot 0 is the current block and empty slots agree; sparse attention output and dq/dk/dv equal
+the reference's on the same indices; the dispatch layer with the Triton backend forced.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BS = 16
+
+# (B, T, HQ, H, D, block_counts, block_size, cu_seqlens)
+GROUPS = {
+    "g16": [(1, 96, 32, 2, 16, 4, BS, None),
+            (1, 90, 16, 1, 16, 3, BS, [0, 37, 90])],
+    "g8": [(2, 64, 16, 2, 16, 3, BS, None),
+           (1, 96, 8, 1, 16, 16, BS, [0, 16, 50, 96])],
+    "g4": [(2, 80, 8, 2, 16, 4, BS, None),
+           (1, 96, 4, 1, 32, 2, 32, [0, 70, 96])],
+    "g2": [(1, 96, 4, 2, 16, 5, BS, None),
+           (1, 64, 2, 1, 16, 2, BS, [0, 33, 64])],
+    "g1": [(1, 90, 2, 2, 16, 16, BS, [0, 20, 57, 90]),
+           (2, 48, 1, 1, 16, 1, BS, None)],
+    "g3": [(1, 72, 6, 2, 16, 3, BS, [0, 40, 72])],
+}
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _run_group(name):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), name], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
+    assert rows, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return rows
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_kernels_match_reference(group):
+    for row in _run_group(group):
+        assert row["ok"], row
+
+
+def test_dispatch_backend_switch(monkeypatch):
+    """Backend choice without touching Triton: CPU tensors go to the reference."""
+    import torch
+    from ssa_megatron.ops import dispatch, reference
+
+    q = torch.randn(1, 40, 4, 16)
+    k = torch.randn(1, 40, 2, 16)
+    v = torch.randn(1, 40, 2, 16)
+    monkeypatch.delenv("SSA_ATTENTION_BACKEND", raising=False)
+    dispatch.set_backend(None)
+    assert dispatch.get_backend() == "auto"
+    assert not dispatch._use_triton(q)
+    idx = dispatch.select_blocks(q, k, BS, 3)
+    assert torch.equal(idx, reference.select_blocks(q, k, BS, 3))
+    torch.testing.assert_close(dispatch.sparse_attention(q, k, v, idx, BS),
+                               reference.sparse_attention(q, k, v, idx, BS))
+    torch.testing.assert_close(dispatch.full_attention(q, k, v), reference.full_attention(q, k, v))
+    monkeypatch.setenv("SSA_ATTENTION_BACKEND", "triton")
+    assert dispatch.get_backend() == "triton" and dispatch._use_triton(q)
+    dispatch.set_backend("reference")
+    assert dispatch.get_backend() == "reference" and not dispatch._use_triton(q)
+    dispatch.set_backend("auto")
+    assert dispatch.get_backend() == "triton"
+    monkeypatch.setenv("SSA_ATTENTION_BACKEND", "bogus")
+    with pytest.raises(ValueError):
+        dispatch.get_backend()
+    with pytest.raises(ValueError):
+        dispatch.set_backend("cuda")
+    dispatch.set_backend(None)
+
+
+# ------------------------------------------------------------------------------------------
+# Child process: TRITON_INTERPRET=1 is set before anything imports triton.
+# ------------------------------------------------------------------------------------------
+
+def _check_case(case, seed):
+    import torch
+    from ssa_megatron.ops import dispatch, reference as ref
+    from ssa_megatron.ops import triton_selection as tsel
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+
+    b, t, hq, h, d, kc, bs, cu = case
+    torch.manual_seed(seed)
+    cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+    q = torch.randn(b, t, hq, d) * 1.5
+    k = torch.randn(b, t, h, d) * 1.5
+    v = torch.randn(b, t, h, d)
+    out = {"case": list(case[:7]) + [cu]}
+
+    # ---- selection
+    it = tsel.select_blocks(q, k, bs, kc, cs)
+    ir = ref.select_blocks(q, k, bs, kc, cs)
+    sel_ok = it.dtype == torch.int32 and it.shape == ir.shape
+    sel_ok &= bool(torch.equal(it[..., 0], ir[..., 0]))
+    sel_ok &= bool(torch.equal((it >= 0).sum(-1), (ir >= 0).sum(-1)))
+    same = (torch.sort(it, -1).values == torch.sort(ir, -1).values).all(-1)
+    worst = 0.0
+    segs = ref._segments(t, cs, b)
+    for bi, ti, hi in (~same).nonzero().tolist():
+        a0 = [a for a, e in segs if a <= ti < e][0]
+        sc = ref._chunk_scores(q[bi:bi + 1, ti:ti + 1], k[bi:bi + 1, a0:ti + 1], ti - a0, bs,
+                               None)[0, 0, hi]
+        sel_r = ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()
+        kth = sc[sel_r].min().item()
+        diff = (set(it[bi, ti, hi].tolist()) ^ set(ir[bi, ti, hi].tolist())) - {-1}
+        worst = max(worst, max(abs(sc[j].item() - kth) for j in diff))
+    sel_ok &= worst <= 1e-5
+    out.update(sel_exact=float(same.float().mean()), sel_worst_tie=worst)
+
+    # ---- sparse attention on the reference's indices: output and gradients
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
+    do = torch.randn(b, t, hq, d)
+    ot = tsp.sparse_attention(*leaves, ir, bs, cs)
+    gt = torch.autograd.grad(ot, leaves, do)
+    orf = ref.sparse_attention(*leaves_r, ir, bs, cs)
+    gr = torch.autograd.grad(orf, leaves_r, do)
+    errs = [(ot - orf).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(gt, gr)]
+    att_ok = max(errs) < 1e-4
+    out["err_o_dq_dk_dv"] = [float(f"{e:.2e}") for e in errs]
+
+    # ---- dispatch with the Triton backend forced (kernel indices, fused alignment loss)
+    dispatch.set_backend("triton")
+    try:
+        idx = dispatch.select_blocks(q, k, bs, kc, cs)
+        o1 = dispatch.sparse_attention(q, k, v, idx, bs, cs)
+        o2 = ref.sparse_attention(q, k, v, idx, bs, cs)
+        full = dispatch.full_attention(q, k, v, cs)
+        full_r = ref.full_attention(q, k, v, cs)
+        of = full.clone().requires_grad_()
+        osp = o1.clone().requires_grad_()
+        la = dispatch.alignment_loss(of, osp)
+        ga = torch.autograd.grad(la, (of, osp))
+        of2 = full.clone().requires_grad_()
+        osp2 = o1.clone().requires_grad_()
+        lr = ref.alignment_loss(of2, osp2)
+        gr2 = torch.autograd.grad(lr, (of2, osp2))
+    finally:
+        dispatch.set_backend(None)
+    disp_errs = [(o1 - o2).abs().max().item(), (full - full_r).abs().max().item(),
+                 abs(la.item() - lr.item())] + [(x - y).abs().max().item() for x, y in zip(ga, gr2)]
+    disp_ok = max(disp_errs) < 1e-4
+    out["dispatch_errs"] = [float(f"{e:.2e}") for e in disp_errs]
+    out["ok"] = bool(sel_ok and att_ok and disp_ok)
+    return out
+
+
+def _child(group):
+    for i, case in enumerate(GROUPS[group]):
+        print(json.dumps(_check_case(case, seed=1000 + i)), flush=True)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("run under TRITON_INTERPRET=1 (pytest does this for you)")
+    sys.path.insert(0, REPO)
+    _child(sys.argv[1])
