@@ -88,7 +88,7 @@ def check_correctness(device, verbose=True):
         # alignment loss fused vs reference
         of = torch.randn_like(q, requires_grad=True)
         os_ = torch.randn_like(q, requires_grad=True)
-        la = dispatch._AlignmentLoss.apply(of, os_)
+        la = tsp.alignment_loss(of, os_)
         ga = torch.autograd.grad(la, (of, os_))
         lr = ref.alignment_loss(of, os_)
         gr = torch.autograd.grad(lr, (of, os_))
@@ -96,11 +96,16 @@ def check_correctness(device, verbose=True):
                      *[((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
                        for x, y in zip(ga, gr)])
         al_ok = al_err < 1e-2
+        # full attention through the dispatch (SDPA, GQA, packed docs one by one)
+        ff = dispatch.full_attention(q, k, v, cs)
+        fr = ref.full_attention(q.float(), k.float(), v.float(), cs)
+        full_err = ((ff.float() - fr).abs().max() / fr.abs().max()).item()
+        al_ok &= full_err < 3e-2
         ok &= sel_ok and att_ok and al_ok
         rows.append(dict(shape=f"B{b} T{t} HQ{hq} H{h} D{d}" + (f" docs{len(cu) - 1}" if cu else ""),
                          sel_same_frac=round(frac_same, 4), sel_worst_tie=worst,
                          rel_err_o_dq_dk_dv=[float(f"{e:.2e}") for e in errs], nan=nan,
-                         align_rel_err=float(f"{al_err:.1e}"),
+                         align_rel_err=float(f"{al_err:.1e}"), full_rel_err=float(f"{full_err:.1e}"),
                          ok=bool(sel_ok and att_ok and al_ok)))
         if verbose:
             print("check", rows[-1], flush=True)

@@ -97,34 +97,12 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return torch.cat([run(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in segs], dim=1)
 
 
-class _AlignmentLoss(torch.autograd.Function):
-    """SmoothL1(f, sg(s)) + SmoothL1(sg(f), s) in one pass: both terms equal 2 * mean(h(f - s)),
-    the gradients are +-clamp(f - s, -1, 1) / n (beta 1); only the clamped difference is kept."""
-
-    @staticmethod
-    def forward(ctx, of, osp):
-        diff = of.float() - osp.float()
-        ad = diff.abs()
-        loss = torch.where(ad < 1.0, 0.5 * diff * diff, ad - 0.5).mean() * 2.0
-        keep = torch.bfloat16 if of.dtype == torch.bfloat16 else torch.float32
-        ctx.save_for_backward(diff.clamp_(-1.0, 1.0).to(keep))
-        ctx.n = diff.numel()
-        ctx.dtypes = (of.dtype, osp.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, gl):
-        (cd,) = ctx.saved_tensors
-        gr = cd.float() * (gl / ctx.n)
-        return gr.to(ctx.dtypes[0]), (-gr).to(ctx.dtypes[1])
-
-
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor:
+    """SmoothL1(O_full, sg(O_sparse)) + SmoothL1(sg(O_full), O_sparse); fused Triton on CUDA."""
     if not _use_triton(o_full):
         return reference.alignment_loss(o_full, o_sparse)
-    if o_full.shape != o_sparse.shape:
-        raise ValueError(f"o_full {tuple(o_full.shape)} and o_sparse {tuple(o_sparse.shape)} differ")
-    return _AlignmentLoss.apply(o_full, o_sparse)
+    from ssa_megatron.ops import triton_sparse_attention
+    return triton_sparse_attention.alignment_loss(o_full, o_sparse)
 
 
 __all__ = ["set_backend", "get_backend", "select_blocks", "sparse_attention", "full_attention",

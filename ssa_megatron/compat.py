@@ -1,0 +1,49 @@
+"""The only place where megatron-core's CUDA assumptions are bent for CPU runs (tests, demo).
+
+megatron-core 0.16 asks ``torch.cuda.current_device()`` for a device in a few places (RoPE
+frequencies, the global memory buffer, TP gathers) and keeps its model-parallel RNG streams in
+CUDA generators. Without CUDA, :func:`enable_cpu_fallbacks` points the former at the CPU and backs
+the RNG tracker with the CPU generator. It does nothing when CUDA is available.
+"""
+from __future__ import annotations
+
+import torch
+
+_ENABLED = False
+
+
+def enable_cpu_fallbacks() -> bool:
+    """Install the CPU fallbacks once, only when CUDA is unavailable. Returns whether active."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    from megatron.core.tensor_parallel import random as mp_random
+
+    torch.cuda.current_device = lambda: "cpu"  # megatron uses the result only as a device
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+
+    class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+        """megatron's named RNG streams, kept as CPU generator states."""
+
+        def add(self, name, seed):
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self._is_initialized = True
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    _ENABLED = True
+    return True
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,1 @@
+"""Data path: tokenizers and corpus tools → .bin/.idx → megatron-core GPT datasets."""

@@ -1,0 +1,170 @@
+"""Training data: megatron-core GPTDatasets (weighted blends, splits) and a resumable sampler."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import get_blend_from_list
+
+from ssa_megatron.model.config import ConfigError
+
+
+@dataclass
+class DataTokenizerInfo:
+    vocab_size: int
+    eod: int
+    description: dict
+
+
+def tokenizer_metadata_path(prefix: str) -> str:
+    return prefix + ".tokenizer.json"
+
+
+def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    if len(data_path) > 1 and len(data_path) % 2 == 0:
+        try:
+            [float(x) for x in data_path[0::2]]
+        except ValueError:
+            pass
+        else:
+            prefixes, weights = get_blend_from_list(list(data_path))
+            return prefixes, weights
+    for item in data_path:
+        try:
+            float(item)
+        except ValueError:
+            continue
+        raise ConfigError(f"--data-path {' '.join(data_path)}: a blend needs weight/prefix pairs, "
+                          "e.g. --data-path 0.7 A 0.3 B")
+    return list(data_path), None
+
+
+def check_data_files(prefixes: Sequence[str]) -> None:
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(f"data file {prefix + ext} does not exist: build it with "
+                                  "tools/preprocess_data.py or fix --data-path")
+
+
+def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> DataTokenizerInfo:
+    """The tokenizer recorded next to the data; every blended dataset must agree."""
+    infos = []
+    for prefix in prefixes:
+        path = tokenizer_metadata_path(prefix)
+        if os.path.isfile(path):
+            with open(path) as f:
+                meta = json.load(f)
+            meta = meta.get("tokenizer", meta)
+            infos.append((prefix, meta))
+    if not infos:
+        if vocab_size is None:
+            raise ConfigError(f"no {tokenizer_metadata_path(prefixes[0])}: preprocess the data with "
+                              "tools/preprocess_data.py, or pass --vocab-size")
+        return DataTokenizerInfo(vocab_size, vocab_size - 1, {"kind": "unknown"})
+    first_prefix, first = infos[0]
+    for prefix, meta in infos[1:]:
+        if meta["vocab_size"] != first["vocab_size"] or meta.get("sha256") != first.get("sha256"):
+            raise ConfigError(f"datasets {first_prefix} and {prefix} were tokenised with different "
+                              "tokenizers; re-preprocess them with one tokenizer")
+    if vocab_size is not None and vocab_size != first["vocab_size"]:
+        raise ConfigError(f"--vocab-size {vocab_size} does not match the tokenizer of {first_prefix} "
+                          f"(vocab size {first['vocab_size']}); drop --vocab-size or re-preprocess")
+    return DataTokenizerInfo(int(first["vocab_size"]), int(first["eod"]), first)
+
+
+def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[str]) -> str:
+    """Drop splits nobody asked samples from, and refuse requested splits that hold no document
+    (megatron-core would loop forever looking for tokens in an empty split)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    try:
+        weights = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--split {split!r} must be three numbers like 969,30,1")
+    if len(weights) != 3 or sum(weights) <= 0 or min(weights) < 0:
+        raise ConfigError(f"--split {split!r} must be three non-negative numbers like 969,30,1")
+    weights = [w if n > 0 else 0.0 for w, n in zip(weights, num_samples)]
+    if sum(weights) == 0:
+        raise ConfigError(f"--split {split!r} gives no documents to the training split")
+    total = sum(weights)
+    bounds = [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w / total)
+    names = ("train", "valid", "test")
+    for prefix in prefixes:
+        n_docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
+        for i, name in enumerate(names):
+            if weights[i] > 0 and round(bounds[i + 1] * n_docs) - round(bounds[i] * n_docs) < 1:
+                raise ConfigError(f"--split {split} leaves the {name} split of {prefix} "
+                                  f"({n_docs} documents) empty; give it a larger share or more data")
+    return ",".join(f"{w:g}" for w in weights)
+
+
+class _DatasetTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer: ids, and an identity for its cache."""
+
+    def __init__(self, info: DataTokenizerInfo):
+        self.eod = info.eod
+        self.pad = -1  # no pad id: GPTDataset then never masks real tokens as padding
+        self.vocab_size = info.vocab_size
+        self.unique_identifiers = {"class": "ssa_megatron", "vocab_size": info.vocab_size,
+                                   "eod": info.eod, "sha256": info.description.get("sha256")}
+
+
+def build_datasets(args, info: DataTokenizerInfo, num_samples: Sequence[int]):
+    """Train/valid/test GPTDatasets through BlendedMegatronDatasetBuilder (call on every rank)."""
+    prefixes, weights = parse_blend(args.data_path)
+    check_data_files(prefixes)
+    split = _effective_split(args.split, num_samples, prefixes)
+    token_info = _DatasetTokenizer(info)
+    config = GPTDatasetConfig(
+        random_seed=args.seed,
+        sequence_length=args.seq_length,
+        blend=(prefixes, weights),
+        split=split,
+        path_to_cache=args.data_cache_path,
+        tokenizer=token_info,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+class ResumableSampler:
+    """Megatron-LM's pretraining sampler: global order, each DP rank takes its slice of every
+    micro-batch, starting after ``consumed_samples`` so a resumed run reads the exact next sample."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total = total_samples
+        self.consumed = consumed_samples
+        self.mbs = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __len__(self):
+        return (self.total - self.consumed) // (self.mbs * self.dp_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.mbs * self.dp_size
+        for start in range(self.consumed, self.total - step + 1, step):
+            lo = start + self.dp_rank * self.mbs
+            yield list(range(lo, lo + self.mbs))
+
+
+def make_loader(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                num_workers: int = 1):
+    if dataset is None:
+        return None
+    sampler = ResumableSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=False)

@@ -1,0 +1,154 @@
+"""SSA attention inside megatron-core's SelfAttention.
+
+``SSASelfAttention`` is megatron's SelfAttention plus the per-head sigmoid gate computed from the
+layer input (after the input norm); it hands the gate to ``SSACoreAttention``, the
+``core_attention`` submodule that runs the full and/or sparse branch on the local heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from ssa_megatron.model.align_loss import attach_alignment_loss
+from ssa_megatron.model.runtime import RUNTIME
+try:  # TODO(kernels): drop the fallback once ops.dispatch lands
+    from ssa_megatron.ops import dispatch as ops
+except ImportError:  # pragma: no cover
+    from ssa_megatron.ops import reference as ops
+
+
+@dataclass
+class SSASelfAttentionSubmodules(SelfAttentionSubmodules):
+    linear_gate: Union[ModuleSpec, type, None] = None
+
+
+class SSASelfAttention(SelfAttention):
+    """SelfAttention with a column-parallel gate: one sigmoid scalar per query head and token."""
+
+    def __init__(self, config, submodules: SSASelfAttentionSubmodules, layer_number: int,
+                 attn_mask_type=None, **kwargs):
+        if attn_mask_type is not None:
+            kwargs["attn_mask_type"] = attn_mask_type
+        super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        self.linear_gate = build_module(
+            submodules.linear_gate,
+            self.config.hidden_size,
+            self.config.num_attention_heads,
+            config=self.config,
+            init_method=self.config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="gate",
+        )
+
+    def forward(self, hidden_states, *args, **kwargs):
+        gate_logits, _ = self.linear_gate(hidden_states)  # [sq, b, heads per rank]
+        self.core_attention.gate = torch.sigmoid(gate_logits.float()).to(hidden_states.dtype)
+        try:
+            return super().forward(hidden_states, *args, **kwargs)
+        finally:
+            self.core_attention.gate = None
+
+
+class SSACoreAttention(MegatronModule):
+    """[sq, b, np, hn] query, [sq, b, ng, hn] key/value in; [sq, b, np * hn] out (local heads)."""
+
+    def __init__(self, config, layer_number: int, attn_mask_type=None, attention_type="self",
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type=None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SSA attention does not support context parallelism; "
+                             "set --context-parallel-size 1")
+        self.layer_number = max(1, layer_number)
+        self.attention_mode = config.attention_mode
+        self.block_size = config.ssa_block_size
+        self.block_counts = config.ssa_block_counts
+        self.align_coef = config.ssa_align_coef
+        self.inference_mode = config.default_inference_mode
+        self.softmax_scale = softmax_scale
+        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.gate: Optional[torch.Tensor] = None
+
+    def branch(self) -> str:
+        if not self.training:
+            return self.inference_mode
+        if self.attention_mode == "ssa":
+            if RUNTIME.mode is None:
+                raise RuntimeError("SSA training needs a branch per micro-batch: set "
+                                   "ssa_megatron.model.runtime.RUNTIME.mode to 'full' or 'sparse'")
+            return RUNTIME.mode
+        return self.attention_mode
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("SSA attention does not take an attention bias")
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:  # [t, heads, hn]: one packed sequence
+            q, k, v = (x.unsqueeze(0) for x in (query, key, value))
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            sq, b = query.shape[0], 1
+        else:
+            sq, b = query.shape[0], query.shape[1]
+            q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, sq, heads, hn]
+            cu_seqlens = RUNTIME.cu_seqlens
+            if cu_seqlens is not None:  # documents packed across the flattened batch
+                q, k, v = (x.reshape(1, b * sq, *x.shape[2:]) for x in (q, k, v))
+
+        branch = self.branch()
+        align = self.training and self.attention_mode == "ssa" and torch.is_grad_enabled()
+        o_full = o_sparse = None
+        if branch == "full" or align:
+            o_full = ops.full_attention(q, k, v, cu_seqlens=cu_seqlens, scale=self.softmax_scale)
+        if branch == "sparse" or align:
+            o_sparse = self.sparse_branch(q, k, v, cu_seqlens)
+
+        gate = self.gate
+        if gate is not None:
+            gate = gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], -1, 1)
+            o_full = None if o_full is None else o_full * gate
+            o_sparse = None if o_sparse is None else o_sparse * gate
+
+        out = o_full if branch == "full" else o_sparse
+        if align:
+            loss = ops.alignment_loss(o_full, o_sparse)
+            RUNTIME.tracker.record(self.layer_number, loss.detach())
+            # Each TP rank averages its own heads; /tp makes the sum over ranks the global mean.
+            weight = self.align_coef / (self.config.num_layers * self.tp_size)
+            out = attach_alignment_loss(out, loss * weight)
+
+        if thd:
+            return out.reshape(sq, -1)
+        out = out.reshape(b, sq, -1, out.shape[-1]).transpose(0, 1)
+        return out.reshape(sq, b, -1)
+
+    def sparse_branch(self, q, k, v, cu_seqlens):
+        with torch.no_grad():
+            indices = ops.select_blocks(q.detach(), k.detach(), self.block_size, self.block_counts,
+                                        cu_seqlens=cu_seqlens, scale=self.softmax_scale)
+        return ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
+                                    scale=self.softmax_scale)
+
+
+def set_inference_mode(model: torch.nn.Module, mode: Optional[str] = None,
+                       block_counts: Optional[int] = None) -> None:
+    """Switch a trained model's branch (full/sparse) and/or its block budget, in place."""
+    if mode is not None and mode not in ("full", "sparse"):
+        raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
+    if block_counts is not None and block_counts < 1:
+        raise ValueError("block_counts must be a positive integer")
+    for module in model.modules():
+        if isinstance(module, SSACoreAttention):
+            if mode is not None:
+                module.inference_mode = mode
+            if block_counts is not None:
+                module.block_counts = block_counts

@@ -1,0 +1,73 @@
+"""Model construction from parsed arguments: SSAConfig + megatron-core GPTModel."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from ssa_megatron.model.config import SSAConfig
+from ssa_megatron.model.layer_spec import get_ssa_layer_spec
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Megatron-LM's rule: pad so every TP shard of the embedding has a multiple of ``multiple``."""
+    step = multiple * tp
+    return (vocab_size + step - 1) // step * step
+
+
+def build_config(args) -> SSAConfig:
+    dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+    return SSAConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=args.init_method_std,
+        use_cpu_initialization=args.use_cpu_initialization,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_mode=args.attention_mode,
+        ssa_block_size=args.ssa_block_size,
+        ssa_block_counts=args.ssa_block_counts,
+        ssa_align_coef=args.ssa_align_coef,
+        ssa_full_prob=args.ssa_full_prob,
+        inference_mode=args.inference_mode,
+    )
+
+
+def build_gpt_model(config: SSAConfig, vocab_size: int, max_sequence_length: int,
+                    rotary_base: float = 500000.0, pre_process: bool = True,
+                    post_process: bool = True, layer_spec=None) -> GPTModel:
+    """A megatron-core GPTModel with SSA layers and tied input/output embeddings."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec or get_ssa_layer_spec(),
+        vocab_size=padded_vocab_size(vocab_size, tp),
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=True,
+        position_embedding_type="rope",
+        rotary_base=rotary_base,
+    )

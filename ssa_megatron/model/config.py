@@ -1,0 +1,65 @@
+"""SSA settings carried on megatron-core's TransformerConfig, with clear checks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+ATTENTION_MODES = ("ssa", "full", "sparse")
+INFERENCE_MODES = ("full", "sparse")
+
+
+class ConfigError(ValueError):
+    """A setting the user chose cannot work; the message says what to change."""
+
+
+@dataclass
+class SSAConfig(TransformerConfig):
+    """TransformerConfig plus the SSA attention settings (DESIGN §1)."""
+
+    attention_mode: str = "ssa"
+    ssa_block_size: int = 16
+    ssa_block_counts: int = 16
+    ssa_align_coef: float = 10.0
+    ssa_full_prob: float = 0.5
+    # Branch used outside training; None means the mode's natural one (sparse for "sparse").
+    inference_mode: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_ssa_settings(self.attention_mode, self.ssa_block_size, self.ssa_block_counts,
+                           self.ssa_full_prob, self.inference_mode)
+
+    @property
+    def default_inference_mode(self) -> str:
+        if self.inference_mode is not None:
+            return self.inference_mode
+        return "sparse" if self.attention_mode == "sparse" else "full"
+
+
+def check_ssa_settings(attention_mode, block_size, block_counts, full_prob, inference_mode=None):
+    if attention_mode not in ATTENTION_MODES:
+        raise ConfigError(f"unknown --attention-mode {attention_mode!r}; "
+                          f"use one of {', '.join(ATTENTION_MODES)}")
+    if block_size < 1 or block_counts < 1:
+        raise ConfigError("--ssa-block-size and --ssa-block-counts must be positive integers")
+    if not 0.0 <= full_prob <= 1.0:
+        raise ConfigError(f"--ssa-full-prob {full_prob} must lie in [0, 1]")
+    if inference_mode is not None and inference_mode not in INFERENCE_MODES:
+        raise ConfigError(f"unknown inference mode {inference_mode!r}; use full or sparse")
+
+
+def check_parallel_layout(num_attention_heads: int, num_query_groups: int, tp: int,
+                          seq_length: int, block_size: int) -> None:
+    """Layouts that cannot work end here with one line saying what to change."""
+    if num_attention_heads % num_query_groups:
+        raise ConfigError(f"--num-attention-heads {num_attention_heads} is not a multiple of "
+                          f"--num-query-groups {num_query_groups}")
+    if num_query_groups % tp:
+        raise ConfigError(
+            f"--num-query-groups {num_query_groups} is not divisible by "
+            f"--tensor-model-parallel-size {tp}: each TP rank must hold whole kv groups; "
+            f"pick a TP size that divides {num_query_groups}")
+    if seq_length % block_size:
+        raise ConfigError(f"--seq-length {seq_length} is not a multiple of --ssa-block-size "
+                          f"{block_size}; round it to {seq_length // block_size * block_size or block_size}")

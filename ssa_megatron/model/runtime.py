@@ -1,0 +1,78 @@
+"""Per-process SSA state the training loop drives: the branch of the current micro-batch,
+the alignment loss's backward scale, and the per-layer alignment-loss tracker."""
+from __future__ import annotations
+
+import hashlib
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def draw_mode(seed: int, iteration: int, micro_batch: int, full_prob: float = 0.5) -> str:
+    """full or sparse for one micro-batch; the same on every rank that holds it."""
+    digest = hashlib.sha256(f"ssa-mode:{seed}:{iteration}:{micro_batch}".encode()).digest()
+    u = int.from_bytes(digest[:8], "little") / 2.0 ** 64
+    return "full" if u < full_prob else "sparse"
+
+
+class AlignLossTracker:
+    """Sums each layer's alignment loss over the micro-batches of one logging window."""
+
+    def __init__(self):
+        self.num_layers = 0
+        self._sum: Optional[torch.Tensor] = None
+        self._count: Optional[torch.Tensor] = None
+
+    def configure(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.reset()
+
+    def reset(self) -> None:
+        self._sum = torch.zeros(self.num_layers, dtype=torch.float64)
+        self._count = torch.zeros(self.num_layers, dtype=torch.float64)
+
+    def record(self, layer_number: int, value: torch.Tensor) -> None:
+        if self._sum is None:
+            self.configure(self.num_layers)
+        if layer_number > self.num_layers:  # not configured for this many layers: grow
+            grow = layer_number - self.num_layers
+            self._sum = torch.cat([self._sum, torch.zeros(grow, dtype=torch.float64)])
+            self._count = torch.cat([self._count, torch.zeros(grow, dtype=torch.float64)])
+            self.num_layers = layer_number
+        self._sum[layer_number - 1] += float(value)
+        self._count[layer_number - 1] += 1
+
+    def per_layer(self, pp_group=None, tp_group=None, dp_group=None, device=None) -> torch.Tensor:
+        """Per-layer mean alignment loss, summed over PP and averaged over TP and DP.
+
+        Every rank must call this together (it all-reduces). Layers no rank saw read NaN.
+        """
+        stats = torch.stack([self._sum, self._count]).to(device or "cpu", torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            if pp_group is not None:
+                dist.all_reduce(stats, group=pp_group)  # layers are disjoint across stages
+            for group in (tp_group, dp_group):
+                if group is not None and dist.get_world_size(group) > 1:
+                    dist.all_reduce(stats, group=group)
+                    stats /= dist.get_world_size(group)
+        mean = stats[0] / stats[1]
+        return mean.cpu()
+
+
+class SSARuntime:
+    """What SSACoreAttention reads at each forward; set by the trainer per micro-batch."""
+
+    def __init__(self):
+        self.mode: Optional[str] = None  # branch for the current training micro-batch
+        self.align_backward_scale: float = 1.0  # main loss's backward scale (1/GAS, fp16 scale)
+        self.tracker = AlignLossTracker()
+        # When set, layers append their weighted alignment loss (with graph) here instead of
+        # injecting its gradient; tests use it to compare against direct autograd.
+        self.collect_graph: Optional[List[torch.Tensor]] = None
+        # Packed-document boundaries of the current micro-batch (cu_seqlens over b*s tokens).
+        self.cu_seqlens: Optional[torch.Tensor] = None
+        self.reset_attention: bool = False  # derive cu_seqlens from reset position ids
+
+
+RUNTIME = SSARuntime()

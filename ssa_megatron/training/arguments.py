@@ -1,0 +1,168 @@
+"""Command-line flags, named as in Megatron-LM (DESIGN §5), plus DeepSpeed and SSA flags."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import List, Optional
+
+from ssa_megatron.model.config import ATTENTION_MODES, ConfigError, check_parallel_layout, check_ssa_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain a GPT model with SSA attention "
+                                "(megatron-core layers, DeepSpeed engine).")
+    m = p.add_argument_group("model")
+    m.add_argument("--num-layers", type=int, required=True)
+    m.add_argument("--hidden-size", type=int, required=True)
+    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    m.add_argument("--num-attention-heads", type=int, required=True)
+    m.add_argument("--num-query-groups", type=int, default=None, help="kv heads; default = heads")
+    m.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden/heads")
+    m.add_argument("--seq-length", type=int, required=True)
+    m.add_argument("--max-position-embeddings", type=int, default=None)
+    m.add_argument("--rotary-base", type=float, default=500000.0)
+    m.add_argument("--norm-epsilon", type=float, default=1e-5)
+    m.add_argument("--init-method-std", type=float, default=0.02)
+    m.add_argument("--vocab-size", type=int, default=None,
+                   help="only without a tokenizer description next to the data")
+
+    s = p.add_argument_group("SSA attention")
+    s.add_argument("--attention-mode", default="ssa", choices=None,
+                   help=f"one of {', '.join(ATTENTION_MODES)}")
+    s.add_argument("--ssa-block-size", type=int, default=16)
+    s.add_argument("--ssa-block-counts", type=int, default=16)
+    s.add_argument("--ssa-align-coef", type=float, default=10.0)
+    s.add_argument("--ssa-full-prob", type=float, default=0.5)
+    s.add_argument("--inference-mode", default=None, help="full or sparse, for evaluation")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", type=int, default=1)
+    t.add_argument("--global-batch-size", type=int, default=None,
+                   help="default micro-batch x data-parallel size")
+    t.add_argument("--train-iters", type=int, required=True)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
+    t.add_argument("--lr-warmup-fraction", type=float, default=0.01)
+    t.add_argument("--lr-warmup-iters", type=int, default=None)
+    t.add_argument("--weight-decay", type=float, default=0.1)
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.95)
+    t.add_argument("--adam-eps", type=float, default=1e-8)
+    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--fp16", action="store_true")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    t.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    t.add_argument("--deepspeed-config", default=None,
+                   help="stock DeepSpeed JSON (ZeRO stage etc.); batch sizes come from the flags")
+    t.add_argument("--zero-stage", type=int, default=None, help="overrides the JSON's stage")
+    t.add_argument("--use-cpu-initialization", action="store_true", default=None,
+                   help="init weights on the CPU from one master copy (default on without CUDA)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data-path", nargs="*", default=None,
+                   help="prefix of .bin/.idx, or a blend: 0.7 a 0.3 b")
+    d.add_argument("--split", default="969,30,1")
+    d.add_argument("--data-cache-path", default=None)
+    d.add_argument("--reset-position-ids", action="store_true")
+    d.add_argument("--reset-attention-mask", action="store_true")
+    d.add_argument("--eod-mask-loss", action="store_true")
+    d.add_argument("--num-workers", type=int, default=1)
+
+    c = p.add_argument_group("checkpoints and logging")
+    c.add_argument("--save", default=None)
+    c.add_argument("--load", default=None)
+    c.add_argument("--save-interval", type=int, default=None)
+    c.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
+    c.add_argument("--log-interval", type=int, default=10)
+    c.add_argument("--eval-interval", type=int, default=None)
+    c.add_argument("--eval-iters", type=int, default=10)
+    c.add_argument("--tensorboard-dir", default=None)
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        validate_args(args)
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults and refuse layouts that cannot work (one line each, saying what to change)."""
+    import torch
+
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.use_cpu_initialization is None:
+        args.use_cpu_initialization = not torch.cuda.is_available()
+    if args.bf16 and args.fp16:
+        raise ConfigError("choose one of --bf16 and --fp16")
+    check_ssa_settings(args.attention_mode, args.ssa_block_size, args.ssa_block_counts,
+                       args.ssa_full_prob, args.inference_mode)
+    if args.hidden_size % args.num_attention_heads and args.kv_channels is None:
+        raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by "
+                          f"--num-attention-heads {args.num_attention_heads}; set --kv-channels")
+    check_parallel_layout(args.num_attention_heads, args.num_query_groups,
+                          args.tensor_model_parallel_size, args.seq_length, args.ssa_block_size)
+    if args.num_attention_heads % args.tensor_model_parallel_size:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size}")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        raise ConfigError(f"--num-layers {args.num_layers} is not divisible by "
+                          f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    if not args.data_path:
+        raise ConfigError("no training data: pass --data-path PREFIX (the .bin/.idx prefix that "
+                          "tools/preprocess_data.py wrote), or a blend: --data-path 0.7 A 0.3 B")
+    if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
+        raise ConfigError(f"--deepspeed-config {args.deepspeed_config} does not exist")
+    if args.save_interval is not None and args.save is None:
+        raise ConfigError("--save-interval needs --save DIR")
+    if args.micro_batch_size < 1 or args.train_iters < 1:
+        raise ConfigError("--micro-batch-size and --train-iters must be positive")
+    return args
+
+
+def load_deepspeed_config(args: argparse.Namespace, dp_size: int) -> dict:
+    """The user's DeepSpeed JSON with batch sizes, precision and clipping taken from the flags."""
+    cfg = {}
+    if args.deepspeed_config:
+        with open(args.deepspeed_config) as f:
+            try:
+                cfg = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"--deepspeed-config {args.deepspeed_config} is not valid JSON: {err}")
+    gbs = args.global_batch_size or args.micro_batch_size * dp_size
+    if gbs % (args.micro_batch_size * dp_size):
+        raise ConfigError(f"--global-batch-size {gbs} is not a multiple of --micro-batch-size "
+                          f"{args.micro_batch_size} x data-parallel size {dp_size}")
+    args.global_batch_size = gbs
+    cfg["train_batch_size"] = gbs
+    cfg["train_micro_batch_size_per_gpu"] = args.micro_batch_size
+    cfg["gradient_accumulation_steps"] = gbs // (args.micro_batch_size * dp_size)
+    cfg["gradient_clipping"] = args.clip_grad
+    cfg.setdefault("steps_per_print", 10 ** 9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    if args.zero_stage is not None:
+        zero["stage"] = args.zero_stage
+    cfg["bf16"] = {"enabled": bool(args.bf16)}
+    if args.fp16:
+        cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": True}
+    else:
+        cfg.pop("fp16", None)
+    if args.pipeline_model_parallel_size > 1 and zero.get("stage", 0) > 1:
+        raise ConfigError(f"ZeRO stage {zero['stage']} cannot run with pipeline parallelism "
+                          "(DeepSpeed allows only ZeRO-0/1 with PP > 1): set the stage to 0 or 1 "
+                          "or use --pipeline-model-parallel-size 1")
+    return cfg

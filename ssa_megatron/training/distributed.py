@@ -1,0 +1,56 @@
+"""Process-group set-up: torch.distributed (NCCL on GPU, gloo on CPU) + megatron parallel_state."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from ssa_megatron.compat import enable_cpu_fallbacks
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Initialise from torchrun/Slurm-style env vars (single process when none are set)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed insists on it
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    if world_size % (tp * pp):
+        from ssa_megatron.model.config import ConfigError
+        raise ConfigError(f"world size {world_size} is not divisible by "
+                          f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(minutes=timeout_minutes))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp)
+    enable_cpu_fallbacks()
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Same init on every rank (weights are split from one CPU master), TP streams for dropout."""
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

