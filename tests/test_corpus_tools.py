@@ -300,7 +300,7 @@ def test_failure_midway_keeps_old_dataset_and_leaves_no_temp(tmp_path, sp_model,
 def test_interrupt_leaves_no_dataset(tmp_path, sp_model, sig):
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
-        for _ in range(3):
+        for _ in range(6):  # ~70 MB: several seconds of work to interrupt
             for p in SPEECHES:
                 f.write(json.dumps({"text": _read(p)}) + "\n")
     prefix = tmp_path / "out" / "ds"
