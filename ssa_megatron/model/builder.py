@@ -11,9 +11,15 @@ from ssa_megatron.model.layer_spec import get_ssa_layer_spec
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Megatron-LM's rule: pad so every TP shard of the embedding has a multiple of ``multiple``."""
-    step = multiple * tp
-    return (vocab_size + step - 1) // step * step
+    """Pad the vocabulary to a multiple of ``multiple`` that TP divides.
+
+    Unlike Megatron-LM (multiple x TP), the result does not grow with TP when it need not, so the
+    same model (and its checkpoint) keeps one embedding shape across layouts.
+    """
+    size = (vocab_size + multiple - 1) // multiple * multiple
+    while size % tp:
+        size += multiple
+    return size
 
 
 def build_config(args) -> SSAConfig:

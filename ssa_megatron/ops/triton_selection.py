@@ -122,7 +122,7 @@ def _select_kernel(
     scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-    KB: tl.constexpr, IDX_BITS: tl.constexpr,
+    KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -188,6 +188,9 @@ def _select_kernel(
         # insert the chunk's best while it beats the token's current worst kept entry
         thr = tl.min(lst, axis=1)
         cmax = tl.max(key, axis=1)
+        if not TOPK:  # profiling only: keep the scores alive, skip the merge
+            lst = tl.maximum(lst, cmax[:, None])
+            cmax = thr
         while tl.max((cmax > thr).to(tl.int32), axis=0) > 0:
             ins = cmax > thr
             lst = tl.where((lst == thr[:, None]) & ins[:, None], cmax[:, None], lst)
@@ -245,7 +248,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     _select_kernel[grid](
         qf, pooled, out, tok, dstart, dlen, poff, scale * 1.4426950408889634,
         HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
-        IDX_BITS=_IDX_BITS, num_warps=CONFIG["warps"],
+        IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), num_warps=CONFIG["warps"],
         **({} if CONFIG["stages"] is None else {"num_stages": CONFIG["stages"]}),
     )
     return out.view(b, t, h, kc)

@@ -293,16 +293,14 @@ def _slots(bt: int, bs: int, kc: int, bd: int) -> int:
 def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
     """(head, global key block) -> tokens that selected it: CSR offsets [H * nb + 1], tokens."""
     n, h, kc = idx.shape
-    gblk = idx + tok_boff[:, None, None]
-    head = torch.arange(h, device=idx.device, dtype=torch.int32).view(1, h, 1)
+    gblk = idx.long() + tok_boff.long()[:, None, None]
+    head = torch.arange(h, device=idx.device).view(1, h, 1)
     key = torch.where(idx >= 0, head * nb + gblk, torch.full_like(gblk, h * nb))
     key = key.permute(1, 0, 2).reshape(-1)  # [H * N * K], ordered (head, token, slot)
-    skey, perm = torch.sort(key)  # order inside one block's list does not matter
+    skey, perm = torch.sort(key, stable=True)
     toks = (perm % (n * kc)) // kc
-    counts = torch.bincount(skey.long() if skey.device.type == "cpu" else skey,
-                            minlength=h * nb + 1)[: h * nb]
-    off = torch.zeros(h * nb + 1, dtype=torch.int32, device=idx.device)
-    off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    # list boundaries by binary search (bincount was slow on int keys on the H200)
+    off = torch.searchsorted(skey, torch.arange(h * nb + 1, device=idx.device)).to(torch.int32)
     return off, toks.to(torch.int32)
 
 

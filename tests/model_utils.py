@@ -1,0 +1,55 @@
+"""Tiny models and batches shared by the model/parallel tests."""
+from __future__ import annotations
+
+import torch
+
+from ssa_megatron.training.arguments import build_parser, validate_args
+
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+        "--num-attention-heads", "8", "--num-query-groups", "2", "--seq-length", "64",
+        "--ssa-block-counts", "2", "--train-iters", "1", "--data-path", "unused"]
+
+
+def tiny_args(*extra: str):
+    return validate_args(build_parser().parse_args(TINY + list(extra)))
+
+
+def build_tiny_model(args, vocab_size: int = 120):
+    from ssa_megatron.model.builder import build_config, build_gpt_model
+    from ssa_megatron.training.distributed import set_seed
+    set_seed(args.seed)
+    return build_gpt_model(build_config(args), vocab_size, args.seq_length)
+
+
+def random_batches(n: int, batch: int = 2, seq: int = 64, vocab: int = 120, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        out.append({"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(),
+                    "position_ids": torch.arange(seq).expand(batch, -1).contiguous()})
+    return out
+
+
+def ce_loss(model, batch):
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token.float().mean()
+
+
+def full_grads(model):
+    """Gradients gathered to the unsharded (TP=1) layout: name -> tensor."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    tp = ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = g.detach().clone()
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=ps.get_tensor_model_parallel_group())
+            dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
+            chunks = [part.chunk(stride, dim=dim) for part in parts]
+            g = torch.cat([chunks[r][s] for s in range(stride) for r in range(tp)], dim=dim)
+        out[name] = g
+    return out

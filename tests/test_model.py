@@ -1,0 +1,137 @@
+"""SSA model in one process: gradient injection, modes, inference switches, clear errors."""
+import pytest
+import torch
+
+from model_utils import build_tiny_model, ce_loss, random_batches, tiny_args
+from ssa_megatron.model import RUNTIME, SSACoreAttention, draw_mode, set_inference_mode
+from ssa_megatron.model.config import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _runtime_reset():
+    yield
+    RUNTIME.mode = None
+    RUNTIME.collect_graph = None
+    RUNTIME.align_backward_scale = 1.0
+    RUNTIME.cu_seqlens = None
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("gas", [1, 3])
+def test_injected_alignment_gradient_equals_direct_autograd(single_process_parallel_state, gas):
+    args = tiny_args("--ssa-align-coef", "1000")  # make the alignment term visible in grads
+    model = build_tiny_model(args)
+    batches = random_batches(gas)
+    modes = [draw_mode(7, 0, i) for i in range(gas)]
+
+    # what the trainer does: CE scaled by 1/GAS (as DeepSpeed does), alignment via the autoscaler
+    model.zero_grad()
+    RUNTIME.align_backward_scale = 1.0 / gas
+    for mode, batch in zip(modes, batches):
+        RUNTIME.mode = mode
+        (ce_loss(model, batch) / gas).backward()
+    injected = _grads(model)
+
+    # direct: (CE + alpha * mean-over-layers alignment) / GAS through plain autograd
+    model.zero_grad()
+    for mode, batch in zip(modes, batches):
+        RUNTIME.mode = mode
+        RUNTIME.collect_graph = []
+        loss = ce_loss(model, batch) + sum(RUNTIME.collect_graph)
+        assert len(RUNTIME.collect_graph) == args.num_layers
+        (loss / gas).backward()
+    RUNTIME.collect_graph = None
+    direct = _grads(model)
+
+    # and CE alone, so the test would notice a missing alignment gradient
+    model.zero_grad()
+    RUNTIME.align_backward_scale = 0.0
+    for mode, batch in zip(modes, batches):
+        RUNTIME.mode = mode
+        (ce_loss(model, batch) / gas).backward()
+    ce_only = _grads(model)
+
+    assert injected.keys() == direct.keys()
+    differs = 0
+    for name in direct:
+        torch.testing.assert_close(injected[name], direct[name], atol=1e-6, rtol=1e-5, msg=name)
+        if not torch.allclose(direct[name], ce_only[name], atol=1e-6, rtol=1e-4):
+            differs += 1
+    assert differs > 0, "alignment loss had no effect on any gradient"
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert not torch.allclose(direct[qkv], ce_only[qkv], atol=1e-6, rtol=1e-4)
+
+
+def test_modes_select_branches(single_process_parallel_state):
+    args = tiny_args()
+    model = build_tiny_model(args)
+    batch = random_batches(1)[0]
+    RUNTIME.mode = "full"
+    with torch.no_grad():
+        train_full = ce_loss(model, batch)
+    RUNTIME.mode = "sparse"
+    with torch.no_grad():
+        train_sparse = ce_loss(model, batch)
+    assert not torch.allclose(train_full, train_sparse)
+    model.eval()
+    with torch.no_grad():
+        set_inference_mode(model, "full")
+        assert torch.allclose(ce_loss(model, batch), train_full)
+        set_inference_mode(model, "sparse")
+        assert torch.allclose(ce_loss(model, batch), train_sparse)
+        # a budget covering the whole context makes sparse equal full
+        set_inference_mode(model, "sparse", block_counts=64 // 16)
+        assert torch.allclose(ce_loss(model, batch), train_full, atol=1e-6)
+    cores = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
+    assert len(cores) == args.num_layers and all(c.block_counts == 4 for c in cores)
+    with pytest.raises(ValueError, match="full or sparse"):
+        set_inference_mode(model, "dense")
+
+
+def test_training_without_a_mode_is_refused(single_process_parallel_state):
+    model = build_tiny_model(tiny_args())
+    with pytest.raises(RuntimeError, match="RUNTIME.mode"):
+        ce_loss(model, random_batches(1)[0])
+
+
+def test_baseline_modes_train_one_branch(single_process_parallel_state):
+    batch = random_batches(1)[0]
+    for mode in ("full", "sparse"):
+        model = build_tiny_model(tiny_args("--attention-mode", mode))
+        RUNTIME.tracker.reset()
+        ce_loss(model, batch).backward()
+        assert RUNTIME.tracker._count.sum() == 0  # no alignment loss in the baselines
+        assert model.decoder.layers[0].self_attention.linear_gate.weight.grad.abs().sum() > 0
+
+
+def test_mode_draw_is_deterministic_and_balanced():
+    draws = [draw_mode(1234, it, mb) for it in range(200) for mb in range(4)]
+    assert draws == [draw_mode(1234, it, mb) for it in range(200) for mb in range(4)]
+    assert 0.4 < draws.count("full") / len(draws) < 0.6
+    assert draws != [draw_mode(99, it, mb) for it in range(200) for mb in range(4)]
+    assert all(draw_mode(1, i, 0, full_prob=1.0) == "full" for i in range(20))
+    assert all(draw_mode(1, i, 0, full_prob=0.0) == "sparse" for i in range(20))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seq-length", "70"], "not a multiple of --ssa-block-size"),
+    (["--tensor-model-parallel-size", "4", "--num-query-groups", "2"], "not divisible by --tensor-model-parallel-size"),
+    (["--attention-mode", "dense"], "unknown --attention-mode"),
+    (["--num-query-groups", "3"], "not a multiple of --num-query-groups"),
+    (["--ssa-full-prob", "1.5"], "must lie in"),
+])
+def test_bad_layouts_fail_with_one_clear_line(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_args(*flags)
+
+
+def test_missing_data_path_is_refused(capsys):
+    from ssa_megatron.training.arguments import parse_args
+    argv = [a for a in tiny_args.__globals__["TINY"] if a not in ("--data-path", "unused")]
+    with pytest.raises(SystemExit) as err:
+        parse_args(argv)
+    assert err.value.code == 2
+    assert "no training data: pass --data-path" in capsys.readouterr().err
