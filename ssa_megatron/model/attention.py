@@ -17,10 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ssa_megatron.model.align_loss import attach_alignment_loss
 from ssa_megatron.model.runtime import RUNTIME
-try:  # TODO(kernels): drop the fallback once ops.dispatch lands
-    from ssa_megatron.ops import dispatch as ops
-except ImportError:  # pragma: no cover
-    from ssa_megatron.ops import reference as ops
+from ssa_megatron.ops import dispatch as ops
 
 
 @dataclass
