@@ -58,6 +58,7 @@ def build_config(args) -> SSAConfig:
         ssa_align_coef=args.ssa_align_coef,
         ssa_full_prob=args.ssa_full_prob,
         inference_mode=args.inference_mode,
+        init_seed=args.seed,
     )
 
 
@@ -66,6 +67,8 @@ def build_gpt_model(config: SSAConfig, vocab_size: int, max_sequence_length: int
                     post_process: bool = True, layer_spec=None) -> GPTModel:
     """A megatron-core GPTModel with SSA layers and tied input/output embeddings."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
+    if config.use_cpu_initialization:
+        torch.manual_seed(config.init_seed)  # the embedding's draw; layers reseed themselves
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec or get_ssa_layer_spec(),

@@ -24,6 +24,8 @@ class SSAConfig(TransformerConfig):
     ssa_full_prob: float = 0.5
     # Branch used outside training; None means the mode's natural one (sparse for "sparse").
     inference_mode: str | None = None
+    # Seed of the weight initialisation (per layer, see layer_spec.SSATransformerLayer).
+    init_seed: int = 1234
 
     def __post_init__(self):
         super().__post_init__()

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--deepspeed-config", default=None,
                    help="stock DeepSpeed JSON (ZeRO stage etc.); batch sizes come from the flags")
     t.add_argument("--zero-stage", type=int, default=None, help="overrides the JSON's stage")
+    t.add_argument("--recompute-interval", type=int, default=0,
+                   help="pipeline: checkpoint activations every N layers (0: off)")
     t.add_argument("--use-cpu-initialization", action="store_true", default=None,
                    help="init weights on the CPU from one master copy (default on without CUDA)")
 

@@ -93,6 +93,49 @@ def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
     return float(_dp_mean(torch.tensor([total / n], dtype=torch.float64))[0])
 
 
+def pipeline_topology(args, dp_size: int):
+    """DeepSpeed's pipe topology; it must place every rank where megatron's parallel_state does."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state as ps
+    topo = PipeModelDataParallelTopology(num_pp=args.pipeline_model_parallel_size,
+                                         num_mp=args.tensor_model_parallel_size, num_dp=dp_size)
+    coord = topo.get_coord(dist.get_rank())
+    ours = (ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank(),
+            ps.get_tensor_model_parallel_rank())
+    if (coord.pipe, coord.data, coord.model) != ours:
+        raise RuntimeError(f"rank {dist.get_rank()}: DeepSpeed places it at pipe/data/model "
+                           f"{(coord.pipe, coord.data, coord.model)} but megatron at {ours}")
+    return topo
+
+
+def pipe_batches(loader_iter, args, iteration: int):
+    """Micro-batches as the pipe engine wants them: ((tokens, positions, branch), (labels, mask)).
+    The branch is drawn from (seed, iteration, micro-batch) exactly as without a pipeline."""
+    from ssa_megatron.model.pipeline import branch_code
+    from ssa_megatron.model.runtime import draw_mode
+    micro = 0
+    while True:
+        batch = next(loader_iter)
+        code = branch_code(draw_mode(args.seed, iteration, micro, args.ssa_full_prob))
+        micro += 1
+        yield ((batch["tokens"], batch["position_ids"], code), (batch["labels"], batch["loss_mask"]))
+
+
+def evaluate_pipe(engine, loader_iter, args, gas: int) -> Optional[float]:
+    if loader_iter is None:
+        return None
+    losses = []
+    for _ in range(max(1, args.eval_iters // gas)):
+        try:
+            losses.append(float(engine.eval_batch(pipe_batches(loader_iter, args, 0))))
+        except StopIteration:
+            break
+    engine.train()
+    if not losses:
+        return None
+    return float(_dp_mean(torch.tensor([sum(losses) / len(losses)], dtype=torch.float64))[0])
+
+
 def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
     import deepspeed
     from megatron.core import parallel_state as ps
@@ -109,9 +152,6 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
     from ssa_megatron.training.signals import StopSignal
     from ssa_megatron.training.tb import TrainLogger
 
-    if args.pipeline_model_parallel_size > 1:
-        raise ConfigError("--pipeline-model-parallel-size > 1 is not available in this build yet; "
-                          "use --pipeline-model-parallel-size 1")
     if args.reset_position_ids and not args.reset_attention_mask:
         raise ConfigError("--reset-position-ids without --reset-attention-mask changes nothing "
                           "for a RoPE model; add --reset-attention-mask to keep documents apart")
@@ -127,7 +167,15 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
     gas = ds_config["gradient_accumulation_steps"]
 
     config = build_config(args)
-    model = build_gpt_model(config, info.vocab_size, args.max_position_embeddings, args.rotary_base)
+    pipelined = args.pipeline_model_parallel_size > 1
+    vocab = padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)
+    if pipelined:
+        from ssa_megatron.model.pipeline import build_pipeline_model
+        topology = pipeline_topology(args, dp_size)
+        model = build_pipeline_model(config, vocab, args.max_position_embeddings, args.rotary_base,
+                                     topology, args.recompute_interval)
+    else:
+        model = build_gpt_model(config, info.vocab_size, args.max_position_embeddings, args.rotary_base)
     if torch.cuda.is_available():
         model.cuda()
     RUNTIME.tracker.configure(args.num_layers)
@@ -137,7 +185,7 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, args.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        config=ds_config, mpu=MegatronMPU(), dist_init_required=False)
+        config=ds_config, mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
 
     iteration, consumed = 0, 0
     if args.load:
@@ -178,15 +226,18 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
             result["stopped_at"] = iteration
             break
         t0 = time.time()
-        iter_loss = 0.0
-        for micro in range(gas):
-            batch = _to_device(next(train_iter))
-            RUNTIME.mode = draw_mode(args.seed, iteration, micro, args.ssa_full_prob)
-            RUNTIME.align_backward_scale = align_backward_scale(engine, gas)
-            loss = lm_loss(engine, batch, RUNTIME)
-            engine.backward(loss)
-            engine.step()
-            iter_loss += float(loss.detach()) / gas
+        RUNTIME.align_backward_scale = align_backward_scale(engine, gas)
+        if pipelined:
+            iter_loss = float(engine.train_batch(pipe_batches(train_iter, args, iteration)))
+        else:
+            iter_loss = 0.0
+            for micro in range(gas):
+                batch = _to_device(next(train_iter))
+                RUNTIME.mode = draw_mode(args.seed, iteration, micro, args.ssa_full_prob)
+                loss = lm_loss(engine, batch, RUNTIME)
+                engine.backward(loss)
+                engine.step()
+                iter_loss += float(loss.detach()) / gas
         RUNTIME.mode = None
         iteration += 1
         consumed += gbs
@@ -221,7 +272,8 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
             window_loss, window_iters, window_time = 0.0, 0, 0.0
 
         if args.eval_interval and iteration % args.eval_interval == 0:
-            val = evaluate(engine, valid_iter, args.eval_iters, RUNTIME)
+            val = (evaluate_pipe(engine, valid_iter, args, gas) if pipelined
+                   else evaluate(engine, valid_iter, args.eval_iters, RUNTIME))
             if val is not None:
                 logger.log_eval(iteration, val)
                 result.setdefault("valid_loss", []).append(val)

@@ -1,0 +1,119 @@
+"""The SSA GPT model as a DeepSpeed PipelineModule of megatron-core pieces.
+
+Stages pass a tuple (hidden [s, b, h], position_ids [b, s], branch code [1]) down the pipe. The
+branch code carries each micro-batch's full/sparse draw to every stage, so a stage that runs
+micro-batch m (in whatever order the 1F1B schedule interleaves them) uses m's branch. The
+embedding and the output head share the word embeddings through ``TiedLayerSpec`` (first and
+last stage), and every layer's alignment loss trains on its own stage (model/align_loss.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.spec_utils import build_module
+
+from ssa_megatron.model.layer_spec import get_ssa_layer_spec
+from ssa_megatron.model.runtime import RUNTIME
+
+BRANCH_CODES = {"full": 1, "sparse": 0}
+
+
+def branch_code(mode: str) -> torch.Tensor:
+    return torch.tensor([BRANCH_CODES[mode]], dtype=torch.int64)
+
+
+def _document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+class EmbeddingPipe(torch.nn.Module):
+    """Token embedding on the first stage; with ``as_head`` the tied output projection."""
+
+    def __init__(self, config, vocab_size: int, max_sequence_length: int):
+        super().__init__()
+        if config.use_cpu_initialization:
+            torch.manual_seed(config.init_seed)  # the same draw as GPTModel's embedding
+        self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
+                                                position_embedding_type="rope")
+
+    @property
+    def weight(self):
+        return self.embedding.word_embeddings.weight
+
+    def forward(self, inputs):
+        tokens, position_ids, code = inputs
+        hidden = self.embedding(input_ids=tokens, position_ids=position_ids)
+        return hidden, position_ids, code
+
+
+def lm_head(embed: EmbeddingPipe, inputs):
+    """Logits for the local vocabulary shard, [s, b, V / tp], from the tied embedding."""
+    hidden = inputs[0] if isinstance(inputs, tuple) else inputs
+    hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    return F.linear(hidden, embed.weight)
+
+
+class TransformerLayerPipe(torch.nn.Module):
+    def __init__(self, config, layer_number: int, rotary_base: float):
+        super().__init__()
+        self.layer = build_module(get_ssa_layer_spec(), config=config, layer_number=layer_number)
+        self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                      rotary_base=rotary_base,
+                                      use_cpu_initialization=config.use_cpu_initialization)
+
+    def forward(self, inputs):
+        hidden, position_ids, code = inputs
+        RUNTIME.mode = "full" if int(code.reshape(-1)[0]) == BRANCH_CODES["full"] else "sparse"
+        RUNTIME.cu_seqlens = _document_cu_seqlens(position_ids) if RUNTIME.reset_attention else None
+        rotary = self.rotary(hidden.shape[0])
+        hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
+        return hidden, position_ids, code
+
+
+class FinalNormPipe(torch.nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        # the same norm class as the GPTModel's final norm (apex when present, else torch)
+        norm_spec = get_ssa_layer_spec().submodules.input_layernorm
+        self.norm = build_module(norm_spec, config=config, hidden_size=config.hidden_size,
+                                 eps=config.layernorm_epsilon)
+
+    def forward(self, inputs):
+        return self.norm(inputs[0])
+
+
+def lm_loss_fn(logits: torch.Tensor, labels):
+    """Masked mean of the vocab-parallel cross entropy (the same as the GPTModel path)."""
+    labels, loss_mask = labels
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+    per_token = per_token.transpose(0, 1)
+    mask = loss_mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rotary_base: float,
+                         topology, activation_checkpoint_interval: int = 0,
+                         partition_method: str = "type:TransformerLayerPipe") -> PipelineModule:
+    if config.num_layers % config.pipeline_model_parallel_size:
+        raise ValueError(f"{config.num_layers} layers do not split evenly over "
+                         f"{config.pipeline_model_parallel_size} pipeline stages")
+    """Embedding, N SSA layers, final norm, tied head; layers balanced over the stages."""
+    layers = [TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
+                            tied_weight_attr=["weight"])]
+    # megatron numbers a stage's layers from 1 and adds the stage offset itself; the uniform
+    # split below matches its offset (num_layers / pp per stage)
+    per_stage = config.num_layers // config.pipeline_model_parallel_size
+    layers += [LayerSpec(TransformerLayerPipe, config, i % per_stage + 1, rotary_base)
+               for i in range(config.num_layers)]
+    layers += [LayerSpec(FinalNormPipe, config),
+               TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
+                             forward_fn=lm_head, tied_weight_attr=["weight"])]
+    return PipelineModule(layers=layers, loss_fn=lm_loss_fn, topology=topology,
+                          partition_method=partition_method,
+                          activation_checkpoint_interval=activation_checkpoint_interval)
