@@ -1,0 +1,55 @@
+"""Configuration of SSA (Sparse Sparse Attention) causal language models: Llama-style fields plus
+the SSA attention settings. Part of the model code the converter copies next to the weights."""
+from transformers import PretrainedConfig
+
+INFERENCE_MODES = ("full", "sparse")
+
+
+class SSAConfig(PretrainedConfig):
+    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings) with gated SSA attention.
+
+    SSA fields: ``block_size`` (tokens per selection block), ``block_counts`` (blocks each query
+    attends in sparse mode, its own block included), ``inference_mode`` (``full`` or ``sparse``;
+    may be changed after loading, e.g. ``model.config.inference_mode = "sparse"``) and
+    ``attention_mode`` (how the model was trained: ssa, full, sparse).
+    """
+
+    model_type = "ssa_llama"
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
+
+    def __init__(self, vocab_size=32000, hidden_size=2048, intermediate_size=8192,
+                 num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=None,
+                 head_dim=None, hidden_act="silu", max_position_embeddings=8192,
+                 initializer_range=0.02, rms_norm_eps=1e-5, rope_theta=500000.0, use_cache=True,
+                 pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                 tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                 block_size=16, block_counts=16, inference_mode="full", attention_mode="ssa",
+                 **kwargs):
+        if inference_mode not in INFERENCE_MODES:
+            raise ValueError(f"inference_mode {inference_mode!r} must be one of {INFERENCE_MODES}")
+        if attention_bias or mlp_bias:
+            raise ValueError("SSA models have no attention or MLP biases")
+        if hidden_act != "silu":
+            raise ValueError(f"hidden_act {hidden_act!r}: SSA models use SwiGLU (silu)")
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = float(rope_theta)
+        self.use_cache = use_cache
+        self.attention_bias = False
+        self.mlp_bias = False
+        self.block_size = int(block_size)
+        self.block_counts = int(block_counts)
+        self.inference_mode = inference_mode
+        self.attention_mode = attention_mode
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings,
+                         **kwargs)

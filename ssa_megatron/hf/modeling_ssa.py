@@ -1,0 +1,299 @@
+"""SSA (Sparse Sparse Attention) causal LM for Hugging Face transformers.
+
+Llama layout (embed_tokens, q/k/v/o_proj, gate/up/down_proj, RMSNorms, tied lm_head) plus
+``g_proj``: one sigmoid gate per query head and token, computed from the normed layer input, that
+multiplies that head's attention output before ``o_proj``.
+
+Attention runs in one of two modes (``config.inference_mode``, changeable at any time):
+
+* ``full``: causal softmax attention;
+* ``sparse``: every query attends only the tokens of its top ``config.block_counts`` blocks of
+  ``config.block_size`` tokens (its own block always included), blocks ranked by the group-summed
+  softmax of q . mean(K_block) over complete past blocks.
+
+Both modes work with a KV cache. In sparse mode a new token's blocks are selected from the cached
+keys exactly as in a full forward pass (the selection of token t depends only on keys <= t), so
+cached generation equals uncached generation.
+
+The attention math comes from ``ssa_ops.py`` (a copy of ssa_megatron/ops/reference.py the
+converter writes beside this file); on CUDA the Triton kernels of ``ssa_megatron.ops.dispatch``
+are used when ssa_megatron is installed.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .configuration_ssa import SSAConfig
+
+try:  # the copy written next to this file by the converter
+    from .ssa_ops import _chunk_scores, _topk_stable, full_attention, select_blocks, sparse_attention
+except ImportError:  # imported from the ssa_megatron source tree
+    from ssa_megatron.ops.reference import (_chunk_scores, _topk_stable, full_attention,  # noqa: F401
+                                            select_blocks, sparse_attention)
+
+_REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
+                             sparse_attention=sparse_attention)
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _ops_for(t: torch.Tensor):
+    """Triton kernels (ssa_megatron.ops.dispatch) for CUDA tensors when installed, else reference."""
+    if t.is_cuda:
+        try:
+            from ssa_megatron.ops import dispatch
+            return dispatch
+        except ImportError:
+            pass
+    return _REFERENCE
+
+
+class SSARMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def _rope(positions: torch.Tensor, dim: int, theta: float, dtype) -> tuple:
+    """cos/sin [B, T, 1, dim] for integer positions [B, T] (rotate-half convention)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def _masked_attention(q, k, v, allowed, scale):
+    """q [B, Tq, HQ, D]; k, v [B, Tk, H, D]; allowed [B, Tq, H, Tk] (per kv head) -> [B, Tq, HQ, D]."""
+    b, tq, hq, d = q.shape
+    h = k.shape[2]
+    qg = q.float().reshape(b, tq, h, hq // h, d)
+    logits = torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale
+    logits = logits.masked_fill(~allowed[:, :, :, None, :], float("-inf"))
+    out = torch.einsum("bthgs,bshd->bthgd", torch.softmax(logits, dim=-1), v.float())
+    return out.reshape(b, tq, hq, d).to(q.dtype)
+
+
+def full_attention_with_past(q, k, v, past: int, scale: float):
+    """Causal attention of queries at positions past.. over all (cached + new) keys."""
+    tq, tk = q.shape[1], k.shape[1]
+    pos = torch.arange(past, past + tq, device=q.device)
+    allowed = torch.arange(tk, device=q.device)[None, :] <= pos[:, None]
+    return _masked_attention(q, k, v, allowed[None, :, None, :].expand(q.shape[0], -1, k.shape[2], -1),
+                             scale)
+
+
+def sparse_attention_with_past(q, k, v, past: int, block_size: int, block_counts: int, scale: float):
+    """Sparse attention of queries at positions past.. whose blocks are selected from all keys.
+
+    Same rule as ssa_ops.select_blocks (the scores of token t use complete blocks of keys <= t
+    only), so the result equals the no-cache forward pass.
+    """
+    b, tq = q.shape[:2]
+    tk, h = k.shape[1], k.shape[2]
+    scores = _chunk_scores(q, k, past, block_size, scale)  # [B, Tq, H, nb_all]
+    vals, idx = _topk_stable(scores, block_counts)
+    nb_all = scores.shape[-1]
+    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, nb_all))
+    chosen = torch.zeros(b, tq, h, nb_all + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(3, idx, True)
+    key_block = torch.arange(tk, device=q.device) // block_size
+    allowed = chosen[..., key_block]  # [B, Tq, H, Tk]
+    pos = torch.arange(past, past + tq, device=q.device)
+    allowed &= (torch.arange(tk, device=q.device)[None, :] <= pos[:, None])[None, :, None, :]
+    return _masked_attention(q, k, v, allowed, scale)
+
+
+class SSAAttention(nn.Module):
+    def __init__(self, config: SSAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.g_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, cache: Optional[Cache] = None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        gate = torch.sigmoid(self.g_proj(x).float()).to(x.dtype)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.get_seq_length(self.layer_idx)
+            k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
+        scale = 1.0 / math.sqrt(self.head_dim)
+        mode = self.config.inference_mode
+        ops = _ops_for(q)
+        if mode == "full":
+            o = ops.full_attention(q, k, v, scale=scale) if past == 0 else \
+                full_attention_with_past(q, k, v, past, scale)
+        elif mode == "sparse":
+            bs, bc = self.config.block_size, self.config.block_counts
+            if past == 0:
+                idx = ops.select_blocks(q, k, bs, bc, scale=scale)
+                o = ops.sparse_attention(q, k, v, idx, bs, scale=scale)
+            else:
+                o = sparse_attention_with_past(q, k, v, past, bs, bc, scale)
+        else:
+            raise ValueError(f"config.inference_mode {mode!r} must be 'full' or 'sparse'")
+        o = o * gate[..., None]
+        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
+
+
+class SSAMLP(nn.Module):
+    def __init__(self, config: SSAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SSADecoderLayer(nn.Module):
+    def __init__(self, config: SSAConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SSAAttention(config, layer_idx)
+        self.post_attention_layernorm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SSAMLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class SSAPreTrainedModel(PreTrainedModel):
+    config_class = SSAConfig
+    config: SSAConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SSADecoderLayer"]
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, SSARMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class SSAModel(SSAPreTrainedModel):
+    def __init__(self, config: SSAConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([SSADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, use_cache=None, past_key_values=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            raise ValueError("SSA attention blocks count from each sequence's first token: padded "
+                             "batches (attention_mask with zeros) are not supported; run sequences "
+                             "unpadded, one per batch row of equal length")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past = cache.get_seq_length() if cache is not None else 0
+        # positions are always past..past+T-1: blocks are counted from the sequence start
+        positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)
+        cos, sin = _rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache if use_cache else None)
+        x = self.norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SSAConfig):
+        super().__init__(config)
+        self.model = SSAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def set_inference_mode(self, mode: Optional[str] = None, block_counts: Optional[int] = None):
+        """Switch between full and sparse attention and/or change the sparse block budget."""
+        if mode is not None:
+            if mode not in ("full", "sparse"):
+                raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
+            self.config.inference_mode = mode
+        if block_counts is not None:
+            if int(block_counts) < 1:
+                raise ValueError("block_counts must be a positive integer")
+            self.config.block_counts = int(block_counts)
+        return self
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0,
+                past_key_values=None, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         past_key_values=past_key_values)
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+
+__all__ = ["SSAConfig", "SSAModel", "SSAForCausalLM", "SSAPreTrainedModel"]
