@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ssa-block-counts", type=int, default=16)
     s.add_argument("--ssa-align-coef", type=float, default=10.0)
     s.add_argument("--ssa-full-prob", type=float, default=0.5)
+    s.add_argument("--lm-loss-weight", type=float, default=1.0,
+                   help="weight of the LM cross entropy (0: alignment loss alone, for ablations)")
     s.add_argument("--inference-mode", default=None, help="full or sparse, for evaluation")
 
     t = p.add_argument_group("training")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save", default=None)
     c.add_argument("--load", default=None)
     c.add_argument("--save-interval", type=int, default=None)
+    c.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (after saving, with --save) when iteration %% N == 0")
     c.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
     c.add_argument("--log-interval", type=int, default=10)
     c.add_argument("--eval-interval", type=int, default=None)
@@ -128,6 +132,18 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                           "tools/preprocess_data.py wrote), or a blend: --data-path 0.7 A 0.3 B")
     if args.deepspeed_config is not None and not os.path.isfile(args.deepspeed_config):
         raise ConfigError(f"--deepspeed-config {args.deepspeed_config} does not exist")
+    if args.pipeline_model_parallel_size > 1:
+        stage = args.zero_stage
+        if stage is None and args.deepspeed_config:
+            with open(args.deepspeed_config) as f:
+                try:
+                    stage = json.load(f).get("zero_optimization", {}).get("stage", 0)
+                except json.JSONDecodeError:
+                    stage = None
+        if stage is not None and stage > 1:
+            raise ConfigError(f"ZeRO stage {stage} cannot run with --pipeline-model-parallel-size "
+                              f"{args.pipeline_model_parallel_size} (DeepSpeed allows only ZeRO-0/1 with "
+                              "pipeline parallelism): use ZeRO-1, or --pipeline-model-parallel-size 1")
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")
     if args.micro_batch_size < 1 or args.train_iters < 1:

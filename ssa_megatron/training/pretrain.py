@@ -62,7 +62,7 @@ def lm_loss(engine, batch, runtime) -> torch.Tensor:
     runtime.cu_seqlens = document_cu_seqlens(batch["position_ids"]) if runtime.reset_attention else None
     per_token = engine(tokens, batch["position_ids"], None, labels=labels)
     mask = batch["loss_mask"].float()
-    return (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    return runtime.lm_loss_weight * (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -91,6 +91,16 @@ def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
     if n == 0:
         return None
     return float(_dp_mean(torch.tensor([total / n], dtype=torch.float64))[0])
+
+
+def _record_fp32_grad_norm(engine) -> None:
+    """Without ZeRO/mixed precision DeepSpeed clips fp32 gradients with a norm that is wrong for
+    pipelines (and drops it); clip with ours (training/grad_norm.py) and keep the value."""
+    from ssa_megatron.training.grad_norm import clip_grad_norm
+
+    def clip_and_record():
+        engine._global_grad_norm = clip_grad_norm(engine.module.parameters(), engine.gradient_clipping())
+    engine.clip_fp32_gradients = clip_and_record
 
 
 def pipeline_topology(args, dp_size: int):
@@ -136,7 +146,10 @@ def evaluate_pipe(engine, loader_iter, args, gas: int) -> Optional[float]:
     return float(_dp_mean(torch.tensor([sum(losses) / len(losses)], dtype=torch.float64))[0])
 
 
-def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
+def run(args, fault_hook: Optional[Callable] = None,
+        before_step: Optional[Callable] = None) -> TrainResult:
+    """Train per ``args``. ``fault_hook(rank)`` runs inside each save (tests inject crashes);
+    ``before_step(engine, iteration)`` runs after backward, before each optimizer step."""
     import deepspeed
     from megatron.core import parallel_state as ps
 
@@ -178,14 +191,27 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
         model = build_gpt_model(config, info.vocab_size, args.max_position_embeddings, args.rotary_base)
     if torch.cuda.is_available():
         model.cuda()
+    if pipelined:
+        from ssa_megatron.training.grad_norm import mark_pipeline_norm_ownership
+        mark_pipeline_norm_ownership(model)
     RUNTIME.tracker.configure(args.num_layers)
     RUNTIME.reset_attention = bool(args.reset_attention_mask)
+    RUNTIME.lm_loss_weight = args.lm_loss_weight
     n_params = sum(p.numel() for p in model.parameters())
     schedule = lr_lambda(args)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, args.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config, mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
+
+    _record_fp32_grad_norm(engine)
+    if before_step is not None:
+        take_step = engine._take_model_step
+
+        def _hooked_step(*a, **kw):
+            before_step(engine, iteration)
+            return take_step(*a, **kw)
+        engine._take_model_step = _hooked_step
 
     iteration, consumed = 0, 0
     if args.load:
@@ -284,6 +310,13 @@ def run(args, fault_hook: Optional[Callable] = None) -> TrainResult:
                                        args.keep_last, fault_hook=fault_hook)
             result["saved"].append(tag)
             _log(f"saved checkpoint {args.save}/{tag}")
+
+        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            if args.save and ckpt.tag_for(iteration) not in result["saved"]:
+                result["saved"].append(ckpt.save_checkpoint(engine, args.save, iteration, consumed, args,
+                                                            data_description, args.keep_last))
+            _log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            break
     logger.close()
     result["iteration"] = iteration
     result["consumed_samples"] = consumed

@@ -1,15 +1,41 @@
-"""Graceful stop: SIGTERM / SIGUSR1 (Slurm's pre-time-limit warning) → save at the next step."""
+"""Graceful stop: SIGTERM / SIGUSR1 (Slurm's pre-time-limit warning) → save at the next step.
+
+A signal can arrive before the training loop has built its ``StopSignal`` (Slurm's warning or a
+preemption while the model, the data or a checkpoint is still loading). Without a handler Python
+would die of it (SIGUSR1's default action is to terminate) and the job would not requeue. So the
+Slurm launcher starts the trainer through this module:
+
+    python -m ssa_megatron.training.signals ssa_megatron.training.pretrain <flags...>
+
+which installs the handlers first (before torch is imported), then runs the target module as
+``__main__``; a ``StopSignal`` created later starts with any signal received in the meantime.
+"""
 from __future__ import annotations
 
 import signal
+from typing import Optional
 
-import torch
-import torch.distributed as dist
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# the first stop signal received before any StopSignal existed (install_early_handlers)
+_early_received: Optional[int] = None
+
+
+def _early_handle(signum, frame):
+    global _early_received
+    if _early_received is None:
+        _early_received = signum
+
+
+def install_early_handlers(signals=STOP_SIGNALS) -> None:
+    """Remember SIGTERM/SIGUSR1 until the training loop asks (instead of dying of them)."""
+    for sig in signals:
+        signal.signal(sig, _early_handle)
 
 
 class StopSignal:
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)):
-        self.received = None
+    def __init__(self, signals=STOP_SIGNALS):
+        self.received = _early_received
         for sig in signals:
             signal.signal(sig, self._handle)
 
@@ -18,9 +44,30 @@ class StopSignal:
 
     def any_rank_received(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
+        import torch
+        import torch.distributed as dist
         flag = torch.tensor([1.0 if self.received is not None else 0.0])
         if dist.is_initialized():
             if dist.get_backend() == "nccl":
                 flag = flag.cuda()
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+def _run_module_with_early_handlers(argv) -> None:
+    import runpy
+    import sys
+    if not argv or argv[0].startswith("-"):
+        sys.exit("usage: python -m ssa_megatron.training.signals MODULE [ARGS...]\n"
+                 "  e.g. python -m ssa_megatron.training.signals ssa_megatron.training.pretrain --help")
+    # this file runs as __main__: install the handlers in the importable module, which
+    # StopSignal (imported by the trainer) reads
+    from ssa_megatron.training import signals as module
+    module.install_early_handlers()
+    sys.argv = list(argv)
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    import sys
+    _run_module_with_early_handlers(sys.argv[1:])
