@@ -127,6 +127,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ConfigError(f"--num-layers {args.num_layers} is not divisible by "
                           f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    if args.reset_attention_mask:
+        # documents are told apart by their restarting positions (RoPE is relative, so the
+        # restart itself changes no attention score)
+        args.reset_position_ids = True
+    elif args.reset_position_ids:
+        raise ConfigError("--reset-position-ids alone changes nothing for a RoPE model; add "
+                          "--reset-attention-mask to keep packed documents apart")
     if not args.data_path:
         raise ConfigError("no training data: pass --data-path PREFIX (the .bin/.idx prefix that "
                           "tools/preprocess_data.py wrote), or a blend: --data-path 0.7 A 0.3 B")

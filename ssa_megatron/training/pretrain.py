@@ -165,9 +165,6 @@ def run(args, fault_hook: Optional[Callable] = None,
     from ssa_megatron.training.signals import StopSignal
     from ssa_megatron.training.tb import TrainLogger
 
-    if args.reset_position_ids and not args.reset_attention_mask:
-        raise ConfigError("--reset-position-ids without --reset-attention-mask changes nothing "
-                          "for a RoPE model; add --reset-attention-mask to keep documents apart")
 
     prefixes, _ = parse_blend(args.data_path)
     info = read_tokenizer_info(prefixes, args.vocab_size)
