@@ -55,32 +55,3 @@ if __name__ == "__main__":
         getattr(importlib.import_module(module), func)(out, *sys.argv[3:])
     else:
         globals()[name](out, *sys.argv[3:])
-
-
-def train_logits(out_dir, *argv):
-    """pretrain.run() with the given flags, then the trained model's eval logits (TP-gathered,
-    fp32) in full and sparse mode on fixed tokens: result["logits"][mode] is [2, seq, vocab]."""
-    from megatron.core import parallel_state as ps
-
-    from ssa_megatron.model.attention import set_inference_mode
-    from ssa_megatron.training.arguments import parse_args
-    from ssa_megatron.training.pretrain import run
-    args = parse_args(list(argv))
-    result = run(args)
-    model = result.pop("engine").module
-    model.eval()
-    g = torch.Generator().manual_seed(7)
-    tokens = torch.randint(0, 250, (2, args.seq_length), generator=g)
-    pos = torch.arange(args.seq_length).expand(2, -1)
-    logits = {}
-    with torch.no_grad():
-        for mode in ("full", "sparse"):
-            set_inference_mode(model, mode)
-            out = model(tokens, pos, None).float()  # [b, s, V/tp]
-            tp = ps.get_tensor_model_parallel_world_size()
-            if tp > 1:
-                parts = [torch.empty_like(out) for _ in range(tp)]
-                dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
-                out = torch.cat(parts, dim=-1)
-            logits[mode] = out
-    _save(out_dir, dict(result, tokens=tokens, logits=logits))

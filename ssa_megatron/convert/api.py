@@ -1,0 +1,47 @@
+"""The three conversions, each through the full (TP-merged) megatron state dict."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ssa_megatron.convert import hf_ckpt, layout, megatron_ckpt
+
+
+def _progress():
+    try:
+        from tqdm import tqdm
+        return tqdm
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dtype: str = "float32",
+                   max_shard_size="5GB", inference_mode: Optional[str] = None,
+                   block_counts: Optional[int] = None) -> list:
+    """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes."""
+    full, meta, spec = megatron_ckpt.read_checkpoint(checkpoint, tag)
+    if inference_mode is not None:
+        spec["inference_mode"] = inference_mode
+    if block_counts is not None:
+        spec["ssa_block_counts"] = int(block_counts)
+    hf_state = layout.megatron_to_hf(full, spec)
+    return hf_ckpt.write_hf(out_dir, hf_state, spec, meta.get("data"), dtype, max_shard_size)
+
+
+def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
+                              attention_mode: Optional[str] = None) -> str:
+    """HF directory (ours, the paper's layout, plain Llama) -> weights-only megatron checkpoint."""
+    hf_state, spec, flavour = hf_ckpt.read_hf(hf_dir)
+    if attention_mode is not None:
+        spec["attention_mode"] = attention_mode
+    full = layout.hf_to_megatron(hf_state, spec, megatron_ckpt.padded_vocab(spec["vocab_size"], tp))
+    data = hf_ckpt.tokenizer_data_from_hf(hf_dir, spec["vocab_size"])
+    megatron_ckpt.write_checkpoint(full, spec, out_dir, tp, pp, data=data,
+                                   source=f"{flavour} HF model {hf_dir}", progress=_progress())
+    return flavour
+
+
+def relayout(checkpoint: str, out_dir: str, tp: int, pp: int = 1, tag: Optional[str] = None) -> str:
+    """A checkpoint of any layout -> a weights-only checkpoint with TP=``tp`` (directly)."""
+    full, meta, spec = megatron_ckpt.read_checkpoint(checkpoint, tag)
+    return megatron_ckpt.write_checkpoint(full, spec, out_dir, tp, pp, data=meta.get("data"),
+                                          source=f"relayout of {checkpoint}", progress=_progress())

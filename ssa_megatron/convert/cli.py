@@ -1,0 +1,75 @@
+"""tools/convert_checkpoint.py: convert between ssa_megatron checkpoints and Hugging Face.
+
+    # megatron (any TP, ZeRO 0-3) -> HF directory (config, safetensors, model code, tokenizer)
+    python tools/convert_checkpoint.py to-hf --input runs/x/checkpoints --output hf/x
+    # HF (our export, the SSA paper's layout, or a plain Llama) -> megatron, TP=2
+    python tools/convert_checkpoint.py from-hf --input hf/x --output ckpt/x-tp2 \
+        --tensor-model-parallel-size 2
+    # re-layout a checkpoint to another TP size (weights only)
+    python tools/convert_checkpoint.py relayout --input ckpt/x --output ckpt/x-tp4 \
+        --tensor-model-parallel-size 4
+
+from-hf and relayout write weights-only checkpoints: ``--load`` them to continue pretraining
+(fresh optimizer, iteration 0).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Convert ssa_megatron checkpoints to/from Hugging Face.")
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("to-hf", help="megatron checkpoint -> HF directory")
+    a.add_argument("--input", required=True, help="--save directory or one iter_XXXXXXX directory")
+    a.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    a.add_argument("--output", required=True)
+    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a.add_argument("--max-shard-size", default="5GB")
+    a.add_argument("--inference-mode", default=None, choices=["full", "sparse"])
+    a.add_argument("--block-counts", type=int, default=None)
+    b = sub.add_parser("from-hf", help="HF directory -> megatron checkpoint")
+    b.add_argument("--input", required=True)
+    b.add_argument("--output", required=True)
+    b.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    b.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    b.add_argument("--attention-mode", default=None, help="recorded training mode (default: config's / ssa)")
+    c = sub.add_parser("relayout", help="megatron checkpoint -> another TP layout")
+    c.add_argument("--input", required=True)
+    c.add_argument("--tag", default=None)
+    c.add_argument("--output", required=True)
+    c.add_argument("--tensor-model-parallel-size", type=int, required=True)
+    c.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ssa_megatron.convert import api
+    from ssa_megatron.convert.layout import ConversionError
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "to-hf":
+            notes = api.megatron_to_hf(args.input, args.output, args.tag, args.dtype,
+                                       args.max_shard_size, args.inference_mode, args.block_counts)
+            for n in notes:
+                print(f"note: {n}", file=sys.stderr)
+        elif args.command == "from-hf":
+            flavour = api.hf_to_megatron_checkpoint(args.input, args.output,
+                                                    args.tensor_model_parallel_size,
+                                                    args.pipeline_model_parallel_size,
+                                                    args.attention_mode)
+            print(f"imported {flavour} model")
+        else:
+            api.relayout(args.input, args.output, args.tensor_model_parallel_size,
+                         args.pipeline_model_parallel_size, args.tag)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""Hugging Face directories: write ours (config, safetensors, model code, tokenizer); read ours, the
+SSA paper authors' layout and plain Llama models.
+
+Written directory::
+
+    config.json                  Llama-style fields + block_size, block_counts, inference_mode,
+                                 attention_mode; auto_map -> configuration_ssa / modeling_ssa
+    model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+    configuration_ssa.py, modeling_ssa.py   copied from ssa_megatron/hf/
+    ssa_ops.py                   copied from ssa_megatron/ops/reference.py (the attention math)
+    tokenizer.model | tokenizer.json, tokenizer_config.json   when the checkpoint names its tokenizer
+
+Reading (:func:`read_hf`) uses safetensors only and returns our HF naming with ``g_proj`` of shape
+[heads, hidden]:
+
+* our exports (``model_type`` ssa_llama): as they are;
+* the paper's released layout: ``g_proj`` with 3 gates per head (compression, selection, window,
+  interleaved per head): the selection gate is kept;
+* plain Llama (no ``g_proj``): gate weights zero (sigmoid 0.5 on every head) and ``o_proj`` doubled,
+  so the imported model computes exactly what the Llama model computed (in full attention).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ssa_megatron.convert.layout import ConversionError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PKG = os.path.dirname(HERE)
+MODEL_TYPE = "ssa_llama"
+AUTO_MAP = {"AutoConfig": "configuration_ssa.SSAConfig",
+            "AutoModel": "modeling_ssa.SSAModel",
+            "AutoModelForCausalLM": "modeling_ssa.SSAForCausalLM"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_config(spec: dict, tokenizer: Optional[dict] = None, dtype: str = "float32") -> dict:
+    mode = spec.get("inference_mode") or ("sparse" if spec.get("attention_mode") == "sparse" else "full")
+    cfg = {
+        "architectures": ["SSAForCausalLM"], "model_type": MODEL_TYPE, "auto_map": dict(AUTO_MAP),
+        "vocab_size": spec["vocab_size"], "hidden_size": spec["hidden_size"],
+        "intermediate_size": spec["ffn_hidden_size"], "num_hidden_layers": spec["num_layers"],
+        "num_attention_heads": spec["num_attention_heads"],
+        "num_key_value_heads": spec["num_query_groups"], "head_dim": spec["kv_channels"],
+        "hidden_act": "silu", "max_position_embeddings": spec["max_position_embeddings"],
+        "initializer_range": spec.get("init_method_std", 0.02), "rms_norm_eps": spec["norm_epsilon"],
+        "rope_theta": spec["rotary_base"], "tie_word_embeddings": True, "use_cache": True,
+        "attention_bias": False, "mlp_bias": False,
+        "block_size": spec["ssa_block_size"], "block_counts": spec["ssa_block_counts"],
+        "inference_mode": mode, "attention_mode": spec.get("attention_mode", "ssa"),
+        "dtype": dtype,
+    }
+    if tokenizer and tokenizer.get("eod") is not None:
+        cfg["eos_token_id"] = int(tokenizer["eod"])
+    return cfg
+
+
+def _save_safetensors(state: Dict[str, torch.Tensor], out: str, max_shard_size) -> None:
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    split = split_torch_state_dict_into_shards(state, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, os.path.join(out, filename),
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+def copy_model_code(out: str) -> None:
+    from ssa_megatron.hf import MODEL_FILES, OPS_FILE
+    for name in MODEL_FILES:
+        shutil.copyfile(os.path.join(PKG, "hf", name), os.path.join(out, name))
+    shutil.copyfile(os.path.join(PKG, "ops", "reference.py"), os.path.join(out, OPS_FILE))
+
+
+def find_tokenizer_file(data: dict) -> Tuple[Optional[str], Optional[dict]]:
+    """(path of the tokenizer file, its description) from ssa_meta.json's ``data``."""
+    tok = (data or {}).get("tokenizer") or {}
+    kind = tok.get("kind")
+    if kind not in ("sentencepiece", "huggingface"):
+        return None, tok or None
+    candidates = []
+    if tok.get("file"):
+        for prefix in (data.get("data_path") or []):
+            candidates.append(os.path.join(os.path.dirname(os.path.abspath(prefix)), tok["file"]))
+    if tok.get("path"):
+        candidates.append(tok["path"])
+    for c in candidates:
+        if os.path.isfile(c):
+            return c, tok
+    return None, tok
+
+
+def write_tokenizer(out: str, data: dict) -> Optional[str]:
+    """Copy the training tokenizer into ``out``; returns a note when it cannot be found."""
+    path, tok = find_tokenizer_file(data)
+    if path is None:
+        if tok and tok.get("kind") in ("sentencepiece", "huggingface"):
+            return (f"tokenizer {tok.get('path')} not found: the HF directory has no tokenizer "
+                    "files; copy them in by hand")
+        return None
+    if tok.get("sha256") and tok["sha256"] != "none":
+        from ssa_megatron.data.tokenizer import file_sha256
+        if file_sha256(path) != tok["sha256"]:
+            return f"tokenizer {path} changed since the data was built (sha256 differs): not copied"
+    eod = tok.get("eod")
+    if tok["kind"] == "sentencepiece":
+        import sentencepiece as spm
+        shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
+        sp = spm.SentencePieceProcessor(model_file=path)
+        piece = lambda i: sp.id_to_piece(int(i)) if i is not None and 0 <= int(i) < sp.get_piece_size() else None  # noqa: E731
+        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+               "legacy": True, "model_max_length": 1 << 30,
+               "eos_token": piece(eod), "unk_token": piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
+               "bos_token": piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
+               "pad_token": piece(sp.pad_id()) if sp.pad_id() >= 0 else None}
+    else:
+        shutil.copyfile(path, os.path.join(out, "tokenizer.json"))
+        from tokenizers import Tokenizer
+        t = Tokenizer.from_file(path)
+        cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30,
+               "eos_token": t.id_to_token(int(eod)) if eod is not None else None}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({k: v for k, v in cfg.items() if v is not None}, f, indent=2)
+    return None
+
+
+def write_hf(out_dir: str, hf_state: Dict[str, torch.Tensor], spec: dict, data: Optional[dict] = None,
+             dtype: str = "float32", max_shard_size="5GB") -> list:
+    """Write an HF directory (atomically: temp dir renamed into place). Returns notes."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise ConversionError(f"output {out_dir} exists and is not empty; choose a new directory")
+    notes = []
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
+    try:
+        state = {k: v.to(DTYPES[dtype]) for k, v in hf_state.items()}
+        _save_safetensors(state, tmp, max_shard_size)
+        tok = ((data or {}).get("tokenizer") or {})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(spec, tok, dtype), f, indent=2, sort_keys=True)
+        copy_model_code(tmp)
+        note = write_tokenizer(tmp, data or {})
+        if note:
+            notes.append(note)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return notes
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    """Give the finished temp dir ordinary permissions and rename it to ``out_dir``."""
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o755)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o644)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)
+    os.replace(tmp, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def load_safetensors_dir(path: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(single):
+        files = ["model.safetensors"]
+    else:
+        raise ConversionError(f"{path} has no model.safetensors (or index): only safetensors "
+                              "weights are read; convert .bin weights with transformers first")
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return state
+
+
+def _rope_theta(cfg: dict) -> float:
+    rp = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    for r in (rp, scaling):
+        kind = r.get("rope_type", r.get("type", "default"))
+        if kind not in (None, "default"):
+            raise ConversionError(f"RoPE scaling {kind!r} is not supported by SSA models (plain RoPE only)")
+    return float(cfg.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+
+
+def spec_from_hf_config(cfg: dict) -> dict:
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ConversionError("the model has attention/MLP biases; SSA models have none")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {cfg.get('hidden_act')!r}: SSA models use SwiGLU (silu)")
+    heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    return {
+        "num_layers": int(cfg["num_hidden_layers"]), "hidden_size": hidden,
+        "ffn_hidden_size": int(cfg["intermediate_size"]), "num_attention_heads": heads,
+        "num_query_groups": int(cfg.get("num_key_value_heads") or heads),
+        "kv_channels": int(cfg.get("head_dim") or hidden // heads),
+        "vocab_size": int(cfg["vocab_size"]), "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "rotary_base": _rope_theta(cfg),
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
+        "attention_mode": cfg.get("attention_mode", "ssa"),
+        "ssa_block_size": int(cfg.get("block_size", 16)),
+        "ssa_block_counts": int(cfg.get("block_counts", 16)),
+        "inference_mode": cfg.get("inference_mode"),
+        "init_method_std": float(cfg.get("initializer_range", 0.02)),
+    }
+
+
+def _normalise_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        k = k.replace(".attn.", ".self_attn.")  # fla-style attention module name
+        if k.startswith("layers.") or k.startswith("embed_tokens.") or k.startswith("norm."):
+            k = "model." + k
+        out[k] = v
+    return out
+
+
+def read_hf(path: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
+    """(HF SSA state dict with g_proj [heads, hidden], spec, flavour) of an HF directory."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConversionError(f"{path} has no config.json; pass a Hugging Face model directory")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    spec = spec_from_hf_config(cfg)
+    state = _normalise_names(load_safetensors_dir(path))
+    emb = state.get("model.embed_tokens.weight")
+    if emb is None:
+        raise ConversionError(f"{path} has no model.embed_tokens.weight; not a Llama-style model")
+    head = state.pop("lm_head.weight", None)
+    if head is not None and not torch.equal(head, emb):
+        raise ConversionError("lm_head differs from embed_tokens: SSA models tie the output layer to "
+                              "the embedding, so this model cannot be imported unchanged")
+    heads, hidden = spec["num_attention_heads"], spec["hidden_size"]
+    flavour = "ssa" if cfg.get("model_type") == MODEL_TYPE else None
+    for i in range(spec["num_layers"]):
+        p = f"model.layers.{i}.self_attn."
+        g = state.get(p + "g_proj.weight")
+        if g is None:
+            flavour = flavour or "llama"
+            state[p + "g_proj.weight"] = torch.zeros(heads, hidden, dtype=state[p + "o_proj.weight"].dtype)
+            state[p + "o_proj.weight"] = state[p + "o_proj.weight"] * 2  # sigmoid(0) = 0.5
+        elif g.shape[0] == 3 * heads:
+            flavour = flavour or "paper"
+            state[p + "g_proj.weight"] = g.view(heads, 3, hidden)[:, 1].clone()  # selection gate
+        elif g.shape[0] != heads:
+            raise ConversionError(f"{p}g_proj has {g.shape[0]} rows; expected {heads} (one gate per "
+                                  f"head) or {3 * heads} (compression, selection, window per head)")
+        else:
+            flavour = flavour or "ssa"
+    expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(spec["num_layers"]) for n in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.g_proj",
+            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+            "post_attention_layernorm")}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConversionError(f"{path} lacks {len(missing)} expected tensors, e.g. {missing[0]}")
+    extra = sorted(set(state) - expected)
+    if extra:
+        raise ConversionError(f"{path} has tensors an SSA model does not use, e.g. {extra[0]} "
+                              "(compression / sliding-window branches are not imported)")
+    return {k: state[k] for k in sorted(expected)}, spec, flavour
+
+
+def tokenizer_data_from_hf(path: str, vocab_size: int) -> dict:
+    """A ssa_meta.json ``data`` entry naming the tokenizer inside an HF directory (if any)."""
+    for name, kind in (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "huggingface")):
+        p = os.path.join(path, name)
+        if os.path.isfile(p):
+            from ssa_megatron.data.tokenizer import file_sha256
+            eod = None
+            try:
+                with open(os.path.join(path, "config.json")) as f:
+                    eod = json.load(f).get("eos_token_id")
+            except (OSError, ValueError):
+                pass
+            return {"tokenizer": {"kind": kind, "path": os.path.abspath(p), "file": None,
+                                  "vocab_size": vocab_size, "eod": eod, "sha256": file_sha256(p)}}
+    return {"tokenizer": {"kind": "unknown", "vocab_size": vocab_size}}
