@@ -29,17 +29,22 @@ LAYOUTS = {
     "1gpu_mb2x2": (1, 2, 4, []),
     "pp2_mb2x2": (2, 2, 4, ["--pipeline-model-parallel-size", "2"]),
     "1gpu_mb2": (1, 2, 2, []),
+    "tp2pp2_mb2x2": (4, 2, 4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
 }
-COMPARE = [("dp2_mb2", "1gpu_mb4"), ("tp2_mb4", "1gpu_mb4"), ("pp2_mb2x2", "1gpu_mb2x2")]
+COMPARE = [("dp2_mb2", "1gpu_mb4"), ("tp2_mb4", "1gpu_mb4"), ("pp2_mb2x2", "1gpu_mb2x2"),
+           ("tp2pp2_mb2x2", "1gpu_mb2x2")]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results")
     p.add_argument("--iters", type=int, default=12)
-    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--seq-length", type=int, default=8192)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--max-gpus", type=int, default=None)
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import torch
@@ -49,11 +54,13 @@ def main(argv=None) -> int:
         data = os.path.join(tmp, "synthetic")
         write_synthetic_dataset(data, 32000, args.iters * 4 * args.seq_length * 2)
         for name, (gpus, mbs, gbs, extra) in LAYOUTS.items():
+            if gpus > (args.max_gpus or torch.cuda.device_count()):
+                continue
             path = os.path.join(args.out, f"{name}.json")
             cmd = ["torchrun", f"--nproc-per-node={gpus}", "--master-port=29611", "-m",
                    "ssa_megatron.training.pretrain", "--num-layers", str(args.layers),
                    "--hidden-size", str(args.hidden), "--ffn-hidden-size", str(4 * args.hidden),
-                   "--num-attention-heads", "8", "--num-query-groups", "2", "--seq-length",
+                   "--num-attention-heads", str(args.heads), "--num-query-groups", str(args.kv_heads), "--seq-length",
                    str(args.seq_length), "--micro-batch-size", str(mbs), "--global-batch-size", str(gbs),
                    "--train-iters", str(args.iters), "--bf16", "--lr", "3e-4", "--lr-warmup-iters", "0",
                    "--log-interval", "4", "--data-path", data, "--split", "100,0,0",
@@ -68,7 +75,7 @@ def main(argv=None) -> int:
                 continue
             with open(path) as f:
                 results[name] = json.load(f)
-    print(f"\n{card}: {args.layers} layers, hidden {args.hidden}, 8 heads / 2 kv heads, seq {args.seq_length}, bf16")
+    print(f"\n{card}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} kv heads, seq {args.seq_length}, bf16")
     print(f"{'layout':<14}{'losses (first 5 steps)':<48}{'median step ms':>16}{'tokens/s':>12}")
     speed = {}
     for name, r in results.items():
