@@ -28,6 +28,8 @@ class SSASelfAttentionSubmodules(SelfAttentionSubmodules):
 class SSASelfAttention(SelfAttention):
     """SelfAttention with a column-parallel gate: one sigmoid scalar per query head and token."""
 
+    gates_per_head = 1  # NSA (model/nsa_attention.py) uses 3: rows [head0: g1 g2 g3, head1: ...]
+
     def __init__(self, config, submodules: SSASelfAttentionSubmodules, layer_number: int,
                  attn_mask_type=None, **kwargs):
         if attn_mask_type is not None:
@@ -36,7 +38,7 @@ class SSASelfAttention(SelfAttention):
         self.linear_gate = build_module(
             submodules.linear_gate,
             self.config.hidden_size,
-            self.config.num_attention_heads,
+            self.config.num_attention_heads * self.gates_per_head,
             config=self.config,
             init_method=self.config.init_method,
             gather_output=False,

@@ -57,6 +57,7 @@ def build_config(args) -> SSAConfig:
         ssa_block_counts=args.ssa_block_counts,
         ssa_align_coef=args.ssa_align_coef,
         ssa_full_prob=args.ssa_full_prob,
+        nsa_window_size=getattr(args, "nsa_window_size", 128),
         inference_mode=args.inference_mode,
         init_seed=args.seed,
     )
@@ -71,7 +72,7 @@ def build_gpt_model(config: SSAConfig, vocab_size: int, max_sequence_length: int
         torch.manual_seed(config.init_seed)  # the embedding's draw; layers reseed themselves
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec or get_ssa_layer_spec(),
+        transformer_layer_spec=layer_spec or get_ssa_layer_spec(config.attention_mode),
         vocab_size=padded_vocab_size(vocab_size, tp),
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

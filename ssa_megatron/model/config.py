@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-ATTENTION_MODES = ("ssa", "full", "sparse")
+ATTENTION_MODES = ("ssa", "full", "sparse", "nsa")
 INFERENCE_MODES = ("full", "sparse")
 
 
@@ -22,6 +22,7 @@ class SSAConfig(TransformerConfig):
     ssa_block_counts: int = 16
     ssa_align_coef: float = 10.0
     ssa_full_prob: float = 0.5
+    nsa_window_size: int = 128  # sliding-window branch of --attention-mode nsa
     # Branch used outside training; None means the mode's natural one (sparse for "sparse").
     inference_mode: str | None = None
     # Seed of the weight initialisation (per layer, see layer_spec.SSATransformerLayer).
@@ -30,7 +31,7 @@ class SSAConfig(TransformerConfig):
     def __post_init__(self):
         super().__post_init__()
         check_ssa_settings(self.attention_mode, self.ssa_block_size, self.ssa_block_counts,
-                           self.ssa_full_prob, self.inference_mode)
+                           self.ssa_full_prob, self.inference_mode, self.nsa_window_size)
 
     @property
     def default_inference_mode(self) -> str:
@@ -39,7 +40,8 @@ class SSAConfig(TransformerConfig):
         return "sparse" if self.attention_mode == "sparse" else "full"
 
 
-def check_ssa_settings(attention_mode, block_size, block_counts, full_prob, inference_mode=None):
+def check_ssa_settings(attention_mode, block_size, block_counts, full_prob, inference_mode=None,
+                       nsa_window_size=128):
     if attention_mode not in ATTENTION_MODES:
         raise ConfigError(f"unknown --attention-mode {attention_mode!r}; "
                           f"use one of {', '.join(ATTENTION_MODES)}")
@@ -49,6 +51,8 @@ def check_ssa_settings(attention_mode, block_size, block_counts, full_prob, infe
         raise ConfigError(f"--ssa-full-prob {full_prob} must lie in [0, 1]")
     if inference_mode is not None and inference_mode not in INFERENCE_MODES:
         raise ConfigError(f"unknown inference mode {inference_mode!r}; use full or sparse")
+    if nsa_window_size < 1:
+        raise ConfigError(f"--nsa-window-size {nsa_window_size} must be a positive number of tokens")
 
 
 def check_parallel_layout(num_attention_heads: int, num_query_groups: int, tp: int,

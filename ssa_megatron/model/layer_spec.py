@@ -32,21 +32,26 @@ class SSATransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
 
 
-def get_ssa_layer_spec() -> ModuleSpec:
+def get_ssa_layer_spec(attention_mode: str = "ssa") -> ModuleSpec:
     """RMSNorm, SwiGLU MLP (from the config), RoPE, GQA and gated SSA attention.
 
     Starts from megatron-core's own local spec so norms, MLP and bias-dropout-add stay stock,
-    and swaps in the SSA self-attention.
+    and swaps in the SSA self-attention (``attention_mode="nsa"``: the three-branch NSA
+    attention of model/nsa_attention.py).
     """
+    self_attention, core_attention = SSASelfAttention, SSACoreAttention
+    if attention_mode == "nsa":
+        from ssa_megatron.model.nsa_attention import NSACoreAttention, NSASelfAttention
+        self_attention, core_attention = NSASelfAttention, NSACoreAttention
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.module = SSATransformerLayer
     stock = spec.submodules.self_attention.submodules
     spec.submodules.self_attention = ModuleSpec(
-        module=SSASelfAttention,
+        module=self_attention,
         params={"attn_mask_type": AttnMaskType.causal},
         submodules=SSASelfAttentionSubmodules(
             linear_qkv=stock.linear_qkv,
-            core_attention=SSACoreAttention,
+            core_attention=core_attention,
             linear_proj=stock.linear_proj,
             q_layernorm=IdentityOp,
             k_layernorm=IdentityOp,

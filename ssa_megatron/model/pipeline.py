@@ -62,7 +62,8 @@ def lm_head(embed: EmbeddingPipe, inputs):
 class TransformerLayerPipe(torch.nn.Module):
     def __init__(self, config, layer_number: int, rotary_base: float):
         super().__init__()
-        self.layer = build_module(get_ssa_layer_spec(), config=config, layer_number=layer_number)
+        self.layer = build_module(get_ssa_layer_spec(config.attention_mode), config=config,
+                                  layer_number=layer_number)
         self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                       rotary_base=rotary_base,
                                       use_cpu_initialization=config.use_cpu_initialization)

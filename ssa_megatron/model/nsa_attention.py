@@ -1,0 +1,61 @@
+"""NSA baseline attention (``--attention-mode nsa``) inside megatron-core's SelfAttention.
+
+``NSASelfAttention`` is :class:`SSASelfAttention` with three gates per query head: its
+column-parallel ``linear_gate`` maps hidden -> 3 * heads and its weight rows are laid out **per
+head**, ``[head 0: compression, selection, window, head 1: compression, selection, window, ...]``
+(row ``3 * h + i``, h = global query head in megatron's order, i in ``ops.nsa.BRANCHES``). This is
+the layout of ``g_proj`` ([3 * heads, hidden]) in the released NSA/SSA checkpoints, so the weight
+maps over one to one (no permutation; a TP shard holds whole heads: rows of heads
+[r * heads / tp, (r + 1) * heads / tp)). ``sigmoid`` is applied to each gate.
+
+``NSACoreAttention`` runs the three branches of :mod:`ssa_megatron.ops.nsa` on the local heads
+(no communication: a kv group and its query heads live on one TP rank) and returns
+``Σ_i g_i * O_i``. There is no alignment loss and no per-micro-batch branch draw: training and
+inference both use the three-branch output. Block size, block counts and window come from
+``--ssa-block-size``, ``--ssa-block-counts`` and ``--nsa-window-size``.
+"""
+from __future__ import annotations
+
+from ssa_megatron.model.attention import SSACoreAttention, SSASelfAttention
+from ssa_megatron.model.runtime import RUNTIME
+from ssa_megatron.ops import nsa
+
+
+class NSASelfAttention(SSASelfAttention):
+    """SelfAttention + a column-parallel gate with 3 sigmoid scalars per query head and token."""
+
+    gates_per_head = 3
+
+
+class NSACoreAttention(SSACoreAttention):
+    """[sq, b, np, hn] query, [sq, b, ng, hn] key/value in; [sq, b, np * hn] out (local heads)."""
+
+    def __init__(self, config, layer_number: int, *args, **kwargs):
+        super().__init__(config, layer_number, *args, **kwargs)
+        self.window_size = config.nsa_window_size
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if attention_bias is not None:
+            raise ValueError("NSA attention does not take an attention bias")
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:  # [t, heads, hn]: one packed sequence
+            q, k, v = (x.unsqueeze(0) for x in (query, key, value))
+            cu_seqlens = packed_seq_params.cu_seqlens_q
+            sq, b = query.shape[0], 1
+        else:
+            sq, b = query.shape[0], query.shape[1]
+            q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, sq, heads, hn]
+            cu_seqlens = RUNTIME.cu_seqlens
+            if cu_seqlens is not None:  # documents packed across the flattened batch
+                q, k, v = (x.reshape(1, b * sq, *x.shape[2:]) for x in (q, k, v))
+
+        gates = None
+        if self.gate is not None:  # [sq, b, 3 * local heads] -> [B, T, local heads, 3]
+            gates = self.gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], 3)
+        out = nsa.nsa_attention(q, k, v, gates, self.block_size, self.block_counts,
+                                self.window_size, cu_seqlens=cu_seqlens, scale=self.softmax_scale)
+        if thd:
+            return out.reshape(sq, -1)
+        out = out.reshape(b, sq, -1, out.shape[-1]).transpose(0, 1)
+        return out.reshape(sq, b, -1)
