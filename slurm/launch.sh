@@ -23,6 +23,9 @@ if [ "${SSA_RANK_LOGS:-0}" = 1 ] && [ "$RANK" != 0 ] && [ -n "${RUN_DIR:-}" ]; t
   mkdir -p "$RUN_DIR/logs/${SLURM_JOB_ID:-job}"
   exec >> "$RUN_DIR/logs/${SLURM_JOB_ID:-job}/rank$RANK.log" 2>&1
 fi
+# A stop signal in the moment before Python has its handlers must not kill the rank: ignore both
+# until then (an ignored signal stays ignored across exec; the handlers below replace that).
+trap '' USR1 TERM
 # The signal module installs the SIGTERM/SIGUSR1 handlers before anything heavy is imported, so a
 # warning that arrives while the model or a checkpoint is still loading is kept, not fatal.
 exec "${SSA_PYTHON:-python3}" -m ssa_megatron.training.signals ssa_megatron.training.pretrain "$@"
