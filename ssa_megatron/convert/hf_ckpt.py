@@ -8,7 +8,9 @@ Written directory::
     model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     configuration_ssa.py, modeling_ssa.py   copied from ssa_megatron/hf/
     ssa_ops.py                   copied from ssa_megatron/ops/reference.py (the attention math)
-    tokenizer.model | tokenizer.json, tokenizer_config.json   when the checkpoint names its tokenizer
+    tokenizer.model + tokenization_ssa.py (SentencePiece, exact sentencepiece ids; load with
+    AutoTokenizer.from_pretrained(dir, trust_remote_code=True)) or tokenizer.json (HF tokenizers),
+    tokenizer_config.json        when the checkpoint's data description names its tokenizer
 
 Reading (:func:`read_hf`) uses safetensors only and returns our HF naming with ``g_proj`` of shape
 [heads, hidden]:
@@ -119,8 +121,11 @@ def write_tokenizer(out: str, data: dict) -> Optional[str]:
         shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
         sp = spm.SentencePieceProcessor(model_file=path)
         piece = lambda i: sp.id_to_piece(int(i)) if i is not None and 0 <= int(i) < sp.get_piece_size() else None  # noqa: E731
-        cfg = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-               "legacy": True, "model_max_length": 1 << 30,
+        shutil.copyfile(os.path.join(PKG, "hf", "tokenization_ssa.py"), os.path.join(out, "tokenization_ssa.py"))
+        cfg = {"tokenizer_class": "SSASentencePieceTokenizer",
+               "auto_map": {"AutoTokenizer": ["tokenization_ssa.SSASentencePieceTokenizer", None]},
+               "add_bos_token": False, "add_eos_token": False, "legacy": True,
+               "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
                "eos_token": piece(eod), "unk_token": piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
                "bos_token": piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
                "pad_token": piece(sp.pad_id()) if sp.pad_id() >= 0 else None}
