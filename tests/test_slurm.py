@@ -148,6 +148,14 @@ PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     # --- stop: the daemons this object started, by pid ---------------------------------------------
     def stop(self) -> None:
+        # end the jobs first (their ranks are slurmstepd's children, not ours), then the daemons
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            jobs = self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.split()
+            if jobs:
+                self.run(["scancel", *jobs], check=False)
+                deadline = time.time() + 40
+                while time.time() < deadline and self.run(["squeue", "-h", "-o", "%i"], check=False).stdout.strip():
+                    time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -329,8 +337,12 @@ def test_warning_signal_checkpoints_requeues_and_resumes_exactly(slurm, dataset,
 
 def test_real_time_limit_warning_reaches_the_ranks(slurm, dataset, tmp_path):
     """A 1-minute job with `--signal=USR1@50`: Slurm's own warning arrives, every rank saves and
-    exits 3. Requeueing is switched off (SSA_MAX_RESTARTS=0): the requeued run would get the same
-    early warning again, so this run cannot finish; the requeue path is covered above."""
+    exits 3. slurmctld sends the warning at its first periodic check (every 30 s) at which fewer
+    than 50 s + 30 s remain, i.e. here 0-30 s after the start: before or after the first training
+    step. Either way the ranks must save (a warning during start-up is kept by the handlers that
+    slurm/launch.sh installs first, see ssa_megatron/training/signals.py) rather than die of
+    SIGUSR1. Requeueing is off (SSA_MAX_RESTARTS=0): a requeued 1-minute run would get the same
+    early warning again; the requeue path is covered above."""
     job, log = submit(slurm, str(tmp_path), "ssa-timelimit", "--time=1", "--signal=USR1@50",
                       DATA_PATH=dataset, TRAIN_ITERS="1000000", SSA_MAX_RESTARTS="0")
     info = slurm.wait_job(job, 150, log)
@@ -355,3 +367,23 @@ def test_single_node_examples_run_the_same_config_and_resume(launcher, dataset, 
         assert read(str(tmp_path / "run" / "checkpoints" / "latest")).strip() == f"iter_{iters:07d}"
     assert "resumed from" in proc.stdout and "at iteration 3" in proc.stdout, proc.stdout[-3000:]
     assert sorted(iteration_lines(proc.stdout)) == [4, 5]
+
+
+def test_scancel_saves_but_does_not_requeue(slurm, dataset, tmp_path):
+    """A user's `scancel` (SIGTERM to the batch script and the ranks): the ranks save, but the job
+    stays cancelled instead of requeueing itself."""
+    job, log = submit(slurm, str(tmp_path), "ssa-cancel", DATA_PATH=dataset, TRAIN_ITERS="1000000")
+    deadline = time.time() + 180
+    while not any(n >= 3 for n in iteration_lines(read(log) if os.path.exists(log) else "")):
+        assert slurm.job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING"), _tail(log)
+        assert time.time() < deadline, _tail(log)
+        time.sleep(0.2)
+    slurm.run(["scancel", job])
+    info = slurm.wait_job(job, 120, log)
+    time.sleep(3)  # a wrongly requeued job would be PENDING again by now
+    info = slurm.job(job)
+    text = read(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", f"{info}\n{_tail(log)}"
+    m = re.search(r"stop signal: saved (\S+)/iter_(\d+); exiting", text)
+    assert m, _tail(log)
+    assert "not requeueing" in text and "requeueing job" not in text, _tail(log)
