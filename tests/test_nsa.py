@@ -144,8 +144,8 @@ def test_gated_sum_of_branches():
                                rtol=1e-4, atol=1e-5)
 
 
-def test_model_has_three_gates_per_head(single_process_parallel_state):
-    from model_utils import build_tiny_model, tiny_args
+def test_model_has_three_gates_per_head(single_process_parallel_state, monkeypatch):
+    from model_utils import build_tiny_model, random_batches, tiny_args
     from ssa_megatron.model.nsa_attention import NSACoreAttention, NSASelfAttention
     args = tiny_args("--attention-mode", "nsa", "--nsa-window-size", "24")
     model = build_tiny_model(args)
@@ -154,6 +154,24 @@ def test_model_has_three_gates_per_head(single_process_parallel_state):
     assert attn[0].linear_gate.weight.shape == (3 * args.num_attention_heads, args.hidden_size)
     assert isinstance(attn[0].core_attention, NSACoreAttention)
     assert attn[0].core_attention.window_size == 24
+    # gate row 3 * h + i drives branch i (compression, selection, window) of query head h
+    seen = {}
+    attn[0].linear_gate.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]) or None)
+    real = nsa.nsa_attention
+
+    def spy(q, k, v, gates, *a, **kw):
+        seen.setdefault("gates", gates)
+        return real(q, k, v, gates, *a, **kw)
+
+    monkeypatch.setattr(nsa, "nsa_attention", spy)
+    batch = random_batches(1)[0]
+    model.eval()
+    with torch.no_grad():
+        model(batch["tokens"], batch["position_ids"], None)
+    w = attn[0].linear_gate.weight
+    want = torch.sigmoid(seen["x"] @ w.t()).transpose(0, 1)  # [b, s, 3 * heads]
+    want = want.reshape(*want.shape[:2], args.num_attention_heads, 3)
+    torch.testing.assert_close(seen["gates"], want)
 
 
 def test_nsa_flags_are_checked():
@@ -191,3 +209,21 @@ def test_tensor_parallel_matches_single_process(tmp_path):
     # every gate (3 per head) gets a gradient, in the [head: cmp, slc, swa] layout
     gate = one["grads"]["decoder.layers.0.self_attention.linear_gate.weight"]
     assert gate.shape[0] == 3 * 8 and (gate.abs().sum(1) > 0).all()
+
+
+def test_pipeline_parallel_matches_single_process(tmp_path, random_dataset):
+    flags = COMMON + ["--data-path", random_dataset, "--train-iters", "2", "--num-layers", "4",
+                      "--micro-batch-size", "1", "--global-batch-size", "4", "--zero-stage", "0",
+                      "--lr", "2e-3", "--adam-eps", "1e-4"]  # as test_pipeline (grad norm < clip)
+    one = run_workers("pipeline_workers:train_and_gather", 1, str(tmp_path / "pp1"), *flags)
+    pp2 = run_workers("pipeline_workers:train_and_gather", 2, str(tmp_path / "pp2"), *flags,
+                      "--pipeline-model-parallel-size", "2")
+    assert pp2["lm_loss"] == pytest.approx(one["lm_loss"], rel=1e-5)
+    assert one["first_grads"].keys() == pp2["first_grads"].keys()
+    for name, g in one["first_grads"].items():
+        torch.testing.assert_close(pp2["first_grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    for layer in range(4):
+        g = pp2["first_grads"][f"decoder.layers.{layer}.self_attention.linear_gate.weight"]
+        assert g.shape[0] == 24 and g.abs().sum() > 0
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(pp2["weights"][name], w, rtol=1e-4, atol=1e-6, msg=name)

@@ -7,7 +7,8 @@
 2. Timings (median ms, triton.testing.do_bench) at B4 T8192 and B1 T32768 for
    (HQ32, H2, D64) and (HQ32, H8, D128): SDPA full causal fwd and fwd+bwd, our sparse branch
    (selection + sparse attention) fwd and fwd+bwd, the whole SSA attention (both branches +
-   alignment loss) fwd+bwd, sparse-only prefill (no grad), and fla-core's NSA selection kernel
+   alignment loss) fwd+bwd, the NSA baseline (compression + selection + window 128, three gates;
+   ops/nsa.py) fwd and fwd+bwd, sparse-only prefill (no grad), and fla-core's NSA selection kernel
    when importable. Ratios are against SDPA in the same run.
 
 Usage: python tools/bench_attention.py [--quick] [--shapes 4x8192,1x32768] [--json out.json]
@@ -101,11 +102,20 @@ def check_correctness(device, verbose=True):
         fr = ref.full_attention(q.float(), k.float(), v.float(), cs)
         full_err = ((ff.float() - fr).abs().max() / fr.abs().max()).item()
         al_ok &= full_err < 3e-2
+        # NSA compression and window branches: SDPA path (bf16) vs the fp32 reference
+        from ssa_megatron.ops import nsa
+        nsa_err = 0.0
+        for fn in (lambda x, y, z, i: nsa.compression_attention(x, y, z, BS, cs, impl=i),
+                   lambda x, y, z, i: nsa.sliding_window_attention(x, y, z, 128, cs, impl=i)):
+            a_, r_ = fn(q, k, v, "sdpa").float(), fn(q.float(), k.float(), v.float(), "reference")
+            nsa_err = max(nsa_err, ((a_ - r_).abs().max() / r_.abs().max()).item())
+        al_ok &= nsa_err < 3e-2
         ok &= sel_ok and att_ok and al_ok
         rows.append(dict(shape=f"B{b} T{t} HQ{hq} H{h} D{d}" + (f" docs{len(cu) - 1}" if cu else ""),
                          sel_same_frac=round(frac_same, 4), sel_worst_tie=worst,
                          rel_err_o_dq_dk_dv=[float(f"{e:.2e}") for e in errs], nan=nan,
                          align_rel_err=float(f"{al_err:.1e}"), full_rel_err=float(f"{full_err:.1e}"),
+                         nsa_cmp_win_rel_err=float(f"{nsa_err:.1e}"),
                          ok=bool(sel_ok and att_ok and al_ok)))
         if verbose:
             print("check", rows[-1], flush=True)
@@ -163,6 +173,19 @@ def time_shape(b, t, hq, h, d, device, want_fla=True):
 
     res["ssa_fwdbwd"] = _bench(ssa_step)
     outs = ssa_step()
+    nan |= any(bool(torch.isnan(x).any()) for x in outs)
+    del outs
+
+    # NSA baseline layer core (--attention-mode nsa): compression + selection + window 128, 3 gates
+    from ssa_megatron.ops import nsa
+    gates = torch.rand(b, t, hq, 3, device=device, dtype=dt, requires_grad=True)
+
+    def nsa_f():
+        return nsa.nsa_attention(q, k, v, gates, BS, KC, 128)
+
+    res["nsa_fwd"] = _bench(lambda: nsa_f())
+    res["nsa_fwdbwd"] = _bench(lambda: torch.autograd.grad(nsa_f(), (q, k, v, gates), do))
+    outs = torch.autograd.grad(nsa_f(), (q, k, v, gates), do)
     nan |= any(bool(torch.isnan(x).any()) for x in outs)
     del outs
 
@@ -237,8 +260,8 @@ def main(argv=None):
 
     print(f"\n=== {name}: median ms (ratio = ours / SDPA in the same run) ===")
     cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "sparse_attn_fwd", "sparse_attn_bwd",
-            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "prefill_sparse", "fla_sel_fwd",
-            "fla_sel_fwdbwd"]
+            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "nsa_fwd", "nsa_fwdbwd", "prefill_sparse",
+            "fla_sel_fwd", "fla_sel_fwdbwd"]
     print(f"{'shape':28s}" + "".join(f"{c[:16]:>17s}" for c in cols))
     for r in table:
         print(f"{r['shape']:28s}" + "".join(f"{f(r.get(c, '-')):>17s}" for c in cols))
@@ -247,7 +270,8 @@ def main(argv=None):
         sf, sfb = r["sdpa_fwd"], r["sdpa_fwdbwd"]
         line = (f"{r['shape']:28s} sparse fwd+bwd / SDPA fwd+bwd = {r['sparse_fwdbwd'] / sfb:.3f} "
                 f"(target <= 0.167) | SSA fwd+bwd / SDPA fwd+bwd = {r['ssa_fwdbwd'] / sfb:.3f} "
-                f"(target <= 1.25) | prefill speed-up vs SDPA fwd = {sf / r['prefill_sparse']:.2f}x "
+                f"(target <= 1.25) | NSA fwd+bwd / SDPA fwd+bwd = {r['nsa_fwdbwd'] / sfb:.3f} "
+                f"| prefill speed-up vs SDPA fwd = {sf / r['prefill_sparse']:.2f}x "
                 f"(target >= 8 at T32768)")
         if isinstance(r.get("fla_sel_fwdbwd"), float):
             ours = r["sparse_attn_fwd"] + r["sparse_attn_bwd"]
