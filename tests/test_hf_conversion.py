@@ -32,9 +32,15 @@ def sources(tmp_path_factory, random_dataset):
     out = {}
     zero = ["--deepspeed-config", os.path.join(ROOT, "examples", "ds_zero1.json")]
     for name, world, extra in (("tp1", 1, []), ("tp2", 2, ["--tensor-model-parallel-size", "2"]),
-                               ("zero3", 2, ["--zero-stage", "3"])):
+                               ("zero3", 2, ["--zero-stage", "3"]),
+                               ("pp2", 2, ["--pipeline-model-parallel-size", "2"])):
         save = str(root / name / "ckpt")
-        res = run_workers("ckpt_workers:train_logits", world, str(root / name), *flags(random_dataset, save, *zero, *extra))
+        # the pipeline engine has no single module to ask for logits; its weights equal TP=1's
+        # (layout-independent init, same data and step), so pp2 is compared with tp1's logits
+        worker = "train" if name == "pp2" else "ckpt_workers:train_logits"
+        res = run_workers(worker, world, str(root / name), *flags(random_dataset, save, *zero, *extra))
+        if name == "pp2":
+            res = dict(res, tokens=out["tp1"]["tokens"], logits=out["tp1"]["logits"])
         out[name] = dict(res, ckpt=save)
     return out
 
@@ -50,7 +56,7 @@ def hf_logits(model, tokens, mode):
         return model(tokens, use_cache=False).logits.float()
 
 
-@pytest.mark.parametrize("name", ["tp1", "zero3"])
+@pytest.mark.parametrize("name", ["tp1", "zero3", "pp2"])
 def test_megatron_and_hf_logits_match(tmp_path, sources, name):
     src = sources[name]
     hf_dir = str(tmp_path / f"hf_{name}")
@@ -125,10 +131,10 @@ def test_generation_with_cache_equals_without(tmp_path, sources):
     prompt = sources["tp1"]["tokens"][:, :21]
     for mode, counts in (("full", 2), ("sparse", 2), ("sparse", 3)):
         model.set_inference_mode(mode, counts)
-        kw = dict(max_new_tokens=60, do_sample=False, min_new_tokens=60)  # crosses several blocks
+        kw = dict(max_new_tokens=40, do_sample=False, min_new_tokens=40)  # crosses several blocks
         with_cache = model.generate(prompt, use_cache=True, **kw)
         without = model.generate(prompt, use_cache=False, **kw)
-        assert with_cache.shape == (2, 81)
+        assert with_cache.shape == (2, 61)
         assert torch.equal(with_cache, without), (mode, counts)
         # step-wise: cached logits equal the full forward pass
         with torch.no_grad():
@@ -136,13 +142,13 @@ def test_generation_with_cache_equals_without(tmp_path, sources):
             out = model(with_cache[:, :30], use_cache=True)
             steps = [out.logits]
             cache = out.cache if hasattr(out, "cache") else out.past_key_values
-            for t in range(30, 81):
+            for t in range(30, 61):
                 out = model(with_cache[:, t:t + 1], cache=cache, use_cache=True)
                 steps.append(out.logits)
         torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
     model.set_inference_mode("sparse", 2)
     a = hf_logits(model, with_cache, "sparse")
-    model.set_inference_mode("sparse", 6)  # >= all blocks: sparse == full
+    model.set_inference_mode("sparse", 4)  # >= all blocks: sparse == full
     torch.testing.assert_close(hf_logits(model, with_cache, "sparse"), hf_logits(model, with_cache, "full"),
                                atol=1e-5, rtol=0)
     assert (a - hf_logits(model, with_cache, "full")).abs().max() > 1e-3

@@ -12,8 +12,8 @@ tag directory, and detects the layout from the files DeepSpeed wrote:
   ssa_megatron/model/pipeline.py): layer LL of the pipe list, TP rank XX. The pipe list is
   [embedding, N transformer layers, final norm, tied head]; :func:`_pipeline_layer_name` maps its
   local names to GPTModel names (``layer.`` -> ``decoder.layers.{LL-1}.``, ``norm.`` ->
-  ``decoder.final_layernorm.``, the tied head is the embedding again). This reader follows that
-  list; it has not been checked against a real pipeline run yet (PP lands with the pipeline issue).
+  ``decoder.final_layernorm.``, the tied head is the embedding again). Tested with PP=2 (TP=1);
+  a change of that layer list in model/pipeline.py must be mirrored here.
 
 Writing (:func:`write_checkpoint`) produces a *weights-only* checkpoint (``iter_0000000``, one
 ``mp_rank_XX_model_states.pt`` per TP rank, ``ssa_meta.json`` with ``"weights_only": true``,
