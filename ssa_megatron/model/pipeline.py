@@ -95,7 +95,7 @@ def lm_loss_fn(logits: torch.Tensor, labels):
     per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
     per_token = per_token.transpose(0, 1)
     mask = loss_mask.float()
-    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return RUNTIME.lm_loss_weight * (per_token * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rotary_base: float,

@@ -72,6 +72,7 @@ class SSARuntime:
         self.collect_graph: Optional[List[torch.Tensor]] = None
         # Packed-document boundaries of the current micro-batch (cu_seqlens over b*s tokens).
         self.cu_seqlens: Optional[torch.Tensor] = None
+        self.lm_loss_weight: float = 1.0  # 0 trains the alignment loss alone (tests, ablations)
         self.reset_attention: bool = False  # derive cu_seqlens from reset position ids
 
 
