@@ -273,7 +273,7 @@ def test_sbatch_trains_two_gloo_ranks_to_the_end(slurm, uninterrupted):
     text = read(log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_tail(log)}"
     assert info["Restarts"] == "0"
-    assert "2 ranks, rendezvous" in text and "DP 2" in text, _tail(log)
+    assert "2 ranks, rendezvous 127.0.0.1:" in text and "DP 2" in text, _tail(log)
     lines = iteration_lines(text)
     assert sorted(lines) == list(range(1, TRAIN_ITERS + 1)), _tail(log)
     assert float(lines[TRAIN_ITERS][1]) < float(lines[1][1]), "loss did not fall"
