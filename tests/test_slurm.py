@@ -387,3 +387,19 @@ def test_scancel_saves_but_does_not_requeue(slurm, dataset, tmp_path):
     m = re.search(r"stop signal: saved (\S+)/iter_(\d+); exiting", text)
     assert m, _tail(log)
     assert "not requeueing" in text and "requeueing job" not in text, _tail(log)
+
+
+def test_stop_signal_before_the_training_loop_is_kept(tmp_path):
+    """`python -m ssa_megatron.training.signals MODULE` (what slurm/launch.sh runs): a SIGUSR1 that
+    arrives before the trainer has built its StopSignal neither kills the process nor gets lost."""
+    (tmp_path / "early_target.py").write_text(
+        "import os, signal, sys\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)  # the warning, while the model would still be loading\n"
+        "from ssa_megatron.training.signals import StopSignal\n"
+        "stop = StopSignal()\n"
+        "print('received', stop.received, 'any', stop.any_rank_received(), 'argv', sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), ROOT]))
+    proc = subprocess.run([sys.executable, "-m", "ssa_megatron.training.signals", "early_target", "--x", "1"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"received {int(signal.SIGUSR1)} any True argv ['--x', '1']" in proc.stdout
