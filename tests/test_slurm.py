@@ -256,7 +256,7 @@ def final_weights(ckpt_dir):
     return tag, torch.load(files[0], map_location="cpu", weights_only=False)["module"]
 
 
-TRAIN_ITERS = 120
+TRAIN_ITERS = 160
 
 
 @pytest.fixture(scope="module")
