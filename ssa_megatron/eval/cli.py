@@ -1,0 +1,317 @@
+"""tools/evaluate.py: perplexity (full / sparse x block budgets x lengths), attention sparsity,
+alignment gap and needle retrieval of an ssa_megatron checkpoint."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+USAGE = """\
+examples:
+  # one GPU, held-out split of the training data, 4096-token windows, bf16
+  python tools/evaluate.py --checkpoint runs/ssa/checkpoints --data-path data/corpus_text_document \\
+      --split-name valid --seq-length 4096 --block-counts 2 4 8 16 32 --max-windows 64 \\
+      --micro-batch-size 4 --bf16 --json out.json --plot out.png
+  # beyond the training length with llama3-style RoPE scaling, sliding windows of stride 1024
+  python tools/evaluate.py --checkpoint CKPT --data-path PREFIX --seq-length 4096 16384 \\
+      --rope-scaling-factor auto --stride 1024 --json long.json
+  # raw text / jsonl, tokenised with the checkpoint's tokenizer (or --tokenizer)
+  python tools/evaluate.py --checkpoint CKPT --text book.txt docs.jsonl --json-keys text
+  # several GPUs: each rank evaluates a share of the windows, sums are all-reduced
+  torchrun --nproc-per-node 8 tools/evaluate.py --checkpoint CKPT --data-path PREFIX ...
+
+Perplexity is exp(mean next-token cross-entropy) over all scored tokens of the windows (the
+model's own loss, as training logs it). --rope-scaling-factor applies only to lengths above the
+training length (others run unscaled); 'auto' uses length / training length. Sparsity and the
+alignment gap come from the first --sparsity-windows windows at --sparsity-length in full mode
+(see ssa_megatron/eval/sparsity.py for the exact definitions). The needle test needs a tokenizer
+(the checkpoint's, found through its ssa_meta.json, or --tokenizer).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="--save directory (its 'latest') or a tag dir")
+    p.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
+    src = p.add_argument_group("evaluation data (one of)")
+    src.add_argument("--data-path", default=None, help=".bin/.idx prefix (tools/preprocess_data.py)")
+    src.add_argument("--text", nargs="+", default=None, help="raw .txt / .jsonl files (or dirs)")
+    src.add_argument("--json-keys", nargs="+", default=["text"])
+    src.add_argument("--split", default=None,
+                     help="train,valid,test weights of --data-path (default: the checkpoint's --split)")
+    src.add_argument("--split-name", default="valid", choices=["train", "valid", "test", "all"])
+    src.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
+    ev = p.add_argument_group("perplexity")
+    ev.add_argument("--seq-length", type=int, nargs="+", default=None,
+                    help="context lengths (default: the training length)")
+    ev.add_argument("--rope-scaling-factor", default=None,
+                    help="llama3-style RoPE factor for lengths beyond training: a number or 'auto'")
+    ev.add_argument("--stride", type=int, default=None,
+                    help="sliding-window evaluation: windows advance by this many tokens and score "
+                         "only their last STRIDE tokens (default: non-overlapping windows)")
+    ev.add_argument("--max-windows", type=int, default=64, help="windows per length (all ranks)")
+    ev.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
+    ev.add_argument("--modes", nargs="+", default=["full", "sparse"], choices=["full", "sparse"])
+    ev.add_argument("--block-counts", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    ev.add_argument("--reset-attention-mask", choices=["auto", "on", "off"], default="auto",
+                    help="keep documents apart inside a window (auto: as the checkpoint trained)")
+    an = p.add_argument_group("attention sparsity / alignment gap")
+    an.add_argument("--sparsity-windows", type=int, default=4, help="0 skips the analysis")
+    an.add_argument("--sparsity-length", type=int, default=None, help="default: first --seq-length")
+    an.add_argument("--no-alignment-gap", action="store_true")
+    nd = p.add_argument_group("needle in a haystack")
+    nd.add_argument("--needle-trials", type=int, default=2, help="samples per length and depth; 0 skips")
+    nd.add_argument("--needle-lengths", type=int, nargs="+", default=None, help="default: --seq-length")
+    nd.add_argument("--needle-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    nd.add_argument("--needle-block-counts", type=int, nargs="+", default=None,
+                    help="sparse budgets for the needle test (default: the training block_counts)")
+    rt = p.add_argument_group("runtime and output")
+    rt.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
+    rt.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    rt.add_argument("--attention-backend", default=None, choices=["auto", "triton", "reference"])
+    rt.add_argument("--seed", type=int, default=1234)
+    rt.add_argument("--json", default=None, help="write the results here")
+    rt.add_argument("--plot", default=None, help="PNG: perplexity vs block_counts, dropped mass per layer")
+    rt.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _find_tokenizer(explicit: Optional[str], meta: dict, data_path: Optional[str]):
+    from ssa_megatron.data.metadata import dataset_tokenizer_file
+    from ssa_megatron.data.tokenizer import build_tokenizer
+    candidates: List[str] = []
+    if explicit:
+        return build_tokenizer(explicit)
+    tok = (meta.get("data") or {}).get("tokenizer") or {}
+    if tok.get("path"):
+        candidates.append(tok["path"])
+    prefixes = [data_path] if data_path else []
+    prefixes += [x for x in ((meta.get("data") or {}).get("data_path") or [])
+                 if not _is_number(x)]
+    for prefix in prefixes:
+        try:
+            f = dataset_tokenizer_file(prefix)
+        except Exception:
+            f = None
+        if f:
+            candidates.append(f)
+    for c in candidates:
+        if c and os.path.isfile(c):
+            return build_tokenizer(c)
+    return None
+
+
+def _is_number(x) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def run(args) -> dict:
+    import torch.distributed as dist
+
+    from ssa_megatron.eval import data as evdata
+    from ssa_megatron.eval.model import EvalError, init_single_process_or_dp, load_model, set_rope_scaling
+    from ssa_megatron.eval.needle import make_needle_set, model_next_token, needle_accuracy
+    from ssa_megatron.eval.perplexity import (all_reduce_sums, apply_setting, evaluate_perplexity,
+                                              reduce_perplexity, settings_for)
+    from ssa_megatron.eval.sparsity import SparsityCollector
+    from ssa_megatron.model.attention import set_inference_mode
+    from ssa_megatron.ops import dispatch
+
+    if (args.data_path is None) == (args.text is None):
+        raise EvalError("pass one source of evaluation data: --data-path PREFIX or --text FILES")
+    if args.micro_batch_size < 1 or args.max_windows < 1:
+        raise EvalError("--micro-batch-size and --max-windows must be positive")
+    if args.attention_backend:
+        dispatch.set_backend(args.attention_backend)
+    init_single_process_or_dp(args.seed)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t0 = time.time()
+
+    def progress(items, desc):
+        if args.quiet or rank != 0:
+            return items
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+
+    lengths = list(args.seq_length or [])
+    needle_lengths = list(args.needle_lengths or [])
+    max_len = max(lengths + needle_lengths + [0]) + 16
+    model, spec, meta = load_model(args.checkpoint, args.tag, args.device, args.bf16, max_len)
+    train_len = spec["train_seq_length"]
+    lengths = lengths or [train_len]
+    needle_lengths = needle_lengths or lengths
+    bs = spec["ssa_block_size"]
+    ssa_layers = spec["layer_spec"] == "ssa" and spec["attention_mode"] != "nsa"
+    notes: List[str] = []
+    if not ssa_layers:
+        notes.append(f"attention mode {spec['attention_mode']} / layer spec {spec['layer_spec']}: "
+                     "no full/sparse switch; evaluated in its natural mode, no sparsity analysis")
+    modes = list(args.modes) if ssa_layers else ["natural"]
+    settings = settings_for(modes, args.block_counts)
+
+    reset = {"auto": spec["reset_attention_mask"], "on": True, "off": False}[args.reset_attention_mask]
+    tokenizer = _find_tokenizer(args.tokenizer, meta, args.data_path)
+    eod = None
+    if args.data_path:
+        split = args.split or meta["args"].get("split") or "969,30,1"
+        stream = evdata.indexed_stream(args.data_path, split, args.split_name)
+        from ssa_megatron.data.datasets import read_tokenizer_info
+        try:
+            eod = read_tokenizer_info([args.data_path], None).eod
+        except Exception:
+            eod = tokenizer.eod if tokenizer is not None else None
+        source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
+        if args.split_name == "test" or (args.split_name == "valid" and not meta["args"].get("eval_interval")):
+            notes.append(f"training drew from the whole --split minus the splits it evaluated on "
+                         f"(ssa_megatron.data.datasets._effective_split): the '{args.split_name}' "
+                         "documents may have been trained on unless the checkpoint trained with "
+                         "--eval-interval (valid) - they are not guaranteed held out")
+    else:
+        if tokenizer is None:
+            raise EvalError("--text needs the checkpoint's tokenizer: none was found through its "
+                            "ssa_meta.json; pass --tokenizer PATH")
+        need = max(lengths) * args.max_windows + 1
+        stream = evdata.text_stream(args.text, tokenizer, args.json_keys, max_tokens=need * 4)
+        eod = tokenizer.eod
+        source = {"text": list(args.text), "json_keys": list(args.json_keys)}
+    if reset and eod is None:
+        raise EvalError("--reset-attention-mask needs the end-of-document id; pass --tokenizer")
+
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "iteration": meta.get("iteration"),
+              "attention_mode": spec["attention_mode"], "block_size": bs,
+              "train_block_counts": spec["ssa_block_counts"], "train_seq_length": train_len,
+              "name": f"{os.path.basename(os.path.abspath(args.checkpoint))} "
+                      f"({spec['attention_mode']}, iter {meta.get('iteration')})",
+              "source": source, "stream_tokens": int(len(stream)), "bf16": bool(args.bf16),
+              "world_size": world, "stride": args.stride, "reset_attention_mask": bool(reset),
+              "perplexity": [], "notes": notes}
+
+    def rope_factor(length: int) -> Optional[float]:
+        if length <= train_len or args.rope_scaling_factor is None:
+            return None
+        if args.rope_scaling_factor == "auto":
+            return length / train_len
+        try:
+            return float(args.rope_scaling_factor)
+        except ValueError:
+            raise EvalError(f"--rope-scaling-factor {args.rope_scaling_factor!r}: a number or auto") from None
+
+    # ---- perplexity
+    for length in lengths:
+        windows = evdata.make_windows(len(stream), length, args.stride, args.max_windows)
+        if not windows:
+            raise EvalError(f"the evaluation data ({len(stream)} tokens) is shorter than one window "
+                            f"of --seq-length {length} + 1; use more data or a shorter length")
+        if length % bs:
+            notes.append(f"length {length} is not a multiple of the block size {bs}")
+        factor = rope_factor(length)
+        set_rope_scaling(model, factor, train_len)
+        sums = evaluate_perplexity(model, stream, evdata.shard(windows, rank, world), length, settings,
+                                   args.micro_batch_size, eod if reset else None,
+                                   progress=lambda it: progress(it, f"perplexity L={length}"))
+        for (mode, bc), r in reduce_perplexity(sums).items():
+            result["perplexity"].append({"seq_length": length, "rope_scaling_factor": factor,
+                                         "mode": mode, "block_counts": bc, "windows": len(windows), **r})
+    set_rope_scaling(model, None, train_len)
+
+    # ---- sparsity and alignment gap
+    if ssa_layers and args.sparsity_windows > 0:
+        length = args.sparsity_length or lengths[0]
+        windows = evdata.make_windows(len(stream), length, None, args.sparsity_windows)
+        set_rope_scaling(model, rope_factor(length), train_len)
+        collector = SparsityCollector(model, args.block_counts, gap=not args.no_alignment_gap)
+        set_inference_mode(model, "full")
+        mine = evdata.shard(windows, rank, world)
+        try:
+            collector.enabled = True
+            for w in progress(mine, f"sparsity L={length}"):
+                tokens, _, _ = evdata.batch_windows(stream, [w], length)
+                dev = next(model.parameters()).device
+                with torch.no_grad():
+                    model(tokens.to(dev), torch.arange(length, device=dev)[None], None)
+        finally:
+            collector.enabled = False
+            collector.close()
+        summary = collector.summarize(all_reduce_sums(collector.flat()))
+        result["sparsity"] = {"seq_length": length, "windows": len(windows), **summary}
+        set_rope_scaling(model, None, train_len)
+
+    # ---- needle in a haystack
+    if args.needle_trials > 0:
+        if tokenizer is None:
+            notes.append("needle test skipped: no tokenizer found (pass --tokenizer)")
+        else:
+            samples = make_needle_set(tokenizer, needle_lengths, args.needle_depths, args.needle_trials,
+                                      seed=args.seed)
+            nsettings = [("full", None)] + [("sparse", bc) for bc in
+                                            (args.needle_block_counts or [spec["ssa_block_counts"]])]
+            if not ssa_layers:
+                nsettings = [("natural", None)]
+            depths = sorted(set(args.needle_depths))
+            keys = [(L, s, d) for L in needle_lengths for s in nsettings for d in depths]
+            acc = torch.zeros(len(keys), 2, dtype=torch.float64)
+            records = []
+            vocab = spec["vocab_size"]
+            for setting in nsettings:
+                apply_setting(model, setting)
+                for L in needle_lengths:
+                    set_rope_scaling(model, rope_factor(L), train_len)
+                    mine = evdata.shard([s for s in samples if len(s.tokens) == L], rank, world)
+                    recs = needle_accuracy(mine, tokenizer, model_next_token(model, vocab),
+                                           args.micro_batch_size)
+                    for r in recs:
+                        i = keys.index((L, setting, r["depth"]))
+                        acc[i, 0] += r["score"]
+                        acc[i, 1] += 1
+                        records.append(dict(r, mode=setting[0], block_counts=setting[1]))
+            set_rope_scaling(model, None, train_len)
+            acc = all_reduce_sums(acc)
+            summary = [{"length": L, "mode": s[0], "block_counts": s[1], "depth": d,
+                        "accuracy": float(a / n) if n else float("nan"), "samples": int(n)}
+                       for (L, s, d), (a, n) in zip(keys, acc.tolist())]
+            result["needle"] = {"depths": depths, "lengths": needle_lengths, "summary": summary,
+                                "records_rank0": records}
+    result["seconds"] = round(time.time() - t0, 2)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from ssa_megatron.eval.model import EvalError
+    from ssa_megatron.eval.report import format_table, write_json, write_plot
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("error: --plot needs matplotlib: pip install matplotlib (or pip install -e .[plots])",
+                  file=sys.stderr)
+            return 2
+    try:
+        result = run(args)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+    if dist.get_rank() == 0:
+        print(format_table(result))
+        for n in result["notes"]:
+            print(f"note: {n}")
+        if args.json:
+            write_json(result, args.json)
+            print(f"wrote {args.json}")
+        if args.plot:
+            write_plot(result, args.plot)
+            print(f"wrote {args.plot}")
+    from ssa_megatron.training.distributed import destroy_distributed
+    destroy_distributed()
+    return 0

@@ -1,0 +1,134 @@
+"""A checkpoint as a single-process (TP=1, PP=1) megatron-core GPTModel for evaluation.
+
+Weights come from :func:`ssa_megatron.convert.megatron_ckpt.read_checkpoint`, which merges any TP
+/ ZeRO layout into one full state dict; the model is rebuilt from the flags the checkpoint
+recorded (``ssa_meta.json``), so it has exactly the training architecture.
+
+RoPE scaling (llama3 style)
+---------------------------
+megatron-core's ``RotaryEmbedding`` keeps its frequencies in ``inv_freq`` and caches the angle
+table per length (``forward`` is ``lru_cache``-d). :func:`set_rope_scaling` recomputes
+``inv_freq`` from the unscaled base frequencies and clears that cache; nothing else in the model
+changes. The llama3 rule, with ``L0`` = the training context, ``factor`` f, and wavelength
+``w = 2 pi / freq`` of each frequency pair:
+
+* ``w < L0 / 4`` (high frequencies, local order): unchanged;
+* ``w > L0`` (low frequencies, which never completed a turn in training): divided by f
+  (position interpolation);
+* in between: a linear blend of the two, weight ``(L0 / w - 1) / 3`` on the unchanged frequency.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+
+class EvalError(Exception):
+    """A problem the user can fix (bad path, flag, data); the message says how."""
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, original_length: int,
+                    low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> torch.Tensor:
+    """llama3-style scaled rotary frequencies (see the module docstring)."""
+    if factor <= 1.0:
+        return inv_freq.clone()
+    wavelength = 2 * math.pi / inv_freq
+    low_w = original_length / low_freq_factor    # longer than this: interpolate fully
+    high_w = original_length / high_freq_factor  # shorter than this: keep
+    blend = ((original_length / wavelength - low_freq_factor)
+             / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    scaled = (1 - blend) * inv_freq / factor + blend * inv_freq
+    out = torch.where(wavelength > low_w, inv_freq / factor, scaled)
+    return torch.where(wavelength < high_w, inv_freq, out)
+
+
+def set_rope_scaling(model: torch.nn.Module, factor: Optional[float], original_length: int) -> None:
+    """Scale (or, with factor None/<=1, restore) the model's RoPE frequencies in place."""
+    rope = model.rotary_pos_emb
+    if not hasattr(rope, "_eval_base_inv_freq"):
+        rope._eval_base_inv_freq = rope.inv_freq.detach().clone()
+    base = rope._eval_base_inv_freq
+    rope.inv_freq = llama3_inv_freq(base, factor or 1.0, original_length).to(rope.inv_freq.device)
+    type(rope).forward.cache_clear()  # the angle tables were cached for the old frequencies
+
+
+def _namespace_from_meta(meta_args: dict) -> argparse.Namespace:
+    """Training flags: parser defaults overridden by what the checkpoint recorded."""
+    from ssa_megatron.training.arguments import build_parser
+    parser = build_parser()
+    values = {a.dest: a.default for a in parser._actions if a.dest != "help"}
+    values.update(meta_args)
+    ns = argparse.Namespace(**values)
+    if ns.num_query_groups is None:
+        ns.num_query_groups = ns.num_attention_heads
+    if ns.ffn_hidden_size is None:
+        ns.ffn_hidden_size = 4 * ns.hidden_size
+    if ns.max_position_embeddings is None:
+        ns.max_position_embeddings = ns.seq_length
+    return ns
+
+
+def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str] = None,
+               bf16: bool = False, max_seq_length: int = 0) -> Tuple[torch.nn.Module, dict, dict]:
+    """(model in eval mode on ``device``, spec, ssa_meta) of a checkpoint of any TP/ZeRO layout.
+
+    Needs torch.distributed + megatron parallel_state with TP=1 (``init_distributed(1, 1)``).
+    """
+    from ssa_megatron.convert.layout import ConversionError
+    from ssa_megatron.convert.megatron_ckpt import read_checkpoint, repad_embedding
+    from ssa_megatron.model.builder import build_config, build_gpt_model
+
+    try:
+        full, meta, spec = read_checkpoint(checkpoint, tag)
+    except ConversionError as e:
+        raise EvalError(str(e)) from None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    args = _namespace_from_meta(meta["args"])
+    args.tensor_model_parallel_size = 1
+    args.pipeline_model_parallel_size = 1
+    args.bf16, args.fp16 = bool(bf16), False
+    args.use_cpu_initialization = not str(device).startswith("cuda")
+    args.inference_mode = None
+    config = build_config(args)
+    train_len = int(args.seq_length)
+    model = build_gpt_model(config, spec["vocab_size"], max(train_len, max_seq_length,
+                                                            int(args.max_position_embeddings)),
+                            float(args.rotary_base))
+    full = repad_embedding(full, spec["vocab_size"], 1)
+    own = model.state_dict()
+    weights = {k: v for k, v in full.items() if k in own}
+    missing = [k for k in own if k not in weights and not k.endswith("_extra_state")
+               and k != "output_layer.weight"]
+    unused = [k for k in full if k not in own]
+    if missing or unused:
+        raise EvalError(f"checkpoint {checkpoint} does not fit the model its flags describe "
+                        f"(missing {missing[:3]}, unexpected {unused[:3]}); is it an "
+                        "ssa_megatron checkpoint of this version?")
+    model.load_state_dict(weights, strict=False)
+    model.to(device)
+    model.eval()
+    spec = dict(spec, train_seq_length=train_len,
+                layer_spec=getattr(args, "layer_spec", "ssa"),
+                reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)))
+    return model, spec, meta
+
+
+def init_single_process_or_dp(seed: int = 1234) -> None:
+    """torch.distributed (world from torchrun env, else 1) + parallel_state with TP=PP=1."""
+    from ssa_megatron.training.distributed import init_distributed
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    init_distributed(1, 1, seed=seed)
+
+
+def _free_port() -> int:
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return 29500
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
