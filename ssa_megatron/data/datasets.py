@@ -79,8 +79,13 @@ def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> D
 
 
 def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[str]) -> str:
-    """Drop splits nobody asked samples from, and refuse requested splits that hold no document
-    (megatron-core would loop forever looking for tokens in an empty split)."""
+    """The split megatron-core should build, checked against the documents there are.
+
+    Held-out documents stay held out even when no samples are drawn from them (a split keeps its
+    share of documents whatever the run asks of it). A split that gets no document at all is
+    refused when samples are asked of it and dropped otherwise (megatron-core would loop forever
+    looking for tokens in it).
+    """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     try:
         weights = [float(x) for x in split.replace("/", ",").split(",")]
@@ -88,20 +93,23 @@ def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[
         raise ConfigError(f"--split {split!r} must be three numbers like 969,30,1")
     if len(weights) != 3 or sum(weights) <= 0 or min(weights) < 0:
         raise ConfigError(f"--split {split!r} must be three non-negative numbers like 969,30,1")
-    weights = [w if n > 0 else 0.0 for w, n in zip(weights, num_samples)]
-    if sum(weights) == 0:
-        raise ConfigError(f"--split {split!r} gives no documents to the training split")
     total = sum(weights)
     bounds = [0.0]
     for w in weights:
         bounds.append(bounds[-1] + w / total)
     names = ("train", "valid", "test")
+    empty = set()
     for prefix in prefixes:
         n_docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
         for i, name in enumerate(names):
             if weights[i] > 0 and round(bounds[i + 1] * n_docs) - round(bounds[i] * n_docs) < 1:
-                raise ConfigError(f"--split {split} leaves the {name} split of {prefix} "
-                                  f"({n_docs} documents) empty; give it a larger share or more data")
+                if num_samples[i] > 0:
+                    raise ConfigError(f"--split {split} leaves the {name} split of {prefix} "
+                                      f"({n_docs} documents) empty; give it a larger share or more data")
+                empty.add(i)
+    weights = [0.0 if i in empty else w for i, w in enumerate(weights)]
+    if weights[0] == 0:
+        raise ConfigError(f"--split {split!r} gives no documents to the training split")
     return ",".join(f"{w:g}" for w in weights)
 
 
@@ -121,6 +129,7 @@ def build_datasets(args, info: DataTokenizerInfo, num_samples: Sequence[int]):
     prefixes, weights = parse_blend(args.data_path)
     check_data_files(prefixes)
     split = _effective_split(args.split, num_samples, prefixes)
+    args.split = split  # recorded in checkpoints, so evaluation cuts the same held-out documents
     token_info = _DatasetTokenizer(info)
     config = GPTDatasetConfig(
         random_seed=args.seed,

@@ -193,6 +193,14 @@ def load_checkpoint(engine, load_dir: str, args):
             print(f"loaded weights-only checkpoint {tag_dir} ({meta.get('source') or 'converted'}); "
                   "fresh optimizer, iteration 0", flush=True)
         return 0, 0
+    saved_world = meta.get("world_size")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if engine.zero_optimization_stage() > 0 and saved_world not in (None, world):
+        raise ConfigError(f"{tag_dir} holds ZeRO optimizer shards of {saved_world} processes, this run "
+                          f"has {world}: resume with {saved_world} processes, or continue from its weights "
+                          "with a fresh optimizer: tools/convert_checkpoint.py relayout --input "
+                          f"{load_dir} --output NEW_DIR --tensor-model-parallel-size "
+                          f"{args.tensor_model_parallel_size}, then --load NEW_DIR")
     path, client_state = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
     if path is None:
