@@ -47,15 +47,17 @@ def train_command(args, system: str, seed: int, out: str) -> list:
 
 def eval_command(args, out: str) -> list:
     return [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--checkpoint",
-            os.path.join(out, "checkpoint"), "--data-path", args.data_path, "--split", args.split,
+            os.path.join(out, "checkpoint"), "--data-path", args.data_path,
             "--split-name", "valid", "--seq-length", str(args.seq_length),
+            *(["--bf16"] if args.bf16 else []), "--micro-batch-size", "4",
             "--block-counts", *[str(b) for b in args.sweep], "--max-windows", str(args.eval_windows),
             "--json", os.path.join(out, "eval.json"), "--plot", os.path.join(out, "eval.png"),
             *args.eval_extra]
 
 
-def run_all(jobs, gpus: int, log_name: str):
-    """Run (out_dir, command) jobs concurrently, job i on GPU i % gpus."""
+def run_all(jobs, gpus: int, log_name: str, deadline: float = None):
+    """Run (out_dir, command) jobs concurrently, job i on GPU i % gpus. Past ``deadline``
+    seconds the jobs get SIGTERM: the trainer saves at its next step and exits."""
     procs = []
     for i, (out, cmd) in enumerate(jobs):
         env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(29700 + i))
@@ -63,9 +65,20 @@ def run_all(jobs, gpus: int, log_name: str):
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
         log = open(os.path.join(out, log_name), "w")
         procs.append((out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    start = time.time()
+    stopped = False
+    while any(proc.poll() is None for _, proc, _ in procs):
+        if deadline and not stopped and time.time() - start > deadline:
+            for _, proc, _ in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            stopped = True
+            print(f"deadline {deadline:.0f} s reached: asked the runs still going to save and stop",
+                  flush=True)
+        time.sleep(2)
     failed = []
     for out, proc, log in procs:
-        if proc.wait() != 0:
+        if proc.returncode not in (0, 3):  # 3: stopped by the signal after saving
             failed.append(out)
         log.close()
     return failed
@@ -109,6 +122,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--eval-extra", nargs="*", default=[])
     p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--train-deadline", type=float, default=None,
+                   help="seconds; then every run still training saves and stops (reported)")
     args = p.parse_args(argv)
     gpus = args.gpus
     if gpus is None:
@@ -125,7 +140,7 @@ def main(argv=None) -> int:
         jobs = [(out, train_command(args, s, seed, out)) for (s, seed), out in runs.items()]
         with open(os.path.join(args.out, "commands.txt"), "w") as f:
             f.writelines(" ".join(cmd[1:]) + "\n" for _, cmd in jobs)
-        failed = run_all(jobs, gpus, "train.log")
+        failed = run_all(jobs, gpus, "train.log", args.train_deadline)
         print(f"training: {len(jobs) - len(failed)}/{len(jobs)} runs finished in {time.time() - t0:.0f} s"
               + (f"; failed: {failed}" if failed else ""), flush=True)
     t1 = time.time()
@@ -143,13 +158,55 @@ def main(argv=None) -> int:
         if os.path.isfile(path):
             with open(path) as f:
                 r = json.load(f)
-            train[f"{system}_seed{seed}"] = {"final_lm_loss": r["lm_loss"][-1],
+            train[f"{system}_seed{seed}"] = {"iterations": r["iteration"],
+                                            "final_lm_loss": r["lm_loss"][-1],
                                             "tokens": r["tokens_per_iteration"] * r["iteration"],
                                             "median_step_s": statistics.median(r["step_time"])}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"train": train, "eval": summary, "args": vars(args)}, f, indent=1)
-    print(json.dumps(train, indent=1))
+    table = markdown_summary(args, train, summary)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
     return 0
+
+
+def _mean_spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def _ppl(result, mode, block_counts=None):
+    for r in result.get("perplexity", []):
+        if r["mode"] == mode and (mode == "full" or r["block_counts"] == block_counts):
+            return r["ppl"]
+    return None
+
+
+def markdown_summary(args, train, evals) -> str:
+    """Mean ± half-range over seeds per system."""
+    sweep = args.sweep
+    head = (["system", "tokens/model", "final train loss", "valid ppl full"]
+            + [f"ppl sparse k={k}" for k in sweep]
+            + [f"dropped mass k={args.block_counts}", f"full-sparse gap k={args.block_counts}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for system in args.systems:
+        runs = [train.get(f"{system}_seed{seed}") for seed in args.seeds]
+        results = evals.get(system, [])
+        k = str(args.block_counts)
+        sp = [r.get("sparsity", {}).get("mean", {}).get(k, {}) for r in results]
+        row = [system, _mean_spread([r["tokens"] / 1e6 for r in runs if r]) + "M",
+               _mean_spread([r["final_lm_loss"] for r in runs if r]),
+               _mean_spread([_ppl(r, "full") for r in results])]
+        row += [_mean_spread([_ppl(r, "sparse", b) for r in results]) for b in sweep]
+        row += [_mean_spread([x.get("dropped_mass") for x in sp]),
+                _mean_spread([x.get("alignment_gap") for x in sp])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
