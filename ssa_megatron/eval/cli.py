@@ -170,11 +170,18 @@ def run(args) -> dict:
         except Exception:
             eod = tokenizer.eod if tokenizer is not None else None
         source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
-        if args.split_name == "test" or (args.split_name == "valid" and not meta["args"].get("eval_interval")):
-            notes.append(f"training drew from the whole --split minus the splits it evaluated on "
-                         f"(ssa_megatron.data.datasets._effective_split): the '{args.split_name}' "
-                         "documents may have been trained on unless the checkpoint trained with "
-                         "--eval-interval (valid) - they are not guaranteed held out")
+        trained_split = meta["args"].get("split")
+        index = {"train": 0, "valid": 1, "test": 2}.get(args.split_name)
+        if args.split_name == "train":
+            notes.append("evaluating on the training split")
+        elif trained_split and index is not None:
+            weights = [float(x) for x in trained_split.replace("/", ",").split(",")]
+            if split != trained_split:
+                notes.append(f"--split {split} differs from the training split {trained_split}: the "
+                             f"'{args.split_name}' documents may overlap the training documents")
+            elif weights[index] == 0:
+                notes.append(f"the training split {trained_split} has no '{args.split_name}' share: "
+                             "these documents are not held out")
     else:
         if tokenizer is None:
             raise EvalError("--text needs the checkpoint's tokenizer: none was found through its "
