@@ -27,6 +27,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if world_size == 1:
+            # a lone process needs no agreed port; an inherited MASTER_PORT may be taken
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=world_size,
@@ -38,6 +42,13 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
                                                  pipeline_model_parallel_size=pp)
     enable_cpu_fallbacks()
     set_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def set_seed(seed: int) -> None:
