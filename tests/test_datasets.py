@@ -1,0 +1,70 @@
+"""Training data: weighted blends and splits through megatron-core's builder, the tokenizer check,
+and the resumable sampler."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_utils import write_random_dataset
+from model_utils import tiny_args
+from ssa_megatron.data.datasets import (ResumableSampler, build_datasets, parse_blend,
+                                        read_tokenizer_info)
+from ssa_megatron.model.config import ConfigError
+
+
+@pytest.fixture(scope="module")
+def two_datasets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("blend")
+    a = write_random_dataset(str(d / "a"), num_docs=120, seed=1)
+    b = write_random_dataset(str(d / "b"), num_docs=120, seed=2)
+    return a, b
+
+
+def test_weighted_blend_draws_in_proportion(single_process_parallel_state, two_datasets):
+    a, b = two_datasets
+    args = tiny_args("--data-path", "0.7", a, "0.3", b, "--split", "90,10,0")
+    info = read_tokenizer_info(parse_blend(args.data_path)[0], None)
+    train, valid, test = build_datasets(args, info, [1000, 50, 0])
+    assert len(train) >= 1000 and valid is not None and test is None
+    counts = np.bincount(train.dataset_index[:1000], minlength=2)
+    assert abs(counts[0] / 1000 - 0.7) < 0.02, counts
+    sample = train[0]
+    assert sample["tokens"].shape[0] == args.seq_length
+    assert args.split == "90,10,0"  # the effective split is recorded for checkpoints
+
+
+def test_tokenizer_mismatch_between_blended_datasets_is_refused(tmp_path, two_datasets):
+    a, _ = two_datasets
+    c = write_random_dataset(str(tmp_path / "c"), vocab_size=300, num_docs=20)
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        read_tokenizer_info([a, c], None)
+
+
+def test_vocab_size_flag_must_match_the_data(two_datasets):
+    a, _ = two_datasets
+    with pytest.raises(ConfigError, match="does not match the tokenizer"):
+        read_tokenizer_info([a], 1000)
+    assert read_tokenizer_info([a], None).vocab_size == 256
+
+
+def test_missing_data_and_bad_blends_fail_clearly(tmp_path, single_process_parallel_state):
+    with pytest.raises(ConfigError, match="does not exist: build it with tools/preprocess_data.py"):
+        build_datasets(tiny_args("--data-path", str(tmp_path / "nothing")), None, [10, 0, 0])
+    with pytest.raises(ConfigError, match="weight/prefix pairs"):
+        parse_blend(["0.5", "a", "b"])
+
+
+def test_empty_requested_split_is_refused(single_process_parallel_state, tmp_path):
+    tiny = write_random_dataset(str(tmp_path / "tiny"), num_docs=5)
+    args = tiny_args("--data-path", tiny, "--split", "99,1,0")
+    info = read_tokenizer_info([tiny], None)
+    with pytest.raises(ConfigError, match="leaves the valid split"):
+        build_datasets(args, info, [10, 10, 0])
+
+
+def test_sampler_resumes_at_the_exact_next_sample():
+    full = [i for batch in ResumableSampler(40, 0, 2, 1, 2) for i in batch]
+    resumed = [i for batch in ResumableSampler(40, 12, 2, 1, 2) for i in batch]
+    assert full[:4] == [2, 3, 6, 7]
+    assert resumed == full[6:]  # 12 consumed = 3 global steps of 4; rank 1 read 6 of them
