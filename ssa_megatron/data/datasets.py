@@ -78,6 +78,22 @@ def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> D
     return DataTokenizerInfo(int(first["vocab_size"]), int(first["eod"]), first)
 
 
+def split_bounds(split: str):
+    """--split "969,30,1" -> (weights, cumulative fractions [0, train, train+valid, 1]), the way
+    megatron-core cuts documents into train/valid/test."""
+    try:
+        weights = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--split {split!r} must be three numbers like 969,30,1") from None
+    if len(weights) != 3 or sum(weights) <= 0 or min(weights) < 0:
+        raise ConfigError(f"--split {split!r} must be three non-negative numbers like 969,30,1")
+    total = sum(weights)
+    bounds = [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w / total)
+    return weights, bounds
+
+
 def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[str]) -> str:
     """The split megatron-core should build, checked against the documents there are.
 
@@ -87,16 +103,7 @@ def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[
     looking for tokens in it).
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    try:
-        weights = [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        raise ConfigError(f"--split {split!r} must be three numbers like 969,30,1")
-    if len(weights) != 3 or sum(weights) <= 0 or min(weights) < 0:
-        raise ConfigError(f"--split {split!r} must be three non-negative numbers like 969,30,1")
-    total = sum(weights)
-    bounds = [0.0]
-    for w in weights:
-        bounds.append(bounds[-1] + w / total)
+    weights, bounds = split_bounds(split)
     names = ("train", "valid", "test")
     empty = set()
     for prefix in prefixes:

@@ -31,16 +31,12 @@ def split_document_range(num_docs: int, split: str, name: str) -> Tuple[int, int
         return 0, num_docs
     if name not in SPLIT_NAMES:
         raise EvalError(f"--split-name {name!r}: use one of train, valid, test, all")
+    from ssa_megatron.data.datasets import split_bounds
+    from ssa_megatron.model.config import ConfigError
     try:
-        weights = [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        raise EvalError(f"--split {split!r} must be three numbers like 969,30,1") from None
-    if len(weights) != 3 or sum(weights) <= 0 or min(weights) < 0:
-        raise EvalError(f"--split {split!r} must be three non-negative numbers like 969,30,1")
-    total = sum(weights)
-    bounds = [0.0]
-    for w in weights:
-        bounds.append(bounds[-1] + w / total)
+        _, bounds = split_bounds(split)
+    except ConfigError as err:
+        raise EvalError(str(err)) from None
     i = SPLIT_NAMES.index(name)
     first, last = int(round(bounds[i] * num_docs)), int(round(bounds[i + 1] * num_docs))
     if last <= first:

@@ -91,18 +91,7 @@ class SSACoreAttention(MegatronModule):
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("SSA attention does not take an attention bias")
-        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if thd:  # [t, heads, hn]: one packed sequence
-            q, k, v = (x.unsqueeze(0) for x in (query, key, value))
-            cu_seqlens = packed_seq_params.cu_seqlens_q
-            sq, b = query.shape[0], 1
-        else:
-            sq, b = query.shape[0], query.shape[1]
-            q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, sq, heads, hn]
-            cu_seqlens = RUNTIME.cu_seqlens
-            if cu_seqlens is not None:  # documents packed across the flattened batch
-                q, k, v = (x.reshape(1, b * sq, *x.shape[2:]) for x in (q, k, v))
-
+        (q, k, v), cu_seqlens, layout = self.to_ops_layout(query, key, value, packed_seq_params)
         branch = self.branch()
         align = self.training and self.attention_mode == "ssa" and torch.is_grad_enabled()
         o_full = o_sparse = None
@@ -125,6 +114,27 @@ class SSACoreAttention(MegatronModule):
             weight = self.align_coef / (self.config.num_layers * self.tp_size)
             out = attach_alignment_loss(out, loss * weight)
 
+        return self.from_ops_layout(out, layout)
+
+    @staticmethod
+    def to_ops_layout(query, key, value, packed_seq_params):
+        """megatron's [sq, b, heads, hn] (or THD [t, heads, hn]) -> ops' [B, T, heads, hn] and the
+        document boundaries (THD's cu_seqlens, or the trainer's packed-document ones)."""
+        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
+        if thd:  # [t, heads, hn]: one packed sequence
+            return ([x.unsqueeze(0) for x in (query, key, value)], packed_seq_params.cu_seqlens_q,
+                    (True, query.shape[0], 1))
+        sq, b = query.shape[0], query.shape[1]
+        qkv = [x.transpose(0, 1) for x in (query, key, value)]  # [b, sq, heads, hn]
+        cu_seqlens = RUNTIME.cu_seqlens
+        if cu_seqlens is not None:  # documents packed across the flattened batch
+            qkv = [x.reshape(1, b * sq, *x.shape[2:]) for x in qkv]
+        return qkv, cu_seqlens, (False, sq, b)
+
+    @staticmethod
+    def from_ops_layout(out, layout):
+        """[B, T, heads, hn] -> [sq, b, heads * hn] (or [t, heads * hn] for THD)."""
+        thd, sq, b = layout
         if thd:
             return out.reshape(sq, -1)
         out = out.reshape(b, sq, -1, out.shape[-1]).transpose(0, 1)

@@ -17,7 +17,6 @@ inference both use the three-branch output. Block size, block counts and window 
 from __future__ import annotations
 
 from ssa_megatron.model.attention import SSACoreAttention, SSASelfAttention
-from ssa_megatron.model.runtime import RUNTIME
 from ssa_megatron.ops import nsa
 
 
@@ -38,24 +37,11 @@ class NSACoreAttention(SSACoreAttention):
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("NSA attention does not take an attention bias")
-        thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if thd:  # [t, heads, hn]: one packed sequence
-            q, k, v = (x.unsqueeze(0) for x in (query, key, value))
-            cu_seqlens = packed_seq_params.cu_seqlens_q
-            sq, b = query.shape[0], 1
-        else:
-            sq, b = query.shape[0], query.shape[1]
-            q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [b, sq, heads, hn]
-            cu_seqlens = RUNTIME.cu_seqlens
-            if cu_seqlens is not None:  # documents packed across the flattened batch
-                q, k, v = (x.reshape(1, b * sq, *x.shape[2:]) for x in (q, k, v))
+        (q, k, v), cu_seqlens, layout = self.to_ops_layout(query, key, value, packed_seq_params)
 
         gates = None
         if self.gate is not None:  # [sq, b, 3 * local heads] -> [B, T, local heads, 3]
             gates = self.gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], 3)
         out = nsa.nsa_attention(q, k, v, gates, self.block_size, self.block_counts,
                                 self.window_size, cu_seqlens=cu_seqlens, scale=self.softmax_scale)
-        if thd:
-            return out.reshape(sq, -1)
-        out = out.reshape(b, sq, -1, out.shape[-1]).transpose(0, 1)
-        return out.reshape(sq, b, -1)
+        return self.from_ops_layout(out, layout)
