@@ -42,8 +42,7 @@ def train(out_dir, *argv):
     from ssa_megatron.training.arguments import parse_args
     from ssa_megatron.training.pretrain import run
     result = run(parse_args(list(argv)))
-    engine = result.pop("engine")
-    from model_utils import full_grads  # noqa: F401  (same import path as the grads worker)
+    result.pop("engine")
     _save(out_dir, dict(result))
 
 

@@ -132,7 +132,7 @@ def megatron_to_hf(full: Dict[str, torch.Tensor], spec: dict) -> Dict[str, torch
 
 def hf_to_megatron(hf: Dict[str, torch.Tensor], spec: dict, padded_vocab: int) -> Dict[str, torch.Tensor]:
     """HF SSA state dict (Llama names + g_proj [heads, hidden]) -> full megatron state dict."""
-    hq, h = spec["num_attention_heads"], spec["num_query_groups"]
+    h = spec["num_query_groups"]
     d, g = spec["kv_channels"], spec["num_attention_heads"] // spec["num_query_groups"]
     hidden = spec["hidden_size"]
     emb = hf["model.embed_tokens.weight"]

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import Counter, deque
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 

@@ -10,8 +10,6 @@ steps; the alignment loss reaches the weights through the autoscaler (model/alig
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 import time
 from typing import Callable, Dict, List, Optional
