@@ -83,3 +83,12 @@ def test_pp2_checkpoint_resumes_exactly(tmp_path, random_dataset):
     assert resumed["iterations"] == [3, 4]
     assert resumed["lm_loss"] == pytest.approx(full["lm_loss"][2:], rel=1e-6)
     assert resumed["align_loss"] == pytest.approx(full["align_loss"][2:], rel=1e-5)
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path, random_dataset):
+    flags = FLAGS + ["--data-path", random_dataset, "--train-iters", "2",
+                     "--pipeline-model-parallel-size", "2"]
+    plain = run_workers("train", 2, str(tmp_path / "plain"), *flags)
+    recompute = run_workers("train", 2, str(tmp_path / "recompute"), *flags, "--recompute-interval", "1")
+    assert recompute["lm_loss"] == pytest.approx(plain["lm_loss"], rel=1e-6)
+    assert recompute["align_loss"] == pytest.approx(plain["align_loss"], rel=1e-6)

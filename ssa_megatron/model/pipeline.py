@@ -117,4 +117,7 @@ def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rota
                              forward_fn=lm_head, tied_weight_attr=["weight"])]
     return PipelineModule(layers=layers, loss_fn=lm_loss_fn, topology=topology,
                           partition_method=partition_method,
-                          activation_checkpoint_interval=activation_checkpoint_interval)
+                          activation_checkpoint_interval=activation_checkpoint_interval,
+                          # only transformer layers: a checkpointed embedding would cut the graph
+                          # (its input, the token ids, needs no grad)
+                          checkpointable_layers=["TransformerLayerPipe"])
