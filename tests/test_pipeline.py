@@ -92,3 +92,11 @@ def test_activation_checkpointing_changes_nothing(tmp_path, random_dataset):
     recompute = run_workers("train", 2, str(tmp_path / "recompute"), *flags, "--recompute-interval", "1")
     assert recompute["lm_loss"] == pytest.approx(plain["lm_loss"], rel=1e-6)
     assert recompute["align_loss"] == pytest.approx(plain["align_loss"], rel=1e-6)
+
+
+def test_megatron_recompute_without_pipeline_changes_nothing(tmp_path, random_dataset):
+    flags = FLAGS + ["--data-path", random_dataset, "--train-iters", "2"]
+    plain = run_workers("train", 1, str(tmp_path / "plain"), *flags)
+    recompute = run_workers("train", 1, str(tmp_path / "recompute"), *flags, "--recompute-activations")
+    assert recompute["lm_loss"] == pytest.approx(plain["lm_loss"], rel=1e-6)
+    assert recompute["align_loss"] == pytest.approx(plain["align_loss"], rel=1e-6)

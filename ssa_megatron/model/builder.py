@@ -60,6 +60,8 @@ def build_config(args) -> SSAConfig:
         nsa_window_size=getattr(args, "nsa_window_size", 128),
         inference_mode=args.inference_mode,
         init_seed=args.seed,
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+           if getattr(args, "recompute_activations", False) else {}),
     )
 
 

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--zero-stage", type=int, default=None, help="overrides the JSON's stage")
     t.add_argument("--recompute-interval", type=int, default=0,
                    help="pipeline: checkpoint activations every N layers (0: off)")
+    t.add_argument("--recompute-activations", action="store_true",
+                   help="PP=1: recompute every transformer layer in backward (megatron-core's "
+                        "full recompute); with PP > 1 use --recompute-interval")
     t.add_argument("--use-cpu-initialization", action="store_true", default=None,
                    help="init weights on the CPU from one master copy (default on without CUDA)")
 
