@@ -144,36 +144,21 @@ def evaluate_pipe(engine, loader_iter, args, gas: int) -> Optional[float]:
     return float(_dp_mean(torch.tensor([sum(losses) / len(losses)], dtype=torch.float64))[0])
 
 
-def run(args, fault_hook: Optional[Callable] = None,
-        before_step: Optional[Callable] = None) -> TrainResult:
-    """Train per ``args``. ``fault_hook(rank)`` runs inside each save (tests inject crashes);
-    ``before_step(engine, iteration)`` runs after backward, before each optimizer step."""
+def build_engine(args, info, dp_size: int):
+    """Model (GPTModel, or the pipeline model when PP > 1) wrapped in a DeepSpeed engine with
+    AdamW (unless the JSON names an optimizer) and the Megatron-style LR schedule."""
     import deepspeed
-    from megatron.core import parallel_state as ps
 
-    from ssa_megatron.data.datasets import build_datasets, make_loader, parse_blend, read_tokenizer_info
     from ssa_megatron.model.builder import build_config, build_gpt_model, padded_vocab_size
-    from ssa_megatron.model.runtime import RUNTIME, draw_mode
-    from ssa_megatron.training import checkpointing as ckpt
+    from ssa_megatron.model.runtime import RUNTIME
     from ssa_megatron.training.arguments import load_deepspeed_config
-    from ssa_megatron.training.distributed import init_distributed
-    from ssa_megatron.training.flops import flops_per_token
     from ssa_megatron.training.mpu import MegatronMPU
     from ssa_megatron.training.optim import lr_lambda, param_groups
-    from ssa_megatron.training.signals import StopSignal
-    from ssa_megatron.training.tb import TrainLogger
 
-
-    prefixes, _ = parse_blend(args.data_path)
-    info = read_tokenizer_info(prefixes, args.vocab_size)
-    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
-    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     ds_config = load_deepspeed_config(args, dp_size)
     ds_config.setdefault("optimizer", {"type": "AdamW", "params": {
         "lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_eps,
         "weight_decay": args.weight_decay, "torch_adam": True, "adam_w_mode": True}})
-    gas = ds_config["gradient_accumulation_steps"]
-
     config = build_config(args)
     pipelined = args.pipeline_model_parallel_size > 1
     vocab = padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)
@@ -203,8 +188,34 @@ def run(args, fault_hook: Optional[Callable] = None,
         model=model, model_parameters=param_groups(model, args.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config, mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
-
     _record_fp32_grad_norm(engine)
+    return engine, ds_config, n_params
+
+
+def run(args, fault_hook: Optional[Callable] = None,
+        before_step: Optional[Callable] = None) -> TrainResult:
+    """Train per ``args``. ``fault_hook(rank)`` runs inside each save (tests inject crashes);
+    ``before_step(engine, iteration)`` runs after backward, before each optimizer step."""
+    from megatron.core import parallel_state as ps
+
+    from ssa_megatron.data.datasets import build_datasets, make_loader, parse_blend, read_tokenizer_info
+    from ssa_megatron.model.builder import padded_vocab_size
+    from ssa_megatron.model.runtime import RUNTIME, draw_mode
+    from ssa_megatron.training import checkpointing as ckpt
+    from ssa_megatron.training.distributed import init_distributed
+    from ssa_megatron.training.flops import flops_per_token
+    from ssa_megatron.training.signals import StopSignal
+    from ssa_megatron.training.tb import TrainLogger
+
+
+    prefixes, _ = parse_blend(args.data_path)
+    info = read_tokenizer_info(prefixes, args.vocab_size)
+    init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    engine, ds_config, n_params = build_engine(args, info, dp_size)
+    gas = ds_config["gradient_accumulation_steps"]
+    pipelined = args.pipeline_model_parallel_size > 1
+
     if before_step is not None:
         take_step = engine._take_model_step
 
