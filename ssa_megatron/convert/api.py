@@ -30,9 +30,7 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                               attention_mode: Optional[str] = None) -> str:
     """HF directory (ours, the paper's layout, plain Llama) -> weights-only megatron checkpoint."""
-    hf_state, spec, flavour = hf_ckpt.read_hf(hf_dir)
-    if attention_mode is not None:
-        spec["attention_mode"] = attention_mode
+    hf_state, spec, flavour = hf_ckpt.read_hf(hf_dir, attention_mode)
     full = layout.hf_to_megatron(hf_state, spec, megatron_ckpt.padded_vocab(spec["vocab_size"], tp))
     data = hf_ckpt.tokenizer_data_from_hf(hf_dir, spec["vocab_size"])
     megatron_ckpt.write_checkpoint(full, spec, out_dir, tp, pp, data=data,

@@ -4,10 +4,12 @@ SSA paper authors' layout and plain Llama models.
 Written directory::
 
     config.json                  Llama-style fields + block_size, block_counts, inference_mode,
-                                 attention_mode; auto_map -> configuration_ssa / modeling_ssa
+                                 attention_mode (+ window_size for nsa); auto_map -> configuration_ssa
+                                 / modeling_ssa
     model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     configuration_ssa.py, modeling_ssa.py   copied from ssa_megatron/hf/
     ssa_ops.py                   copied from ssa_megatron/ops/reference.py (the attention math)
+    ssa_nsa.py                   ssa_megatron/ops/nsa.py, importing ssa_ops.py (NSA's branches)
     tokenizer.model + tokenization_ssa.py (SentencePiece, exact sentencepiece ids; load with
     AutoTokenizer.from_pretrained(dir, trust_remote_code=True)) or tokenizer.json (HF tokenizers),
     tokenizer_config.json        when the checkpoint's data description names its tokenizer
@@ -17,7 +19,9 @@ Reading (:func:`read_hf`) uses safetensors only and returns our HF naming with `
 
 * our exports (``model_type`` ssa_llama): as they are;
 * the paper's released layout: ``g_proj`` with 3 gates per head (compression, selection, window,
-  interleaved per head): the selection gate is kept;
+  interleaved per head): the selection gate is kept (all three, unchanged, when imported with
+  attention mode nsa);
+* NSA exports (``attention_mode`` nsa, ``window_size``): ``g_proj`` [3 * heads, hidden] as is;
 * plain Llama (no ``g_proj``): gate weights zero (sigmoid 0.5 on every head) and ``o_proj`` doubled,
   so the imported model computes exactly what the Llama model computed (in full attention).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Dict, Optional, Tuple
@@ -58,6 +63,8 @@ def hf_config(spec: dict, tokenizer: Optional[dict] = None, dtype: str = "float3
         "inference_mode": mode, "attention_mode": spec.get("attention_mode", "ssa"),
         "dtype": dtype,
     }
+    if cfg["attention_mode"] == "nsa":
+        cfg["window_size"] = int(spec.get("nsa_window_size", 128))
     if tokenizer and tokenizer.get("eod") is not None:
         cfg["eos_token_id"] = int(tokenizer["eod"])
     return cfg
@@ -78,11 +85,38 @@ def _save_safetensors(state: Dict[str, torch.Tensor], out: str, max_shard_size) 
             json.dump(index, f, indent=2, sort_keys=True)
 
 
+# ops/nsa.py's imports of the ssa_megatron package, and what its HF copy imports instead: the
+# local reference copy (ssa_ops.py) and a dispatch stand-in that always picks the reference kernels
+_NSA_IMPORTS = "from ssa_megatron.ops import dispatch\nfrom ssa_megatron.ops import reference as ref\n"
+_NSA_LOCAL_IMPORTS = (
+    "from types import SimpleNamespace\n\n"
+    "from . import ssa_ops as ref  # HF copy of ssa_megatron/ops/reference.py\n"
+    "from .ssa_ops import select_blocks as _select_blocks  # noqa: F401 (transformers copies ssa_ops)\n\n"
+    "# no Triton dispatch in an HF directory: the reference kernels (modeling_ssa.py uses\n"
+    "# ssa_megatron.ops.nsa itself on CUDA when ssa_megatron is installed)\n"
+    "dispatch = SimpleNamespace(get_backend=lambda: \"reference\", select_blocks=ref.select_blocks,\n"
+    "                           sparse_attention=ref.sparse_attention)\n")
+
+
+def nsa_model_code() -> str:
+    """ssa_megatron/ops/nsa.py with its package imports rewritten to the HF directory's copies."""
+    with open(os.path.join(PKG, "ops", "nsa.py")) as f:
+        text = f.read()
+    rest = text.replace(_NSA_IMPORTS, "")
+    if text.count(_NSA_IMPORTS) != 1 or re.search(r"^\s*(from|import)\s+ssa_megatron", rest, re.M):
+        raise ConversionError("ssa_megatron/ops/nsa.py changed its imports; update _NSA_IMPORTS in "
+                              "ssa_megatron/convert/hf_ckpt.py so its HF copy stays self-contained")
+    header = "# Copied from ssa_megatron/ops/nsa.py by the converter (imports rewritten to local copies).\n"
+    return header + text.replace(_NSA_IMPORTS, _NSA_LOCAL_IMPORTS)
+
+
 def copy_model_code(out: str) -> None:
-    from ssa_megatron.hf import MODEL_FILES, OPS_FILE
+    from ssa_megatron.hf import MODEL_FILES, NSA_FILE, OPS_FILE
     for name in MODEL_FILES:
         shutil.copyfile(os.path.join(PKG, "hf", name), os.path.join(out, name))
     shutil.copyfile(os.path.join(PKG, "ops", "reference.py"), os.path.join(out, OPS_FILE))
+    with open(os.path.join(out, NSA_FILE), "w") as f:
+        f.write(nsa_model_code())
 
 
 def find_tokenizer_file(data: dict) -> Tuple[Optional[str], Optional[dict]]:
@@ -229,6 +263,7 @@ def spec_from_hf_config(cfg: dict) -> dict:
         "attention_mode": cfg.get("attention_mode", "ssa"),
         "ssa_block_size": int(cfg.get("block_size", 16)),
         "ssa_block_counts": int(cfg.get("block_counts", 16)),
+        "nsa_window_size": int(cfg.get("window_size") or 128),
         "inference_mode": cfg.get("inference_mode"),
         "init_method_std": float(cfg.get("initializer_range", 0.02)),
     }
@@ -244,14 +279,22 @@ def _normalise_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def read_hf(path: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
-    """(HF SSA state dict with g_proj [heads, hidden], spec, flavour) of an HF directory."""
+def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict, str]:
+    """(HF SSA state dict, spec, flavour) of an HF directory.
+
+    ``g_proj`` comes back as [heads, hidden] (one gate per head), or, when the model is (or is
+    imported as, ``attention_mode``) an NSA model, as [3 * heads, hidden] unchanged (compression,
+    selection, window per head: megatron's ``linear_gate`` of --attention-mode nsa).
+    """
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConversionError(f"{path} has no config.json; pass a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = json.load(f)
     spec = spec_from_hf_config(cfg)
+    if attention_mode is not None:
+        spec["attention_mode"] = attention_mode
+    nsa = spec["attention_mode"] == "nsa"
     state = _normalise_names(load_safetensors_dir(path))
     emb = state.get("model.embed_tokens.weight")
     if emb is None:
@@ -266,12 +309,19 @@ def read_hf(path: str) -> Tuple[Dict[str, torch.Tensor], dict, str]:
         p = f"model.layers.{i}.self_attn."
         g = state.get(p + "g_proj.weight")
         if g is None:
+            if nsa:
+                raise ConversionError(f"{path} has no g_proj (a plain Llama model): it cannot be "
+                                      "imported as an NSA model (attention mode nsa)")
             flavour = flavour or "llama"
             state[p + "g_proj.weight"] = torch.zeros(heads, hidden, dtype=state[p + "o_proj.weight"].dtype)
             state[p + "o_proj.weight"] = state[p + "o_proj.weight"] * 2  # sigmoid(0) = 0.5
         elif g.shape[0] == 3 * heads:
             flavour = flavour or "paper"
-            state[p + "g_proj.weight"] = g.view(heads, 3, hidden)[:, 1].clone()  # selection gate
+            if not nsa:  # SSA keeps the selection gate
+                state[p + "g_proj.weight"] = g.view(heads, 3, hidden)[:, 1].clone()
+        elif nsa:
+            raise ConversionError(f"{p}g_proj has {g.shape[0]} rows; an NSA model has {3 * heads} "
+                                  "(compression, selection, window per head)")
         elif g.shape[0] != heads:
             raise ConversionError(f"{p}g_proj has {g.shape[0]} rows; expected {heads} (one gate per "
                                   f"head) or {3 * heads} (compression, selection, window per head)")

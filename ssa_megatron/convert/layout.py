@@ -131,7 +131,10 @@ def megatron_to_hf(full: Dict[str, torch.Tensor], spec: dict) -> Dict[str, torch
 
 
 def hf_to_megatron(hf: Dict[str, torch.Tensor], spec: dict, padded_vocab: int) -> Dict[str, torch.Tensor]:
-    """HF SSA state dict (Llama names + g_proj [heads, hidden]) -> full megatron state dict."""
+    """HF SSA state dict (Llama names + g_proj) -> full megatron state dict.
+
+    ``g_proj`` becomes ``linear_gate`` as is: [heads, hidden] (SSA) or [3 * heads, hidden] (NSA,
+    rows 3 * h + i = gate i of head h, i in compression, selection, window)."""
     h = spec["num_query_groups"]
     d, g = spec["kv_channels"], spec["num_attention_heads"] // spec["num_query_groups"]
     hidden = spec["hidden_size"]

@@ -158,6 +158,7 @@ def spec_from_meta(meta: dict, embedding_rows: int) -> dict:
         "attention_mode": a.get("attention_mode", "ssa"),
         "ssa_block_size": int(a.get("ssa_block_size", 16)),
         "ssa_block_counts": int(a.get("ssa_block_counts", 16)),
+        "nsa_window_size": int(a.get("nsa_window_size") or 128),
         "inference_mode": a.get("inference_mode"),
         "init_method_std": float(a.get("init_method_std", 0.02)),
     }
@@ -176,6 +177,7 @@ def args_from_spec(spec: dict, tp: int) -> dict:
         "rotary_base": spec["rotary_base"], "max_position_embeddings": spec["max_position_embeddings"],
         "seq_length": spec["max_position_embeddings"], "attention_mode": spec["attention_mode"],
         "ssa_block_size": spec["ssa_block_size"], "ssa_block_counts": spec["ssa_block_counts"],
+        "nsa_window_size": spec.get("nsa_window_size", 128),
         "inference_mode": spec["inference_mode"], "init_method_std": spec["init_method_std"],
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1,
     }

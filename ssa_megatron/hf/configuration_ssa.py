@@ -11,7 +11,10 @@ class SSAConfig(PretrainedConfig):
     SSA fields: ``block_size`` (tokens per selection block), ``block_counts`` (blocks each query
     attends in sparse mode, its own block included), ``inference_mode`` (``full`` or ``sparse``;
     may be changed after loading, e.g. ``model.config.inference_mode = "sparse"``) and
-    ``attention_mode`` (how the model was trained: ssa, full, sparse).
+    ``attention_mode`` (how the model was trained: ssa, full, sparse, nsa). ``attention_mode`` nsa
+    makes the model an NSA model (three gated branches: compression, selection of
+    ``block_counts`` blocks, a sliding window of ``window_size`` tokens; ``inference_mode`` does
+    not apply).
     """
 
     model_type = "ssa_llama"
@@ -24,7 +27,7 @@ class SSAConfig(PretrainedConfig):
                  pad_token_id=None, bos_token_id=None, eos_token_id=None,
                  tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
                  block_size=16, block_counts=16, inference_mode="full", attention_mode="ssa",
-                 **kwargs):
+                 window_size=128, **kwargs):
         if inference_mode not in INFERENCE_MODES:
             raise ValueError(f"inference_mode {inference_mode!r} must be one of {INFERENCE_MODES}")
         if attention_bias or mlp_bias:
@@ -50,6 +53,7 @@ class SSAConfig(PretrainedConfig):
         self.block_counts = int(block_counts)
         self.inference_mode = inference_mode
         self.attention_mode = attention_mode
+        self.window_size = int(window_size)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings,
                          **kwargs)

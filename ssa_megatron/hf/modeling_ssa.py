@@ -15,6 +15,14 @@ Both modes work with a KV cache. In sparse mode a new token's blocks are selecte
 keys exactly as in a full forward pass (the selection of token t depends only on keys <= t), so
 cached generation equals uncached generation.
 
+NSA models (``config.attention_mode == "nsa"``, trained with ``--attention-mode nsa``) have three
+gates per head (``g_proj`` [3 * heads, hidden], per head: compression, selection, window) and
+always compute the three gated branches of ``ssa_nsa.py`` (a copy of ssa_megatron/ops/nsa.py;
+``config.block_size``, ``config.block_counts``, ``config.window_size``); ``inference_mode`` does
+not apply to them. With a KV cache the new queries run against all cached keys (each branch's
+output for a query depends only on that query and the keys <= it), so cached generation equals
+uncached generation; each cached step costs O(cached length) rather than O(1) per branch.
+
 The attention math comes from ``ssa_ops.py`` (a copy of ssa_megatron/ops/reference.py the
 converter writes beside this file); on CUDA the Triton kernels of ``ssa_megatron.ops.dispatch``
 are used when ssa_megatron is installed.
@@ -33,6 +41,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_ssa import SSAConfig
+
+try:  # the copy of ssa_megatron/ops/nsa.py the converter writes next to this file
+    from .ssa_nsa import nsa_attention as _local_nsa_attention
+except ImportError:  # imported from the ssa_megatron source tree
+    from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
     from .ssa_ops import _chunk_scores, _topk_stable, full_attention, select_blocks, sparse_attention
@@ -54,6 +67,34 @@ def _ops_for(t: torch.Tensor):
         except ImportError:
             pass
     return _REFERENCE
+
+
+def _nsa_for(t: torch.Tensor):
+    """(nsa_attention, impl): ssa_megatron.ops.nsa (its own SDPA/Triton choice) for CUDA tensors
+    when installed, else the local copy with the reference kernels."""
+    if t.is_cuda:
+        try:
+            from ssa_megatron.ops import nsa
+            return nsa.nsa_attention, None
+        except ImportError:
+            pass
+    return _local_nsa_attention, "reference"
+
+
+def nsa_attention_with_past(q, k, v, gates, past: int, block_size: int, block_counts: int,
+                            window: int, scale: float):
+    """NSA output of queries at positions past.. over all (cached + new) keys.
+
+    Runs the branches on the whole key range with zero queries (and gates) in front of the new
+    ones and keeps the new rows: every branch's output for a query depends only on that query and
+    keys <= its position, so the rows equal those of the no-cache forward pass.
+    """
+    fn, impl = _nsa_for(q)
+    if past:
+        q = torch.cat([q.new_zeros(q.shape[0], past, *q.shape[2:]), q], dim=1)
+        gates = torch.cat([gates.new_zeros(gates.shape[0], past, *gates.shape[2:]), gates], dim=1)
+    out = fn(q, k, v, gates, block_size, block_counts, window, scale=scale, impl=impl)
+    return out[:, past:]
 
 
 class SSARMSNorm(nn.Module):
@@ -136,7 +177,9 @@ class SSAAttention(nn.Module):
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.g_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.nsa = getattr(config, "attention_mode", "ssa") == "nsa"
+        # NSA: 3 gates per head, rows [head 0: cmp, slc, swa, head 1: ...] (megatron's linear_gate)
+        self.g_proj = nn.Linear(hidden, self.num_heads * (3 if self.nsa else 1), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x, cos, sin, cache: Optional[Cache] = None):
@@ -152,6 +195,11 @@ class SSAAttention(nn.Module):
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         scale = 1.0 / math.sqrt(self.head_dim)
+        if self.nsa:
+            gates = gate.view(b, t, self.num_heads, 3)
+            o = nsa_attention_with_past(q, k, v, gates, past, self.config.block_size,
+                                        self.config.block_counts, self.config.window_size, scale)
+            return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
         mode = self.config.inference_mode
         ops = _ops_for(q)
         if mode == "full":
