@@ -15,16 +15,8 @@ os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
 def single_process_parallel_state():
     """torch.distributed (gloo, world 1) + megatron parallel_state for in-process model tests."""
     from ssa_megatron.training.distributed import init_distributed
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    init_distributed(1, 1, seed=1234)
+    init_distributed(1, 1, seed=1234)  # a lone process picks a free rendezvous port itself
     yield
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

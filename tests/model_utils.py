@@ -38,18 +38,5 @@ def ce_loss(model, batch):
 
 def full_grads(model):
     """Gradients gathered to the unsharded (TP=1) layout: name -> tensor."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    tp = ps.get_tensor_model_parallel_world_size()
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad if p.grad is not None else torch.zeros_like(p)
-        g = g.detach().clone()
-        if tp > 1 and getattr(p, "tensor_model_parallel", False):
-            parts = [torch.empty_like(g) for _ in range(tp)]
-            dist.all_gather(parts, g.contiguous(), group=ps.get_tensor_model_parallel_group())
-            dim, stride = p.partition_dim, getattr(p, "partition_stride", 1)
-            chunks = [part.chunk(stride, dim=dim) for part in parts]
-            g = torch.cat([chunks[r][s] for s in range(stride) for r in range(tp)], dim=dim)
-        out[name] = g
-    return out
+    from ssa_megatron.model.state import gather_full
+    return gather_full(model, pick=lambda p: p.grad)

@@ -16,11 +16,11 @@ def train_and_gather(out_dir, *argv):
 
     def before_step(engine, iteration):
         if iteration == 0:
-            first_grads.update(gather_full(engine.module, args.num_layers, pick=lambda p: p.grad))
+            first_grads.update(gather_full(engine.module, pick=lambda p: p.grad))
 
     result = run(args, before_step=before_step)
     engine = result.pop("engine")
-    weights = gather_full(engine.module, args.num_layers)
+    weights = gather_full(engine.module)
     if dist.get_rank() == 0:
         torch.save({**result, "first_grads": first_grads, "weights": weights},
                    os.path.join(out_dir, "result.pt"))

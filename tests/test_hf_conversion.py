@@ -71,8 +71,10 @@ def test_megatron_and_hf_logits_match(tmp_path, sources, name):
     assert (src["logits"]["full"] - src["logits"]["sparse"]).abs().max() > 1e-3
 
 
-CHECK_SCRIPT = r"""
-import builtins, importlib.abc, sys, torch
+# Start of a script that loads a converted HF directory the way a plain transformers install
+# would: ssa_megatron cannot be imported and torch.load (pickle) fails.
+STANDALONE_LOADER_PREAMBLE = r"""
+import importlib.abc, sys, torch
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "ssa_megatron" or name.startswith("ssa_megatron."):
@@ -82,6 +84,9 @@ sys.path = [p for p in sys.path if "work/main" not in p or "site-packages" in p]
 def no_pickle(*a, **k):
     raise AssertionError("torch.load (pickle) called while loading a converted model")
 torch.load = no_pickle
+"""
+
+CHECK_SCRIPT = STANDALONE_LOADER_PREAMBLE + r"""
 from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file, save_file
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()

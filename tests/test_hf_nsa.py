@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_utils import ROOT, run_workers
+from test_hf_conversion import STANDALONE_LOADER_PREAMBLE
 from test_parallel import COMMON
 
 CONVERT = [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py")]
@@ -115,17 +116,7 @@ def test_nsa_generation_with_cache_equals_without(nsa_source):
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
 
 
-CHECK_SCRIPT = r"""
-import importlib.abc, sys, torch
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "ssa_megatron" or name.startswith("ssa_megatron."):
-            raise ImportError("ssa_megatron is blocked: the HF model must not need it")
-sys.meta_path.insert(0, Block())
-sys.path = [p for p in sys.path if "work/main" not in p or "site-packages" in p]
-def no_pickle(*a, **k):
-    raise AssertionError("torch.load (pickle) called while loading a converted model")
-torch.load = no_pickle
+CHECK_SCRIPT = STANDALONE_LOADER_PREAMBLE + r"""
 from transformers import AutoModelForCausalLM
 from safetensors.torch import load_file, save_file
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()

@@ -5,7 +5,7 @@ import torch
 
 from model_utils import build_tiny_model, tiny_args
 from ssa_megatron.model import RUNTIME, SSACoreAttention
-from ssa_megatron.training.pretrain import document_cu_seqlens
+from ssa_megatron.model.runtime import document_cu_seqlens
 
 EOD = 119
 

@@ -175,7 +175,8 @@ def run(args) -> dict:
         if args.split_name == "train":
             notes.append("evaluating on the training split")
         elif trained_split and index is not None:
-            weights = [float(x) for x in trained_split.replace("/", ",").split(",")]
+            from ssa_megatron.data.datasets import split_bounds
+            weights, _ = split_bounds(trained_split)
             if split != trained_split:
                 notes.append(f"--split {split} differs from the training split {trained_split}: the "
                              f"'{args.split_name}' documents may overlap the training documents")

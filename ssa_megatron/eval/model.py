@@ -58,18 +58,11 @@ def set_rope_scaling(model: torch.nn.Module, factor: Optional[float], original_l
 
 def _namespace_from_meta(meta_args: dict) -> argparse.Namespace:
     """Training flags: parser defaults overridden by what the checkpoint recorded."""
-    from ssa_megatron.training.arguments import build_parser
+    from ssa_megatron.training.arguments import build_parser, fill_model_defaults
     parser = build_parser()
     values = {a.dest: a.default for a in parser._actions if a.dest != "help"}
     values.update(meta_args)
-    ns = argparse.Namespace(**values)
-    if ns.num_query_groups is None:
-        ns.num_query_groups = ns.num_attention_heads
-    if ns.ffn_hidden_size is None:
-        ns.ffn_hidden_size = 4 * ns.hidden_size
-    if ns.max_position_embeddings is None:
-        ns.max_position_embeddings = ns.seq_length
-    return ns
+    return fill_model_defaults(argparse.Namespace(**values))
 
 
 def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str] = None,

@@ -54,7 +54,7 @@ def window_losses(model, tokens: torch.Tensor, labels: torch.Tensor,
     device = next(model.parameters()).device
     tokens, labels = tokens.to(device), labels.to(device)
     if reset_eod is not None:
-        from ssa_megatron.training.pretrain import document_cu_seqlens
+        from ssa_megatron.model.runtime import document_cu_seqlens
         pos = eod_position_ids(tokens.cpu(), reset_eod).to(device)
         RUNTIME.cu_seqlens = document_cu_seqlens(pos)
     else:

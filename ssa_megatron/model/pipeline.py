@@ -17,19 +17,13 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.transformer.spec_utils import build_module
 
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec
-from ssa_megatron.model.runtime import RUNTIME
+from ssa_megatron.model.runtime import RUNTIME, document_cu_seqlens, masked_lm_loss
 
 BRANCH_CODES = {"full": 1, "sparse": 0}
 
 
 def branch_code(mode: str) -> torch.Tensor:
     return torch.tensor([BRANCH_CODES[mode]], dtype=torch.int64)
-
-
-def _document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
 
 
 class EmbeddingPipe(torch.nn.Module):
@@ -71,7 +65,7 @@ class TransformerLayerPipe(torch.nn.Module):
     def forward(self, inputs):
         hidden, position_ids, code = inputs
         RUNTIME.mode = "full" if int(code.reshape(-1)[0]) == BRANCH_CODES["full"] else "sparse"
-        RUNTIME.cu_seqlens = _document_cu_seqlens(position_ids) if RUNTIME.reset_attention else None
+        RUNTIME.cu_seqlens = document_cu_seqlens(position_ids) if RUNTIME.reset_attention else None
         rotary = self.rotary(hidden.shape[0])
         hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
         return hidden, position_ids, code
@@ -93,9 +87,7 @@ def lm_loss_fn(logits: torch.Tensor, labels):
     """Masked mean of the vocab-parallel cross entropy (the same as the GPTModel path)."""
     labels, loss_mask = labels
     per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
-    per_token = per_token.transpose(0, 1)
-    mask = loss_mask.float()
-    return RUNTIME.lm_loss_weight * (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_lm_loss(per_token.transpose(0, 1), loss_mask)
 
 
 def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rotary_base: float,

@@ -37,10 +37,13 @@ class AlignLossTracker:
             self.configure(self.num_layers)
         if layer_number > self.num_layers:  # not configured for this many layers: grow
             grow = layer_number - self.num_layers
-            self._sum = torch.cat([self._sum, torch.zeros(grow, dtype=torch.float64)])
-            self._count = torch.cat([self._count, torch.zeros(grow, dtype=torch.float64)])
+            self._sum = torch.cat([self._sum, self._sum.new_zeros(grow)])
+            self._count = torch.cat([self._count, self._count.new_zeros(grow)])
             self.num_layers = layer_number
-        self._sum[layer_number - 1] += float(value)
+        value = value.detach()
+        if self._sum.device != value.device:  # sums stay where the losses are: no sync per layer
+            self._sum = self._sum.to(value.device)
+        self._sum[layer_number - 1] += value.to(torch.float64)
         self._count[layer_number - 1] += 1
 
     def per_layer(self, pp_group=None, tp_group=None, dp_group=None, device=None) -> torch.Tensor:
@@ -48,7 +51,8 @@ class AlignLossTracker:
 
         Every rank must call this together (it all-reduces). Layers no rank saw read NaN.
         """
-        stats = torch.stack([self._sum, self._count]).to(device or "cpu", torch.float64)
+        device = device or "cpu"
+        stats = torch.stack([self._sum.to(device), self._count.to(device)]).to(torch.float64)
         if dist.is_available() and dist.is_initialized():
             if pp_group is not None:
                 dist.all_reduce(stats, group=pp_group)  # layers are disjoint across stages
@@ -58,6 +62,20 @@ class AlignLossTracker:
                     stats /= dist.get_world_size(group)
         mean = stats[0] / stats[1]
         return mean.cpu()
+
+
+def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document boundaries over the flattened micro-batch from reset position ids
+    (a document starts where its position is 0; every row starts a document)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
+
+
+def masked_lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the tokens the mask keeps, times the LM-loss weight."""
+    mask = loss_mask.float()
+    return RUNTIME.lm_loss_weight * (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 class SSARuntime:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 
-def canonical_name(name: str, num_layers: int, pp_rank: int = 0, pp_size: int = 1) -> Optional[str]:
+def canonical_name(name: str) -> Optional[str]:
     """GPTModel name of a parameter of either model; None for parameters with no such name."""
     name = name.removeprefix("module.")
     if name.startswith("tied_modules.embed."):
@@ -40,13 +40,12 @@ def _unshard(t: torch.Tensor, param) -> torch.Tensor:
     return torch.cat([chunks[r][s] for s in range(stride) for r in range(tp)], dim=dim)
 
 
-def gather_full(model: torch.nn.Module, num_layers: int,
-                pick: Callable = lambda p: p.data) -> Dict[str, torch.Tensor]:
+def gather_full(model: torch.nn.Module, pick: Callable = lambda p: p.data) -> Dict[str, torch.Tensor]:
     """{GPTModel name: full CPU tensor} of ``pick(param)`` (weights by default, or grads),
     complete on every rank."""
     local = {}
     for name, param in model.named_parameters():
-        cname = canonical_name(name, num_layers)
+        cname = canonical_name(name)
         if cname is None:
             continue
         value = pick(param)

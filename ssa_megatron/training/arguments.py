@@ -110,16 +110,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
-def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill defaults and refuse layouts that cannot work (one line each, saying what to change)."""
-    import torch
-
+def fill_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """The model-shape flags whose default depends on other flags."""
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = 4 * args.hidden_size
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill defaults and refuse layouts that cannot work (one line each, saying what to change)."""
+    import torch
+
+    fill_model_defaults(args)
     if args.use_cpu_initialization is None:
         args.use_cpu_initialization = not torch.cuda.is_available()
     if args.bf16 and args.fp16:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ssa_megatron.model.config import ConfigError
+from ssa_megatron.model.runtime import document_cu_seqlens, masked_lm_loss
 
 
 class TrainResult(dict):
@@ -38,14 +39,6 @@ def _to_device(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
-    """Document boundaries over the flattened micro-batch from reset position ids
-    (a document starts where its position is 0; every row starts a document)."""
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
-
-
 def align_backward_scale(engine, gas: int) -> float:
     """What DeepSpeed multiplies the main loss by before backward (1/GAS, fp16 loss scale)."""
     scale = 1.0 / gas if engine.scale_wrt_gas else 1.0
@@ -59,8 +52,7 @@ def lm_loss(engine, batch, runtime) -> torch.Tensor:
     tokens, labels = batch["tokens"], batch["labels"]
     runtime.cu_seqlens = document_cu_seqlens(batch["position_ids"]) if runtime.reset_attention else None
     per_token = engine(tokens, batch["position_ids"], None, labels=labels)
-    mask = batch["loss_mask"].float()
-    return runtime.lm_loss_weight * (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
+    return masked_lm_loss(per_token, batch["loss_mask"])
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
