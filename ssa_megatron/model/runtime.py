@@ -59,8 +59,7 @@ class AlignLossTracker:
             for group in (tp_group, dp_group):
                 if group is not None and dist.get_world_size(group) > 1:
                     dist.all_reduce(stats, group=group)
-                    stats /= dist.get_world_size(group)
-        mean = stats[0] / stats[1]
+        mean = stats[0] / stats[1]  # summed losses over summed counts: the average over TP and DP
         return mean.cpu()
 
 
