@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model_utils import build_tiny_model, ce_loss, random_batches, tiny_args
+from model_utils import build_tiny_model, ce_loss, full_grads, random_batches, tiny_args
 from ssa_megatron.model import RUNTIME, SSACoreAttention, draw_mode, set_inference_mode
 from ssa_megatron.model.config import ConfigError
 
@@ -105,6 +105,38 @@ def test_baseline_modes_train_one_branch(single_process_parallel_state):
         ce_loss(model, batch).backward()
         assert RUNTIME.tracker._count.sum() == 0  # no alignment loss in the baselines
         assert model.decoder.layers[0].self_attention.linear_gate.weight.grad.abs().sum() > 0
+
+
+def test_fused_swiglu_and_cross_entropy_match_the_unfused_model(single_process_parallel_state):
+    """--bias-swiglu-fusion / --cross-entropy-loss-fusion (megatron-core's torch.compile kernels,
+    on by default with CUDA) change no loss and no gradient beyond rounding."""
+    from ssa_megatron.model.pipeline import lm_loss_fn
+    batch = random_batches(1)[0]
+    RUNTIME.mode = "sparse"
+    results = []
+    for flag in ("--no-", "--"):
+        model = build_tiny_model(tiny_args(f"{flag}bias-swiglu-fusion"))
+        assert model.config.bias_activation_fusion == (flag == "--")
+        loss = ce_loss(model, batch)
+        loss.backward()
+        results.append((loss.detach(), full_grads(model)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-7, rtol=1e-5, msg=name)
+    # the fused cross entropy works on bf16 logits (it returns bf16 gradients): the pipeline's
+    # loss, forward and backward, against the unfused one
+    logits = torch.randn(64, 2, 120, dtype=torch.bfloat16) * 3  # [s, b, vocab]
+    labels = (batch["labels"], torch.ones(2, 64))
+    grads = []
+    for fused in (True, False):
+        x = logits.clone().requires_grad_(True)
+        loss = lm_loss_fn(x, labels, fused=fused)
+        loss.backward()
+        grads.append((loss.detach(), x.grad.float()))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-2)
+    with pytest.raises(ConfigError, match="--bf16"):
+        tiny_args("--cross-entropy-loss-fusion")
 
 
 def test_mode_draw_is_deterministic_and_balanced():

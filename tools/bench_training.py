@@ -43,21 +43,40 @@ def write_synthetic_dataset(prefix: str, vocab: int, tokens: int) -> None:
         json.dump({"kind": "synthetic", "vocab_size": vocab, "eod": vocab - 1, "sha256": "none"}, f)
 
 
-def run_variant(args, name: str, data: str) -> dict:
+def variant_flags(args, name: str) -> list:
+    """A named variant, or a custom one given as --custom NAME='FLAGS' (flags appended last win)."""
+    if name in args.custom_variants:
+        return args.custom_variants[name]
+    return VARIANTS[name]
+
+
+PROFILE_CODE = (
+    "import torch; prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, "
+    "torch.profiler.ProfilerActivity.CUDA], schedule=torch.profiler.schedule(wait=3, warmup=1, "
+    "active=2)); prof.start(); r=run(parse_args(sys.argv[1:]), before_step=lambda e, i: prof.step()); "
+    "prof.stop(); print(prof.key_averages().table(sort_by='self_device_time_total', row_limit=35, max_name_column_width=60), "
+    "file=sys.stderr); ")
+
+
+def run_variant(args, name: str, data: str, profile: bool = False) -> dict:
     flags = ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
              "--ffn-hidden-size", str(args.ffn_hidden_size), "--num-attention-heads", str(args.heads),
              "--num-query-groups", str(args.kv_heads), "--seq-length", str(args.seq_length),
              "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size",
-             str(args.micro_batch_size), "--train-iters", str(args.iters), "--bf16",
+             str(args.micro_batch_size * args.gas), "--train-iters", str(args.iters), "--bf16",
              "--lr", "1e-4", "--log-interval", str(args.iters), "--data-path", data,
              "--split", "100,0,0", "--deepspeed-config", os.path.join(ROOT, "examples", "ds_zero1.json"),
-             "--num-workers", "2", *VARIANTS[name]]
+             "--num-workers", "2", *variant_flags(args, name)]
     code = ("import json,sys; from ssa_megatron.training.arguments import parse_args; "
-            "from ssa_megatron.training.pretrain import run; r=run(parse_args(sys.argv[1:])); "
+            "from ssa_megatron.training.pretrain import run; "
+            + (PROFILE_CODE if profile else "r=run(parse_args(sys.argv[1:])); ") +
             "r.pop('engine'); print('RESULT ' + json.dumps({k: v for k, v in r.items() "
             "if isinstance(v, (int, float, list, str))}))")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, env=env)
+    if profile:
+        table = proc.stderr[proc.stderr.find("-----"):] if "-----" in proc.stderr else proc.stderr[-3000:]
+        print(f"\nprofile of {name} (steps 5-6, sorted by self GPU time):\n{table}", flush=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -77,18 +96,39 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--gas", type=int, default=1,
+                   help="gradient-accumulation steps per optimizer step (global = micro x gas)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--custom", nargs="*", default=[], metavar="NAME=FLAGS",
+                   help="extra variants, e.g. full-gas4='--attention-mode full --global-batch-size 4'")
+    p.add_argument("--profile", nargs="*", default=[], metavar="VARIANT",
+                   help="also run these variants under torch.profiler and print their top kernels")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    args.custom_variants = {}
+    for spec in args.custom:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            p.error(f"--custom {spec!r}: write NAME='FLAGS'")
+        args.custom_variants[name] = flags.split()
+        if name not in args.variants:
+            args.variants.append(name)
+    unknown = [v for v in args.variants + args.profile if v not in VARIANTS and v not in args.custom_variants]
+    if unknown:
+        p.error(f"unknown variants {unknown}: pick from {sorted(VARIANTS)} or define them with --custom")
     import torch
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in card), None)
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "synthetic")
-        write_synthetic_dataset(data, args.vocab, args.iters * args.micro_batch_size * args.seq_length * 2)
+        write_synthetic_dataset(data, args.vocab,
+                                args.iters * args.micro_batch_size * args.gas * args.seq_length * 2)
         results = {name: run_variant(args, name, data) for name in args.variants}
+        for name in args.profile:
+            run_variant(args, name, data, profile=True)
     print(f"\n{card}: {args.num_layers} layers, hidden {args.hidden_size}, heads {args.heads}/{args.kv_heads}, "
-          f"seq {args.seq_length}, micro-batch {args.micro_batch_size}, bf16, ZeRO-1; "
+          f"seq {args.seq_length}, micro-batch {args.micro_batch_size} x {args.gas} accumulation, "
+          "bf16, ZeRO-1; "
           f"median of steps {args.warmup + 1}..{args.iters}")
     print(f"{'variant':<16}{'step ms':>10}{'tokens/s':>12}{'peak GB':>10}{'TFLOP/s':>10}{'MFU':>8}{'vs full':>9}")
     base = None

@@ -3,11 +3,14 @@
 data, steps, hyper-parameters and seeds, then evaluated with tools/evaluate.py.
 
     python tools/paper_comparison.py --data-path DATA/english_text_document --out runs/compare \
-        --seeds 1 2 --gpus 4
+        --seeds 1 2 --train-iters 1500
 
-Runs every (system, seed) as its own training process, spread round-robin over the GPUs (several
-small models share a GPU), then evaluates each final checkpoint: held-out perplexity in full and
-sparse mode over a block_counts sweep, dropped attention mass per layer and the full/sparse gap.
+Runs every (system, seed) as its own training process followed by its evaluation, one run per
+GPU at a time (longest first, the next run starts on whichever GPU frees up): held-out
+perplexity in full and sparse mode over a block_counts sweep, dropped attention mass per layer
+and the full/sparse gap. With --deadline the runs still going save and stop at that time; the
+same command run again resumes them from their checkpoints and skips what is done, so a study
+can span several sessions.
 Writes OUT/summary.json and OUT/summary.md (mean and spread over seeds).
 """
 from __future__ import annotations
@@ -22,6 +25,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa"}
+# relative step cost, to start the longest runs first (SSA runs both branches every step)
+COST = {"ssa": 1.7, "full-full": 1.0, "sparse-sparse": 0.9}
+FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
 
 
 def model_flags(args) -> list:
@@ -55,33 +61,115 @@ def eval_command(args, out: str) -> list:
             *args.eval_extra]
 
 
-def run_all(jobs, gpus: int, log_name: str, deadline: float = None):
-    """Run (out_dir, command) jobs concurrently, job i on GPU i % gpus. Past ``deadline``
-    seconds the jobs get SIGTERM: the trainer saves at its next step and exits."""
-    procs = []
-    for i, (out, cmd) in enumerate(jobs):
-        env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(29700 + i))
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        log = open(os.path.join(out, log_name), "w")
-        procs.append((out, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    start = time.time()
-    stopped = False
-    while any(proc.poll() is None for _, proc, _ in procs):
-        if deadline and not stopped and time.time() - start > deadline:
-            for _, proc, _ in procs:
-                if proc.poll() is None:
-                    proc.terminate()
+def _start(cmd, out: str, log_name: str, gpu, port: int):
+    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(port))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    log = open(os.path.join(out, log_name), "a")  # a resumed run appends to its log
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None):
+    """Run jobs, each a list of steps ``(log_name, make_command)`` run one after the other, on
+    ``gpus * jobs_per_gpu`` slots (slot i on GPU i % gpus), in the order given: put the longest
+    first. ``make_command()`` runs when the step starts and may return None (skip the step).
+    Past ``deadline`` seconds no step starts, and running ones get SIGTERM (the trainer saves at
+    its next step and exits with 3). Returns the outputs whose steps failed."""
+    pending = list(jobs)
+    slots = [None] * max(1, (gpus or 1) * jobs_per_gpu)  # (out, steps left, proc, log)
+    failed, start, stopped, port = [], time.time(), False, 29700
+
+    def next_step(slot, out, steps):
+        nonlocal port
+        while steps:
+            log_name, make = steps[0]
+            cmd = make()
+            steps = steps[1:]
+            if cmd is not None:
+                port += 1
+                proc, log = _start(cmd, out, log_name, slot % gpus if gpus else None, port)
+                return (out, steps, proc, log)
+        return None
+
+    while True:
+        late = deadline is not None and time.time() - start > deadline
+        if late and not stopped:
             stopped = True
-            print(f"deadline {deadline:.0f} s reached: asked the runs still going to save and stop",
-                  flush=True)
+            print(f"deadline {deadline:.0f} s reached: the runs still going save and stop; "
+                  f"{len(pending)} not started", flush=True)
+            for entry in slots:
+                if entry is not None and entry[2].poll() is None:
+                    entry[2].terminate()
+        for i, entry in enumerate(slots):
+            if entry is not None:
+                out, steps, proc, log = entry
+                if proc.poll() is None:
+                    continue
+                log.close()
+                if proc.returncode not in (0, 3):  # 3: stopped by the signal after saving
+                    failed.append(out)
+                    steps = []
+                slots[i] = None if (late or not steps) else next_step(i, out, steps)
+            while slots[i] is None and pending and not late:
+                out, steps = pending.pop(0)
+                slots[i] = next_step(i, out, steps)
+        if all(entry is None for entry in slots) and (late or not pending):
+            return failed
         time.sleep(2)
-    failed = []
-    for out, proc, log in procs:
-        if proc.returncode not in (0, 3):  # 3: stopped by the signal after saving
-            failed.append(out)
-        log.close()
-    return failed
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_step(args, system: str, seed: int, out: str):
+    """The training command of one run; resumes from its own checkpoint, skips a finished run."""
+    def make():
+        done = _read_json(os.path.join(out, "train.json"))
+        if done and done.get("iteration", 0) >= args.train_iters:
+            return None
+        cmd = train_command(args, system, seed, out)
+        if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
+            if done:  # keep the first part's per-step record next to the resumed one
+                os.replace(os.path.join(out, "train.json"),
+                           os.path.join(out, f"train_until_{done['iteration']}.json"))
+            cmd += ["--load", os.path.join(out, "checkpoint")]
+        return cmd
+    return make
+
+
+def eval_step(args, out: str):
+    """The evaluation of a run's final checkpoint, unless eval.json is newer than it."""
+    def make():
+        latest = os.path.join(out, "checkpoint", "latest")
+        result = os.path.join(out, "eval.json")
+        if not os.path.isfile(latest) or args.skip_eval:
+            return None
+        if os.path.isfile(result) and os.path.getmtime(result) > os.path.getmtime(latest):
+            return None
+        return eval_command(args, out)
+    return make
+
+
+def train_record(out: str):
+    """Per-step losses and times of a run, joined over its resumed parts."""
+    parts = sorted((f for f in os.listdir(out) if f.startswith("train_until_")),
+                   key=lambda f: int(f[len("train_until_"):-5]))
+    records = [_read_json(os.path.join(out, f)) for f in parts + ["train.json"]]
+    records = [r for r in records if r]
+    if not records:
+        return None
+    last = records[-1]
+    losses = [x for r in records for x in r["lm_loss"]]
+    times = [x for r in records for x in r["step_time"]]
+    tail = losses[-FINAL_LOSS_STEPS:]
+    return {"iterations": last["iteration"], "parts": len(records),
+            "final_lm_loss": sum(tail) / len(tail),
+            "tokens": last["tokens_per_iteration"] * last["iteration"],
+            "median_step_s": statistics.median(times)}
 
 
 def summarise(args, runs) -> dict:
@@ -97,7 +185,7 @@ def summarise(args, runs) -> dict:
     return table
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-path", required=True)
     p.add_argument("--out", default="runs/compare")
@@ -122,9 +210,17 @@ def main(argv=None) -> int:
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--eval-extra", nargs="*", default=[])
     p.add_argument("--skip-train", action="store_true")
-    p.add_argument("--train-deadline", type=float, default=None,
-                   help="seconds; then every run still training saves and stops (reported)")
-    args = p.parse_args(argv)
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--jobs-per-gpu", type=int, default=1,
+                   help="runs sharing one GPU at a time (1: one after the other, the fastest)")
+    p.add_argument("--deadline", "--train-deadline", type=float, default=None,
+                   help="seconds; then running jobs save and stop and no new one starts; run the "
+                        "same command again to resume them from their checkpoints")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     gpus = args.gpus
     if gpus is None:
         import torch
@@ -136,32 +232,22 @@ def main(argv=None) -> int:
             os.makedirs(out, exist_ok=True)
             runs[(system, seed)] = out
     t0 = time.time()
-    if not args.skip_train:
-        jobs = [(out, train_command(args, s, seed, out)) for (s, seed), out in runs.items()]
-        with open(os.path.join(args.out, "commands.txt"), "w") as f:
-            f.writelines(" ".join(cmd[1:]) + "\n" for _, cmd in jobs)
-        failed = run_all(jobs, gpus, "train.log", args.train_deadline)
-        print(f"training: {len(jobs) - len(failed)}/{len(jobs)} runs finished in {time.time() - t0:.0f} s"
-              + (f"; failed: {failed}" if failed else ""), flush=True)
-    t1 = time.time()
-    jobs = [(out, eval_command(args, out)) for out in runs.values()
-            if os.path.isfile(os.path.join(out, "checkpoint", "latest"))]
+    order = sorted(runs.items(), key=lambda item: -COST[item[0][0]])
+    jobs = []
+    for (system, seed), out in order:
+        steps = [] if args.skip_train else [("train.log", train_step(args, system, seed, out))]
+        jobs.append((out, steps + [("eval.log", eval_step(args, out))]))
     with open(os.path.join(args.out, "commands.txt"), "a") as f:
-        f.writelines(" ".join(cmd[1:]) + "\n" for _, cmd in jobs)
-    failed = run_all(jobs, gpus, "eval.log")
-    print(f"evaluation: {len(jobs) - len(failed)}/{len(jobs)} finished in {time.time() - t1:.0f} s"
-          + (f"; failed: {failed}" if failed else ""), flush=True)
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv)}\n")
+        for (system, seed), out in order:
+            f.write(" ".join(train_command(args, system, seed, out)[1:]) + "\n")
+            f.write(" ".join(eval_command(args, out)[1:]) + "\n")
+    failed = run_queue(jobs, gpus, args.jobs_per_gpu, args.deadline)
+    print(f"{len(jobs) - len(failed)}/{len(jobs)} runs trained and evaluated without error in "
+          f"{time.time() - t0:.0f} s" + (f"; failed: {failed}" if failed else ""), flush=True)
     summary = summarise(args, runs)
-    train = {}
-    for (system, seed), out in runs.items():
-        path = os.path.join(out, "train.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                r = json.load(f)
-            train[f"{system}_seed{seed}"] = {"iterations": r["iteration"],
-                                            "final_lm_loss": r["lm_loss"][-1],
-                                            "tokens": r["tokens_per_iteration"] * r["iteration"],
-                                            "median_step_s": statistics.median(r["step_time"])}
+    train = {f"{system}_seed{seed}": train_record(out) for (system, seed), out in runs.items()}
+    train = {k: v for k, v in train.items() if v}
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"train": train, "eval": summary, "args": vars(args)}, f, indent=1)
     table = markdown_summary(args, train, summary)

@@ -8,6 +8,8 @@ last stage), and every layer's alignment loss trains on its own stage (model/ali
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
@@ -83,10 +85,18 @@ class FinalNormPipe(torch.nn.Module):
         return self.norm(inputs[0])
 
 
-def lm_loss_fn(logits: torch.Tensor, labels):
-    """Masked mean of the vocab-parallel cross entropy (the same as the GPTModel path)."""
+def lm_loss_fn(logits: torch.Tensor, labels, fused: bool = False):
+    """Masked mean of the vocab-parallel cross entropy (the same as the GPTModel path; ``fused``:
+    megatron-core's fused native implementation, as --cross-entropy-loss-fusion picks there)."""
     labels, loss_mask = labels
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+    target = labels.transpose(0, 1).contiguous()
+    if fused:
+        from megatron.core import parallel_state
+        from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+        per_token = fused_vocab_parallel_cross_entropy(
+            logits, target, parallel_state.get_tensor_model_parallel_group())
+    else:
+        per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
     return masked_lm_loss(per_token.transpose(0, 1), loss_mask)
 
 
@@ -107,7 +117,8 @@ def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rota
     layers += [LayerSpec(FinalNormPipe, config),
                TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
                              forward_fn=lm_head, tied_weight_attr=["weight"])]
-    return PipelineModule(layers=layers, loss_fn=lm_loss_fn, topology=topology,
+    return PipelineModule(layers=layers, loss_fn=functools.partial(
+        lm_loss_fn, fused=bool(config.cross_entropy_loss_fusion)), topology=topology,
                           partition_method=partition_method,
                           activation_checkpoint_interval=activation_checkpoint_interval,
                           # only transformer layers: a checkpointed embedding would cut the graph

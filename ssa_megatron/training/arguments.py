@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recompute-activations", action="store_true",
                    help="PP=1: recompute every transformer layer in backward (megatron-core's "
                         "full recompute); with PP > 1 use --recompute-interval")
+    t.add_argument("--bias-swiglu-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="megatron-core's fused SwiGLU (torch.compile); default: on with CUDA")
+    t.add_argument("--cross-entropy-loss-fusion", action=argparse.BooleanOptionalAction,
+                   default=None, help="megatron-core's fused cross entropy (native impl, "
+                                      "torch.compile; bf16 only); default: on with CUDA and --bf16")
     t.add_argument("--use-cpu-initialization", action="store_true", default=None,
                    help="init weights on the CPU from one master copy (default on without CUDA)")
 
@@ -128,6 +133,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     fill_model_defaults(args)
     if args.use_cpu_initialization is None:
         args.use_cpu_initialization = not torch.cuda.is_available()
+    # the fused kernels compile with Triton (torch.compile): on by default on GPUs only
+    if args.bias_swiglu_fusion is None:
+        args.bias_swiglu_fusion = torch.cuda.is_available()
+    if args.cross_entropy_loss_fusion is None:
+        args.cross_entropy_loss_fusion = torch.cuda.is_available() and bool(args.bf16)
+    if args.cross_entropy_loss_fusion and not args.bf16:
+        raise ConfigError("--cross-entropy-loss-fusion rounds the logit gradients to bf16 "
+                          "(megatron-core's native kernel): use it with --bf16, or drop it")
     if args.bf16 and args.fp16:
         raise ConfigError("choose one of --bf16 and --fp16")
     check_ssa_settings(args.attention_mode, args.ssa_block_size, args.ssa_block_counts,

@@ -1,0 +1,76 @@
+"""tools/paper_comparison.py's scheduling: one run per GPU slot, longest first, deadline stop,
+resume from a run's own checkpoint, skipping finished training and fresh evaluations."""
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+
+import paper_comparison as pc  # noqa: E402
+
+
+def _args(tmp_path, *extra):
+    return pc.build_parser().parse_args(["--data-path", "unused", "--out", str(tmp_path),
+                                         "--train-iters", "10", *extra])
+
+
+def _sleeper(seconds, record):
+    code = f"import time; open({record!r}, 'a').write(str(time.time()) + '\\n'); time.sleep({seconds})"
+    return lambda: [sys.executable, "-c", code]
+
+
+def test_queue_runs_steps_in_order_one_job_per_slot(tmp_path):
+    outs = [tmp_path / f"run{i}" for i in range(3)]
+    for out in outs:
+        out.mkdir()
+    jobs = [(str(out), [("a.log", _sleeper(0.5, str(out / "a"))), ("b.log", _sleeper(0, str(out / "b")))])
+            for out in outs]
+    t0 = time.time()
+    assert pc.run_queue(jobs, gpus=2) == []
+    for out in outs:  # every step ran, the second after the first
+        assert float((out / "a").read_text()) < float((out / "b").read_text())
+    # two slots: the third job started only after one of the first two finished both steps
+    starts = sorted(float((out / "a").read_text()) for out in outs)
+    assert starts[2] - starts[0] >= 0.4
+    assert time.time() - t0 < 30
+
+
+def test_deadline_stops_running_jobs_and_starts_no_new_one(tmp_path):
+    outs = [tmp_path / f"run{i}" for i in range(2)]
+    for out in outs:
+        out.mkdir()
+    jobs = [(str(out), [("a.log", _sleeper(60, str(out / "a")))]) for out in outs]
+    t0 = time.time()
+    failed = pc.run_queue(jobs, gpus=1, deadline=1)
+    assert time.time() - t0 < 20
+    assert (outs[0] / "a").exists() and not (outs[1] / "a").exists()
+    assert failed == [str(outs[0])]  # killed by SIGTERM, not the trainer's "saved and stopped" 3
+
+
+def test_resume_skip_and_joined_record(tmp_path):
+    args = _args(tmp_path)
+    out = tmp_path / "ssa_seed1"
+    (out / "checkpoint").mkdir(parents=True)
+    make = pc.train_step(args, "ssa", 1, str(out))
+    assert "--load" not in make()  # nothing saved yet: a fresh start
+    (out / "checkpoint" / "latest").write_text("iter_0000004")
+    part = {"iteration": 4, "lm_loss": [5.0, 4.0, 3.0, 2.0], "step_time": [1.0] * 4,
+            "tokens_per_iteration": 100}
+    (out / "train.json").write_text(json.dumps(part))
+    cmd = make()
+    assert cmd[cmd.index("--load") + 1] == str(out / "checkpoint")
+    assert (out / "train_until_4.json").exists() and not (out / "train.json").exists()
+    (out / "train.json").write_text(json.dumps(dict(part, iteration=10, lm_loss=[1.0] * 6,
+                                                    step_time=[3.0] * 6)))
+    assert make() is None  # finished: not trained again
+    record = pc.train_record(str(out))
+    assert record["iterations"] == 10 and record["parts"] == 2 and record["tokens"] == 1000
+    assert abs(record["final_lm_loss"] - (5 + 4 + 3 + 2 + 6) / 10) < 1e-9  # mean of the last 10
+    assert record["median_step_s"] == 3.0  # over the steps of both parts
+    evaluate = pc.eval_step(args, str(out))
+    assert evaluate() is not None
+    (out / "eval.json").write_text("{}")
+    os.utime(out / "eval.json", (time.time() + 5, time.time() + 5))
+    assert evaluate() is None  # newer than the checkpoint: not evaluated again
