@@ -63,8 +63,9 @@ def eval_command(args, out: str) -> list:
 
 def _start(cmd, out: str, log_name: str, gpu, port: int):
     env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(port))
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if gpu is not None:  # the gpu-th of the devices this process may use
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
     log = open(os.path.join(out, log_name), "a")  # a resumed run appends to its log
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
