@@ -139,6 +139,24 @@ def test_fused_swiglu_and_cross_entropy_match_the_unfused_model(single_process_p
         tiny_args("--cross-entropy-loss-fusion")
 
 
+def test_optimizer_flags_win_over_the_deepspeed_json():
+    import json
+    import os
+
+    from ssa_megatron.training.arguments import load_deepspeed_config
+    json_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "examples", "ds_zero1.json")
+    with open(json_path) as f:
+        assert json.load(f)["optimizer"]["params"]["lr"] == 1e-3  # what the flags must override
+    args = tiny_args("--deepspeed-config", json_path, "--lr", "3e-4", "--weight-decay", "0.01",
+                     "--adam-beta2", "0.99", "--adam-eps", "1e-6")
+    params = load_deepspeed_config(args, 1)["optimizer"]["params"]
+    assert params["lr"] == 3e-4 and params["weight_decay"] == 0.01
+    assert params["betas"] == [0.9, 0.99] and params["eps"] == 1e-6
+    default = load_deepspeed_config(tiny_args("--lr", "2e-4"), 1)["optimizer"]
+    assert default["type"] == "AdamW" and default["params"]["lr"] == 2e-4
+
+
 def test_mode_draw_is_deterministic_and_balanced():
     draws = [draw_mode(1234, it, mb) for it in range(200) for mb in range(4)]
     assert draws == [draw_mode(1234, it, mb) for it in range(200) for mb in range(4)]

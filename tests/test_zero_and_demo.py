@@ -19,7 +19,12 @@ def test_zero_stage_trains_and_loss_falls(tmp_path, random_dataset, stage):
     assert len(losses) == 16
     assert sum(losses[-3:]) / 3 < losses[0] - 0.15, losses
     with open(tmp_path / f"zero{stage}" / "rank0.log") as f:
-        assert f"ZeRO stage {stage}" in f.read()
+        log = f.read()
+    assert f"ZeRO stage {stage}" in log
+    # --lr wins over the JSON's optimizer lr (1e-3): the lr logged after step 1 (the end of
+    # the 2-step warmup) is the flag's 1e-2
+    first = log[log.index("iteration       1/16 |"):].splitlines()[0]
+    assert "lr 1.000e-02" in first, first
 
 
 def test_readme_demo_command_runs_end_to_end(tmp_path):

@@ -191,7 +191,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def load_deepspeed_config(args: argparse.Namespace, dp_size: int) -> dict:
-    """The user's DeepSpeed JSON with batch sizes, precision and clipping taken from the flags."""
+    """The user's DeepSpeed JSON with batch sizes, precision, clipping and the optimizer's
+    hyper-parameters taken from the flags."""
     cfg = {}
     if args.deepspeed_config:
         with open(args.deepspeed_config) as f:
@@ -213,6 +214,14 @@ def load_deepspeed_config(args: argparse.Namespace, dp_size: int) -> dict:
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if args.zero_stage is not None:
         zero["stage"] = args.zero_stage
+    # The flags own the optimizer's hyper-parameters as they own batch sizes and precision (a
+    # JSON "optimizer" block may pick the type and its other settings, not a second lr).
+    optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True,
+                                                                          "adam_w_mode": True}})
+    params = optimizer.setdefault("params", {})
+    params.update(lr=args.lr, weight_decay=args.weight_decay)
+    if any(family in str(optimizer.get("type", "")).lower() for family in ("adam", "lamb")):
+        params.update(betas=[args.adam_beta1, args.adam_beta2], eps=args.adam_eps)
     cfg["bf16"] = {"enabled": bool(args.bf16)}
     if args.fp16:
         cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": True}

@@ -138,7 +138,8 @@ def evaluate_pipe(engine, loader_iter, args, gas: int) -> Optional[float]:
 
 def build_engine(args, info, dp_size: int):
     """Model (GPTModel, or the pipeline model when PP > 1) wrapped in a DeepSpeed engine with
-    AdamW (unless the JSON names an optimizer) and the Megatron-style LR schedule."""
+    AdamW (unless the JSON names another type; --lr etc. always set its hyper-parameters) and
+    the Megatron-style LR schedule."""
     import deepspeed
 
     from ssa_megatron.model.builder import build_config, build_gpt_model, padded_vocab_size
@@ -148,9 +149,6 @@ def build_engine(args, info, dp_size: int):
     from ssa_megatron.training.optim import lr_lambda, param_groups
 
     ds_config = load_deepspeed_config(args, dp_size)
-    ds_config.setdefault("optimizer", {"type": "AdamW", "params": {
-        "lr": args.lr, "betas": [args.adam_beta1, args.adam_beta2], "eps": args.adam_eps,
-        "weight_decay": args.weight_decay, "torch_adam": True, "adam_w_mode": True}})
     config = build_config(args)
     pipelined = args.pipeline_model_parallel_size > 1
     vocab = padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)
