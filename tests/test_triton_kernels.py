@@ -9,6 +9,8 @@ Checks: selection indices equal the reference's as sets (where they differ, the 
 blocks' reference scores lie within 1e-5 of the reference's K-th score: genuine near-ties),
 slot 0 is the current block and empty slots agree; sparse attention output and dq/dk/dv equal
 the reference's on the same indices; the dispatch layer with the Triton backend forced.
+Selection alone once per pass-2 merge strategy (``triton_selection.CONFIG["merge"]``): the same
+checks, and the "sort" merge's indices bit-identical to the "insert" merge's.
 """
 from __future__ import annotations
 
@@ -38,6 +40,25 @@ GROUPS = {
     "g3": [(1, 72, 6, 2, 16, 3, BS, [0, 40, 72])],
 }
 
+# Selection only, run once per merge strategy: (B, T, HQ, H, D, block_counts, block_size,
+# cu_seqlens, CONFIG overrides). Narrow chunks (bn 4 / 8: interpreter only, too narrow for
+# tl.dot on a GPU) and few rows give several chunks per tile at small T, so whole chunks are
+# skipped; short documents leave empty slots; K 24 with bn 16 pads the chunk to the 32-wide
+# list; sort_fast picks the sort merge's branches (0: always the full chunk sort, 15: always the
+# K-1 best keys, else whichever the chunk needs). The interpreter runs tl.sort slowly: keep
+# these small (the sort merge's cases also rerun the insert merge).
+SELECT_CASES = [
+    (1, 112, 16, 1, 16, 4, BS, [0, 16, 112], {"sort_fast": 0}),  # G16, BN = 8 KB
+    (1, 224, 4, 1, 16, 8, BS, None, {"bn": 16, "sort_fast": 2}),  # G4, BN = 2 KB
+    (1, 280, 2, 1, 16, 16, BS, [0, 24, 280], {"bn": 16, "sort_fast": 0}),  # G2, BN = KB
+    (1, 112, 2, 2, 16, 16, BS, None, {"bn": 16, "sort_fast": 15}),  # G1, < K blocks
+    (1, 112, 2, 1, 16, 3, BS, None, {"bn": 4, "rows": 4, "sort_fast": 1}),  # G2, skips
+    (1, 160, 1, 1, 16, 2, BS, None, {"bn": 8, "rows": 4}),  # G1, K 2: one-key list, skips
+    (1, 70, 2, 2, 16, 1, BS, [0, 33, 70], {}),  # K 1: current block only
+    (1, 120, 4, 1, 16, 24, BS, [0, 20, 120], {"bn": 16}),  # K 24 > blocks, list wider than BN
+]
+MERGES = ("insert", "sort")
+
 
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -58,6 +79,15 @@ def _run_group(name):
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_kernels_match_reference(group):
     for row in _run_group(group):
+        assert row["ok"], row
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("merge", MERGES)
+def test_selection_merge_strategies(merge):
+    rows = _run_group("select:" + merge)
+    assert len(rows) == len(SELECT_CASES)
+    for row in rows:
         assert row["ok"], row
 
 
@@ -96,6 +126,58 @@ def test_dispatch_backend_switch(monkeypatch):
 # Child process: TRITON_INTERPRET=1 is set before anything imports triton.
 # ------------------------------------------------------------------------------------------
 
+def _selection_ok(it, ir, q, k, t, cs, b, bs):
+    """Kernel indices ``it`` vs the reference's ``ir``: (ok, fraction of exact rows, worst tie)."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+
+    ok = it.dtype == torch.int32 and it.shape == ir.shape
+    ok &= bool(torch.equal(it[..., 0], ir[..., 0]))
+    ok &= bool(torch.equal((it >= 0).sum(-1), (ir >= 0).sum(-1)))
+    same = (torch.sort(it, -1).values == torch.sort(ir, -1).values).all(-1)
+    worst = 0.0
+    segs = ref._segments(t, cs, b)
+    for bi, ti, hi in (~same).nonzero().tolist():
+        a0 = [a for a, e in segs if a <= ti < e][0]
+        sc = ref._chunk_scores(q[bi:bi + 1, ti:ti + 1], k[bi:bi + 1, a0:ti + 1], ti - a0, bs,
+                               None)[0, 0, hi]
+        sel_r = ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()
+        kth = sc[sel_r].min().item()
+        diff = (set(it[bi, ti, hi].tolist()) ^ set(ir[bi, ti, hi].tolist())) - {-1}
+        worst = max(worst, max(abs(sc[j].item() - kth) for j in diff))
+    ok &= worst <= 1e-5
+    return bool(ok), float(same.float().mean()), worst
+
+
+def _check_select(case, merge, seed):
+    """Selection alone with CONFIG["merge"] = merge (CONFIG restored afterwards)."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_selection as tsel
+
+    b, t, hq, h, d, kc, bs, cu, over = case
+    torch.manual_seed(seed)
+    cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+    q = torch.randn(b, t, hq, d) * 1.5
+    k = torch.randn(b, t, h, d) * 1.5
+    saved = dict(tsel.CONFIG)
+    try:
+        tsel.CONFIG.update(over, merge=merge)
+        it = tsel.select_blocks(q, k, bs, kc, cs)
+        if merge != "insert":  # bit-identical to the insert merge, order included
+            tsel.CONFIG["merge"] = "insert"
+            same_insert = bool(torch.equal(it, tsel.select_blocks(q, k, bs, kc, cs)))
+        else:
+            same_insert = True
+    finally:
+        tsel.CONFIG.clear()
+        tsel.CONFIG.update(saved)
+    ir = ref.select_blocks(q, k, bs, kc, cs)
+    ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs)
+    return {"case": list(case[:7]) + [cu, over], "merge": merge, "sel_exact": exact,
+            "sel_worst_tie": worst, "same_as_insert": same_insert, "ok": ok and same_insert}
+
+
 def _check_case(case, seed):
     import torch
     from ssa_megatron.ops import dispatch, reference as ref
@@ -113,22 +195,8 @@ def _check_case(case, seed):
     # ---- selection
     it = tsel.select_blocks(q, k, bs, kc, cs)
     ir = ref.select_blocks(q, k, bs, kc, cs)
-    sel_ok = it.dtype == torch.int32 and it.shape == ir.shape
-    sel_ok &= bool(torch.equal(it[..., 0], ir[..., 0]))
-    sel_ok &= bool(torch.equal((it >= 0).sum(-1), (ir >= 0).sum(-1)))
-    same = (torch.sort(it, -1).values == torch.sort(ir, -1).values).all(-1)
-    worst = 0.0
-    segs = ref._segments(t, cs, b)
-    for bi, ti, hi in (~same).nonzero().tolist():
-        a0 = [a for a, e in segs if a <= ti < e][0]
-        sc = ref._chunk_scores(q[bi:bi + 1, ti:ti + 1], k[bi:bi + 1, a0:ti + 1], ti - a0, bs,
-                               None)[0, 0, hi]
-        sel_r = ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()
-        kth = sc[sel_r].min().item()
-        diff = (set(it[bi, ti, hi].tolist()) ^ set(ir[bi, ti, hi].tolist())) - {-1}
-        worst = max(worst, max(abs(sc[j].item() - kth) for j in diff))
-    sel_ok &= worst <= 1e-5
-    out.update(sel_exact=float(same.float().mean()), sel_worst_tie=worst)
+    sel_ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs)
+    out.update(sel_exact=exact, sel_worst_tie=worst)
 
     # ---- sparse attention on the reference's indices: output and gradients
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -169,6 +237,11 @@ def _check_case(case, seed):
 
 
 def _child(group):
+    if group.startswith("select:"):
+        merge = group.split(":", 1)[1]
+        for i, case in enumerate(SELECT_CASES):
+            print(json.dumps(_check_select(case, merge, seed=2000 + i)), flush=True)
+        return
     for i, case in enumerate(GROUPS[group]):
         print(json.dumps(_check_case(case, seed=1000 + i)), flush=True)
 

@@ -10,8 +10,14 @@
    alignment loss) fwd+bwd, the NSA baseline (compression + selection + window 128, three gates;
    ops/nsa.py) fwd and fwd+bwd, sparse-only prefill (no grad), and fla-core's NSA selection kernel
    when importable. Ratios are against SDPA in the same run.
+3. With ``--select-merge insert,sort``: the selection timed once per pass-2 merge strategy
+   (``triton_selection.CONFIG["merge"]``) on the same inputs and card, columns ``select_<merge>``,
+   and ``sel_merge_same``: the fraction of (token, kv head) index rows equal to the first
+   strategy's (also checked on the bf16 correctness cases). ``--select-only`` skips every other
+   timing.
 
 Usage: python tools/bench_attention.py [--quick] [--shapes 4x8192,1x32768] [--json out.json]
+       [--select-merge insert,sort] [--select-only]
 """
 from __future__ import annotations
 
@@ -35,7 +41,29 @@ def _bench(fn, warmup=10, rep=50):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
 
 
-def check_correctness(device, verbose=True):
+def _merge_variants(q, k, merges, cs=None, timed=False):
+    """Selection with each CONFIG["merge"] in ``merges`` (restored afterwards).
+
+    Returns ({merge: ms or None}, fraction of (token, kv head) rows equal to the first merge's).
+    """
+    from ssa_megatron.ops import triton_selection as tsel
+    saved = tsel.CONFIG.get("merge", "insert")
+    ms, first, same = {}, None, 1.0
+    try:
+        for m in merges:
+            tsel.CONFIG["merge"] = m
+            idx = tsel.select_blocks(q, k, BS, KC, cs)
+            if first is None:
+                first = idx
+            else:
+                same = min(same, (idx == first).all(-1).float().mean().item())
+            ms[m] = _bench(lambda: tsel.select_blocks(q, k, BS, KC, cs)) if timed else None
+    finally:
+        tsel.CONFIG["merge"] = saved
+    return ms, same
+
+
+def check_correctness(device, verbose=True, merges=()):
     from ssa_megatron.ops import dispatch
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
@@ -72,6 +100,10 @@ def check_correctness(device, verbose=True):
                 kth = sc[ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()].min().item()
                 worst = max(worst, max(abs(sc[j].item() - kth) for j in x))
         sel_ok = slot0 and (frac_same == 1.0 or worst < 2e-2)
+        merge_same = None
+        if len(merges) > 1:  # every merge strategy must give the same indices
+            merge_same = _merge_variants(q, k, merges, cs)[1]
+            sel_ok &= merge_same == 1.0
         # sparse attention on the reference indices: bf16 kernel vs fp32 reference
         qr, kr, vr = (x.detach().float().requires_grad_() for x in (q, k, v))
         qt, kt, vt = (x.detach().clone().requires_grad_() for x in (q, k, v))
@@ -115,13 +147,14 @@ def check_correctness(device, verbose=True):
                          rel_err_o_dq_dk_dv=[float(f"{e:.2e}") for e in errs], nan=nan,
                          align_rel_err=float(f"{al_err:.1e}"), full_rel_err=float(f"{full_err:.1e}"),
                          nsa_cmp_win_rel_err=float(f"{nsa_err:.1e}"),
+                         **({} if merge_same is None else {"sel_merge_same": merge_same}),
                          ok=bool(sel_ok and att_ok and al_ok)))
         if verbose:
             print("check", rows[-1], flush=True)
     return ok, rows
 
 
-def time_shape(b, t, hq, h, d, device, want_fla=True):
+def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=False):
     from ssa_megatron.ops import dispatch
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
@@ -133,6 +166,14 @@ def time_shape(b, t, hq, h, d, device, want_fla=True):
     v = torch.randn(b, t, h, d, device=device, dtype=dt, requires_grad=True)
     do = torch.randn(b, t, hq, d, device=device, dtype=dt)
     res = {}
+    if merges:  # the selection once per merge strategy, same inputs, same card
+        ms, same = _merge_variants(q.detach(), k.detach(), merges, timed=True)
+        for m, x in ms.items():
+            res[f"select_{m}"] = x
+        res["sel_merge_same"] = same
+    if select_only:
+        res["select"] = _bench(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
+        return res
     # --- SDPA full causal on [B, HQ, T, D] with expanded kv (the pure flash kernel)
     qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
     kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
@@ -223,7 +264,13 @@ def main(argv=None):
     ap.add_argument("--heads", default="32/2/64,32/8/128", help="comma list of HQ/H/D")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--json", default=None, help="write all numbers to this file")
+    ap.add_argument("--select-merge", default=None,
+                    help="comma list of selection merge strategies to time side by side "
+                         "(triton_selection.CONFIG['merge'], e.g. insert,sort)")
+    ap.add_argument("--select-only", action="store_true",
+                    help="time only the selection (with --select-merge: each strategy)")
     args = ap.parse_args(argv)
+    merges = tuple(m for m in (args.select_merge or "").split(",") if m)
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (run the CPU tests for correctness instead)")
         return 2
@@ -233,7 +280,7 @@ def main(argv=None):
     print(f"GPU: {name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
     out = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}
     if not args.skip_check:
-        ok, rows = check_correctness(dev)
+        ok, rows = check_correctness(dev, merges=merges)
         out["check"] = rows
         print(f"correctness (bf16 vs reference): {'PASS' if ok else 'FAIL'}", flush=True)
     table = []
@@ -242,7 +289,7 @@ def main(argv=None):
         for hd in args.heads.split(","):
             hq, h, d = (int(x) for x in hd.split("/"))
             try:
-                r = time_shape(b, t, hq, h, d, dev)
+                r = time_shape(b, t, hq, h, d, dev, merges=merges, select_only=args.select_only)
             except Exception as exc:  # noqa: BLE001  (report and go on to the next shape)
                 import traceback
                 traceback.print_exc()
@@ -261,11 +308,15 @@ def main(argv=None):
     cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "sparse_attn_fwd", "sparse_attn_bwd",
             "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "nsa_fwd", "nsa_fwdbwd", "prefill_sparse",
             "fla_sel_fwd", "fla_sel_fwdbwd"]
+    if merges:
+        cols[3:3] = [f"select_{m}" for m in merges] + ["sel_merge_same"]
+    if args.select_only:
+        cols = [c for c in cols if c.startswith("sel")]
     print(f"{'shape':28s}" + "".join(f"{c[:16]:>17s}" for c in cols))
     for r in table:
         print(f"{r['shape']:28s}" + "".join(f"{f(r.get(c, '-')):>17s}" for c in cols))
     print("\nratios:")
-    for r in table:
+    for r in ([] if args.select_only else table):
         sf, sfb = r["sdpa_fwd"], r["sdpa_fwdbwd"]
         line = (f"{r['shape']:28s} sparse fwd+bwd / SDPA fwd+bwd = {r['sparse_fwdbwd'] / sfb:.3f} "
                 f"(target <= 0.167) | SSA fwd+bwd / SDPA fwd+bwd = {r['ssa_fwdbwd'] / sfb:.3f} "
