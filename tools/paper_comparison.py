@@ -249,13 +249,46 @@ def main(argv=None) -> int:
     summary = summarise(args, runs)
     train = {f"{system}_seed{seed}": train_record(out) for (system, seed), out in runs.items()}
     train = {k: v for k, v in train.items() if v}
+    matched = matched_train_losses(args, runs)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"train": train, "eval": summary, "args": vars(args)}, f, indent=1)
-    table = markdown_summary(args, train, summary)
+        json.dump({"train": train, "eval": summary, "matched_train_loss": matched, "args": vars(args)},
+                  f, indent=1)
+    table = markdown_summary(args, train, summary) + "\n\n" + markdown_matched(args, matched)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     return 0
+
+
+def matched_train_losses(args, runs, window: int = 100) -> dict:
+    """Mean train loss per system over the last ``window`` steps that every run reached, per seed.
+    Runs of one seed share the samples of every step and the branch draw of every micro-batch,
+    so SSA's steps are also split by the branch that produced the loss (a partial study whose
+    runs stopped early can still be compared at equal steps)."""
+    from ssa_megatron.model.runtime import draw_mode
+    per_run = {}
+    for (system, seed), out in runs.items():
+        parts = sorted((f for f in os.listdir(out) if f.startswith("train_until_")),
+                       key=lambda f: int(f[len("train_until_"):-5])) if os.path.isdir(out) else []
+        records = [_read_json(os.path.join(out, f)) for f in parts + ["train.json"]]
+        losses = [x for r in records if r for x in r["lm_loss"]]
+        if losses:
+            per_run[(system, seed)] = losses
+    if not per_run:
+        return {}
+    end = min(len(v) for v in per_run.values())
+    lo = max(0, end - window)
+    gas = max(1, args.global_batch_size // args.micro_batch_size)  # one GPU per run
+    table = {"steps": [lo + 1, end]}
+    for (system, seed), losses in per_run.items():
+        entry = {"all": statistics.mean(losses[lo:end])}
+        if gas == 1:  # with accumulation a step mixes both branches
+            for mode in ("full", "sparse"):
+                picked = [losses[i] for i in range(lo, end) if draw_mode(seed, i, 0) == mode]
+                if picked:
+                    entry[mode + "_steps"] = statistics.mean(picked)
+        table[f"{system}_seed{seed}"] = entry
+    return table
 
 
 def _mean_spread(values):
@@ -272,6 +305,22 @@ def _ppl(result, mode, block_counts=None):
         if r["mode"] == mode and (mode == "full" or r["block_counts"] == block_counts):
             return r["ppl"]
     return None
+
+
+def markdown_matched(args, matched) -> str:
+    if not matched:
+        return ""
+    lo, hi = matched["steps"]
+    lines = [f"Train loss at equal steps {lo}-{hi} (mean ± half-range over seeds; the runs of a "
+             "seed saw the same samples and, for SSA, the branch drawn for each step):", "",
+             "| system | all steps | steps drawn full | steps drawn sparse |", "| --- | --- | --- | --- |"]
+    for system in args.systems:
+        rows = [matched.get(f"{system}_seed{seed}") for seed in args.seeds]
+        rows = [r for r in rows if r]
+        if rows:
+            cells = [_mean_spread([r.get(key) for r in rows]) for key in ("all", "full_steps", "sparse_steps")]
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_summary(args, train, evals) -> str:
