@@ -74,3 +74,22 @@ def test_resume_skip_and_joined_record(tmp_path):
     (out / "eval.json").write_text("{}")
     os.utime(out / "eval.json", (time.time() + 5, time.time() + 5))
     assert evaluate() is None  # newer than the checkpoint: not evaluated again
+
+
+def test_equal_step_losses_use_the_common_steps_and_split_by_drawn_branch(tmp_path):
+    from ssa_megatron.model.runtime import draw_mode
+    args = _args(tmp_path, "--micro-batch-size", "4", "--global-batch-size", "4")
+    runs = {}
+    for system, n, base in (("full-full", 30, 1.0), ("ssa", 50, 2.0)):
+        out = tmp_path / f"{system}_seed1"
+        out.mkdir()
+        losses = [base + (0.5 if draw_mode(1, i, 0) == "full" else 0.0) for i in range(n)]
+        (out / "train.json").write_text(json.dumps({"iteration": n, "lm_loss": losses}))
+        runs[(system, 1)] = str(out)
+    table = pc.matched_train_losses(args, runs, window=20)
+    assert table["steps"] == [11, 30]  # the last 20 of the 30 steps both runs reached
+    ssa = table["ssa_seed1"]
+    assert abs(ssa["full_steps"] - 2.5) < 1e-9 and abs(ssa["sparse_steps"] - 2.0) < 1e-9
+    drawn_full = sum(draw_mode(1, i, 0) == "full" for i in range(10, 30))
+    assert abs(ssa["all"] - (2.0 + 0.5 * drawn_full / 20)) < 1e-9
+    assert abs(table["full-full_seed1"]["all"] - (1.0 + 0.5 * drawn_full / 20)) < 1e-9
