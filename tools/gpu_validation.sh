@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py), then the GPU runs.
-#   bash tools/gpu_validation.sh training|parallel|kernels  [OUT dir, default results/]
+#   bash tools/gpu_validation.sh training|parallel|kernels|mfu|compare  [OUT dir, default results/]
+# compare needs the corpus of tools/prepare_english_corpus.sh in runs/english.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${2:-$ROOT/results}"
@@ -13,6 +14,18 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
   training) python3 tools/bench_training.py --iters "${ITERS:-7}" --warmup 2 --json "$OUT/training.json" ;;
   parallel) python3 tools/bench_parallel_gpu.py --out "$OUT" ;;
-  kernels)  python3 tools/bench_attention.py ;;
-  *) echo "usage: $0 training|parallel|kernels [OUT]"; exit 2 ;;
+  kernels)  python3 tools/bench_attention.py --select-merge insert,sort --json "$OUT/kernels.json" ;;
+  mfu)      # full attention at 1x1 (fused/unfused), with accumulation, and SSA/sparse alongside
+    python3 tools/bench_training.py --iters 6 --warmup 2 --variants full \
+      --custom "full-unfused=--attention-mode full --no-bias-swiglu-fusion --no-cross-entropy-loss-fusion" \
+      "full-gas8=--attention-mode full --global-batch-size 8" "ssa-gas8=--attention-mode ssa --global-batch-size 8" \
+      "full-mb2-gas4=--attention-mode full --micro-batch-size 2 --global-batch-size 8" \
+      "ssa-mb2-gas4=--attention-mode ssa --micro-batch-size 2 --global-batch-size 8" \
+      "sparse-gas8=--attention-mode sparse --global-batch-size 8" --json "$OUT/mfu.json" ;;
+  compare)  # the paper's comparison at 100M tokens per model; run again to resume (same machine)
+    python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
+      --out runs/compare100 --seeds 1 2 --train-iters 1530 --micro-batch-size 16 \
+      --global-batch-size 16 --log-interval 100 --eval-windows 32 --deadline "${DEADLINE:-540}"
+    (cd runs && tar czf "$OUT/compare100.tgz" --exclude=checkpoint compare100) ;;
+  *) echo "usage: $0 training|parallel|kernels|mfu|compare [OUT]"; exit 2 ;;
 esac
