@@ -139,20 +139,21 @@ def test_fused_swiglu_and_cross_entropy_match_the_unfused_model(single_process_p
         tiny_args("--cross-entropy-loss-fusion")
 
 
-def test_optimizer_flags_win_over_the_deepspeed_json():
+def test_optimizer_flags_win_over_the_deepspeed_json(tmp_path, capsys):
     import json
-    import os
 
     from ssa_megatron.training.arguments import load_deepspeed_config
-    json_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "examples", "ds_zero1.json")
-    with open(json_path) as f:
-        assert json.load(f)["optimizer"]["params"]["lr"] == 1e-3  # what the flags must override
-    args = tiny_args("--deepspeed-config", json_path, "--lr", "3e-4", "--weight-decay", "0.01",
+    json_path = tmp_path / "ds.json"
+    json_path.write_text(json.dumps({"zero_optimization": {"stage": 1}, "optimizer": {
+        "type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                    "weight_decay": 0.1, "torch_adam": True}}}))
+    args = tiny_args("--deepspeed-config", str(json_path), "--lr", "3e-4", "--weight-decay", "0.01",
                      "--adam-beta2", "0.99", "--adam-eps", "1e-6")
     params = load_deepspeed_config(args, 1)["optimizer"]["params"]
     assert params["lr"] == 3e-4 and params["weight_decay"] == 0.01
-    assert params["betas"] == [0.9, 0.99] and params["eps"] == 1e-6
+    assert params["betas"] == [0.9, 0.99] and params["eps"] == 1e-6 and params["torch_adam"]
+    note = capsys.readouterr().err
+    assert "lr 0.001 -> 0.0003" in note and str(json_path) in note  # said, not silent
     default = load_deepspeed_config(tiny_args("--lr", "2e-4"), 1)["optimizer"]
     assert default["type"] == "AdamW" and default["params"]["lr"] == 2e-4
 

@@ -5,6 +5,8 @@ import os
 import sys
 import time
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
 
@@ -28,7 +30,7 @@ def test_queue_runs_steps_in_order_one_job_per_slot(tmp_path):
     jobs = [(str(out), [("a.log", _sleeper(0.5, str(out / "a"))), ("b.log", _sleeper(0, str(out / "b")))])
             for out in outs]
     t0 = time.time()
-    assert pc.run_queue(jobs, gpus=2) == []
+    assert pc.run_queue(jobs, gpus=0, jobs_per_gpu=2) == ([], [])
     for out in outs:  # every step ran, the second after the first
         assert float((out / "a").read_text()) < float((out / "b").read_text())
     # two slots: the third job started only after one of the first two finished both steps
@@ -43,10 +45,32 @@ def test_deadline_stops_running_jobs_and_starts_no_new_one(tmp_path):
         out.mkdir()
     jobs = [(str(out), [("a.log", _sleeper(60, str(out / "a")))]) for out in outs]
     t0 = time.time()
-    failed = pc.run_queue(jobs, gpus=1, deadline=1)
+    failed, stopped = pc.run_queue(jobs, gpus=0, deadline=1)
     assert time.time() - t0 < 20
     assert (outs[0] / "a").exists() and not (outs[1] / "a").exists()
     assert failed == [str(outs[0])]  # killed by SIGTERM, not the trainer's "saved and stopped" 3
+    assert stopped == [str(outs[1])]  # never started: to resume
+
+
+def test_a_run_stopped_by_a_signal_is_not_evaluated(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    jobs = [(str(out), [("a.log", lambda: [sys.executable, "-c", "raise SystemExit(3)"]),
+                        ("b.log", _sleeper(0, str(out / "b")))])]
+    assert pc.run_queue(jobs, gpus=0) == ([], [str(out)])
+    assert not (out / "b").exists()
+
+
+def test_gpu_slots_map_onto_the_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5")
+    assert pc.visible_devices(2) == ["3", "5"] and pc.visible_devices(1) == ["3"]
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES"):
+        pc.visible_devices(3)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(SystemExit):
+        pc.visible_devices(1)  # an empty list hides every GPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pc.visible_devices(2) == ["0", "1"]
 
 
 def test_resume_skip_and_joined_record(tmp_path):
@@ -56,14 +80,14 @@ def test_resume_skip_and_joined_record(tmp_path):
     make = pc.train_step(args, "ssa", 1, str(out))
     assert "--load" not in make()  # nothing saved yet: a fresh start
     (out / "checkpoint" / "latest").write_text("iter_0000004")
-    part = {"iteration": 4, "lm_loss": [5.0, 4.0, 3.0, 2.0], "step_time": [1.0] * 4,
-            "tokens_per_iteration": 100}
+    part = {"iteration": 4, "iterations": [1, 2, 3, 4], "lm_loss": [5.0, 4.0, 3.0, 2.0],
+            "step_time": [1.0] * 4, "tokens_per_iteration": 100}
     (out / "train.json").write_text(json.dumps(part))
     cmd = make()
     assert cmd[cmd.index("--load") + 1] == str(out / "checkpoint")
-    assert (out / "train_until_4.json").exists() and not (out / "train.json").exists()
-    (out / "train.json").write_text(json.dumps(dict(part, iteration=10, lm_loss=[1.0] * 6,
-                                                    step_time=[3.0] * 6)))
+    assert (out / "train_part1_until_4.json").exists() and not (out / "train.json").exists()
+    (out / "train.json").write_text(json.dumps(dict(part, iteration=10, iterations=list(range(5, 11)),
+                                                    lm_loss=[1.0] * 6, step_time=[3.0] * 6)))
     assert make() is None  # finished: not trained again
     record = pc.train_record(str(out))
     assert record["iterations"] == 10 and record["parts"] == 2 and record["tokens"] == 1000
@@ -84,10 +108,11 @@ def test_equal_step_losses_use_the_common_steps_and_split_by_drawn_branch(tmp_pa
         out = tmp_path / f"{system}_seed1"
         out.mkdir()
         losses = [base + (0.5 if draw_mode(1, i, 0) == "full" else 0.0) for i in range(n)]
-        (out / "train.json").write_text(json.dumps({"iteration": n, "lm_loss": losses}))
+        (out / "train.json").write_text(json.dumps({"iteration": n, "iterations": list(range(1, n + 1)),
+                                                    "lm_loss": losses}))
         runs[(system, 1)] = str(out)
     table = pc.matched_train_losses(args, runs, window=20)
-    assert table["steps"] == [11, 30]  # the last 20 of the 30 steps both runs reached
+    assert table["steps"] == [11, 30]  # the last 20 of the 30 steps both runs recorded
     ssa = table["ssa_seed1"]
     assert abs(ssa["full_steps"] - 2.5) < 1e-9 and abs(ssa["sparse_steps"] - 2.0) < 1e-9
     drawn_full = sum(draw_mode(1, i, 0) == "full" for i in range(10, 30))

@@ -113,6 +113,8 @@ def main(argv=None) -> int:
         args.custom_variants[name] = flags.split()
         if name not in args.variants:
             args.variants.append(name)
+    if args.profile and args.iters < 6:
+        p.error("--profile records steps 5-6: use --iters 6 or more")
     unknown = [v for v in args.variants + args.profile if v not in VARIANTS and v not in args.custom_variants]
     if unknown:
         p.error(f"unknown variants {unknown}: pick from {sorted(VARIANTS)} or define them with --custom")
@@ -141,8 +143,8 @@ def main(argv=None) -> int:
         tps = r["tokens_per_iteration"] / (ms / 1000)
         tflops = r["flops_per_token"] * tps / 1e12
         r.update(step_ms=ms, tokens_per_s=tps, tflops=tflops, mfu=tflops / peak if peak else None)
-        base = ms if name == "full" else base
-        ratio = f"{ms / base:.2f}x" if base else "-"
+        base = tps if name == "full" else base
+        ratio = f"{base / tps:.2f}x" if base else "-"  # time per token against full's
         mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
         print(f"{name:<16}{ms:>10.1f}{tps:>12,.0f}{r.get('peak_memory_gb', 0):>10.1f}{tflops:>10.1f}{mfu:>8}{ratio:>9}")
     if args.json:

@@ -6,6 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${2:-$ROOT/results}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"  # absolute: some modes change directory
 cd "$ROOT"
 if ! python3 -c "import megatron.core, deepspeed" 2>/dev/null; then
   bash wheelhouse/install.sh > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }

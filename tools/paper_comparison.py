@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -61,62 +62,93 @@ def eval_command(args, out: str) -> list:
             *args.eval_extra]
 
 
-def _start(cmd, out: str, log_name: str, gpu, port: int):
-    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(port))
-    if gpu is not None:  # the gpu-th of the devices this process may use
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
+def visible_devices(gpus: int):
+    """The device ids slot i % gpus maps to: the gpus first of CUDA_VISIBLE_DEVICES, if set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible is not None else None
+    if ids is not None and gpus > len(ids):
+        raise SystemExit(f"error: --gpus {gpus} but CUDA_VISIBLE_DEVICES={visible!r} allows "
+                         f"{len(ids)}: lower --gpus or widen CUDA_VISIBLE_DEVICES")
+    return ids[:gpus] if ids is not None else [str(i) for i in range(gpus)]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(cmd, out: str, log_name: str, device):
+    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(_free_port()))
+    if device is not None:
+        env["CUDA_VISIBLE_DEVICES"] = device
     log = open(os.path.join(out, log_name), "a")  # a resumed run appends to its log
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log
 
 
-def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None):
+STOPPED = 3  # the trainer's exit code after saving on a signal
+
+
+def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None, grace: float = 180):
     """Run jobs, each a list of steps ``(log_name, make_command)`` run one after the other, on
     ``gpus * jobs_per_gpu`` slots (slot i on GPU i % gpus), in the order given: put the longest
     first. ``make_command()`` runs when the step starts and may return None (skip the step).
-    Past ``deadline`` seconds no step starts, and running ones get SIGTERM (the trainer saves at
-    its next step and exits with 3). Returns the outputs whose steps failed."""
+    Past ``deadline`` seconds no step starts and running ones get SIGTERM (the trainer saves at
+    its next step and exits with 3), SIGKILL after ``grace`` more seconds. A step that exits
+    with 3 ends its job (resume it later). Returns (failed outputs, stopped outputs)."""
+    devices = visible_devices(gpus) if gpus else [None]
     pending = list(jobs)
-    slots = [None] * max(1, (gpus or 1) * jobs_per_gpu)  # (out, steps left, proc, log)
-    failed, start, stopped, port = [], time.time(), False, 29700
+    slots = [None] * max(1, len(devices) * jobs_per_gpu)  # (out, steps left, proc, log)
+    failed, stopped, start, term_at = [], [], time.time(), None
 
     def next_step(slot, out, steps):
-        nonlocal port
         while steps:
             log_name, make = steps[0]
             cmd = make()
             steps = steps[1:]
             if cmd is not None:
-                port += 1
-                proc, log = _start(cmd, out, log_name, slot % gpus if gpus else None, port)
+                proc, log = _start(cmd, out, log_name, devices[slot % len(devices)])
                 return (out, steps, proc, log)
         return None
 
-    while True:
-        late = deadline is not None and time.time() - start > deadline
-        if late and not stopped:
-            stopped = True
-            print(f"deadline {deadline:.0f} s reached: the runs still going save and stop; "
-                  f"{len(pending)} not started", flush=True)
-            for entry in slots:
-                if entry is not None and entry[2].poll() is None:
-                    entry[2].terminate()
-        for i, entry in enumerate(slots):
-            if entry is not None:
-                out, steps, proc, log = entry
-                if proc.poll() is None:
-                    continue
-                log.close()
-                if proc.returncode not in (0, 3):  # 3: stopped by the signal after saving
-                    failed.append(out)
-                    steps = []
-                slots[i] = None if (late or not steps) else next_step(i, out, steps)
-            while slots[i] is None and pending and not late:
-                out, steps = pending.pop(0)
-                slots[i] = next_step(i, out, steps)
-        if all(entry is None for entry in slots) and (late or not pending):
-            return failed
-        time.sleep(2)
+    try:
+        while True:
+            late = deadline is not None and time.time() - start > deadline
+            if late and term_at is None:
+                term_at = time.time()
+                print(f"deadline {deadline:.0f} s reached: the runs still going save and stop; "
+                      f"{len(pending)} not started", flush=True)
+                for entry in slots:
+                    if entry is not None and entry[2].poll() is None:
+                        entry[2].terminate()
+            if term_at is not None and time.time() - term_at > grace:
+                for entry in slots:
+                    if entry is not None and entry[2].poll() is None:
+                        entry[2].kill()
+            for i, entry in enumerate(slots):
+                if entry is not None:
+                    out, steps, proc, log = entry
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    if proc.returncode == STOPPED:
+                        stopped.append(out)
+                        steps = []
+                    elif proc.returncode != 0:
+                        failed.append(out)
+                        steps = []
+                    slots[i] = None if (late or not steps) else next_step(i, out, steps)
+                while slots[i] is None and pending and not late:
+                    out, steps = pending.pop(0)
+                    slots[i] = next_step(i, out, steps)
+            if all(entry is None for entry in slots) and (late or not pending):
+                stopped += [out for out, _ in pending]
+                return failed, stopped
+            time.sleep(2)
+    finally:  # an exception or Ctrl-C here must not leave trainings running unwatched
+        for entry in slots:
+            if entry is not None and entry[2].poll() is None:
+                entry[2].terminate()
 
 
 def _read_json(path):
@@ -134,9 +166,10 @@ def train_step(args, system: str, seed: int, out: str):
             return None
         cmd = train_command(args, system, seed, out)
         if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
-            if done:  # keep the first part's per-step record next to the resumed one
+            if done:  # keep the earlier part's per-step record next to the resumed one
+                n = len(_parts(out))
                 os.replace(os.path.join(out, "train.json"),
-                           os.path.join(out, f"train_until_{done['iteration']}.json"))
+                           os.path.join(out, f"train_part{n + 1}_until_{done['iteration']}.json"))
             cmd += ["--load", os.path.join(out, "checkpoint")]
         return cmd
     return make
@@ -155,22 +188,40 @@ def eval_step(args, out: str):
     return make
 
 
+def _parts(out: str):
+    """The earlier parts of a resumed run's record, oldest first."""
+    names = [f for f in os.listdir(out) if f.startswith("train_part")] if os.path.isdir(out) else []
+    return sorted(names, key=lambda f: int(f[len("train_part"):].split("_")[0]))
+
+
+def step_losses(out: str):
+    """{iteration: LM loss} over every part of a run (a later part wins for a step it re-ran),
+    and the last part's record; None when the run has no record."""
+    records = [_read_json(os.path.join(out, f)) for f in _parts(out) + ["train.json"]]
+    records = [r for r in records if r and r.get("lm_loss")]
+    if not records:
+        return None, None
+    losses = {}
+    for r in records:
+        steps = r.get("iterations") or range(r["iteration"] - len(r["lm_loss"]) + 1, r["iteration"] + 1)
+        losses.update(zip(steps, r["lm_loss"]))
+    return losses, records
+
+
 def train_record(out: str):
     """Per-step losses and times of a run, joined over its resumed parts."""
-    parts = sorted((f for f in os.listdir(out) if f.startswith("train_until_")),
-                   key=lambda f: int(f[len("train_until_"):-5]))
-    records = [_read_json(os.path.join(out, f)) for f in parts + ["train.json"]]
-    records = [r for r in records if r]
-    if not records:
+    losses, records = step_losses(out)
+    if not losses:
         return None
     last = records[-1]
-    losses = [x for r in records for x in r["lm_loss"]]
-    times = [x for r in records for x in r["step_time"]]
-    tail = losses[-FINAL_LOSS_STEPS:]
+    tail = [losses[k] for k in sorted(losses)[-FINAL_LOSS_STEPS:]]
+    times = [x for r in records for x in r.get("step_time", [])]
+    missing = sorted(set(range(1, max(losses) + 1)) - set(losses))
     return {"iterations": last["iteration"], "parts": len(records),
             "final_lm_loss": sum(tail) / len(tail),
             "tokens": last["tokens_per_iteration"] * last["iteration"],
-            "median_step_s": statistics.median(times)}
+            "median_step_s": statistics.median(times) if times else None,
+            **({"steps_without_record": len(missing)} if missing else {})}
 
 
 def summarise(args, runs) -> dict:
@@ -203,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--train-iters", type=int, default=600)
-    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak lr (cosine to lr/10); the documented studies ran at 1e-3")
     p.add_argument("--split", default="98,2,0")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-interval", type=int, default=50)
@@ -240,12 +292,16 @@ def main(argv=None) -> int:
         jobs.append((out, steps + [("eval.log", eval_step(args, out))]))
     with open(os.path.join(args.out, "commands.txt"), "a") as f:
         f.write(f"# {time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv)}\n")
-        for (system, seed), out in order:
-            f.write(" ".join(train_command(args, system, seed, out)[1:]) + "\n")
-            f.write(" ".join(eval_command(args, out)[1:]) + "\n")
-    failed = run_queue(jobs, gpus, args.jobs_per_gpu, args.deadline)
-    print(f"{len(jobs) - len(failed)}/{len(jobs)} runs trained and evaluated without error in "
-          f"{time.time() - t0:.0f} s" + (f"; failed: {failed}" if failed else ""), flush=True)
+        for (system, seed), out in order:  # what each run does unless already done
+            if not args.skip_train:
+                f.write(" ".join(train_command(args, system, seed, out)[1:]) + "\n")
+            if not args.skip_eval:
+                f.write(" ".join(eval_command(args, out)[1:]) + "\n")
+    failed, stopped = run_queue(jobs, gpus, args.jobs_per_gpu, args.deadline)
+    print(f"{len(jobs) - len(failed) - len(stopped)}/{len(jobs)} runs done in "
+          f"{time.time() - t0:.0f} s" + (f"; failed (see their logs): {failed}" if failed else "")
+          + (f"; stopped before the end (run the same command again to resume): {stopped}"
+             if stopped else ""), flush=True)
     summary = summarise(args, runs)
     train = {f"{system}_seed{seed}": train_record(out) for (system, seed), out in runs.items()}
     train = {k: v for k, v in train.items() if v}
@@ -257,34 +313,30 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
-    return 0
+    return 1 if failed else 0
 
 
 def matched_train_losses(args, runs, window: int = 100) -> dict:
-    """Mean train loss per system over the last ``window`` steps that every run reached, per seed.
-    Runs of one seed share the samples of every step and the branch draw of every micro-batch,
-    so SSA's steps are also split by the branch that produced the loss (a partial study whose
-    runs stopped early can still be compared at equal steps)."""
+    """Mean train loss per run over the last ``window`` steps that every run recorded. Runs of
+    one seed share the samples of every step and the branch draw of every micro-batch, so the
+    steps are also split by the branch SSA drew (a partial study whose runs stopped early can
+    still be compared at equal steps)."""
     from ssa_megatron.model.runtime import draw_mode
-    per_run = {}
-    for (system, seed), out in runs.items():
-        parts = sorted((f for f in os.listdir(out) if f.startswith("train_until_")),
-                       key=lambda f: int(f[len("train_until_"):-5])) if os.path.isdir(out) else []
-        records = [_read_json(os.path.join(out, f)) for f in parts + ["train.json"]]
-        losses = [x for r in records if r for x in r["lm_loss"]]
-        if losses:
-            per_run[(system, seed)] = losses
+    per_run = {key: step_losses(out)[0] for key, out in runs.items()}
+    per_run = {key: v for key, v in per_run.items() if v}
     if not per_run:
         return {}
-    end = min(len(v) for v in per_run.values())
-    lo = max(0, end - window)
+    common = sorted(set.intersection(*(set(v) for v in per_run.values())))[-window:]
+    if not common:
+        return {}
     gas = max(1, args.global_batch_size // args.micro_batch_size)  # one GPU per run
-    table = {"steps": [lo + 1, end]}
+    table = {"steps": [common[0], common[-1]], "count": len(common)}
     for (system, seed), losses in per_run.items():
-        entry = {"all": statistics.mean(losses[lo:end])}
+        entry = {"all": statistics.mean(losses[k] for k in common)}
         if gas == 1:  # with accumulation a step mixes both branches
             for mode in ("full", "sparse"):
-                picked = [losses[i] for i in range(lo, end) if draw_mode(seed, i, 0) == mode]
+                # iteration k ran with the draw of the 0-based step k - 1
+                picked = [losses[k] for k in common if draw_mode(seed, k - 1, 0) == mode]
                 if picked:
                     entry[mode + "_steps"] = statistics.mean(picked)
         table[f"{system}_seed{seed}"] = entry

@@ -87,6 +87,11 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
     args.bf16, args.fp16 = bool(bf16), False
     args.use_cpu_initialization = not str(device).startswith("cuda")
     args.inference_mode = None
+    # fused kernels follow the device evaluated on, not the one trained on (torch.compile on a
+    # CPU needs a compiler; the fused cross entropy is a bf16 training kernel)
+    on_gpu = str(device).startswith("cuda")
+    args.bias_swiglu_fusion = on_gpu
+    args.cross_entropy_loss_fusion = on_gpu and args.bf16
     config = build_config(args)
     train_len = int(args.seq_length)
     model = build_gpt_model(config, spec["vocab_size"], max(train_len, max_seq_length,

@@ -41,7 +41,7 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 #             Each segment joins the list by a half-cleaner max(list, segment) + log2(KB)
 #             compare-exchange stages (bitonic merge). No while loop, no final sort.
 # Both give bit-identical indices. Measured on an H200 (bf16, triton 3.6, K 16), insert / sort:
-# B4 T8192 HQ32 H2 D64 1.61 / 1.32 ms, H8 D128 4.47 / 3.21 ms, B1 T32768 H2 D64 4.18 / 4.12 ms
+# B4 T8192 HQ32 H2 D64 1.61 / 1.32 ms, H8 D128 4.47 / 3.21 ms, B1 T32768 H2 D64 4.18 / 4.15 ms
 # (docs/KERNEL_NOTES.md v3), so "sort" is the default.
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": None, "merge": "sort", "sort_fast": 4}
 _MERGES = {"insert": 0, "sort": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import List, Optional
 
 from ssa_megatron.model.config import ATTENTION_MODES, ConfigError, check_parallel_layout, check_ssa_settings
@@ -219,9 +220,15 @@ def load_deepspeed_config(args: argparse.Namespace, dp_size: int) -> dict:
     optimizer = cfg.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True,
                                                                           "adam_w_mode": True}})
     params = optimizer.setdefault("params", {})
-    params.update(lr=args.lr, weight_decay=args.weight_decay)
+    flags = {"lr": args.lr, "weight_decay": args.weight_decay}
     if any(family in str(optimizer.get("type", "")).lower() for family in ("adam", "lamb")):
-        params.update(betas=[args.adam_beta1, args.adam_beta2], eps=args.adam_eps)
+        flags.update(betas=[args.adam_beta1, args.adam_beta2], eps=args.adam_eps)
+    overridden = [f"{key} {params[key]} -> {value}" for key, value in flags.items()
+                  if key in params and params[key] != value]
+    if overridden:
+        print(f"note: the flags set the optimizer's {', '.join(overridden)} "
+              f"(not {args.deepspeed_config})", file=sys.stderr, flush=True)
+    params.update(flags)
     cfg["bf16"] = {"enabled": bool(args.bf16)}
     if args.fp16:
         cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": True}
