@@ -89,7 +89,7 @@ def test_resume_skip_and_joined_record(tmp_path):
     (out / "train.json").write_text(json.dumps(dict(part, iteration=10, iterations=list(range(5, 11)),
                                                     lm_loss=[1.0] * 6, step_time=[3.0] * 6)))
     assert make() is None  # finished: not trained again
-    record = pc.train_record(str(out))
+    record = pc.train_record(*pc.step_losses(str(out)))
     assert record["iterations"] == 10 and record["parts"] == 2 and record["tokens"] == 1000
     assert abs(record["final_lm_loss"] - (5 + 4 + 3 + 2 + 6) / 10) < 1e-9  # mean of the last 10
     assert record["median_step_s"] == 3.0  # over the steps of both parts
@@ -111,10 +111,26 @@ def test_equal_step_losses_use_the_common_steps_and_split_by_drawn_branch(tmp_pa
         (out / "train.json").write_text(json.dumps({"iteration": n, "iterations": list(range(1, n + 1)),
                                                     "lm_loss": losses}))
         runs[(system, 1)] = str(out)
-    table = pc.matched_train_losses(args, runs, window=20)
+    table = pc.matched_train_losses(args, {key: pc.step_losses(out)[0] for key, out in runs.items()},
+                                    window=20)
     assert table["steps"] == [11, 30]  # the last 20 of the 30 steps both runs recorded
     ssa = table["ssa_seed1"]
     assert abs(ssa["full_steps"] - 2.5) < 1e-9 and abs(ssa["sparse_steps"] - 2.0) < 1e-9
     drawn_full = sum(draw_mode(1, i, 0) == "full" for i in range(10, 30))
     assert abs(ssa["all"] - (2.0 + 0.5 * drawn_full / 20)) < 1e-9
     assert abs(table["full-full_seed1"]["all"] - (1.0 + 0.5 * drawn_full / 20)) < 1e-9
+
+
+def test_a_part_that_reran_steps_replaces_them(tmp_path):
+    """Resumed from an older checkpoint, a part re-runs steps: the later losses win, by iteration."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "train_part1_until_4.json").write_text(json.dumps(
+        {"iteration": 4, "iterations": [1, 2, 3, 4], "lm_loss": [9.0, 8.0, 7.0, 6.0]}))
+    (out / "train.json").write_text(json.dumps(
+        {"iteration": 6, "iterations": [3, 4, 5, 6], "lm_loss": [5.0, 4.0, 3.0, 2.0],
+         "step_time": [1.0] * 4, "tokens_per_iteration": 10}))
+    losses, _ = pc.step_losses(str(out))
+    assert losses == {1: 9.0, 2: 8.0, 3: 5.0, 4: 4.0, 5: 3.0, 6: 2.0}
+    record = pc.train_record(*pc.step_losses(str(out)))
+    assert record["iterations"] == 6 and record["tokens"] == 60 and "steps_without_record" not in record

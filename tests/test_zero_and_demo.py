@@ -21,8 +21,8 @@ def test_zero_stage_trains_and_loss_falls(tmp_path, random_dataset, stage):
     with open(tmp_path / f"zero{stage}" / "rank0.log") as f:
         log = f.read()
     assert f"ZeRO stage {stage}" in log
-    # --lr wins over the JSON's optimizer lr (1e-3): the lr logged after step 1 (the end of
-    # the 2-step warmup) is the flag's 1e-2
+    # the flag's lr reaches the optimizer DeepSpeed builds from the JSON (not its 1e-3
+    # default): the lr logged after step 1 (the end of the 2-step warmup) is 1e-2
     first = log[log.index("iteration       1/16 |"):].splitlines()[0]
     assert "lr 1.000e-02" in first, first
 

@@ -89,6 +89,13 @@ def _start(cmd, out: str, log_name: str, device):
 STOPPED = 3  # the trainer's exit code after saving on a signal
 
 
+def _signal_running(slots, action: str) -> None:
+    """``action`` ("terminate" or "kill") every process still running in ``slots``."""
+    for entry in slots:
+        if entry is not None and entry[2].poll() is None:
+            getattr(entry[2], action)()
+
+
 def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None, grace: float = 180):
     """Run jobs, each a list of steps ``(log_name, make_command)`` run one after the other, on
     ``gpus * jobs_per_gpu`` slots (slot i on GPU i % gpus), in the order given: put the longest
@@ -118,13 +125,9 @@ def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None, gr
                 term_at = time.time()
                 print(f"deadline {deadline:.0f} s reached: the runs still going save and stop; "
                       f"{len(pending)} not started", flush=True)
-                for entry in slots:
-                    if entry is not None and entry[2].poll() is None:
-                        entry[2].terminate()
+                _signal_running(slots, "terminate")
             if term_at is not None and time.time() - term_at > grace:
-                for entry in slots:
-                    if entry is not None and entry[2].poll() is None:
-                        entry[2].kill()
+                _signal_running(slots, "kill")
             for i, entry in enumerate(slots):
                 if entry is not None:
                     out, steps, proc, log = entry
@@ -146,9 +149,7 @@ def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None, gr
                 return failed, stopped
             time.sleep(2)
     finally:  # an exception or Ctrl-C here must not leave trainings running unwatched
-        for entry in slots:
-            if entry is not None and entry[2].poll() is None:
-                entry[2].terminate()
+        _signal_running(slots, "terminate")
 
 
 def _read_json(path):
@@ -208,9 +209,8 @@ def step_losses(out: str):
     return losses, records
 
 
-def train_record(out: str):
-    """Per-step losses and times of a run, joined over its resumed parts."""
-    losses, records = step_losses(out)
+def train_record(losses, records):
+    """Summary of a run's joined record (:func:`step_losses`): steps, final loss, tokens, time."""
     if not losses:
         return None
     last = records[-1]
@@ -303,9 +303,10 @@ def main(argv=None) -> int:
           + (f"; stopped before the end (run the same command again to resume): {stopped}"
              if stopped else ""), flush=True)
     summary = summarise(args, runs)
-    train = {f"{system}_seed{seed}": train_record(out) for (system, seed), out in runs.items()}
+    records = {key: step_losses(out) for key, out in runs.items()}
+    train = {f"{system}_seed{seed}": train_record(*records[(system, seed)]) for system, seed in runs}
     train = {k: v for k, v in train.items() if v}
-    matched = matched_train_losses(args, runs)
+    matched = matched_train_losses(args, {key: losses for key, (losses, _) in records.items()})
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"train": train, "eval": summary, "matched_train_loss": matched, "args": vars(args)},
                   f, indent=1)
@@ -316,13 +317,12 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def matched_train_losses(args, runs, window: int = 100) -> dict:
-    """Mean train loss per run over the last ``window`` steps that every run recorded. Runs of
-    one seed share the samples of every step and the branch draw of every micro-batch, so the
-    steps are also split by the branch SSA drew (a partial study whose runs stopped early can
-    still be compared at equal steps)."""
+def matched_train_losses(args, per_run, window: int = 100) -> dict:
+    """Mean train loss per run ({(system, seed): {iteration: loss}}) over the last ``window``
+    steps that every run recorded. Runs of one seed share the samples of every step and the
+    branch draw of every micro-batch, so the steps are also split by the branch SSA drew (a
+    partial study whose runs stopped early can still be compared at equal steps)."""
     from ssa_megatron.model.runtime import draw_mode
-    per_run = {key: step_losses(out)[0] for key, out in runs.items()}
     per_run = {key: v for key, v in per_run.items() if v}
     if not per_run:
         return {}

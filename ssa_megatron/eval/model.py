@@ -85,11 +85,11 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
     args.tensor_model_parallel_size = 1
     args.pipeline_model_parallel_size = 1
     args.bf16, args.fp16 = bool(bf16), False
-    args.use_cpu_initialization = not str(device).startswith("cuda")
+    on_gpu = str(device).startswith("cuda")
+    args.use_cpu_initialization = not on_gpu
     args.inference_mode = None
     # fused kernels follow the device evaluated on, not the one trained on (torch.compile on a
     # CPU needs a compiler; the fused cross entropy is a bf16 training kernel)
-    on_gpu = str(device).startswith("cuda")
     args.bias_swiglu_fusion = on_gpu
     args.cross_entropy_loss_fusion = on_gpu and args.bf16
     config = build_config(args)
