@@ -14,7 +14,7 @@ import paper_comparison as pc  # noqa: E402
 
 
 def _args(tmp_path, *extra):
-    return pc.build_parser().parse_args(["--data-path", "unused", "--out", str(tmp_path),
+    return pc.parse_args(["--data-path", "unused", "--out", str(tmp_path),
                                          "--train-iters", "10", *extra])
 
 
@@ -134,3 +134,30 @@ def test_a_part_that_reran_steps_replaces_them(tmp_path):
     assert losses == {1: 9.0, 2: 8.0, 3: 5.0, 4: 4.0, 5: 3.0, 6: 2.0}
     record = pc.train_record(*pc.step_losses(str(out)))
     assert record["iterations"] == 6 and record["tokens"] == 60 and "steps_without_record" not in record
+
+
+def test_variants_are_systems_with_extra_flags(tmp_path):
+    args = _args(tmp_path, "--variant", "ssa-a0=--attention-mode ssa --ssa-align-coef 0",
+                 "dense=--attention-mode full --exit-interval 5")
+    assert args.systems == ["full-full", "sparse-sparse", "ssa", "ssa-a0", "dense"]
+    cmd = pc.train_command(args, "ssa-a0", 1, str(tmp_path / "x"))
+    assert cmd[-4:] == ["--attention-mode", "ssa", "--ssa-align-coef", "0"]
+    assert cmd.count("--attention-mode") == 1  # the variant names it; no default is added
+    assert pc.attention_mode(args, "dense") == "full" and pc.attention_mode(args, "ssa") == "ssa"
+    plain = pc.train_command(args, "ssa", 1, str(tmp_path / "y"))
+    assert plain[plain.index("--attention-mode") + 1] == "ssa" and "--ssa-align-coef" not in plain
+    for bad in (["--variant", "ssa=--attention-mode ssa"], ["--variant", "x=--ssa-align-coef 0"],
+                ["--variant", "noequals"], ["--systems", "nope"]):
+        with pytest.raises(SystemExit):
+            _args(tmp_path, *bad)
+
+
+def test_stop_at_ends_runs_early_on_the_full_schedule(tmp_path):
+    args = _args(tmp_path, "--stop-at", "4")
+    out = tmp_path / "full-full_seed1"
+    (out / "checkpoint").mkdir(parents=True)
+    cmd = pc.train_step(args, "full-full", 1, str(out))()
+    assert cmd[cmd.index("--exit-interval") + 1] == "4" and cmd[cmd.index("--train-iters") + 1] == "10"
+    (out / "train.json").write_text(json.dumps({"iteration": 4, "lm_loss": [1.0] * 4}))
+    (out / "checkpoint" / "latest").write_text("iter_0000004")
+    assert pc.train_step(args, "full-full", 1, str(out))() is None  # reached --stop-at: done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py), then the GPU runs.
-#   bash tools/gpu_validation.sh training|parallel|kernels|mfu|compare  [OUT dir, default results/]
-# compare needs the corpus of tools/prepare_english_corpus.sh in runs/english.
+#   bash tools/gpu_validation.sh training|parallel|kernels|mfu|compare|diagnose  [OUT dir, default results/]
+# compare and diagnose need the corpus of tools/prepare_english_corpus.sh in runs/english.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${2:-$ROOT/results}"
@@ -28,5 +28,21 @@ case "$1" in
       --out runs/compare100 --seeds 1 2 --train-iters 1530 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 100 --eval-windows 32 --deadline "${DEADLINE:-540}"
     (cd runs && tar czf "$OUT/compare100.tgz" --exclude=checkpoint compare100) ;;
-  *) echo "usage: $0 training|parallel|kernels|mfu|compare [OUT]"; exit 2 ;;
+  diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
+    # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
+    python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
+      --out runs/diagnose --seeds 1 --train-iters 1530 --stop-at 400 --micro-batch-size 16 \
+      --global-batch-size 16 --log-interval 100 --skip-eval --deadline "${DEADLINE:-330}" \
+      --systems ssa ssa-alpha0 ssa-always-full ssa-always-sparse full-full sparse-sparse \
+      --variant "ssa-alpha0=--attention-mode ssa --ssa-align-coef 0" \
+      "ssa-always-full=--attention-mode ssa --ssa-full-prob 1" \
+      "ssa-always-sparse=--attention-mode ssa --ssa-full-prob 0" || true
+    (cd runs && tar czf "$OUT/diagnose.tgz" --exclude=checkpoint diagnose)
+    CUDA_VISIBLE_DEVICES=0 python3 tools/check_backend_parity.py --data-path runs/english/english_text_document \
+      --checkpoint runs/diagnose/ssa_seed1/checkpoint --json "$OUT/parity.json" > "$OUT/parity.txt" 2>&1 &
+    CUDA_VISIBLE_DEVICES=$(( $(nvidia-smi -L | wc -l) - 1 )) python3 tools/bench_attention.py \
+      --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || true
+    wait || true
+    tail -12 "$OUT/parity.txt"; tail -30 "$OUT/kernels.txt" ;;
+  *) echo "usage: $0 training|parallel|kernels|mfu|compare|diagnose [OUT]"; exit 2 ;;
 esac

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa"}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
-COST = {"ssa": 1.7, "full-full": 1.0, "sparse-sparse": 0.9}
+COST = {"ssa": 1.7, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
 
 
@@ -38,9 +39,31 @@ def model_flags(args) -> list:
             "--ssa-block-size", "16", "--ssa-block-counts", str(args.block_counts)]
 
 
+def parse_variants(specs) -> dict:
+    """``NAME=FLAGS`` ablation systems: {name: trainer flags}; FLAGS must name --attention-mode."""
+    variants = {}
+    for spec in specs or []:
+        name, sep, flags = spec.partition("=")
+        flags = shlex.split(flags)
+        if not sep or not name or name in SYSTEMS or "--attention-mode" not in flags:
+            raise SystemExit(f"error: --variant {spec!r}: write NAME=FLAGS with a new NAME and FLAGS "
+                             "that include --attention-mode, e.g. "
+                             "'ssa-alpha0=--attention-mode ssa --ssa-align-coef 0'")
+        variants[name] = flags
+    return variants
+
+
+def attention_mode(args, system: str) -> str:
+    if system in SYSTEMS:
+        return SYSTEMS[system]
+    flags = args.variants[system]
+    return flags[flags.index("--attention-mode") + 1]
+
+
 def train_command(args, system: str, seed: int, out: str) -> list:
+    mode_flags = ["--attention-mode", SYSTEMS[system]] if system in SYSTEMS else []
     return [sys.executable, "-m", "ssa_megatron.training.pretrain", *model_flags(args),
-            "--attention-mode", SYSTEMS[system], "--seed", str(seed),
+            *mode_flags, "--seed", str(seed),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
             "--train-iters", str(args.train_iters), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
             "--lr-warmup-fraction", "0.02", "--weight-decay", "0.1", "--clip-grad", "1.0",
@@ -49,7 +72,9 @@ def train_command(args, system: str, seed: int, out: str) -> list:
             "--deepspeed-config", os.path.join(ROOT, "examples", "ds_zero1.json"),
             "--log-interval", str(args.log_interval), "--save", os.path.join(out, "checkpoint"),
             "--tensorboard-dir", os.path.join(out, "tensorboard"),
-            "--result-json", os.path.join(out, "train.json")]
+            "--result-json", os.path.join(out, "train.json"),
+            *(["--exit-interval", str(args.stop_at)] if args.stop_at else []),
+            *args.variants.get(system, [])]
 
 
 def eval_command(args, out: str) -> list:
@@ -159,11 +184,16 @@ def _read_json(path):
         return json.load(f)
 
 
+def last_step(args) -> int:
+    """Where the runs end: --train-iters, or --stop-at (a truncated study, same lr schedule)."""
+    return min(args.train_iters, args.stop_at) if args.stop_at else args.train_iters
+
+
 def train_step(args, system: str, seed: int, out: str):
     """The training command of one run; resumes from its own checkpoint, skips a finished run."""
     def make():
         done = _read_json(os.path.join(out, "train.json"))
-        if done and done.get("iteration", 0) >= args.train_iters:
+        if done and done.get("iteration", 0) >= last_step(args):
             return None
         cmd = train_command(args, system, seed, out)
         if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
@@ -241,7 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-path", required=True)
     p.add_argument("--out", default="runs/compare")
-    p.add_argument("--systems", nargs="*", default=list(SYSTEMS))
+    p.add_argument("--systems", nargs="*", default=None,
+                   help=f"default: {' '.join(SYSTEMS)} and every --variant")
+    p.add_argument("--variant", nargs="*", default=[], metavar="NAME=FLAGS",
+                   help="an ablation system: the same recipe plus these trainer flags (last wins), "
+                        "e.g. 'ssa-alpha0=--attention-mode ssa --ssa-align-coef 0'")
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
     p.add_argument("--gpus", type=int, default=None, help="GPUs to spread jobs over (default: all)")
     p.add_argument("--num-layers", type=int, default=8)
@@ -254,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch-size", type=int, default=8)
     p.add_argument("--global-batch-size", type=int, default=16)
     p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end every run at this step (a short diagnostic study); the lr schedule "
+                        "still spans --train-iters, so the steps compare with full-length runs")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak lr (cosine to lr/10); the documented studies ran at 1e-3")
     p.add_argument("--split", default="98,2,0")
@@ -272,8 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    args.variants = parse_variants(args.variant)
+    if args.systems is None:
+        args.systems = list(SYSTEMS) + list(args.variants)
+    unknown = [s for s in args.systems if s not in SYSTEMS and s not in args.variants]
+    if unknown:
+        raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
+                         "define them with --variant NAME=FLAGS")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     gpus = args.gpus
     if gpus is None:
         import torch
@@ -285,7 +334,7 @@ def main(argv=None) -> int:
             os.makedirs(out, exist_ok=True)
             runs[(system, seed)] = out
     t0 = time.time()
-    order = sorted(runs.items(), key=lambda item: -COST[item[0][0]])
+    order = sorted(runs.items(), key=lambda item: -COST.get(attention_mode(args, item[0][0]), 1.0))
     jobs = []
     for (system, seed), out in order:
         steps = [] if args.skip_train else [("train.log", train_step(args, system, seed, out))]
