@@ -23,10 +23,12 @@ case "$1" in
       "full-mb2-gas4=--attention-mode full --micro-batch-size 2 --global-batch-size 8" \
       "ssa-mb2-gas4=--attention-mode ssa --micro-batch-size 2 --global-batch-size 8" \
       "sparse-gas8=--attention-mode sparse --global-batch-size 8" --json "$OUT/mfu.json" ;;
-  compare)  # the paper's comparison at 100M tokens per model; run again to resume (same machine)
+  compare)  # the paper's comparison at 100M tokens per model; run again to resume (same machine);
+    # SYSTEMS='full-full sparse-sparse' to run some, JOBS_PER_GPU=2 to share GPUs
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
       --out runs/compare100 --seeds 1 2 --train-iters 1530 --micro-batch-size 16 \
-      --global-batch-size 16 --log-interval 100 --eval-windows 32 --deadline "${DEADLINE:-540}"
+      --global-batch-size 16 --log-interval 100 --eval-windows 32 --deadline "${DEADLINE:-540}" \
+      --systems ${SYSTEMS:-full-full sparse-sparse ssa} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
     (cd runs && tar czf "$OUT/compare100.tgz" --exclude=checkpoint compare100) ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
