@@ -1,0 +1,55 @@
+"""The result plotting tools: tools/plot_train_curves.py and tools/plot_results.py."""
+import json
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
+
+import plot_results as pr  # noqa: E402
+import plot_train_curves as ptc  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_train_curves_joins_parts_and_rejects_bad_specs(tmp_path):
+    import numpy as np
+    steps, avg = ptc.moving_average([1, 2, 3, 4], [1.0, 3.0, 5.0, 7.0], 2)
+    assert list(steps) == [2, 3, 4] and np.allclose(avg, [2.0, 4.0, 6.0])
+    for name, offset in (("a", 0.0), ("b", 0.5)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "train_part1_until_3.json").write_text(json.dumps(
+            {"iteration": 3, "iterations": [1, 2, 3], "lm_loss": [5 + offset, 4 + offset, 3 + offset]}))
+        (run / "train.json").write_text(json.dumps(
+            {"iteration": 6, "iterations": [4, 5, 6], "lm_loss": [2 + offset] * 3}))
+    runs = ptc.load_runs([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
+    assert runs[1][1] == [1, 2, 3, 4, 5, 6] and runs[1][2][0] == 5.5
+    with pytest.raises(SystemExit):
+        ptc.load_runs([str(tmp_path / "a")])  # no LABEL=
+    with pytest.raises(SystemExit):
+        ptc.load_runs([f"C={tmp_path / 'missing'}"])
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    assert ptc.main(["--out", str(out), "--smooth", "2", f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0
+    assert out.read_bytes()[:8] == PNG
+
+
+def test_plot_results_throughput_and_losses(tmp_path):
+    bench = {"card": "NVIDIA H200", "results": {
+        "full": {"step_ms": 100.0, "mfu": 0.41, "peak_memory_gb": 20.0},
+        "ssa": {"step_ms": 119.0, "mfu": 0.35, "peak_memory_gb": 21.0},
+        "broken": {"error": "OOM"}}}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    assert [r[0] for r in pr.throughput_rows(bench)] == ["full", "ssa"]  # errors are skipped
+    with pytest.raises(SystemExit):
+        pr.throughput_rows({"results": {"x": {"error": "OOM"}}})
+    (tmp_path / "run.json").write_text(json.dumps({"lm_loss": [3.0, 2.0], "iterations": [1, 2]}))
+    pytest.importorskip("matplotlib")
+    assert pr.main(["throughput", "--out", str(tmp_path / "t.png"), str(tmp_path / "bench.json")]) == 0
+    assert pr.main(["losses", "--out", str(tmp_path / "l.png"), f"DP=2={tmp_path / 'run.json'}"]) == 0
+    assert (tmp_path / "t.png").read_bytes()[:8] == PNG and (tmp_path / "l.png").read_bytes()[:8] == PNG
+    with pytest.raises(SystemExit):
+        pr.main(["losses", "--out", str(tmp_path / "x.png"), str(tmp_path / "run.json")])  # no label
