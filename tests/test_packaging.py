@@ -1,4 +1,5 @@
-"""The wheel that offline GPU nodes install (tools/build_wheelhouse.py) holds the whole package."""
+"""The wheel that offline GPU nodes install (tools/build_wheelhouse.py builds it the same way,
+from a clean copy of the sources) holds the whole package."""
 import os
 import shutil
 import subprocess

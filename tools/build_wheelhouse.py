@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
@@ -51,27 +53,42 @@ def main(argv=None) -> int:
     p.add_argument("--python-version", default="3.12")
     p.add_argument("--deepspeed", default="deepspeed==0.19.8")
     p.add_argument("--extra", nargs="*", default=[], help="more requirements to download")
+    p.add_argument("--extra-no-deps", nargs="*", default=[],
+                   help="requirements that depend on torch, taken without dependencies and "
+                        "installed by install.sh (e.g. fla-core==0.6.0 for bench_attention.py)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip"]
     plat = [f"--platform={x}" for x in PLATFORMS]
     impl = ["--implementation", "cp", "--python-version", args.python_version, "--only-binary=:all:"]
-    jobs = [(r, True) for r in NO_DEPS] + [(r, False) for r in WITH_DEPS + list(args.extra)]
+    jobs = ([(r, True) for r in NO_DEPS + list(args.extra_no_deps)]
+            + [(r, False) for r in WITH_DEPS + list(args.extra)])
     for req, no_deps in tqdm(jobs, desc="download", unit="pkg"):
         run(pip + ["download", "-q", "-d", str(out), *impl, *plat, req] + (["--no-deps"] if no_deps else []))
     # DeepSpeed ships as an sdist; building it needs torch, which this interpreter has.
     run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), args.deepspeed],
         env=dict(os.environ, DS_BUILD_OPS="0"))
-    run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)])
+    with tempfile.TemporaryDirectory() as tmp:  # a clean copy: a stale build/ would leak into the wheel
+        src = Path(tmp) / "src"
+        src.mkdir()
+        shutil.copy(ROOT / "setup.py", src)
+        shutil.copytree(ROOT / "ssa_megatron", src / "ssa_megatron",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)])
+    extras = [r.split("=")[0].split("<")[0].split(">")[0].strip() for r in args.extra_no_deps]
     script = out / "install.sh"
-    script.write_text(
-        "#!/usr/bin/env bash\n# Offline install of ssa_megatron into the current Python environment.\n"
-        "set -euo pipefail\nHERE=\"$(cd \"$(dirname \"${BASH_SOURCE[0]}\")\" && pwd)\"\n"
-        "PY=\"${PYTHON:-python3}\"\n"
-        f"\"$PY\" -m pip install --no-index --find-links \"$HERE\" {' '.join(INSTALL)}\n"
-        "\"$PY\" -c 'import megatron.core, deepspeed, ssa_megatron; print(\"ssa_megatron ready:\", "
-        "ssa_megatron.__file__)'\n")
+    lines = ["#!/usr/bin/env bash",
+             "# Offline install of ssa_megatron into the current Python environment.",
+             "set -euo pipefail",
+             'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+             'PY="${PYTHON:-python3}"',
+             f'"$PY" -m pip install --no-index --find-links "$HERE" {" ".join(INSTALL)}']
+    if extras:
+        lines.append(f'"$PY" -m pip install --no-index --no-deps --find-links "$HERE" {" ".join(extras)}')
+    lines.append("\"$PY\" -c 'import megatron.core, deepspeed, ssa_megatron; "
+                 "print(\"ssa_megatron ready:\", ssa_megatron.__file__)'")
+    script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
     wheels = sorted(x.name for x in out.glob("*.whl"))
     print(f"wrote {len(wheels)} wheels and install.sh to {out}")
