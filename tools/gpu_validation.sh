@@ -24,12 +24,14 @@ case "$1" in
       "ssa-mb2-gas4=--attention-mode ssa --micro-batch-size 2 --global-batch-size 8" \
       "sparse-gas8=--attention-mode sparse --global-batch-size 8" --json "$OUT/mfu.json" ;;
   compare)  # the paper's comparison at 100M tokens per model; run again to resume (same machine);
-    # SYSTEMS='full-full sparse-sparse' to run some, JOBS_PER_GPU=2 to share GPUs
+    # SYSTEMS='full-full sparse-sparse' to run some, JOBS_PER_GPU=2 to share GPUs,
+    # LR=5e-4 STUDY=compare100_lr5e-4 for the same study at another peak lr
+    STUDY="${STUDY:-compare100}"
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
-      --out runs/compare100 --seeds 1 2 --train-iters 1530 --micro-batch-size 16 \
+      --out "runs/$STUDY" --lr "${LR:-1e-3}" --seeds 1 2 --train-iters 1530 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 100 --eval-windows 32 --deadline "${DEADLINE:-540}" \
       --systems ${SYSTEMS:-full-full sparse-sparse ssa} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
-    (cd runs && tar czf "$OUT/compare100.tgz" --exclude=checkpoint compare100) ;;
+    (cd runs && tar czf "$OUT/$STUDY.tgz" --exclude=checkpoint "$STUDY") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
