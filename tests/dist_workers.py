@@ -54,3 +54,5 @@ if __name__ == "__main__":
         getattr(importlib.import_module(module), func)(out, *sys.argv[3:])
     else:
         globals()[name](out, *sys.argv[3:])
+    from ssa_megatron.training.distributed import destroy_distributed
+    destroy_distributed(barrier=True)

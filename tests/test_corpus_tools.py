@@ -307,7 +307,10 @@ def test_interrupt_leaves_no_dataset(tmp_path, sp_model, sig):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"),
                              "--input", str(big), "--output-prefix", str(prefix), "--tokenizer", sp_model,
                              "--workers", "2", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True,
+                            # a shell's background job starts with SIGINT ignored, and Python then
+                            # installs no KeyboardInterrupt handler: give the tool the default
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while time.time() < deadline and not glob.glob(str(prefix) + ".bin.tmp-*"):
         time.sleep(0.02)

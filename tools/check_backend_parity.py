@@ -130,6 +130,8 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     print("parity: " + ("OK" if ok else "FAILED"))
+    from ssa_megatron.training.distributed import destroy_distributed
+    destroy_distributed()
     return 0 if ok else 1
 
 

@@ -62,7 +62,12 @@ def set_seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(barrier: bool = False) -> None:
+    """Tear down megatron's groups and torch.distributed. Call it before a process exits: gloo's
+    worker threads still running at interpreter teardown can abort the process ("terminate
+    called without an active exception"). ``barrier`` first waits for every rank."""
+    if barrier and dist.is_initialized():
+        dist.barrier()
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -343,6 +343,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.result_json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.result_json, "w") as f:
             json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, list))}, f)
+    from ssa_megatron.training.distributed import destroy_distributed
+    destroy_distributed(barrier=True)
     return 0 if "stopped_at" not in result else 3
 
 
