@@ -1,23 +1,18 @@
-"""The wheel that offline GPU nodes install (tools/build_wheelhouse.py builds it the same way,
-from a clean copy of the sources) holds the whole package."""
+"""The wheel that offline GPU nodes install (tools/build_wheelhouse.py) holds the whole package,
+and its install.sh installs the extras."""
 import os
-import shutil
-import subprocess
 import sys
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import build_wheelhouse  # noqa: E402
 
 
 def test_wheel_contains_every_module_and_the_entry_point(tmp_path):
-    src = tmp_path / "src"  # a clean copy: a stale build/ folder in the checkout would hide gaps
-    src.mkdir()
-    shutil.copy(os.path.join(ROOT, "setup.py"), src)
-    shutil.copytree(os.path.join(ROOT, "ssa_megatron"), src / "ssa_megatron",
-                    ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path / "wheel"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(src)], check=True, cwd=tmp_path)
+    build_wheelhouse.build_project_wheel(out)  # the wheelhouse's own build, from a clean copy
     wheel = [f for f in os.listdir(out) if f.startswith("ssa_megatron-") and f.endswith(".whl")]
     assert len(wheel) == 1
     with zipfile.ZipFile(out / wheel[0]) as z:
@@ -28,3 +23,12 @@ def test_wheel_contains_every_module_and_the_entry_point(tmp_path):
                for f in files if f.endswith(".py")}
     assert sources - names == set()  # e.g. a folder without __init__.py would be left out
     assert "ssa-pretrain = ssa_megatron.training.pretrain:main" in entry_points
+
+
+def test_install_script_installs_extras_without_their_dependencies():
+    plain = build_wheelhouse.install_script([])
+    assert "--no-deps" not in plain and "ssa_megatron megatron-core deepspeed" in plain
+    lines = build_wheelhouse.install_script(["fla-core"]).splitlines()
+    extra = [line for line in lines if "fla-core" in line]
+    assert len(extra) == 1 and "--no-index --no-deps" in extra[0]
+    assert lines.index(extra[0]) > next(i for i, line in enumerate(lines) if "ssa_megatron megatron-core" in line)

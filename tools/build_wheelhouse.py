@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from packaging.requirements import Requirement
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +48,34 @@ def run(cmd, **kw):
     return proc
 
 
+def build_project_wheel(out: Path) -> None:
+    """ssa_megatron's wheel into ``out``, built from a clean copy of the sources: an in-tree build
+    reuses build/, and a stale build/ would leak removed or hide missing modules."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        shutil.copy(ROOT / "setup.py", src)
+        shutil.copytree(ROOT / "ssa_megatron", src / "ssa_megatron",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+             "-w", str(out), str(src)])
+
+
+def install_script(extras) -> str:
+    """install.sh: our packages from the folder, then ``extras`` without their dependencies."""
+    lines = ["#!/usr/bin/env bash",
+             "# Offline install of ssa_megatron into the current Python environment.",
+             "set -euo pipefail",
+             'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+             'PY="${PYTHON:-python3}"',
+             f'"$PY" -m pip install --no-index --find-links "$HERE" {" ".join(INSTALL)}']
+    if extras:
+        lines.append(f'"$PY" -m pip install --no-index --no-deps --find-links "$HERE" {" ".join(extras)}')
+    lines.append("\"$PY\" -c 'import megatron.core, deepspeed, ssa_megatron; "
+                 "print(\"ssa_megatron ready:\", ssa_megatron.__file__)'")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="wheelhouse")
@@ -69,26 +98,9 @@ def main(argv=None) -> int:
     # DeepSpeed ships as an sdist; building it needs torch, which this interpreter has.
     run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), args.deepspeed],
         env=dict(os.environ, DS_BUILD_OPS="0"))
-    with tempfile.TemporaryDirectory() as tmp:  # a clean copy: a stale build/ would leak into the wheel
-        src = Path(tmp) / "src"
-        src.mkdir()
-        shutil.copy(ROOT / "setup.py", src)
-        shutil.copytree(ROOT / "ssa_megatron", src / "ssa_megatron",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)])
-    extras = [r.split("=")[0].split("<")[0].split(">")[0].strip() for r in args.extra_no_deps]
+    build_project_wheel(out)
     script = out / "install.sh"
-    lines = ["#!/usr/bin/env bash",
-             "# Offline install of ssa_megatron into the current Python environment.",
-             "set -euo pipefail",
-             'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-             'PY="${PYTHON:-python3}"',
-             f'"$PY" -m pip install --no-index --find-links "$HERE" {" ".join(INSTALL)}']
-    if extras:
-        lines.append(f'"$PY" -m pip install --no-index --no-deps --find-links "$HERE" {" ".join(extras)}')
-    lines.append("\"$PY\" -c 'import megatron.core, deepspeed, ssa_megatron; "
-                 "print(\"ssa_megatron ready:\", ssa_megatron.__file__)'")
-    script.write_text("\n".join(lines) + "\n")
+    script.write_text(install_script([Requirement(r).name for r in args.extra_no_deps]))
     script.chmod(0o755)
     wheels = sorted(x.name for x in out.glob("*.whl"))
     print(f"wrote {len(wheels)} wheels and install.sh to {out}")

@@ -40,7 +40,7 @@ def run_case(model, tokens, labels, position_ids, backend: str, mode: str, lm_we
     from ssa_megatron.ops import dispatch
 
     dispatch.set_backend(backend)
-    RUNTIME.mode, RUNTIME.lm_loss_weight, RUNTIME.align_backward_scale = mode, lm_weight, 1.0
+    RUNTIME.mode, RUNTIME.align_backward_scale = mode, 1.0
     RUNTIME.tracker.reset()
     model.zero_grad(set_to_none=True)
     try:
@@ -52,6 +52,10 @@ def run_case(model, tokens, labels, position_ids, backend: str, mode: str, lm_we
         dispatch.set_backend(None)
         RUNTIME.mode = None
     return lm.item(), [float(x) for x in align], _grads(model)
+
+
+def _mean(values) -> float:
+    return sum(values) / max(1, len(values))
 
 
 def compare(a, b):
@@ -119,8 +123,7 @@ def main(argv=None) -> int:
             worst, where, mismatched = compare(gt, gr)
             case_ok = worst <= args.tolerance and mismatched == 0 and abs(lt - lr) < 0.02
             ok &= case_ok
-            mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
-            print(f"{mode:>7} {label:>12} | {lt:10.5f} {lr:10.5f} | {mean(at):12.4e} {mean(ar):12.4e} | "
+            print(f"{mode:>7} {label:>12} | {lt:10.5f} {lr:10.5f} | {_mean(at):12.4e} {_mean(ar):12.4e} | "
                   f"{worst:14.3e}  {where}{'' if case_ok else '  <-- FAIL'}")
             report["cases"].append({"branch": mode, "loss": label, "lm_triton": lt, "lm_reference": lr,
                                     "align_triton": at, "align_reference": ar, "worst_grad_rel": worst,

@@ -34,11 +34,13 @@ def throughput_rows(result: dict):
 
 
 def plot_throughput(plt, paths, out: str) -> None:
-    fig, axes = plt.subplots(len(paths), 1, figsize=(8, 1.2 + 0.45 * sum(
-        len(throughput_rows(_load(p))) for p in paths) + 0.6 * len(paths)), squeeze=False)
-    for ax, path in zip(axes[:, 0], paths):
+    panels = []
+    for path in paths:
         result = _load(path)
-        rows = throughput_rows(result)
+        panels.append((path, result, throughput_rows(result)))
+    height = 1.2 + sum(0.45 * len(rows) + 0.6 for _, _, rows in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, height), squeeze=False)
+    for ax, (path, result, rows) in zip(axes[:, 0], panels):
         names = [r[0] for r in rows]
         mfu = [100 * (r[2] or 0.0) for r in rows]
         bars = ax.barh(range(len(rows)), mfu, color=["tab:orange" if "ssa" in n else

@@ -28,8 +28,9 @@ def moving_average(steps, values, window: int):
 def load_runs(specs):
     runs = []
     for spec in specs:
-        label, sep, path = spec.partition("=")
-        if not sep:
+        # as in plot_results.py: a label may hold '=', the path follows the last one
+        label, sep, path = spec.rpartition("=")
+        if not sep or not label:
             raise SystemExit(f"error: {spec!r}: write LABEL=RUN_DIR")
         losses, _ = step_losses(path)
         if not losses:
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         x, y = moving_average(steps, values, args.smooth)
         top.plot(x, y, label=label, lw=1.2, color=color)
         common = [s for s in steps if s in base]
-        if label != base_label and common:
+        if i > 0 and common:
             diff = [v - base[s] for s, v in zip(steps, values) if s in base]
             x, y = moving_average(common, diff, args.smooth)
             bottom.plot(x, y, label=f"{label} - {base_label}", lw=1.2, color=color)
