@@ -10,7 +10,7 @@ blocks' reference scores lie within 1e-5 of the reference's K-th score: genuine 
 slot 0 is the current block and empty slots agree; sparse attention output and dq/dk/dv equal
 the reference's on the same indices; the dispatch layer with the Triton backend forced.
 Selection alone once per pass-2 merge strategy (``triton_selection.CONFIG["merge"]``): the same
-checks, and the "sort" merge's indices bit-identical to the "insert" merge's.
+checks, and the "sort" and "extract" merges' indices bit-identical to the "insert" merge's.
 """
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ GROUPS = {
 # tl.dot on a GPU) and few rows give several chunks per tile at small T, so whole chunks are
 # skipped; short documents leave empty slots; K 24 with bn 16 pads the chunk to the 32-wide
 # list; sort_fast picks the sort merge's branches (0: always the full chunk sort, 15: always the
-# K-1 best keys, else whichever the chunk needs). The interpreter runs tl.sort slowly: keep
+# K-1 best keys, else whichever the chunk needs) and the extract merge's (a chunk sort only
+# when more than sort_fast keys enter; 99: never). The interpreter runs tl.sort slowly: keep
 # these small (the sort merge's cases also rerun the insert merge).
 SELECT_CASES = [
     (1, 112, 16, 1, 16, 4, BS, [0, 16, 112], {"sort_fast": 0}),  # G16, BN = 8 KB
@@ -56,8 +57,18 @@ SELECT_CASES = [
     (1, 160, 1, 1, 16, 2, BS, None, {"bn": 8, "rows": 4}),  # G1, K 2: one-key list, skips
     (1, 70, 2, 2, 16, 1, BS, [0, 33, 70], {}),  # K 1: current block only
     (1, 120, 4, 1, 16, 24, BS, [0, 20, 120], {"bn": 16}),  # K 24 > blocks, list wider than BN
+    (1, 224, 4, 1, 16, 8, BS, None, {"bn": 8, "sort_fast": 99}),  # "extract": never a chunk sort
+    # unmasked pass-1 chunks below the tile's smallest block count, masked tail, G 16 / G 8
+    (1, 200, 32, 2, 16, 6, BS, [0, 90, 200], {"bn": 4}),
+    (2, 100, 8, 1, 16, 4, BS, None, {"bn": 2, "rows": 16}),
+    (1, 176, 6, 2, 16, 3, BS, None, {"bn": 4}),  # G 3: a padding head row in every group
 ]
-MERGES = ("insert", "sort")
+MERGES = ("insert", "sort", "extract")
+
+# Backward list building: (B, T, HQ, H, D, block_counts, cu_seqlens); several documents make
+# lists of very different lengths (the launch order matters), K 1 leaves only the current block.
+INVERT_CASES = [(2, 96, 32, 2, 16, 4, None), (1, 130, 8, 2, 16, 5, [0, 37, 100, 130]),
+                (1, 64, 2, 1, 16, 1, None)]
 
 
 def _triton_available() -> bool:
@@ -89,6 +100,42 @@ def test_selection_merge_strategies(merge):
     assert len(rows) == len(SELECT_CASES)
     for row in rows:
         assert row["ok"], row
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+def test_backward_list_building_and_launch_order():
+    """Every way of inverting the selection (CONFIG["invert"]) gives the same key lists, and
+    every list method and dk/dv launch order the same gradients (see ``_check_invert``)."""
+    rows = _run_group("invert")
+    assert len(rows) == len(INVERT_CASES) + 1
+    for row in rows:
+        assert row["ok"], row
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+def test_kernel_variant_sweep_checks():
+    """tools/bench_kernel_variants.py's correctness pass on the CPU interpreter (fp32): it passes
+    for real variants and fails for one that changes the selection without saying so."""
+    rows = _run_group("variants")
+    assert [r["name"] for r in rows] == ["good", "bad"]
+    assert rows[0]["ok"] is True, rows[0]
+    assert rows[1]["ok"] is False, rows[1]
+
+
+def test_kernel_variant_parsing():
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_kernel_variants as bkv
+    finally:
+        sys.path.pop(0)
+    got = bkv.parse_variants("default; a:rows=128,merge=extract ;b:stages=-1")
+    assert got == [("default", {}), ("a", {"rows": 128, "merge": "extract"}), ("b", {"stages": -1})]
+    for bad in ("a:rows=1", "default:rows=2", "default;a:rows"):
+        with pytest.raises(SystemExit):
+            bkv.parse_variants(bad)
+    with pytest.raises(SystemExit, match="unknown attention setting"):
+        with bkv.attn_config({"no_such_key": 1}):
+            pass
 
 
 def test_dispatch_backend_switch(monkeypatch):
@@ -236,7 +283,101 @@ def _check_case(case, seed):
     return out
 
 
+def _check_invert(case, seed):
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+    from ssa_megatron.ops.triton_selection import doc_offsets
+
+    b, t, hq, h, d, kc, cu = case
+    torch.manual_seed(seed)
+    cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+    q, k, v, do = (torch.randn(b, t, n, d) for n in (hq, h, h, hq))
+    idx = ref.select_blocks(q, k, BS, kc, cs)
+    offs = doc_offsets(b, t, cs)
+    _, _, nb, tok_boff = tsp._blocks(offs, BS, q.device)
+    flat = idx.reshape(b * t, h, kc).to(torch.int32).contiguous()
+    lists = {m: tsp._invert(flat, tok_boff, nb, m) for m in ("sort64", "sort32", "atomic")}
+    off, toks = lists["sort64"]
+    ok = all(torch.equal(off, o) for o, _ in lists.values())
+    used = int(off[-1])
+    ok &= used == int((idx >= 0).sum())
+    ok &= torch.equal(toks[:used], lists["sort32"][1][:used])  # both: ascending tokens
+    for j in range(h * nb):  # the counting sort: same tokens per list, any order
+        a, e = int(off[j]), int(off[j + 1])
+        ok &= torch.equal(torch.sort(lists["atomic"][1][a:e]).values, toks[a:e])
+    # every list method and launch order: the reference's gradients
+    leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
+    g_r = torch.autograd.grad(ref.sparse_attention(*leaves_r, idx, BS, cs), leaves_r, do)
+    errs = {}
+    saved = dict(tsp.CONFIG)
+    try:
+        for inv, order in (("sort64", "index"), ("sort32", "longest"), ("atomic", "longest")):
+            tsp.CONFIG.update(invert=inv, dkv_order=order)
+            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+            g = torch.autograd.grad(tsp.sparse_attention(*leaves, idx, BS, cs), leaves, do)
+            errs[f"{inv}/{order}"] = max((x - y).abs().max().item() for x, y in zip(g, g_r))
+    finally:
+        tsp.CONFIG.clear()
+        tsp.CONFIG.update(saved)
+    ok &= max(errs.values()) < 1e-4
+    return {"case": list(case), "lists_ok": bool(ok), "grad_err": errs, "ok": bool(ok)}
+
+
+def _check_invert_fallbacks():
+    """sort32 falls back to sort64 when its keys would overflow; atomic to sort32 when torch
+    asks for deterministic algorithms."""
+    import torch
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+
+    idx = torch.tensor([[[0, -1]], [[0, 1]], [[1, 0]]], dtype=torch.int32)  # [N 3, H 1, K 2]
+    boff = torch.zeros(3, dtype=torch.int32)
+    calls = []
+    real32, realat, limit = tsp._invert_sort32, tsp._invert_atomic, tsp._SORT32_MAX_KEY
+    tsp._invert_sort32 = lambda *a: calls.append("sort32") or real32(*a)
+    tsp._invert_atomic = lambda *a: calls.append("atomic") or realat(*a)
+    try:
+        tsp._SORT32_MAX_KEY = 5  # h * nb * n = 6 keys: too many for "int32" here
+        off, toks = tsp._invert(idx, boff, 2, "sort32")
+        ok = calls == [] and off.tolist() == [0, 3, 5] and toks[:5].tolist() == [0, 1, 2, 1, 2]
+        tsp._SORT32_MAX_KEY = limit
+        torch.use_deterministic_algorithms(True)
+        tsp._invert(idx, boff, 2, "atomic")
+        ok &= calls == ["sort32"]
+        torch.use_deterministic_algorithms(False)
+        tsp._invert(idx, boff, 2, "atomic")
+        ok &= calls == ["sort32", "atomic"]
+    finally:
+        tsp._invert_sort32, tsp._invert_atomic, tsp._SORT32_MAX_KEY = real32, realat, limit
+        torch.use_deterministic_algorithms(False)
+    return {"case": "fallbacks", "calls": calls, "ok": bool(ok)}
+
+
+def _check_variant_tool():
+    """bench_kernel_variants' correctness pass, fp32 on the interpreter, tiny shapes."""
+    import torch
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import bench_kernel_variants as bkv
+
+    bkv.DTYPE = torch.float32
+    bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
+    attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
+    for name, sel in (("good", "default;v3:merge=sort,sort_fast=4"),
+                      ("bad", "default;nomerge:topk=0")):
+        ok, rows = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
+                                      attn if name == "good" else attn[:1])
+        print(json.dumps({"name": name, "ok": bool(ok), "rows": rows}), flush=True)
+
+
 def _child(group):
+    if group == "invert":
+        for i, case in enumerate(INVERT_CASES):
+            print(json.dumps(_check_invert(case, seed=3000 + i)), flush=True)
+        print(json.dumps(_check_invert_fallbacks()), flush=True)
+        return
+    if group == "variants":
+        _check_variant_tool()
+        return
     if group.startswith("select:"):
         merge = group.split(":", 1)[1]
         for i, case in enumerate(SELECT_CASES):

@@ -15,7 +15,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
   training) python3 tools/bench_training.py --iters "${ITERS:-7}" --warmup 2 --json "$OUT/training.json" ;;
   parallel) python3 tools/bench_parallel_gpu.py --out "$OUT" ;;
-  kernels)  python3 tools/bench_attention.py --select-merge insert,sort --json "$OUT/kernels.json" ;;
+  kernels)  python3 tools/bench_attention.py --select-merge sort,extract --json "$OUT/kernels.json" ;;
+  variants) python3 tools/bench_kernel_variants.py --json "$OUT/variants.json" ;;
   mfu)      # full attention at 1x1 (fused/unfused), with accumulation, and SSA/sparse alongside
     python3 tools/bench_training.py --iters 6 --warmup 2 --variants full \
       --custom "full-unfused=--attention-mode full --no-bias-swiglu-fusion --no-cross-entropy-loss-fusion" \
@@ -48,5 +49,5 @@ case "$1" in
       --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || true
     wait || true
     tail -12 "$OUT/parity.txt"; tail -30 "$OUT/kernels.txt" ;;
-  *) echo "usage: $0 training|parallel|kernels|mfu|compare|diagnose [OUT]"; exit 2 ;;
+  *) echo "usage: $0 training|parallel|kernels|variants|mfu|compare|diagnose [OUT]"; exit 2 ;;
 esac

@@ -40,11 +40,14 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 #             into an ascending segment; else tl.sort sorts the chunk (ascending KB-segments).
 #             Each segment joins the list by a half-cleaner max(list, segment) + log2(KB)
 #             compare-exchange stages (bitonic merge). No while loop, no final sort.
-# Both give bit-identical indices. Measured on an H200 (bf16, triton 3.6, K 16), insert / sort:
+#   "extract": as "sort", but the small-n branch extracts exactly min(n, K-1) keys (a run-time
+#             loop) and the chunk sort runs only when n > "sort_fast" (>= bn: never).
+# All give bit-identical indices. Measured on an H200 (bf16, triton 3.6, K 16), insert / sort:
 # B4 T8192 HQ32 H2 D64 1.61 / 1.32 ms, H8 D128 4.47 / 3.21 ms, B1 T32768 H2 D64 4.18 / 4.15 ms
-# (docs/KERNEL_NOTES.md v3), so "sort" is the default.
-CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": None, "merge": "sort", "sort_fast": 4}
-_MERGES = {"insert": 0, "sort": 1}
+# (docs/KERNEL_NOTES.md v3); extract (sort_fast 8, 2 stages) 1.27 ms and 3.74 ms at D64 (v4),
+# 1.25 / 3.60 ms with v5's unmasked pass-1 chunks and pre-scaled pooled keys.
+CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8}
+_MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
 
 def _interpret() -> bool:
@@ -193,9 +196,56 @@ def _merge_few(top, key, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
 
 
 @triton.jit
+def _merge_extract(top, key, n, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
+                   LOGKB: tl.constexpr):
+    """Like ``_merge_few`` with a run-time count: the chunk's ``n`` best keys per token into an
+    ascending segment (n max-extractions), then one half-cleaner + bitonic merge."""
+    kk = tl.arange(0, KB)[None, :]
+    seg = tl.full([BT, KB], NEG, tl.int64)
+    for i in range(n):
+        c = tl.max(key, axis=1)
+        seg = tl.where(kk == KB - 1 - i, c[:, None], seg)
+        key = tl.where(key == c[:, None], NEG, key)
+    return _merge_sorted_topk(top, seg, BT, KB, LOGKB)
+
+
+@triton.jit
+def _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H: tl.constexpr, D: tl.constexpr,
+               BD: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
+    """Pass 1: per row, running max and sum of exp2(q . Kbar') over its blocks (Kbar' = pooled
+    keys times scale * log2(e)). Chunks below ``nc_lo`` (every valid row's block count) need
+    no masks; the tail does."""
+    dd = tl.arange(0, BD)
+    bb = tl.arange(0, BN)
+    m = tl.full([R], -1.0e30, tl.float32)
+    lsum = tl.zeros([R], tl.float32)
+    nc_int = (nc_lo // BN) * BN
+    for b0 in range(0, nc_int, BN):
+        b = b0 + bb
+        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
+        if BD == D:
+            kp = tl.load(kp_ptr)
+        else:
+            kp = tl.load(kp_ptr, mask=dd[None, :] < D, other=0.0)
+        s = tl.dot(q, tl.trans(kp))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    for b0 in range(nc_int, nc_max, BN):
+        b = b0 + bb
+        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
+        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
+        s = tl.dot(q, tl.trans(kp))
+        s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m = m_new
+    return m, lsum
+
+
+@triton.jit
 def _select_kernel(
     Q, KP, OUT, TILE_TOK, TILE_DS, TILE_DL, TILE_POFF,
-    scale_log2,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
@@ -223,19 +273,13 @@ def _select_kernel(
     q = tl.load(q_ptr, mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
 
     # ---- pass 1: running max / sum per row
-    m = tl.full([R], -1.0e30, tl.float32)
-    lsum = tl.zeros([R], tl.float32)
     bb = tl.arange(0, BN)
-    for b0 in range(0, nc_max, BN):
-        b = b0 + bb
-        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
-        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(kp)) * scale_log2
-        s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m = m_new
-    inv = 1.0 / tl.maximum(lsum, 1.0e-30)
+    nc_lo = tl.min(tl.where(row_ok, nc_r, nc_max), axis=0)
+    m, lsum = _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H, D, BD, BN, R)
+    # p = exp2(s - mlog): mlog = +inf zeroes padding / out-of-document rows, which may share a
+    # token's group. Blocks a row must not see (b >= its count) get garbage p, but such blocks
+    # are never candidates (b >= (pos + 1) // bs >= pos // bs), so their keys are dropped below.
+    mlog = tl.where(row_ok, m + tl.log2(lsum), float("inf"))
 
     # ---- pass 2: group-summed probabilities, exact running top-(K-1)
     t = tl.arange(0, BT)
@@ -258,21 +302,26 @@ def _select_kernel(
         b = b0 + bb
         kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
         kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(kp)) * scale_log2
-        p = tl.exp2(tl.minimum(s - m[:, None], 0.0)) * inv[:, None]
-        p = tl.where(b[None, :] < nc_r[:, None], p, 0.0)
+        s = tl.dot(q, tl.trans(kp))
+        p = tl.exp2(s - mlog[:, None])
         score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
         cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(cand, (bits << IDX_BITS) | (MASK - b[None, :]).to(tl.int64), NEG)
-        if MERGE == 1:
+        if MERGE >= 1:
             if K > 1:
                 # keys above the (K-1)-th kept one, most over the tile's tokens (uniform branch)
                 nh = tl.max(tl.sum((key > thr1[:, None]).to(tl.int32), axis=1), axis=0)
                 if not TOPK:  # profiling only: keep the scores alive, skip the merge
                     top = tl.maximum(top, tl.max(key, axis=1)[:, None])
                     nh = 0
-                if nh > 0:
+                if nh > 0 and MERGE == 2:
+                    if nh > FAST:
+                        top = _merge_chunk(top, key, NEG, BT, BN, KB, LOGKB)
+                    else:
+                        top = _merge_extract(top, key, tl.minimum(nh, K - 1), NEG, BT, KB, LOGKB)
+                    thr1 = tl.min(tl.where(kk[None, :] < K - 1, top, BIG), axis=1)
+                elif nh > 0:
                     if FAST >= K - 1:  # the chunk's K-1 best always suffice
                         top = _merge_few(top, key, NEG, BT, KB, LOGKB, FAST)
                     elif FAST > 0:
@@ -297,7 +346,7 @@ def _select_kernel(
                 thr = tl.min(lst, axis=1)
                 cmax = tl.max(key, axis=1)
 
-    if MERGE == 1:
+    if MERGE >= 1:
         lst = top  # already sorted, slot 1 = best
     else:
         # order the kept entries by decreasing score (slot 1 = best)
@@ -313,6 +362,15 @@ def _select_kernel(
     tl.store(out_t, cur_t.to(tl.int32), mask=tok_ok)
     dec = tl.where(lst < 0, -1, MASK - (lst & MASK)).to(tl.int32)
     tl.store(out_t[:, None] + 1 + kk[None, :], dec, mask=tok_ok[:, None] & (kk[None, :] < K - 1))
+
+
+def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
+    """The FAST constexpr: "sort" extracts that many keys statically (at most K-1); "extract"
+    sorts the whole chunk only above it (>= bn: never)."""
+    fast = int(CONFIG.get("sort_fast", 4))
+    if merge == "extract":
+        return min(fast, bn)
+    return min(fast, kc - 1, kb)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
@@ -333,7 +391,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     offs = doc_offsets(b, t, cu_seqlens)
     qf = q.reshape(b * t, hq, d).contiguous()
     kf = k.reshape(b * t, h, d).contiguous()
-    pooled = pooled_keys(kf, offs, block_size).contiguous()
+    # the softmax scale (and log2 e, the kernel uses exp2) goes into the pooled keys
+    pooled = (pooled_keys(kf, offs, block_size) * (scale * 1.4426950408889634)).contiguous()
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
     if b * t == 0:
         return out.view(b, t, h, kc)
@@ -351,11 +410,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
     grid = (tok.shape[0], h)
     _select_kernel[grid](
-        qf, pooled, out, tok, dstart, dlen, poff, scale * 1.4426950408889634,
+        qf, pooled, out, tok, dstart, dlen, poff,
         HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
         IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
-        LOGKB=kb.bit_length() - 1, FAST=min(int(CONFIG.get("sort_fast", 4)), kc - 1, kb),
+        LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn),
         num_warps=CONFIG["warps"],
-        **({} if CONFIG["stages"] is None else {"num_stages": CONFIG["stages"]}),
+        **({} if not CONFIG["stages"] or _interpret() else {"num_stages": CONFIG["stages"]}),
     )
     return out.view(b, t, h, kc)

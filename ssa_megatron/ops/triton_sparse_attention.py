@@ -9,9 +9,10 @@ as tile rows. With G >= 16, BT = 1: the group's heads are the rows and every slo
 the BT tokens' own blocks side by side ([BT * bs, D]) and masks the cross-token entries, so the
 matmuls keep 16 rows (tensor-core shape) at the price of BT-fold redundant MMA work.
 
-dk / dv (key-centric, no atomics): the selections are inverted once per backward (a sort of the
-(head, block) ids) into, for every key block, the list of tokens that selected it; one program per
-(key block, kv head) walks that list, ``BE`` tokens x G heads at a time, and writes dk, dv once.
+dk / dv (key-centric, no atomics in the sums): the selections are inverted once per backward
+(``CONFIG["invert"]``: a sort of (head, block, token) keys, or a counting sort) into, for every
+key block, the list of tokens that selected it; one program per (key block, kv head), longest
+list first, walks that list, ``BE`` tokens x G heads at a time, and writes dk, dv once.
 
 Plain pointer arithmetic only (Triton 3.6 on GPU, 3.9 CPU interpreter).
 """
@@ -29,11 +30,26 @@ from ssa_megatron.ops.triton_selection import _next_pow2, doc_offsets, tiles
 
 LOG2E = 1.4426950408889634
 
-# launch parameters (tools/bench_attention.py may sweep them)
-# (swept on an H100 at B4 T8192, bf16; see docs/KERNEL_NOTES.md). Keyed by head dim <= 64 / > 64.
+# launch parameters, keyed by head dim <= 64 / > 64 (swept on an H100 at B4 T8192, bf16; dq_warps
+# and the top-level keys on an H200 with tools/bench_kernel_variants.py; docs/KERNEL_NOTES.md).
 CONFIG = {
-    "small_d": {"cols": 64, "fwd_warps": 2, "bwd_warps": 4, "stages": 2, "dkv_rows": 128},
-    "large_d": {"cols": 128, "fwd_warps": 4, "bwd_warps": 4, "stages": 2, "dkv_rows": 64},
+    "small_d": {"cols": 64, "fwd_warps": 2, "dq_warps": 2, "dkv_warps": 4, "stages": 2,
+                "dkv_stages": 3, "dkv_rows": 128},
+    "large_d": {"cols": 128, "fwd_warps": 4, "dq_warps": 4, "dkv_warps": 4, "stages": 2,
+                "dkv_rows": 64},
+    # How the backward inverts the selection into per-key-block token lists:
+    #   "sort64": stable torch.sort of int64 (head, block) keys (v2);
+    #   "sort32": torch.sort of unique int32 (head, block, token) keys where they fit in 31 bits,
+    #             else sort64 (same lists, token order ascending: bit-identical dk/dv);
+    #   "atomic": Triton counting sort (atomic counters); the order inside a list, and so the
+    #             fp32 summation order of dk/dv, varies from run to run (as flash attention's
+    #             dq does). Used only while torch.are_deterministic_algorithms_enabled() is
+    #             False; under torch.use_deterministic_algorithms(True) sort32 runs instead.
+    "invert": "atomic",
+    # Launch order of the key-centric dk/dv programs: "longest" (longest token list first, so the
+    # few very long lists - early blocks, attention sinks - do not run alone at the end) or
+    # "index" (block order).
+    "dkv_order": "longest",
 }
 
 
@@ -44,8 +60,9 @@ def _cfg(bd: int) -> dict:
 def _launch_opts(bd: int, which: str) -> dict:
     c = _cfg(bd)
     opts = {"num_warps": c[which + "_warps"]}
-    if c["stages"] is not None and not _interp():
-        opts["num_stages"] = c["stages"]
+    stages = c.get(which + "_stages", c["stages"])
+    if stages is not None and not _interp():
+        opts["num_stages"] = stages
     return opts
 
 
@@ -227,13 +244,14 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, Kt, V, DO, LSE, DELTA, DK, DV, BLK_START, BLK_LEN, LIST_OFF, LIST_TOK,
+    Q, Kt, V, DO, LSE, DELTA, DK, DV, BLK_START, BLK_LEN, LIST_OFF, LIST_TOK, ORDER,
     scale_log2, scale, NB,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BE: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr,
 ):
-    gb = tl.program_id(0)
-    h = tl.program_id(1)
+    w = tl.load(ORDER + tl.program_id(0))  # (head, key block) of this program
+    h = w // NB
+    gb = w % NB
     k0 = tl.load(BLK_START + gb)
     kl = tl.load(BLK_LEN + gb)
     j = tl.arange(0, BS)
@@ -246,8 +264,8 @@ def _bwd_dkv_kernel(
     kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
     vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
 
-    e_lo = tl.load(LIST_OFF + h * NB + gb)
-    e_hi = tl.load(LIST_OFF + h * NB + gb + 1)
+    e_lo = tl.load(LIST_OFF + w)
+    e_hi = tl.load(LIST_OFF + w + 1)
 
     R: tl.constexpr = BE * GP
     r = tl.arange(0, R)
@@ -290,9 +308,25 @@ def _slots(bt: int, bs: int, kc: int, bd: int) -> int:
     return max(1, min(_cfg(bd)["cols"] // (bt * bs), _next_pow2(kc)))
 
 
-def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
-    """(head, global key block) -> tokens that selected it: CSR offsets [H * nb + 1], tokens."""
+_SORT32_MAX_KEY = 2 ** 31 - 1  # sort32's largest key (the empty-slot key h * nb * n)
+
+
+def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int, method: Optional[str] = None):
+    """(head, global key block) -> tokens that selected it: CSR offsets [H * nb + 1], tokens.
+
+    ``method``: CONFIG["invert"] (see there). Every method gives the same lists; "sort64" and
+    "sort32" also the same order inside each list (ascending token).
+    """
+    method = method or CONFIG["invert"]
+    if method not in ("sort64", "sort32", "atomic"):
+        raise ValueError(f"CONFIG['invert'] = {method!r}: expected sort64, sort32 or atomic")
+    if method == "atomic" and torch.are_deterministic_algorithms_enabled():
+        method = "sort32"
     n, h, kc = idx.shape
+    if method == "atomic":
+        return _invert_atomic(idx, tok_boff, nb)
+    if method == "sort32" and h * nb * n <= _SORT32_MAX_KEY:
+        return _invert_sort32(idx, tok_boff, nb)
     gblk = idx.long() + tok_boff.long()[:, None, None]
     head = torch.arange(h, device=idx.device).view(1, h, 1)
     key = torch.where(idx >= 0, head * nb + gblk, torch.full_like(gblk, h * nb))
@@ -302,6 +336,77 @@ def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
     # list boundaries by binary search (bincount was slow on int keys on the H200)
     off = torch.searchsorted(skey, torch.arange(h * nb + 1, device=idx.device)).to(torch.int32)
     return off, toks.to(torch.int32)
+
+
+def _invert_sort32(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
+    """Unique int32 keys ((head * nb + block) * n + token): one unstable sort, no payload."""
+    n, h, kc = idx.shape
+    dev = idx.device
+    head_blk = torch.arange(h, device=dev, dtype=torch.int32).view(1, h, 1) * nb + idx \
+        + tok_boff[:, None, None]
+    tok = torch.arange(n, device=dev, dtype=torch.int32).view(n, 1, 1)
+    key = torch.where(idx >= 0, head_blk * n + tok, h * nb * n)  # h * nb * n: empty slot
+    skey = torch.sort(key.view(-1)).values
+    bounds = torch.arange(h * nb + 1, device=dev, dtype=torch.int32) * n
+    off = torch.searchsorted(skey, bounds, out_int32=True)
+    return off, skey % n
+
+
+@triton.jit
+def _list_entries(IDX, TOK_BOFF, total, NB, H: tl.constexpr, K: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """This program's flat [N, H, K] selection entries: index, valid, token, list id."""
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < total
+    blk = tl.load(IDX + e, mask=ok, other=-1)
+    valid = ok & (blk >= 0)
+    tok = e // (H * K)
+    head = (e // K) % H
+    key = head * NB + tl.load(TOK_BOFF + tok, mask=valid, other=0) + blk
+    return e, valid, tok, key
+
+
+@triton.jit
+def _count_kernel(IDX, TOK_BOFF, CNT, POS, total, NB,
+                  H: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    e, valid, tok, key = _list_entries(IDX, TOK_BOFF, total, NB, H, K, BLOCK)
+    pos = tl.atomic_add(CNT + key, tl.full([BLOCK], 1, tl.int32), mask=valid)
+    tl.store(POS + e, pos, mask=valid)
+
+
+@triton.jit
+def _scatter_kernel(IDX, TOK_BOFF, OFF, POS, TOKS, total, NB,
+                    H: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr):
+    e, valid, tok, key = _list_entries(IDX, TOK_BOFF, total, NB, H, K, BLOCK)
+    dst = tl.load(OFF + key, mask=valid, other=0) + tl.load(POS + e, mask=valid, other=0)
+    tl.store(TOKS + dst, tok.to(tl.int32), mask=valid)
+
+
+def _invert_atomic(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
+    """Counting sort: atomic counters give each entry its place in its list, then a scatter."""
+    n, h, kc = idx.shape
+    total = n * h * kc
+    dev = idx.device
+    cnt = torch.zeros(h * nb, dtype=torch.int32, device=dev)
+    pos = torch.empty(total, dtype=torch.int32, device=dev)
+    block = 1024
+    grid = (triton.cdiv(total, block),)
+    _count_kernel[grid](idx, tok_boff, cnt, pos, total, nb, H=h, K=kc, BLOCK=block)
+    off = torch.zeros(h * nb + 1, dtype=torch.int32, device=dev)
+    torch.cumsum(cnt, 0, out=off[1:])
+    toks = torch.empty(total, dtype=torch.int32, device=dev)  # tail past off[-1] unused
+    _scatter_kernel[grid](idx, tok_boff, off, pos, toks, total, nb, H=h, K=kc, BLOCK=block)
+    return off, toks
+
+
+def _dkv_order(off: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
+    """Launch order of the dk/dv programs (flat head * nb + block ids), CONFIG["dkv_order"]."""
+    method = method or CONFIG["dkv_order"]
+    if method == "index":
+        return torch.arange(off.numel() - 1, device=off.device, dtype=torch.int32)
+    if method != "longest":
+        raise ValueError(f"CONFIG['dkv_order'] = {method!r}: expected longest or index")
+    return torch.argsort(off[1:] - off[:-1], descending=True).to(torch.int32)
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -316,18 +421,7 @@ class _SparseAttention(torch.autograd.Function):
         kf = k.reshape(b * t, h, d).contiguous()
         vf = v.reshape(b * t, h, d).contiguous()
         idx = indices.reshape(b * t, h, kc).to(torch.int32).contiguous()
-        o = torch.empty_like(qf)
-        lse = torch.empty(b * t, hq, dtype=torch.float32, device=q.device)
-        gp = _next_pow2(g)
-        bt = _tile_tokens(g, block_size)
-        bd = max(16, _next_pow2(d))
-        tok, dstart, dlen, _ = tiles(offs, bt, block_size, q.device)
-        if tok.numel():
-            _fwd_kernel[(tok.shape[0], h)](
-                qf, kf, vf, idx, o, lse, tok, dstart, dlen, scale * LOG2E,
-                HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd,
-                NS=_slots(bt, block_size, kc, bd), **_launch_opts(bd, "fwd"),
-            )
+        o, lse = _forward(qf, kf, vf, idx, offs, block_size, scale)
         ctx.save_for_backward(qf, kf, vf, idx, o, lse)
         ctx.meta = (b, t, hq, h, d, g, kc, offs, block_size, scale)
         return o.view(b, t, hq, d)
@@ -337,34 +431,68 @@ class _SparseAttention(torch.autograd.Function):
         qf, kf, vf, idx, o, lse = ctx.saved_tensors
         b, t, hq, h, d, g, kc, offs, bs, scale = ctx.meta
         dof = do.reshape(b * t, hq, d).contiguous()
-        dq = torch.empty_like(qf)
-        dk = torch.empty_like(kf)
-        dv = torch.empty_like(vf)
-        delta = torch.empty(b * t, hq, dtype=torch.float32, device=qf.device)
-        gp = _next_pow2(g)
-        bt = _tile_tokens(g, bs)
-        bd = max(16, _next_pow2(d))
-        tok, dstart, dlen, _ = tiles(offs, bt, bs, qf.device)
-        if tok.numel():
-            _bwd_dq_kernel[(tok.shape[0], h)](
-                qf, kf, vf, idx, o, dof, lse, delta, dq, tok, dstart, dlen, scale * LOG2E, scale,
-                HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BT=bt, GP=gp, BD=bd,
-                NS=_slots(bt, bs, kc, bd), **_launch_opts(bd, "bwd"),
-            )
-        bstart, blen, nb, tok_boff = _blocks(offs, bs, qf.device)
-        if nb:
-            off, ltok = _invert(idx, tok_boff, nb)
-            be = max(1, _cfg(bd)["dkv_rows"] // gp)
-            _bwd_dkv_kernel[(nb, h)](
-                qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok,
-                scale * LOG2E, scale, nb,
-                HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, **_launch_opts(bd, "bwd"),
-            )
-        else:
-            dk.zero_()
-            dv.zero_()
+        dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
+        dk, dv = _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale)
         return (dq.view(b, t, hq, d), dk.view(b, t, h, d), dv.view(b, t, h, d),
                 None, None, None, None)
+
+
+def _query_launch(qf, idx, offs, bs):
+    """Grid, tile tensors and constexprs shared by the query-centric kernels (forward, dq)."""
+    n, hq, d = qf.shape
+    h, kc = idx.shape[1], idx.shape[2]
+    g = hq // h
+    bt = _tile_tokens(g, bs)
+    bd = max(16, _next_pow2(d))
+    tok, dstart, dlen, _ = tiles(offs, bt, bs, qf.device)
+    consts = dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BT=bt, GP=_next_pow2(g), BD=bd,
+                  NS=_slots(bt, bs, kc, bd))
+    return (tok.shape[0], h), (tok, dstart, dlen), consts, bd
+
+
+def _forward(qf, kf, vf, idx, offs, bs, scale):
+    """Output [N, HQ, D] and log2-sum-exp [N, HQ] (fp32) over each row's selected keys."""
+    o = torch.empty_like(qf)
+    lse = torch.empty(qf.shape[:2], dtype=torch.float32, device=qf.device)
+    grid, tile_args, consts, bd = _query_launch(qf, idx, offs, bs)
+    if grid[0]:
+        _fwd_kernel[grid](qf, kf, vf, idx, o, lse, *tile_args, scale * LOG2E, **consts,
+                          **_launch_opts(bd, "fwd"))
+    return o, lse
+
+
+def _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):
+    """dq and delta = rowsum(dO * O) (query-centric, one pass over the selected blocks)."""
+    dq = torch.empty_like(qf)
+    delta = torch.empty(qf.shape[:2], dtype=torch.float32, device=qf.device)
+    grid, tile_args, consts, bd = _query_launch(qf, idx, offs, bs)
+    if grid[0]:
+        _bwd_dq_kernel[grid](qf, kf, vf, idx, o, dof, lse, delta, dq, *tile_args, scale * LOG2E,
+                             scale, **consts, **_launch_opts(bd, "dq"))
+    return dq, delta
+
+
+def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
+    """dk, dv (key-centric over the inverted selection lists)."""
+    n, hq, d = qf.shape
+    h = idx.shape[1]
+    g = hq // h
+    gp = _next_pow2(g)
+    bd = max(16, _next_pow2(d))
+    dk = torch.empty_like(kf)
+    dv = torch.empty_like(vf)
+    bstart, blen, nb, tok_boff = _blocks(offs, bs, qf.device)
+    if not nb:
+        return dk.zero_(), dv.zero_()
+    off, ltok = _invert(idx, tok_boff, nb)
+    order = _dkv_order(off)
+    be = max(1, _cfg(bd)["dkv_rows"] // gp)
+    _bwd_dkv_kernel[(nb * h,)](
+        qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order,
+        scale * LOG2E, scale, nb,
+        HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, **_launch_opts(bd, "dkv"),
+    )
+    return dk, dv
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Sweep the SSA kernels' launch and algorithm settings on one GPU, against SDPA in the same run.
+
+Every variant is a set of overrides of ``triton_selection.CONFIG`` (selection) or
+``triton_sparse_attention.CONFIG`` (sparse attention; keys of its "small_d"/"large_d" entries
+or its top-level keys such as "invert" and "dkv_order").
+
+1. Correctness (bf16, small shapes, dense and packed documents): each selection variant's
+   indices must equal the default settings' indices bit for bit (same inputs, same card), and
+   the default's must pass ``bench_attention.check_correctness`` (sets vs the fp32 reference);
+   each attention variant's o/dq/dk/dv must match the fp32 reference (rel. err < 3e-2) and,
+   where the variant is deterministic, equal the default's bit for bit.
+2. Timings (median ms, ``triton.testing.do_bench``) per shape: SDPA full causal fwd and fwd+bwd
+   (the baseline), the selection per selection variant, and per attention variant the forward,
+   the dq pass, the selection inversion, the dk/dv pass and the whole backward. Ratios are
+   against SDPA fwd+bwd of the same shape in the same run.
+
+Usage: python tools/bench_kernel_variants.py [--shapes 4x8192,1x32768] [--heads 32/2/64]
+           [--select VARIANTS] [--attn VARIANTS] [--json out.json]
+VARIANTS: semicolon-separated ``name:key=value,key=value`` (values parsed as int, else str);
+``default`` alone is the unchanged CONFIG; a selection variant named ``ablate-...`` may change
+the indices (e.g. ``ablate-nomerge:topk=0`` times the scoring without the top-k merge). Example:
+  --select "default;r128w8:rows=128,warps=8" --attn "default;sort64:invert=sort64"
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+from ssa_megatron.ops import reference as ref  # noqa: E402
+
+BS, KC = 16, 16
+DTYPE = torch.bfloat16  # fp32 only for a CPU smoke run under TRITON_INTERPRET=1
+# (B, T, HQ, H, D, cu_seqlens) for the correctness pass
+CHECK_CASES = [(2, 1024, 32, 2, 64, None), (1, 1500, 32, 2, 64, [0, 100, 611, 1333, 1500]),
+               (1, 1024, 32, 8, 128, None), (1, 700, 32, 4, 64, [0, 17, 700])]
+SELECT_DEFAULT = ("default;v3:merge=sort,sort_fast=4,stages=0;r32w2:rows=32,warps=2;"
+                  "r32w4:rows=32;r64w2:warps=2;bn16:bn=16;ablate-nomerge:topk=0")
+ATTN_DEFAULT = ("default;v3:invert=sort64,dkv_order=index,dq_warps=4,dkv_stages=2;"
+                "sort32:invert=sort32;rows256:dkv_rows=256;dkvs4:dkv_stages=4")
+
+
+def parse_variants(text: str):
+    """``name:key=value,...;name2:...`` -> [(name, {key: value})]."""
+    out = []
+    for item in (x.strip() for x in text.split(";")):
+        if not item:
+            continue
+        name, _, rest = item.partition(":")
+        over = {}
+        for kv in (x for x in rest.split(",") if x):
+            key, _, val = kv.partition("=")
+            if not _:
+                raise SystemExit(f"variant {name!r}: {kv!r} is not key=value")
+            over[key.strip()] = int(val) if val.strip().lstrip("-").isdigit() else val.strip()
+        out.append((name.strip(), over))
+    if not out or out[0][0] != "default" or out[0][1]:
+        raise SystemExit("the first variant must be 'default' (no overrides): the others are "
+                         "compared with it")
+    return out
+
+
+@contextlib.contextmanager
+def select_config(over):
+    from ssa_megatron.ops import triton_selection as tsel
+    saved = dict(tsel.CONFIG)
+    unknown = set(over) - set(saved) - {"topk"}
+    if unknown:
+        raise SystemExit(f"unknown selection setting(s) {sorted(unknown)}; known: {sorted(saved)}")
+    tsel.CONFIG.update(over)
+    try:
+        yield
+    finally:
+        tsel.CONFIG.clear()
+        tsel.CONFIG.update(saved)
+
+
+@contextlib.contextmanager
+def attn_config(over):
+    """Overrides go to the top level (invert, dkv_order) or to both head-dim entries."""
+    import copy
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+    saved = copy.deepcopy(tsp.CONFIG)
+    for key, val in over.items():
+        if key in tsp.CONFIG and not isinstance(tsp.CONFIG[key], dict):
+            tsp.CONFIG[key] = val
+        elif key in tsp.CONFIG["small_d"]:
+            for entry in ("small_d", "large_d"):
+                tsp.CONFIG[entry][key] = val
+        else:
+            raise SystemExit(f"unknown attention setting {key!r}; known: "
+                             f"{sorted(k for k in saved if k not in ('small_d', 'large_d'))} "
+                             f"and {sorted(saved['small_d'])}")
+    try:
+        yield
+    finally:
+        tsp.CONFIG.clear()
+        tsp.CONFIG.update(saved)
+
+
+def _bench(fn):
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=50)
+
+
+def _same_arithmetic(over):
+    """Variants that only change how lists are built or launched: same sums, same bits
+    (unless the lists come from the atomic counting sort)."""
+    return set(over) <= {"invert", "dkv_order", "stages", "dkv_stages"}
+
+
+def check_variants(device, sel_variants, attn_variants):
+    from ssa_megatron.ops import triton_selection as tsel
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+    torch.manual_seed(0)
+    ok, rows = True, []
+    for b, t, hq, h, d, cu in CHECK_CASES:
+        cs = torch.tensor(cu, device=device, dtype=torch.int32) if cu else None
+        q, k, v = (torch.randn(b, t, n, d, device=device, dtype=DTYPE)
+                   for n in (hq, h, h))
+        do = torch.randn_like(q)
+        row = {"shape": f"B{b} T{t} HQ{hq} H{h} D{d}" + (f" docs{len(cu) - 1}" if cu else "")}
+        base = None
+        for name, over in sel_variants:
+            with select_config(over):
+                idx = tsel.select_blocks(q, k, BS, KC, cs)
+            if base is None:
+                base = idx
+            same = (idx == base).all(-1).float().mean().item()
+            row[f"sel_{name}_same"] = same
+            if set(over) <= {"merge", "sort_fast", "stages"}:  # same scores: same bits
+                ok &= same == 1.0
+            elif not name.startswith("ablate"):  # other tiles round the scores differently
+                ok &= same >= 0.999
+        idx = ref.select_blocks(q, k, BS, KC, cs)
+        leaves_r = [x.detach().float().requires_grad_() for x in (q, k, v)]
+        o_r = ref.sparse_attention(*leaves_r, idx, BS, cs)
+        g_r = [o_r] + list(torch.autograd.grad(o_r, leaves_r, do.float()))
+        base = None  # the first deterministic variant with the default tiling
+        for name, over in attn_variants:
+            with attn_config(over):
+                leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+                o = tsp.sparse_attention(*leaves, idx, BS, cs)
+                got = [o] + list(torch.autograd.grad(o, leaves, do))
+                exact = _same_arithmetic(over) and tsp.CONFIG["invert"] != "atomic"
+            err = max(((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
+                      for a, r in zip(got, g_r))
+            good = err < 3e-2 and not any(torch.isnan(x).any().item() for x in got)
+            if exact and base is None:
+                base = got
+            elif exact:
+                good &= all(torch.equal(a, c) for a, c in zip(got, base))
+            row[f"attn_{name}"] = [float(f"{err:.2e}"), bool(good)]
+            ok &= good
+        rows.append(row)
+        print("check", json.dumps(row), flush=True)
+    return ok, rows
+
+
+def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants):
+    import torch.nn.functional as F
+    from ssa_megatron.ops import triton_selection as tsel
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+    torch.manual_seed(1)
+    dt = DTYPE
+    g = hq // h
+    q = torch.randn(b, t, hq, d, device=device, dtype=dt, requires_grad=True)
+    k = torch.randn(b, t, h, d, device=device, dtype=dt, requires_grad=True)
+    v = torch.randn(b, t, h, d, device=device, dtype=dt, requires_grad=True)
+    do = torch.randn(b, t, hq, d, device=device, dtype=dt)
+    res = {"shape": f"B{b} T{t} HQ{hq} H{h} D{d}"}
+    # the baseline: SDPA flash on [B, HQ, T, D] with kv expanded to the query heads
+    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
+    vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
+    doh = do.transpose(1, 2).contiguous()
+    res["sdpa_fwd"] = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
+    res["sdpa_fwdbwd"] = _bench(lambda: torch.autograd.grad(
+        F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh), doh))
+    del qh, kh, vh, doh
+    for name, over in sel_variants:
+        with select_config(over):
+            res[f"select[{name}]"] = _bench(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
+    idx = tsel.select_blocks(q.detach(), k.detach(), BS, KC)
+    from ssa_megatron.ops.triton_selection import doc_offsets
+    offs = doc_offsets(b, t, None)
+    scale = d ** -0.5
+    for name, over in attn_variants:
+        with attn_config(over):
+            res[f"fwd[{name}]"] = _bench(lambda: tsp.sparse_attention(q.detach(), k.detach(),
+                                                                       v.detach(), idx, BS))
+            o = tsp.sparse_attention(q, k, v, idx, BS)
+            res[f"bwd[{name}]"] = _bench(lambda: torch.autograd.grad(o, (q, k, v), do,
+                                                                     retain_graph=True))
+            # the backward's pieces on the same tensors
+            n = b * t
+            qf, kf, vf = (x.detach().reshape(n, -1, d) for x in (q, k, v))
+            idf = idx.reshape(n, h, KC).contiguous()
+            of = o.detach().reshape(n, hq, d)
+            dof = do.reshape(n, hq, d)
+            _, lse = tsp._forward(qf, kf, vf, idf, offs, BS, scale)
+            res[f"dq[{name}]"] = _bench(lambda: tsp._backward_dq(qf, kf, vf, idf, of, dof, lse,
+                                                                 offs, BS, scale))
+            _, delta = tsp._backward_dq(qf, kf, vf, idf, of, dof, lse, offs, BS, scale)
+            _, _, nb, tok_boff = tsp._blocks(offs, BS, device)
+            res[f"invert[{name}]"] = _bench(lambda: tsp._invert(idf, tok_boff, nb))
+            res[f"dkv[{name}]"] = _bench(lambda: tsp._backward_dkv(qf, kf, vf, idf, dof, lse, delta,
+                                                                   offs, BS, scale))
+            del o
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="4x8192,1x32768")
+    ap.add_argument("--heads", default="32/2/64")
+    ap.add_argument("--select", default=SELECT_DEFAULT)
+    ap.add_argument("--attn", default=ATTN_DEFAULT)
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    sel_variants = parse_variants(args.select)
+    attn_variants = parse_variants(args.attn)
+    if not torch.cuda.is_available():
+        print("bench_kernel_variants: needs a CUDA GPU")
+        return 2
+    import triton
+    dev = torch.device("cuda")
+    name = torch.cuda.get_device_name(0)
+    print(f"GPU: {name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    out = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
+           "select_variants": dict(sel_variants), "attn_variants": dict(attn_variants)}
+    if not args.skip_check:
+        ok, rows = check_variants(dev, sel_variants, attn_variants)
+        out["check"] = rows
+        out["check_ok"] = ok
+        print(f"variants correct (bf16): {'PASS' if ok else 'FAIL'}", flush=True)
+    out["timings"] = []
+    for shp in args.shapes.split(","):
+        b, t = (int(x) for x in shp.split("x"))
+        for hd in args.heads.split(","):
+            hq, h, d = (int(x) for x in hd.split("/"))
+            r = time_shape(b, t, hq, h, d, dev, sel_variants, attn_variants)
+            out["timings"].append(r)
+            print("timing", json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+    print(f"\n=== {name}: median ms; x = / SDPA fwd+bwd of the same shape, same run ===")
+    for r in out["timings"]:
+        base = r["sdpa_fwdbwd"]
+        print(f"{r['shape']}: SDPA fwd {r['sdpa_fwd']:.3f} fwd+bwd {base:.3f}")
+        for nm, _ in sel_variants:
+            x = r[f"select[{nm}]"]
+            print(f"  select {nm:14s} {x:7.3f}  ({x / base:.3f}x)")
+        print(f"  {'attn variant':16s}" + "".join(f"{c:>9s}" for c in
+                                                ("fwd", "bwd", "dq", "invert", "dkv", "fwd+bwd", "x")))
+        for nm, _ in attn_variants:
+            vals = [r[f"{c}[{nm}]"] for c in ("fwd", "bwd", "dq", "invert", "dkv")]
+            tot = vals[0] + vals[1]
+            print(f"  {nm:16s}" + "".join(f"{x:9.3f}" for x in vals) + f"{tot:9.3f}{tot / base:9.3f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+    return 0 if out.get("check_ok", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
