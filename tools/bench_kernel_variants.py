@@ -5,11 +5,14 @@ Every variant is a set of overrides of ``triton_selection.CONFIG`` (selection) o
 ``triton_sparse_attention.CONFIG`` (sparse attention; keys of its "small_d"/"large_d" entries
 or its top-level keys such as "invert" and "dkv_order").
 
-1. Correctness (bf16, small shapes, dense and packed documents): each selection variant's
-   indices must equal the default settings' indices bit for bit (same inputs, same card), and
-   the default's must pass ``bench_attention.check_correctness`` (sets vs the fp32 reference);
-   each attention variant's o/dq/dk/dv must match the fp32 reference (rel. err < 3e-2) and,
-   where the variant is deterministic, equal the default's bit for bit.
+1. Correctness (bf16, small shapes, dense and packed documents; ``bench_attention.py`` checks
+   the defaults against the reference in full): each selection variant's indices must equal
+   the default settings' bit for bit where only the merge or the stages change (same scores),
+   and in >= 99.9 % of rows otherwise (other tiles round the tf32 scores differently, which
+   flips near-ties); ``ablate-`` variants are only reported. Each attention variant's
+   o/dq/dk/dv must match the fp32 reference on the reference's indices (rel. err < 3e-2), and
+   equal the first deterministic variant's bit for bit where only the list building, the
+   launch order or the stages change.
 2. Timings (median ms, ``triton.testing.do_bench``) per shape: SDPA full causal fwd and fwd+bwd
    (the baseline), the selection per selection variant, and per attention variant the forward,
    the dq pass, the selection inversion, the dk/dv pass and the whole backward. Ratios are
