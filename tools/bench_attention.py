@@ -154,6 +154,30 @@ def check_correctness(device, verbose=True, merges=()):
     return ok, rows
 
 
+def time_sdpa(q, k, v, do):
+    """The baseline: SDPA full causal on [B, HQ, T, D] with kv expanded to the query heads (the
+    pure flash kernel), fwd and fwd+bwd."""
+    g = q.shape[2] // k.shape[2]
+    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
+    vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
+    doh = do.transpose(1, 2).contiguous()
+
+    def sdpa_f():
+        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+
+    return {"sdpa_fwd": _bench(lambda: sdpa_f()),
+            "sdpa_fwdbwd": _bench(lambda: torch.autograd.grad(sdpa_f(), (qh, kh, vh), doh))}
+
+
+def gpu_header():
+    """The card and versions, printed and returned as the JSON output's first fields."""
+    import triton
+    name = torch.cuda.get_device_name(0)
+    print(f"GPU: {name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}
+
+
 def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=False):
     from ssa_megatron.ops import dispatch
     from ssa_megatron.ops import triton_selection as tsel
@@ -174,18 +198,7 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
     if select_only:
         res["select"] = _bench(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
         return res
-    # --- SDPA full causal on [B, HQ, T, D] with expanded kv (the pure flash kernel)
-    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
-    kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    doh = do.transpose(1, 2).contiguous()
-
-    def sdpa_f():
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-
-    res["sdpa_fwd"] = _bench(lambda: sdpa_f())
-    res["sdpa_fwdbwd"] = _bench(lambda: torch.autograd.grad(sdpa_f(), (qh, kh, vh), doh))
-    del qh, kh, vh, doh
+    res.update(time_sdpa(q, k, v, do))
 
     # --- pieces of the sparse branch
     idx = tsel.select_blocks(q.detach(), k.detach(), BS, KC)
@@ -275,10 +288,8 @@ def main(argv=None):
         print("bench_attention: needs a CUDA GPU (run the CPU tests for correctness instead)")
         return 2
     dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(0)
-    import triton
-    print(f"GPU: {name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
-    out = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}
+    out = gpu_header()
+    name = out["gpu"]
     if not args.skip_check:
         ok, rows = check_correctness(dev, merges=merges)
         out["check"] = rows

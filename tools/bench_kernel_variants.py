@@ -34,9 +34,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from bench_attention import _bench, gpu_header, time_sdpa  # noqa: E402
 from ssa_megatron.ops import reference as ref  # noqa: E402
 
 BS, KC = 16, 16
@@ -108,11 +110,6 @@ def attn_config(over):
         tsp.CONFIG.update(saved)
 
 
-def _bench(fn):
-    import triton.testing
-    return triton.testing.do_bench(fn, warmup=10, rep=50)
-
-
 def _same_arithmetic(over):
     """Variants that only change how lists are built or launched: same sums, same bits
     (unless the lists come from the atomic counting sort)."""
@@ -168,26 +165,16 @@ def check_variants(device, sel_variants, attn_variants):
 
 
 def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants):
-    import torch.nn.functional as F
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
     torch.manual_seed(1)
     dt = DTYPE
-    g = hq // h
     q = torch.randn(b, t, hq, d, device=device, dtype=dt, requires_grad=True)
     k = torch.randn(b, t, h, d, device=device, dtype=dt, requires_grad=True)
     v = torch.randn(b, t, h, d, device=device, dtype=dt, requires_grad=True)
     do = torch.randn(b, t, hq, d, device=device, dtype=dt)
     res = {"shape": f"B{b} T{t} HQ{hq} H{h} D{d}"}
-    # the baseline: SDPA flash on [B, HQ, T, D] with kv expanded to the query heads
-    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
-    kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    doh = do.transpose(1, 2).contiguous()
-    res["sdpa_fwd"] = _bench(lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=True))
-    res["sdpa_fwdbwd"] = _bench(lambda: torch.autograd.grad(
-        F.scaled_dot_product_attention(qh, kh, vh, is_causal=True), (qh, kh, vh), doh))
-    del qh, kh, vh, doh
+    res.update(time_sdpa(q, k, v, do))  # the baseline
     for name, over in sel_variants:
         with select_config(over):
             res[f"select[{name}]"] = _bench(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
@@ -234,12 +221,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("bench_kernel_variants: needs a CUDA GPU")
         return 2
-    import triton
     dev = torch.device("cuda")
-    name = torch.cuda.get_device_name(0)
-    print(f"GPU: {name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
-    out = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__,
-           "select_variants": dict(sel_variants), "attn_variants": dict(attn_variants)}
+    out = gpu_header()
+    name = out["gpu"]
+    out.update(select_variants=dict(sel_variants), attn_variants=dict(attn_variants))
     if not args.skip_check:
         ok, rows = check_variants(dev, sel_variants, attn_variants)
         out["check"] = rows

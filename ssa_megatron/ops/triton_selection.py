@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634  # the kernels use exp2
 _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per document
 
 # launch parameters (tools/bench_attention.py may sweep them)
@@ -210,36 +211,39 @@ def _merge_extract(top, key, n, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
+def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr,
+                 H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+    """One pass-1 step over blocks b0 .. b0+BN-1: the running row max and sum, updated."""
+    dd = tl.arange(0, BD)
+    b = b0 + tl.arange(0, BN)
+    kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
+    if MASKED:
+        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
+    elif BD == D:
+        kp = tl.load(kp_ptr)
+    else:
+        kp = tl.load(kp_ptr, mask=dd[None, :] < D, other=0.0)
+    s = tl.dot(q, tl.trans(kp))
+    if MASKED:
+        s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+    return m_new, lsum
+
+
+@triton.jit
 def _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H: tl.constexpr, D: tl.constexpr,
                BD: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
     """Pass 1: per row, running max and sum of exp2(q . Kbar') over its blocks (Kbar' = pooled
     keys times scale * log2(e)). Chunks below ``nc_lo`` (every valid row's block count) need
     no masks; the tail does."""
-    dd = tl.arange(0, BD)
-    bb = tl.arange(0, BN)
     m = tl.full([R], -1.0e30, tl.float32)
     lsum = tl.zeros([R], tl.float32)
     nc_int = (nc_lo // BN) * BN
     for b0 in range(0, nc_int, BN):
-        b = b0 + bb
-        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
-        if BD == D:
-            kp = tl.load(kp_ptr)
-        else:
-            kp = tl.load(kp_ptr, mask=dd[None, :] < D, other=0.0)
-        s = tl.dot(q, tl.trans(kp))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m = m_new
+        m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, False, H, D, BD, BN)
     for b0 in range(nc_int, nc_max, BN):
-        b = b0 + bb
-        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
-        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(kp))
-        s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        lsum = lsum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-        m = m_new
+        m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, True, H, D, BD, BN)
     return m, lsum
 
 
@@ -315,22 +319,19 @@ def _select_kernel(
                 if not TOPK:  # profiling only: keep the scores alive, skip the merge
                     top = tl.maximum(top, tl.max(key, axis=1)[:, None])
                     nh = 0
-                if nh > 0 and MERGE == 2:
-                    if nh > FAST:
-                        top = _merge_chunk(top, key, NEG, BT, BN, KB, LOGKB)
-                    else:
-                        top = _merge_extract(top, key, tl.minimum(nh, K - 1), NEG, BT, KB, LOGKB)
-                    thr1 = tl.min(tl.where(kk[None, :] < K - 1, top, BIG), axis=1)
-                elif nh > 0:
-                    if FAST >= K - 1:  # the chunk's K-1 best always suffice
-                        top = _merge_few(top, key, NEG, BT, KB, LOGKB, FAST)
-                    elif FAST > 0:
+                if nh > 0:
+                    if MERGE == 2:
                         if nh > FAST:
                             top = _merge_chunk(top, key, NEG, BT, BN, KB, LOGKB)
                         else:
-                            top = _merge_few(top, key, NEG, BT, KB, LOGKB, FAST)
-                    else:
+                            top = _merge_extract(top, key, tl.minimum(nh, K - 1), NEG, BT, KB,
+                                                 LOGKB)
+                    elif FAST >= K - 1:  # the chunk's K-1 best always suffice
+                        top = _merge_few(top, key, NEG, BT, KB, LOGKB, FAST)
+                    elif nh > FAST:
                         top = _merge_chunk(top, key, NEG, BT, BN, KB, LOGKB)
+                    else:
+                        top = _merge_few(top, key, NEG, BT, KB, LOGKB, FAST)
                     thr1 = tl.min(tl.where(kk[None, :] < K - 1, top, BIG), axis=1)
         else:
             # insert the chunk's best while it beats the token's current worst kept entry
@@ -391,8 +392,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     offs = doc_offsets(b, t, cu_seqlens)
     qf = q.reshape(b * t, hq, d).contiguous()
     kf = k.reshape(b * t, h, d).contiguous()
-    # the softmax scale (and log2 e, the kernel uses exp2) goes into the pooled keys
-    pooled = (pooled_keys(kf, offs, block_size) * (scale * 1.4426950408889634)).contiguous()
+    # the softmax scale (and log2 e) goes into the pooled keys
+    pooled = (pooled_keys(kf, offs, block_size) * (scale * LOG2E)).contiguous()
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
     if b * t == 0:
         return out.view(b, t, h, kc)

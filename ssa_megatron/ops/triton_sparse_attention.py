@@ -26,9 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssa_megatron.ops.triton_selection import _next_pow2, doc_offsets, tiles
-
-LOG2E = 1.4426950408889634
+from ssa_megatron.ops.triton_selection import LOG2E, _next_pow2, doc_offsets, tiles
 
 # launch parameters, keyed by head dim <= 64 / > 64 (swept on an H100 at B4 T8192, bf16; dq_warps
 # and the top-level keys on an H200 with tools/bench_kernel_variants.py; docs/KERNEL_NOTES.md).
