@@ -14,6 +14,7 @@ checks, and the "sort" and "extract" merges' indices bit-identical to the "inser
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -62,6 +63,9 @@ SELECT_CASES = [
     (1, 200, 32, 2, 16, 6, BS, [0, 90, 200], {"bn": 4}),
     (2, 100, 8, 1, 16, 4, BS, None, {"bn": 2, "rows": 16}),
     (1, 176, 6, 2, 16, 3, BS, None, {"bn": 4}),  # G 3: a padding head row in every group
+    # pass 1 stepping wider / narrower than pass 2 ("bn_stats")
+    (1, 200, 16, 1, 16, 5, BS, [0, 90, 200], {"bn": 4, "bn_stats": 8}),
+    (1, 144, 4, 1, 16, 4, BS, None, {"bn": 8, "bn_stats": 2, "rows": 16}),
 ]
 MERGES = ("insert", "sort", "extract")
 
@@ -105,7 +109,8 @@ def test_selection_merge_strategies(merge):
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
 def test_backward_list_building_and_launch_order():
     """Every way of inverting the selection (CONFIG["invert"]) gives the same key lists, and
-    every list method and dk/dv launch order the same gradients (see ``_check_invert``)."""
+    every list method, dk/dv launch order and dk/dv tile orientation the same gradients (see
+    ``_check_invert``)."""
     rows = _run_group("invert")
     assert len(rows) == len(INVERT_CASES) + 1
     for row in rows:
@@ -306,17 +311,21 @@ def _check_invert(case, seed):
     for j in range(h * nb):  # the counting sort: same tokens per list, any order
         a, e = int(off[j]), int(off[j + 1])
         ok &= torch.equal(torch.sort(lists["atomic"][1][a:e]).values, toks[a:e])
-    # every list method and launch order: the reference's gradients
+    # every list method, launch order and dk/dv tile orientation: the reference's gradients
     leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
     g_r = torch.autograd.grad(ref.sparse_attention(*leaves_r, idx, BS, cs), leaves_r, do)
     errs = {}
-    saved = dict(tsp.CONFIG)
+    saved = copy.deepcopy(tsp.CONFIG)
     try:
-        for inv, order in (("sort64", "index"), ("sort32", "longest"), ("atomic", "longest")):
+        for inv, order, key_rows in (("sort64", "index", 0), ("sort32", "longest", 0),
+                                     ("atomic", "longest", 0), ("sort32", "index", 1)):
             tsp.CONFIG.update(invert=inv, dkv_order=order)
+            for entry in ("small_d", "large_d"):
+                tsp.CONFIG[entry]["dkv_key_rows"] = key_rows
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             g = torch.autograd.grad(tsp.sparse_attention(*leaves, idx, BS, cs), leaves, do)
-            errs[f"{inv}/{order}"] = max((x - y).abs().max().item() for x, y in zip(g, g_r))
+            errs[f"{inv}/{order}/key_rows{key_rows}"] = max((x - y).abs().max().item()
+                                                            for x, y in zip(g, g_r))
     finally:
         tsp.CONFIG.clear()
         tsp.CONFIG.update(saved)
@@ -361,10 +370,11 @@ def _check_variant_tool():
 
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
-    attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
+    attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32;"
+                              "keyrows:dkv_key_rows=1")
     for name, sel in (("good", "default;v3:merge=sort,sort_fast=4"),
                       ("bad", "default;nomerge:topk=0")):
-        ok, rows = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
+        ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
                                       attn if name == "good" else attn[:1])
         print(json.dumps({"name": name, "ok": bool(ok), "rows": rows}), flush=True)
 

@@ -22,6 +22,7 @@ Usage: python tools/bench_attention.py [--quick] [--shapes 4x8192,1x32768] [--js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -170,6 +171,46 @@ def time_sdpa(q, k, v, do):
             "sdpa_fwdbwd": _bench(lambda: torch.autograd.grad(sdpa_f(), (qh, kh, vh), doh))}
 
 
+def time_sdpa_backends(q, k, v, do):
+    """SDPA full causal fwd and fwd+bwd per backend (flash, cuDNN, memory-efficient), on the
+    same expanded contiguous tensors as ``time_sdpa``; "n/a" where a backend refuses them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = q.shape[2] // k.shape[2]
+    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
+    kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
+    vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
+    doh = do.transpose(1, 2).contiguous()
+    out = {}
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        tag = "sdpa_" + name.split("_")[0].lower()
+        try:
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                def f():
+                    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
+                out[tag + "_fwd"] = _bench(f)
+                out[tag + "_fwdbwd"] = _bench(lambda: torch.autograd.grad(f(), (qh, kh, vh), doh))
+        except (RuntimeError, AttributeError) as exc:
+            out[tag + "_fwd"] = f"n/a ({str(exc)[:60]})"
+    # the full branch's ways to call SDPA from the model's [B, T, H, D] tensors (gradients
+    # reach those tensors, so layout copies and the kv expansion's sum are included)
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ways = {
+        "gqa_strided": lambda a, b_, c: F.scaled_dot_product_attention(
+            a.transpose(1, 2), b_.transpose(1, 2), c.transpose(1, 2), is_causal=True,
+            enable_gqa=True),
+        "gqa_contiguous": lambda a, b_, c: F.scaled_dot_product_attention(
+            a.transpose(1, 2).contiguous(), b_.transpose(1, 2).contiguous(),
+            c.transpose(1, 2).contiguous(), is_causal=True, enable_gqa=True),
+        "expanded_strided": lambda a, b_, c: F.scaled_dot_product_attention(
+            a.transpose(1, 2), b_.transpose(1, 2).repeat_interleave(g, 1),
+            c.transpose(1, 2).repeat_interleave(g, 1), is_causal=True),
+    }
+    for name, way in ways.items():
+        out[f"full_{name}_fwdbwd"] = _bench(
+            lambda: torch.autograd.grad(way(*leaves), leaves, doh))
+    return out
+
+
 def gpu_header():
     """The card and versions, printed and returned as the JSON output's first fields."""
     import triton
@@ -178,7 +219,8 @@ def gpu_header():
     return {"gpu": name, "torch": torch.__version__, "triton": triton.__version__}
 
 
-def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=False):
+def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=False,
+               sdpa_backends=False, sdpa_forced=contextlib.nullcontext):
     from ssa_megatron.ops import dispatch
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
@@ -198,7 +240,10 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
     if select_only:
         res["select"] = _bench(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
         return res
-    res.update(time_sdpa(q, k, v, do))
+    with sdpa_forced():
+        res.update(time_sdpa(q, k, v, do))
+    if sdpa_backends:
+        res.update(time_sdpa_backends(q, k, v, do))
 
     # --- pieces of the sparse branch
     idx = tsel.select_blocks(q.detach(), k.detach(), BS, KC)
@@ -224,8 +269,15 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
         loss = dispatch.alignment_loss(of, osp)
         return torch.autograd.grad([of, loss], (q, k, v), [do, torch.ones_like(loss)])
 
-    res["ssa_fwdbwd"] = _bench(ssa_step)
-    outs = ssa_step()
+    with sdpa_forced():
+        res["ssa_fwdbwd"] = _bench(ssa_step)
+
+    def full_branch():  # SSA's full branch alone (GQA inside SDPA, [B, T, H, D] layout)
+        return torch.autograd.grad(dispatch.full_attention(q, k, v), (q, k, v), do)
+
+    with sdpa_forced():
+        res["full_branch_fwdbwd"] = _bench(full_branch)
+        outs = ssa_step()
     nan |= any(bool(torch.isnan(x).any()) for x in outs)
     del outs
 
@@ -244,7 +296,8 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
 
     with torch.no_grad():
         res["prefill_sparse"] = _bench(lambda: sparse_branch())
-        res["dispatch_full_fwd"] = _bench(lambda: dispatch.full_attention(q, k, v))
+        with sdpa_forced():
+            res["dispatch_full_fwd"] = _bench(lambda: dispatch.full_attention(q, k, v))
         # SDPA with enable_gqa (no kv expansion) for reference
         try:
             qh2, kh2, vh2 = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -271,6 +324,26 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
     return res
 
 
+def _time_shapes(args, dev, merges, table, forced):
+    """Every BxT x HQ/H/D shape of the command line, appended to ``table``."""
+    for shp in args.shapes.split(","):
+        b, t = (int(x) for x in shp.lower().split("x"))
+        for hd in args.heads.split(","):
+            hq, h, d = (int(x) for x in hd.split("/"))
+            try:
+                r = time_shape(b, t, hq, h, d, dev, merges=merges, select_only=args.select_only,
+                               sdpa_backends=args.sdpa_backends, sdpa_forced=forced)
+            except Exception as exc:  # noqa: BLE001  (report and go on to the next shape)
+                import traceback
+                traceback.print_exc()
+                print(f"timing {b}x{t} {hd} failed: {exc}", flush=True)
+                continue
+            r["shape"] = f"B{b} T{t} HQ{hq} H{h} D{d}"
+            table.append(r)
+            print("timing", json.dumps(r), flush=True)
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4x8192,1x32768", help="comma list of BxT")
@@ -282,6 +355,12 @@ def main(argv=None):
                          "(triton_selection.CONFIG['merge'], e.g. insert,sort)")
     ap.add_argument("--select-only", action="store_true",
                     help="time only the selection (with --select-merge: each strategy)")
+    ap.add_argument("--sdpa-backends", action="store_true",
+                    help="also time SDPA's flash, cuDNN and memory-efficient backends apart")
+    ap.add_argument("--sdpa-backend", default="default",
+                    choices=("default", "flash", "cudnn", "efficient"),
+                    help="force one SDPA backend for the baseline and SSA's full branch alike "
+                         "(default: SDPA's own choice; cuDNN on an H200 with torch 2.11)")
     args = ap.parse_args(argv)
     merges = tuple(m for m in (args.select_merge or "").split(",") if m)
     if not torch.cuda.is_available():
@@ -295,29 +374,26 @@ def main(argv=None):
         out["check"] = rows
         print(f"correctness (bf16 vs reference): {'PASS' if ok else 'FAIL'}", flush=True)
     table = []
-    for shp in args.shapes.split(","):
-        b, t = (int(x) for x in shp.lower().split("x"))
-        for hd in args.heads.split(","):
-            hq, h, d = (int(x) for x in hd.split("/"))
-            try:
-                r = time_shape(b, t, hq, h, d, dev, merges=merges, select_only=args.select_only)
-            except Exception as exc:  # noqa: BLE001  (report and go on to the next shape)
-                import traceback
-                traceback.print_exc()
-                print(f"timing {b}x{t} {hd} failed: {exc}", flush=True)
-                continue
-            r["shape"] = f"B{b} T{t} HQ{hq} H{h} D{d}"
-            table.append(r)
-            print("timing", json.dumps(r), flush=True)
-            torch.cuda.empty_cache()
+    out["sdpa_backend"] = args.sdpa_backend
+    forced = contextlib.nullcontext
+    if args.sdpa_backend != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, args.sdpa_backend.upper() + "_ATTENTION")
+
+        def forced():
+            return sdpa_kernel(backend)
+        print(f"SDPA backend forced: {args.sdpa_backend} (the baseline and SSA's full branch; "
+              "the NSA layer's masked attention keeps SDPA's choice)", flush=True)
+    _time_shapes(args, dev, merges, table, forced)
     out["timings"] = table
 
     def f(x):
         return f"{x:8.3f}" if isinstance(x, float) else f"{str(x)[:8]:>8}"
 
-    print(f"\n=== {name}: median ms (ratio = ours / SDPA in the same run) ===")
+    print(f"\n=== {name}: median ms (ratio = ours / SDPA in the same run; SDPA backend: "
+          f"{args.sdpa_backend}) ===")
     cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "sparse_attn_fwd", "sparse_attn_bwd",
-            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "nsa_fwd", "nsa_fwdbwd", "prefill_sparse",
+            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "full_branch_fwdbwd", "nsa_fwd", "nsa_fwdbwd", "prefill_sparse",
             "fla_sel_fwd", "fla_sel_fwdbwd"]
     if merges:
         cols[3:3] = [f"select_{m}" for m in merges] + ["sel_merge_same"]
@@ -331,7 +407,7 @@ def main(argv=None):
         sf, sfb = r["sdpa_fwd"], r["sdpa_fwdbwd"]
         line = (f"{r['shape']:28s} sparse fwd+bwd / SDPA fwd+bwd = {r['sparse_fwdbwd'] / sfb:.3f} "
                 f"(target <= 0.167) | SSA fwd+bwd / SDPA fwd+bwd = {r['ssa_fwdbwd'] / sfb:.3f} "
-                f"(target <= 1.25) | NSA fwd+bwd / SDPA fwd+bwd = {r['nsa_fwdbwd'] / sfb:.3f} "
+                f"(target <= 1.25; its full branch alone {r['full_branch_fwdbwd'] / sfb:.3f}) | NSA fwd+bwd / SDPA fwd+bwd = {r['nsa_fwdbwd'] / sfb:.3f} "
                 f"| prefill speed-up vs SDPA fwd = {sf / r['prefill_sparse']:.2f}x "
                 f"(target >= 8 at T32768)")
         if isinstance(r.get("fla_sel_fwdbwd"), float):
@@ -339,6 +415,14 @@ def main(argv=None):
             line += f" | fla sel fwd+bwd / ours (given indices) = {r['fla_sel_fwdbwd'] / ours:.2f}x"
         line += f" | NaN: {r['nan']}"
         print(line)
+        if args.sdpa_backends:
+            print("  SDPA backends fwd / fwd+bwd (ms): " + ", ".join(
+                f"{nm} {f(r.get(f'sdpa_{nm}_fwd')).strip()} / "
+                f"{f(r.get(f'sdpa_{nm}_fwdbwd', '-')).strip()}"
+                for nm in ("flash", "cudnn", "efficient")))
+            print("  full branch fwd+bwd from [B, T, H, D] (ms): " + ", ".join(
+                f"{nm} {f(r.get(f'full_{nm}_fwdbwd')).strip()}"
+                for nm in ("gqa_strided", "gqa_contiguous", "expanded_strided")))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)

@@ -116,11 +116,48 @@ def _same_arithmetic(over):
     return set(over) <= {"invert", "dkv_order", "stages", "dkv_stages"}
 
 
+def compiled_kernels():
+    """{(kernel name, hash): compiled kernel} of every SSA Triton kernel compiled so far."""
+    from ssa_megatron.ops import triton_selection as tsel
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+    found = {}
+    for mod in (tsel, tsp):
+        for name, fn in vars(mod).items():
+            caches = getattr(fn, "device_caches", None)
+            if not name.endswith("_kernel") or caches is None:
+                continue
+            for entry in list(caches.values()):
+                for ck in list(entry[0].values()):
+                    found[(name.lstrip("_"), getattr(ck, "hash", id(ck)))] = ck
+    return found
+
+
+def resources(before):
+    """Registers, spills and shared memory of the kernels compiled since ``before``: what
+    bounds how many programs share an SM (the kernels are latency-bound gathers)."""
+    out = {}
+    for (name, _), ck in compiled_kernels().items():
+        if (name, _) in before:
+            continue
+        try:
+            init = getattr(ck, "_init_handles", None)
+            if init is not None:
+                init()
+            md = ck.metadata
+            out[name] = {"regs": int(ck.n_regs), "spills": int(ck.n_spills),
+                         "smem": int(md.shared), "warps": int(md.num_warps),
+                         "stages": int(md.num_stages)}
+        except Exception as exc:  # a Triton version without these fields: report, go on
+            out[name] = {"error": str(exc)[:80]}
+    return out
+
+
 def check_variants(device, sel_variants, attn_variants):
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
     torch.manual_seed(0)
     ok, rows = True, []
+    res = {}  # per variant: the kernels it compiled (none = the same as an earlier variant's)
     for b, t, hq, h, d, cu in CHECK_CASES:
         cs = torch.tensor(cu, device=device, dtype=torch.int32) if cu else None
         q, k, v = (torch.randn(b, t, n, d, device=device, dtype=DTYPE)
@@ -129,8 +166,11 @@ def check_variants(device, sel_variants, attn_variants):
         row = {"shape": f"B{b} T{t} HQ{hq} H{h} D{d}" + (f" docs{len(cu) - 1}" if cu else "")}
         base = None
         for name, over in sel_variants:
+            before = compiled_kernels()
             with select_config(over):
                 idx = tsel.select_blocks(q, k, BS, KC, cs)
+            res.setdefault(f"select[{name}]", {}).update(
+                {f"{k} G{hq // h} D{d}": v for k, v in resources(before).items()})
             if base is None:
                 base = idx
             same = (idx == base).all(-1).float().mean().item()
@@ -145,11 +185,14 @@ def check_variants(device, sel_variants, attn_variants):
         g_r = [o_r] + list(torch.autograd.grad(o_r, leaves_r, do.float()))
         base = None  # the first deterministic variant with the default tiling
         for name, over in attn_variants:
+            before = compiled_kernels()
             with attn_config(over):
                 leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
                 o = tsp.sparse_attention(*leaves, idx, BS, cs)
                 got = [o] + list(torch.autograd.grad(o, leaves, do))
                 exact = _same_arithmetic(over) and tsp.CONFIG["invert"] != "atomic"
+            res.setdefault(f"attn[{name}]", {}).update(
+                {f"{k} G{hq // h} D{d}": v for k, v in resources(before).items()})
             err = max(((a.float() - r).abs().max() / r.abs().max().clamp_min(1e-6)).item()
                       for a, r in zip(got, g_r))
             good = err < 3e-2 and not any(torch.isnan(x).any().item() for x in got)
@@ -161,7 +204,10 @@ def check_variants(device, sel_variants, attn_variants):
             ok &= good
         rows.append(row)
         print("check", json.dumps(row), flush=True)
-    return ok, rows
+    print("resources ({} = the same kernels as an earlier variant):", flush=True)
+    for name, kern in res.items():
+        print(f"  {name}: " + ("; ".join(f"{k} {v}" for k, v in kern.items()) or "{}"), flush=True)
+    return ok, rows, res
 
 
 def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants):
@@ -226,7 +272,7 @@ def main(argv=None):
     name = out["gpu"]
     out.update(select_variants=dict(sel_variants), attn_variants=dict(attn_variants))
     if not args.skip_check:
-        ok, rows = check_variants(dev, sel_variants, attn_variants)
+        ok, rows, out["resources"] = check_variants(dev, sel_variants, attn_variants)
         out["check"] = rows
         out["check_ok"] = ok
         print(f"variants correct (bf16): {'PASS' if ok else 'FAIL'}", flush=True)

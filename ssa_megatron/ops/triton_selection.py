@@ -47,7 +47,15 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 # B4 T8192 HQ32 H2 D64 1.61 / 1.32 ms, H8 D128 4.47 / 3.21 ms, B1 T32768 H2 D64 4.18 / 4.15 ms
 # (docs/KERNEL_NOTES.md v3); extract (sort_fast 8, 2 stages) 1.27 ms and 3.74 ms at D64 (v4),
 # 1.25 / 3.60 ms with v5's unmasked pass-1 chunks and pre-scaled pooled keys.
-CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8}
+# "bn_stats": pass 1's blocks per step (0: "bn"); pass 1 has no merge, so it may step wider.
+# "maxnreg" / "maxnreg_large_d": registers per thread the compiler may use for head dims <= 64 /
+# > 64 (0: its own choice). The scoring loop is latency-bound, so more programs per SM pay: at
+# D 64 the compiler takes 110 (G 16) / 128 (G 8) registers, 4 programs of 4 warps per SM; 96
+# allows 5 without spills: -5 to -6 % on an H200 (docs/KERNEL_NOTES.md v6); 80 is as fast at
+# G 16 but spills at G 8; 72 and 64 spill and lose. At D 128, 129 -> 128 registers gives 4
+# programs per SM instead of 3 (-10 %).
+CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
+          "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128}
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
 
@@ -254,6 +262,7 @@ def _select_kernel(
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
     MERGE: tl.constexpr = 0, LOGKB: tl.constexpr = 0, FAST: tl.constexpr = 0,
+    BN1: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -279,7 +288,7 @@ def _select_kernel(
     # ---- pass 1: running max / sum per row
     bb = tl.arange(0, BN)
     nc_lo = tl.min(tl.where(row_ok, nc_r, nc_max), axis=0)
-    m, lsum = _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H, D, BD, BN, R)
+    m, lsum = _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H, D, BD, BN1, R)
     # p = exp2(s - mlog): mlog = +inf zeroes padding / out-of-document rows, which may share a
     # token's group. Blocks a row must not see (b >= its count) get garbage p, but such blocks
     # are never candidates (b >= (pos + 1) // bs >= pos // bs), so their keys are dropped below.
@@ -365,6 +374,16 @@ def _select_kernel(
     tl.store(out_t[:, None] + 1 + kk[None, :], dec, mask=tok_ok[:, None] & (kk[None, :] < K - 1))
 
 
+def _launch_opts(bd: int) -> dict:
+    if _interpret():
+        return {}
+    opts = {"num_stages": CONFIG["stages"]} if CONFIG["stages"] else {}
+    nreg = CONFIG.get("maxnreg" if bd <= 64 else "maxnreg_large_d")
+    if nreg:
+        opts["maxnreg"] = nreg
+    return opts
+
+
 def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
     """The FAST constexpr: "sort" extracts that many keys statically (at most K-1); "extract"
     sorts the whole chunk only above it (>= bn: never)."""
@@ -402,6 +421,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     bt = min(bt, _next_pow2(block_size))
     bd = max(16, _next_pow2(d))
     bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
+    bn1 = _next_pow2(CONFIG.get("bn_stats") or bn)
     kb = max(1, _next_pow2(kc - 1))
     merge = CONFIG.get("merge", "insert")
     if merge not in _MERGES:
@@ -414,8 +434,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         qf, pooled, out, tok, dstart, dlen, poff,
         HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
         IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
-        LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn),
-        num_warps=CONFIG["warps"],
-        **({} if not CONFIG["stages"] or _interpret() else {"num_stages": CONFIG["stages"]}),
+        LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
+        num_warps=CONFIG["warps"], **_launch_opts(bd),
     )
     return out.view(b, t, h, kc)

@@ -32,9 +32,15 @@ from ssa_megatron.ops.triton_selection import LOG2E, _next_pow2, doc_offsets, ti
 # and the top-level keys on an H200 with tools/bench_kernel_variants.py; docs/KERNEL_NOTES.md).
 CONFIG = {
     "small_d": {"cols": 64, "fwd_warps": 2, "dq_warps": 2, "dkv_warps": 4, "stages": 2,
-                "dkv_stages": 3, "dkv_rows": 128},
+                "dkv_stages": 3, "dkv_rows": 128, "dkv_key_rows": 0,
+                "fwd_maxnreg": 0, "dq_maxnreg": 0, "dkv_maxnreg": 0},
     "large_d": {"cols": 128, "fwd_warps": 4, "dq_warps": 4, "dkv_warps": 4, "stages": 2,
-                "dkv_rows": 64},
+                "dkv_rows": 64, "dkv_key_rows": 0,
+                "fwd_maxnreg": 0, "dq_maxnreg": 0, "dkv_maxnreg": 0},
+    # *_maxnreg: registers per thread the compiler may use (0: its own choice)
+    # dkv_key_rows: 1 = the dk/dv pass computes its scores transposed, key block x token rows
+    # (the key block is the MMAs' M side, so p and ds need no layout change before dk, dv += ...);
+    # 0 = token rows x key block, p and ds transposed for those MMAs.
     # How the backward inverts the selection into per-key-block token lists:
     #   "sort64": stable torch.sort of int64 (head, block) keys (v2);
     #   "sort32": torch.sort of unique int32 (head, block, token) keys where they fit in 31 bits,
@@ -61,6 +67,9 @@ def _launch_opts(bd: int, which: str) -> dict:
     stages = c.get(which + "_stages", c["stages"])
     if stages is not None and not _interp():
         opts["num_stages"] = stages
+    nreg = c.get(which + "_maxnreg")
+    if nreg and not _interp():  # a register cap lets more programs share an SM
+        opts["maxnreg"] = nreg
     return opts
 
 
@@ -246,6 +255,7 @@ def _bwd_dkv_kernel(
     scale_log2, scale, NB,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BE: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr,
+    KEY_ROWS: tl.constexpr,
 ):
     w = tl.load(ORDER + tl.program_id(0))  # (head, key block) of this program
     h = w // NB
@@ -281,13 +291,23 @@ def _bwd_dkv_kernel(
         do = tl.load(DO + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
         lse = tl.load(LSE + lrow, mask=e_ok, other=0.0)
         delta = tl.load(DELTA + lrow, mask=e_ok, other=0.0)
-        s = tl.dot(q, tl.trans(kt)) * scale_log2
-        ok = e_ok[:, None] & kok[None, :] & (kpos[None, :] <= tok[:, None])
-        p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(vt))
-        dsc = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(dsc.to(q.dtype)), q)
+        if KEY_ROWS:
+            # scores transposed ([keys, rows]): p and ds feed the next MMAs as they are
+            st = tl.dot(kt, tl.trans(q)) * scale_log2
+            ok = kok[:, None] & e_ok[None, :] & (kpos[:, None] <= tok[None, :])
+            pt = tl.where(ok, tl.exp2(tl.minimum(st - lse[None, :], 0.0)), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do)
+            dpt = tl.dot(vt, tl.trans(do))
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q)
+        else:
+            s = tl.dot(q, tl.trans(kt)) * scale_log2
+            ok = e_ok[:, None] & kok[None, :] & (kpos[None, :] <= tok[:, None])
+            p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+            dp = tl.dot(do, tl.trans(vt))
+            dsc = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(dsc.to(q.dtype)), q)
     tl.store(DK + kv_off[:, None] + dd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + kv_off[:, None] + dd[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
 
@@ -488,7 +508,9 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
     _bwd_dkv_kernel[(nb * h,)](
         qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order,
         scale * LOG2E, scale, nb,
-        HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, **_launch_opts(bd, "dkv"),
+        HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd,
+        KEY_ROWS=bool(_cfg(bd)["dkv_key_rows"]),
+        **_launch_opts(bd, "dkv"),
     )
     return dk, dv
 
