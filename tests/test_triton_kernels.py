@@ -109,7 +109,7 @@ def test_selection_merge_strategies(merge):
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
 def test_backward_list_building_and_launch_order():
     """Every way of inverting the selection (CONFIG["invert"]) gives the same key lists, and
-    every list method, dk/dv launch order and dk/dv tile orientation the same gradients (see
+    every list method, dk/dv launch order and list split the same gradients (see
     ``_check_invert``)."""
     rows = _run_group("invert")
     assert len(rows) == len(INVERT_CASES) + 1
@@ -141,6 +141,31 @@ def test_kernel_variant_parsing():
     with pytest.raises(SystemExit, match="unknown attention setting"):
         with bkv.attn_config({"no_such_key": 1}):
             pass
+
+
+def test_kernel_variant_index_patterns():
+    """The fixed block patterns of bench_kernel_variants --indices: slot 0 the current block,
+    the rest complete past blocks or empty, none twice."""
+    import torch
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    try:
+        import bench_kernel_variants as bkv
+    finally:
+        sys.path.pop(0)
+    for pattern, want_40 in (("window", [2, 1, 0]), ("sinks", [2, 0, 1])):
+        idx = bkv.pattern_indices(2, 300, 3, pattern, torch.device("cpu"))
+        assert idx.shape == (2, 300, 3, bkv.KC) and idx.dtype == torch.int32
+        cur = torch.arange(300) // bkv.BS
+        assert torch.equal(idx[0, :, 0, 0], cur.int())
+        rest = idx[0, :, 0, 1:]
+        assert bool(((rest == -1) | ((rest >= 0) & (rest < cur[:, None]))).all())
+        for row in idx[0, :, 0].tolist():
+            kept = [x for x in row if x >= 0]
+            assert len(kept) == len(set(kept)) == min(bkv.KC, len(kept))
+        assert [x for x in idx[1, 40, 2].tolist() if x >= 0] == want_40
+    assert (bkv.pattern_indices(1, 300, 1, "window", torch.device("cpu"))[0, 299, 0] >= 0).all()
+    with pytest.raises(SystemExit, match="--indices"):
+        bkv.pattern_indices(1, 16, 1, "nope", torch.device("cpu"))
 
 
 def test_dispatch_backend_switch(monkeypatch):
@@ -311,21 +336,21 @@ def _check_invert(case, seed):
     for j in range(h * nb):  # the counting sort: same tokens per list, any order
         a, e = int(off[j]), int(off[j + 1])
         ok &= torch.equal(torch.sort(lists["atomic"][1][a:e]).values, toks[a:e])
-    # every list method, launch order and dk/dv tile orientation: the reference's gradients
+    # every list method and launch order: the reference's gradients
     leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
     g_r = torch.autograd.grad(ref.sparse_attention(*leaves_r, idx, BS, cs), leaves_r, do)
     errs = {}
     saved = copy.deepcopy(tsp.CONFIG)
     try:
-        for inv, order, key_rows in (("sort64", "index", 0), ("sort32", "longest", 0),
-                                     ("atomic", "longest", 0), ("sort32", "index", 1)):
-            tsp.CONFIG.update(invert=inv, dkv_order=order)
-            for entry in ("small_d", "large_d"):
-                tsp.CONFIG[entry]["dkv_key_rows"] = key_rows
+        # split: lists cut into segments of that many entries (partials added in order)
+        for inv, order, split in (("sort64", "index", 0), ("sort32", "longest", 0),
+                                  ("atomic", "longest", 0), ("sort32", "longest", 4),
+                                  ("atomic", "index", 7)):
+            tsp.CONFIG.update(invert=inv, dkv_order=order, dkv_split=split)
             leaves = [x.clone().requires_grad_() for x in (q, k, v)]
             g = torch.autograd.grad(tsp.sparse_attention(*leaves, idx, BS, cs), leaves, do)
-            errs[f"{inv}/{order}/key_rows{key_rows}"] = max((x - y).abs().max().item()
-                                                            for x, y in zip(g, g_r))
+            errs[f"{inv}/{order}/split{split}"] = max((x - y).abs().max().item()
+                                                      for x, y in zip(g, g_r))
     finally:
         tsp.CONFIG.clear()
         tsp.CONFIG.update(saved)
@@ -371,7 +396,7 @@ def _check_variant_tool():
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
     attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32;"
-                              "keyrows:dkv_key_rows=1")
+                              "capped:dq_maxnreg=96,fwd_maxnreg=96")
     for name, sel in (("good", "default;v3:merge=sort,sort_fast=4"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),

@@ -152,6 +152,17 @@ def resources(before):
     return out
 
 
+def dump_ir(folder):
+    os.makedirs(folder, exist_ok=True)
+    for (name, khash), ck in compiled_kernels().items():
+        for kind in ("ttgir", "ptx"):
+            text = getattr(ck, "asm", {}).get(kind)
+            if text:
+                with open(os.path.join(folder, f"{name}_{str(khash)[:10]}.{kind}"), "w") as fh:
+                    fh.write(text)
+    print(f"IR of {len(compiled_kernels())} compiled kernels written to {folder}", flush=True)
+
+
 def check_variants(device, sel_variants, attn_variants):
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
@@ -210,7 +221,29 @@ def check_variants(device, sel_variants, attn_variants):
     return ok, rows, res
 
 
-def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants):
+def pattern_indices(b, t, h, pattern, device):
+    """Block indices [B, T, H, KC] of a fixed pattern (slot 0 = the current block): "window" =
+    the current block and the 15 before it (neighbouring tokens select the same blocks, as in
+    a trained model with local attention); "sinks" = blocks 0-3, the current block and the 11
+    before it. Blocks before 0 or repeated are empty (-1)."""
+    cur = torch.arange(t, device=device) // BS
+    back = torch.arange(KC, device=device)
+    if pattern == "window":
+        idx = cur[:, None] - back[None, :]
+    elif pattern == "sinks":
+        sinks = torch.arange(4, device=device).expand(t, 4)
+        idx = torch.cat([cur[:, None], sinks, cur[:, None] - 1 - back[None, :KC - 5]], 1)
+        idx = torch.where((idx < cur[:, None]) | (back[None, :] == 0), idx, -1)
+    else:
+        raise SystemExit(f"--indices {pattern!r}: expected selected, window or sinks")
+    idx = torch.where(idx >= 0, idx, -1)
+    for j in range(1, KC):  # a block already in an earlier slot: empty
+        dup = (idx[:, j:j + 1] == idx[:, :j]).any(1) & (idx[:, j] >= 0)
+        idx[:, j] = torch.where(dup, -1, idx[:, j])
+    return idx.to(torch.int32).view(1, t, 1, KC).expand(b, t, h, KC).contiguous()
+
+
+def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants, indices="selected"):
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
     torch.manual_seed(1)
@@ -225,6 +258,9 @@ def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants):
         with select_config(over):
             res[f"select[{name}]"] = _bench(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
     idx = tsel.select_blocks(q.detach(), k.detach(), BS, KC)
+    if indices != "selected":
+        idx = pattern_indices(b, t, h, indices, device)
+        res["indices"] = indices
     from ssa_megatron.ops.triton_selection import doc_offsets
     offs = doc_offsets(b, t, None)
     scale = d ** -0.5
@@ -260,7 +296,15 @@ def main(argv=None):
     ap.add_argument("--select", default=SELECT_DEFAULT)
     ap.add_argument("--attn", default=ATTN_DEFAULT)
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--indices", default="selected",
+                    help="blocks the timed attention variants use: 'selected' (the selection "
+                         "kernel's, on random inputs), 'window' or 'sinks' (fixed patterns whose "
+                         "neighbouring tokens share blocks, see pattern_indices)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dump-ir", default=None, metavar="DIR",
+                    help="after the checks, write each compiled kernel's Triton GPU IR and PTX "
+                         "to DIR (name_hash.ttgir / .ptx): where layout conversions and "
+                         "barriers sit")
     args = ap.parse_args(argv)
     sel_variants = parse_variants(args.select)
     attn_variants = parse_variants(args.attn)
@@ -276,12 +320,14 @@ def main(argv=None):
         out["check"] = rows
         out["check_ok"] = ok
         print(f"variants correct (bf16): {'PASS' if ok else 'FAIL'}", flush=True)
+    if args.dump_ir:
+        dump_ir(args.dump_ir)
     out["timings"] = []
     for shp in args.shapes.split(","):
         b, t = (int(x) for x in shp.split("x"))
         for hd in args.heads.split(","):
             hq, h, d = (int(x) for x in hd.split("/"))
-            r = time_shape(b, t, hq, h, d, dev, sel_variants, attn_variants)
+            r = time_shape(b, t, hq, h, d, dev, sel_variants, attn_variants, args.indices)
             out["timings"].append(r)
             print("timing", json.dumps(r), flush=True)
             torch.cuda.empty_cache()

@@ -12,7 +12,10 @@ matmuls keep 16 rows (tensor-core shape) at the price of BT-fold redundant MMA w
 dk / dv (key-centric, no atomics in the sums): the selections are inverted once per backward
 (``CONFIG["invert"]``: a sort of (head, block, token) keys, or a counting sort) into, for every
 key block, the list of tokens that selected it; one program per (key block, kv head), longest
-list first, walks that list, ``BE`` tokens x G heads at a time, and writes dk, dv once.
+list first, walks that list, ``BE`` tokens x G heads at a time, and writes dk, dv once. Lists
+longer than ``CONFIG["dkv_split"]`` entries (blocks nearly every token selects: sinks) are cut
+into segments; an earlier launch writes the later segments' fp32 partials, which the list's own
+program adds in order (deterministic, no atomics).
 
 Plain pointer arithmetic only (Triton 3.6 on GPU, 3.9 CPU interpreter).
 """
@@ -32,15 +35,12 @@ from ssa_megatron.ops.triton_selection import LOG2E, _next_pow2, doc_offsets, ti
 # and the top-level keys on an H200 with tools/bench_kernel_variants.py; docs/KERNEL_NOTES.md).
 CONFIG = {
     "small_d": {"cols": 64, "fwd_warps": 2, "dq_warps": 2, "dkv_warps": 4, "stages": 2,
-                "dkv_stages": 3, "dkv_rows": 128, "dkv_key_rows": 0,
+                "dkv_stages": 3, "dkv_rows": 128,
                 "fwd_maxnreg": 0, "dq_maxnreg": 0, "dkv_maxnreg": 0},
     "large_d": {"cols": 128, "fwd_warps": 4, "dq_warps": 4, "dkv_warps": 4, "stages": 2,
-                "dkv_rows": 64, "dkv_key_rows": 0,
+                "dkv_rows": 64,
                 "fwd_maxnreg": 0, "dq_maxnreg": 0, "dkv_maxnreg": 0},
     # *_maxnreg: registers per thread the compiler may use (0: its own choice)
-    # dkv_key_rows: 1 = the dk/dv pass computes its scores transposed, key block x token rows
-    # (the key block is the MMAs' M side, so p and ds need no layout change before dk, dv += ...);
-    # 0 = token rows x key block, p and ds transposed for those MMAs.
     # How the backward inverts the selection into per-key-block token lists:
     #   "sort64": stable torch.sort of int64 (head, block) keys (v2);
     #   "sort32": torch.sort of unique int32 (head, block, token) keys where they fit in 31 bits,
@@ -50,6 +50,10 @@ CONFIG = {
     #             dq does). Used only while torch.are_deterministic_algorithms_enabled() is
     #             False; under torch.use_deterministic_algorithms(True) sort32 runs instead.
     "invert": "atomic",
+    # Entries of a key block's token list one dk/dv program walks at most (0: the whole list);
+    # longer lists (attention sinks: every later token selects them) are cut into segments
+    # whose fp32 partials the list's first program adds in order.
+    "dkv_split": 512,
     # Launch order of the key-centric dk/dv programs: "longest" (longest token list first, so the
     # few very long lists - early blocks, attention sinks - do not run alone at the end) or
     # "index" (block order).
@@ -250,14 +254,73 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _dkv_segment(Q, DO, LSE, DELTA, LIST_TOK, kt, vt, kpos, kok, h, lo, hi, scale_log2,
+                 HQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BS: tl.constexpr,
+                 BE: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr):
+    """dk / scale and dv of one key block from the list entries lo .. hi-1 (fp32 [BS, BD])."""
+    dd = tl.arange(0, BD)
+    dmask = dd < D
+    R: tl.constexpr = BE * GP
+    r = tl.arange(0, R)
+    re = r // GP
+    rg = r % GP
+    dk = tl.zeros([BS, BD], tl.float32)
+    dv = tl.zeros([BS, BD], tl.float32)
+    for e0 in range(lo, hi, BE):
+        e = e0 + re
+        e_ok = (e < hi) & (rg < G)
+        tok = tl.load(LIST_TOK + e, mask=e_ok, other=0)
+        lrow = tok.to(tl.int64) * HQ + h * G + rg
+        rmask = e_ok[:, None] & dmask[None, :]
+        q = tl.load(Q + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
+        do = tl.load(DO + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
+        lse = tl.load(LSE + lrow, mask=e_ok, other=0.0)
+        delta = tl.load(DELTA + lrow, mask=e_ok, other=0.0)
+        s = tl.dot(q, tl.trans(kt)) * scale_log2
+        ok = e_ok[:, None] & kok[None, :] & (kpos[None, :] <= tok[:, None])
+        p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(vt))
+        dsc = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(dsc.to(q.dtype)), q)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkv_kernel(
     Q, Kt, V, DO, LSE, DELTA, DK, DV, BLK_START, BLK_LEN, LIST_OFF, LIST_TOK, ORDER,
-    scale_log2, scale, NB,
+    EXTRA_END, PARTIAL, scale_log2, scale, NB, NW, SEARCH_STEPS,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
     BS: tl.constexpr, BE: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr,
-    KEY_ROWS: tl.constexpr,
+    SPLIT: tl.constexpr, EXTRAS: tl.constexpr,
 ):
-    w = tl.load(ORDER + tl.program_id(0))  # (head, key block) of this program
+    """One key block's dk, dv over (part of) its token list.
+
+    SPLIT == 0: a program per list (launch order ORDER) walks it all. SPLIT > 0: lists longer
+    than SPLIT entries are cut into SPLIT-entry segments so that a block every token selects
+    (an attention sink) does not walk tens of thousands of entries alone. EXTRAS: a program per
+    segment after a list's first (EXTRA_END: inclusive count of such segments in launch order)
+    writes its fp32 partial to PARTIAL; then the owner launch, a program per list, does the
+    first segment and adds its list's partials in order (deterministic), and writes dk, dv."""
+    pid = tl.program_id(0)
+    if EXTRAS:
+        if pid >= tl.load(EXTRA_END + NW - 1):
+            return
+        # launch position of the list this segment belongs to: first pos with EXTRA_END > pid
+        a = pid * 0
+        b = a + NW
+        for _ in range(SEARCH_STEPS):
+            mid = (a + b) // 2
+            right = tl.load(EXTRA_END + mid) > pid
+            b = tl.where(right, mid, b)
+            a = tl.where(right, a, mid + 1)
+        pos = a
+        first = tl.load(EXTRA_END + pos - 1, mask=pos > 0, other=0)
+        seg = pid - first + 1
+    else:
+        pos = pid
+        seg = 0
+    w = tl.load(ORDER + pos)  # (head, key block) of this program
     h = w // NB
     gb = w % NB
     k0 = tl.load(BLK_START + gb)
@@ -272,42 +335,27 @@ def _bwd_dkv_kernel(
     kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
     vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
 
-    e_lo = tl.load(LIST_OFF + w)
-    e_hi = tl.load(LIST_OFF + w + 1)
-
-    R: tl.constexpr = BE * GP
-    r = tl.arange(0, R)
-    re = r // GP
-    rg = r % GP
-    dk = tl.zeros([BS, BD], tl.float32)
-    dv = tl.zeros([BS, BD], tl.float32)
-    for e0 in range(e_lo, e_hi, BE):
-        e = e0 + re
-        e_ok = (e < e_hi) & (rg < G)
-        tok = tl.load(LIST_TOK + e, mask=e_ok, other=0)
-        lrow = tok.to(tl.int64) * HQ + h * G + rg
-        rmask = e_ok[:, None] & dmask[None, :]
-        q = tl.load(Q + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
-        do = tl.load(DO + lrow[:, None] * D + dd[None, :], mask=rmask, other=0.0)
-        lse = tl.load(LSE + lrow, mask=e_ok, other=0.0)
-        delta = tl.load(DELTA + lrow, mask=e_ok, other=0.0)
-        if KEY_ROWS:
-            # scores transposed ([keys, rows]): p and ds feed the next MMAs as they are
-            st = tl.dot(kt, tl.trans(q)) * scale_log2
-            ok = kok[:, None] & e_ok[None, :] & (kpos[:, None] <= tok[None, :])
-            pt = tl.where(ok, tl.exp2(tl.minimum(st - lse[None, :], 0.0)), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(vt, tl.trans(do))
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
-        else:
-            s = tl.dot(q, tl.trans(kt)) * scale_log2
-            ok = e_ok[:, None] & kok[None, :] & (kpos[None, :] <= tok[:, None])
-            p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(vt))
-            dsc = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(dsc.to(q.dtype)), q)
+    lo = tl.load(LIST_OFF + w)
+    hi = tl.load(LIST_OFF + w + 1)
+    if SPLIT > 0:
+        lo = lo + seg * SPLIT
+        hi = tl.minimum(hi, lo + SPLIT)
+    dk, dv = _dkv_segment(Q, DO, LSE, DELTA, LIST_TOK, kt, vt, kpos, kok, h, lo, hi, scale_log2,
+                          HQ, D, G, BS, BE, GP, BD)
+    tile = tl.arange(0, BS)[:, None] * BD + dd[None, :]
+    if EXTRAS:
+        part = PARTIAL + pid.to(tl.int64) * (2 * BS * BD)
+        tl.store(part + tile, dk)
+        tl.store(part + BS * BD + tile, dv)
+        return
+    if SPLIT > 0:
+        e_hi = tl.load(EXTRA_END + pos)
+        e_lo = tl.load(EXTRA_END + pos - 1, mask=pos > 0, other=0)
+        part = PARTIAL + e_lo.to(tl.int64) * (2 * BS * BD)
+        for _ in range(e_lo, e_hi):
+            dk += tl.load(part + tile)
+            dv += tl.load(part + BS * BD + tile)
+            part += 2 * BS * BD
     tl.store(DK + kv_off[:, None] + dd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kmask)
     tl.store(DV + kv_off[:, None] + dd[None, :], dv.to(DV.dtype.element_ty), mask=kmask)
 
@@ -417,14 +465,22 @@ def _invert_atomic(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
     return off, toks
 
 
-def _dkv_order(off: torch.Tensor, method: Optional[str] = None) -> torch.Tensor:
-    """Launch order of the dk/dv programs (flat head * nb + block ids), CONFIG["dkv_order"]."""
+def _dkv_schedule(off: torch.Tensor, split: int, method: Optional[str] = None):
+    """Launch order of the dk/dv programs (flat head * nb + block ids, CONFIG["dkv_order"]) and,
+    with ``split``, the inclusive count of each list's segments after its first, in that order
+    (None without a split)."""
     method = method or CONFIG["dkv_order"]
+    lens = off[1:] - off[:-1]
     if method == "index":
-        return torch.arange(off.numel() - 1, device=off.device, dtype=torch.int32)
-    if method != "longest":
+        order = torch.arange(lens.numel(), device=off.device, dtype=torch.int32)
+    elif method == "longest":
+        lens, order = torch.sort(lens, descending=True)
+        order = order.to(torch.int32)
+    else:
         raise ValueError(f"CONFIG['dkv_order'] = {method!r}: expected longest or index")
-    return torch.argsort(off[1:] - off[:-1], descending=True).to(torch.int32)
+    if not split:
+        return order, None
+    return order, torch.cumsum((lens - 1).clamp_(min=0) // split, 0, dtype=torch.int32)
 
 
 class _SparseAttention(torch.autograd.Function):
@@ -503,15 +559,26 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
     if not nb:
         return dk.zero_(), dv.zero_()
     off, ltok = _invert(idx, tok_boff, nb)
-    order = _dkv_order(off)
     be = max(1, _cfg(bd)["dkv_rows"] // gp)
-    _bwd_dkv_kernel[(nb * h,)](
-        qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order,
-        scale * LOG2E, scale, nb,
-        HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd,
-        KEY_ROWS=bool(_cfg(bd)["dkv_key_rows"]),
-        **_launch_opts(bd, "dkv"),
-    )
+    nw = nb * h
+    split = int(CONFIG["dkv_split"] or 0)
+    if split and max(b - a for a, b in zip(offs, offs[1:])) <= split:
+        split = 0  # a list holds at most one entry per token of its document: none is longer
+    order, extra_end = _dkv_schedule(off, split)
+    args = (qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order)
+    consts = dict(HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, SPLIT=split,
+                  **_launch_opts(bd, "dkv"))
+    partial = off  # placeholder without a split
+    if split:
+        most = idx.numel() // split  # segments after the first ones: at most entries / split
+        partial = torch.empty(max(most, 1), 2, bs, bd, dtype=torch.float32, device=qf.device)
+        if most:
+            _bwd_dkv_kernel[(most,)](*args, extra_end, partial, scale * LOG2E, scale, nb, nw,
+                                     max(1, nw.bit_length()), EXTRAS=True, **consts)
+    else:
+        extra_end = off  # placeholder
+    _bwd_dkv_kernel[(nw,)](*args, extra_end, partial, scale * LOG2E, scale, nb, nw, 1,
+                           EXTRAS=False, **consts)
     return dk, dv
 
 
