@@ -127,6 +127,22 @@ def _blocks(offs, bs, device):
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
+def _gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd, dmask,
+                   H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BS: tl.constexpr):
+    """K and V rows of slots i0 + cs ([C, BD] each, zero where masked) and the column mask."""
+    slot = i0 + cs
+    blk = tl.load(IDX + (tok_c.to(tl.int64) * H + h) * K + slot, mask=col_tok_ok & (slot < K),
+                  other=-1)
+    kpos = ds + blk * BS + cj
+    col_ok = col_tok_ok & (blk >= 0) & (kpos <= tok_c)
+    kv_off = (kpos.to(tl.int64) * H + h) * D
+    kvmask = col_ok[:, None] & dmask[None, :]
+    kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kvmask, other=0.0)
+    vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kvmask, other=0.0)
+    return kt, vt, col_ok
+
+
+@triton.jit
 def _fwd_kernel(
     Q, Kt, V, IDX, O, LSE, TILE_TOK, TILE_DS, TILE_DL,
     scale_log2,
@@ -163,20 +179,14 @@ def _fwd_kernel(
     lsum = tl.zeros([R], tl.float32)
     acc = tl.zeros([R, BD], tl.float32)
     for i0 in range(0, K, NS):
-        slot = i0 + cs
-        blk = tl.load(IDX + (tok_c.to(tl.int64) * H + h) * K + slot, mask=col_tok_ok & (slot < K),
-                      other=-1)
-        kpos = ds + blk * BS + cj
-        col_ok = col_tok_ok & (blk >= 0) & (kpos <= tok_c)
-        kv_off = (kpos.to(tl.int64) * H + h) * D
-        kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
+        kt, vt, col_ok = _gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd,
+                                        dmask, H, D, K, BS)
         s = tl.dot(q, tl.trans(kt)) * scale_log2
         s = tl.where(same & col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
-        vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m = m_new
     lsafe = tl.maximum(lsum, 1.0e-30)
@@ -232,14 +242,8 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([R, BD], tl.float32)
     for i0 in range(0, K, NS):
-        slot = i0 + cs
-        blk = tl.load(IDX + (tok_c.to(tl.int64) * H + h) * K + slot, mask=col_tok_ok & (slot < K),
-                      other=-1)
-        kpos = ds + blk * BS + cj
-        col_ok = col_tok_ok & (blk >= 0) & (kpos <= tok_c)
-        kv_off = (kpos.to(tl.int64) * H + h) * D
-        kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
-        vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=col_ok[:, None] & dmask[None, :], other=0.0)
+        kt, vt, col_ok = _gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd,
+                                        dmask, H, D, K, BS)
         s = tl.dot(q, tl.trans(kt)) * scale_log2
         ok = same & col_ok[None, :] & row_ok[:, None]
         p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
