@@ -136,9 +136,11 @@ def resources(before):
     """Registers, spills and shared memory of the kernels compiled since ``before``: what
     bounds how many programs share an SM (the kernels are latency-bound gathers)."""
     out = {}
-    for (name, _), ck in compiled_kernels().items():
-        if (name, _) in before:
+    for (name, khash), ck in compiled_kernels().items():
+        if (name, khash) in before:
             continue
+        if name in out:  # two builds of one kernel (e.g. dk/dv's EXTRAS launch): tell apart
+            name = f"{name}#{str(khash)[:6]}"
         try:
             init = getattr(ck, "_init_handles", None)
             if init is not None:
@@ -296,13 +298,13 @@ def main(argv=None):
     ap.add_argument("--select", default=SELECT_DEFAULT)
     ap.add_argument("--attn", default=ATTN_DEFAULT)
     ap.add_argument("--skip-check", action="store_true")
-    ap.add_argument("--indices", default="selected",
+    ap.add_argument("--indices", default="selected", choices=("selected", "window", "sinks"),
                     help="blocks the timed attention variants use: 'selected' (the selection "
                          "kernel's, on random inputs), 'window' or 'sinks' (fixed patterns whose "
                          "neighbouring tokens share blocks, see pattern_indices)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dump-ir", default=None, metavar="DIR",
-                    help="after the checks, write each compiled kernel's Triton GPU IR and PTX "
+                    help="at the end, write each compiled kernel's Triton GPU IR and PTX "
                          "to DIR (name_hash.ttgir / .ptx): where layout conversions and "
                          "barriers sit")
     args = ap.parse_args(argv)
@@ -320,8 +322,6 @@ def main(argv=None):
         out["check"] = rows
         out["check_ok"] = ok
         print(f"variants correct (bf16): {'PASS' if ok else 'FAIL'}", flush=True)
-    if args.dump_ir:
-        dump_ir(args.dump_ir)
     out["timings"] = []
     for shp in args.shapes.split(","):
         b, t = (int(x) for x in shp.split("x"))
@@ -331,6 +331,8 @@ def main(argv=None):
             out["timings"].append(r)
             print("timing", json.dumps(r), flush=True)
             torch.cuda.empty_cache()
+    if args.dump_ir:  # after the timings: every kernel they compiled too
+        dump_ir(args.dump_ir)
     print(f"\n=== {name}: median ms; x = / SDPA fwd+bwd of the same shape, same run ===")
     for r in out["timings"]:
         base = r["sdpa_fwdbwd"]

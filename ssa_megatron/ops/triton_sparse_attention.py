@@ -52,7 +52,9 @@ CONFIG = {
     "invert": "atomic",
     # Entries of a key block's token list one dk/dv program walks at most (0: the whole list);
     # longer lists (attention sinks: every later token selects them) are cut into segments
-    # whose fp32 partials the list's first program adds in order.
+    # whose fp32 partials the list's first program adds in order. Peak memory: a scratch of
+    # (selection entries / dkv_split) fp32 [2, block, head dim] tiles, sized without a host
+    # sync (B1 T32768 H2 D64 K16: 8 MiB; H8 D128: 128 MiB); a larger split needs less.
     "dkv_split": 512,
     # Launch order of the key-centric dk/dv programs: "longest" (longest token list first, so the
     # few very long lists - early blocks, attention sinks - do not run alone at the end) or
@@ -566,8 +568,13 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
     be = max(1, _cfg(bd)["dkv_rows"] // gp)
     nw = nb * h
     split = int(CONFIG["dkv_split"] or 0)
+    if split < 0:
+        raise ValueError(f"CONFIG['dkv_split'] = {split}: expected 0 (never split) or the most "
+                         "list entries per dk/dv program, e.g. 512")
     if split and max(b - a for a, b in zip(offs, offs[1:])) <= split:
-        split = 0  # a list holds at most one entry per token of its document: none is longer
+        # a token selects a block once, so a list has at most its document's length: speed
+        # only (a repeated index would make a longer list, still summed correctly)
+        split = 0
     order, extra_end = _dkv_schedule(off, split)
     args = (qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order)
     consts = dict(HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, SPLIT=split,
