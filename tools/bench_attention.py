@@ -155,20 +155,29 @@ def check_correctness(device, verbose=True, merges=()):
     return ok, rows
 
 
-def time_sdpa(q, k, v, do):
-    """The baseline: SDPA full causal on [B, HQ, T, D] with kv expanded to the query heads (the
-    pure flash kernel), fwd and fwd+bwd."""
+def _expanded(q, k, v, do):
+    """[B, HQ, T, D] leaves with kv expanded to the query heads, and dO in that layout."""
     g = q.shape[2] // k.shape[2]
     qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
     kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
     vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    doh = do.transpose(1, 2).contiguous()
+    return (qh, kh, vh), do.transpose(1, 2).contiguous()
 
-    def sdpa_f():
-        return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
 
-    return {"sdpa_fwd": _bench(lambda: sdpa_f()),
-            "sdpa_fwdbwd": _bench(lambda: torch.autograd.grad(sdpa_f(), (qh, kh, vh), doh))}
+def _time_full(leaves, doh, prefix):
+    """SDPA full causal fwd and fwd+bwd on ``leaves`` (whatever backend is in force)."""
+    def f():
+        return F.scaled_dot_product_attention(*leaves, is_causal=True)
+
+    out = {prefix + "_fwd": _bench(f)}
+    out[prefix + "_fwdbwd"] = _bench(lambda: torch.autograd.grad(f(), leaves, doh))
+    return out
+
+
+def time_sdpa(q, k, v, do):
+    """The baseline: SDPA full causal on [B, HQ, T, D] with kv expanded to the query heads, fwd
+    and fwd+bwd, on SDPA's own backend choice (cuDNN on an H200 with torch 2.11)."""
+    return _time_full(*_expanded(q, k, v, do), "sdpa")
 
 
 def time_sdpa_backends(q, k, v, do):
@@ -176,19 +185,13 @@ def time_sdpa_backends(q, k, v, do):
     same expanded contiguous tensors as ``time_sdpa``; "n/a" where a backend refuses them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     g = q.shape[2] // k.shape[2]
-    qh = q.detach().transpose(1, 2).contiguous().requires_grad_()
-    kh = k.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    vh = v.detach().transpose(1, 2).repeat_interleave(g, 1).contiguous().requires_grad_()
-    doh = do.transpose(1, 2).contiguous()
+    expanded, doh = _expanded(q, k, v, do)
     out = {}
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
         tag = "sdpa_" + name.split("_")[0].lower()
         try:
             with sdpa_kernel(getattr(SDPBackend, name)):
-                def f():
-                    return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
-                out[tag + "_fwd"] = _bench(f)
-                out[tag + "_fwdbwd"] = _bench(lambda: torch.autograd.grad(f(), (qh, kh, vh), doh))
+                out.update(_time_full(expanded, doh, tag))
         except (RuntimeError, AttributeError) as exc:
             out[tag + "_fwd"] = f"n/a ({str(exc)[:60]})"
     # the full branch's ways to call SDPA from the model's [B, T, H, D] tensors (gradients
@@ -211,8 +214,12 @@ def time_sdpa_backends(q, k, v, do):
     return out
 
 
-def gpu_header():
-    """The card and versions, printed and returned as the JSON output's first fields."""
+def gpu_header(tool):
+    """The card and versions, printed and returned as the JSON output's first fields; None
+    (after saying so) where there is no CUDA GPU."""
+    if not torch.cuda.is_available():
+        print(f"{tool}: needs a CUDA GPU (run the CPU tests for correctness instead)")
+        return None
     import triton
     name = torch.cuda.get_device_name(0)
     print(f"GPU: {name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
@@ -363,11 +370,10 @@ def main(argv=None):
                          "(default: SDPA's own choice; cuDNN on an H200 with torch 2.11)")
     args = ap.parse_args(argv)
     merges = tuple(m for m in (args.select_merge or "").split(",") if m)
-    if not torch.cuda.is_available():
-        print("bench_attention: needs a CUDA GPU (run the CPU tests for correctness instead)")
+    out = gpu_header("bench_attention")
+    if out is None:
         return 2
     dev = torch.device("cuda")
-    out = gpu_header()
     name = out["gpu"]
     if not args.skip_check:
         ok, rows = check_correctness(dev, merges=merges)
@@ -393,8 +399,8 @@ def main(argv=None):
     print(f"\n=== {name}: median ms (ratio = ours / SDPA in the same run; SDPA backend: "
           f"{args.sdpa_backend}) ===")
     cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "sparse_attn_fwd", "sparse_attn_bwd",
-            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "full_branch_fwdbwd", "nsa_fwd", "nsa_fwdbwd", "prefill_sparse",
-            "fla_sel_fwd", "fla_sel_fwdbwd"]
+            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "full_branch_fwdbwd", "nsa_fwd",
+            "nsa_fwdbwd", "prefill_sparse", "fla_sel_fwd", "fla_sel_fwdbwd"]
     if merges:
         cols[3:3] = [f"select_{m}" for m in merges] + ["sel_merge_same"]
     if args.select_only:
@@ -407,7 +413,8 @@ def main(argv=None):
         sf, sfb = r["sdpa_fwd"], r["sdpa_fwdbwd"]
         line = (f"{r['shape']:28s} sparse fwd+bwd / SDPA fwd+bwd = {r['sparse_fwdbwd'] / sfb:.3f} "
                 f"(target <= 0.167) | SSA fwd+bwd / SDPA fwd+bwd = {r['ssa_fwdbwd'] / sfb:.3f} "
-                f"(target <= 1.25; its full branch alone {r['full_branch_fwdbwd'] / sfb:.3f}) | NSA fwd+bwd / SDPA fwd+bwd = {r['nsa_fwdbwd'] / sfb:.3f} "
+                f"(target <= 1.25; its full branch alone {r['full_branch_fwdbwd'] / sfb:.3f}) "
+                f"| NSA fwd+bwd / SDPA fwd+bwd = {r['nsa_fwdbwd'] / sfb:.3f} "
                 f"| prefill speed-up vs SDPA fwd = {sf / r['prefill_sparse']:.2f}x "
                 f"(target >= 8 at T32768)")
         if isinstance(r.get("fla_sel_fwdbwd"), float):

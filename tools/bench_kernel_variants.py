@@ -310,11 +310,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sel_variants = parse_variants(args.select)
     attn_variants = parse_variants(args.attn)
-    if not torch.cuda.is_available():
-        print("bench_kernel_variants: needs a CUDA GPU")
+    out = gpu_header("bench_kernel_variants")
+    if out is None:
         return 2
     dev = torch.device("cuda")
-    out = gpu_header()
     name = out["gpu"]
     out.update(select_variants=dict(sel_variants), attn_variants=dict(attn_variants))
     if not args.skip_check:

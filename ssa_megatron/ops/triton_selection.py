@@ -63,6 +63,17 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def compile_options(stages: int, maxnreg: int) -> dict:
+    """Launch keywords for pipelining stages and a register cap (0 or None: the compiler's
+    choice); none under the CPU interpreter, which takes neither."""
+    if _interpret():
+        return {}
+    opts = {"num_stages": stages} if stages else {}
+    if maxnreg:  # a register cap lets more programs share an SM
+        opts["maxnreg"] = maxnreg
+    return opts
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
@@ -374,16 +385,6 @@ def _select_kernel(
     tl.store(out_t[:, None] + 1 + kk[None, :], dec, mask=tok_ok[:, None] & (kk[None, :] < K - 1))
 
 
-def _launch_opts(bd: int) -> dict:
-    if _interpret():
-        return {}
-    opts = {"num_stages": CONFIG["stages"]} if CONFIG["stages"] else {}
-    nreg = CONFIG.get("maxnreg" if bd <= 64 else "maxnreg_large_d")
-    if nreg:
-        opts["maxnreg"] = nreg
-    return opts
-
-
 def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
     """The FAST constexpr: "sort" extracts that many keys statically (at most K-1); "extract"
     sorts the whole chunk only above it (>= bn: never)."""
@@ -435,6 +436,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
         IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
         LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
-        num_warps=CONFIG["warps"], **_launch_opts(bd),
+        num_warps=CONFIG["warps"],
+        **compile_options(CONFIG["stages"], CONFIG["maxnreg" if bd <= 64 else "maxnreg_large_d"]),
     )
     return out.view(b, t, h, kc)

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssa_megatron.ops.triton_selection import LOG2E, _next_pow2, doc_offsets, tiles
+from ssa_megatron.ops.triton_selection import (LOG2E, _next_pow2, compile_options, doc_offsets,
+                                                tiles)
 
 # launch parameters, keyed by head dim <= 64 / > 64 (swept on an H100 at B4 T8192, bf16; dq_warps
 # and the top-level keys on an H200 with tools/bench_kernel_variants.py; docs/KERNEL_NOTES.md).
@@ -69,19 +70,8 @@ def _cfg(bd: int) -> dict:
 
 def _launch_opts(bd: int, which: str) -> dict:
     c = _cfg(bd)
-    opts = {"num_warps": c[which + "_warps"]}
-    stages = c.get(which + "_stages", c["stages"])
-    if stages is not None and not _interp():
-        opts["num_stages"] = stages
-    nreg = c.get(which + "_maxnreg")
-    if nreg and not _interp():  # a register cap lets more programs share an SM
-        opts["maxnreg"] = nreg
-    return opts
-
-
-def _interp() -> bool:
-    import os
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dict(num_warps=c[which + "_warps"],
+                **compile_options(c.get(which + "_stages", c["stages"]), c.get(which + "_maxnreg")))
 
 
 @lru_cache(maxsize=64)
@@ -579,7 +569,6 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
     args = (qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order)
     consts = dict(HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, SPLIT=split,
                   **_launch_opts(bd, "dkv"))
-    partial = off  # placeholder without a split
     if split:
         most = idx.numel() // split  # segments after the first ones: at most entries / split
         partial = torch.empty(max(most, 1), 2, bs, bd, dtype=torch.float32, device=qf.device)
@@ -587,7 +576,7 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
             _bwd_dkv_kernel[(most,)](*args, extra_end, partial, scale * LOG2E, scale, nb, nw,
                                      max(1, nw.bit_length()), EXTRAS=True, **consts)
     else:
-        extra_end = off  # placeholder
+        extra_end = partial = off  # placeholders: the kernel reads neither without a split
     _bwd_dkv_kernel[(nw,)](*args, extra_end, partial, scale * LOG2E, scale, nb, nw, 1,
                            EXTRAS=False, **consts)
     return dk, dv
