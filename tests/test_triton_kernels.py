@@ -127,6 +127,28 @@ def test_kernel_variant_sweep_checks():
     assert rows[1]["ok"] is False, rows[1]
 
 
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+def test_tma_forward_and_dq_match_reference():
+    """Forward and dq for G >= 16 four ways (gathers; TMA with one, two or four blocks per
+    step): o, dq, dk, dv equal the reference's on packed documents, block counts that leave a
+    partial step, and G 16 / 32; G 8 keeps the gathers."""
+    rows = _run_group("tma")
+    assert len(rows) == (1 + len(TMA_MODES)) * len(TMA_CASES)
+    for row in rows:
+        assert row["ok"], row
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+def test_byte_floor_kernels_read_what_they_count():
+    """tools/bench_byte_floor.py: the loads-only, loads+MMA and L2-read kernels read exactly
+    the rows the sparse kernels gather (packed documents, G 4 with several tokens per tile,
+    G 16), and its byte count agrees with a brute-force count."""
+    rows = _run_group("floor")
+    assert [r["case"] for r in rows] == ["T100 HQ8 H2 D16", "T64 HQ32 H2 D32", "l2_read"]
+    for row in rows:
+        assert row["ok"], row
+
+
 def test_kernel_variant_parsing():
     sys.path.insert(0, os.path.join(REPO, "tools"))
     try:
@@ -337,10 +359,15 @@ def _check_invert(case, seed):
     for j in range(h * nb):  # the counting sort: same tokens per list, any order
         a, e = int(off[j]), int(off[j + 1])
         ok &= torch.equal(torch.sort(lists["atomic"][1][a:e]).values, toks[a:e])
-    # every list method and launch order: the reference's gradients
+    # every list method and launch order: the reference's gradients. The forward and dq do
+    # not depend on them: run once; then the dk/dv pass alone per setting.
     leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
     g_r = torch.autograd.grad(ref.sparse_attention(*leaves_r, idx, BS, cs), leaves_r, do)
-    errs = {}
+    n, scale = b * t, d ** -0.5
+    qf, kf, vf, dof = (x.reshape(n, -1, d).contiguous() for x in (q, k, v, do))
+    o, lse = tsp._forward(qf, kf, vf, flat, offs, BS, scale)
+    dq, delta = tsp._backward_dq(qf, kf, vf, flat, o, dof, lse, offs, BS, scale)
+    errs = {"dq": (dq.view_as(q) - g_r[0]).abs().max().item()}
     saved = copy.deepcopy(tsp.CONFIG)
     try:
         # split: lists cut into segments of that many entries (partials added in order)
@@ -349,18 +376,16 @@ def _check_invert(case, seed):
                                   ("atomic", "longest", 0), ("sort32", "longest", 4),
                                   ("sort32", "index", 4), ("atomic", "index", 7)):
             tsp.CONFIG.update(invert=inv, dkv_order=order, dkv_split=split)
-            leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-            g = torch.autograd.grad(tsp.sparse_attention(*leaves, idx, BS, cs), leaves, do)
+            g = tsp._backward_dkv(qf, kf, vf, flat, dof, lse, delta, offs, BS, scale)
             grads[(inv, order, split)] = g
-            errs[f"{inv}/{order}/split{split}"] = max((x - y).abs().max().item()
-                                                      for x, y in zip(g, g_r))
+            errs[f"{inv}/{order}/split{split}"] = max((x.view_as(y) - y).abs().max().item()
+                                                      for x, y in zip(g, g_r[1:]))
         # split partials are added in segment order whatever the launch order: same bits
         ok &= all(torch.equal(a, b_) for a, b_ in zip(grads[("sort32", "longest", 4)],
                                                       grads[("sort32", "index", 4)]))
         tsp.CONFIG.update(dkv_split=-1)
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         try:
-            torch.autograd.grad(tsp.sparse_attention(*leaves, idx, BS, cs), leaves, do)
+            tsp._backward_dkv(qf, kf, vf, flat, dof, lse, delta, offs, BS, scale)
             ok = False
         except ValueError as exc:
             ok &= "dkv_split" in str(exc)
@@ -417,6 +442,128 @@ def _check_variant_tool():
         print(json.dumps({"name": name, "ok": bool(ok), "rows": rows}), flush=True)
 
 
+# (B, T, HQ, H, D, block_counts, cu_seqlens) for the TMA forward / dq (G >= 16, powers of two)
+TMA_CASES = [(1, 96, 32, 2, 16, 4, None), (1, 90, 16, 1, 16, 3, [0, 37, 90]),
+             (1, 80, 32, 1, 32, 5, [0, 50, 80])]
+# blocks per loop step and the forward's shared-max pairs (K 3 and 5 leave a partial step)
+TMA_MODES = {"tma": {"tma_step": 1, "tma_pair": 0}, "tma_pair": {"tma_step": 2, "tma_pair": 1},
+             "tma_4": {"tma_step": 4, "tma_pair": 1}}
+
+
+def _check_tma(case, mode, seed):
+    """Forward and dq with CONFIG tma off ("gather": the per-thread gathers) or on with the
+    TMA_MODES step settings: o, dq, dk, dv equal the reference's; the TMA path is taken exactly
+    when switched on, and never for G 8."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+
+    b, t, hq, h, d, kc, cu = case
+    torch.manual_seed(seed)
+    cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+    q = torch.randn(b, t, hq, d) * 1.5
+    k = torch.randn(b, t, h, d) * 1.5
+    v = torch.randn(b, t, h, d)
+    do = torch.randn(b, t, hq, d)
+    idx = ref.select_blocks(q, k, BS, kc, cs)
+    saved = copy.deepcopy(tsp.CONFIG)
+    try:
+        tsp.CONFIG["small_d"].update(tma=int(mode != "gather"), **TMA_MODES.get(mode, {}))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        ot = tsp.sparse_attention(*leaves, idx, BS, cs)
+        gt = torch.autograd.grad(ot, leaves, do)
+        used = tsp._tma_launch(q.reshape(b * t, hq, d), k.reshape(b * t, h, d),
+                               idx.reshape(b * t, h, kc), tsp.doc_offsets(b, t, cs), BS)
+        g8 = tsp._tma_launch(torch.zeros(t, 8, d), torch.zeros(t, 1, d),
+                             torch.zeros(t, 1, kc, dtype=torch.int32), (0, t), BS)
+    finally:
+        tsp.CONFIG.clear()
+        tsp.CONFIG.update(saved)
+    leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
+    orf = ref.sparse_attention(*leaves_r, idx, BS, cs)
+    gr = torch.autograd.grad(orf, leaves_r, do)
+    errs = [(ot - orf).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(gt, gr)]
+    ok = max(errs) < 1e-4 and (used is not None) == (mode != "gather") and g8 is None
+    return {"case": list(case), "mode": mode, "err_o_dq_dk_dv": [float(f"{e:.2e}") for e in errs],
+            "tma_used": used is not None, "ok": bool(ok)}
+
+
+def _check_byte_floor():
+    """tools/bench_byte_floor.py's measuring kernels read exactly the rows the real kernels do:
+    their sums equal torch's over those rows, and the byte count matches a brute-force count."""
+    import torch
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import bench_byte_floor as bbf
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+    from ssa_megatron.ops.triton_selection import doc_offsets
+
+    for t, hq, h, d, cu in ((100, 8, 2, 16, [0, 37, 100]), (64, 32, 2, 32, None)):
+        torch.manual_seed(7)
+        g = hq // h
+        q, do = (torch.randn(t, hq, d) for _ in range(2))
+        k, v = (torch.randn(t, h, d) for _ in range(2))
+        cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+        idx = ref.select_blocks(q[None], k[None], BS, 4, cs)[0].contiguous()
+        offs = doc_offsets(1, t, cs)
+        start = torch.zeros(t, dtype=torch.long)
+        for a, b in zip(offs, offs[1:]):
+            start[a:b] = a
+        # brute force: every (token, kv head, valid slot) -> its key rows up to the token
+        # loads + MMAs: every valid (token, head) row of a tile meets every key row the tile
+        # loads (other tokens' too: no masks there), so a tile adds (its q sum . k) v per row
+        bt = tsp._tile_tokens(g, BS)
+        tile_of = torch.zeros(t, dtype=torch.long)
+        for a, b in zip(offs, offs[1:]):
+            for s0 in range(a, b, bt):
+                tile_of[s0:min(s0 + bt, b)] = s0
+        rows = 0
+        kv_sum = torch.zeros(h, d, dtype=torch.float64)
+        qkv_sum = torch.zeros(h, d, dtype=torch.float64)
+        for tok in range(t):
+            for hh in range(h):
+                t0 = int(tile_of[tok])
+                mates = (tile_of == t0).nonzero().flatten()
+                qsum = q[mates, hh * g:(hh + 1) * g].double().sum((0, 1))
+                for blk in idx[tok, hh].tolist():
+                    if blk < 0:
+                        continue
+                    kp = [p for p in range(start[tok] + blk * BS, start[tok] + blk * BS + BS)
+                          if p <= tok]
+                    rows += len(kp)
+                    kk, vv = k[kp, hh].double(), v[kp, hh].double()
+                    kv_sum[hh] += (kk + vv).sum(0)
+                    qkv_sum[hh] += ((kk @ qsum)[:, None] * vv).sum(0)
+        got_rows = bbf.gathered_rows(idx, offs, BS)
+        sums = bbf.kv_loads(q, k, v, idx, offs, BS).double().sum(0)
+        ok = got_rows == rows and torch.allclose(sums[:, :d], kv_sum, rtol=1e-4, atol=1e-3)
+        sums = bbf.kv_loads(q, k, v, idx, offs, BS, mma=True).double().sum(0)
+        ok &= torch.allclose(sums[:, :d], qkv_sum, rtol=1e-4, atol=1e-2)
+        # dk/dv pattern: every valid entry adds its token's G query heads' q and dO rows
+        lists = bbf.dkv_lists(q, idx, offs, BS)
+        nb = lists[3]
+        want = torch.zeros(h * nb, d, dtype=torch.float64)
+        _, _, _, tok_boff = tsp._blocks(offs, BS, q.device)
+        for tok in range(t):
+            for hh in range(h):
+                for blk in idx[tok, hh].tolist():
+                    if blk >= 0:
+                        rowsum = (q[tok, hh * g:(hh + 1) * g] + do[tok, hh * g:(hh + 1) * g]).sum(0)
+                        want[hh * nb + tok_boff[tok] + blk] += rowsum.double()
+        got = bbf.qdo_loads(q, do, idx, lists, BS).double()[:, :d]
+        ok &= torch.allclose(got, want, rtol=1e-4, atol=1e-3)
+        print(json.dumps({"case": f"T{t} HQ{hq} H{h} D{d}", "rows": got_rows, "want_rows": rows,
+                          "ok": bool(ok)}), flush=True)
+    # the L2 stream: program p reads tiles p, p + n, p + 2n, ... (mod the tile count)
+    x = torch.randn(5 * 16 * 16)
+    out, nbytes = bbf.l2_read(x, 3 * 4 * 16 * 16 * 4, rows=16, bd=16, programs=4)
+    tiles = x.view(5, 16, 16)
+    want = torch.stack([sum(tiles[(p + i * 4) % 5] for i in range(3)).sum(0) for p in range(4)])
+    print(json.dumps({"case": "l2_read", "bytes": nbytes,
+                      "ok": bool(torch.allclose(out, want, atol=1e-4)) and nbytes == 3 * 4 * 1024}),
+          flush=True)
+
+
 def _child(group):
     if group == "invert":
         for i, case in enumerate(INVERT_CASES):
@@ -425,6 +572,14 @@ def _child(group):
         return
     if group == "variants":
         _check_variant_tool()
+        return
+    if group == "floor":
+        _check_byte_floor()
+        return
+    if group == "tma":
+        for mode in ("gather", *TMA_MODES):
+            for i, case in enumerate(TMA_CASES):
+                print(json.dumps(_check_tma(case, mode, seed=4000 + i)), flush=True)
         return
     if group.startswith("select:"):
         merge = group.split(":", 1)[1]

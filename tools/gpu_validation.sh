@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py), then the GPU runs.
-#   bash tools/gpu_validation.sh training|parallel|kernels|mfu|compare|diagnose  [OUT dir, default results/]
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|diagnose  [OUT dir, default results/]
 # compare and diagnose need the corpus of tools/prepare_english_corpus.sh in runs/english.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +17,7 @@ case "$1" in
   parallel) python3 tools/bench_parallel_gpu.py --out "$OUT" ;;
   kernels)  python3 tools/bench_attention.py --select-merge sort,extract --json "$OUT/kernels.json" ;;
   variants) python3 tools/bench_kernel_variants.py --json "$OUT/variants.json" ;;
+  floor)    python3 tools/bench_byte_floor.py --json "$OUT/floor.json" ;;
   mfu)      # full attention at 1x1 (fused/unfused), with accumulation, and SSA/sparse alongside
     python3 tools/bench_training.py --iters 6 --warmup 2 --variants full \
       --custom "full-unfused=--attention-mode full --no-bias-swiglu-fusion --no-cross-entropy-loss-fusion" \
@@ -49,5 +50,5 @@ case "$1" in
       --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || true
     wait || true
     tail -12 "$OUT/parity.txt"; tail -30 "$OUT/kernels.txt" ;;
-  *) echo "usage: $0 training|parallel|kernels|variants|mfu|compare|diagnose [OUT]"; exit 2 ;;
+  *) echo "usage: $0 training|parallel|kernels|variants|floor|mfu|compare|diagnose [OUT]"; exit 2 ;;
 esac
