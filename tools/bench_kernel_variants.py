@@ -113,7 +113,7 @@ def attn_config(over):
 def _same_arithmetic(over):
     """Variants that only change how lists are built or launched: same sums, same bits
     (unless the lists come from the atomic counting sort)."""
-    return set(over) <= {"invert", "dkv_order", "stages", "dkv_stages"}
+    return set(over) <= {"invert", "dkv_order", "stages", "dkv_stages", "overlap_invert"}
 
 
 def compiled_kernels():

@@ -76,6 +76,9 @@ CONFIG = {
     # few very long lists - early blocks, attention sinks - do not run alone at the end) or
     # "index" (block order).
     "dkv_order": "longest",
+    # On CUDA, build the dk/dv lists (inversion, launch order) on a side stream while the dq
+    # pass runs: they need only the selection.
+    "overlap_invert": True,
 }
 
 
@@ -610,8 +613,14 @@ class _SparseAttention(torch.autograd.Function):
         qf, kf, vf, idx, o, lse = ctx.saved_tensors
         b, t, hq, h, d, g, kc, offs, bs, scale = ctx.meta
         dof = do.reshape(b * t, hq, d).contiguous()
-        dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
-        dk, dv = _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale)
+        if qf.is_cuda and CONFIG["overlap_invert"]:
+            plan, join = _dkv_plan_beside(idx, offs, bs)
+            dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
+            join()
+        else:
+            plan = _dkv_plan(idx, offs, bs, qf.device)
+            dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
+        dk, dv = _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan)
         return (dq.view(b, t, hq, d), dk.view(b, t, h, d), dv.view(b, t, h, d),
                 None, None, None, None)
 
@@ -706,21 +715,12 @@ def _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):
     return dq, delta
 
 
-def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
-    """dk, dv (key-centric over the inverted selection lists)."""
-    n, hq, d = qf.shape
-    h = idx.shape[1]
-    g = hq // h
-    gp = _next_pow2(g)
-    bd = max(16, _next_pow2(d))
-    dk = torch.empty_like(kf)
-    dv = torch.empty_like(vf)
-    bstart, blen, nb, tok_boff = _blocks(offs, bs, qf.device)
+def _dkv_plan(idx, offs, bs, device):
+    """What the dk/dv pass needs from the selection alone: key blocks, the inverted lists, the
+    launch order and the list split (None when there is no key block)."""
+    bstart, blen, nb, tok_boff = _blocks(offs, bs, device)
     if not nb:
-        return dk.zero_(), dv.zero_()
-    off, ltok = _invert(idx, tok_boff, nb)
-    be = max(1, _cfg(bd)["dkv_rows"] // gp)
-    nw = nb * h
+        return None
     split = int(CONFIG["dkv_split"] or 0)
     if split < 0:
         raise ValueError(f"CONFIG['dkv_split'] = {split}: expected 0 (never split) or the most "
@@ -729,7 +729,51 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale):
         # a token selects a block once, so a list has at most its document's length: speed
         # only (a repeated index would make a longer list, still summed correctly)
         split = 0
+    off, ltok = _invert(idx, tok_boff, nb)
     order, extra_end = _dkv_schedule(off, split)
+    return bstart, blen, nb, off, ltok, order, extra_end, split
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _dkv_plan_beside(idx, offs, bs):
+    """``_dkv_plan`` queued on a side CUDA stream, so the list inversion runs while the dq pass
+    does; returns (plan, join): call join() after queueing dq, before using the plan."""
+    main = torch.cuda.current_stream(idx.device)
+    side = _SIDE_STREAMS.get(idx.device)
+    if side is None:
+        # high priority: its few blocks go ahead of the dq pass's queued ones, not after them
+        side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device, priority=-1)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        plan = _dkv_plan(idx, offs, bs, idx.device)
+
+    def join():
+        main.wait_stream(side)
+        for x in plan or ():
+            if isinstance(x, torch.Tensor):  # made on the side stream, used on this one
+                x.record_stream(main)
+    return plan, join
+
+
+def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan=False):
+    """dk, dv (key-centric over the inverted selection lists; ``plan``: ``_dkv_plan``'s result
+    when it was made beforehand)."""
+    n, hq, d = qf.shape
+    h = idx.shape[1]
+    g = hq // h
+    gp = _next_pow2(g)
+    bd = max(16, _next_pow2(d))
+    dk = torch.empty_like(kf)
+    dv = torch.empty_like(vf)
+    if plan is False:
+        plan = _dkv_plan(idx, offs, bs, qf.device)
+    if plan is None:
+        return dk.zero_(), dv.zero_()
+    bstart, blen, nb, off, ltok, order, extra_end, split = plan
+    be = max(1, _cfg(bd)["dkv_rows"] // gp)
+    nw = nb * h
     args = (qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order)
     consts = dict(HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, SPLIT=split,
                   **_launch_opts(bd, "dkv"))
