@@ -131,7 +131,7 @@ def test_kernel_variant_sweep_checks():
 def test_tma_forward_and_dq_match_reference():
     """Forward and dq for G >= 16 four ways (gathers; TMA with one, two or four blocks per
     step): o, dq, dk, dv equal the reference's on packed documents, block counts that leave a
-    partial step, and G 16 / 32; G 8 keeps the gathers."""
+    partial step, G 16 / 32 and D 16 / 32 / 128; G 8 keeps the gathers."""
     rows = _run_group("tma")
     assert len(rows) == (1 + len(TMA_MODES)) * len(TMA_CASES)
     for row in rows:
@@ -444,7 +444,7 @@ def _check_variant_tool():
 
 # (B, T, HQ, H, D, block_counts, cu_seqlens) for the TMA forward / dq (G >= 16, powers of two)
 TMA_CASES = [(1, 96, 32, 2, 16, 4, None), (1, 90, 16, 1, 16, 3, [0, 37, 90]),
-             (1, 80, 32, 1, 32, 5, [0, 50, 80])]
+             (1, 80, 32, 1, 32, 5, [0, 50, 80]), (1, 40, 16, 1, 128, 3, [0, 23, 40])]
 # blocks per loop step and the forward's shared-max pairs (K 3 and 5 leave a partial step)
 TMA_MODES = {"tma": {"tma_step": 1, "tma_pair": 0}, "tma_pair": {"tma_step": 2, "tma_pair": 1},
              "tma_4": {"tma_step": 4, "tma_pair": 1}}
@@ -468,7 +468,8 @@ def _check_tma(case, mode, seed):
     idx = ref.select_blocks(q, k, BS, kc, cs)
     saved = copy.deepcopy(tsp.CONFIG)
     try:
-        tsp.CONFIG["small_d"].update(tma=int(mode != "gather"), **TMA_MODES.get(mode, {}))
+        for entry in ("small_d", "large_d"):
+            tsp.CONFIG[entry].update(tma=int(mode != "gather"), **TMA_MODES.get(mode, {}))
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         ot = tsp.sparse_attention(*leaves, idx, BS, cs)
         gt = torch.autograd.grad(ot, leaves, do)

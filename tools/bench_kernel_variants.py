@@ -45,7 +45,8 @@ BS, KC = 16, 16
 DTYPE = torch.bfloat16  # fp32 only for a CPU smoke run under TRITON_INTERPRET=1
 # (B, T, HQ, H, D, cu_seqlens) for the correctness pass
 CHECK_CASES = [(2, 1024, 32, 2, 64, None), (1, 1500, 32, 2, 64, [0, 100, 611, 1333, 1500]),
-               (1, 1024, 32, 8, 128, None), (1, 700, 32, 4, 64, [0, 17, 700])]
+               (1, 1024, 32, 8, 128, None), (1, 700, 32, 4, 64, [0, 17, 700]),
+               (1, 1024, 32, 2, 128, [0, 300, 1024])]
 SELECT_DEFAULT = ("default;v3:merge=sort,sort_fast=4,stages=0;r32w2:rows=32,warps=2;"
                   "r32w4:rows=32;r64w2:warps=2;bn16:bn=16;ablate-nomerge:topk=0")
 ATTN_DEFAULT = ("default;v3:invert=sort64,dkv_order=index,dq_warps=4,dkv_stages=2;"

@@ -47,16 +47,16 @@ CONFIG = {
     "large_d": {"cols": 128, "fwd_warps": 4, "dq_warps": 4, "dkv_warps": 4, "stages": 2,
                 "dkv_rows": 64,
                 "fwd_maxnreg": 0, "dq_maxnreg": 0, "dkv_maxnreg": 0,
-                "tma": 0, "tma_warps": 1, "tma_stages": 2, "tma_step": 2,
+                "tma": 1, "tma_warps": 1, "tma_stages": 2, "tma_step": 2,
                 "tma_pair": 1},
     # *_maxnreg: registers per thread the compiler may use (0: its own choice)
     # tma: forward and dq load each selected [block, D] K/V tile with one tensor-memory-access
     #   copy (Hopper+, G a power of two >= 16, D a power of two) instead of per-thread gathers,
     #   tma_step blocks per loop step (the forward's softmax update per block, or per two blocks
     #   with tma_pair and an even step), tma_warps warps, tma_stages pipelining stages.
-    #   H200, B4 T8192 HQ32 H2 D64: fwd 0.66 -> 0.48 ms, dq 0.73 -> 0.54 ms (KERNEL_NOTES v7);
-    #   not yet measured at D > 64, so off there. (dk/dv copying each listed token's q / dO
-    #   rows by TMA, one or two tokens per step, was slower: 1.2-1.5 vs 0.98 ms.)
+    #   H200, B4 T8192 HQ32 H2: fwd 0.66 -> 0.48 ms, dq 0.73 -> 0.52 ms at D 64; fwd 1.30 ->
+    #   0.88 ms, dq 1.80 -> 1.03 ms at D 128 (KERNEL_NOTES v7). (dk/dv copying each listed
+    #   token's q / dO rows by TMA, one or two tokens per step, was slower: 1.2-1.5 vs 0.98 ms.)
     # How the backward inverts the selection into per-key-block token lists:
     #   "sort64": stable torch.sort of int64 (head, block) keys (v2);
     #   "sort32": torch.sort of unique int32 (head, block, token) keys where they fit in 31 bits,
