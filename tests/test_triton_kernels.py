@@ -131,9 +131,11 @@ def test_kernel_variant_sweep_checks():
 def test_tma_forward_and_dq_match_reference():
     """Forward and dq for G >= 16 four ways (gathers; TMA with one, two or four blocks per
     step): o, dq, dk, dv equal the reference's on packed documents, block counts that leave a
-    partial step, G 16 / 32 and D 16 / 32 / 128; G 8 keeps the gathers."""
+    partial step, G 16 / 32 and D 16 / 32 / 128; G 8 keeps the gathers. Then hand-made
+    indices with holes and empty documents, a NaN in the next document, and what ``_tma_ok``
+    refuses (see ``_check_tma_edges``)."""
     rows = _run_group("tma")
-    assert len(rows) == (1 + len(TMA_MODES)) * len(TMA_CASES)
+    assert len(rows) == (1 + len(TMA_MODES)) * len(TMA_CASES) + 4
     for row in rows:
         assert row["ok"], row
 
@@ -473,10 +475,10 @@ def _check_tma(case, mode, seed):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         ot = tsp.sparse_attention(*leaves, idx, BS, cs)
         gt = torch.autograd.grad(ot, leaves, do)
-        used = tsp._tma_launch(q.reshape(b * t, hq, d), k.reshape(b * t, h, d),
-                               idx.reshape(b * t, h, kc), tsp.doc_offsets(b, t, cs), BS)
-        g8 = tsp._tma_launch(torch.zeros(t, 8, d), torch.zeros(t, 1, d),
-                             torch.zeros(t, 1, kc, dtype=torch.int32), (0, t), BS)
+        used = tsp._tma_launch(idx.reshape(b * t, h, kc), tsp.doc_offsets(b, t, cs), BS,
+                               q.reshape(b * t, hq, d), k.reshape(b * t, h, d))
+        g8 = tsp._tma_launch(torch.zeros(t, 1, kc, dtype=torch.int32), (0, t), BS,
+                             torch.zeros(t, 8, d), torch.zeros(t, 1, d))
     finally:
         tsp.CONFIG.clear()
         tsp.CONFIG.update(saved)
@@ -487,6 +489,79 @@ def _check_tma(case, mode, seed):
     ok = max(errs) < 1e-4 and (used is not None) == (mode != "gather") and g8 is None
     return {"case": list(case), "mode": mode, "err_o_dq_dk_dv": [float(f"{e:.2e}") for e in errs],
             "tma_used": used is not None, "ok": bool(ok)}
+
+
+def _check_tma_edges():
+    """The TMA forward / dq on hand-made indices (-1 holes, empty and sub-block documents), a
+    NaN in another document's K / V (the gathers keep it out; TMA's whole-block copies only
+    past the copied block), and the cases ``_tma_ok`` must refuse (block size 8, a misaligned
+    or strided tensor, G 8)."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+
+    rows = []
+    saved = copy.deepcopy(tsp.CONFIG)
+    try:
+        tsp.CONFIG["small_d"].update(tma=1, tma_step=2, tma_pair=1)
+        torch.manual_seed(11)
+        cu = [0, 0, 5, 5, 21, 40, 40]
+        t, hq, h, d, kc = 40, 16, 1, 16, 4
+        cs = torch.tensor(cu, dtype=torch.int32)
+        idx = torch.full((1, t, h, kc), -1, dtype=torch.int32)
+        for a, e in zip(cu, cu[1:]):
+            for tok in range(a, e):
+                cur = (tok - a) // BS
+                past = torch.randperm(cur)[: kc - 1].tolist() if cur else []
+                slots = [cur] + past + [-1] * (kc - 1 - len(past))
+                idx[0, tok, 0] = torch.tensor(slots)[torch.tensor([0, 2, 1, 3])]  # a hole inside
+        q, k, v, do = (torch.randn(1, t, n, d) for n in (hq, h, h, hq))
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
+        got = [tsp.sparse_attention(*leaves, idx, BS, cs)]
+        got += list(torch.autograd.grad(got[0], leaves, do))
+        want = [ref.sparse_attention(*leaves_r, idx, BS, cs)]
+        want += list(torch.autograd.grad(want[0], leaves_r, do))
+        err = max((a - b).abs().max().item() for a, b in zip(got, want))
+        rows.append({"case": "holes and empty documents", "err": err, "ok": err < 1e-4})
+
+        # NaN in document 2's keys and values. The gathers keep it out of document 1 (tokens
+        # 0..39) entirely; TMA copies whole 16-row blocks (document 1's last copy spans rows
+        # 32..47), so only NaN past row 47 is kept out there (see _tma_block).
+        t, cu = 80, [0, 40, 80]
+        cs = torch.tensor(cu, dtype=torch.int32)
+        q, k, v, do = (torch.randn(1, t, n, d) for n in (hq, h, h, hq))
+        idx = ref.select_blocks(q, k, BS, kc, cs)
+        one = [x[:, :40].clone().requires_grad_() for x in (q, k, v)]
+        o1 = ref.sparse_attention(*one, idx[:, :40], BS)
+        g1 = torch.autograd.grad(o1, one, do[:, :40])
+        for tma, first_nan in ((0, 40), (1, 48)):
+            tsp.CONFIG["small_d"]["tma"] = tma
+            kn, vn = k.clone(), v.clone()
+            kn[0, first_nan:], vn[0, first_nan:] = float("nan"), float("nan")
+            leaves = [x.clone().requires_grad_() for x in (q, kn, vn)]
+            o = tsp.sparse_attention(*leaves, idx, BS, cs)
+            dq, dk, dv = torch.autograd.grad(o, leaves, do)
+            err = max((a[:, :40] - b).abs().max().item()
+                      for a, b in zip((o, dq, dk, dv), (o1, *g1)))
+            rows.append({"case": f"NaN from row {first_nan}, tma {tma}", "err": err,
+                         "ok": err < 1e-4})
+        tsp.CONFIG["small_d"]["tma"] = 1
+
+        # refused: block size 8, an address off 16 bytes, a strided tensor, G 8
+        x = torch.zeros(64, 16, 16)
+        off = torch.zeros(64 * 16 * 16 + 1)[1:].view(64, 16, 16)
+        kv = torch.zeros(64, 1, 16)
+        refused = [not tsp._tma_ok(1, 8, x, kv), not tsp._tma_ok(1, 16, off, kv),
+                   not tsp._tma_ok(1, 16, torch.zeros(64, 16, 32)[:, :, :16], kv),
+                   not tsp._tma_ok(2, 16, x, torch.zeros(64, 2, 16)),
+                   tsp._tma_ok(1, 16, x, kv)]
+        rows.append({"case": "refusals", "refused": refused, "ok": all(refused)})
+    finally:
+        tsp.CONFIG.clear()
+        tsp.CONFIG.update(saved)
+    for row in rows:
+        print(json.dumps(row), flush=True)
 
 
 def _check_byte_floor():
@@ -540,6 +615,17 @@ def _check_byte_floor():
         ok = got_rows == rows and torch.allclose(sums[:, :d], kv_sum, rtol=1e-4, atol=1e-3)
         sums = bbf.kv_loads(q, k, v, idx, offs, BS, mma=True).double().sum(0)
         ok &= torch.allclose(sums[:, :d], qkv_sum, rtol=1e-4, atol=1e-2)
+        tma = bbf.kv_tma_loads(q, k, v, idx, offs, BS)  # the TMA forward's copies (G >= 16)
+        ok &= (tma is None) == (g < 16)
+        if tma is not None:  # whole blocks, block 0 for an empty slot, zeros past the end
+            whole = torch.zeros(h, d, dtype=torch.float64)
+            for tok in range(t):
+                for hh in range(h):
+                    for blk in idx[tok, hh].tolist():
+                        r0 = int(start[tok]) + max(blk, 0) * BS
+                        rr = list(range(r0, min(r0 + BS, t)))
+                        whole[hh] += (k[rr, hh] + v[rr, hh]).sum(0).double()
+            ok &= torch.allclose(tma.double().sum(0), whole, rtol=1e-4, atol=1e-3)
         # dk/dv pattern: every valid entry adds its token's G query heads' q and dO rows
         lists = bbf.dkv_lists(q, idx, offs, BS)
         nb = lists[3]
@@ -581,6 +667,7 @@ def _child(group):
         for mode in ("gather", *TMA_MODES):
             for i, case in enumerate(TMA_CASES):
                 print(json.dumps(_check_tma(case, mode, seed=4000 + i)), flush=True)
+        _check_tma_edges()
         return
     if group.startswith("select:"):
         merge = group.split(":", 1)[1]

@@ -6,7 +6,9 @@ forward and dq gather that block's K and V rows, dk/dv gathers the q and dO rows
 block's tokens. This tool times, on the same indices and with the same tiles, grids, warps and
 stages as the real kernels:
 
-- ``loads``: a kernel that only loads those rows and adds them up (no MMA, no softmax);
+- ``loads``: a kernel that only loads those rows and adds them up (no MMA, no softmax), for
+  the forward both as per-thread gathers and, where the real forward uses them (Hopper, G >= 16),
+  as whole-block TMA copies;
 - ``loads+mma`` (forward pattern): the same loads feeding the forward's two MMAs, still
   without the softmax and masks;
 - the real forward, dq and dk/dv (dk/dv without the list inversion, which is timed apart);
@@ -83,6 +85,24 @@ def _kv_loads_kernel(Q, Kt, V, IDX, OUT, TILE_TOK, TILE_DS, TILE_DL,
 
 
 @triton.jit
+def _kv_tma_loads_kernel(k_desc, v_desc, IDX, OUT, TILE_DS,
+                         H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BS: tl.constexpr,
+                         STEP: tl.constexpr):
+    """The TMA forward's K/V copies (same helper, grid, step, warps and stages) and nothing
+    else; writes a [D] sum per (token, kv head)."""
+    tok = tl.program_id(0)
+    h = tl.program_id(1)
+    ds = tl.load(TILE_DS + tok)
+    idx_row = IDX + (tok.to(tl.int64) * H + h) * K
+    acc = tl.zeros([BS, D], tl.float32)
+    for i in range(0, K, STEP):
+        for j in tl.static_range(STEP):
+            kt, vt, _ = tsp._tma_block(k_desc, v_desc, idx_row, i + j, ds, tok, h, D, K, BS)
+            acc += kt.to(tl.float32) + vt.to(tl.float32)
+    tl.store(OUT + (tok.to(tl.int64) * H + h) * D + tl.arange(0, D), tl.sum(acc, axis=0))
+
+
+@triton.jit
 def _qdo_loads_kernel(Q, DO, LIST_OFF, LIST_TOK, ORDER, OUT, NB,
                       HQ: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BE: tl.constexpr,
                       GP: tl.constexpr, BD: tl.constexpr):
@@ -133,6 +153,20 @@ def kv_loads(qf, kf, vf, idx, offs, bs, mma=False):
     if grid[0]:
         _kv_loads_kernel[grid](qf, kf, vf, idx, out, *tile_args, **consts, MMA=int(mma),
                                **tsp._launch_opts(bd, "fwd"))
+    return out
+
+
+def kv_tma_loads(qf, kf, vf, idx, offs, bs):
+    """[tokens, H, D] sums of the TMA forward's K/V copies, or None where the TMA forward does
+    not apply (``triton_sparse_attention._tma_ok``)."""
+    tma = tsp._tma_launch(idx, offs, bs, qf, kf, vf)
+    if tma is None:
+        return None
+    grid, dstart, consts, opts = tma
+    desc = tsp._descriptors(bs, consts["G"], consts["D"], k=kf, v=vf)
+    out = torch.empty(grid[0], grid[1], consts["D"], dtype=torch.float32, device=qf.device)
+    _kv_tma_loads_kernel[grid](desc["k"], desc["v"], idx, out, dstart, H=consts["H"],
+                               D=consts["D"], K=consts["K"], BS=bs, STEP=consts["STEP"], **opts)
     return out
 
 
@@ -213,7 +247,12 @@ def time_shape(b, t, hq, h, d, device):
     g = hq // h
     res["fwd_gb"] = rows * d * 2 * 2 / 1e9  # K and V rows, bf16
     res["dkv_gb"] = entries * g * d * 2 * 2 / 1e9  # q and dO rows of G heads per entry
+    # TMA copies whole blocks, empty slots included (they copy block 0)
+    res["fwd_tma_gb"] = idf.numel() * BS * d * 2 * 2 / 1e9
+    res["tma"] = kv_tma_loads(qf, kf, vf, idf, offs, BS) is not None
     res["fwd_loads"] = _bench(lambda: kv_loads(qf, kf, vf, idf, offs, BS))
+    if res["tma"]:
+        res["fwd_tma_loads"] = _bench(lambda: kv_tma_loads(qf, kf, vf, idf, offs, BS))
     res["fwd_loads_mma"] = _bench(lambda: kv_loads(qf, kf, vf, idf, offs, BS, mma=True))
     res["fwd"] = _bench(lambda: tsp._forward(qf, kf, vf, idf, offs, BS, scale))
     res["dq"] = _bench(lambda: tsp._backward_dq(qf, kf, vf, idf, o, dof, lse, offs, BS, scale))
@@ -237,17 +276,22 @@ def report(name, rows):
               f"L2 read of {r['l2_read_gb']:.2f} GB: {r['l2_read']:.3f} ms "
               f"= {tb(r['l2_read_gb'], r['l2_read']):.2f} TB/s")
         dkv = r["dkv_with_invert"] - r["invert"]
-        lines = [("fwd K/V loads only", r["fwd_loads"], r["fwd_gb"]),
-                 ("fwd loads + 2 MMAs", r["fwd_loads_mma"], r["fwd_gb"]),
-                 ("fwd (real)", r["fwd"], r["fwd_gb"]),
-                 ("dq (real)", r["dq"], r["fwd_gb"]),
+        tma = r.get("tma")
+        real_gb = r["fwd_tma_gb"] if tma else r["fwd_gb"]
+        lines = [("fwd K/V gathers, loads only", r["fwd_loads"], r["fwd_gb"]),
+                 ("fwd gathers + 2 MMAs", r["fwd_loads_mma"], r["fwd_gb"])]
+        if tma:
+            lines.append(("fwd K/V TMA copies, loads only", r["fwd_tma_loads"], r["fwd_tma_gb"]))
+        path = " (TMA)" if tma else " (gathers)"
+        lines += [("fwd (real" + path + ")", r["fwd"], real_gb),
+                  ("dq (real" + path + ")", r["dq"], real_gb),
                  ("dk/dv q/dO loads only", r["dkv_loads"], r["dkv_gb"]),
                  ("dk/dv (real, no inversion)", dkv, r["dkv_gb"]),
                  ("list inversion", r["invert"], None)]
         for label, ms, gb in lines:
             rate = f"{tb(gb, ms):6.2f} TB/s of {gb:.2f} GB" if gb else ""
-            print(f"  {label:28s} {ms:7.3f} ms ({ms / base:.3f}x)  {rate}")
-        floor = r["fwd_loads"] * 2 + r["dkv_loads"]
+            print(f"  {label:32s} {ms:7.3f} ms ({ms / base:.3f}x)  {rate}")
+        floor = min(r["fwd_loads"], r.get("fwd_tma_loads", 1e9)) * 2 + r["dkv_loads"]
         print(f"  gather floor fwd + dq + dk/dv (loads only) {floor:.3f} ms = {floor / base:.3f}x; "
               f"real {r['fwd'] + r['dq'] + r['dkv_with_invert']:.3f} ms")
 

@@ -210,7 +210,14 @@ def _fwd_kernel(
 def _tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D: tl.constexpr, K: tl.constexpr,
                BS: tl.constexpr):
     """Slot i's K and V tiles [BS, D] (one TMA copy each; an empty slot loads block 0) and the
-    mask of its keys the token may see."""
+    mask of its keys the token may see.
+
+    The copy takes whole blocks: rows the token must not see (later tokens of its block, or the
+    next document's first tokens where a document ends inside a block) are masked in the scores
+    but still meet a zero in the MMAs, so a NaN or Inf there reaches the token (0 x NaN).
+    Zeroing them costs 60 % of the forward (0.48 -> 0.78 ms on an H200: the tiles then go
+    through registers before the MMAs), and a batch with non-finite keys or values has a
+    non-finite loss anyway; the gather kernels (CONFIG tma off) keep such values out."""
     blk = tl.load(idx_row + i, mask=i < K, other=-1)
     row0 = ds + tl.maximum(blk, 0) * BS
     kt = k_desc.load([row0, h * D])
@@ -638,27 +645,36 @@ def _query_launch(qf, idx, offs, bs):
     return (tok.shape[0], h), (tok, dstart, dlen), consts, bd
 
 
-def _tma_ok(qf, h):
-    """CONFIG "tma" is on and the TMA kernels apply: Hopper or newer (or the interpreter),
-    G a power of two >= 16, D a power of two >= 16, some tokens."""
+def _tma_ok(h, bs, *tensors):
+    """CONFIG "tma" is on and the TMA kernels apply to ``tensors`` (q first, then k, v, dO as
+    [N, heads, D]): an NVIDIA GPU of compute capability 9 or newer (or the interpreter), G a
+    power of two >= 16, D and the block size powers of two in [16, 256] (tensor-core and TMA
+    box sizes), contiguous tensors on 16-byte aligned addresses (TMA descriptors), some tokens.
+    Anything else keeps the gather kernels."""
+    qf = tensors[0]
     n, hq, d = qf.shape
     g = hq // h
-    if not _cfg(d).get("tma") or g < 16 or g != _next_pow2(g) or d < 16 or d != _next_pow2(d) \
+    pow2 = lambda x: 16 <= x <= 256 and x == _next_pow2(x)  # noqa: E731
+    if not _cfg(d).get("tma") or g < 16 or g != _next_pow2(g) or not pow2(d) or not pow2(bs) \
             or n == 0:
         return False
-    return not (qf.is_cuda and torch.cuda.get_device_capability(qf.device)[0] < 9)
+    if any(not x.is_contiguous() or x.data_ptr() % 16 for x in tensors):
+        return False
+    if qf.is_cuda:
+        return torch.version.hip is None and torch.cuda.get_device_capability(qf.device)[0] >= 9
+    return True
 
 
-def _tma_launch(qf, kf, idx, offs, bs):
+def _tma_launch(idx, offs, bs, *tensors):
     """(grid, doc start per token, constexprs, launch keywords) where the TMA forward / dq
-    apply (``_tma_ok``), else None."""
-    n, hq, d = qf.shape
+    apply to ``tensors`` (``_tma_ok``), else None."""
+    n, hq, d = tensors[0].shape
     h, kc = idx.shape[1], idx.shape[2]
     g = hq // h
     c = _cfg(d)
-    if not _tma_ok(qf, h):
+    if not _tma_ok(h, bs, *tensors):
         return None
-    _, dstart, _, _ = tiles(offs, 1, bs, qf.device)
+    _, dstart, _, _ = tiles(offs, 1, bs, tensors[0].device)
     step = max(1, int(c["tma_step"]))
     pair = int(bool(c["tma_pair"])) if step % 2 == 0 else 0
     consts = dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, STEP=step, PAIR=pair)
@@ -683,7 +699,7 @@ def _forward(qf, kf, vf, idx, offs, bs, scale):
     """Output [N, HQ, D] and log2-sum-exp [N, HQ] (fp32) over each row's selected keys."""
     o = torch.empty_like(qf)
     lse = torch.empty(qf.shape[:2], dtype=torch.float32, device=qf.device)
-    tma = _tma_launch(qf, kf, idx, offs, bs)
+    tma = _tma_launch(idx, offs, bs, qf, kf, vf)
     if tma is not None:
         grid, dstart, consts, opts = tma
         desc = _descriptors(bs, consts["G"], consts["D"], q=qf, k=kf, v=vf)
@@ -701,7 +717,7 @@ def _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):
     """dq and delta = rowsum(dO * O) (query-centric, one pass over the selected blocks)."""
     dq = torch.empty_like(qf)
     delta = torch.empty(qf.shape[:2], dtype=torch.float32, device=qf.device)
-    tma = _tma_launch(qf, kf, idx, offs, bs)
+    tma = _tma_launch(idx, offs, bs, qf, kf, vf, dof)
     if tma is not None:
         grid, dstart, consts, opts = tma
         desc = _descriptors(bs, consts["G"], consts["D"], q=qf, k=kf, v=vf, do=dof)
@@ -715,10 +731,11 @@ def _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):
     return dq, delta
 
 
-def _dkv_plan(idx, offs, bs, device):
-    """What the dk/dv pass needs from the selection alone: key blocks, the inverted lists, the
-    launch order and the list split (None when there is no key block)."""
-    bstart, blen, nb, tok_boff = _blocks(offs, bs, device)
+def _dkv_plan(idx, offs, bs, device, blocks=None):
+    """What the dk/dv pass needs from the selection alone: key blocks (``_blocks``, unless
+    given), the inverted lists, the launch order and the list split (None when there is no key
+    block)."""
+    bstart, blen, nb, tok_boff = blocks or _blocks(offs, bs, device)
     if not nb:
         return None
     split = int(CONFIG["dkv_split"] or 0)
@@ -745,9 +762,10 @@ def _dkv_plan_beside(idx, offs, bs):
     if side is None:
         # high priority: its few blocks go ahead of the dq pass's queued ones, not after them
         side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device, priority=-1)
+    blocks = _blocks(offs, bs, idx.device)  # cached across calls: made on the main stream
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        plan = _dkv_plan(idx, offs, bs, idx.device)
+        plan = _dkv_plan(idx, offs, bs, idx.device, blocks)
 
     def join():
         main.wait_stream(side)
