@@ -49,6 +49,10 @@ def _init_worker(tok_path: str, eod_token: Optional[str], dtype_name: str, ignor
     global _WORKER_TOK, _WORKER_DTYPE
     if ignore_sigint:  # the parent handles Ctrl-C and tears the pool down
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # a forked worker inherits the CLI's SIGTERM -> KeyboardInterrupt handler; the parent's
+        # teardown terminates workers, and one that turned that into an exception could block
+        # in its own exit (queue locks, a full result pipe) and hang the parent's exit with it
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOK = build_tokenizer(tok_path, eod_token=eod_token)
     _WORKER_DTYPE = np.dtype(dtype_name)
@@ -424,6 +428,9 @@ def _kill_executor(executor) -> None:
     for p in procs:
         try:
             p.join(timeout=5)
+            if p.is_alive():  # ignored the terminate: a stuck worker must not hang our exit
+                p.kill()
+                p.join(timeout=5)
         except Exception:
             pass
 
@@ -497,7 +504,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing written (temporary files removed)", file=sys.stderr)
-        return 130
+        # Leave at once (the temporary files are gone already): a tokenizer worker stopped while
+        # sending its result leaves the process pool's manager thread waiting for the rest of
+        # that message forever, and a normal interpreter exit joins that thread.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     finally:
         signal.signal(signal.SIGTERM, old)
     return 0
