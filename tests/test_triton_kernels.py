@@ -280,6 +280,22 @@ def _check_select(case, merge, seed):
             "sel_worst_tie": worst, "same_as_insert": same_insert, "ok": ok and same_insert}
 
 
+def _sparse_attention_errors(q, k, v, do, idx, cs, bs=BS):
+    """Largest absolute differences of o, dq, dk, dv: the Triton kernels (as CONFIG stands)
+    against the reference, on the same indices."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_sparse_attention as tsp
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
+    ot = tsp.sparse_attention(*leaves, idx, bs, cs)
+    gt = torch.autograd.grad(ot, leaves, do)
+    orf = ref.sparse_attention(*leaves_r, idx, bs, cs)
+    gr = torch.autograd.grad(orf, leaves_r, do)
+    return [(ot - orf).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(gt, gr)]
+
+
 def _check_case(case, seed):
     import torch
     from ssa_megatron.ops import dispatch, reference as ref
@@ -301,14 +317,8 @@ def _check_case(case, seed):
     out.update(sel_exact=exact, sel_worst_tie=worst)
 
     # ---- sparse attention on the reference's indices: output and gradients
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
     do = torch.randn(b, t, hq, d)
-    ot = tsp.sparse_attention(*leaves, ir, bs, cs)
-    gt = torch.autograd.grad(ot, leaves, do)
-    orf = ref.sparse_attention(*leaves_r, ir, bs, cs)
-    gr = torch.autograd.grad(orf, leaves_r, do)
-    errs = [(ot - orf).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(gt, gr)]
+    errs = _sparse_attention_errors(q, k, v, do, ir, cs, bs)
     att_ok = max(errs) < 1e-4
     out["err_o_dq_dk_dv"] = [float(f"{e:.2e}") for e in errs]
 
@@ -472,9 +482,7 @@ def _check_tma(case, mode, seed):
     try:
         for entry in ("small_d", "large_d"):
             tsp.CONFIG[entry].update(tma=int(mode != "gather"), **TMA_MODES.get(mode, {}))
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        ot = tsp.sparse_attention(*leaves, idx, BS, cs)
-        gt = torch.autograd.grad(ot, leaves, do)
+        errs = _sparse_attention_errors(q, k, v, do, idx, cs)
         used = tsp._tma_launch(idx.reshape(b * t, h, kc), tsp.doc_offsets(b, t, cs), BS,
                                q.reshape(b * t, hq, d), k.reshape(b * t, h, d))
         g8 = tsp._tma_launch(torch.zeros(t, 1, kc, dtype=torch.int32), (0, t), BS,
@@ -482,10 +490,6 @@ def _check_tma(case, mode, seed):
     finally:
         tsp.CONFIG.clear()
         tsp.CONFIG.update(saved)
-    leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
-    orf = ref.sparse_attention(*leaves_r, idx, BS, cs)
-    gr = torch.autograd.grad(orf, leaves_r, do)
-    errs = [(ot - orf).abs().max().item()] + [(x - y).abs().max().item() for x, y in zip(gt, gr)]
     ok = max(errs) < 1e-4 and (used is not None) == (mode != "gather") and g8 is None
     return {"case": list(case), "mode": mode, "err_o_dq_dk_dv": [float(f"{e:.2e}") for e in errs],
             "tma_used": used is not None, "ok": bool(ok)}
@@ -516,13 +520,7 @@ def _check_tma_edges():
                 slots = [cur] + past + [-1] * (kc - 1 - len(past))
                 idx[0, tok, 0] = torch.tensor(slots)[torch.tensor([0, 2, 1, 3])]  # a hole inside
         q, k, v, do = (torch.randn(1, t, n, d) for n in (hq, h, h, hq))
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        leaves_r = [x.clone().requires_grad_() for x in (q, k, v)]
-        got = [tsp.sparse_attention(*leaves, idx, BS, cs)]
-        got += list(torch.autograd.grad(got[0], leaves, do))
-        want = [ref.sparse_attention(*leaves_r, idx, BS, cs)]
-        want += list(torch.autograd.grad(want[0], leaves_r, do))
-        err = max((a - b).abs().max().item() for a, b in zip(got, want))
+        err = max(_sparse_attention_errors(q, k, v, do, idx, cs))
         rows.append({"case": "holes and empty documents", "err": err, "ok": err < 1e-4})
 
         # NaN in document 2's keys and values. The gathers keep it out of document 1 (tokens

@@ -331,24 +331,31 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
     return res
 
 
+def shape_grid(shapes: str, heads: str):
+    """(B, T, HQ, H, D) for every pair of the command line's ``--shapes`` (comma list of BxT)
+    and ``--heads`` (comma list of HQ/H/D)."""
+    for shp in shapes.split(","):
+        b, t = (int(x) for x in shp.lower().split("x"))
+        for hd in heads.split(","):
+            hq, h, d = (int(x) for x in hd.split("/"))
+            yield b, t, hq, h, d
+
+
 def _time_shapes(args, dev, merges, table, forced):
     """Every BxT x HQ/H/D shape of the command line, appended to ``table``."""
-    for shp in args.shapes.split(","):
-        b, t = (int(x) for x in shp.lower().split("x"))
-        for hd in args.heads.split(","):
-            hq, h, d = (int(x) for x in hd.split("/"))
-            try:
-                r = time_shape(b, t, hq, h, d, dev, merges=merges, select_only=args.select_only,
-                               sdpa_backends=args.sdpa_backends, sdpa_forced=forced)
-            except Exception as exc:  # noqa: BLE001  (report and go on to the next shape)
-                import traceback
-                traceback.print_exc()
-                print(f"timing {b}x{t} {hd} failed: {exc}", flush=True)
-                continue
-            r["shape"] = f"B{b} T{t} HQ{hq} H{h} D{d}"
-            table.append(r)
-            print("timing", json.dumps(r), flush=True)
-            torch.cuda.empty_cache()
+    for b, t, hq, h, d in shape_grid(args.shapes, args.heads):
+        try:
+            r = time_shape(b, t, hq, h, d, dev, merges=merges, select_only=args.select_only,
+                           sdpa_backends=args.sdpa_backends, sdpa_forced=forced)
+        except Exception as exc:  # noqa: BLE001  (report and go on to the next shape)
+            import traceback
+            traceback.print_exc()
+            print(f"timing {b}x{t} {hq}/{h}/{d} failed: {exc}", flush=True)
+            continue
+        r["shape"] = f"B{b} T{t} HQ{hq} H{h} D{d}"
+        table.append(r)
+        print("timing", json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
 
 
 def main(argv=None):

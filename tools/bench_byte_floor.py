@@ -297,7 +297,7 @@ def report(name, rows):
 
 
 def main(argv=None):
-    from bench_attention import gpu_header
+    from bench_attention import gpu_header, shape_grid
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4x8192,1x32768")
     ap.add_argument("--heads", default="32/2/64,32/2/32")
@@ -308,14 +308,11 @@ def main(argv=None):
         return 2
     dev = torch.device("cuda")
     out["timings"] = []
-    for shp in args.shapes.split(","):
-        b, t = (int(x) for x in shp.split("x"))
-        for hd in args.heads.split(","):
-            hq, h, d = (int(x) for x in hd.split("/"))
-            r = time_shape(b, t, hq, h, d, dev)
-            out["timings"].append(r)
-            print("timing", json.dumps(r), flush=True)
-            torch.cuda.empty_cache()
+    for b, t, hq, h, d in shape_grid(args.shapes, args.heads):
+        r = time_shape(b, t, hq, h, d, dev)
+        out["timings"].append(r)
+        print("timing", json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
     report(out["gpu"], out["timings"])
     if args.json:
         with open(args.json, "w") as fh:

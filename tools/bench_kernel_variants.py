@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_attention import _bench, gpu_header, time_sdpa  # noqa: E402
+from bench_attention import _bench, gpu_header, shape_grid, time_sdpa  # noqa: E402
 from ssa_megatron.ops import reference as ref  # noqa: E402
 
 BS, KC = 16, 16
@@ -323,14 +323,11 @@ def main(argv=None):
         out["check_ok"] = ok
         print(f"variants correct (bf16): {'PASS' if ok else 'FAIL'}", flush=True)
     out["timings"] = []
-    for shp in args.shapes.split(","):
-        b, t = (int(x) for x in shp.split("x"))
-        for hd in args.heads.split(","):
-            hq, h, d = (int(x) for x in hd.split("/"))
-            r = time_shape(b, t, hq, h, d, dev, sel_variants, attn_variants, args.indices)
-            out["timings"].append(r)
-            print("timing", json.dumps(r), flush=True)
-            torch.cuda.empty_cache()
+    for b, t, hq, h, d in shape_grid(args.shapes, args.heads):
+        r = time_shape(b, t, hq, h, d, dev, sel_variants, attn_variants, args.indices)
+        out["timings"].append(r)
+        print("timing", json.dumps(r), flush=True)
+        torch.cuda.empty_cache()
     if args.dump_ir:  # after the timings: every kernel they compiled too
         dump_ir(args.dump_ir)
     print(f"\n=== {name}: median ms; x = / SDPA fwd+bwd of the same shape, same run ===")

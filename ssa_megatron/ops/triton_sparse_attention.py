@@ -620,13 +620,12 @@ class _SparseAttention(torch.autograd.Function):
         qf, kf, vf, idx, o, lse = ctx.saved_tensors
         b, t, hq, h, d, g, kc, offs, bs, scale = ctx.meta
         dof = do.reshape(b * t, hq, d).contiguous()
+        plan, join = False, None  # False: _backward_dkv makes the plan itself
         if qf.is_cuda and CONFIG["overlap_invert"]:
             plan, join = _dkv_plan_beside(idx, offs, bs)
-            dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
+        dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
+        if join is not None:
             join()
-        else:
-            plan = _dkv_plan(idx, offs, bs, qf.device)
-            dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
         dk, dv = _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan)
         return (dq.view(b, t, hq, d), dk.view(b, t, h, d), dv.view(b, t, h, d),
                 None, None, None, None)
