@@ -359,7 +359,8 @@ def _time_shapes(args, dev, merges, table, forced):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--shapes", default="4x8192,1x32768", help="comma list of BxT")
     ap.add_argument("--heads", default="32/2/64,32/8/128", help="comma list of HQ/H/D")
     ap.add_argument("--skip-check", action="store_true")

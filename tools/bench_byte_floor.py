@@ -298,7 +298,8 @@ def report(name, rows):
 
 def main(argv=None):
     from bench_attention import gpu_header, shape_grid
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--shapes", default="4x8192,1x32768")
     ap.add_argument("--heads", default="32/2/64,32/2/32")
     ap.add_argument("--json", default=None)

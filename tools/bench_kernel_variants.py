@@ -293,7 +293,8 @@ def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants, indices="sel
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--shapes", default="4x8192,1x32768")
     ap.add_argument("--heads", default="32/2/64")
     ap.add_argument("--select", default=SELECT_DEFAULT)

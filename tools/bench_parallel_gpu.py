@@ -36,7 +36,8 @@ COMPARE = [("dp2_mb2", "1gpu_mb4"), ("tp2_mb4", "1gpu_mb4"), ("pp2_mb2x2", "1gpu
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="results")
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--seq-length", type=int, default=8192)

@@ -85,7 +85,8 @@ def run_variant(args, name: str, data: str, profile: bool = False) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--num-layers", type=int, default=16)
     p.add_argument("--hidden-size", type=int, default=2048)
     p.add_argument("--ffn-hidden-size", type=int, default=8192)

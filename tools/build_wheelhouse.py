@@ -77,7 +77,8 @@ def install_script(extras) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="wheelhouse")
     p.add_argument("--python-version", default="3.12")
     p.add_argument("--deepspeed", default="deepspeed==0.19.8")

@@ -73,7 +73,8 @@ def compare(a, b):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-path", required=True, help="prefix of the .bin/.idx corpus")
     p.add_argument("--split", default="98,2,0")

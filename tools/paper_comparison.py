@@ -268,7 +268,8 @@ def summarise(args, runs) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-path", required=True)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--systems", nargs="*", default=None,

@@ -80,12 +80,13 @@ def plot_losses(plt, specs, out: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="kind", required=True)
-    t = sub.add_parser("throughput", help="bench_training.py JSONs: MFU and step time per variant")
+    t = sub.add_parser("throughput", allow_abbrev=False, help="bench_training.py JSONs: MFU and step time per variant")
     t.add_argument("jsons", nargs="+")
     t.add_argument("--out", required=True)
-    lo = sub.add_parser("losses", help="trainer result JSONs: per-step loss curves")
+    lo = sub.add_parser("losses", allow_abbrev=False, help="trainer result JSONs: per-step loss curves")
     lo.add_argument("runs", nargs="+", metavar="LABEL=RESULT_JSON")
     lo.add_argument("--out", required=True)
     args = p.parse_args(argv)

@@ -41,7 +41,8 @@ def load_runs(specs):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="LABEL=RUN_DIR")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--smooth", type=int, default=25, help="moving-average window in steps")

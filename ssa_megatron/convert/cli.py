@@ -20,7 +20,8 @@ from typing import List, Optional
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Convert ssa_megatron checkpoints to/from Hugging Face.")
+    from ssa_megatron.console import make_parser
+    p = make_parser(description="Convert ssa_megatron checkpoints to/from Hugging Face.")
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("to-hf", help="megatron checkpoint -> HF directory")
     a.add_argument("--input", required=True, help="--save directory or one iter_XXXXXXX directory")

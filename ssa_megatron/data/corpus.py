@@ -58,8 +58,9 @@ def _known_extension(path: str) -> bool:
     return base.lower().endswith(JSONL_EXTS + TEXT_EXTS)
 
 
-def expand_inputs(paths: Sequence[str]) -> List[str]:
-    """Files named by ``paths`` (files, directories, globs), in order, without duplicates.
+def expand_inputs(paths: Sequence[str], flag: str = "--input") -> List[str]:
+    """Files named by ``paths`` (files, directories, globs), in order, without duplicates;
+    ``flag`` is the command-line flag that gave them (for the error message).
 
     Directories contribute their files with known extensions (text, jsonl, compressed variants),
     sorted, recursively, skipping hidden names. A path that matches nothing raises CorpusError.
@@ -101,7 +102,7 @@ def expand_inputs(paths: Sequence[str]) -> List[str]:
         elif os.path.exists(p):
             raise CorpusError(f"input {p} is neither a regular file nor a directory")
         else:
-            raise CorpusError(f"input {p} does not exist; check the path given to --input")
+            raise CorpusError(f"input {p} does not exist; check the path given to {flag}")
     return out
 
 

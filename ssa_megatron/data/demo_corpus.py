@@ -10,7 +10,6 @@ several training ranks).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -158,7 +157,8 @@ def prepare_demo_corpus(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ssa_megatron.data.demo_corpus",
+    from ssa_megatron.console import make_parser
+    p = make_parser(prog="python -m ssa_megatron.data.demo_corpus",
                                 description="Prepare the State of the Union demo corpus (tokenizer + .bin/.idx).")
     p.add_argument("out_dir")
     p.add_argument("--vocab-size", type=int, default=8000)

@@ -453,7 +453,8 @@ def format_summary(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ssa_megatron.console import make_parser
+    p = make_parser(
         prog="preprocess_data.py",
         description="Tokenize jsonl / text corpora into megatron-core .bin/.idx datasets "
                     "(EOD after each document), with a <prefix>.tokenizer.json record.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import sys
 import time
 from collections import Counter
@@ -116,10 +117,14 @@ def train_sentencepiece(
             raise errors[0] from None
         msg = " ".join(str(e).split())
         if stats["sentences"] == 0:
+            hint = ""
+            if skipped.get("missing_key"):
+                hint = f"; no document has the field(s) {', '.join(json_keys)}: check --json-keys"
             raise CorpusError(f"no text to train on in {len(files)} input file(s) "
-                              f"(skipped: {format_skipped(skipped)})") from None
-        if "Vocabulary size" in msg or "vocab_size" in msg:
-            raise CorpusError(f"SentencePiece: {msg}; lower --vocab-size or add more text") from None
+                              f"(skipped: {format_skipped(skipped)}){hint}") from None
+        vocab_error = vocab_size_advice(msg, int(vocab_size))
+        if vocab_error:
+            raise CorpusError(vocab_error) from None
         raise CorpusError(f"SentencePiece training failed: {msg}") from None
     if errors:
         raise errors[0]
@@ -160,6 +165,24 @@ def train_sentencepiece(
     }
 
 
+def vocab_size_advice(message: str, vocab_size: int) -> Optional[str]:
+    """SentencePiece's vocabulary-size errors as one line that says which way to go."""
+    small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
+    if small:
+        need = int(small.group(2))
+        return (f"--vocab-size {vocab_size} is too small for this text: its characters, bytes and "
+                f"special pieces alone need {need}; use --vocab-size {need} or more (or lower "
+                "--character-coverage)")
+    large = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if large:
+        most = int(large.group(2))
+        return (f"--vocab-size {vocab_size} is more than this text can fill (at most {most}); use "
+                f"--vocab-size {most} or less, or add more text")
+    if "Vocabulary size" in message or "vocab_size" in message:
+        return f"SentencePiece: {message}"
+    return None
+
+
 def format_result(r: dict) -> str:
     specials = ", ".join(f"{t}={i}" for t, i in r["special_tokens"].items())
     return (f"wrote {r['model']} and {r['vocab']}: {r['model_type']}, vocab {r['vocab_size']}, "
@@ -170,28 +193,33 @@ def format_result(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_tokenizer.py",
-                                description="Train a SentencePiece BPE/unigram tokenizer from text/jsonl files.")
+    from ssa_megatron.console import make_parser
+    p = make_parser(prog="train_tokenizer.py",
+                    description="Train a SentencePiece BPE/unigram tokenizer from text/jsonl files.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="input files, directories or globs (.txt, .jsonl; .gz/.bz2/.xz/.zst)")
     p.add_argument("--output-prefix", "--model-prefix", dest="output_prefix", required=True,
                    help="writes <prefix>.model and <prefix>.vocab")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
+    p.add_argument("--vocab-size", type=int, default=8000,
+                   help="tokens in the vocabulary (special pieces and bytes included)")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="SentencePiece algorithm")
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
-                   help="unknown characters become UTF-8 byte tokens (default on)")
+                   help="unknown characters become UTF-8 byte tokens")
     p.add_argument("--special-tokens", nargs="*", default=[], metavar="TOKEN",
                    help="extra special tokens (user-defined symbols, ids after </s>)")
     p.add_argument("--pad", action="store_true", help="add <pad> with id 3")
-    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of the characters that get their own token (the rarest go to bytes)")
     p.add_argument("--normalization", default="identity",
-                   help="SentencePiece normalization rule: identity (default, keeps text), nfkc, nmt_nfkc")
-    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--json-keys", nargs="+", default=["text"])
-    p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto")
+                   help="SentencePiece normalization rule: identity (keeps text), nfkc, nmt_nfkc")
+    p.add_argument("--split-digits", action=argparse.BooleanOptionalAction, default=True,
+                   help="one token per digit")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl field(s) to read")
+    p.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
+                   help="auto: jsonl for .jsonl/.json names, text otherwise")
     p.add_argument("--max-sentences", type=int, default=5_000_000,
                    help="sample at most this many lines for training (0: all)")
-    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--num-threads", type=int, default=None, help="default: all CPUs")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     return p
 

@@ -34,8 +34,8 @@ alignment gap come from the first --sparsity-windows windows at --sparsity-lengt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, epilog=USAGE,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ssa_megatron.console import make_parser
+    p = make_parser(description=__doc__, epilog=USAGE)
     p.add_argument("--checkpoint", required=True, help="--save directory (its 'latest') or a tag dir")
     p.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
     src = p.add_argument_group("evaluation data (one of)")
@@ -130,6 +130,12 @@ def run(args) -> dict:
         raise EvalError("pass one source of evaluation data: --data-path PREFIX or --text FILES")
     if args.micro_batch_size < 1 or args.max_windows < 1:
         raise EvalError("--micro-batch-size and --max-windows must be positive")
+    if args.text:  # before the model loads: a wrong path fails at once
+        from ssa_megatron.data.corpus import CorpusError, expand_inputs
+        try:
+            expand_inputs(list(args.text), flag="--text")
+        except CorpusError as e:
+            raise EvalError(str(e)) from None
     if args.attention_backend:
         dispatch.set_backend(args.attention_backend)
     init_single_process_or_dp(args.seed)
@@ -225,7 +231,8 @@ def run(args) -> dict:
         set_rope_scaling(model, factor, train_len)
         sums = evaluate_perplexity(model, stream, evdata.shard(windows, rank, world), length, settings,
                                    args.micro_batch_size, eod if reset else None,
-                                   progress=lambda it: progress(it, f"perplexity L={length}"))
+                                   progress=lambda it: progress(it, f"perplexity L={length}"),
+                                   vocab_size=spec["vocab_size"])
         for (mode, bc), r in reduce_perplexity(sums).items():
             result["perplexity"].append({"seq_length": length, "rope_scaling_factor": factor,
                                          "mode": mode, "block_counts": bc, "windows": len(windows), **r})

@@ -71,7 +71,7 @@ def text_stream(paths: Sequence[str], tokenizer, json_keys: Sequence[str] = ("te
     """Raw .txt/.jsonl(.gz/.zst...) documents tokenised with ``tokenizer``, EOD after each."""
     from ssa_megatron.data.corpus import CorpusError, expand_inputs, iter_documents
     try:
-        files = expand_inputs(list(paths))
+        files = expand_inputs(list(paths), flag="--text")
         out: List[int] = []
         for _, text in iter_documents(files, json_keys=json_keys):
             out.extend(tokenizer.tokenize(text))

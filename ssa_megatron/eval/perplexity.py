@@ -3,8 +3,10 @@
 Each (mode, block_counts) setting accumulates the summed next-token cross-entropy and the number
 of scored tokens over the windows of this rank; :func:`all_reduce_sums` adds them over the data-
 parallel ranks, so perplexity = exp(sum NLL / tokens) over all windows, whatever the rank count.
-The cross-entropy is megatron-core's own (``labels=`` path, fp32), over the model's (padded)
-output vocabulary, the quantity training logs as LM loss.
+The cross-entropy is over the tokenizer's vocabulary: the rows megatron-core pads the output
+layer with (to a multiple of 128) are left out of the softmax, as the Hugging Face export leaves
+them out, so both give the same perplexity. Training's logged LM loss keeps them in its softmax and
+reads slightly higher (docs/FIRST_RUN.md has a measured example).
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ def eod_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
 
 
 def window_losses(model, tokens: torch.Tensor, labels: torch.Tensor,
-                  reset_eod: Optional[int] = None) -> torch.Tensor:
-    """Per-token cross-entropy [B, L] (fp32) of one batch of windows."""
+                  reset_eod: Optional[int] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """Per-token cross-entropy [B, L] (fp32) of one batch of windows, over the first
+    ``vocab_size`` logits (default: all, padding included)."""
     from ssa_megatron.model.runtime import RUNTIME
     device = next(model.parameters()).device
     tokens, labels = tokens.to(device), labels.to(device)
@@ -61,7 +64,11 @@ def window_losses(model, tokens: torch.Tensor, labels: torch.Tensor,
         pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
     try:
         with torch.no_grad():
-            return model(tokens, pos, None, labels=labels).float()
+            if vocab_size is None:
+                return model(tokens, pos, None, labels=labels).float()
+            logits = model(tokens, pos, None)[..., :vocab_size].float()
+            return torch.nn.functional.cross_entropy(
+                logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view_as(labels)
     finally:
         RUNTIME.cu_seqlens = None
 
@@ -69,8 +76,8 @@ def window_losses(model, tokens: torch.Tensor, labels: torch.Tensor,
 def evaluate_perplexity(model, stream, windows: Sequence[Window], length: int,
                         settings: Sequence[Setting], micro_batch_size: int = 1,
                         reset_eod: Optional[int] = None,
-                        progress: Optional[Callable[[Iterable], Iterable]] = None
-                        ) -> Dict[Setting, List[float]]:
+                        progress: Optional[Callable[[Iterable], Iterable]] = None,
+                        vocab_size: Optional[int] = None) -> Dict[Setting, List[float]]:
     """{setting: [sum NLL, scored tokens]} over this rank's ``windows``."""
     sums = {s: [0.0, 0.0] for s in settings}
     batches = [windows[i: i + micro_batch_size] for i in range(0, len(windows), micro_batch_size)]
@@ -79,7 +86,7 @@ def evaluate_perplexity(model, stream, windows: Sequence[Window], length: int,
         tokens, labels, mask = batch_windows(stream, group, length)
         for setting in settings:
             apply_setting(model, setting)
-            ce = window_losses(model, tokens, labels, reset_eod).cpu()
+            ce = window_losses(model, tokens, labels, reset_eod, vocab_size).cpu()
             sums[setting][0] += float((ce.double() * mask.double()).sum())
             sums[setting][1] += float(mask.sum())
     return sums

@@ -67,5 +67,7 @@ def check_parallel_layout(num_attention_heads: int, num_query_groups: int, tp: i
             f"--tensor-model-parallel-size {tp}: each TP rank must hold whole kv groups; "
             f"pick a TP size that divides {num_query_groups}")
     if seq_length % block_size:
+        below, above = seq_length // block_size * block_size, -(-seq_length // block_size) * block_size
+        nearest = " or ".join(str(n) for n in (below, above) if n > 0)
         raise ConfigError(f"--seq-length {seq_length} is not a multiple of --ssa-block-size "
-                          f"{block_size}; round it to {seq_length // block_size * block_size or block_size}")
+                          f"{block_size}; use {nearest}")

@@ -7,34 +7,42 @@ import os
 import sys
 from typing import List, Optional
 
+from ssa_megatron.console import make_parser
 from ssa_megatron.model.config import ATTENTION_MODES, ConfigError, check_parallel_layout, check_ssa_settings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Pretrain a GPT model with SSA attention "
-                                "(megatron-core layers, DeepSpeed engine).")
-    m = p.add_argument_group("model")
-    m.add_argument("--num-layers", type=int, required=True)
-    m.add_argument("--hidden-size", type=int, required=True)
-    m.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
-    m.add_argument("--num-attention-heads", type=int, required=True)
-    m.add_argument("--num-query-groups", type=int, default=None, help="kv heads; default = heads")
-    m.add_argument("--kv-channels", type=int, default=None, help="head dim; default hidden/heads")
-    m.add_argument("--seq-length", type=int, required=True)
-    m.add_argument("--max-position-embeddings", type=int, default=None)
-    m.add_argument("--rotary-base", type=float, default=500000.0)
-    m.add_argument("--norm-epsilon", type=float, default=1e-5)
-    m.add_argument("--init-method-std", type=float, default=0.02)
+    p = make_parser(description="Pretrain a GPT model with SSA attention (megatron-core layers, "
+                                "DeepSpeed engine).\nFlags are named as in Megatron-LM.")
+    m = p.add_argument_group("network size")
+    m.add_argument("--num-layers", type=int, required=True, help="transformer layers")
+    m.add_argument("--hidden-size", type=int, required=True, help="model width")
+    m.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width (SwiGLU); default 4 x --hidden-size")
+    m.add_argument("--num-attention-heads", type=int, required=True, help="query heads")
+    m.add_argument("--num-query-groups", type=int, default=None, help="key/value heads (GQA); default: --num-attention-heads")
+    m.add_argument("--kv-channels", type=int, default=None, help="head dimension; default --hidden-size / --num-attention-heads")
+    m.add_argument("--seq-length", type=int, required=True,
+                   help="training context in tokens; a multiple of --ssa-block-size")
+    m.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="longest position the RoPE tables cover; default --seq-length")
+    m.add_argument("--rotary-base", type=float, default=500000.0, help="RoPE theta")
+    m.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm epsilon")
+    m.add_argument("--init-method-std", type=float, default=0.02,
+                   help="std of the normal weight initialisation")
     m.add_argument("--vocab-size", type=int, default=None,
-                   help="only without a tokenizer description next to the data")
+                   help="only for data without a tokenizer description (PREFIX.tokenizer.json) "
+                        "next to it")
 
     s = p.add_argument_group("SSA attention")
     s.add_argument("--attention-mode", default="ssa", choices=None,
                    help=f"one of {', '.join(ATTENTION_MODES)}")
-    s.add_argument("--ssa-block-size", type=int, default=16)
-    s.add_argument("--ssa-block-counts", type=int, default=16)
-    s.add_argument("--ssa-align-coef", type=float, default=10.0)
-    s.add_argument("--ssa-full-prob", type=float, default=0.5)
+    s.add_argument("--ssa-block-size", type=int, default=16, help="tokens per block (selection granularity)")
+    s.add_argument("--ssa-block-counts", type=int, default=16,
+                   help="blocks each query attends in the sparse branch (its own block included)")
+    s.add_argument("--ssa-align-coef", type=float, default=10.0,
+                   help="alpha: weight of the alignment loss (mean over layers)")
+    s.add_argument("--ssa-full-prob", type=float, default=0.5,
+                   help="probability that a micro-batch trains the full branch")
     s.add_argument("--nsa-window-size", type=int, default=128,
                    help="--attention-mode nsa: tokens of the sliding-window branch (itself included)")
     s.add_argument("--layer-spec", default="ssa", choices=["ssa", "megatron-local"],
@@ -42,31 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "no gate, no SSA; PP=1 only)")
     s.add_argument("--lm-loss-weight", type=float, default=1.0,
                    help="weight of the LM cross entropy (0: alignment loss alone, for ablations)")
-    s.add_argument("--inference-mode", default=None, help="full or sparse, for evaluation")
+    s.add_argument("--inference-mode", default=None,
+                   help="branch used in evaluation: full or sparse; default: the mode's natural one")
 
     t = p.add_argument_group("training")
-    t.add_argument("--micro-batch-size", type=int, default=1)
+    t.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass and rank")
     t.add_argument("--global-batch-size", type=int, default=None,
-                   help="default micro-batch x data-parallel size")
-    t.add_argument("--train-iters", type=int, required=True)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--min-lr", type=float, default=0.0)
-    t.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"])
-    t.add_argument("--lr-warmup-fraction", type=float, default=0.01)
-    t.add_argument("--lr-warmup-iters", type=int, default=None)
-    t.add_argument("--weight-decay", type=float, default=0.1)
-    t.add_argument("--adam-beta1", type=float, default=0.9)
-    t.add_argument("--adam-beta2", type=float, default=0.95)
-    t.add_argument("--adam-eps", type=float, default=1e-8)
-    t.add_argument("--clip-grad", type=float, default=1.0)
-    t.add_argument("--bf16", action="store_true")
-    t.add_argument("--fp16", action="store_true")
-    t.add_argument("--seed", type=int, default=1234)
-    t.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    t.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    t.add_argument("--deepspeed-config", default=None,
+                   help="sequences per optimizer step (gradient accumulation fills the rest); "
+                        "default --micro-batch-size x data-parallel size")
+    t.add_argument("--train-iters", type=int, required=True, help="optimizer steps")
+    lr = p.add_argument_group("learning rate")
+    lr.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    lr.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    lr.add_argument("--lr-decay-style", default="cosine", choices=["cosine", "linear", "constant"],
+                    help="decay from --lr to --min-lr after the warmup")
+    lr.add_argument("--lr-warmup-fraction", type=float, default=0.01,
+                    help="linear warmup over this fraction of --train-iters")
+    lr.add_argument("--lr-warmup-iters", type=int, default=None,
+                    help="linear warmup over N steps (instead of --lr-warmup-fraction)")
+    reg = p.add_argument_group("regularization and optimizer")
+    reg.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    reg.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    reg.add_argument("--adam-beta2", type=float, default=0.95, help="AdamW beta2")
+    reg.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    reg.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clipping (0: off)")
+    prec = p.add_argument_group("mixed precision")
+    prec.add_argument("--bf16", action="store_true", help="bf16 weights and activations")
+    prec.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling")
+    t.add_argument("--seed", type=int, default=1234,
+                   help="seed of the weights, the data order and the branch draws")
+    par = p.add_argument_group("distributed and DeepSpeed")
+    par.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                     help="TP: ranks sharing each layer; must divide --num-query-groups")
+    par.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                     help="PP: pipeline stages; must divide --num-layers")
+    par.add_argument("--deepspeed-config", default=None,
                    help="stock DeepSpeed JSON (ZeRO stage etc.); batch sizes come from the flags")
-    t.add_argument("--zero-stage", type=int, default=None, help="overrides the JSON's stage")
+    par.add_argument("--zero-stage", type=int, default=None, help="ZeRO stage 0-3; overrides the JSON's")
     t.add_argument("--recompute-interval", type=int, default=0,
                    help="pipeline: checkpoint activations every N layers (0: off)")
     t.add_argument("--recompute-activations", action="store_true",
@@ -80,28 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--use-cpu-initialization", action="store_true", default=None,
                    help="init weights on the CPU from one master copy (default on without CUDA)")
 
-    d = p.add_argument_group("data")
-    d.add_argument("--data-path", nargs="*", default=None,
+    d = p.add_argument_group("data and dataloader")
+    d.add_argument("--data-path", nargs="*", default=None, metavar="[WEIGHT] PREFIX",
                    help="prefix of .bin/.idx, or a blend: 0.7 a 0.3 b")
-    d.add_argument("--split", default="969,30,1")
-    d.add_argument("--data-cache-path", default=None)
-    d.add_argument("--reset-position-ids", action="store_true")
-    d.add_argument("--reset-attention-mask", action="store_true")
-    d.add_argument("--eod-mask-loss", action="store_true")
-    d.add_argument("--num-workers", type=int, default=1)
+    d.add_argument("--split", default="969,30,1",
+                   help="train,valid,test weights of the documents")
+    d.add_argument("--data-cache-path", default=None,
+                   help="where megatron-core caches the sample indices; default next to the data")
+    d.add_argument("--reset-position-ids", action="store_true",
+                   help="restart positions after each EOD (implied by --reset-attention-mask)")
+    d.add_argument("--reset-attention-mask", action="store_true",
+                   help="keep the documents of a packed sequence apart (attention and selection)")
+    d.add_argument("--eod-mask-loss", action="store_true", help="no loss on EOD tokens")
+    d.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes")
 
-    c = p.add_argument_group("checkpoints and logging")
+    c = p.add_argument_group("checkpointing")
     c.add_argument("--save", default=None)
     c.add_argument("--load", default=None)
-    c.add_argument("--save-interval", type=int, default=None)
+    c.add_argument("--save-interval", type=int, default=None,
+                   help="save every N iterations (and at the end) into --save")
     c.add_argument("--exit-interval", type=int, default=None,
                    help="stop (after saving, with --save) when iteration %% N == 0")
-    c.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints")
-    c.add_argument("--log-interval", type=int, default=10)
-    c.add_argument("--eval-interval", type=int, default=None)
-    c.add_argument("--eval-iters", type=int, default=10)
-    c.add_argument("--tensorboard-dir", default=None)
-    c.add_argument("--result-json", default=None,
+    c.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints; default: all")
+    log = p.add_argument_group("logging and validation")
+    log.add_argument("--log-interval", type=int, default=10, help="print and log every N iterations")
+    log.add_argument("--eval-interval", type=int, default=None,
+                     help="validation loss every N iterations; default: none")
+    log.add_argument("--eval-iters", type=int, default=10, help="micro-batches per validation")
+    log.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files (rank 0)")
+    log.add_argument("--result-json", default=None,
                    help="write per-iteration losses, step times and memory here at the end (rank 0)")
     return p
 

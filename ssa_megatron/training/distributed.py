@@ -36,7 +36,10 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(minutes=timeout_minutes))
     import deepspeed
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing group
+
+    from ssa_megatron.console import announce_deepspeed_build
+    with announce_deepspeed_build():
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing group
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                  pipeline_model_parallel_size=pp)

@@ -1,0 +1,132 @@
+"""What a person sees in the terminal: library notices they cannot act on are hidden, long waits
+are announced, and every command-line tool shares one help layout.
+
+:func:`quiet_library_notices` runs when ``ssa_megatron`` is imported (before megatron-core or
+DeepSpeed are), so every entry point gets it without calling anything. It hides
+
+* megatron-core's import-time fallbacks ("Transformer Engine and Apex are not installed", "Apex is
+  not installed. Falling back to Torch Norm"): this package builds its layers from megatron-core's
+  local (PyTorch) modules and needs neither library;
+* megatron-core's "full scope is deprecated" about ``cuda_graph_scope``, whose default it is;
+* DeepSpeed's "Setting accelerator to CPU" (the CPU is chosen on purpose when there is no GPU) and
+  the "... built successfully" line it prints on every start of every process.
+
+Anything else (our own log lines, other warnings) is untouched. ``SSA_SHOW_LIBRARY_NOTICES=1`` or
+any ``python -W`` option leaves Python's warning filters and DeepSpeed's logger as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import sys
+import textwrap
+import time
+import warnings
+
+# (category, message regex) of warnings that say nothing the user can act on
+_HIDDEN_WARNINGS = (
+    (UserWarning, r"Transformer Engine and Apex are not installed"),
+    (UserWarning, r"Apex is not installed"),
+    (UserWarning, r"full scope is deprecated"),
+)
+_HIDDEN_DEEPSPEED_LOGS = ("Setting accelerator to CPU",)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments):
+        super().__init__()
+        self.fragments = tuple(fragments)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+def notices_wanted() -> bool:
+    """True when the user asked to see every library notice."""
+    return os.environ.get("SSA_SHOW_LIBRARY_NOTICES", "") not in ("", "0") or bool(sys.warnoptions)
+
+
+def quiet_library_notices() -> None:
+    """Install the filters described in the module docstring (idempotent)."""
+    if notices_wanted():
+        return
+    for category, pattern in _HIDDEN_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    # DeepSpeed's logger is a named singleton: a filter added before deepspeed configures it stays
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropMessages) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropMessages(_HIDDEN_DEEPSPEED_LOGS))
+
+
+@contextlib.contextmanager
+def announce_deepspeed_build():
+    """Around ``deepspeed.init_distributed``: on the CPU, DeepSpeed compiles its shared-memory
+    communication op the first time it runs on a machine (about a minute, silent). Say so before
+    it starts and how long it took; swallow the "built successfully" line it prints every time."""
+    builder, built = None, True
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            from torch.utils.cpp_extension import _get_build_directory
+            build_dir = _get_build_directory(builder.NAME, verbose=False)
+            built = os.path.exists(os.path.join(build_dir, builder.NAME + ".so"))
+    except Exception:  # a DeepSpeed without this op builder: nothing to announce
+        builder = None
+    speaks = os.environ.get("LOCAL_RANK", "0") == "0"
+    start = time.time()
+    if not built and speaks:
+        print(f"building DeepSpeed's CPU communication op (first run on this machine only, about "
+              f"a minute; cached in {build_dir}) ...", flush=True)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sys.stdout if notices_wanted() else captured):
+            yield
+    finally:
+        for line in captured.getvalue().splitlines():
+            if not line.endswith("built successfully"):
+                print(line, flush=True)
+    if not built and speaks:
+        print(f"built DeepSpeed's CPU communication op in {time.time() - start:.0f} s", flush=True)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default after its help (not for required flags, switches that are off, or
+    defaults of None, whose help says what happens instead); descriptions and epilogs keep
+    their line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "(default" in text or action.required or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})".lstrip()
+
+    def _split_lines(self, text, width):
+        # flag names stay whole ("--num-attention-heads", not "--num-" / "attention-heads")
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width,
+                             break_on_hyphens=False)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the shared help layout and without prefix matching (a misspelt
+    ``--num-layer`` is an error, not ``--num-layers``), as Megatron-LM's. Sub-commands made with
+    ``add_subparsers().add_parser`` are of this class too, so they inherit both."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def make_parser(**kwargs) -> argparse.ArgumentParser:
+    return ArgumentParser(**kwargs)

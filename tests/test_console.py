@@ -1,0 +1,111 @@
+"""What a new user reads: help without library warnings and with defaults, no prefix matching of
+flags, error messages that point the right way, DeepSpeed's silent first-run build announced."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dist_utils import ROOT
+
+# every command-line parser of the package: (module, its parser builder)
+PARSERS = [("ssa_megatron.training.arguments", "build_parser"),
+           ("ssa_megatron.eval.cli", "build_parser"),
+           ("ssa_megatron.convert.cli", "build_parser"),
+           ("ssa_megatron.data.preprocess", "build_parser"),
+           ("ssa_megatron.data.tokenizer_training", "build_parser")]
+
+
+def test_pretrain_help_starts_with_usage_and_shows_defaults():
+    proc = subprocess.run([sys.executable, "-m", "ssa_megatron.training.pretrain", "--help"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == "", proc.stderr  # no library warning before the help
+    assert proc.stdout.startswith("usage:")
+    out = proc.stdout
+    for group in ("network size:", "SSA attention:", "learning rate:", "mixed precision:",
+                  "distributed and DeepSpeed:", "data and dataloader:", "checkpointing:"):
+        assert group in out, group
+    assert "peak learning rate (default: 0.001)" in " ".join(out.split())
+    assert "(default: None)" not in out
+
+
+@pytest.mark.parametrize("module,builder", PARSERS)
+def test_no_prefix_matching(module, builder):
+    parser = getattr(importlib.import_module(module), builder)()
+    long_flags = [s for a in parser._actions for s in a.option_strings if s.startswith("--")]
+    subparsers = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    for sub in subparsers:
+        for p in sub.choices.values():
+            assert not p.allow_abbrev
+    assert not parser.allow_abbrev
+    flag = max(long_flags, key=len)
+    with pytest.raises(SystemExit):
+        parser.parse_known_args([flag[:-1], "1"]) if subparsers else parser.parse_args([flag[:-1], "1"])
+
+
+def test_all_tool_parsers_refuse_abbreviations():
+    """tools/*.py that build their own parser pass allow_abbrev=False (text check: importing
+    the GPU benchmarks needs Triton)."""
+    tools = os.path.join(ROOT, "tools")
+    for name in sorted(os.listdir(tools)):
+        if not name.endswith(".py"):
+            continue
+        text = open(os.path.join(tools, name)).read()
+        for call in ("argparse.ArgumentParser(", "add_parser("):
+            for start in [i for i in range(len(text)) if text.startswith(call, i)]:
+                assert "allow_abbrev=False" in _call_text(text, start + len(call)), (name, call)
+
+
+def _call_text(text, i):
+    """The arguments of the call whose "(" ends just before ``i``."""
+    depth = 1
+    for j in range(i, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return text[i:]
+
+
+def test_seq_length_message_offers_both_neighbours():
+    from ssa_megatron.model.config import ConfigError, check_parallel_layout
+    with pytest.raises(ConfigError, match="use 240 or 256$"):
+        check_parallel_layout(8, 2, 1, 250, 16)
+    with pytest.raises(ConfigError, match="use 16$"):
+        check_parallel_layout(8, 2, 1, 10, 16)
+
+
+def test_tokenizer_vocab_size_messages_say_which_way(tmp_path):
+    from ssa_megatron.data.corpus import CorpusError
+    from ssa_megatron.data.tokenizer_training import train_sentencepiece
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    with pytest.raises(CorpusError, match=r"--vocab-size 270 is too small .* use --vocab-size \d+ or more"):
+        train_sentencepiece([str(tmp_path / "a.txt")], str(tmp_path / "t1"), vocab_size=270)
+    with pytest.raises(CorpusError, match=r"--vocab-size 5000 is more than .* use --vocab-size \d+ or less"):
+        train_sentencepiece([str(tmp_path / "a.txt")], str(tmp_path / "t2"), vocab_size=5000)
+    (tmp_path / "b.jsonl").write_text('{"body": "hello"}\n{"body": "world"}\n')
+    with pytest.raises(CorpusError, match="check --json-keys"):
+        train_sentencepiece([str(tmp_path / "b.jsonl")], str(tmp_path / "t3"), vocab_size=300)
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.jsonl"]  # no partial outputs
+
+
+def test_evaluate_names_its_own_flag_for_a_missing_text(tmp_path, capsys):
+    from ssa_megatron.eval.cli import main
+    assert main(["--checkpoint", str(tmp_path), "--text", str(tmp_path / "missing.txt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("check the path given to --text") and "\n" not in err, err
+
+
+def test_deepspeed_first_build_is_announced(tmp_path, monkeypatch, capsys):
+    from ssa_megatron.console import announce_deepspeed_build
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built here yet
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("SSA_SHOW_LIBRARY_NOTICES", raising=False)
+    with announce_deepspeed_build():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("a line of ours")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("building DeepSpeed's CPU communication op (first run")
+    assert out[1] == "a line of ours" and out[2].startswith("built DeepSpeed's CPU communication op in")
+    assert len(out) == 3
