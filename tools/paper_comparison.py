@@ -19,13 +19,12 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa"}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "full": 1.0, "sparse": 0.9}  # by attention mode
@@ -85,96 +84,6 @@ def eval_command(args, out: str) -> list:
             "--block-counts", *[str(b) for b in args.sweep], "--max-windows", str(args.eval_windows),
             "--json", os.path.join(out, "eval.json"), "--plot", os.path.join(out, "eval.png"),
             *args.eval_extra]
-
-
-def visible_devices(gpus: int):
-    """The device ids slot i % gpus maps to: the gpus first of CUDA_VISIBLE_DEVICES, if set."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [x.strip() for x in visible.split(",") if x.strip()] if visible is not None else None
-    if ids is not None and gpus > len(ids):
-        raise SystemExit(f"error: --gpus {gpus} but CUDA_VISIBLE_DEVICES={visible!r} allows "
-                         f"{len(ids)}: lower --gpus or widen CUDA_VISIBLE_DEVICES")
-    return ids[:gpus] if ids is not None else [str(i) for i in range(gpus)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(cmd, out: str, log_name: str, device):
-    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(_free_port()))
-    if device is not None:
-        env["CUDA_VISIBLE_DEVICES"] = device
-    log = open(os.path.join(out, log_name), "a")  # a resumed run appends to its log
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log
-
-
-STOPPED = 3  # the trainer's exit code after saving on a signal
-
-
-def _signal_running(slots, action: str) -> None:
-    """``action`` ("terminate" or "kill") every process still running in ``slots``."""
-    for entry in slots:
-        if entry is not None and entry[2].poll() is None:
-            getattr(entry[2], action)()
-
-
-def run_queue(jobs, gpus: int, jobs_per_gpu: int = 1, deadline: float = None, grace: float = 180):
-    """Run jobs, each a list of steps ``(log_name, make_command)`` run one after the other, on
-    ``gpus * jobs_per_gpu`` slots (slot i on GPU i % gpus), in the order given: put the longest
-    first. ``make_command()`` runs when the step starts and may return None (skip the step).
-    Past ``deadline`` seconds no step starts and running ones get SIGTERM (the trainer saves at
-    its next step and exits with 3), SIGKILL after ``grace`` more seconds. A step that exits
-    with 3 ends its job (resume it later). Returns (failed outputs, stopped outputs)."""
-    devices = visible_devices(gpus) if gpus else [None]
-    pending = list(jobs)
-    slots = [None] * max(1, len(devices) * jobs_per_gpu)  # (out, steps left, proc, log)
-    failed, stopped, start, term_at = [], [], time.time(), None
-
-    def next_step(slot, out, steps):
-        while steps:
-            log_name, make = steps[0]
-            cmd = make()
-            steps = steps[1:]
-            if cmd is not None:
-                proc, log = _start(cmd, out, log_name, devices[slot % len(devices)])
-                return (out, steps, proc, log)
-        return None
-
-    try:
-        while True:
-            late = deadline is not None and time.time() - start > deadline
-            if late and term_at is None:
-                term_at = time.time()
-                print(f"deadline {deadline:.0f} s reached: the runs still going save and stop; "
-                      f"{len(pending)} not started", flush=True)
-                _signal_running(slots, "terminate")
-            if term_at is not None and time.time() - term_at > grace:
-                _signal_running(slots, "kill")
-            for i, entry in enumerate(slots):
-                if entry is not None:
-                    out, steps, proc, log = entry
-                    if proc.poll() is None:
-                        continue
-                    log.close()
-                    if proc.returncode == STOPPED:
-                        stopped.append(out)
-                        steps = []
-                    elif proc.returncode != 0:
-                        failed.append(out)
-                        steps = []
-                    slots[i] = None if (late or not steps) else next_step(i, out, steps)
-                while slots[i] is None and pending and not late:
-                    out, steps = pending.pop(0)
-                    slots[i] = next_step(i, out, steps)
-            if all(entry is None for entry in slots) and (late or not pending):
-                stopped += [out for out, _ in pending]
-                return failed, stopped
-            time.sleep(2)
-    finally:  # an exception or Ctrl-C here must not leave trainings running unwatched
-        _signal_running(slots, "terminate")
 
 
 def _read_json(path):

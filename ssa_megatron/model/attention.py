@@ -47,6 +47,9 @@ class SSASelfAttention(SelfAttention):
             is_expert=False,
             tp_comm_buffer_name="gate",
         )
+        if getattr(self.config, "ssa_gate_init", "normal") == "zero":
+            with torch.no_grad():
+                self.linear_gate.weight.zero_()
 
     def forward(self, hidden_states, *args, **kwargs):
         gate_logits, _ = self.linear_gate(hidden_states)  # [sq, b, heads per rank]
@@ -76,8 +79,12 @@ class SSACoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.gate: Optional[torch.Tensor] = None
+        # Set by model/diagnostics.py for one forward: records attention statistics of this layer.
+        self.probe = None
 
-    def branch(self) -> str:
+    def branch(self):
+        """"full", "sparse", or (SSA training with per-sequence draws) a bool tensor [b] whose
+        True rows train the full branch."""
         if not self.training:
             return self.inference_mode
         if self.attention_mode == "ssa":
@@ -93,12 +100,13 @@ class SSACoreAttention(MegatronModule):
             raise ValueError("SSA attention does not take an attention bias")
         (q, k, v), cu_seqlens, layout = self.to_ops_layout(query, key, value, packed_seq_params)
         branch = self.branch()
+        mixed = isinstance(branch, torch.Tensor)
         align = self.training and self.attention_mode == "ssa" and torch.is_grad_enabled()
-        o_full = o_sparse = None
-        if branch == "full" or align:
+        o_full = o_sparse = indices = None
+        if mixed or branch == "full" or align:
             o_full = ops.full_attention(q, k, v, cu_seqlens=cu_seqlens, scale=self.softmax_scale)
-        if branch == "sparse" or align:
-            o_sparse = self.sparse_branch(q, k, v, cu_seqlens)
+        if mixed or branch == "sparse" or align:
+            o_sparse, indices = self.sparse_branch(q, k, v, cu_seqlens, return_indices=True)
 
         gate = self.gate
         if gate is not None:
@@ -106,7 +114,13 @@ class SSACoreAttention(MegatronModule):
             o_full = None if o_full is None else o_full * gate
             o_sparse = None if o_sparse is None else o_sparse * gate
 
-        out = o_full if branch == "full" else o_sparse
+        if mixed:  # per-sequence draws: each sequence's tokens take their own branch's output
+            rows = branch.to(q.device).repeat_interleave(layout[1])  # [b * sq] in sequence order
+            out = torch.where(rows.reshape(q.shape[0], q.shape[1], 1, 1), o_full, o_sparse)
+        else:
+            out = o_full if branch == "full" else o_sparse
+        if self.probe is not None:
+            self.probe.record(self, q, k, gate, indices, o_full, o_sparse, cu_seqlens)
         if align:
             loss = ops.alignment_loss(o_full, o_sparse)
             RUNTIME.tracker.record(self.layer_number, loss.detach())
@@ -140,12 +154,13 @@ class SSACoreAttention(MegatronModule):
         out = out.reshape(b, sq, -1, out.shape[-1]).transpose(0, 1)
         return out.reshape(sq, b, -1)
 
-    def sparse_branch(self, q, k, v, cu_seqlens):
+    def sparse_branch(self, q, k, v, cu_seqlens, return_indices: bool = False):
         with torch.no_grad():
             indices = ops.select_blocks(q.detach(), k.detach(), self.block_size, self.block_counts,
                                         cu_seqlens=cu_seqlens, scale=self.softmax_scale)
-        return ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
-                                    scale=self.softmax_scale)
+        out = ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
+                                   scale=self.softmax_scale)
+        return (out, indices) if return_indices else out
 
 
 def set_inference_mode(model: torch.nn.Module, mode: Optional[str] = None,

@@ -7,7 +7,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from ssa_megatron.model.config import SSAConfig
-from ssa_megatron.model.layer_spec import get_ssa_layer_spec
+from ssa_megatron.model.layer_spec import get_ssa_layer_spec, init_seed_for_layer
+from ssa_megatron.model.options import model_options, rope_scaling, scale_rotary_embedding
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -24,6 +25,7 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 
 def build_config(args) -> SSAConfig:
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
+    options = model_options(args)
     return SSAConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -38,6 +40,9 @@ def build_config(args) -> SSAConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=options["add_qkv_bias"],
+        untie_embeddings_and_output_weights=options["untie_embeddings_and_output_weights"],
+        rope_scaling=rope_scaling(options),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=args.init_method_std,
@@ -60,6 +65,8 @@ def build_config(args) -> SSAConfig:
         ssa_align_coef=args.ssa_align_coef,
         ssa_full_prob=args.ssa_full_prob,
         nsa_window_size=getattr(args, "nsa_window_size", 128),
+        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
+        ssa_gate_init=getattr(args, "ssa_gate_init", "normal"),
         inference_mode=args.inference_mode,
         init_seed=args.seed,
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
@@ -70,18 +77,38 @@ def build_config(args) -> SSAConfig:
 def build_gpt_model(config: SSAConfig, vocab_size: int, max_sequence_length: int,
                     rotary_base: float = 500000.0, pre_process: bool = True,
                     post_process: bool = True, layer_spec=None) -> GPTModel:
-    """A megatron-core GPTModel with SSA layers and tied input/output embeddings."""
+    """A megatron-core GPTModel with SSA layers; the output layer is the word embedding unless
+    ``config.untie_embeddings_and_output_weights``; RoPE scaled per ``config.rope_scaling``."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if config.use_cpu_initialization:
         torch.manual_seed(config.init_seed)  # the embedding's draw; layers reseed themselves
-    return GPTModel(
+    model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec or get_ssa_layer_spec(config.attention_mode),
+        transformer_layer_spec=layer_spec or get_ssa_layer_spec(config.attention_mode,
+                                                                config.qk_layernorm),
         vocab_size=padded_vocab_size(vocab_size, tp),
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=True,
+        share_embeddings_and_output_weights=not config.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=rotary_base,
     )
+    scale_rotary_embedding(model.rotary_pos_emb, config.rope_scaling)
+    if post_process and config.untie_embeddings_and_output_weights:
+        init_output_layer(model.output_layer.weight, config)
+    return model
+
+
+def init_output_layer(weight: torch.Tensor, config: SSAConfig) -> None:
+    """With CPU initialisation, draw the untied output layer (this TP rank's rows) from a seed of
+    its own, so the model has the same head whether built whole or stage by stage, on any layout."""
+    if not config.use_cpu_initialization:
+        return
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    generator = torch.Generator().manual_seed(init_seed_for_layer(config.init_seed, config.num_layers + 1))
+    full = torch.empty(weight.shape[0] * tp, weight.shape[1]).normal_(
+        0.0, config.init_method_std, generator=generator)
+    with torch.no_grad():
+        weight.copy_(full.chunk(tp)[rank].to(weight.dtype))

@@ -23,10 +23,15 @@ class SSAConfig(TransformerConfig):
     ssa_align_coef: float = 10.0
     ssa_full_prob: float = 0.5
     nsa_window_size: int = 128  # sliding-window branch of --attention-mode nsa
+    ssa_gate_init: str = "normal"  # "zero": every gate starts at sigmoid(0) = 0.5
     # Branch used outside training; None means the mode's natural one (sparse for "sparse").
     inference_mode: str | None = None
     # Seed of the weight initialisation (per layer, see layer_spec.SSATransformerLayer).
     init_seed: int = 1234
+    # Imported architectures (model/options.py): a separate output layer, and the RoPE scaling
+    # applied to the rotary frequencies (options.rope_scaling; None: plain RoPE).
+    untie_embeddings_and_output_weights: bool = False
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         super().__post_init__()

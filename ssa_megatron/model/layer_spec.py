@@ -32,7 +32,7 @@ class SSATransformerLayer(TransformerLayer):
         super().__init__(config, submodules, layer_number, *args, **kwargs)
 
 
-def get_ssa_layer_spec(attention_mode: str = "ssa") -> ModuleSpec:
+def get_ssa_layer_spec(attention_mode: str = "ssa", qk_layernorm: bool = False) -> ModuleSpec:
     """RMSNorm, SwiGLU MLP (from the config), RoPE, GQA and gated SSA attention.
 
     Starts from megatron-core's own local spec so norms, MLP and bias-dropout-add stay stock,
@@ -43,7 +43,7 @@ def get_ssa_layer_spec(attention_mode: str = "ssa") -> ModuleSpec:
     if attention_mode == "nsa":
         from ssa_megatron.model.nsa_attention import NSACoreAttention, NSASelfAttention
         self_attention, core_attention = NSASelfAttention, NSACoreAttention
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
     spec.module = SSATransformerLayer
     stock = spec.submodules.self_attention.submodules
     spec.submodules.self_attention = ModuleSpec(
@@ -53,8 +53,8 @@ def get_ssa_layer_spec(attention_mode: str = "ssa") -> ModuleSpec:
             linear_qkv=stock.linear_qkv,
             core_attention=core_attention,
             linear_proj=stock.linear_proj,
-            q_layernorm=IdentityOp,
-            k_layernorm=IdentityOp,
+            q_layernorm=stock.q_layernorm if qk_layernorm else IdentityOp,
+            k_layernorm=stock.k_layernorm if qk_layernorm else IdentityOp,
             linear_gate=ColumnParallelLinear,
         ),
     )

@@ -4,7 +4,8 @@ Stages pass a tuple (hidden [s, b, h], position_ids [b, s], branch code [1]) dow
 branch code carries each micro-batch's full/sparse draw to every stage, so a stage that runs
 micro-batch m (in whatever order the 1F1B schedule interleaves them) uses m's branch. The
 embedding and the output head share the word embeddings through ``TiedLayerSpec`` (first and
-last stage), and every layer's alignment loss trains on its own stage (model/align_loss.py).
+last stage) unless the model has an untied output layer (``OutputLayerPipe`` on the last stage),
+and every layer's alignment loss trains on its own stage (model/align_loss.py).
 """
 from __future__ import annotations
 
@@ -18,14 +19,24 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 
+from ssa_megatron.model.builder import init_output_layer
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec
+from ssa_megatron.model.options import scale_rotary_embedding
 from ssa_megatron.model.runtime import RUNTIME, document_cu_seqlens, masked_lm_loss
 
 BRANCH_CODES = {"full": 1, "sparse": 0}
 
 
-def branch_code(mode: str) -> torch.Tensor:
+def branch_code(mode) -> torch.Tensor:
+    """[1] code of a micro-batch's branch, or [b] codes for per-sequence draws (a bool tensor)."""
+    if isinstance(mode, torch.Tensor):
+        return mode.to(torch.int64) * BRANCH_CODES["full"]
     return torch.tensor([BRANCH_CODES[mode]], dtype=torch.int64)
+
+
+def branch_from_code(code: torch.Tensor):
+    from ssa_megatron.model.runtime import collapse_branches
+    return collapse_branches(code.reshape(-1).cpu() == BRANCH_CODES["full"])
 
 
 class EmbeddingPipe(torch.nn.Module):
@@ -58,19 +69,37 @@ def lm_head(embed: EmbeddingPipe, inputs):
 class TransformerLayerPipe(torch.nn.Module):
     def __init__(self, config, layer_number: int, rotary_base: float):
         super().__init__()
-        self.layer = build_module(get_ssa_layer_spec(config.attention_mode), config=config,
+        self.layer = build_module(get_ssa_layer_spec(config.attention_mode, config.qk_layernorm),
+                                  config=config,
                                   layer_number=layer_number)
         self.rotary = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                       rotary_base=rotary_base,
                                       use_cpu_initialization=config.use_cpu_initialization)
+        scale_rotary_embedding(self.rotary, config.rope_scaling)
 
     def forward(self, inputs):
         hidden, position_ids, code = inputs
-        RUNTIME.mode = "full" if int(code.reshape(-1)[0]) == BRANCH_CODES["full"] else "sparse"
+        RUNTIME.mode = branch_from_code(code)
         RUNTIME.cu_seqlens = document_cu_seqlens(position_ids) if RUNTIME.reset_attention else None
         rotary = self.rotary(hidden.shape[0])
         hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
         return hidden, position_ids, code
+
+
+class OutputLayerPipe(torch.nn.Module):
+    """The untied output layer on the last stage: megatron-core's ColumnParallelLinear, as
+    GPTModel's ``output_layer`` (logits for the local vocabulary shard, [s, b, V / tp])."""
+
+    def __init__(self, config, vocab_size: int):
+        super().__init__()
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            config.hidden_size, vocab_size, config=config, init_method=config.init_method,
+            bias=False, skip_bias_add=False, gather_output=False)
+        init_output_layer(self.output_layer.weight, config)
+
+    def forward(self, inputs):
+        hidden = inputs[0] if isinstance(inputs, tuple) else inputs
+        return self.output_layer(hidden)[0]
 
 
 class FinalNormPipe(torch.nn.Module):
@@ -106,7 +135,7 @@ def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rota
     if config.num_layers % config.pipeline_model_parallel_size:
         raise ValueError(f"{config.num_layers} layers do not split evenly over "
                          f"{config.pipeline_model_parallel_size} pipeline stages")
-    """Embedding, N SSA layers, final norm, tied head; layers balanced over the stages."""
+    """Embedding, N SSA layers, final norm, head (tied, or untied); layers balanced over the stages."""
     layers = [TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
                             tied_weight_attr=["weight"])]
     # megatron numbers a stage's layers from 1 and adds the stage offset itself; the uniform
@@ -114,9 +143,12 @@ def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rota
     per_stage = config.num_layers // config.pipeline_model_parallel_size
     layers += [LayerSpec(TransformerLayerPipe, config, i % per_stage + 1, rotary_base)
                for i in range(config.num_layers)]
-    layers += [LayerSpec(FinalNormPipe, config),
-               TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
-                             forward_fn=lm_head, tied_weight_attr=["weight"])]
+    layers.append(LayerSpec(FinalNormPipe, config))
+    if config.untie_embeddings_and_output_weights:
+        layers.append(LayerSpec(OutputLayerPipe, config, vocab_size))
+    else:
+        layers.append(TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
+                                    forward_fn=lm_head, tied_weight_attr=["weight"]))
     return PipelineModule(layers=layers, loss_fn=functools.partial(
         lm_loss_fn, fused=bool(config.cross_entropy_loss_fusion)), topology=topology,
                           partition_method=partition_method,

@@ -9,11 +9,62 @@ import torch
 import torch.distributed as dist
 
 
+def _uniform(key: str) -> float:
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0 ** 64
+
+
 def draw_mode(seed: int, iteration: int, micro_batch: int, full_prob: float = 0.5) -> str:
     """full or sparse for one micro-batch; the same on every rank that holds it."""
-    digest = hashlib.sha256(f"ssa-mode:{seed}:{iteration}:{micro_batch}".encode()).digest()
-    u = int.from_bytes(digest[:8], "little") / 2.0 ** 64
-    return "full" if u < full_prob else "sparse"
+    return "full" if _uniform(f"ssa-mode:{seed}:{iteration}:{micro_batch}") < full_prob else "sparse"
+
+
+def draw_sequence_branches(seed: int, sample_indices, full_prob: float = 0.5) -> torch.Tensor:
+    """One branch per sequence, keyed by the sample's global index in the training order, so the
+    draw does not depend on the micro-batch size, accumulation or data-parallel layout. Returns a
+    bool tensor (True: the sequence trains the full branch)."""
+    return torch.tensor([_uniform(f"ssa-seq:{seed}:{int(i)}") < full_prob for i in sample_indices],
+                        dtype=torch.bool)
+
+
+def collapse_branches(rows: torch.Tensor):
+    """A per-sequence draw whose rows all agree is just that branch ("full"/"sparse")."""
+    if bool(rows.all()):
+        return "full"
+    if not bool(rows.any()):
+        return "sparse"
+    return rows
+
+
+class PiecewiseLinear:
+    """A value over training iterations from ``ITER:VALUE,ITER:VALUE,...`` points, linear between
+    them and constant outside. ITER may be a fraction of the run (``0.1``) or an iteration (``200``):
+    a point written with a dot is a fraction of --train-iters."""
+
+    def __init__(self, spec: str, train_iters: int, name: str = "schedule"):
+        self.spec = spec
+        points = []
+        for part in spec.split(","):
+            at, sep, value = part.strip().partition(":")
+            try:
+                if not sep:
+                    raise ValueError
+                where = float(at) * train_iters if "." in at else float(int(at))
+                points.append((where, float(value)))
+            except ValueError:
+                raise ValueError(f"{name} {spec!r}: write ITER:VALUE pairs separated by commas, e.g. "
+                                 "'0:1.0,200:0.5' (an ITER with a dot, like 0.1, is a fraction of the run)")
+        points.sort()
+        self.points = points
+
+    def __call__(self, iteration: int) -> float:
+        pts = self.points
+        if iteration <= pts[0][0]:
+            return pts[0][1]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            if iteration <= x1:
+                return y0 + (y1 - y0) * (iteration - x0) / (x1 - x0) if x1 > x0 else y1
+        return pts[-1][1]
 
 
 class AlignLossTracker:

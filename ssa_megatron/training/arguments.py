@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from ssa_megatron.console import make_parser
 from ssa_megatron.model.config import ATTENTION_MODES, ConfigError, check_parallel_layout, check_ssa_settings
+from ssa_megatron.model.options import add_model_option_flags, check_model_options, model_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="std of the normal weight initialisation")
     m.add_argument("--vocab-size", type=int, default=None,
                    help="only for data without a tokenizer description (PREFIX.tokenizer.json) "
-                        "next to it")
+                        "next to it, or to give an imported model's embedding more rows than its "
+                        "tokenizer has")
+    add_model_option_flags(p.add_argument_group(
+        "model options of imported architectures (tools/convert_checkpoint.py from-hf prints "
+        "the ones a model needs)"))
 
     s = p.add_argument_group("SSA attention")
     s.add_argument("--attention-mode", default="ssa", choices=None,
@@ -43,6 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alpha: weight of the alignment loss (mean over layers)")
     s.add_argument("--ssa-full-prob", type=float, default=0.5,
                    help="probability that a micro-batch trains the full branch")
+    s.add_argument("--ssa-branch-draw", default="micro-batch", choices=["micro-batch", "sequence"],
+                   help="SSA training: draw the full/sparse branch once per micro-batch (the paper) "
+                        "or once per sequence (both branches run anyway; each sequence keeps its own)")
+    s.add_argument("--ssa-full-prob-schedule", default=None, metavar="ITER:P,...",
+                   help="full-branch probability over training, linear between points (an ITER "
+                        "with a dot is a fraction of --train-iters), e.g. '0:1.0,0.1:1.0,0.2:0.5'; "
+                        "overrides --ssa-full-prob")
+    s.add_argument("--ssa-align-coef-schedule", default=None, metavar="ITER:ALPHA,...",
+                   help="alignment-loss weight over training, same format; overrides --ssa-align-coef")
+    s.add_argument("--ssa-gate-init", default="normal", choices=["normal", "zero"],
+                   help="gate projection init: normal (std --init-method-std) or zero (every gate "
+                        "starts at 0.5)")
+    s.add_argument("--qk-layernorm", action="store_true",
+                   help="RMSNorm on each head's queries and keys before RoPE (megatron-core's "
+                        "qk_layernorm)")
     s.add_argument("--nsa-window-size", type=int, default=128,
                    help="--attention-mode nsa: tokens of the sliding-window branch (itself included)")
     s.add_argument("--layer-spec", default="ssa", choices=["ssa", "megatron-local"],
@@ -115,8 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes")
 
     c = p.add_argument_group("checkpointing")
-    c.add_argument("--save", default=None)
-    c.add_argument("--load", default=None)
+    c.add_argument("--save", default=None,
+                   help="checkpoint directory; if it holds checkpoints already, the run resumes from "
+                        "it (see --start-over)")
+    c.add_argument("--load", default=None, help="resume from (or start from the weights of) this "
+                                                "checkpoint directory; default: --save when it has one")
+    c.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
+                   help="load iter_N of the --load directory instead of the newest intact one")
+    c.add_argument("--start-over", action="store_true",
+                   help="move the checkpoints already in --save aside (into DIR/set_aside_<time>/, "
+                        "never deleted) and start a new run there")
+    c.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="save and stop after this many optimizer steps in a row were skipped for a "
+                        "non-finite loss or gradient norm (0: never stop)")
     c.add_argument("--save-interval", type=int, default=None,
                    help="save every N iterations (and at the end) into --save")
     c.add_argument("--exit-interval", type=int, default=None,
@@ -130,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files (rank 0)")
     log.add_argument("--result-json", default=None,
                    help="write per-iteration losses, step times and memory here at the end (rank 0)")
+    c.add_argument("--eval-modes", nargs="+", default=None, metavar="MODE",
+                   help="evaluate the validation loss in each of these modes (full, sparse, or "
+                        "sparse:K for K blocks per query) on the same windows at every "
+                        "--eval-interval; default: the model's own mode only")
+    c.add_argument("--diagnostics-interval", type=int, default=0,
+                   help="every N iterations (and every iteration up to --diagnostics-dense-until), "
+                        "record per-layer attention diagnostics (entropies, kept mass, logits, "
+                        "q/k norms, gates, update norms) to --diagnostics-json and TensorBoard")
+    c.add_argument("--diagnostics-dense-until", type=int, default=50)
+    c.add_argument("--diagnostics-json", default=None,
+                   help="JSON-lines file of the diagnostics (default: SAVE/diagnostics.jsonl)")
     return p
 
 
@@ -173,6 +215,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("choose one of --bf16 and --fp16")
     check_ssa_settings(args.attention_mode, args.ssa_block_size, args.ssa_block_counts,
                        args.ssa_full_prob, args.inference_mode, args.nsa_window_size)
+    check_model_options(model_options(args))
     if args.hidden_size % args.num_attention_heads and args.kv_channels is None:
         raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by "
                           f"--num-attention-heads {args.num_attention_heads}; set --kv-channels")
@@ -211,11 +254,43 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"ZeRO stage {stage} cannot run with --pipeline-model-parallel-size "
                               f"{args.pipeline_model_parallel_size} (DeepSpeed allows only ZeRO-0/1 with "
                               "pipeline parallelism): use ZeRO-1, or --pipeline-model-parallel-size 1")
+    check_recipe_flags(args)
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")
+    if args.load_iteration is not None and args.load is None and args.save is None:
+        raise ConfigError("--load-iteration needs --load DIR (or --save DIR that holds checkpoints)")
     if args.micro_batch_size < 1 or args.train_iters < 1:
         raise ConfigError("--micro-batch-size and --train-iters must be positive")
     return args
+
+
+def check_recipe_flags(args: argparse.Namespace) -> None:
+    """Schedules parse, evaluation modes name real modes, diagnostics have a layout they support."""
+    from ssa_megatron.model.runtime import PiecewiseLinear
+    for flag, lo, hi in (("ssa_full_prob_schedule", 0.0, 1.0), ("ssa_align_coef_schedule", 0.0, None)):
+        spec = getattr(args, flag)
+        if spec is None:
+            continue
+        name = "--" + flag.replace("_", "-")
+        try:
+            values = [v for _, v in PiecewiseLinear(spec, args.train_iters, name).points]
+        except ValueError as err:
+            raise ConfigError(str(err))
+        if any(v < lo or (hi is not None and v > hi) for v in values):
+            raise ConfigError(f"{name} {spec!r}: values must lie in [{lo}, {hi if hi is not None else 'inf'}]")
+    for mode in args.eval_modes or []:
+        parse_eval_mode(mode)
+    if args.diagnostics_interval and args.pipeline_model_parallel_size > 1:
+        raise ConfigError("--diagnostics-interval needs --pipeline-model-parallel-size 1 "
+                          "(the probe records layers on one rank)")
+
+
+def parse_eval_mode(mode: str):
+    """``full`` / ``sparse`` / ``sparse:K`` -> (mode, block_counts or None)."""
+    name, _, k = mode.partition(":")
+    if name not in ("full", "sparse") or (k and (not k.isdigit() or int(k) < 1)) or (k and name == "full"):
+        raise ConfigError(f"--eval-modes {mode!r}: use full, sparse or sparse:K (K blocks per query)")
+    return name, int(k) if k else None
 
 
 def load_deepspeed_config(args: argparse.Namespace, dp_size: int) -> dict:

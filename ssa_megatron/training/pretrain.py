@@ -9,6 +9,7 @@ steps; the alignment loss reaches the weights through the autoscaler (model/alig
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -19,6 +20,8 @@ import torch.distributed as dist
 
 from ssa_megatron.model.config import ConfigError
 from ssa_megatron.model.runtime import document_cu_seqlens, masked_lm_loss
+from ssa_megatron.training.arguments import parse_eval_mode
+from ssa_megatron.training.diagnostics import Diagnostics
 
 
 class TrainResult(dict):
@@ -83,6 +86,33 @@ def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
     return float(_dp_mean(torch.tensor([total / n], dtype=torch.float64))[0])
 
 
+def evaluate_modes(engine, loader_iter, eval_iters: int, runtime, modes) -> Dict[str, float]:
+    """Validation loss in each (mode, block_counts) of ``modes`` on the same micro-batches."""
+    from ssa_megatron.model.attention import SSACoreAttention, set_inference_mode
+    batches = []
+    for _ in range(eval_iters):
+        try:
+            batches.append(next(loader_iter))
+        except StopIteration:
+            break
+    if not batches:
+        return {}
+    layers = [m for m in engine.module.modules() if isinstance(m, SSACoreAttention)]
+    saved = [(m.inference_mode, m.block_counts) for m in layers]
+    losses = {}
+    try:
+        for mode, block_counts in modes:
+            set_inference_mode(engine.module, mode, block_counts)
+            label = mode if block_counts is None else f"{mode}:{block_counts}"
+            losses[label] = evaluate(engine, iter(batches), len(batches), runtime)
+            for m, (inference_mode, counts) in zip(layers, saved):
+                m.inference_mode, m.block_counts = inference_mode, counts
+    finally:
+        for m, (inference_mode, counts) in zip(layers, saved):
+            m.inference_mode, m.block_counts = inference_mode, counts
+    return losses
+
+
 def _record_fp32_grad_norm(engine) -> None:
     """Without ZeRO/mixed precision DeepSpeed clips fp32 gradients with a norm that is wrong for
     pipelines (and drops it); clip with ours (training/grad_norm.py) and keep the value."""
@@ -108,15 +138,20 @@ def pipeline_topology(args, dp_size: int):
     return topo
 
 
-def pipe_batches(loader_iter, args, iteration: int):
+def pipe_batches(loader_iter, args, iteration: int, recipe=None, consumed: int = 0):
     """Micro-batches as the pipe engine wants them: ((tokens, positions, branch), (labels, mask)).
-    The branch is drawn from (seed, iteration, micro-batch) exactly as without a pipeline."""
+    The branch is drawn exactly as without a pipeline (per micro-batch or per sequence)."""
+    from megatron.core import parallel_state as ps
+
     from ssa_megatron.model.pipeline import branch_code
-    from ssa_megatron.model.runtime import draw_mode
+    from ssa_megatron.training.ssa_recipe import BranchRecipe, first_sample_of_micro
+    recipe = recipe or BranchRecipe(args)
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     micro = 0
     while True:
         batch = next(loader_iter)
-        code = branch_code(draw_mode(args.seed, iteration, micro, args.ssa_full_prob))
+        code = branch_code(recipe.branch(iteration, micro, first_sample_of_micro(
+            consumed, micro, args.micro_batch_size, dp_size, dp_rank), collapse=False))
         micro += 1
         yield ((batch["tokens"], batch["position_ids"], code), (batch["labels"], batch["loss_mask"]))
 
@@ -188,21 +223,27 @@ def run(args, fault_hook: Optional[Callable] = None,
     ``before_step(engine, iteration)`` runs after backward, before each optimizer step."""
     from megatron.core import parallel_state as ps
 
-    from ssa_megatron.data.datasets import build_datasets, make_loader, parse_blend, read_tokenizer_info
+    from ssa_megatron.data.datasets import (build_datasets, check_data_files, make_loader, parse_blend,
+                                            read_tokenizer_info)
     from ssa_megatron.model.builder import padded_vocab_size
-    from ssa_megatron.model.runtime import RUNTIME, draw_mode
+    from ssa_megatron.model.runtime import RUNTIME
     from ssa_megatron.training import checkpointing as ckpt
     from ssa_megatron.training.distributed import init_distributed
     from ssa_megatron.training.flops import flops_per_token
+    from ssa_megatron.training.run_safety import NonFiniteSteps, prepare_save_dir
     from ssa_megatron.training.signals import StopSignal
+    from ssa_megatron.training.ssa_recipe import BranchRecipe, first_sample_of_micro, set_align_coef
     from ssa_megatron.training.tb import TrainLogger
 
 
     prefixes, _ = parse_blend(args.data_path)
+    check_data_files(prefixes)  # a truncated or mismatched .bin/.idx: one line, before anything runs
     info = read_tokenizer_info(prefixes, args.vocab_size)
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    guard = prepare_save_dir(args, _log)  # lock --save; auto-resume / --start-over / refuse
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     engine, ds_config, n_params = build_engine(args, info, dp_size)
+    nonfinite = NonFiniteSteps(engine, args.max_skipped_steps)
     gas = ds_config["gradient_accumulation_steps"]
     pipelined = args.pipeline_model_parallel_size > 1
 
@@ -219,6 +260,15 @@ def run(args, fault_hook: Optional[Callable] = None,
         iteration, consumed = ckpt.load_checkpoint(engine, args.load, args)
         if iteration:
             _log(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")
+    resumed_at = iteration or None
+
+    def save(hook=None) -> str:
+        """Save this iteration unless it is saved already (by this run, or the one loaded)."""
+        tag = ckpt.tag_for(iteration)
+        if tag not in result["saved"] and iteration != resumed_at:
+            result["saved"].append(ckpt.save_checkpoint(engine, args.save, iteration, consumed, args,
+                                                        data_description, args.keep_last, fault_hook=hook))
+        return tag
 
     gbs = args.global_batch_size
     eval_samples = 0
@@ -234,12 +284,17 @@ def run(args, fault_hook: Optional[Callable] = None,
     data_description = {"data_path": args.data_path, "tokenizer": info.description}
     logger = TrainLogger(args, is_writer=(dist.get_rank() == 0))
     stop = StopSignal()
+    stop.on_force_exit.append(guard.release)
     tflop_per_token = flops_per_token(args, padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)) / 1e12
     tokens_per_iter = gbs * args.seq_length
     result = TrainResult(lm_loss=[], align_loss=[], grad_norm=[], iterations=[], saved=[], step_time=[])
     _log(f"model: {n_params / 1e6:.2f}M parameters per rank, attention {args.attention_mode}; "
          f"ZeRO stage {ds_config['zero_optimization'].get('stage', 0)}; TP {args.tensor_model_parallel_size} "
          f"DP {dp_size}; global batch {gbs} = {args.micro_batch_size} x {gas} accumulation x {dp_size}")
+    recipe = BranchRecipe(args)
+    _log(recipe.describe(args))
+    diagnostics = Diagnostics(args, engine, ds_config) if args.diagnostics_interval else None
+    eval_modes = [parse_eval_mode(m) for m in args.eval_modes] if args.eval_modes else None
 
     window_loss, window_iters, window_time = 0.0, 0, 0.0
     RUNTIME.tracker.reset()
@@ -247,21 +302,26 @@ def run(args, fault_hook: Optional[Callable] = None,
     while iteration < args.train_iters:
         if stop.any_rank_received():
             if args.save:
-                ckpt.save_checkpoint(engine, args.save, iteration, consumed, args, data_description,
-                                     args.keep_last)
-                _log(f"stop signal: saved {args.save}/{ckpt.tag_for(iteration)}; exiting")
+                _log(f"stop signal: saved {args.save}/{save()}; exiting")
             result["stopped_at"] = iteration
             break
         t0 = time.time()
         RUNTIME.align_backward_scale = align_backward_scale(engine, gas)
+        coef = recipe.align_coef_at(iteration)
+        if coef is not None:
+            set_align_coef(engine.module, coef)
+        probe = diagnostics.start(iteration) if diagnostics is not None else None
         if pipelined:
-            iter_loss = float(engine.train_batch(pipe_batches(train_iter, args, iteration)))
+            iter_loss = float(engine.train_batch(pipe_batches(train_iter, args, iteration, recipe, consumed)))
         else:
             iter_loss = 0.0
             for micro in range(gas):
                 batch = _to_device(next(train_iter))
-                RUNTIME.mode = draw_mode(args.seed, iteration, micro, args.ssa_full_prob)
-                loss = lm_loss(engine, batch, RUNTIME)
+                RUNTIME.mode = recipe.branch(iteration, micro, first_sample_of_micro(
+                    consumed, micro, args.micro_batch_size, dp_size, dp_rank))
+                with (probe.attach(engine.module) if probe is not None and micro == 0
+                      else contextlib.nullcontext()):
+                    loss = lm_loss(engine, batch, RUNTIME)
                 engine.backward(loss)
                 engine.step()
                 iter_loss += float(loss.detach()) / gas
@@ -282,6 +342,15 @@ def run(args, fault_hook: Optional[Callable] = None,
         result["lm_loss"].append(step_loss)
         result["grad_norm"].append(grad_norm)
         result["iterations"].append(iteration)
+        warning = nonfinite.check(iteration, step_loss, grad_norm)
+        if warning:
+            _log(warning)
+            result.setdefault("skipped_iterations", []).append(iteration)
+            if nonfinite.exhausted:
+                raise nonfinite.halt(iteration, consumed, f"{args.save}/{save()}" if args.save else None)
+        if probe is not None:
+            record = diagnostics.finish(probe, iteration, step_loss, grad_norm, engine.get_lr()[0])
+            logger.log_diagnostics(iteration, record)
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             per_layer = RUNTIME.tracker.per_layer(
@@ -302,23 +371,26 @@ def run(args, fault_hook: Optional[Callable] = None,
             window_loss, window_iters, window_time = 0.0, 0, 0.0
 
         if args.eval_interval and iteration % args.eval_interval == 0:
-            val = (evaluate_pipe(engine, valid_iter, args, gas) if pipelined
-                   else evaluate(engine, valid_iter, args.eval_iters, RUNTIME))
-            if val is not None:
-                logger.log_eval(iteration, val)
-                result.setdefault("valid_loss", []).append(val)
+            if eval_modes and not pipelined:
+                losses = evaluate_modes(engine, valid_iter, args.eval_iters, RUNTIME, eval_modes)
+                for mode, val in losses.items():
+                    logger.log_eval(iteration, val, mode)
+                if losses:
+                    result.setdefault("valid_loss_modes", []).append(dict(iteration=iteration, **losses))
+            else:
+                val = (evaluate_pipe(engine, valid_iter, args, gas) if pipelined
+                       else evaluate(engine, valid_iter, args.eval_iters, RUNTIME))
+                if val is not None:
+                    logger.log_eval(iteration, val)
+                    result.setdefault("valid_loss", []).append(val)
 
         if args.save and ((args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters):
-            tag = ckpt.save_checkpoint(engine, args.save, iteration, consumed, args, data_description,
-                                       args.keep_last, fault_hook=fault_hook)
-            result["saved"].append(tag)
-            _log(f"saved checkpoint {args.save}/{tag}")
+            _log(f"saved checkpoint {args.save}/{save(fault_hook)}")
 
         if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
-            if args.save and ckpt.tag_for(iteration) not in result["saved"]:
-                result["saved"].append(ckpt.save_checkpoint(engine, args.save, iteration, consumed, args,
-                                                            data_description, args.keep_last))
+            if args.save:
+                save()
             _log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
             break
     logger.close()
@@ -329,6 +401,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     result["iteration"] = iteration
     result["consumed_samples"] = consumed
     result["engine"] = engine
+    guard.release()
     return result
 
 
@@ -340,6 +413,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over SIGINT
+        print("interrupted (Ctrl-C) before training started; no checkpoint was written",
+              file=sys.stderr, flush=True)
+        return 130
     if args.result_json and (not dist.is_initialized() or dist.get_rank() == 0):
         with open(args.result_json, "w") as f:
             json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, list))}, f)

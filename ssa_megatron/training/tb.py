@@ -39,15 +39,32 @@ class TrainLogger:
         w.add_scalar("throughput/tflops_per_gpu", tflops, iteration)
         w.flush()
 
-    def log_eval(self, iteration, loss):
+    def log_eval(self, iteration, loss, mode=None):
         if not self.is_writer:
             return
-        print(f" validation at iteration {iteration} | lm loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.2f}",
-              flush=True)
+        label = f" ({mode})" if mode else ""
+        print(f" validation at iteration {iteration}{label} | lm loss {loss:.4f} | "
+              f"ppl {math.exp(min(loss, 50)):.2f}", flush=True)
         if self.writer is not None:
-            self.writer.add_scalar("valid/lm_loss", loss, iteration)
-            self.writer.add_scalar("valid/ppl", math.exp(min(loss, 50)), iteration)
+            suffix = f"_{mode.replace(':', '_k')}" if mode else ""
+            self.writer.add_scalar(f"valid/lm_loss{suffix}", loss, iteration)
+            self.writer.add_scalar(f"valid/ppl{suffix}", math.exp(min(loss, 50)), iteration)
             self.writer.flush()
+
+    def log_diagnostics(self, iteration, record):
+        """Per-layer head means of the attention diagnostics (model/diagnostics.py) and the
+        update norms per parameter group."""
+        if self.writer is None:
+            return
+        for layer in record.get("layers", []):
+            for key, value in layer.items():
+                if key == "layer":
+                    continue
+                mean = sum(value) / len(value) if isinstance(value, list) else value
+                self.writer.add_scalar(f"diagnostics/{key}/layer_{layer['layer']:02d}", mean, iteration)
+        for group, value in record.get("update_norms", {}).items():
+            self.writer.add_scalar(f"update_norm/{group}", value, iteration)
+        self.writer.flush()
 
     def close(self):
         if self.writer is not None:

@@ -1,0 +1,1 @@
+"""Studies that train many small models side by side (SSA quality, the paper comparison)."""

@@ -1,0 +1,62 @@
+"""When and where the trainer records attention diagnostics (model/diagnostics.py)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Dict, Optional
+
+import torch.distributed as dist
+
+from ssa_megatron.model.diagnostics import UpdateNorms, probing
+
+
+class _StepProbe:
+    """One diagnostic iteration: the probed forward and the update norms of its optimizer step."""
+
+    def __init__(self, model, measure_updates: bool):
+        self.updates = UpdateNorms(model) if measure_updates else None
+        self.probe = None
+
+    @contextlib.contextmanager
+    def attach(self, model):
+        with probing(model) as probe:
+            yield
+        self.probe = probe
+
+
+class Diagnostics:
+    """Every ``--diagnostics-interval`` iterations, and every iteration up to
+    ``--diagnostics-dense-until``, one JSON line per iteration (rank 0's layers and heads)."""
+
+    def __init__(self, args, engine, ds_config):
+        self.interval = args.diagnostics_interval
+        self.dense_until = args.diagnostics_dense_until
+        self.model = engine.module
+        self.is_writer = not dist.is_initialized() or dist.get_rank() == 0
+        zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.measure_updates = zero_stage < 3
+        path = args.diagnostics_json
+        if path is None and args.save:
+            path = os.path.join(args.save, "diagnostics.jsonl")
+        self.path: Optional[str] = path if self.is_writer else None
+        if self.path:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def due(self, iteration: int) -> bool:
+        """``iteration`` counts completed steps: step 0 is the first one trained."""
+        return iteration < self.dense_until or iteration % self.interval == 0
+
+    def start(self, iteration: int) -> Optional[_StepProbe]:
+        return _StepProbe(self.model, self.measure_updates) if self.due(iteration) else None
+
+    def finish(self, step: _StepProbe, iteration: int, lm_loss: float, grad_norm: float,
+               lr: float) -> Dict[str, object]:
+        record = {"iteration": iteration, "lm_loss": lm_loss, "grad_norm": grad_norm, "lr": lr,
+                  "layers": step.probe.summary() if step.probe is not None else []}
+        if step.updates is not None:
+            record["update_norms"] = step.updates.finish()
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record

@@ -1,0 +1,69 @@
+"""How SSA training mixes its branches, step by step: the branch of each micro-batch or sequence,
+the full-branch probability and alignment weight schedules, and the recipe's one-line summary."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches, draw_mode,
+                                        draw_sequence_branches)
+
+
+class BranchRecipe:
+    """The trainer's SSA settings that change with the iteration."""
+
+    def __init__(self, args):
+        self.seed = args.seed
+        self.per_sequence = getattr(args, "ssa_branch_draw", "micro-batch") == "sequence"
+        self.full_prob = args.ssa_full_prob
+        self.align_coef = args.ssa_align_coef
+        self.mbs = args.micro_batch_size
+        spec = getattr(args, "ssa_full_prob_schedule", None)
+        self.full_prob_schedule = PiecewiseLinear(spec, args.train_iters, "--ssa-full-prob-schedule") if spec else None
+        spec = getattr(args, "ssa_align_coef_schedule", None)
+        self.align_schedule = PiecewiseLinear(spec, args.train_iters, "--ssa-align-coef-schedule") if spec else None
+
+    def full_prob_at(self, iteration: int) -> float:
+        return self.full_prob_schedule(iteration) if self.full_prob_schedule else self.full_prob
+
+    def align_coef_at(self, iteration: int) -> Optional[float]:
+        return self.align_schedule(iteration) if self.align_schedule else None
+
+    def branch(self, iteration: int, micro: int, first_sample: int, collapse: bool = True):
+        """"full" / "sparse" for the micro-batch, or a bool tensor [mbs] (True: full) when each
+        sequence draws its own; ``first_sample`` is the global index of its first sequence.
+        ``collapse=False`` keeps the tensor even when its rows agree (pipeline stages exchange
+        tensors of one fixed shape)."""
+        p = self.full_prob_at(iteration)
+        if self.per_sequence:
+            rows = draw_sequence_branches(self.seed, range(first_sample, first_sample + self.mbs), p)
+            return collapse_branches(rows) if collapse else rows
+        return draw_mode(self.seed, iteration, micro, p)
+
+    def describe(self, args) -> str:
+        if args.attention_mode != "ssa":
+            return f"recipe: --attention-mode {args.attention_mode} (no branch mixing)"
+        draw = "per sequence" if self.per_sequence else "per micro-batch"
+        prob = (f"schedule {self.full_prob_schedule.spec}" if self.full_prob_schedule
+                else f"{self.full_prob}")
+        align = (f"schedule {self.align_schedule.spec}" if self.align_schedule else f"{self.align_coef}")
+        extras = [name for name, on in (("qk-layernorm", getattr(args, "qk_layernorm", False)),
+                                        ("zero-init gates", getattr(args, "ssa_gate_init", "normal") == "zero"))
+                  if on]
+        return (f"recipe: SSA, branch drawn {draw}, full-branch probability {prob}, "
+                f"alignment weight {align}, top-{args.ssa_block_counts} of {args.ssa_block_size}-token "
+                f"blocks{', ' + ', '.join(extras) if extras else ''}")
+
+
+def first_sample_of_micro(consumed: int, micro: int, mbs: int, dp_size: int, dp_rank: int) -> int:
+    """Global index (in the training order) of the first sequence of this rank's micro-batch, as
+    the ResumableSampler hands them out."""
+    return consumed + micro * mbs * dp_size + dp_rank * mbs
+
+
+def set_align_coef(model: torch.nn.Module, coef: float) -> None:
+    from ssa_megatron.model.attention import SSACoreAttention
+    for module in model.modules():
+        if isinstance(module, SSACoreAttention):
+            module.align_coef = coef

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""SSA quality study: many seeds of small SSA / Full-Full models side by side on one GPU, with
+attention diagnostics from step 0, then a summary of which runs land where Full-Full does.
+
+    python tools/ssa_quality_study.py run --data-path runs/english/english_text_document \
+        --out runs/quality --groups full-full:1-4 ssa-step:1-8 ssa-seq:1-8 --jobs-per-gpu 8
+    python tools/ssa_quality_study.py summarize --out runs/quality
+
+Recipes are named in ssa_megatron/study/quality.py (VARIANTS); --variant NAME=FLAGS adds one.
+A run whose train.json exists is skipped, so the same command continues a study.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from ssa_megatron.study import quality
+from ssa_megatron.study.runner import run_queue
+
+
+def parse_seeds(text: str):
+    seeds = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    return seeds
+
+
+def parse_groups(specs, variants):
+    groups = {}
+    for spec in specs:
+        name, sep, seeds = spec.partition(":")
+        if name not in variants or not sep:
+            raise SystemExit(f"error: --groups {spec!r}: write NAME:SEEDS (e.g. ssa-seq:1-8) with NAME "
+                             f"one of {', '.join(variants)} or added with --variant")
+        groups[name] = parse_seeds(seeds)
+    return groups
+
+
+def cmd_run(args) -> int:
+    variants = quality.parse_variants(args.variant)
+    groups = parse_groups(args.groups, variants)
+    setting = json.loads(args.setting) if args.setting else None
+    jobs = []
+    for name, seed in quality.plan_jobs(groups):
+        run_dir = os.path.join(args.out, f"{name}_seed{seed}")
+        if os.path.isfile(os.path.join(run_dir, "train.json")):
+            continue
+        os.makedirs(run_dir, exist_ok=True)
+        for stale in ("diagnostics.jsonl", "train.log"):  # a run cut short starts again from step 0
+            if os.path.exists(os.path.join(run_dir, stale)):
+                os.remove(os.path.join(run_dir, stale))
+        cmd = quality.train_command(name, variants[name], seed, run_dir, args.data_path, setting,
+                                    args.eval_iters, args.diagnostics_interval)
+        with open(os.path.join(run_dir, "command.txt"), "w") as f:
+            f.write(" ".join(cmd[1:]) + "\n")
+        jobs.append((run_dir, [("train.log", lambda cmd=cmd: cmd)]))
+    print(f"{len(jobs)} runs to train, {args.jobs_per_gpu} at a time per GPU", flush=True)
+    t0 = time.time()
+    failed, stopped = run_queue(jobs, args.gpus, args.jobs_per_gpu, args.deadline, grace=30)
+    print(f"done in {time.time() - t0:.0f} s; failed: {failed or 'none'}; cut short: {stopped or 'none'}",
+          flush=True)
+    return 1 if failed else 0
+
+
+def collect(out: str):
+    runs = {}
+    for entry in sorted(os.listdir(out)):
+        name, sep, seed = entry.rpartition("_seed")
+        if not sep or not seed.isdigit():
+            continue
+        result = quality.read_run(os.path.join(out, entry))
+        if result is not None:
+            runs.setdefault(name, {})[int(seed)] = result
+    return runs
+
+
+def cmd_summarize(args) -> int:
+    runs = collect(args.out)
+    if not runs:
+        print(f"error: no finished runs under {args.out}", file=sys.stderr)
+        return 1
+    summary = quality.summarize(runs, args.reference, args.bad_gap)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    text = quality.format_summary(summary)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="train the runs (skips finished ones)", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--data-path", required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--groups", nargs="+", required=True, metavar="NAME:SEEDS")
+    r.add_argument("--variant", nargs="*", default=None, metavar="NAME=FLAGS")
+    r.add_argument("--setting", default=None, help="JSON overriding the small setting's sizes")
+    r.add_argument("--gpus", type=int, default=1)
+    r.add_argument("--jobs-per-gpu", type=int, default=8)
+    r.add_argument("--deadline", type=float, default=None, help="seconds; then runs stop")
+    r.add_argument("--eval-iters", type=int, default=16)
+    r.add_argument("--diagnostics-interval", type=int, default=10)
+    s = sub.add_parser("summarize", help="tables of the finished runs", allow_abbrev=False,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--out", required=True)
+    s.add_argument("--reference", default="full-full")
+    s.add_argument("--bad-gap", type=float, default=quality.BAD_GAP)
+    args = p.parse_args(argv)
+    return cmd_run(args) if args.command == "run" else cmd_summarize(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
