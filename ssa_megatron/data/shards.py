@@ -1,0 +1,154 @@
+"""Carry a preprocessed dataset in compressed shards of bounded size, and put it back together.
+
+:func:`split_dataset` compresses every file of a dataset prefix (``<prefix>.bin``, ``.idx`` and the
+``.tokenizer.*`` copies the preprocessor writes) with zstd into shards of at most ``max_bytes``
+each, every shard decompressible on its own, and writes ``manifest.json`` with the sha256 of every
+shard and of every whole file. :func:`join_dataset` checks each shard against the manifest,
+decompresses, checks each rebuilt file's size and sha256, and only then moves the files into
+place (an error leaves no partial dataset behind). ``tools/corpus_shards.py`` is the command line.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from typing import List, Optional
+
+from ssa_megatron.data.corpus import CorpusError
+
+MANIFEST = "manifest.json"
+DEFAULT_MAX_BYTES = 60 << 20
+DEFAULT_LEVEL = 10
+
+
+def _zstd():
+    try:
+        import zstandard
+    except ImportError:
+        raise CorpusError("the zstandard package is missing; pip install zstandard") from None
+    return zstandard
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_files(prefix: str) -> List[str]:
+    """``<prefix>.bin``, ``<prefix>.idx`` and the other ``<prefix>.*`` files, sorted."""
+    files = sorted(p for p in glob.glob(glob.escape(prefix) + ".*") if os.path.isfile(p)
+                   and ".tmp-" not in p)
+    names = {os.path.basename(p) for p in files}
+    base = os.path.basename(prefix)
+    if base + ".bin" not in names or base + ".idx" not in names:
+        raise CorpusError(f"{prefix}.bin / {prefix}.idx not found; pass the prefix given to "
+                          f"preprocess_data.py --output-prefix")
+    return files
+
+
+def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
+                  level: int = DEFAULT_LEVEL, threads: int = 0) -> dict:
+    """Write the shards and ``manifest.json`` of dataset ``prefix`` into ``out_dir``; returns the
+    manifest. Raw pieces are sized from the compression ratio seen so far and shrunk until their
+    compressed form fits ``max_bytes``."""
+    zstd = _zstd()
+    if max_bytes < 1 << 16:
+        raise CorpusError(f"--max-mib must allow shards of at least 64 KiB, not {max_bytes} bytes")
+    files = dataset_files(prefix)
+    os.makedirs(out_dir, exist_ok=True)
+    cctx = zstd.ZstdCompressor(level=level, threads=threads)
+    manifest = {"format": "zstd", "max_bytes": max_bytes, "files": []}
+    ratio = 1.0
+    for path in files:
+        name = os.path.basename(path)
+        size = os.path.getsize(path)
+        entry = {"name": name, "size": size, "sha256": _sha256_file(path), "shards": []}
+        with open(path, "rb") as f:
+            offset = 0
+            while offset < size or (size == 0 and not entry["shards"]):
+                raw_len = min(size - offset, max(1 << 16, int(max_bytes / ratio * 0.97)))
+                while True:
+                    f.seek(offset)
+                    raw = f.read(raw_len)
+                    packed = cctx.compress(raw)
+                    if len(packed) <= max_bytes:
+                        break
+                    raw_len = max(1, int(raw_len * max_bytes / len(packed) * 0.95))
+                if raw:
+                    ratio = max(len(packed) / len(raw), 1e-3)
+                shard = f"{name}.{len(entry['shards']):03d}.zst"
+                with open(os.path.join(out_dir, shard), "wb") as out:
+                    out.write(packed)
+                entry["shards"].append({"file": shard, "raw_size": len(raw), "bytes": len(packed),
+                                        "sha256": hashlib.sha256(packed).hexdigest()})
+                offset += len(raw)
+        manifest["files"].append(entry)
+    tmp = os.path.join(out_dir, MANIFEST + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    return manifest
+
+
+def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = None) -> List[str]:
+    """Rebuild the files listed in ``shard_dir/manifest.json`` into ``out_dir``, checking every
+    shard and every file; returns the paths written. Nothing is left in place on a mismatch."""
+    zstd = _zstd()
+    manifest_path = manifest_path or os.path.join(shard_dir, MANIFEST)
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CorpusError(f"{manifest_path} not found; copy manifest.json with the shards") from None
+    except ValueError:
+        raise CorpusError(f"{manifest_path} is not valid JSON; copy it again") from None
+    if manifest.get("format") != "zstd":
+        raise CorpusError(f"{manifest_path}: unknown shard format {manifest.get('format')!r}")
+    os.makedirs(out_dir, exist_ok=True)
+    dctx = zstd.ZstdDecompressor()
+    temps, finals = [], []
+    try:
+        for entry in manifest["files"]:
+            final = os.path.join(out_dir, entry["name"])
+            tmp = final + f".tmp-{os.getpid()}"
+            temps.append(tmp)
+            h = hashlib.sha256()
+            with open(tmp, "wb") as out:
+                for shard in entry["shards"]:
+                    spath = os.path.join(shard_dir, shard["file"])
+                    try:
+                        with open(spath, "rb") as f:
+                            packed = f.read()
+                    except FileNotFoundError:
+                        raise CorpusError(f"shard {spath} is missing; copy all "
+                                          f"{sum(len(e['shards']) for e in manifest['files'])} "
+                                          f"shards listed in the manifest") from None
+                    if hashlib.sha256(packed).hexdigest() != shard["sha256"]:
+                        raise CorpusError(f"shard {spath} is damaged (sha256 differs from the "
+                                          f"manifest); copy it again")
+                    raw = dctx.decompress(packed, max_output_size=shard["raw_size"])
+                    if len(raw) != shard["raw_size"]:
+                        raise CorpusError(f"shard {spath} decompressed to {len(raw)} bytes, the "
+                                          f"manifest says {shard['raw_size']}; copy it again")
+                    h.update(raw)
+                    out.write(raw)
+            if os.path.getsize(tmp) != entry["size"] or h.hexdigest() != entry["sha256"]:
+                raise CorpusError(f"rebuilt {entry['name']} does not match its sha256 in the "
+                                  f"manifest; the shards come from different builds")
+            finals.append(final)
+        # the .idx last: a dataset counts as present only once both .bin and .idx are there
+        order = sorted(range(len(finals)), key=lambda i: finals[i].endswith(".idx"))
+        for i in order:
+            os.replace(temps[i], finals[i])
+        return finals
+    finally:
+        for t in temps:
+            if os.path.exists(t):
+                os.unlink(t)
+
+
+__all__ = ["split_dataset", "join_dataset", "dataset_files", "DEFAULT_MAX_BYTES"]
