@@ -38,28 +38,49 @@ META = "ssa_meta.json"
 LATEST = "latest"
 
 
-def resolve_tag_dir(path: str, tag: Optional[str] = None) -> str:
-    """The tag directory to read: ``path/tag``, ``path/<latest>``, or ``path`` itself."""
+def resolve_tag_dir(path: str, tag: Optional[str] = None, warn=None) -> str:
+    """The tag directory to read, verified against its manifest the way training loads it
+    (training/checkpointing.py): ``path/tag``, ``path`` itself (both must be intact), or the
+    newest intact checkpoint of a --save directory (a damaged newer one is named in a warning
+    line). ``warn`` gets the warning lines (default: stderr)."""
+    import sys
+
+    from ssa_megatron.training.checkpointing import CheckpointError, select_checkpoint, verify_checkpoint
+    warn = warn or (lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
     if not os.path.isdir(path):
         raise ConversionError(f"checkpoint {path} does not exist")
     if tag:
         d = os.path.join(path, tag)
         if not os.path.isdir(d):
             raise ConversionError(f"{path} has no checkpoint {tag}")
-        return d
-    if os.path.isfile(os.path.join(path, META)) or glob.glob(os.path.join(path, "*model_states.pt")):
-        return path
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
-    raise ConversionError(f"{path} is neither a checkpoint tag directory nor a --save directory with "
-                          "a 'latest' file; pass the directory training saved to")
+    elif os.path.isfile(os.path.join(path, META)) or glob.glob(os.path.join(path, "*model_states.pt")):
+        d = path
+    else:
+        try:
+            chosen = select_checkpoint(path)
+        except CheckpointError as err:
+            raise ConversionError(str(err)) from None
+        if chosen is None:
+            raise ConversionError(f"{path} is neither a checkpoint tag directory nor a --save directory "
+                                  "with a checkpoint in it; pass the directory training saved to")
+        for line in chosen[1]:
+            warn(line)
+        return os.path.join(path, chosen[0])
+    problem, verified = verify_checkpoint(d, allow_unverified=True)
+    if problem is not None:
+        raise ConversionError(f"checkpoint {d} is damaged: {problem}; pick another --tag")
+    if not verified:
+        warn(f"{d} has no manifest.json (saved by an older version): reading it unverified")
+    return d
 
 
 def _load(path: str) -> dict:
     # DeepSpeed's own files are pickles (configs, scheduler state): trusted training output.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConversionError(f"cannot read {path} ({type(err).__name__}: {first})") from None
 
 
 def _mp_rank(name: str) -> int:
@@ -110,13 +131,18 @@ def read_meta(tag_dir: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"{tag_dir} has no {META}: not a complete ssa_megatron checkpoint "
                               "(a save that did not finish, or another program's checkpoint)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise ConversionError(f"cannot read {path} ({err})") from None
 
 
-def read_checkpoint(path: str, tag: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict, dict]:
-    """(full megatron state dict, ssa_meta.json, model spec) of a checkpoint of any TP layout."""
-    tag_dir = resolve_tag_dir(path, tag)
+def read_checkpoint(path: str, tag: Optional[str] = None,
+                    warn=None) -> Tuple[Dict[str, torch.Tensor], dict, dict]:
+    """(full megatron state dict, ssa_meta.json, model spec) of a checkpoint of any TP layout,
+    verified against its manifest (``warn``: where warning lines go, default stderr)."""
+    tag_dir = resolve_tag_dir(path, tag, warn)
     meta = read_meta(tag_dir)
     num_layers = int(meta["args"]["num_layers"])
     pipe = glob.glob(os.path.join(tag_dir, "layer_*-model_*-model_states.pt"))
@@ -229,11 +255,13 @@ def write_checkpoint(full: Dict[str, torch.Tensor], spec: dict, out_dir: str, tp
                      "lr_scheduler": None, "skipped_steps": 0, "global_steps": 0, "global_samples": 0,
                      "dp_world_size": 1, "mp_world_size": tp, "iteration": 0, "consumed_samples": 0}
             torch.save(state, os.path.join(tmp, tag, f"mp_rank_{r:02d}_model_states.pt"))
-        meta = {"iteration": 0, "consumed_samples": 0, "weights_only": True,
+        meta = {"iteration": 0, "consumed_samples": 0, "weights_only": True, "checkpoint_format": 2,
                 "args": args_from_spec(spec, tp), "data": data or {}, "source": source,
                 "padded_vocab_size": int(full["embedding.word_embeddings.weight"].shape[0])}
         with open(os.path.join(tmp, tag, META), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
+        from ssa_megatron.training.checkpointing import write_manifest
+        write_manifest(os.path.join(tmp, tag), 0, collective=False)
         with open(os.path.join(tmp, LATEST), "w") as f:
             f.write(tag)
         from ssa_megatron.convert.hf_ckpt import _publish

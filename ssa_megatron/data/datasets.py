@@ -45,11 +45,65 @@ def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[floa
 
 
 def check_data_files(prefixes: Sequence[str]) -> None:
+    """Refuse, in one line, a missing, truncated or mismatched .bin/.idx pair (an interrupted copy,
+    or an .idx of another corpus) before anything is built from it."""
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} does not exist: build it with "
                                   "tools/preprocess_data.py or fix --data-path")
+        check_index_matches_data(prefix)
+
+
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_INDEX_HEADER = len(_INDEX_MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequences, documents
+_ITEM_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core DType codes
+
+
+def check_index_matches_data(prefix: str) -> None:
+    """The .idx header, the .idx size and the .bin size it implies must all agree (megatron-core's
+    IndexedDataset format; the last sequence ends where the .bin ends)."""
+    import struct
+
+    import numpy as np
+    idx, bin_ = prefix + ".idx", prefix + ".bin"
+    redo = "copy the pair again, or rebuild both with tools/preprocess_data.py"
+    idx_size, bin_size = os.path.getsize(idx), os.path.getsize(bin_)
+    with open(idx, "rb") as f:
+        head = f.read(_INDEX_HEADER)
+    if len(head) < _INDEX_HEADER or head[:len(_INDEX_MAGIC)] != _INDEX_MAGIC:
+        raise ConfigError(f"data index {idx} is not a megatron index file ({idx_size} bytes, header "
+                          f"{'too short' if len(head) < _INDEX_HEADER else 'wrong'}): {redo}")
+    code = head[len(_INDEX_MAGIC) + 8]
+    n_seq, n_doc = struct.unpack("<QQ", head[-16:])
+    item = _ITEM_SIZES.get(code)
+    expected_idx = _INDEX_HEADER + n_seq * (4 + 8) + n_doc * 8
+    if item is None or idx_size < expected_idx:
+        raise ConfigError(f"data index {idx} is {idx_size} bytes, its header describes {expected_idx} "
+                          f"(a truncated copy?): {redo}")
+    expected_bin = 0
+    if n_seq:
+        lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_INDEX_HEADER, shape=(n_seq,))
+        pointers = np.memmap(idx, dtype=np.int64, mode="r", offset=_INDEX_HEADER + 4 * n_seq, shape=(n_seq,))
+        expected_bin = int(pointers[-1]) + int(lengths[-1]) * item
+    if bin_size != expected_bin:
+        why = "truncated" if bin_size < expected_bin else "longer than its index"
+        raise ConfigError(f"data file {bin_} is {bin_size} bytes but {idx} describes {expected_bin} "
+                          f"bytes ({why}: an interrupted copy, or an .idx of another corpus): {redo}")
+    meta = _dataset_record(prefix)
+    if meta is not None and meta.get("tokens") is not None and int(meta["tokens"]) * item != expected_bin:
+        raise ConfigError(f"data index {idx} describes {expected_bin // item} tokens but "
+                          f"{tokenizer_metadata_path(prefix)} records {meta['tokens']} "
+                          f"(an .idx of another corpus?): {redo}")
+
+
+def _dataset_record(prefix: str) -> Optional[dict]:
+    try:
+        with open(tokenizer_metadata_path(prefix)) as f:
+            record = json.load(f).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> DataTokenizerInfo:

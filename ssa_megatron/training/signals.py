@@ -1,4 +1,6 @@
-"""Graceful stop: SIGTERM / SIGUSR1 (Slurm's pre-time-limit warning) → save at the next step.
+"""Graceful stop: SIGTERM / SIGUSR1 (Slurm's pre-time-limit warning) / SIGINT (Ctrl-C) → save at
+the next step. A second Ctrl-C exits at once (exit 130) without saving and without a traceback;
+the last complete checkpoint stays in force.
 
 A signal can arrive before the training loop has built its ``StopSignal`` (Slurm's warning or a
 preemption while the model, the data or a checkpoint is still loading). Without a handler Python
@@ -12,8 +14,11 @@ which installs the handlers first (before torch is imported), then runs the targ
 """
 from __future__ import annotations
 
+import os
 import signal
-from typing import Optional
+import sys
+import threading
+from typing import Callable, List, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -34,13 +39,37 @@ def install_early_handlers(signals=STOP_SIGNALS) -> None:
 
 
 class StopSignal:
-    def __init__(self, signals=STOP_SIGNALS):
+    def __init__(self, signals=STOP_SIGNALS, interrupt: bool = True):
         self.received = _early_received
+        self.interrupts = 0
+        self.on_force_exit: List[Callable[[], None]] = []  # run before a second Ctrl-C exits
         for sig in signals:
             signal.signal(sig, self._handle)
+        if interrupt and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame):
         self.received = signum
+
+    def _interrupt(self, signum, frame):
+        self.interrupts += 1
+        talk = os.environ.get("RANK", "0") == "0"
+        if self.interrupts == 1:
+            if self.received is None:
+                self.received = signum
+            if talk:
+                print("Ctrl-C: saving a checkpoint after this step, then exiting "
+                      "(Ctrl-C again exits at once without saving)", file=sys.stderr, flush=True)
+            return
+        if talk:
+            print("second Ctrl-C: exiting now without saving; the last complete checkpoint is kept",
+                  file=sys.stderr, flush=True)
+        for callback in self.on_force_exit:
+            try:
+                callback()
+            except Exception:
+                pass
+        os._exit(130)
 
     def any_rank_received(self) -> bool:
         """True on every rank once any rank got the signal (ranks must stop at the same step)."""
