@@ -90,6 +90,9 @@ def cmd_summarize(args) -> int:
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(text + "\n")
     print(text)
+    if args.plot:
+        quality.plot_study(runs, summary, args.plot, reference=args.reference)
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -114,6 +117,7 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--reference", default="full-full")
     s.add_argument("--bad-gap", type=float, default=quality.BAD_GAP)
+    s.add_argument("--plot", default=None, help="PNG of loss gaps and diagnostics over steps")
     args = p.parse_args(argv)
     return cmd_run(args) if args.command == "run" else cmd_summarize(args)
 

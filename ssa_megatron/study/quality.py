@@ -248,3 +248,53 @@ def format_summary(summary: dict) -> str:
                      f"{'-' if vf is None else f'{math.exp(vf):.1f}'} | "
                      f"{'-' if vs is None else f'{math.exp(vs):.1f}'} | {fmt('max_grad_norm_first_100', '.2f')} |")
     return "\n".join(lines)
+
+
+def plot_study(runs: Dict[str, Dict[int, dict]], summary: dict, path: str,
+               keys=("kept_mass", "entropy_full", "max_logit", "q_norm", "gate_mean", "output_gap"),
+               reference: str = "full-full") -> None:
+    """One PNG: each run's smoothed train-loss gap to the Full-Full mean (colour by recipe, dashed
+    when the run is in the bad basin), then the layer-mean diagnostics over steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    basin = {(r["name"], r["seed"]): r.get("basin") for r in summary["runs"]}
+    ref = [r for r in runs.get(reference, {}).values() if r]
+    n = min(len(r["lm_loss"]) for r in ref) if ref else 0
+    ref_curve = [statistics.fmean(r["lm_loss"][i] for r in ref) for i in range(n)]
+    names = list(runs)
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    fig, axes = plt.subplots(1 + (len(keys) + 2) // 3, 3, figsize=(16, 4 * (1 + (len(keys) + 2) // 3)))
+    gap_ax = plt.subplot2grid(axes.shape, (0, 0), colspan=3, fig=fig)
+    for name, seeds in runs.items():
+        for seed, r in seeds.items():
+            if (name, seed) not in basin or not ref_curve:
+                continue
+            m = min(len(r["lm_loss"]), n)
+            curve = moving_average([r["lm_loss"][i] - ref_curve[i] for i in range(m)], 20)
+            gap_ax.plot(range(1, m + 1), curve, color=colours[name], lw=1,
+                        ls="--" if basin[(name, seed)] == "bad" else "-",
+                        label=name if seed == min(seeds) else None)
+    gap_ax.axhline(0, color="k", lw=0.5)
+    gap_ax.set_xlabel("step")
+    gap_ax.set_ylabel(f"train loss - {reference} mean (20-step avg)")
+    gap_ax.legend(fontsize=8, ncol=4)
+    for ax, key in zip(axes.flat[3:], keys):
+        for name, seeds in runs.items():
+            for seed, r in seeds.items():
+                pts = [(d["iteration"], layer_mean(d, key)) for d in r.get("diagnostics", [])]
+                pts = [(s, v) for s, v in pts if v is not None]
+                if not pts or (name, seed) not in basin:
+                    continue
+                ax.plot(*zip(*pts), color=colours[name], lw=0.8,
+                        ls="--" if basin[(name, seed)] == "bad" else "-")
+        ax.set_title(key + " (layer mean)", fontsize=9)
+        ax.set_xscale("symlog", linthresh=60)
+    for ax in list(axes.flat[3 + len(keys):]):
+        ax.axis("off")
+    for ax in axes.flat[:3]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
