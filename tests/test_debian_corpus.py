@@ -48,6 +48,8 @@ def _b64(n):
 def _fake_tree(root):
     html = os.path.join(root, "pkg-html", "usr", "share", "doc", "pkg", "html")
     _write(os.path.join(html, "a.html"), _page(f"<h1>Cats</h1><p>{_prose('cat')}</p>"
+                                                f'<div class="sphinxsidebar">Local sidebar entry</div>'
+                                                f'<div role="navigation">Local nav entry</div>'
                                                 f"<pre>def f(x):\n    return x</pre>"))
     _write(os.path.join(html, "b.html"), _page(f"<p>{_prose('dog')}</p>"))
     # the same text as a.html up to case and spacing: a duplicate
@@ -98,7 +100,8 @@ def test_reader_filters_dedups_and_is_deterministic(tmp_path):
     assert r.packages["pkg-dict"].kept == 1 and r.packages["pkg-pod"].kept == 1
     assert r.documents == len(docs) == 4
     text = "\n".join(d["text"] for d in docs)
-    for gone in ("var junk", "Sidebar link", "Next chapter", "Copyright 2024", "Shared footer line",
+    for gone in ("var junk", "Sidebar link", "Local sidebar entry", "Local nav entry",
+                 "Next chapter", "Copyright 2024", "Shared footer line",
                  "database header", "<b>raw</b>", "B<", "source number", "module number"):
         assert gone not in text, gone
     cats = next(d["text"] for d in docs if "cat number 0" in d["text"])
