@@ -11,6 +11,7 @@ records its traceback instead, so the others still run.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -53,12 +54,12 @@ def iterations(text):
 
 def tree(save):
     """Relative paths of everything under ``save`` with their sha256 (what a run must not touch)."""
-    from ssa_megatron.training.checkpointing import file_sha256
     out = {}
     for root, _, files in os.walk(save):
         for f in files:
             path = os.path.join(root, f)
-            out[os.path.relpath(path, save)] = file_sha256(path)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, save)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
 

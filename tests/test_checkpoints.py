@@ -63,7 +63,8 @@ def test_killed_save_keeps_previous_checkpoint_and_resumes(tmp_path, tmp_path_fa
         run_workers("ckpt_workers:train_fault", 2, str(tmp_path / "crash"), "1", "2", *flags, timeout=300)
     assert "exit 17" in str(err.value)
     assert (ckpt / "latest").read_text().strip() == f"iter_{STOP:07d}"
-    assert (ckpt / f"iter_{ITERS:07d}").is_dir()  # the half-finished save is there, but not `latest`
+    # the half-finished save stays under its temporary name; `latest` and iter_0000002 are untouched
+    assert (ckpt / f"iter_{ITERS:07d}.partial").is_dir() and not (ckpt / f"iter_{ITERS:07d}").exists()
     resumed = run_workers("train", 2, str(tmp_path / "resume"), *flags, "--load", str(ckpt))
     assert resumed["iterations"] == list(range(STOP + 1, ITERS + 1))
     assert resumed["lm_loss"] == pytest.approx(ref[STOP:], rel=1e-6, abs=1e-7)
