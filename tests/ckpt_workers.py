@@ -58,3 +58,37 @@ def train_fault(out_dir, fault_rank, fault_at_save, *argv):
     result = run(parse_args(list(argv)), fault_hook=hook)
     result.pop("engine")
     _save(out_dir, dict(result))
+
+
+def train_logits_first(out_dir, *argv):
+    """pretrain.run() with the given flags; the model's full-mode logits (TP-gathered, fp32) on
+    fixed tokens are taken before the first optimizer step, i.e. from the loaded weights."""
+    from megatron.core import parallel_state as ps
+
+    from ssa_megatron.model.attention import set_inference_mode
+    from ssa_megatron.training.arguments import parse_args
+    from ssa_megatron.training.pretrain import run
+    args = parse_args(list(argv))
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 250, (2, args.seq_length), generator=g)
+    captured = {}
+
+    def before_step(engine, iteration):
+        if iteration or captured:
+            return
+        model = engine.module
+        model.eval()
+        set_inference_mode(model, "full")
+        with torch.no_grad():
+            out = model(tokens, torch.arange(args.seq_length).expand(2, -1), None).float()
+        model.train()
+        tp = ps.get_tensor_model_parallel_world_size()
+        if tp > 1:
+            parts = [torch.empty_like(out) for _ in range(tp)]
+            dist.all_gather(parts, out.contiguous(), group=ps.get_tensor_model_parallel_group())
+            out = torch.cat(parts, dim=-1)
+        captured["full"] = out
+
+    result = run(args, before_step=before_step)
+    result.pop("engine")
+    _save(out_dir, dict(result, tokens=tokens, logits=captured))

@@ -1,5 +1,5 @@
 """Megatron checkpoints <-> Hugging Face: same logits, bit-identical round trips, cached generation,
-safetensors-only loading, imports of the paper's layout and of plain Llama models."""
+safetensors-only loading, imports of the paper's layout (Llama, Mistral, Qwen2: test_hf_import.py)."""
 import glob
 import json
 import os
@@ -213,35 +213,6 @@ def test_paper_layout_keeps_the_selection_gate(tmp_path, sources):
     assert flavour == "paper"
     for k, v in state.items():
         assert torch.equal(got[k], v), k
-
-
-def test_plain_llama_import_keeps_outputs_and_trains_from_tp2(tmp_path, random_dataset):
-    """Tiny random Llama (tied) -> megatron TP=2 (zero gates, doubled o_proj) -> --load in training
-    with lr 0: the megatron model's logits equal Llama's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True,
-                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    llama = LlamaForCausalLM(cfg).eval()
-    llama_dir = str(tmp_path / "llama")
-    llama.save_pretrained(llama_dir)
-    proc = convert("from-hf", "--input", llama_dir, "--output", str(tmp_path / "ckpt"),
-                   "--tensor-model-parallel-size", "2")
-    assert "imported llama model" in proc.stdout
-    res = run_workers("ckpt_workers:train_logits", 2, str(tmp_path / "run"),
-                      *COMMON, "--data-path", random_dataset, "--train-iters", "1", "--lr", "0",
-                      "--load", str(tmp_path / "ckpt"), "--tensor-model-parallel-size", "2")
-    with open(tmp_path / "run" / "rank0.log") as f:
-        assert "weights-only" in f.read()
-    with torch.no_grad():
-        ref = llama(res["tokens"]).logits.float()
-    torch.testing.assert_close(res["logits"]["full"][..., :256], ref, atol=1e-4, rtol=0)
-    # and back to HF: an SSA model with the same outputs as the Llama model
-    convert("to-hf", "--input", str(tmp_path / "ckpt"), "--output", str(tmp_path / "ssa"))
-    ssa = load_hf(str(tmp_path / "ssa"))
-    torch.testing.assert_close(hf_logits(ssa, res["tokens"], "full"), ref, atol=1e-4, rtol=0)
 
 
 def test_sentencepiece_tokenizer_export_gives_training_ids(tmp_path):

@@ -26,19 +26,31 @@ def _compare(ref, other, grads=True):
             torch.testing.assert_close(other["first_grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
+# the options of imported models: the untied head is a layer of its own on the last stage
+IMPORTED_OPTIONS = ["--untie-embeddings-and-output-weights", "--add-qkv-bias", "--use-rope-scaling",
+                    "--rope-scaling-factor", "4", "--rope-scaling-original-max-position-embeddings", "32"]
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, random_dataset):
     out = tmp_path_factory.mktemp("pp_ref")
-    flags = FLAGS + ["--data-path", random_dataset, "--train-iters", "3"]
+    flags = FLAGS + IMPORTED_OPTIONS + ["--data-path", random_dataset, "--train-iters", "3"]
     return flags, run_workers("pipeline_workers:train_and_gather", 1, str(out), *flags)
 
 
 def test_pp2_and_tp2pp2_equal_single_process(tmp_path, reference_run):
     flags, ref = reference_run
     assert len(ref["lm_loss"]) == 3 and "decoder.layers.3.self_attention.linear_gate.weight" in ref["weights"]
+    assert {"output_layer.weight", "decoder.layers.3.self_attention.linear_qkv.bias"} <= set(ref["weights"])
     pp2 = run_workers("pipeline_workers:train_and_gather", 2, str(tmp_path / "pp2"), *flags,
-                      "--pipeline-model-parallel-size", "2")
+                      "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "pp2_ckpt"))
     _compare(ref, pp2)
+    from ssa_megatron.convert.megatron_ckpt import read_checkpoint  # the pipeline's files, merged
+    saved, _, spec = read_checkpoint(str(tmp_path / "pp2_ckpt"))
+    assert spec["untie_embeddings_and_output_weights"] and spec["use_rope_scaling"]
+    assert saved.keys() == pp2["weights"].keys()
+    for name, w in pp2["weights"].items():
+        torch.testing.assert_close(saved[name].float(), w, rtol=0, atol=0, msg=name)
     tp2pp2 = run_workers("pipeline_workers:train_and_gather", 4, str(tmp_path / "tp2pp2"), *flags,
                          "--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2")
     _compare(ref, tp2pp2)

@@ -29,13 +29,20 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                               attention_mode: Optional[str] = None) -> str:
-    """HF directory (ours, the paper's layout, plain Llama) -> weights-only megatron checkpoint."""
+    """HF directory (ours, the paper's layout, Llama, Mistral, Qwen2) -> weights-only megatron
+    checkpoint. Returns the flavour read (ssa, paper, llama)."""
     hf_state, spec, flavour = hf_ckpt.read_hf(hf_dir, attention_mode)
     full = layout.hf_to_megatron(hf_state, spec, megatron_ckpt.padded_vocab(spec["vocab_size"], tp))
     data = hf_ckpt.tokenizer_data_from_hf(hf_dir, spec["vocab_size"])
     megatron_ckpt.write_checkpoint(full, spec, out_dir, tp, pp, data=data,
                                    source=f"{flavour} HF model {hf_dir}", progress=_progress())
     return flavour
+
+
+def training_flags(checkpoint: str) -> list:
+    """The pretrain.py model flags that rebuild a checkpoint's model (for --load)."""
+    full_meta = megatron_ckpt.read_meta(megatron_ckpt.resolve_tag_dir(checkpoint))
+    return megatron_ckpt.training_flags(megatron_ckpt.spec_from_meta(full_meta, 0))
 
 
 def relayout(checkpoint: str, out_dir: str, tp: int, pp: int = 1, tag: Optional[str] = None) -> str:

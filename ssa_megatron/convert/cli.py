@@ -2,7 +2,7 @@
 
     # megatron (any TP, ZeRO 0-3) -> HF directory (config, safetensors, model code, tokenizer)
     python tools/convert_checkpoint.py to-hf --input runs/x/checkpoints --output hf/x
-    # HF (our export, the SSA paper's layout, or a plain Llama) -> megatron, TP=2
+    # HF (our export, the SSA paper's layout, Llama 2/3/3.1, Mistral, Qwen2) -> megatron, TP=2
     python tools/convert_checkpoint.py from-hf --input hf/x --output ckpt/x-tp2 \
         --tensor-model-parallel-size 2
     # re-layout a checkpoint to another TP size (weights only)
@@ -10,7 +10,10 @@
         --tensor-model-parallel-size 4
 
 from-hf and relayout write weights-only checkpoints: ``--load`` them to continue pretraining
-(fresh optimizer, iteration 0).
+(fresh optimizer, iteration 0). from-hf prints the model flags the trainer needs for the import
+(shape, RoPE, --untie-embeddings-and-output-weights, --add-qkv-bias, --use-rope-scaling ...).
+What an SSA model cannot compute (sliding windows, mixture-of-experts, other RoPE types) is
+refused in one line naming the config field. Recipe: examples/continued_pretraining.sh.
 """
 from __future__ import annotations
 
@@ -62,6 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     args.pipeline_model_parallel_size,
                                                     args.attention_mode)
             print(f"imported {flavour} model")
+            print("train it with these model flags (and --load " + args.output + "): "
+                  + " ".join(api.training_flags(args.output)))
         else:
             api.relayout(args.input, args.output, args.tensor_model_parallel_size,
                          args.pipeline_model_parallel_size, args.tag)

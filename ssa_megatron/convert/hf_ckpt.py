@@ -1,11 +1,13 @@
 """Hugging Face directories: write ours (config, safetensors, model code, tokenizer); read ours, the
-SSA paper authors' layout and plain Llama models.
+SSA paper authors' layout and plain Llama (2, 3, 3.1/3.2), Mistral and Qwen2 models.
 
 Written directory::
 
     config.json                  Llama-style fields + block_size, block_counts, inference_mode,
-                                 attention_mode (+ window_size for nsa); auto_map -> configuration_ssa
-                                 / modeling_ssa
+                                 attention_mode (+ window_size for nsa), tie_word_embeddings,
+                                 add_qkv_bias, use_rope_scaling (+ rope_scaling_* when on: the
+                                 names of model/options.py); auto_map -> configuration_ssa /
+                                 modeling_ssa
     model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     configuration_ssa.py, modeling_ssa.py   copied from ssa_megatron/hf/
     ssa_ops.py                   copied from ssa_megatron/ops/reference.py (the attention math)
@@ -22,8 +24,13 @@ Reading (:func:`read_hf`) uses safetensors only and returns our HF naming with `
   interleaved per head): the selection gate is kept (all three, unchanged, when imported with
   attention mode nsa);
 * NSA exports (``attention_mode`` nsa, ``window_size``): ``g_proj`` [3 * heads, hidden] as is;
-* plain Llama (no ``g_proj``): gate weights zero (sigmoid 0.5 on every head) and ``o_proj`` doubled,
-  so the imported model computes exactly what the Llama model computed (in full attention).
+* plain Llama, Mistral, Qwen2 (no ``g_proj``): gate weights zero (sigmoid 0.5 on every head) and
+  ``o_proj`` doubled, so the imported model computes exactly what the source model computed (in
+  full attention). Their untied ``lm_head``, q/k/v biases (Qwen2) and default, linear or llama3
+  RoPE (Llama-3.1/3.2) carry over as the options of model/options.py. What an SSA model cannot
+  compute is refused in one line naming the config field: sliding-window attention
+  (``sliding_window``, ``use_sliding_window``, ``layer_types``), mixture-of-experts MLPs, other
+  RoPE types, partial rotary dimensions, o_proj or MLP biases, activations other than silu.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ssa_megatron.convert.layout import ConversionError
+from ssa_megatron.model.options import ROPE_SCALING_TYPES, model_options
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.dirname(HERE)
@@ -57,14 +65,18 @@ def hf_config(spec: dict, tokenizer: Optional[dict] = None, dtype: str = "float3
         "num_key_value_heads": spec["num_query_groups"], "head_dim": spec["kv_channels"],
         "hidden_act": "silu", "max_position_embeddings": spec["max_position_embeddings"],
         "initializer_range": spec.get("init_method_std", 0.02), "rms_norm_eps": spec["norm_epsilon"],
-        "rope_theta": spec["rotary_base"], "tie_word_embeddings": True, "use_cache": True,
-        "attention_bias": False, "mlp_bias": False,
+        "rope_theta": spec["rotary_base"], "use_cache": True,
+        "attention_bias": False, "mlp_bias": False,  # Llama's meaning: o_proj / MLP biases (none)
         "block_size": spec["ssa_block_size"], "block_counts": spec["ssa_block_counts"],
         "inference_mode": mode, "attention_mode": spec.get("attention_mode", "ssa"),
         "dtype": dtype,
     }
     if cfg["attention_mode"] == "nsa":
         cfg["window_size"] = int(spec.get("nsa_window_size", 128))
+    options = model_options(spec)
+    cfg["tie_word_embeddings"] = not options.pop("untie_embeddings_and_output_weights")
+    cfg.update({k: v for k, v in options.items()
+                if options["use_rope_scaling"] or not k.startswith("rope_scaling_")})
     if tokenizer and tokenizer.get("eod") is not None:
         cfg["eos_token_id"] = int(tokenizer["eod"])
     return cfg
@@ -235,22 +247,76 @@ def load_safetensors_dir(path: str) -> Dict[str, torch.Tensor]:
     return state
 
 
-def _rope_theta(cfg: dict) -> float:
-    rp = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    for r in (rp, scaling):
-        kind = r.get("rope_type", r.get("type", "default"))
-        if kind not in (None, "default"):
-            raise ConversionError(f"RoPE scaling {kind!r} is not supported by SSA models (plain RoPE only)")
-    return float(cfg.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+def _rope_from_hf(cfg: dict) -> Tuple[float, dict]:
+    """(RoPE base, the RoPE options of model/options.py) of an HF config: ours (flat option
+    fields), or transformers' ``rope_parameters`` (v5) / ``rope_theta`` + ``rope_scaling`` (v4)."""
+    if "use_rope_scaling" in cfg:  # our export
+        return float(cfg.get("rope_theta") or 500000.0), {
+            k: cfg.get(k) for k in model_options({}) if k.startswith(("use_rope", "rope_scaling"))}
+    field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    params = dict(cfg.get("rope_scaling") or {})
+    params.update(cfg.get("rope_parameters") or {})
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConversionError(f"{field} differs per layer type: SSA models use one RoPE for all layers")
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1, 1.0):
+        raise ConversionError(f"partial_rotary_factor={partial}: SSA models rotate the whole head")
+    theta = float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    kind = params.get("rope_type", params.get("type")) or "default"
+    if kind == "default":
+        return theta, {"use_rope_scaling": False}
+    if kind not in ROPE_SCALING_TYPES:
+        raise ConversionError(f"{field} rope_type {kind!r} is not supported: SSA models import "
+                              f"default, {' and '.join(ROPE_SCALING_TYPES)} RoPE")
+    options = {"use_rope_scaling": True, "rope_scaling_type": kind,
+               "rope_scaling_factor": float(params["factor"])}
+    if kind == "llama3":
+        options.update(
+            rope_scaling_low_freq_factor=float(params["low_freq_factor"]),
+            rope_scaling_high_freq_factor=float(params["high_freq_factor"]),
+            rope_scaling_original_max_position_embeddings=int(
+                params.get("original_max_position_embeddings") or cfg["max_position_embeddings"]))
+    return theta, options
+
+
+# config fields of mixture-of-experts models (Mixtral, Qwen2-MoE, DeepSeek)
+_MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def check_importable(cfg: dict) -> None:
+    """Refuse, in one line naming the config field, what an SSA model cannot compute."""
+    for field in _MOE_FIELDS:
+        if cfg.get(field):
+            raise ConversionError(f"{field}={cfg[field]}: a mixture-of-experts model "
+                                  f"({cfg.get('model_type')}) cannot be imported; SSA models have "
+                                  "one dense SwiGLU MLP per layer")
+    if cfg.get("use_sliding_window"):
+        raise ConversionError("use_sliding_window is true: sliding-window attention cannot be "
+                              "imported (SSA attends the whole context); set it to false in "
+                              "config.json to import the model as full attention")
+    window, longest = cfg.get("sliding_window"), cfg.get("max_position_embeddings")
+    if (window is not None and cfg.get("use_sliding_window") is not False
+            and (longest is None or int(window) < int(longest))):
+        raise ConversionError(f"sliding_window={window}: the model attends only its last {window} "
+                              "tokens, SSA attends the whole context; set sliding_window to null "
+                              f"in config.json to import it as full attention (the same outputs "
+                              f"up to {window} tokens)")
+    kinds = sorted(set(cfg.get("layer_types") or []) - {"full_attention"})
+    if kinds:
+        raise ConversionError(f"layer_types has {', '.join(kinds)} layers: SSA models import "
+                              "full-attention layers only")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act {cfg.get('hidden_act')!r}: SSA models use SwiGLU (silu)")
 
 
 def spec_from_hf_config(cfg: dict) -> dict:
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ConversionError("the model has attention/MLP biases; SSA models have none")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConversionError(f"hidden_act {cfg.get('hidden_act')!r}: SSA models use SwiGLU (silu)")
+    """The model spec of an HF config. ``untie_embeddings_and_output_weights`` is None when the
+    config does not say (read_hf decides from the tensors); ``add_qkv_bias`` comes from the
+    tensors for other models than ours."""
+    check_importable(cfg)
     heads = int(cfg["num_attention_heads"])
+    rotary_base, rope = _rope_from_hf(cfg)
+    tied = cfg.get("tie_word_embeddings")
     hidden = int(cfg["hidden_size"])
     return {
         "num_layers": int(cfg["num_hidden_layers"]), "hidden_size": hidden,
@@ -258,7 +324,7 @@ def spec_from_hf_config(cfg: dict) -> dict:
         "num_query_groups": int(cfg.get("num_key_value_heads") or heads),
         "kv_channels": int(cfg.get("head_dim") or hidden // heads),
         "vocab_size": int(cfg["vocab_size"]), "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "rotary_base": _rope_theta(cfg),
+        "rotary_base": rotary_base,
         "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
         "attention_mode": cfg.get("attention_mode", "ssa"),
         "ssa_block_size": int(cfg.get("block_size", 16)),
@@ -266,6 +332,8 @@ def spec_from_hf_config(cfg: dict) -> dict:
         "nsa_window_size": int(cfg.get("window_size") or 128),
         "inference_mode": cfg.get("inference_mode"),
         "init_method_std": float(cfg.get("initializer_range", 0.02)),
+        **model_options(dict(rope, add_qkv_bias=cfg.get("add_qkv_bias"))),
+        "untie_embeddings_and_output_weights": None if tied is None else not tied,
     }
 
 
@@ -299,10 +367,16 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
     emb = state.get("model.embed_tokens.weight")
     if emb is None:
         raise ConversionError(f"{path} has no model.embed_tokens.weight; not a Llama-style model")
-    head = state.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, emb):
-        raise ConversionError("lm_head differs from embed_tokens: SSA models tie the output layer to "
-                              "the embedding, so this model cannot be imported unchanged")
+    head = state.get("lm_head.weight")
+    untied = spec["untie_embeddings_and_output_weights"]
+    if untied is None:  # the config does not say: an lm_head of its own makes it untied
+        untied = head is not None and not torch.equal(head, emb)
+    elif untied and head is None:
+        raise ConversionError(f"{path}: tie_word_embeddings is false but there is no lm_head.weight")
+    if not untied:
+        state.pop("lm_head.weight", None)  # tied: transformers uses the embedding (as we do)
+    spec["untie_embeddings_and_output_weights"] = bool(untied)
+    _check_biases(state, cfg, spec)
     heads, hidden = spec["num_attention_heads"], spec["hidden_size"]
     flavour = "ssa" if cfg.get("model_type") == MODEL_TYPE else None
     for i in range(spec["num_layers"]):
@@ -332,6 +406,11 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.g_proj",
             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
             "post_attention_layernorm")}
+    if spec["untie_embeddings_and_output_weights"]:
+        expected.add("lm_head.weight")
+    if spec["add_qkv_bias"]:
+        expected |= {f"model.layers.{i}.self_attn.{x}_proj.bias"
+                     for i in range(spec["num_layers"]) for x in "qkv"}
     missing = sorted(expected - set(state))
     if missing:
         raise ConversionError(f"{path} lacks {len(missing)} expected tensors, e.g. {missing[0]}")
@@ -340,6 +419,19 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
         raise ConversionError(f"{path} has tensors an SSA model does not use, e.g. {extra[0]} "
                               "(compression / sliding-window branches are not imported)")
     return {k: state[k] for k in sorted(expected)}, spec, flavour
+
+
+def _check_biases(state: Dict[str, torch.Tensor], cfg: dict, spec: dict) -> None:
+    """q/k/v biases (Qwen2) become ``add_qkv_bias``; o_proj and MLP biases are refused, naming
+    the config field that put them there."""
+    names = set(state)
+    if any(n.endswith("self_attn.o_proj.bias") for n in names):
+        raise ConversionError(f"attention_bias={cfg.get('attention_bias')}: o_proj has a bias "
+                              "(Llama layout); SSA models take q/k/v biases only (as Qwen2)")
+    if any(".mlp." in n and n.endswith(".bias") for n in names):
+        raise ConversionError(f"mlp_bias={cfg.get('mlp_bias')}: the MLP has biases, SSA models have none")
+    if not spec["add_qkv_bias"]:
+        spec["add_qkv_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
 
 
 def tokenizer_data_from_hf(path: str, vocab_size: int) -> dict:

@@ -8,8 +8,9 @@ the hub every conversion goes through:
 
 TP rules (megatron-core, local spec):
 
-* ``embedding.word_embeddings.weight`` (padded vocab), ``linear_qkv`` (whole kv groups per rank,
-  each group [G query heads x D, k D, v D] rows), ``linear_gate`` (heads): split along dim 0;
+* ``embedding.word_embeddings.weight`` and an untied ``output_layer.weight`` (padded vocab),
+  ``linear_qkv`` weight and bias (whole kv groups per rank, each group [G query heads x D, k D,
+  v D] rows), ``linear_gate`` (heads): split along dim 0;
 * ``linear_proj``, ``linear_fc2`` (row parallel): split along dim 1;
 * ``linear_fc1`` (SwiGLU, partition stride 2): rank r holds [gate_r; up_r];
 * norms: replicated.
@@ -23,7 +24,8 @@ import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 DIM0 = ("embedding.word_embeddings.weight", "output_layer.weight")
-DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_gate.weight")
+DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+               "self_attention.linear_gate.weight")
 DIM1_SUFFIX = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 STRIDE2_SUFFIX = ("mlp.linear_fc1.weight",)
 REPLICATED_SUFFIX = ("input_layernorm.weight", "pre_mlp_layernorm.weight", "final_layernorm.weight")
@@ -104,21 +106,26 @@ def split_tp(full: Dict[str, torch.Tensor], tp: int) -> List[Dict[str, torch.Ten
 
 
 def megatron_to_hf(full: Dict[str, torch.Tensor], spec: dict) -> Dict[str, torch.Tensor]:
-    """Full megatron state dict -> HF SSA state dict (lm_head tied: not stored)."""
-    hq, h = spec["num_attention_heads"], spec["num_query_groups"]
+    """Full megatron state dict -> HF SSA state dict (``lm_head`` only when untied)."""
+    h = spec["num_query_groups"]
     d, g = spec["kv_channels"], spec["num_attention_heads"] // spec["num_query_groups"]
     hidden, vocab = spec["hidden_size"], spec["vocab_size"]
     out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"][:vocab].clone(),
            "model.norm.weight": full["decoder.final_layernorm.weight"].clone()}
-    if "output_layer.weight" in full:
-        raise ConversionError("the checkpoint has an untied output layer; SSA models tie it to the "
-                              "embedding")
+    untied = bool(spec.get("untie_embeddings_and_output_weights"))
+    if untied != ("output_layer.weight" in full):
+        raise ConversionError("the checkpoint's output layer does not match its flags ("
+                              f"untie_embeddings_and_output_weights {untied}): it is damaged or "
+                              "its ssa_meta.json belongs to another model")
+    if untied:
+        out["lm_head.weight"] = full["output_layer.weight"][:vocab].clone()
     for i in range(spec["num_layers"]):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        qkv = full[m + "self_attention.linear_qkv.weight"].view(h, (g + 2) * d, hidden)
-        out[p + "self_attn.q_proj.weight"] = qkv[:, : g * d].reshape(hq * d, hidden).clone()
-        out[p + "self_attn.k_proj.weight"] = qkv[:, g * d: (g + 1) * d].reshape(h * d, hidden).clone()
-        out[p + "self_attn.v_proj.weight"] = qkv[:, (g + 1) * d:].reshape(h * d, hidden).clone()
+        for suffix in ("weight", "bias") if spec.get("add_qkv_bias") else ("weight",):
+            q, k, v = _split_qkv(full[m + "self_attention.linear_qkv." + suffix], h, g, d)
+            out[p + "self_attn.q_proj." + suffix] = q
+            out[p + "self_attn.k_proj." + suffix] = k
+            out[p + "self_attn.v_proj." + suffix] = v
         out[p + "self_attn.g_proj.weight"] = full[m + "self_attention.linear_gate.weight"].clone()
         out[p + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"].clone()
         gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
@@ -130,6 +137,29 @@ def megatron_to_hf(full: Dict[str, torch.Tensor], spec: dict) -> Dict[str, torch
     return out
 
 
+def _split_qkv(qkv: torch.Tensor, h: int, g: int, d: int):
+    """megatron's fused qkv weight [h (g + 2) d, hidden] (or bias) -> HF q, k, v (copies)."""
+    rest = qkv.shape[1:]
+    grouped = qkv.view(h, (g + 2) * d, *rest)
+    return (grouped[:, : g * d].reshape(h * g * d, *rest).clone(),
+            grouped[:, g * d: (g + 1) * d].reshape(h * d, *rest).clone(),
+            grouped[:, (g + 1) * d:].reshape(h * d, *rest).clone())
+
+
+def _join_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, g: int, d: int) -> torch.Tensor:
+    rest = q.shape[1:]
+    return torch.cat([q.view(h, g * d, *rest), k.view(h, d, *rest), v.view(h, d, *rest)],
+                     dim=1).reshape(h * (g + 2) * d, *rest).clone()
+
+
+def _pad_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    if t.shape[0] > rows:
+        raise ConversionError(f"{what} has {t.shape[0]} rows, more than the padded vocab {rows}")
+    padded = torch.zeros(rows, *t.shape[1:], dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    return padded
+
+
 def hf_to_megatron(hf: Dict[str, torch.Tensor], spec: dict, padded_vocab: int) -> Dict[str, torch.Tensor]:
     """HF SSA state dict (Llama names + g_proj) -> full megatron state dict.
 
@@ -137,20 +167,16 @@ def hf_to_megatron(hf: Dict[str, torch.Tensor], spec: dict, padded_vocab: int) -
     rows 3 * h + i = gate i of head h, i in compression, selection, window)."""
     h = spec["num_query_groups"]
     d, g = spec["kv_channels"], spec["num_attention_heads"] // spec["num_query_groups"]
-    hidden = spec["hidden_size"]
-    emb = hf["model.embed_tokens.weight"]
-    if emb.shape[0] > padded_vocab:
-        raise ConversionError(f"embedding has {emb.shape[0]} rows, more than the padded vocab {padded_vocab}")
-    padded = torch.zeros(padded_vocab, emb.shape[1], dtype=emb.dtype)
-    padded[: emb.shape[0]] = emb
-    full = {"embedding.word_embeddings.weight": padded,
+    full = {"embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"],
+                                                          padded_vocab, "embedding"),
             "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
+    if spec.get("untie_embeddings_and_output_weights"):
+        full["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab, "lm_head")
     for i in range(spec["num_layers"]):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q = hf[p + "self_attn.q_proj.weight"].view(h, g * d, hidden)
-        k = hf[p + "self_attn.k_proj.weight"].view(h, d, hidden)
-        v = hf[p + "self_attn.v_proj.weight"].view(h, d, hidden)
-        full[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, hidden).clone()
+        for suffix in ("weight", "bias") if spec.get("add_qkv_bias") else ("weight",):
+            full[m + "self_attention.linear_qkv." + suffix] = _join_qkv(
+                *(hf[f"{p}self_attn.{x}_proj.{suffix}"] for x in "qkv"), h, g, d)
         full[m + "self_attention.linear_gate.weight"] = hf[p + "self_attn.g_proj.weight"].clone()
         full[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"].clone()
         full[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],

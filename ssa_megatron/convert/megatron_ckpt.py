@@ -10,9 +10,10 @@ tag directory, and detects the layout from the files DeepSpeed wrote:
   pointed at one TP rank's files at a time), then the TP ranks are merged.
 * ``layer_LL-model_XX-model_states.pt`` - a DeepSpeed ``PipelineModule`` (PP > 1, see
   ssa_megatron/model/pipeline.py): layer LL of the pipe list, TP rank XX. The pipe list is
-  [embedding, N transformer layers, final norm, tied head]; :func:`_pipeline_layer_name` maps its
+  [embedding, N transformer layers, final norm, head]; :func:`_pipeline_layer_name` maps its
   local names to GPTModel names (``layer.`` -> ``decoder.layers.{LL-1}.``, ``norm.`` ->
-  ``decoder.final_layernorm.``, the tied head is the embedding again). Tested with PP=2 (TP=1);
+  ``decoder.final_layernorm.``, a tied head is the embedding again, an untied one
+  ``output_layer.``). Tested with PP=2 (TP=1);
   a change of that layer list in model/pipeline.py must be mirrored here.
 
 Writing (:func:`write_checkpoint`) produces a *weights-only* checkpoint (``iter_0000000``, one
@@ -33,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ssa_megatron.convert.layout import ConversionError, is_weight_key, merge_tp, split_tp
+from ssa_megatron.model.options import model_options, option_flags
 
 META = "ssa_meta.json"
 LATEST = "latest"
@@ -107,6 +109,8 @@ def _pipeline_layer_name(index: int, key: str, num_layers: int) -> Optional[str]
         return f"decoder.layers.{index - 1}." + key[len("layer."):] if key.startswith("layer.") else None
     if index == num_layers + 1:
         return "decoder.final_layernorm." + key[len("norm."):] if key.startswith("norm.") else None
+    if index == num_layers + 2 and key.startswith("output_layer."):
+        return key  # the untied output layer
     return None  # the tied head: the same weight as layer 0
 
 
@@ -169,7 +173,8 @@ def spec_from_meta(meta: dict, embedding_rows: int) -> dict:
     a = meta["args"]
     heads = int(a["num_attention_heads"])
     tok = (meta.get("data") or {}).get("tokenizer") or {}
-    vocab = tok.get("vocab_size") or a.get("vocab_size") or embedding_rows
+    # --vocab-size, when given, is the model's (it may exceed the tokenizer's: imported embeddings)
+    vocab = a.get("vocab_size") or tok.get("vocab_size") or embedding_rows
     return {
         "num_layers": int(a["num_layers"]),
         "hidden_size": int(a["hidden_size"]),
@@ -187,6 +192,7 @@ def spec_from_meta(meta: dict, embedding_rows: int) -> dict:
         "nsa_window_size": int(a.get("nsa_window_size") or 128),
         "inference_mode": a.get("inference_mode"),
         "init_method_std": float(a.get("init_method_std", 0.02)),
+        **model_options(a),  # untied head, q/k/v biases, RoPE scaling (defaults when not recorded)
     }
 
 
@@ -206,7 +212,22 @@ def args_from_spec(spec: dict, tp: int) -> dict:
         "nsa_window_size": spec.get("nsa_window_size", 128),
         "inference_mode": spec["inference_mode"], "init_method_std": spec["init_method_std"],
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1,
+        **model_options(spec),
     }
+
+
+def training_flags(spec: dict) -> list:
+    """The model flags of pretrain.py that build the model of ``spec`` (what --load checks, plus
+    RoPE); data, batch and parallel flags are the user's."""
+    a = args_from_spec(spec, 1)
+    flags = []
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "kv_channels", "seq_length", "rotary_base", "norm_epsilon",
+                "vocab_size"):
+        if a[key] is not None:
+            value = a[key]
+            flags += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
+    return flags + option_flags(model_options(spec))
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -215,14 +236,16 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
 
 
 def repad_embedding(full: Dict[str, torch.Tensor], vocab_size: int, tp: int) -> Dict[str, torch.Tensor]:
-    """Give the embedding the padded size the model builds with ``tp`` (extra rows zero)."""
-    emb = full["embedding.word_embeddings.weight"]
+    """Give the embedding (and an untied output layer) the padded size the model builds with
+    ``tp`` (extra rows zero)."""
     rows = padded_vocab(vocab_size, tp)
-    if emb.shape[0] != rows:
-        new = torch.zeros(rows, emb.shape[1], dtype=emb.dtype)
-        n = min(rows, emb.shape[0])
-        new[:n] = emb[:n]
-        full = dict(full, **{"embedding.word_embeddings.weight": new})
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        t = full.get(name)
+        if t is not None and t.shape[0] != rows:
+            new = torch.zeros(rows, t.shape[1], dtype=t.dtype)
+            n = min(rows, t.shape[0])
+            new[:n] = t[:n]
+            full = dict(full, **{name: new})
     return full
 
 

@@ -126,10 +126,12 @@ def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> D
         if meta["vocab_size"] != first["vocab_size"] or meta.get("sha256") != first.get("sha256"):
             raise ConfigError(f"datasets {first_prefix} and {prefix} were tokenised with different "
                               "tokenizers; re-preprocess them with one tokenizer")
-    if vocab_size is not None and vocab_size != first["vocab_size"]:
+    if vocab_size is not None and vocab_size < first["vocab_size"]:
         raise ConfigError(f"--vocab-size {vocab_size} does not match the tokenizer of {first_prefix} "
                           f"(vocab size {first['vocab_size']}); drop --vocab-size or re-preprocess")
-    return DataTokenizerInfo(int(first["vocab_size"]), int(first["eod"]), first)
+    # a larger --vocab-size: an imported model whose embedding has rows beyond its tokenizer
+    # (Qwen2: 151936 rows, 151665 tokens); the output layer keeps them, as the source does
+    return DataTokenizerInfo(int(vocab_size or first["vocab_size"]), int(first["eod"]), first)
 
 
 def split_bounds(split: str):

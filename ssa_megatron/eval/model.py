@@ -101,7 +101,7 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
     own = model.state_dict()
     weights = {k: v for k, v in full.items() if k in own}
     missing = [k for k in own if k not in weights and not k.endswith("_extra_state")
-               and k != "output_layer.weight"]
+               and (k != "output_layer.weight" or config.untie_embeddings_and_output_weights)]
     unused = [k for k in full if k not in own]
     if missing or unused:
         raise EvalError(f"checkpoint {checkpoint} does not fit the model its flags describe "

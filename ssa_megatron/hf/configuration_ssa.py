@@ -3,10 +3,18 @@ the SSA attention settings. Part of the model code the converter copies next to 
 from transformers import PretrainedConfig
 
 INFERENCE_MODES = ("full", "sparse")
+ROPE_SCALING_TYPES = ("llama3", "linear")
 
 
 class SSAConfig(PretrainedConfig):
-    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, tied embeddings) with gated SSA attention.
+    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA) with gated SSA attention.
+
+    Architecture options (the names of ssa_megatron's training flags): ``tie_word_embeddings``
+    (false: a separate ``lm_head``), ``add_qkv_bias`` (biases on q/k/v_proj, as Qwen2;
+    ``attention_bias`` keeps Llama's meaning, an o_proj bias too, and must stay false),
+    ``use_rope_scaling`` with ``rope_scaling_type`` (``llama3`` as Llama-3.1/3.2, or ``linear``),
+    ``rope_scaling_factor``, ``rope_scaling_low_freq_factor``, ``rope_scaling_high_freq_factor``
+    and ``rope_scaling_original_max_position_embeddings``.
 
     SSA fields: ``block_size`` (tokens per selection block), ``block_counts`` (blocks each query
     attends in sparse mode, its own block included), ``inference_mode`` (``full`` or ``sparse``;
@@ -27,11 +35,16 @@ class SSAConfig(PretrainedConfig):
                  pad_token_id=None, bos_token_id=None, eos_token_id=None,
                  tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
                  block_size=16, block_counts=16, inference_mode="full", attention_mode="ssa",
-                 window_size=128, **kwargs):
+                 window_size=128, add_qkv_bias=False, use_rope_scaling=False,
+                 rope_scaling_type="llama3", rope_scaling_factor=8.0,
+                 rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0,
+                 rope_scaling_original_max_position_embeddings=8192, **kwargs):
         if inference_mode not in INFERENCE_MODES:
             raise ValueError(f"inference_mode {inference_mode!r} must be one of {INFERENCE_MODES}")
         if attention_bias or mlp_bias:
-            raise ValueError("SSA models have no attention or MLP biases")
+            raise ValueError("SSA models have no o_proj or MLP biases (q/k/v biases: add_qkv_bias)")
+        if use_rope_scaling and rope_scaling_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"rope_scaling_type {rope_scaling_type!r} must be one of {ROPE_SCALING_TYPES}")
         if hidden_act != "silu":
             raise ValueError(f"hidden_act {hidden_act!r}: SSA models use SwiGLU (silu)")
         self.vocab_size = vocab_size
@@ -54,6 +67,13 @@ class SSAConfig(PretrainedConfig):
         self.inference_mode = inference_mode
         self.attention_mode = attention_mode
         self.window_size = int(window_size)
+        self.add_qkv_bias = bool(add_qkv_bias)
+        self.use_rope_scaling = bool(use_rope_scaling)
+        self.rope_scaling_type = rope_scaling_type
+        self.rope_scaling_factor = float(rope_scaling_factor)
+        self.rope_scaling_low_freq_factor = float(rope_scaling_low_freq_factor)
+        self.rope_scaling_high_freq_factor = float(rope_scaling_high_freq_factor)
+        self.rope_scaling_original_max_position_embeddings = int(rope_scaling_original_max_position_embeddings)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings,
                          **kwargs)

@@ -1,8 +1,10 @@
 """SSA (Sparse Sparse Attention) causal LM for Hugging Face transformers.
 
-Llama layout (embed_tokens, q/k/v/o_proj, gate/up/down_proj, RMSNorms, tied lm_head) plus
-``g_proj``: one sigmoid gate per query head and token, computed from the normed layer input, that
-multiplies that head's attention output before ``o_proj``.
+Llama layout (embed_tokens, q/k/v/o_proj, gate/up/down_proj, RMSNorms, lm_head tied unless
+``config.tie_word_embeddings`` is false; q/k/v biases with ``config.add_qkv_bias``; RoPE scaled
+per ``config.use_rope_scaling``, see :func:`rope_inv_freq`) plus ``g_proj``: one sigmoid gate per
+query head and token, computed from the normed layer input, that multiplies that head's attention
+output before ``o_proj``.
 
 Attention runs in one of two modes (``config.inference_mode``, changeable at any time):
 
@@ -107,10 +109,34 @@ class SSARMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def _rope(positions: torch.Tensor, dim: int, theta: float, dtype) -> tuple:
+def rope_inv_freq(config: SSAConfig) -> torch.Tensor:
+    """Rotary frequencies [head_dim / 2] (float32), scaled when ``config.use_rope_scaling``:
+
+    * ``linear``: every frequency divided by ``rope_scaling_factor``;
+    * ``llama3`` (Llama-3.1/3.2): with L = ``rope_scaling_original_max_position_embeddings``,
+      frequencies whose wavelength exceeds L / low_freq_factor are divided by the factor, those
+      below L / high_freq_factor kept, and those between blended linearly in L / wavelength.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if not getattr(config, "use_rope_scaling", False):
+        return inv_freq
+    factor = config.rope_scaling_factor
+    if config.rope_scaling_type == "linear":
+        return inv_freq / factor
+    low, high = config.rope_scaling_low_freq_factor, config.rope_scaling_high_freq_factor
+    length = config.rope_scaling_original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > length / low, inv_freq / factor, inv_freq)
+    smooth = (length / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    between = ~(wavelength < length / high) * ~(wavelength > length / low)
+    return torch.where(between, blended, scaled)
+
+
+def _rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple:
     """cos/sin [B, T, 1, dim] for integer positions [B, T] (rotate-half convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
-    freqs = positions.float()[..., None] * inv_freq
+    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -174,9 +200,10 @@ class SSAAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        bias = bool(getattr(config, "add_qkv_bias", False))
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.nsa = getattr(config, "attention_mode", "ssa") == "nsa"
         # NSA: 3 gates per head, rows [head 0: cmp, slc, swa, head 1: ...] (megatron's linear_gate)
         self.g_proj = nn.Linear(hidden, self.num_heads * (3 if self.nsa else 1), bias=False)
@@ -253,6 +280,8 @@ class SSAPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, SSARMSNorm):
             nn.init.ones_(module.weight)
 
@@ -287,7 +316,7 @@ class SSAModel(SSAPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         # positions are always past..past+T-1: blocks are counted from the sequence start
         positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)
-        cos, sin = _rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = _rope(positions, rope_inv_freq(self.config), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache if use_cache else None)
         x = self.norm(x)

@@ -20,6 +20,9 @@ def canonical_name(name: str) -> Optional[str]:
         return name.removeprefix("tied_modules.embed.")
     if name.startswith(("embedding.", "decoder.", "output_layer.")):
         return name
+    head = re.match(r"\d+\.(output_layer\..*)", name)  # the pipeline's untied output layer
+    if head is not None:
+        return head.group(1)
     m = re.match(r"(\d+)\.(layer|norm)\.(.*)", name)
     if m is None:
         return None
