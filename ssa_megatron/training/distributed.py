@@ -27,8 +27,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world_size == 1:
-            # a lone process needs no agreed port; an inherited MASTER_PORT may be taken
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # a lone process needs no agreed port; an inherited MASTER_PORT may be taken (under
+            # torchrun, even with one process, the port is the launcher's store: keep it)
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
