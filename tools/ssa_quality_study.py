@@ -30,14 +30,25 @@ def parse_seeds(text: str):
 
 
 def parse_groups(specs, variants):
-    groups = {}
+    """[(name, seeds)] in the order given (a name may appear twice, e.g. seeds 1-4 early and 5-8
+    late in an --in-order queue)."""
+    groups = []
     for spec in specs:
         name, sep, seeds = spec.partition(":")
         if name not in variants or not sep:
             raise SystemExit(f"error: --groups {spec!r}: write NAME:SEEDS (e.g. ssa-seq:1-8) with NAME "
                              f"one of {', '.join(variants)} or added with --variant")
-        groups[name] = parse_seeds(seeds)
+        groups.append((name, parse_seeds(seeds)))
     return groups
+
+
+def queue_order(groups, in_order: bool):
+    if in_order:
+        return [(name, seed) for name, seeds in groups for seed in seeds]
+    merged = {}
+    for name, seeds in groups:
+        merged.setdefault(name, []).extend(seeds)
+    return quality.plan_jobs(merged)
 
 
 def cmd_run(args) -> int:
@@ -45,7 +56,7 @@ def cmd_run(args) -> int:
     groups = parse_groups(args.groups, variants)
     setting = json.loads(args.setting) if args.setting else None
     jobs = []
-    for name, seed in quality.plan_jobs(groups):
+    for name, seed in queue_order(groups, args.in_order):
         run_dir = os.path.join(args.out, f"{name}_seed{seed}")
         if os.path.isfile(os.path.join(run_dir, "train.json")):
             continue
@@ -106,6 +117,9 @@ def main(argv=None) -> int:
     r.add_argument("--out", required=True)
     r.add_argument("--groups", nargs="+", required=True, metavar="NAME:SEEDS")
     r.add_argument("--variant", nargs="*", default=None, metavar="NAME=FLAGS")
+    r.add_argument("--in-order", action="store_true",
+                   help="start runs in the order --groups lists them (default: seed 1 of every "
+                        "group, then seed 2, ...)")
     r.add_argument("--setting", default=None, help="JSON overriding the small setting's sizes")
     r.add_argument("--gpus", type=int, default=1)
     r.add_argument("--jobs-per-gpu", type=int, default=8)
