@@ -148,3 +148,25 @@ def test_what_ssa_cannot_compute_is_refused_naming_the_field(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "num_local_experts=4" in err, err
     assert not os.path.exists(tmp_path / "moe_out")
+
+
+def test_checkpoints_without_the_options_read_as_before():
+    """ssa_meta.json written before the options existed: a tied, bias-free, plain-RoPE model; a
+    run that asks for an untied head is refused in one line, a RoPE change gets a note."""
+    import argparse
+
+    from ssa_megatron.convert.megatron_ckpt import spec_from_meta
+    from ssa_megatron.model.config import ConfigError
+    from ssa_megatron.model.options import MODEL_OPTIONS, rope_change_note
+    from ssa_megatron.training.checkpointing import check_compatible
+    old = {"args": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "rotary_base": 1e4}}
+    spec = spec_from_meta(old, 256)
+    assert {k: spec[k] for k in MODEL_OPTIONS} == {k: d for k, (d, _) in MODEL_OPTIONS.items()}
+    run = argparse.Namespace(**old["args"], rope_scaling_factor=8.0)
+    check_compatible(old, run, "ckpt")
+    assert rope_change_note(old["args"], run) is None
+    run.untie_embeddings_and_output_weights = True
+    with pytest.raises(ConfigError, match="--untie-embeddings-and-output-weights False"):
+        check_compatible(old, run, "ckpt")
+    run.use_rope_scaling = True
+    assert "type llama3 factor 8" in rope_change_note(old["args"], run)
