@@ -28,5 +28,10 @@ setup(
     },
     entry_points={"console_scripts": [
         "ssa-pretrain=ssa_megatron.training.pretrain:main",
+        "ssa-train-tokenizer=ssa_megatron.data.tokenizer_training:main",
+        "ssa-preprocess=ssa_megatron.data.preprocess:main",
+        "ssa-convert=ssa_megatron.convert.cli:main",
+        "ssa-evaluate=ssa_megatron.eval.cli:main",
+        "ssa-generate=ssa_megatron.eval.generate:main",
     ]},
 )

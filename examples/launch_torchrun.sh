@@ -8,6 +8,7 @@
 # NPROC_PER_NODE: processes (default: one per visible GPU); SSA_DEVICE=cpu: gloo on CPU processes;
 # MASTER_PORT: rendezvous port (default: a free one). Other settings: slurm/README.md.
 set -euo pipefail
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { awk 'NR > 1 && !/^#/ {exit} NR > 1 && !/^#SBATCH/ {sub(/^# ?/, ""); print}' "$0"; exit 0; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/slurm/common.sh"
 ssa_find_root "$ROOT"

@@ -4,6 +4,7 @@
 # model on the CPU, writing a checkpoint and TensorBoard logs under runs/demo (or $OUT).
 # Smaller/faster: TRAIN_ITERS=20 bash examples/pretrain_demo_cpu.sh
 set -euo pipefail
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { awk 'NR > 1 && !/^#/ {exit} NR > 1 && !/^#SBATCH/ {sub(/^# ?/, ""); print}' "$0"; exit 0; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/tools/setup_env.sh" | tail -n 1)"
 OUT="${OUT:-$ROOT/runs/demo}"

@@ -6,6 +6,7 @@
 #   usage (inside a job step): srun slurm/launch.sh <pretrain flags...>
 # MASTER_ADDR and MASTER_PORT come from the batch script (the job's first node).
 set -euo pipefail
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { awk 'NR > 1 && !/^#/ {exit} NR > 1 && !/^#SBATCH/ {sub(/^# ?/, ""); print}' "$0"; exit 0; }
 [ -n "${SLURM_PROCID:-}" ] || { echo "error: slurm/launch.sh runs inside srun; for a single node use examples/launch_torchrun.sh" >&2; exit 2; }
 : "${MASTER_ADDR:?set by slurm/pretrain.sbatch}" "${MASTER_PORT:?set by slurm/pretrain.sbatch}"
 export RANK="$SLURM_PROCID"

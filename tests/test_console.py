@@ -109,3 +109,21 @@ def test_deepspeed_first_build_is_announced(tmp_path, monkeypatch, capsys):
     assert out[0].startswith("building DeepSpeed's CPU communication op (first run")
     assert out[1] == "a line of ours" and out[2].startswith("built DeepSpeed's CPU communication op in")
     assert len(out) == 3
+
+
+def test_every_shell_script_answers_help_and_leaves_nothing(tmp_path):
+    import glob
+    scripts = [p for pattern in ("tools/*.sh", "examples/*.sh", "slurm/*.sh", "slurm/*.sbatch")
+               for p in sorted(glob.glob(os.path.join(ROOT, pattern)))
+               if not p.endswith("common.sh")]  # common.sh is sourced, not run
+    assert len(scripts) >= 9
+    for script in scripts:
+        proc = subprocess.run(["bash", script, "--help"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=30)
+        name = os.path.relpath(script, ROOT)
+        assert proc.returncode == 0 and proc.stdout.strip() and not proc.stderr, (name, proc.stderr)
+        assert os.listdir(tmp_path) == [], (name, os.listdir(tmp_path))
+    proc = subprocess.run(["bash", os.path.join(ROOT, "tools", "gpu_validation.sh"), "nonsense"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" not in proc.stdout and "bash tools/gpu_validation.sh" in proc.stderr
+    assert os.listdir(tmp_path) == [] and not os.path.exists(os.path.join(ROOT, "results"))

@@ -35,6 +35,8 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "iteration       6/6" in proc.stdout
+    for notice in ("Transformer Engine", "Apex is not installed", "Setting accelerator"):
+        assert notice not in proc.stdout + proc.stderr, notice  # hidden by ssa_megatron/console.py
     latest = (out / "checkpoints" / "latest").read_text().strip()
     assert latest == "iter_0000006"
     assert glob.glob(str(out / "checkpoints" / latest / "*model_states.pt"))

