@@ -104,7 +104,7 @@ def two_runs():
     a = fi.fork_main(flags(save, 2000, "--save-interval", "1000"), os.path.join(OUT, "case2_a.log"))
     ok = wait_for(lambda: os.path.isfile(os.path.join(save, "run.lock")) and log_has(a.log, " iteration "))
     b = run("case2_b", flags(save, 2000, "--save-interval", "1000"))
-    a_alive = a.code is None and os.waitpid(a.pid, os.WNOHANG)[0] == 0
+    a_alive = a.poll() is None
     a.signal(signal.SIGTERM)
     code_a = a.wait()
     out = {"a_started": ok, "b": b["code"], "b_log": b["log"], "a_alive_after_b": a_alive,

@@ -41,17 +41,21 @@ class Child:
         self.pid, self.log, self.events = pid, log, events
         self.code: Optional[int] = None
 
-    def signal(self, sig: int) -> None:
+    def poll(self) -> Optional[int]:
+        """The exit code once the child has ended (reaping it), else None."""
         if self.code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.code = os.waitstatus_to_exitcode(status)
+        return self.code
+
+    def signal(self, sig: int) -> None:
+        if self.poll() is None:
             os.kill(self.pid, sig)
 
     def wait(self, timeout: float = 600) -> int:
         deadline = time.time() + timeout
-        while self.code is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.code = os.waitstatus_to_exitcode(status)
-                break
+        while self.poll() is None:
             if time.time() > deadline:
                 os.kill(self.pid, signal.SIGKILL)
                 os.waitpid(self.pid, 0)
