@@ -151,3 +151,6 @@ def test_quality_summary_classifies_runs():
     assert jump < bad["onset_step"] <= jump + 20 and bad["max_grad_norm_first_100"] == 26.0
     assert summary["groups"]["ssa-step"]["bad"] == 1
     assert "ssa-step" in quality.format_summary(summary)
+    early = quality.summarize(runs, at_step=10)  # every run reached step 10: all compared there
+    assert ("ssa-seq", 2) in {(r["name"], r["seed"]) for r in early["runs"]}
+    assert all(r["steps"] == 10 and "valid_full" not in r for r in early["runs"])

@@ -58,7 +58,8 @@ def cmd_run(args) -> int:
     jobs = []
     for name, seed in queue_order(groups, args.in_order):
         run_dir = os.path.join(args.out, f"{name}_seed{seed}")
-        if os.path.isfile(os.path.join(run_dir, "train.json")):
+        done = quality.read_run(run_dir)
+        if done is not None and "stopped_at" not in done:
             continue
         os.makedirs(run_dir, exist_ok=True)
         for stale in ("diagnostics.jsonl", "train.log"):  # a run cut short starts again from step 0
@@ -94,7 +95,7 @@ def cmd_summarize(args) -> int:
     if not runs:
         print(f"error: no finished runs under {args.out}", file=sys.stderr)
         return 1
-    summary = quality.summarize(runs, args.reference, args.bad_gap)
+    summary = quality.summarize(runs, args.reference, args.bad_gap, at_step=args.at_step)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     text = quality.format_summary(summary)
@@ -102,7 +103,8 @@ def cmd_summarize(args) -> int:
         f.write(text + "\n")
     print(text)
     if args.plot:
-        quality.plot_study(runs, summary, args.plot, reference=args.reference)
+        quality.plot_study(quality.comparable_runs(runs, args.at_step), summary, args.plot,
+                           reference=args.reference)
         print(f"plot: {args.plot}")
     return 0
 
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
     s.add_argument("--reference", default="full-full")
     s.add_argument("--bad-gap", type=float, default=quality.BAD_GAP)
     s.add_argument("--plot", default=None, help="PNG of loss gaps and diagnostics over steps")
+    s.add_argument("--at-step", type=int, default=None,
+                   help="compare every run that reached this step, cut there (runs stopped early)")
     args = p.parse_args(argv)
     return cmd_run(args) if args.command == "run" else cmd_summarize(args)
 

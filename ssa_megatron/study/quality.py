@@ -155,13 +155,31 @@ def onset_step(gap_curve: List[float], final_gap: float) -> Optional[int]:
     return None
 
 
+def comparable_runs(runs: Dict[str, Dict[int, dict]], at_step: Optional[int] = None):
+    """Runs compared over the same steps: with ``at_step``, every run that reached it, cut there
+    (its end-of-run validation dropped unless it ended there); otherwise the runs that reached
+    the longest length (a run cut short by a deadline is left out)."""
+    lengths = [len(r["lm_loss"]) for seeds in runs.values() for r in seeds.values() if r]
+    target = at_step or max(lengths, default=0)
+    out = {}
+    for name, seeds in runs.items():
+        for seed, r in seeds.items():
+            if not r or len(r["lm_loss"]) < target:
+                continue
+            if len(r["lm_loss"]) > target:
+                r = dict(r, lm_loss=r["lm_loss"][:target], grad_norm=r.get("grad_norm", [])[:target],
+                         valid_loss_modes=None,
+                         diagnostics=[d for d in r.get("diagnostics", []) if d["iteration"] <= target])
+            out.setdefault(name, {})[seed] = r
+    return out
+
+
 def summarize(runs: Dict[str, Dict[int, dict]], reference: str = "full-full",
-              bad_gap: float = BAD_GAP, probe_steps=(5, 10, 20, 30, 40, 50, 60, 100, 200, 400, 600)) -> dict:
+              bad_gap: float = BAD_GAP, probe_steps=(5, 10, 20, 30, 40, 50, 60, 100, 200, 400, 600),
+              at_step: Optional[int] = None) -> dict:
     """Per run: final train loss, valid losses per mode, gap to the reference group's mean,
     good/bad; per group: mean and spread; diagnostics of good and bad SSA runs at probe steps."""
-    complete = max((len(r["lm_loss"]) for seeds in runs.values() for r in seeds.values() if r), default=0)
-    runs = {name: {seed: r for seed, r in seeds.items() if r and len(r["lm_loss"]) == complete}
-            for name, seeds in runs.items()}  # a run cut short by a deadline is left out
+    runs = comparable_runs(runs, at_step)
     ref_runs = [r for r in runs.get(reference, {}).values() if r]
     ref_final = _mean_sd([final_loss(r["lm_loss"]) for r in ref_runs])[0] if ref_runs else None
     ref_curve = None
