@@ -19,6 +19,7 @@ decision, and skipping optimizer steps whose loss or gradient norm is not finite
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import os
@@ -257,6 +258,7 @@ def guard_fp32_optimizer(engine) -> None:
     optimizer = engine.optimizer
     step = optimizer.step
 
+    @functools.wraps(step)  # keeps torch's LR-scheduler mark (else a UserWarning on the first step)
     def guarded_step(*a, **kw):
         norm = engine._global_grad_norm if engine.gradient_clipping() > 0 else None
         if norm is None:  # no clipping ran: measure it (every rank takes this step)
