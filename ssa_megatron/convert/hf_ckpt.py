@@ -9,7 +9,7 @@ Written directory::
                                  names of model/options.py); auto_map -> configuration_ssa /
                                  modeling_ssa
     model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
-    configuration_ssa.py, modeling_ssa.py   copied from ssa_megatron/hf/
+    configuration_ssa.py, modeling_ssa.py, ssa_cache.py   copied from ssa_megatron/hf/
     ssa_ops.py                   copied from ssa_megatron/ops/reference.py (the attention math)
     ssa_nsa.py                   ssa_megatron/ops/nsa.py, importing ssa_ops.py (NSA's branches)
     tokenizer.model + tokenization_ssa.py (SentencePiece, exact sentencepiece ids; load with

@@ -13,9 +13,13 @@ Attention runs in one of two modes (``config.inference_mode``, changeable at any
   ``config.block_size`` tokens (its own block always included), blocks ranked by the group-summed
   softmax of q . mean(K_block) over complete past blocks.
 
-Both modes work with a KV cache. In sparse mode a new token's blocks are selected from the cached
-keys exactly as in a full forward pass (the selection of token t depends only on keys <= t), so
-cached generation equals uncached generation.
+Both modes work with a KV cache. The cache's layers are ``SSACacheLayer`` (``ssa_cache.py``): a
+``DynamicLayer`` that also keeps the fp32 mean of each complete block's keys. In sparse mode a new
+token selects its blocks from those means with the rule of ``ssa_ops.select_blocks`` (the
+selection of token t depends only on keys <= t), in O(T / block_size), and attends over the
+tokens of its selected blocks only, so cached generation equals uncached generation. Beam search
+and cropping keep the means in step; a cache of another kind (static, quantized) falls back to
+pooling all cached keys each step (the same result, O(T)).
 
 NSA models (``config.attention_mode == "nsa"``, trained with ``--attention-mode nsa``) have three
 gates per head (``g_proj`` [3 * heads, hidden], per head: compression, selection, window) and
@@ -43,6 +47,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_ssa import SSAConfig
+from .ssa_cache import SSACacheLayer, install_pooled_key_layers
 
 try:  # the copy of ssa_megatron/ops/nsa.py the converter writes next to this file
     from .ssa_nsa import nsa_attention as _local_nsa_attention
@@ -50,10 +55,11 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import _chunk_scores, _topk_stable, full_attention, select_blocks, sparse_attention
+    from .ssa_ops import (full_attention, mean_pool_blocks, select_blocks,
+                          select_blocks_from_pooled, sparse_attention)
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import (_chunk_scores, _topk_stable, full_attention,  # noqa: F401
-                                            select_blocks, sparse_attention)
+    from ssa_megatron.ops.reference import (full_attention, mean_pool_blocks, select_blocks,  # noqa: F401
+                                            select_blocks_from_pooled, sparse_attention)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention)
@@ -150,45 +156,53 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos + _rotate_half(x) * sin
 
 
-def _masked_attention(q, k, v, allowed, scale):
-    """q [B, Tq, HQ, D]; k, v [B, Tk, H, D]; allowed [B, Tq, H, Tk] (per kv head) -> [B, Tq, HQ, D]."""
-    b, tq, hq, d = q.shape
-    h = k.shape[2]
-    qg = q.float().reshape(b, tq, h, hq // h, d)
-    logits = torch.einsum("bthgd,bshd->bthgs", qg, k.float()) * scale
-    logits = logits.masked_fill(~allowed[:, :, :, None, :], float("-inf"))
-    out = torch.einsum("bthgs,bshd->bthgd", torch.softmax(logits, dim=-1), v.float())
-    return out.reshape(b, tq, hq, d).to(q.dtype)
-
-
 def full_attention_with_past(q, k, v, past: int, scale: float):
-    """Causal attention of queries at positions past.. over all (cached + new) keys."""
-    tq, tk = q.shape[1], k.shape[1]
-    pos = torch.arange(past, past + tq, device=q.device)
-    allowed = torch.arange(tk, device=q.device)[None, :] <= pos[:, None]
-    return _masked_attention(q, k, v, allowed[None, :, None, :].expand(q.shape[0], -1, k.shape[2], -1),
-                             scale)
+    """Causal attention of queries q [B, Tq, HQ, D] at positions past.. over all (cached + new)
+    keys/values k, v [B, H, Tk, D] (the cache's layout): SDPA, one new query needs no mask."""
+    tq, tk = q.shape[1], k.shape[2]
+    mask = None
+    if tq > 1:
+        pos = torch.arange(past, past + tq, device=q.device)
+        mask = torch.arange(tk, device=q.device)[None, :] <= pos[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale,
+                                       enable_gqa=q.shape[2] != k.shape[1])
+    return o.transpose(1, 2)
 
 
-def sparse_attention_with_past(q, k, v, past: int, block_size: int, block_counts: int, scale: float):
-    """Sparse attention of queries at positions past.. whose blocks are selected from all keys.
+def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, scale: float):
+    """Attention of queries q [B, Tq, HQ, D] at positions past.. over the tokens (<= their
+    position) of their selected blocks ``indices`` [B, Tq, H, K] (-1 = empty) only; k, v are the
+    cache's [B, H, Tk, D]. Gathers Tq * K * block_size keys per kv head, whatever Tk is; the
+    arithmetic of ssa_ops.sparse_attention (fp32 softmax over the same slots)."""
+    b, tq, hq, d = q.shape
+    h = k.shape[1]
+    nsel = indices.shape[-1]
+    idx = indices.long()
+    tok = idx.unsqueeze(-1) * block_size + torch.arange(block_size, device=q.device)
+    pos = torch.arange(past, past + tq, device=q.device).view(1, tq, 1, 1, 1)
+    valid = (idx.unsqueeze(-1) >= 0) & (tok <= pos)  # [B, Tq, H, K, bs]
+    gidx = tok.clamp(0, k.shape[2] - 1).permute(0, 2, 1, 3, 4).reshape(b, h, tq * nsel * block_size)
+    gidx = gidx.unsqueeze(-1).expand(-1, -1, -1, d)
+    kg = torch.gather(k, 2, gidx).view(b, h, tq, nsel * block_size, d)
+    vg = torch.gather(v, 2, gidx).view(b, h, tq, nsel * block_size, d)
+    qg = q.reshape(b, tq, h, hq // h, d).permute(0, 2, 1, 3, 4)  # [B, H, Tq, G, D]
+    logits = torch.einsum("bhtgd,bhtnd->bhtgn", qg.float(), kg.float()) * scale
+    mask = valid.reshape(b, tq, h, nsel * block_size).permute(0, 2, 1, 3).unsqueeze(3)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    o = torch.einsum("bhtgn,bhtnd->bhtgd", probs, vg.float())
+    return o.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(q.dtype)
 
-    Same rule as ssa_ops.select_blocks (the scores of token t use complete blocks of keys <= t
-    only), so the result equals the no-cache forward pass.
-    """
-    b, tq = q.shape[:2]
-    tk, h = k.shape[1], k.shape[2]
-    scores = _chunk_scores(q, k, past, block_size, scale)  # [B, Tq, H, nb_all]
-    vals, idx = _topk_stable(scores, block_counts)
-    nb_all = scores.shape[-1]
-    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, nb_all))
-    chosen = torch.zeros(b, tq, h, nb_all + 1, dtype=torch.bool, device=q.device)
-    chosen.scatter_(3, idx, True)
-    key_block = torch.arange(tk, device=q.device) // block_size
-    allowed = chosen[..., key_block]  # [B, Tq, H, Tk]
-    pos = torch.arange(past, past + tq, device=q.device)
-    allowed &= (torch.arange(tk, device=q.device)[None, :] <= pos[:, None])[None, :, None, :]
-    return _masked_attention(q, k, v, allowed, scale)
+
+def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float):
+    """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
+    (k, v [B, H, past + Tq, D]): blocks selected from the cache layer's pooled keys (an
+    SSACacheLayer), else from all keys pooled again."""
+    pooled = getattr(layer, "pooled_keys", None) if isinstance(layer, SSACacheLayer) else None
+    total = past + q.shape[1]
+    if pooled is None:
+        pooled = mean_pool_blocks(k.transpose(1, 2), block_size)
+    idx = select_blocks_from_pooled(q, pooled, past, total, block_size, block_counts, scale)
+    return sparse_attention_with_past(q, k, v, idx, past, block_size, scale)
 
 
 class SSAAttention(nn.Module):
@@ -220,6 +234,10 @@ class SSAAttention(nn.Module):
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
             k_all, v_all = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            if k_all.shape[2] != past + t:
+                raise ValueError(f"the KV cache returned {k_all.shape[2]} keys for {past + t} tokens: "
+                                 "SSA attention needs a DynamicCache (generate()'s default), not a "
+                                 "static one")
             k, v = k_all.transpose(1, 2), v_all.transpose(1, 2)
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.nsa:
@@ -231,14 +249,14 @@ class SSAAttention(nn.Module):
         ops = _ops_for(q)
         if mode == "full":
             o = ops.full_attention(q, k, v, scale=scale) if past == 0 else \
-                full_attention_with_past(q, k, v, past, scale)
+                full_attention_with_past(q, k_all, v_all, past, scale)
         elif mode == "sparse":
             bs, bc = self.config.block_size, self.config.block_counts
             if past == 0:
                 idx = ops.select_blocks(q, k, bs, bc, scale=scale)
                 o = ops.sparse_attention(q, k, v, idx, bs, scale=scale)
             else:
-                o = sparse_attention_with_past(q, k, v, past, bs, bc, scale)
+                o = sparse_decode(q, k_all, v_all, cache.layers[self.layer_idx], past, bs, bc, scale)
         else:
             raise ValueError(f"config.inference_mode {mode!r} must be 'full' or 'sparse'")
         o = o * gate[..., None]
@@ -313,6 +331,8 @@ class SSAModel(SSAPreTrainedModel):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
+        if use_cache and getattr(self.config, "attention_mode", "ssa") != "nsa":
+            install_pooled_key_layers(cache, self.config.num_hidden_layers, self.config.block_size)
         past = cache.get_seq_length() if cache is not None else 0
         # positions are always past..past+T-1: blocks are counted from the sequence start
         positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)

@@ -99,13 +99,21 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
 def _chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
                   scale: Optional[float]) -> torch.Tensor:
     """block_scores for queries at positions first_pos.. of a sequence whose keys are k_prefix."""
-    group = q_chunk.shape[2] // k_prefix.shape[2]
-    b, tc, hq, d = q_chunk.shape
-    h = k_prefix.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    pooled = mean_pool_blocks(k_prefix, block_size)
-    nb = pooled.shape[1]
     nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
+    return pooled_block_scores(q_chunk, mean_pool_blocks(k_prefix, block_size), first_pos,
+                               block_size, nb_all, scale)
+
+
+def pooled_block_scores(q_chunk: torch.Tensor, pooled: torch.Tensor, first_pos: int,
+                        block_size: int, nb_all: int, scale: Optional[float]) -> torch.Tensor:
+    """block_scores [B, Tq, H, nb_all] for queries at positions first_pos.. from the pooled keys
+    [B, nb, H, D] (fp32, :func:`mean_pool_blocks`) of the complete blocks of a key range of
+    ``nb_all`` blocks; a KV cache that keeps the block means selects in O(nb) per token."""
+    b, tc, hq, d = q_chunk.shape
+    h = pooled.shape[2]
+    group = hq // h
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = pooled.shape[1]
     pos = torch.arange(first_pos, first_pos + tc, device=q_chunk.device)
     out = torch.full((b, tc, h, nb_all), float("-inf"), device=q_chunk.device)
     if nb > 0:
@@ -117,6 +125,22 @@ def _chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
         out[..., :nb] = probs.sum(dim=3).masked_fill(~complete[None, :, None, :], float("-inf"))
     out.scatter_(3, (pos // block_size).view(1, tc, 1, 1).expand(b, tc, h, 1), float("inf"))
     return out
+
+
+def select_blocks_from_pooled(q: torch.Tensor, pooled: torch.Tensor, first_pos: int,
+                              num_keys: int, block_size: int, block_counts: int,
+                              scale: Optional[float] = None) -> torch.Tensor:
+    """:func:`select_blocks` rows of queries q [B, Tq, HQ, D] at positions first_pos.. of a
+    sequence of ``num_keys`` keys (first_pos + Tq <= num_keys), given the pooled keys [B, nb, H, D]
+    of its complete blocks (nb = num_keys // block_size; rows a query cannot see are masked).
+    Returns [B, Tq, H, block_counts] int32, -1 = empty slot."""
+    nb_all = (num_keys + block_size - 1) // block_size
+    scores = pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale)
+    vals, idx = _topk_stable(scores, block_counts)
+    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1)).to(torch.int32)
+    if idx.shape[-1] < block_counts:
+        idx = F.pad(idx, (0, block_counts - idx.shape[-1]), value=-1)
+    return idx
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
