@@ -54,8 +54,16 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 # allows 5 without spills: -5 to -6 % on an H200 (docs/KERNEL_NOTES.md v6); 80 is as fast at
 # G 16 but spills at G 8; 72 and 64 spill and lose. At D 128, 129 -> 128 registers gives 4
 # programs per SM instead of 3 (-10 %).
+# "dot_precision": tl.dot's input_precision for the q . Kbar scores of both passes. None is
+# Triton's default, TF32 on NVIDIA tensor cores: scores carry ~1e-3 relative error, so rows whose
+# K-th and (K+1)-th fp32 scores are that close may pick the other block (sel_same_frac 0.9985
+# at B4 T8192, docs/KERNEL_NOTES.md). "tf32x3" (three TF32 products, about fp32 accuracy) or
+# "ieee" (no tensor cores) narrow that to fp32 rounding; the CPU interpreter is fp32 whatever
+# this says (tests/test_selection_precision.py). Cost and agreement on a GPU:
+# tools/bench_kernel_variants.py --select "default;x3:dot_precision=tf32x3;ieee:dot_precision=ieee".
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
-          "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128}
+          "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None}
+DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
 
@@ -230,8 +238,20 @@ def _merge_extract(top, key, n, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
+def _score_dot(q, kp, PREC: tl.constexpr):
+    """q [R, BD] . kp [BN, BD]^T in fp32; PREC "default" leaves tl.dot its default (TF32 on
+    NVIDIA), else it is tl.dot's input_precision."""
+    if PREC == "default":
+        s = tl.dot(q, tl.trans(kp))
+    else:
+        s = tl.dot(q, tl.trans(kp), input_precision=PREC)
+    return s
+
+
+@triton.jit
 def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr,
-                 H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr):
+                 H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+                 PREC: tl.constexpr = "default"):
     """One pass-1 step over blocks b0 .. b0+BN-1: the running row max and sum, updated."""
     dd = tl.arange(0, BD)
     b = b0 + tl.arange(0, BN)
@@ -242,7 +262,7 @@ def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr
         kp = tl.load(kp_ptr)
     else:
         kp = tl.load(kp_ptr, mask=dd[None, :] < D, other=0.0)
-    s = tl.dot(q, tl.trans(kp))
+    s = _score_dot(q, kp, PREC)
     if MASKED:
         s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -252,7 +272,7 @@ def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr
 
 @triton.jit
 def _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H: tl.constexpr, D: tl.constexpr,
-               BD: tl.constexpr, BN: tl.constexpr, R: tl.constexpr):
+               BD: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr = "default"):
     """Pass 1: per row, running max and sum of exp2(q . Kbar') over its blocks (Kbar' = pooled
     keys times scale * log2(e)). Chunks below ``nc_lo`` (every valid row's block count) need
     no masks; the tail does."""
@@ -260,9 +280,11 @@ def _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H: tl.constexpr, D: tl.const
     lsum = tl.zeros([R], tl.float32)
     nc_int = (nc_lo // BN) * BN
     for b0 in range(0, nc_int, BN):
-        m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, False, H, D, BD, BN)
+        m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, False, H, D, BD, BN,
+                               PREC)
     for b0 in range(nc_int, nc_max, BN):
-        m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, True, H, D, BD, BN)
+        m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, True, H, D, BD, BN,
+                               PREC)
     return m, lsum
 
 
@@ -273,7 +295,7 @@ def _select_kernel(
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
     MERGE: tl.constexpr = 0, LOGKB: tl.constexpr = 0, FAST: tl.constexpr = 0,
-    BN1: tl.constexpr = 0,
+    BN1: tl.constexpr = 0, PREC: tl.constexpr = "default",
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -299,7 +321,7 @@ def _select_kernel(
     # ---- pass 1: running max / sum per row
     bb = tl.arange(0, BN)
     nc_lo = tl.min(tl.where(row_ok, nc_r, nc_max), axis=0)
-    m, lsum = _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H, D, BD, BN1, R)
+    m, lsum = _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H, D, BD, BN1, R, PREC)
     # p = exp2(s - mlog): mlog = +inf zeroes padding / out-of-document rows, which may share a
     # token's group. Blocks a row must not see (b >= its count) get garbage p, but such blocks
     # are never candidates (b >= (pos + 1) // bs >= pos // bs), so their keys are dropped below.
@@ -326,7 +348,7 @@ def _select_kernel(
         b = b0 + bb
         kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
         kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-        s = tl.dot(q, tl.trans(kp))
+        s = _score_dot(q, kp, PREC)
         p = tl.exp2(s - mlog[:, None])
         score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
         cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
@@ -427,6 +449,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     merge = CONFIG.get("merge", "insert")
     if merge not in _MERGES:
         raise ValueError(f"CONFIG['merge'] = {merge!r}: expected one of {sorted(_MERGES)}")
+    prec = CONFIG.get("dot_precision")
+    if prec not in DOT_PRECISIONS:
+        raise ValueError(f"CONFIG['dot_precision'] = {prec!r}: expected one of {DOT_PRECISIONS}")
     tok, dstart, dlen, poff = tiles(offs, bt, block_size, q.device)
     if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
         pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
@@ -435,7 +460,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         qf, pooled, out, tok, dstart, dlen, poff,
         HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
         IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
-        LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
+        LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1, PREC=prec or "default",
         num_warps=CONFIG["warps"],
         **compile_options(CONFIG["stages"], CONFIG["maxnreg" if bd <= 64 else "maxnreg_large_d"]),
     )
