@@ -144,13 +144,16 @@ def layer_mean(record: dict, key: str) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
-def onset_step(gap_curve: List[float], final_gap: float) -> Optional[int]:
-    """First step after which the smoothed gap to Full-Full stays above half the final gap."""
+def onset_step(gap_curve: List[float], final_gap: float, share: float = 0.9) -> Optional[int]:
+    """First step from which at least ``share`` of the smoothed gaps to Full-Full lie above half
+    the final gap (a noisy curve may dip below it now and then)."""
     if final_gap <= 0:
         return None
     half = final_gap / 2
-    for i in range(len(gap_curve)):
-        if all(g > half for g in gap_curve[i:]):
+    above = [g > half for g in gap_curve]
+    for i in range(len(above)):
+        rest = above[i:]
+        if rest[0] and sum(rest) >= share * len(rest):
             return i + 1
     return None
 
