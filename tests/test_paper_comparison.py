@@ -139,13 +139,17 @@ def test_a_part_that_reran_steps_replaces_them(tmp_path):
 def test_variants_are_systems_with_extra_flags(tmp_path):
     args = _args(tmp_path, "--variant", "ssa-a0=--attention-mode ssa --ssa-align-coef 0",
                  "dense=--attention-mode full --exit-interval 5")
-    assert args.systems == ["full-full", "sparse-sparse", "ssa", "ssa-a0", "dense"]
+    assert args.systems == ["full-full", "sparse-sparse", "ssa", "ssa-recipe", "ssa-a0", "dense"]
     cmd = pc.train_command(args, "ssa-a0", 1, str(tmp_path / "x"))
     assert cmd[-4:] == ["--attention-mode", "ssa", "--ssa-align-coef", "0"]
     assert cmd.count("--attention-mode") == 1  # the variant names it; no default is added
     assert pc.attention_mode(args, "dense") == "full" and pc.attention_mode(args, "ssa") == "ssa"
     plain = pc.train_command(args, "ssa", 1, str(tmp_path / "y"))
     assert plain[plain.index("--attention-mode") + 1] == "ssa" and "--ssa-align-coef" not in plain
+    # "ssa" is SSA as published (a branch per micro-batch); "ssa-recipe" draws it per sequence
+    assert plain[plain.index("--ssa-branch-draw") + 1] == "micro-batch"
+    recipe = pc.train_command(args, "ssa-recipe", 1, str(tmp_path / "z"))
+    assert recipe[recipe.index("--ssa-branch-draw") + 1] == "sequence"
     for bad in (["--variant", "ssa=--attention-mode ssa"], ["--variant", "x=--ssa-align-coef 0"],
                 ["--variant", "noequals"], ["--systems", "nope"]):
         with pytest.raises(SystemExit):

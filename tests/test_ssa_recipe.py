@@ -28,6 +28,17 @@ def test_piecewise_schedule_interpolates_and_names_bad_specs():
         PiecewiseLinear("0-1.0", train_iters=10, name="--ssa-full-prob-schedule")
 
 
+def test_the_default_recipe_draws_per_sequence():
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import BranchRecipe
+    recipe = BranchRecipe(tiny_args("--micro-batch-size", "8"))
+    assert recipe.per_sequence and "per sequence" in recipe.describe(tiny_args())
+    branches = [recipe.branch(0, 0, first) for first in range(0, 80, 8)]
+    assert any(isinstance(b, torch.Tensor) for b in branches)  # micro-batches mix both branches
+    paper = BranchRecipe(tiny_args("--ssa-branch-draw", "micro-batch"))
+    assert not paper.per_sequence and paper.branch(0, 0, 0) in ("full", "sparse")
+
+
 def test_sequence_draws_follow_the_sample_not_the_layout():
     rows = draw_sequence_branches(7, range(1000), 0.5)
     assert 400 < int(rows.sum()) < 600  # about half full
@@ -154,3 +165,20 @@ def test_quality_summary_classifies_runs():
     early = quality.summarize(runs, at_step=10)  # every run reached step 10: all compared there
     assert ("ssa-seq", 2) in {(r["name"], r["seed"]) for r in early["runs"]}
     assert all(r["steps"] == 10 and "valid_full" not in r for r in early["runs"])
+
+
+def test_qk_layernorm_checkpoint_evaluates_and_hf_export_refuses(tmp_path, random_dataset,
+                                                                 single_process_parallel_state):
+    from ssa_megatron.convert.api import megatron_to_hf
+    from ssa_megatron.convert.layout import ConversionError
+    from ssa_megatron.eval.model import load_model
+    save = str(tmp_path / "ckpt")
+    run_workers("train", 1, str(tmp_path / "train"), *FLAGS, "--data-path", random_dataset,
+                "--micro-batch-size", "4", "--split", "100,0,0", "--train-iters", "1",
+                "--qk-layernorm", "--save", save)
+    model, spec, _ = load_model(save, device="cpu")
+    names = [n for n, _ in model.named_parameters()]
+    assert any("q_layernorm" in n for n in names) and any("k_layernorm" in n for n in names)
+    with pytest.raises(ConversionError, match="--qk-layernorm"):
+        megatron_to_hf(save, str(tmp_path / "hf"))
+    assert not os.path.exists(tmp_path / "hf")

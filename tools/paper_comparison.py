@@ -25,7 +25,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
-SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa"}
+SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa", "ssa-recipe": "ssa"}
+# "ssa" is SSA as published (one branch per micro-batch); "ssa-recipe" draws it per sequence
+SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch"], "ssa-recipe": ["--ssa-branch-draw", "sequence"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
@@ -60,7 +62,7 @@ def attention_mode(args, system: str) -> str:
 
 
 def train_command(args, system: str, seed: int, out: str) -> list:
-    mode_flags = ["--attention-mode", SYSTEMS[system]] if system in SYSTEMS else []
+    mode_flags = ["--attention-mode", SYSTEMS[system], *SYSTEM_FLAGS.get(system, [])] if system in SYSTEMS else []
     return [sys.executable, "-m", "ssa_megatron.training.pretrain", *model_flags(args),
             *mode_flags, "--seed", str(seed),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
@@ -323,7 +325,8 @@ def markdown_matched(args, matched) -> str:
         return ""
     lo, hi = matched["steps"]
     lines = [f"Train loss at equal steps {lo}-{hi} (mean ± half-range over seeds; the runs of a "
-             "seed saw the same samples and, for SSA, the branch drawn for each step):", "",
+             "seed saw the same samples and, for SSA as published, the branch drawn for each step; "
+             "ssa-recipe draws per sequence, so its split is by the published draw, not its own):", "",
              "| system | all steps | steps drawn full | steps drawn sparse |", "| --- | --- | --- | --- |"]
     for system in args.systems:
         rows = [matched.get(f"{system}_seed{seed}") for seed in args.seeds]

@@ -19,6 +19,10 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
                    block_counts: Optional[int] = None) -> list:
     """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes."""
     full, meta, spec = megatron_ckpt.read_checkpoint(checkpoint, tag)
+    if spec.get("qk_layernorm"):
+        raise hf_ckpt.ConversionError(
+            f"{checkpoint} was trained with --qk-layernorm, which the Hugging Face export does not "
+            "support yet; evaluate it with tools/evaluate.py --checkpoint instead")
     if inference_mode is not None:
         spec["inference_mode"] = inference_mode
     if block_counts is not None:

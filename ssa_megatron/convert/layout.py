@@ -13,7 +13,7 @@ TP rules (megatron-core, local spec):
   v D] rows), ``linear_gate`` (heads): split along dim 0;
 * ``linear_proj``, ``linear_fc2`` (row parallel): split along dim 1;
 * ``linear_fc1`` (SwiGLU, partition stride 2): rank r holds [gate_r; up_r];
-* norms: replicated.
+* norms (also --qk-layernorm's per-head q/k norms): replicated.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bi
                "self_attention.linear_gate.weight")
 DIM1_SUFFIX = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 STRIDE2_SUFFIX = ("mlp.linear_fc1.weight",)
-REPLICATED_SUFFIX = ("input_layernorm.weight", "pre_mlp_layernorm.weight", "final_layernorm.weight")
+REPLICATED_SUFFIX = ("input_layernorm.weight", "pre_mlp_layernorm.weight", "final_layernorm.weight",
+                     "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 
 
 class ConversionError(ValueError):

@@ -31,6 +31,8 @@ MODEL_OPTIONS = {
         False, "a separate output layer instead of the word embedding (Llama-2/3, Mistral, most "
                "models from 7B up)"),
     "add_qkv_bias": (False, "biases on the q, k and v projections (Qwen2)"),
+    "qk_layernorm": (False, "RMSNorm on each head's queries and keys before RoPE (megatron-core's "
+                            "qk_layernorm; not exported to Hugging Face yet)"),
     "use_rope_scaling": (False, "scale the RoPE frequencies (--rope-scaling-type; Llama-3.1 style "
                                 "by default)"),
     "rope_scaling_type": ("llama3", "llama3: frequencies with wavelength above original / low-freq "
@@ -43,7 +45,7 @@ MODEL_OPTIONS = {
         8192, "llama3 scaling: the context length the unscaled model was trained at"),
 }
 # Options that change which tensors the model has (a checkpoint must agree with them to load).
-WEIGHT_OPTIONS = ("untie_embeddings_and_output_weights", "add_qkv_bias")
+WEIGHT_OPTIONS = ("untie_embeddings_and_output_weights", "add_qkv_bias", "qk_layernorm")
 
 
 def add_model_option_flags(group) -> None:

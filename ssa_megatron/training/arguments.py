@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="alpha: weight of the alignment loss (mean over layers)")
     s.add_argument("--ssa-full-prob", type=float, default=0.5,
                    help="probability that a micro-batch trains the full branch")
-    s.add_argument("--ssa-branch-draw", default="micro-batch", choices=["micro-batch", "sequence"],
-                   help="SSA training: draw the full/sparse branch once per micro-batch (the paper) "
-                        "or once per sequence (both branches run anyway; each sequence keeps its own)")
+    s.add_argument("--ssa-branch-draw", default="sequence", choices=["sequence", "micro-batch"],
+                   help="SSA training: draw the full/sparse branch once per sequence (both branches "
+                        "run anyway; each sequence keeps its own output: the robust recipe, see "
+                        "docs/RESULTS.md) or once per micro-batch (the paper's recipe, which leaves "
+                        "most small runs in a worse basin)")
     s.add_argument("--ssa-full-prob-schedule", default=None, metavar="ITER:P,...",
                    help="full-branch probability over training, linear between points (an ITER "
                         "with a dot is a fraction of --train-iters), e.g. '0:1.0,0.1:1.0,0.2:0.5'; "
@@ -60,9 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ssa-gate-init", default="normal", choices=["normal", "zero"],
                    help="gate projection init: normal (std --init-method-std) or zero (every gate "
                         "starts at 0.5)")
-    s.add_argument("--qk-layernorm", action="store_true",
-                   help="RMSNorm on each head's queries and keys before RoPE (megatron-core's "
-                        "qk_layernorm)")
     s.add_argument("--nsa-window-size", type=int, default=128,
                    help="--attention-mode nsa: tokens of the sliding-window branch (itself included)")
     s.add_argument("--layer-spec", default="ssa", choices=["ssa", "megatron-local"],

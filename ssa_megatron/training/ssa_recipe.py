@@ -15,7 +15,7 @@ class BranchRecipe:
 
     def __init__(self, args):
         self.seed = args.seed
-        self.per_sequence = getattr(args, "ssa_branch_draw", "micro-batch") == "sequence"
+        self.per_sequence = getattr(args, "ssa_branch_draw", "sequence") == "sequence"
         self.full_prob = args.ssa_full_prob
         self.align_coef = args.ssa_align_coef
         self.mbs = args.micro_batch_size
