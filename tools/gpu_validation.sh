@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
 # DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|diagnose [OUT]
-# OUT: where the results go (default results/). compare and diagnose need the corpus of
-# tools/prepare_english_corpus.sh in runs/english.
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|diagnose|quality [OUT]
+# OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
+# tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
+# many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  training|parallel|kernels|variants|floor|mfu|compare|diagnose) ;;
+  training|parallel|kernels|variants|floor|mfu|compare|diagnose|quality) ;;
   *) usage >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,4 +63,11 @@ case "$1" in
       --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || true
     wait || true
     tail -12 "$OUT/parity.txt"; tail -30 "$OUT/kernels.txt" ;;
+  quality)  # SSA quality study: run again on the same machine to continue (finished runs are skipped)
+    STUDY="${STUDY:-quality}"
+    python3 tools/ssa_quality_study.py run --in-order --data-path runs/english/english_text_document \
+      --out "runs/$STUDY" --groups ${STUDY_GROUPS:-full-full:1-4 ssa-seq:1-8 ssa-step:1-8} \
+      --gpus "$(nvidia-smi -L | wc -l)" --jobs-per-gpu "${JOBS_PER_GPU:-10}" --deadline "${DEADLINE:-420}" || true
+    python3 tools/ssa_quality_study.py summarize --out "runs/$STUDY" --plot "$OUT/$STUDY.png" || true
+    (cd runs && tar czf "$OUT/$STUDY.tgz" "$STUDY") ;;
 esac
