@@ -18,6 +18,7 @@
 # LR (3e-5), MIN_LR (LR / 10), WARMUP_ITERS (100), TRAIN_ITERS (2000), GLOBAL_BATCH (64),
 # MICRO_BATCH (1), TP (1), NPROC_PER_NODE (one per GPU), BLOCK_COUNTS (16), OUT (runs/continued-NAME),
 # SSA_DEVICE=cpu (a CPU smoke run: gloo, fp32), EXTRA_ARGS (more pretrain.py flags)
+[[ "${1:-}" == -h || "${1:-}" == --help ]] && { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0; }
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"

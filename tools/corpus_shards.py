@@ -18,14 +18,14 @@ from ssa_megatron.data.shards import join_dataset, split_dataset
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("split", help="PREFIX OUT_DIR: write shards and manifest.json")
+    s = sub.add_parser("split", help="PREFIX OUT_DIR: write shards and manifest.json", allow_abbrev=False)
     s.add_argument("prefix", help="dataset prefix (PREFIX.bin, PREFIX.idx, PREFIX.tokenizer.*)")
     s.add_argument("out_dir")
     s.add_argument("--max-mib", type=float, default=60.0, help="largest shard in MiB (default 60)")
     s.add_argument("--level", type=int, default=10, help="zstd level (default 10)")
-    j = sub.add_parser("join", help="SHARD_DIR OUT_DIR: check and rebuild the files")
+    j = sub.add_parser("join", help="SHARD_DIR OUT_DIR: check and rebuild the files", allow_abbrev=False)
     j.add_argument("shard_dir")
     j.add_argument("out_dir")
     a = p.parse_args(argv)
