@@ -26,6 +26,26 @@ def test_piecewise_schedule_interpolates_and_names_bad_specs():
     assert [s(i) for i in (0, 100, 150, 200, 300)] == pytest.approx([1.0, 1.0, 0.75, 0.5, 0.5])
     with pytest.raises(ValueError, match="ITER:VALUE"):
         PiecewiseLinear("0-1.0", train_iters=10, name="--ssa-full-prob-schedule")
+    down = PiecewiseLinear("0:1.0,100:1.0,100:0.5,200:0.5", train_iters=400)  # a step, as written
+    assert [down(i) for i in (50, 100, 101, 300)] == pytest.approx([1.0, 1.0, 0.5, 0.5])
+
+
+def test_diagnostics_record_dense_steps_then_every_interval(tmp_path):
+    from types import SimpleNamespace
+    from ssa_megatron.training.diagnostics import Diagnostics
+    args = SimpleNamespace(diagnostics_interval=10, diagnostics_dense_until=3, diagnostics_json=None,
+                           save=str(tmp_path))
+    diag = Diagnostics(args, SimpleNamespace(module=torch.nn.Linear(2, 2)), {})
+    assert [s for s in range(1, 41) if diag.due(s)] == [1, 2, 3, 10, 20, 30, 40]
+
+
+def test_study_recipes_name_their_branch_draw():
+    """The default draw changed to per sequence: the study's paper-recipe runs must say so."""
+    from ssa_megatron.study.quality import VARIANTS
+    for name, flags in VARIANTS.items():
+        if name.startswith("ssa-"):
+            draw = flags[flags.index("--ssa-branch-draw") + 1]
+            assert draw == ("micro-batch" if name.startswith("ssa-step") else "sequence"), name
 
 
 def test_the_default_recipe_draws_per_sequence():
@@ -96,7 +116,7 @@ def test_probe_statistics_match_a_brute_force_loop():
     q, k = torch.randn(1, 96, 4, 16) * 2, torch.randn(1, 96, 2, 16)
     idx = reference.select_blocks(q, k, 8, 3)
     stats = attention_stats(q, k, idx, 8, None, samples=12)
-    ent, kept = _brute_force_stats(q, k, idx, 8, probe_positions(96, 12, 8))
+    ent, kept = _brute_force_stats(q, k, idx, 8, probe_positions(96, 12, 8, 3))
     torch.testing.assert_close(torch.tensor(stats["entropy_full"]), ent, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(torch.tensor(stats["kept_mass"]), kept, rtol=1e-4, atol=1e-5)
     assert all(0 < m < 1 for m in stats["kept_mass"])

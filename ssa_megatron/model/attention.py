@@ -115,6 +115,9 @@ class SSACoreAttention(MegatronModule):
             o_sparse = None if o_sparse is None else o_sparse * gate
 
         if mixed:  # per-sequence draws: each sequence's tokens take their own branch's output
+            if layout[0]:
+                raise ValueError("per-sequence branches need the sbhd layout; THD input (one packed "
+                                 "sequence) takes one branch: draw it per micro-batch")
             rows = branch.to(q.device).repeat_interleave(layout[1])  # [b * sq] in sequence order
             out = torch.where(rows.reshape(q.shape[0], q.shape[1], 1, 1), o_full, o_sparse)
         else:

@@ -20,10 +20,10 @@ import torch
 GATE_SATURATION = 0.05  # a gate below this or above 1 - this counts as saturated
 
 
-def probe_positions(seq_len: int, count: int, block_size: int) -> torch.Tensor:
-    """``count`` query positions spread over the second to last block .. the end of the sequence
-    (positions before that have too few past blocks for selection to matter)."""
-    lo = min(seq_len - 1, 2 * block_size)
+def probe_positions(seq_len: int, count: int, block_size: int, block_counts: int = 2) -> torch.Tensor:
+    """``count`` query positions spread from the first block past the budget (earlier positions
+    select every block they can see, so their kept mass is 1 by construction) to the end."""
+    lo = min(seq_len - 1, block_counts * block_size)
     return torch.linspace(lo, seq_len - 1, count).round().long().unique()
 
 
@@ -45,7 +45,7 @@ def attention_stats(q, k, indices, block_size: int, scale: Optional[float],
     t, hq, d = q0.shape
     group = hq // k0.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    pos = probe_positions(t, samples, block_size).to(q0.device)
+    pos = probe_positions(t, samples, block_size, indices.shape[-1]).to(q0.device)
     starts = _document_starts(pos, cu_seqlens)
     keys = k0.repeat_interleave(group, dim=1)  # [T, HQ, D]
     logits = torch.einsum("phd,thd->pht", q0[pos], keys) * scale  # [P, HQ, T]

@@ -54,7 +54,7 @@ class PiecewiseLinear:
             except ValueError:
                 raise ValueError(f"{name} {spec!r}: write ITER:VALUE pairs separated by commas, e.g. "
                                  "'0:1.0,200:0.5' (an ITER with a dot, like 0.1, is a fraction of the run)")
-        points.sort()
+        points.sort(key=lambda point: point[0])  # stable: two points at one ITER make a step
         self.points = points
 
     def __call__(self, iteration: int) -> float:

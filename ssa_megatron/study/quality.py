@@ -24,19 +24,22 @@ SMALL_SETTING = {
 }
 
 # Named recipes: trainer flags on top of the small setting (--bf16 unless the name says fp32).
+PAPER_DRAW = ["--ssa-branch-draw", "micro-batch"]  # the paper: one branch per micro-batch (= step here)
+RECIPE_DRAW = ["--ssa-branch-draw", "sequence"]
 VARIANTS: Dict[str, List[str]] = {
     "full-full": ["--attention-mode", "full"],
     "sparse-sparse": ["--attention-mode", "sparse"],
-    "ssa-step": ["--attention-mode", "ssa"],
-    "ssa-seq": ["--attention-mode", "ssa", "--ssa-branch-draw", "sequence"],
-    "ssa-step-fp32": ["--attention-mode", "ssa"],
+    "ssa-step": ["--attention-mode", "ssa", *PAPER_DRAW],
+    "ssa-seq": ["--attention-mode", "ssa", *RECIPE_DRAW],
+    "ssa-step-fp32": ["--attention-mode", "ssa", *PAPER_DRAW],
     "full-full-fp32": ["--attention-mode", "full"],
-    "ssa-step-qknorm": ["--attention-mode", "ssa", "--qk-layernorm"],
-    "ssa-step-fullwarm": ["--attention-mode", "ssa", "--ssa-full-prob-schedule", "0:1.0,100:1.0,150:0.5"],
-    "ssa-step-gate0": ["--attention-mode", "ssa", "--ssa-gate-init", "zero"],
-    "ssa-seq-qknorm": ["--attention-mode", "ssa", "--ssa-branch-draw", "sequence", "--qk-layernorm"],
+    "ssa-step-qknorm": ["--attention-mode", "ssa", *PAPER_DRAW, "--qk-layernorm"],
+    "ssa-step-fullwarm": ["--attention-mode", "ssa", *PAPER_DRAW,
+                          "--ssa-full-prob-schedule", "0:1.0,100:1.0,150:0.5"],
+    "ssa-step-gate0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-gate-init", "zero"],
+    "ssa-seq-qknorm": ["--attention-mode", "ssa", *RECIPE_DRAW, "--qk-layernorm"],
     "full-full-qknorm": ["--attention-mode", "full", "--qk-layernorm"],
-    "ssa-step-alpha0": ["--attention-mode", "ssa", "--ssa-align-coef", "0"],
+    "ssa-step-alpha0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-align-coef", "0"],
 }
 
 FINAL_WINDOW = 100  # the final train loss: mean over the last this-many steps

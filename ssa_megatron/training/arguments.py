@@ -279,6 +279,9 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
             raise ConfigError(f"{name} {spec!r}: values must lie in [{lo}, {hi if hi is not None else 'inf'}]")
     for mode in args.eval_modes or []:
         parse_eval_mode(mode)
+    if args.eval_modes and args.pipeline_model_parallel_size > 1:
+        raise ConfigError("--eval-modes needs --pipeline-model-parallel-size 1 (the pipeline "
+                          "evaluates the model's own mode only); drop --eval-modes")
     if args.diagnostics_interval and args.pipeline_model_parallel_size > 1:
         raise ConfigError("--diagnostics-interval needs --pipeline-model-parallel-size 1 "
                           "(the probe records layers on one rank)")

@@ -43,12 +43,12 @@ class Diagnostics:
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
-    def due(self, iteration: int) -> bool:
-        """``iteration`` counts completed steps: step 0 is the first one trained."""
-        return iteration < self.dense_until or iteration % self.interval == 0
+    def due(self, step: int) -> bool:
+        """``step``: the 1-based number of the step about to run (the one its record is named by)."""
+        return step <= self.dense_until or step % self.interval == 0
 
-    def start(self, iteration: int) -> Optional[_StepProbe]:
-        return _StepProbe(self.model, self.measure_updates) if self.due(iteration) else None
+    def start(self, step: int) -> Optional[_StepProbe]:
+        return _StepProbe(self.model, self.measure_updates) if self.due(step) else None
 
     def finish(self, step: _StepProbe, iteration: int, lm_loss: float, grad_norm: float,
                lr: float) -> Dict[str, object]:

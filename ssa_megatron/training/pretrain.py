@@ -89,6 +89,8 @@ def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
 def evaluate_modes(engine, loader_iter, eval_iters: int, runtime, modes) -> Dict[str, float]:
     """Validation loss in each (mode, block_counts) of ``modes`` on the same micro-batches."""
     from ssa_megatron.model.attention import SSACoreAttention, set_inference_mode
+    if loader_iter is None:  # no validation split
+        return {}
     batches = []
     for _ in range(eval_iters):
         try:
@@ -310,7 +312,7 @@ def run(args, fault_hook: Optional[Callable] = None,
         coef = recipe.align_coef_at(iteration)
         if coef is not None:
             set_align_coef(engine.module, coef)
-        probe = diagnostics.start(iteration) if diagnostics is not None else None
+        probe = diagnostics.start(iteration + 1) if diagnostics is not None else None
         if pipelined:
             iter_loss = float(engine.train_batch(pipe_batches(train_iter, args, iteration, recipe, consumed)))
         else:
