@@ -158,3 +158,14 @@ def test_kill_9_at_random_moments_then_rerun_gives_bitwise_equal_weights(results
     assert r["trials"] == 5 and r["final_state_bitwise_equal"] == 5
     assert r["killed"] + r["finished_before_kill"] == 5 and r["killed_inside_save"] >= 1
     assert r["damaged_after_kill"] == 0 and r["bytes_lost"] == 0
+
+
+def test_stop_signal_gives_ctrl_c_back_when_training_ends():
+    import signal
+
+    from ssa_megatron.training.signals import StopSignal
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopSignal()
+    assert signal.getsignal(signal.SIGINT) == stop._interrupt
+    stop.restore()
+    assert signal.getsignal(signal.SIGINT) == before

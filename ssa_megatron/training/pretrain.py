@@ -304,6 +304,10 @@ def run(args, fault_hook: Optional[Callable] = None,
     while iteration < args.train_iters:
         if stop.any_rank_received():
             if args.save:
+                if iteration == resumed_at and args.load != args.save:
+                _log(f"stop signal before the first step: nothing new to save (the last checkpoint "
+                     f"is {args.load}/{ckpt.tag_for(iteration)}); exiting")
+            else:
                 _log(f"stop signal: saved {args.save}/{save()}; exiting")
             result["stopped_at"] = iteration
             break
@@ -395,6 +399,7 @@ def run(args, fault_hook: Optional[Callable] = None,
                 save()
             _log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
             break
+    stop.restore()
     logger.close()
     if torch.cuda.is_available():
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30

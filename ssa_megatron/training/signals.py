@@ -43,10 +43,19 @@ class StopSignal:
         self.received = _early_received
         self.interrupts = 0
         self.on_force_exit: List[Callable[[], None]] = []  # run before a second Ctrl-C exits
+        self._previous = {}
         for sig in signals:
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
         if interrupt and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._interrupt)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
+    def restore(self) -> None:
+        """Give SIGINT back (Ctrl-C raises KeyboardInterrupt again in an in-process caller).
+        SIGTERM/SIGUSR1 keep being remembered until the process exits (a late signal from a
+        scheduler must not kill a run that is writing its result)."""
+        previous = self._previous.pop(signal.SIGINT, None)
+        if previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
 
     def _handle(self, signum, frame):
         self.received = signum
