@@ -305,10 +305,10 @@ def run(args, fault_hook: Optional[Callable] = None,
         if stop.any_rank_received():
             if args.save:
                 if iteration == resumed_at and args.load != args.save:
-                _log(f"stop signal before the first step: nothing new to save (the last checkpoint "
-                     f"is {args.load}/{ckpt.tag_for(iteration)}); exiting")
-            else:
-                _log(f"stop signal: saved {args.save}/{save()}; exiting")
+                    _log(f"stop signal before the first step: nothing new to save (the last "
+                         f"checkpoint is {args.load}/{ckpt.tag_for(iteration)}); exiting")
+                else:
+                    _log(f"stop signal: saved {args.save}/{save()}; exiting")
             result["stopped_at"] = iteration
             break
         t0 = time.time()
