@@ -16,6 +16,7 @@ import os
 from typing import List, Optional
 
 from ssa_megatron.data.corpus import CorpusError
+from ssa_megatron.data.tokenizer import file_sha256
 
 MANIFEST = "manifest.json"
 DEFAULT_MAX_BYTES = 60 << 20
@@ -28,14 +29,6 @@ def _zstd():
     except ImportError:
         raise CorpusError("the zstandard package is missing; pip install zstandard") from None
     return zstandard
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_files(prefix: str) -> List[str]:
@@ -66,7 +59,7 @@ def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
     for path in files:
         name = os.path.basename(path)
         size = os.path.getsize(path)
-        entry = {"name": name, "size": size, "sha256": _sha256_file(path), "shards": []}
+        entry = {"name": name, "size": size, "sha256": file_sha256(path), "shards": []}
         with open(path, "rb") as f:
             offset = 0
             while offset < size or (size == 0 and not entry["shards"]):
