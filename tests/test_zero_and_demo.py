@@ -1,5 +1,7 @@
-"""DeepSpeed ZeRO stages train, and the README demo command runs end to end."""
+"""DeepSpeed ZeRO stages train, and the README demo command runs end to end with the losses it
+has always had."""
 import glob
+import json
 import os
 import subprocess
 
@@ -29,7 +31,7 @@ def test_zero_stage_trains_and_loss_falls(tmp_path, random_dataset, stage):
 
 def test_readme_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, OUT=str(out), TRAIN_ITERS="6", LOG_INTERVAL="2", EVAL_INTERVAL="3",
+    env = dict(os.environ, OUT=str(out), TRAIN_ITERS="6", LOG_INTERVAL="1", EVAL_INTERVAL="3",
                SAVE_INTERVAL="3", VOCAB_SIZE="4000")
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_demo_cpu.sh")],
                           env=env, capture_output=True, text=True, timeout=900)
@@ -48,3 +50,29 @@ def test_readme_demo_command_runs_end_to_end(tmp_path):
     for tag in ("train/lm_loss", "train/align_loss", "train/lr", "train/grad_norm",
                 "throughput/tokens_per_s", "throughput/tflops_per_gpu", "valid/lm_loss"):
         assert tag in tags, tags
+    assert_losses_unchanged(events)
+
+
+GOLDEN = os.path.join(ROOT, "tests", "golden", "demo_losses.json")
+RECORDED_TAGS = ("train/lm_loss", "train/align_loss", "train/grad_norm", "valid/lm_loss")
+
+
+def assert_losses_unchanged(events):
+    """The demo's per-step losses (fp32 CPU, seed 1234, reference attention) equal the ones recorded
+    in tests/golden/demo_losses.json before the architecture refactor: a refactor must not change
+    what the model computes. On the recording machine they are bit-identical run after run; the
+    2e-6 relative slack only absorbs another CPU's summation order (a real change of the model,
+    the data order or the draws moves them by 1e-3 or more). Rewrite the file with
+    SSA_RECORD_DEMO_LOSSES=1 only for a change that is meant to alter training."""
+    measured = {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in RECORDED_TAGS}
+    if os.environ.get("SSA_RECORD_DEMO_LOSSES") == "1":
+        with open(GOLDEN, "w") as f:
+            json.dump(measured, f, indent=1)
+            f.write("\n")
+    with open(GOLDEN) as f:
+        golden = json.load(f)
+    for tag in RECORDED_TAGS:
+        steps = [step for step, _ in measured[tag]]
+        assert steps == [step for step, _ in golden[tag]], (tag, steps)
+        for (step, value), (_, expected) in zip(measured[tag], golden[tag]):
+            assert abs(value - expected) <= 2e-6 * abs(expected), (tag, step, value, expected)

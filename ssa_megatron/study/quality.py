@@ -40,6 +40,8 @@ VARIANTS: Dict[str, List[str]] = {
     "ssa-seq-qknorm": ["--attention-mode", "ssa", *RECIPE_DRAW, "--qk-layernorm"],
     "full-full-qknorm": ["--attention-mode", "full", "--qk-layernorm"],
     "ssa-step-alpha0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-align-coef", "0"],
+    "ssa-seq-align1": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-align-coef", "1"],
+    "ssa-seq-full75": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-full-prob", "0.75"],
 }
 
 FINAL_WINDOW = 100  # the final train loss: mean over the last this-many steps
