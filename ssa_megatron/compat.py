@@ -41,9 +41,3 @@ def enable_cpu_fallbacks() -> bool:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _ENABLED = True
     return True
-
-
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -37,10 +37,3 @@ def lr_lambda(args):
         return floor + (1.0 - floor) * decay
 
     return f
-
-
-def build_optimizer(model, args):
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                  betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
-    return optimizer, scheduler
