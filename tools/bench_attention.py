@@ -65,7 +65,7 @@ def _merge_variants(q, k, merges, cs=None, timed=False):
 
 
 def check_correctness(device, verbose=True, merges=()):
-    from ssa_megatron.ops import dispatch
+    from ssa_megatron.ops import dispatch, triton_alignment_loss
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def check_correctness(device, verbose=True, merges=()):
         # alignment loss fused vs reference
         of = torch.randn_like(q, requires_grad=True)
         os_ = torch.randn_like(q, requires_grad=True)
-        la = tsp.alignment_loss(of, os_)
+        la = triton_alignment_loss.alignment_loss(of, os_)
         ga = torch.autograd.grad(la, (of, os_))
         lr = ref.alignment_loss(of, os_)
         gr = torch.autograd.grad(lr, (of, os_))

@@ -65,6 +65,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                      block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
     if _use_triton(q, block_size):
+        from ssa_megatron.ops import triton_block_major
+        if triton_block_major.use_block_major(q.shape[2] // max(1, k.shape[2])):
+            return triton_block_major.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
+                                                       scale)
         from ssa_megatron.ops import triton_sparse_attention
         return triton_sparse_attention.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
                                                         scale)
@@ -105,8 +109,8 @@ def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor
     """SmoothL1(O_full, sg(O_sparse)) + SmoothL1(sg(O_full), O_sparse); fused Triton on CUDA."""
     if not _use_triton(o_full):
         return reference.alignment_loss(o_full, o_sparse)
-    from ssa_megatron.ops import triton_sparse_attention
-    return triton_sparse_attention.alignment_loss(o_full, o_sparse)
+    from ssa_megatron.ops import triton_alignment_loss
+    return triton_alignment_loss.alignment_loss(o_full, o_sparse)
 
 
 __all__ = ["set_backend", "get_backend", "select_blocks", "sparse_attention", "full_attention",
