@@ -65,6 +65,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
                      block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
     if _use_triton(q, block_size):
+        from ssa_megatron.ops import triton_block_major
+        if triton_block_major.use_block_major(q.shape[2] // max(1, k.shape[2])):
+            return triton_block_major.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
+                                                       scale)
         from ssa_megatron.ops import triton_sparse_attention
         return triton_sparse_attention.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
                                                         scale)
