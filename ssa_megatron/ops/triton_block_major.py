@@ -43,11 +43,12 @@ from ssa_megatron.ops.triton_selection import (LOG2E, _next_pow2, compile_option
 #   rows: tile rows of the partial kernel (entries per program = rows // next_pow2(G), >= 1);
 #   merge_rows: rows (tokens x padded G) of the merge kernel;
 #   partial_dtype: None = the input's dtype, or "float32";
+#   evict: cache hints: q rows kept in L2 (evict_last), partials streamed (evict_first);
 #   sparse_forward: which forward ``dispatch.sparse_attention`` runs on the Triton backend:
 #     "gather" (the query-major kernels), "block_major" (this module) or "auto" (block-major
 #     when G < 16). Stays "gather" until GPU timings exist.
 CONFIG = {"rows": 64, "warps": 4, "stages": 2, "merge_rows": 64, "merge_warps": 4,
-          "partial_dtype": None, "sparse_forward": "gather"}
+          "partial_dtype": None, "evict": False, "sparse_forward": "gather"}
 SPARSE_FORWARDS = ("gather", "block_major", "auto")
 
 
@@ -133,7 +134,7 @@ def _partial_kernel(Q, Kt, V, ENT, LIST_OFF, TILE_END, BLK_START, BLK_LEN, PART,
                     scale_log2, NB, NL, SEARCH_STEPS,
                     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr,
                     K: tl.constexpr, BS: tl.constexpr, BE: tl.constexpr, GP: tl.constexpr,
-                    BD: tl.constexpr):
+                    BD: tl.constexpr, EVICT: tl.constexpr):
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_END + NL - 1):  # the grid is an upper bound on the tile count
         return
@@ -173,7 +174,11 @@ def _partial_kernel(Q, Kt, V, ENT, LIST_OFF, TILE_END, BLK_START, BLK_LEN, PART,
     tok = ent // (H * K)
     qrow = (tok.to(tl.int64) * HQ + h * G + rg) * D
     rmask = row_ok[:, None] & dmask[None, :]
-    q = tl.load(Q + qrow[:, None] + dd[None, :], mask=rmask, other=0.0)
+    if EVICT:
+        q = tl.load(Q + qrow[:, None] + dd[None, :], mask=rmask, other=0.0,
+                    eviction_policy="evict_last")
+    else:
+        q = tl.load(Q + qrow[:, None] + dd[None, :], mask=rmask, other=0.0)
 
     s = tl.dot(q, tl.trans(kt)) * scale_log2
     ok = row_ok[:, None] & kok[None, :] & (kpos[None, :] <= tok[:, None])
@@ -185,7 +190,11 @@ def _partial_kernel(Q, Kt, V, ENT, LIST_OFF, TILE_END, BLK_START, BLK_LEN, PART,
     o = tl.dot(p.to(vt.dtype), vt) / tl.maximum(lsum, 1.0e-30)[:, None]
     plse = tl.where(lsum > 0.0, m + tl.log2(tl.maximum(lsum, 1.0e-30)), float("-inf"))
     prow = ent.to(tl.int64) * G + rg
-    tl.store(PART + prow[:, None] * D + dd[None, :], o.to(PART.dtype.element_ty), mask=rmask)
+    if EVICT:
+        tl.store(PART + prow[:, None] * D + dd[None, :], o.to(PART.dtype.element_ty), mask=rmask,
+                 eviction_policy="evict_first")
+    else:
+        tl.store(PART + prow[:, None] * D + dd[None, :], o.to(PART.dtype.element_ty), mask=rmask)
     tl.store(PLSE + prow, plse, mask=row_ok)
 
 
@@ -274,7 +283,7 @@ def forward_flat(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, idx: torc
             _partial_kernel[(grid,)](
                 qf, kf, vf, ent, off, tile_end, bstart, blen, part, plse, scale * LOG2E, nb, nl,
                 max(1, nl.bit_length()), HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BE=be, GP=gp, BD=bd,
-                num_warps=CONFIG["warps"], **compile_options(CONFIG["stages"], 0))
+                EVICT=bool(CONFIG["evict"]), num_warps=CONFIG["warps"], **compile_options(CONFIG["stages"], 0))
     bt = max(1, int(CONFIG["merge_rows"]) // gp)
     _merge_kernel[(triton.cdiv(n, bt), h)](
         idx, tok_ds, part, plse, o, lse, n, HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BT=bt, GP=gp,
