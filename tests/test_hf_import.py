@@ -82,10 +82,10 @@ def test_import_computes_the_source_and_round_trips(tmp_path, family, single_pro
 
     # export -> re-import at TP=2 -> export: bit-identical tensors, TP shards merge back exactly
     api.hf_to_megatron_checkpoint(str(tmp_path / "hf"), str(tmp_path / "tp2"), tp=2)
-    a, _, spec_a = read_checkpoint(str(tmp_path / "tp1"))
-    b, _, spec_b = read_checkpoint(str(tmp_path / "tp2"))
+    a, _, shape_a = read_checkpoint(str(tmp_path / "tp1"))
+    b, _, shape_b = read_checkpoint(str(tmp_path / "tp2"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert dict(spec_a, inference_mode="full") == spec_b  # the export names the mode it runs in
+    assert dict(shape_a, inference_mode="full") == shape_b  # the export names the mode it runs in
     api.megatron_to_hf(str(tmp_path / "tp2"), str(tmp_path / "hf2"))
     x, y = load_safetensors_dir(str(tmp_path / "hf")), load_safetensors_dir(str(tmp_path / "hf2"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
@@ -155,13 +155,13 @@ def test_checkpoints_without_the_options_read_as_before():
     run that asks for an untied head is refused in one line, a RoPE change gets a note."""
     import argparse
 
-    from ssa_megatron.convert.megatron_ckpt import spec_from_meta
     from ssa_megatron.model.config import ConfigError
     from ssa_megatron.model.options import MODEL_OPTIONS, rope_change_note
+    from ssa_megatron.model.shape import ModelShape
     from ssa_megatron.training.checkpointing import check_compatible
     old = {"args": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 8, "rotary_base": 1e4}}
-    spec = spec_from_meta(old, 256)
-    assert {k: spec[k] for k in MODEL_OPTIONS} == {k: d for k, (d, _) in MODEL_OPTIONS.items()}
+    shape = ModelShape.from_meta(old, 256)
+    assert {k: shape[k] for k in MODEL_OPTIONS} == {k: d for k, (d, _) in MODEL_OPTIONS.items()}
     run = argparse.Namespace(**old["args"], rope_scaling_factor=8.0)
     check_compatible(old, run, "ckpt")
     assert rope_change_note(old["args"], run) is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ssa_megatron.convert import hf_ckpt, layout, megatron_ckpt
+from ssa_megatron.model.shape import ModelShape
 
 
 def _progress():
@@ -18,39 +19,39 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
                    max_shard_size="5GB", inference_mode: Optional[str] = None,
                    block_counts: Optional[int] = None) -> list:
     """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes."""
-    full, meta, spec = megatron_ckpt.read_checkpoint(checkpoint, tag)
-    if spec.get("qk_layernorm"):
+    full, meta, shape = megatron_ckpt.read_checkpoint(checkpoint, tag)
+    if shape.qk_layernorm:
         raise hf_ckpt.ConversionError(
             f"{checkpoint} was trained with --qk-layernorm, which the Hugging Face export does not "
             "support yet; evaluate it with tools/evaluate.py --checkpoint instead")
     if inference_mode is not None:
-        spec["inference_mode"] = inference_mode
+        shape = shape.replace(inference_mode=inference_mode)
     if block_counts is not None:
-        spec["ssa_block_counts"] = int(block_counts)
-    hf_state = layout.megatron_to_hf(full, spec)
-    return hf_ckpt.write_hf(out_dir, hf_state, spec, meta.get("data"), dtype, max_shard_size)
+        shape = shape.replace(ssa_block_counts=int(block_counts))
+    hf_state = layout.megatron_to_hf(full, shape)
+    return hf_ckpt.write_hf(out_dir, hf_state, shape, meta.get("data"), dtype, max_shard_size)
 
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                               attention_mode: Optional[str] = None) -> str:
     """HF directory (ours, the paper's layout, Llama, Mistral, Qwen2) -> weights-only megatron
     checkpoint. Returns the flavour read (ssa, paper, llama)."""
-    hf_state, spec, flavour = hf_ckpt.read_hf(hf_dir, attention_mode)
-    full = layout.hf_to_megatron(hf_state, spec, megatron_ckpt.padded_vocab(spec["vocab_size"], tp))
-    data = hf_ckpt.tokenizer_data_from_hf(hf_dir, spec["vocab_size"])
-    megatron_ckpt.write_checkpoint(full, spec, out_dir, tp, pp, data=data,
+    hf_state, shape, flavour = hf_ckpt.read_hf(hf_dir, attention_mode)
+    full = layout.hf_to_megatron(hf_state, shape, megatron_ckpt.padded_vocab(shape.vocab_size, tp))
+    data = hf_ckpt.tokenizer_data_from_hf(hf_dir, shape.vocab_size)
+    megatron_ckpt.write_checkpoint(full, shape, out_dir, tp, pp, data=data,
                                    source=f"{flavour} HF model {hf_dir}", progress=_progress())
     return flavour
 
 
 def training_flags(checkpoint: str) -> list:
     """The pretrain.py model flags that rebuild a checkpoint's model (for --load)."""
-    full_meta = megatron_ckpt.read_meta(megatron_ckpt.resolve_tag_dir(checkpoint))
-    return megatron_ckpt.training_flags(megatron_ckpt.spec_from_meta(full_meta, 0))
+    meta = megatron_ckpt.read_meta(megatron_ckpt.resolve_tag_dir(checkpoint))
+    return ModelShape.from_meta(meta, 0).training_flags()
 
 
 def relayout(checkpoint: str, out_dir: str, tp: int, pp: int = 1, tag: Optional[str] = None) -> str:
     """A checkpoint of any layout -> a weights-only checkpoint with TP=``tp`` (directly)."""
-    full, meta, spec = megatron_ckpt.read_checkpoint(checkpoint, tag)
-    return megatron_ckpt.write_checkpoint(full, spec, out_dir, tp, pp, data=meta.get("data"),
+    full, meta, shape = megatron_ckpt.read_checkpoint(checkpoint, tag)
+    return megatron_ckpt.write_checkpoint(full, shape, out_dir, tp, pp, data=meta.get("data"),
                                           source=f"relayout of {checkpoint}", progress=_progress())

@@ -39,12 +39,13 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
 from ssa_megatron.convert.layout import ConversionError
 from ssa_megatron.model.options import ROPE_SCALING_TYPES, model_options
+from ssa_megatron.model.shape import ModelShape
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.dirname(HERE)
@@ -55,28 +56,15 @@ AUTO_MAP = {"AutoConfig": "configuration_ssa.SSAConfig",
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def hf_config(spec: dict, tokenizer: Optional[dict] = None, dtype: str = "float32") -> dict:
-    mode = spec.get("inference_mode") or ("sparse" if spec.get("attention_mode") == "sparse" else "full")
+def hf_config(shape: Mapping, tokenizer: Optional[dict] = None, dtype: str = "float32") -> dict:
+    """config.json of a model of ``shape`` (a ModelShape or a mapping of its field names)."""
+    shape = shape if isinstance(shape, ModelShape) else ModelShape.from_args(shape)
     cfg = {
         "architectures": ["SSAForCausalLM"], "model_type": MODEL_TYPE, "auto_map": dict(AUTO_MAP),
-        "vocab_size": spec["vocab_size"], "hidden_size": spec["hidden_size"],
-        "intermediate_size": spec["ffn_hidden_size"], "num_hidden_layers": spec["num_layers"],
-        "num_attention_heads": spec["num_attention_heads"],
-        "num_key_value_heads": spec["num_query_groups"], "head_dim": spec["kv_channels"],
-        "hidden_act": "silu", "max_position_embeddings": spec["max_position_embeddings"],
-        "initializer_range": spec.get("init_method_std", 0.02), "rms_norm_eps": spec["norm_epsilon"],
-        "rope_theta": spec["rotary_base"], "use_cache": True,
+        "hidden_act": "silu", "use_cache": True,
         "attention_bias": False, "mlp_bias": False,  # Llama's meaning: o_proj / MLP biases (none)
-        "block_size": spec["ssa_block_size"], "block_counts": spec["ssa_block_counts"],
-        "inference_mode": mode, "attention_mode": spec.get("attention_mode", "ssa"),
-        "dtype": dtype,
+        "dtype": dtype, **shape.to_hf_config(),
     }
-    if cfg["attention_mode"] == "nsa":
-        cfg["window_size"] = int(spec.get("nsa_window_size", 128))
-    options = model_options(spec)
-    cfg["tie_word_embeddings"] = not options.pop("untie_embeddings_and_output_weights")
-    cfg.update({k: v for k, v in options.items()
-                if options["use_rope_scaling"] or not k.startswith("rope_scaling_")})
     if tokenizer and tokenizer.get("eod") is not None:
         cfg["eos_token_id"] = int(tokenizer["eod"])
     return cfg
@@ -186,7 +174,7 @@ def write_tokenizer(out: str, data: dict) -> Optional[str]:
     return None
 
 
-def write_hf(out_dir: str, hf_state: Dict[str, torch.Tensor], spec: dict, data: Optional[dict] = None,
+def write_hf(out_dir: str, hf_state: Dict[str, torch.Tensor], shape: Mapping, data: Optional[dict] = None,
              dtype: str = "float32", max_shard_size="5GB") -> list:
     """Write an HF directory (atomically: temp dir renamed into place). Returns notes."""
     if dtype not in DTYPES:
@@ -202,7 +190,7 @@ def write_hf(out_dir: str, hf_state: Dict[str, torch.Tensor], spec: dict, data: 
         _save_safetensors(state, tmp, max_shard_size)
         tok = ((data or {}).get("tokenizer") or {})
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config(spec, tok, dtype), f, indent=2, sort_keys=True)
+            json.dump(hf_config(shape, tok, dtype), f, indent=2, sort_keys=True)
         copy_model_code(tmp)
         note = write_tokenizer(tmp, data or {})
         if note:
@@ -309,32 +297,13 @@ def check_importable(cfg: dict) -> None:
         raise ConversionError(f"hidden_act {cfg.get('hidden_act')!r}: SSA models use SwiGLU (silu)")
 
 
-def spec_from_hf_config(cfg: dict) -> dict:
-    """The model spec of an HF config. ``untie_embeddings_and_output_weights`` is None when the
-    config does not say (read_hf decides from the tensors); ``add_qkv_bias`` comes from the
-    tensors for other models than ours."""
+def shape_from_hf_config(cfg: dict) -> ModelShape:
+    """The model shape of an HF config (ours, or another model's: RoPE from its own fields).
+    Where the config does not say, read_hf decides ``untie_embeddings_and_output_weights`` (and,
+    for other models than ours, ``add_qkv_bias``) from the tensors."""
     check_importable(cfg)
-    heads = int(cfg["num_attention_heads"])
     rotary_base, rope = _rope_from_hf(cfg)
-    tied = cfg.get("tie_word_embeddings")
-    hidden = int(cfg["hidden_size"])
-    return {
-        "num_layers": int(cfg["num_hidden_layers"]), "hidden_size": hidden,
-        "ffn_hidden_size": int(cfg["intermediate_size"]), "num_attention_heads": heads,
-        "num_query_groups": int(cfg.get("num_key_value_heads") or heads),
-        "kv_channels": int(cfg.get("head_dim") or hidden // heads),
-        "vocab_size": int(cfg["vocab_size"]), "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "rotary_base": rotary_base,
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 4096)),
-        "attention_mode": cfg.get("attention_mode", "ssa"),
-        "ssa_block_size": int(cfg.get("block_size", 16)),
-        "ssa_block_counts": int(cfg.get("block_counts", 16)),
-        "nsa_window_size": int(cfg.get("window_size") or 128),
-        "inference_mode": cfg.get("inference_mode"),
-        "init_method_std": float(cfg.get("initializer_range", 0.02)),
-        **model_options(dict(rope, add_qkv_bias=cfg.get("add_qkv_bias"))),
-        "untie_embeddings_and_output_weights": None if tied is None else not tied,
-    }
+    return ModelShape.from_hf_config(cfg, rotary_base=rotary_base, **rope)
 
 
 def _normalise_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -347,8 +316,8 @@ def _normalise_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict, str]:
-    """(HF SSA state dict, spec, flavour) of an HF directory.
+def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], ModelShape, str]:
+    """(HF SSA state dict, model shape, flavour) of an HF directory.
 
     ``g_proj`` comes back as [heads, hidden] (one gate per head), or, when the model is (or is
     imported as, ``attention_mode``) an NSA model, as [3 * heads, hidden] unchanged (compression,
@@ -359,27 +328,27 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
         raise ConversionError(f"{path} has no config.json; pass a Hugging Face model directory")
     with open(cfg_path) as f:
         cfg = json.load(f)
-    spec = spec_from_hf_config(cfg)
+    shape = shape_from_hf_config(cfg)
     if attention_mode is not None:
-        spec["attention_mode"] = attention_mode
-    nsa = spec["attention_mode"] == "nsa"
+        shape = shape.replace(attention_mode=attention_mode)
+    nsa = shape.attention_mode == "nsa"
     state = _normalise_names(load_safetensors_dir(path))
     emb = state.get("model.embed_tokens.weight")
     if emb is None:
         raise ConversionError(f"{path} has no model.embed_tokens.weight; not a Llama-style model")
     head = state.get("lm_head.weight")
-    untied = spec["untie_embeddings_and_output_weights"]
-    if untied is None:  # the config does not say: an lm_head of its own makes it untied
+    untied = shape.untie_embeddings_and_output_weights
+    if cfg.get("tie_word_embeddings") is None:  # not said: an lm_head of its own makes it untied
         untied = head is not None and not torch.equal(head, emb)
     elif untied and head is None:
         raise ConversionError(f"{path}: tie_word_embeddings is false but there is no lm_head.weight")
     if not untied:
         state.pop("lm_head.weight", None)  # tied: transformers uses the embedding (as we do)
-    spec["untie_embeddings_and_output_weights"] = bool(untied)
-    _check_biases(state, cfg, spec)
-    heads, hidden = spec["num_attention_heads"], spec["hidden_size"]
+    shape = shape.replace(untie_embeddings_and_output_weights=bool(untied),
+                          add_qkv_bias=_has_qkv_bias(state, cfg, shape))
+    heads, hidden = shape.num_attention_heads, shape.hidden_size
     flavour = "ssa" if cfg.get("model_type") == MODEL_TYPE else None
-    for i in range(spec["num_layers"]):
+    for i in range(shape.num_layers):
         p = f"model.layers.{i}.self_attn."
         g = state.get(p + "g_proj.weight")
         if g is None:
@@ -402,15 +371,15 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
         else:
             flavour = flavour or "ssa"
     expected = {"model.embed_tokens.weight", "model.norm.weight"} | {
-        f"model.layers.{i}.{n}.weight" for i in range(spec["num_layers"]) for n in (
+        f"model.layers.{i}.{n}.weight" for i in range(shape.num_layers) for n in (
             "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.g_proj",
             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
             "post_attention_layernorm")}
-    if spec["untie_embeddings_and_output_weights"]:
+    if shape.untie_embeddings_and_output_weights:
         expected.add("lm_head.weight")
-    if spec["add_qkv_bias"]:
+    if shape.add_qkv_bias:
         expected |= {f"model.layers.{i}.self_attn.{x}_proj.bias"
-                     for i in range(spec["num_layers"]) for x in "qkv"}
+                     for i in range(shape.num_layers) for x in "qkv"}
     missing = sorted(expected - set(state))
     if missing:
         raise ConversionError(f"{path} lacks {len(missing)} expected tensors, e.g. {missing[0]}")
@@ -418,10 +387,10 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
     if extra:
         raise ConversionError(f"{path} has tensors an SSA model does not use, e.g. {extra[0]} "
                               "(compression / sliding-window branches are not imported)")
-    return {k: state[k] for k in sorted(expected)}, spec, flavour
+    return {k: state[k] for k in sorted(expected)}, shape, flavour
 
 
-def _check_biases(state: Dict[str, torch.Tensor], cfg: dict, spec: dict) -> None:
+def _has_qkv_bias(state: Dict[str, torch.Tensor], cfg: dict, shape: ModelShape) -> bool:
     """q/k/v biases (Qwen2) become ``add_qkv_bias``; o_proj and MLP biases are refused, naming
     the config field that put them there."""
     names = set(state)
@@ -430,8 +399,7 @@ def _check_biases(state: Dict[str, torch.Tensor], cfg: dict, spec: dict) -> None
                               "(Llama layout); SSA models take q/k/v biases only (as Qwen2)")
     if any(".mlp." in n and n.endswith(".bias") for n in names):
         raise ConversionError(f"mlp_bias={cfg.get('mlp_bias')}: the MLP has biases, SSA models have none")
-    if not spec["add_qkv_bias"]:
-        spec["add_qkv_bias"] = "model.layers.0.self_attn.q_proj.bias" in names
+    return shape.add_qkv_bias or "model.layers.0.self_attn.q_proj.bias" in names
 
 
 def tokenizer_data_from_hf(path: str, vocab_size: int) -> dict:

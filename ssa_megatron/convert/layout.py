@@ -1,4 +1,5 @@
 """Tensor layouts: megatron-core GPTModel (per TP rank) <-> one full state dict <-> HF names.
+The model's shape (model/shape.py, or any mapping of its field names) gives the sizes.
 
 The *full megatron state dict* (megatron-core names, TP merged, embedding with its padded rows) is
 the hub every conversion goes through:
@@ -18,7 +19,7 @@ TP rules (megatron-core, local spec):
 from __future__ import annotations
 
 import re
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 import torch
 
@@ -106,23 +107,23 @@ def split_tp(full: Dict[str, torch.Tensor], tp: int) -> List[Dict[str, torch.Ten
 # full megatron <-> HF (our SSA model code: Llama names + g_proj)
 
 
-def megatron_to_hf(full: Dict[str, torch.Tensor], spec: dict) -> Dict[str, torch.Tensor]:
+def megatron_to_hf(full: Dict[str, torch.Tensor], shape: Mapping) -> Dict[str, torch.Tensor]:
     """Full megatron state dict -> HF SSA state dict (``lm_head`` only when untied)."""
-    h = spec["num_query_groups"]
-    d, g = spec["kv_channels"], spec["num_attention_heads"] // spec["num_query_groups"]
-    hidden, vocab = spec["hidden_size"], spec["vocab_size"]
+    h = shape["num_query_groups"]
+    d, g = shape["kv_channels"], shape["num_attention_heads"] // shape["num_query_groups"]
+    hidden, vocab = shape["hidden_size"], shape["vocab_size"]
     out = {"model.embed_tokens.weight": full["embedding.word_embeddings.weight"][:vocab].clone(),
            "model.norm.weight": full["decoder.final_layernorm.weight"].clone()}
-    untied = bool(spec.get("untie_embeddings_and_output_weights"))
+    untied = bool(shape.get("untie_embeddings_and_output_weights"))
     if untied != ("output_layer.weight" in full):
         raise ConversionError("the checkpoint's output layer does not match its flags ("
                               f"untie_embeddings_and_output_weights {untied}): it is damaged or "
                               "its ssa_meta.json belongs to another model")
     if untied:
         out["lm_head.weight"] = full["output_layer.weight"][:vocab].clone()
-    for i in range(spec["num_layers"]):
+    for i in range(shape["num_layers"]):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for suffix in ("weight", "bias") if spec.get("add_qkv_bias") else ("weight",):
+        for suffix in ("weight", "bias") if shape.get("add_qkv_bias") else ("weight",):
             q, k, v = _split_qkv(full[m + "self_attention.linear_qkv." + suffix], h, g, d)
             out[p + "self_attn.q_proj." + suffix] = q
             out[p + "self_attn.k_proj." + suffix] = k
@@ -161,21 +162,21 @@ def _pad_rows(t: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     return padded
 
 
-def hf_to_megatron(hf: Dict[str, torch.Tensor], spec: dict, padded_vocab: int) -> Dict[str, torch.Tensor]:
+def hf_to_megatron(hf: Dict[str, torch.Tensor], shape: Mapping, padded_vocab: int) -> Dict[str, torch.Tensor]:
     """HF SSA state dict (Llama names + g_proj) -> full megatron state dict.
 
     ``g_proj`` becomes ``linear_gate`` as is: [heads, hidden] (SSA) or [3 * heads, hidden] (NSA,
     rows 3 * h + i = gate i of head h, i in compression, selection, window)."""
-    h = spec["num_query_groups"]
-    d, g = spec["kv_channels"], spec["num_attention_heads"] // spec["num_query_groups"]
+    h = shape["num_query_groups"]
+    d, g = shape["kv_channels"], shape["num_attention_heads"] // shape["num_query_groups"]
     full = {"embedding.word_embeddings.weight": _pad_rows(hf["model.embed_tokens.weight"],
                                                           padded_vocab, "embedding"),
             "decoder.final_layernorm.weight": hf["model.norm.weight"].clone()}
-    if spec.get("untie_embeddings_and_output_weights"):
+    if shape.get("untie_embeddings_and_output_weights"):
         full["output_layer.weight"] = _pad_rows(hf["lm_head.weight"], padded_vocab, "lm_head")
-    for i in range(spec["num_layers"]):
+    for i in range(shape["num_layers"]):
         m, p = f"decoder.layers.{i}.", f"model.layers.{i}."
-        for suffix in ("weight", "bias") if spec.get("add_qkv_bias") else ("weight",):
+        for suffix in ("weight", "bias") if shape.get("add_qkv_bias") else ("weight",):
             full[m + "self_attention.linear_qkv." + suffix] = _join_qkv(
                 *(hf[f"{p}self_attn.{x}_proj.{suffix}"] for x in "qkv"), h, g, d)
         full[m + "self_attention.linear_gate.weight"] = hf[p + "self_attn.g_proj.weight"].clone()

@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ssa_megatron.convert.layout import ConversionError, is_weight_key, merge_tp, split_tp
-from ssa_megatron.model.options import model_options, option_flags
+from ssa_megatron.model.shape import ModelShape
 
 META = "ssa_meta.json"
 LATEST = "latest"
@@ -143,8 +143,8 @@ def read_meta(tag_dir: str) -> dict:
 
 
 def read_checkpoint(path: str, tag: Optional[str] = None,
-                    warn=None) -> Tuple[Dict[str, torch.Tensor], dict, dict]:
-    """(full megatron state dict, ssa_meta.json, model spec) of a checkpoint of any TP layout,
+                    warn=None) -> Tuple[Dict[str, torch.Tensor], dict, ModelShape]:
+    """(full megatron state dict, ssa_meta.json, model shape) of a checkpoint of any TP layout,
     verified against its manifest (``warn``: where warning lines go, default stderr)."""
     tag_dir = resolve_tag_dir(path, tag, warn)
     meta = read_meta(tag_dir)
@@ -165,69 +165,7 @@ def read_checkpoint(path: str, tag: Optional[str] = None,
     else:
         raise ConversionError(f"{tag_dir} holds no DeepSpeed model files (*model_states.pt)")
     full = merge_tp(shards)
-    return full, meta, spec_from_meta(meta, full["embedding.word_embeddings.weight"].shape[0])
-
-
-def spec_from_meta(meta: dict, embedding_rows: int) -> dict:
-    """The model description every converter step uses, from the checkpoint's saved flags."""
-    a = meta["args"]
-    heads = int(a["num_attention_heads"])
-    tok = (meta.get("data") or {}).get("tokenizer") or {}
-    # --vocab-size, when given, is the model's (it may exceed the tokenizer's: imported embeddings)
-    vocab = a.get("vocab_size") or tok.get("vocab_size") or embedding_rows
-    return {
-        "num_layers": int(a["num_layers"]),
-        "hidden_size": int(a["hidden_size"]),
-        "ffn_hidden_size": int(a.get("ffn_hidden_size") or 4 * a["hidden_size"]),
-        "num_attention_heads": heads,
-        "num_query_groups": int(a.get("num_query_groups") or heads),
-        "kv_channels": int(a.get("kv_channels") or a["hidden_size"] // heads),
-        "vocab_size": int(vocab),
-        "norm_epsilon": float(a.get("norm_epsilon", 1e-5)),
-        "rotary_base": float(a.get("rotary_base", 500000.0)),
-        "max_position_embeddings": int(a.get("max_position_embeddings") or a.get("seq_length") or 4096),
-        "attention_mode": a.get("attention_mode", "ssa"),
-        "ssa_block_size": int(a.get("ssa_block_size", 16)),
-        "ssa_block_counts": int(a.get("ssa_block_counts", 16)),
-        "nsa_window_size": int(a.get("nsa_window_size") or 128),
-        "inference_mode": a.get("inference_mode"),
-        "init_method_std": float(a.get("init_method_std", 0.02)),
-        **model_options(a),  # untied head, q/k/v biases, RoPE scaling (defaults when not recorded)
-    }
-
-
-def args_from_spec(spec: dict, tp: int) -> dict:
-    """The flags a weights-only checkpoint records (what --load checks against)."""
-    kv = spec["kv_channels"]
-    return {
-        "num_layers": spec["num_layers"], "hidden_size": spec["hidden_size"],
-        "ffn_hidden_size": spec["ffn_hidden_size"],
-        "num_attention_heads": spec["num_attention_heads"],
-        "num_query_groups": spec["num_query_groups"],
-        "kv_channels": None if kv * spec["num_attention_heads"] == spec["hidden_size"] else kv,
-        "vocab_size": spec["vocab_size"], "norm_epsilon": spec["norm_epsilon"],
-        "rotary_base": spec["rotary_base"], "max_position_embeddings": spec["max_position_embeddings"],
-        "seq_length": spec["max_position_embeddings"], "attention_mode": spec["attention_mode"],
-        "ssa_block_size": spec["ssa_block_size"], "ssa_block_counts": spec["ssa_block_counts"],
-        "nsa_window_size": spec.get("nsa_window_size", 128),
-        "inference_mode": spec["inference_mode"], "init_method_std": spec["init_method_std"],
-        "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": 1,
-        **model_options(spec),
-    }
-
-
-def training_flags(spec: dict) -> list:
-    """The model flags of pretrain.py that build the model of ``spec`` (what --load checks, plus
-    RoPE); data, batch and parallel flags are the user's."""
-    a = args_from_spec(spec, 1)
-    flags = []
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "kv_channels", "seq_length", "rotary_base", "norm_epsilon",
-                "vocab_size"):
-        if a[key] is not None:
-            value = a[key]
-            flags += ["--" + key.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
-    return flags + option_flags(model_options(spec))
+    return full, meta, ModelShape.from_meta(meta, full["embedding.word_embeddings.weight"].shape[0])
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:
@@ -249,7 +187,7 @@ def repad_embedding(full: Dict[str, torch.Tensor], vocab_size: int, tp: int) -> 
     return full
 
 
-def write_checkpoint(full: Dict[str, torch.Tensor], spec: dict, out_dir: str, tp: int, pp: int = 1,
+def write_checkpoint(full: Dict[str, torch.Tensor], shape: ModelShape, out_dir: str, tp: int, pp: int = 1,
                      data: Optional[dict] = None, source: Optional[str] = None,
                      progress=None) -> str:
     """A weights-only checkpoint of layout TP=``tp`` that ``--load`` continues from (iteration 0).
@@ -259,12 +197,12 @@ def write_checkpoint(full: Dict[str, torch.Tensor], spec: dict, out_dir: str, tp
     if pp != 1:
         raise ConversionError("writing a pipeline-parallel (PP > 1) checkpoint is not available yet; "
                               "write PP=1 and load it with --pipeline-model-parallel-size 1")
-    if spec["num_query_groups"] % tp or spec["num_attention_heads"] % tp:
-        raise ConversionError(f"TP {tp} does not divide {spec['num_query_groups']} kv groups / "
-                              f"{spec['num_attention_heads']} heads; pick a TP size that divides both")
+    if shape.num_query_groups % tp or shape.num_attention_heads % tp:
+        raise ConversionError(f"TP {tp} does not divide {shape.num_query_groups} kv groups / "
+                              f"{shape.num_attention_heads} heads; pick a TP size that divides both")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"output {out_dir} exists and is not empty; choose a new directory")
-    full = repad_embedding(full, spec["vocab_size"], tp)
+    full = repad_embedding(full, shape.vocab_size, tp)
     shards = split_tp(full, tp)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -279,7 +217,7 @@ def write_checkpoint(full: Dict[str, torch.Tensor], spec: dict, out_dir: str, tp
                      "dp_world_size": 1, "mp_world_size": tp, "iteration": 0, "consumed_samples": 0}
             torch.save(state, os.path.join(tmp, tag, f"mp_rank_{r:02d}_model_states.pt"))
         meta = {"iteration": 0, "consumed_samples": 0, "weights_only": True, "checkpoint_format": 2,
-                "args": args_from_spec(spec, tp), "data": data or {}, "source": source,
+                "args": shape.to_meta_args(tp), "data": data or {}, "source": source,
                 "padded_vocab_size": int(full["embedding.word_embeddings.weight"].shape[0])}
         with open(os.path.join(tmp, tag, META), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)

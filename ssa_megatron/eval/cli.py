@@ -151,20 +151,20 @@ def run(args) -> dict:
     lengths = list(args.seq_length or [])
     needle_lengths = list(args.needle_lengths or [])
     max_len = max(lengths + needle_lengths + [0]) + 16
-    model, spec, meta = load_model(args.checkpoint, args.tag, args.device, args.bf16, max_len)
-    train_len = spec["train_seq_length"]
+    model, shape, meta = load_model(args.checkpoint, args.tag, args.device, args.bf16, max_len)
+    train_len = shape["train_seq_length"]
     lengths = lengths or [train_len]
     needle_lengths = needle_lengths or lengths
-    bs = spec["ssa_block_size"]
-    ssa_layers = spec["layer_spec"] == "ssa" and spec["attention_mode"] != "nsa"
+    bs = shape["ssa_block_size"]
+    ssa_layers = shape["layer_spec"] == "ssa" and shape["attention_mode"] != "nsa"
     notes: List[str] = []
     if not ssa_layers:
-        notes.append(f"attention mode {spec['attention_mode']} / layer spec {spec['layer_spec']}: "
+        notes.append(f"attention mode {shape['attention_mode']} / layer spec {shape['layer_spec']}: "
                      "no full/sparse switch; evaluated in its natural mode, no sparsity analysis")
     modes = list(args.modes) if ssa_layers else ["natural"]
     settings = settings_for(modes, args.block_counts)
 
-    reset = {"auto": spec["reset_attention_mask"], "on": True, "off": False}[args.reset_attention_mask]
+    reset = {"auto": shape["reset_attention_mask"], "on": True, "off": False}[args.reset_attention_mask]
     tokenizer = _find_tokenizer(args.tokenizer, meta, args.data_path)
     eod = None
     if args.data_path:
@@ -201,10 +201,10 @@ def run(args) -> dict:
         raise EvalError("--reset-attention-mask needs the end-of-document id; pass --tokenizer")
 
     result = {"checkpoint": os.path.abspath(args.checkpoint), "iteration": meta.get("iteration"),
-              "attention_mode": spec["attention_mode"], "block_size": bs,
-              "train_block_counts": spec["ssa_block_counts"], "train_seq_length": train_len,
+              "attention_mode": shape["attention_mode"], "block_size": bs,
+              "train_block_counts": shape["ssa_block_counts"], "train_seq_length": train_len,
               "name": f"{os.path.basename(os.path.abspath(args.checkpoint))} "
-                      f"({spec['attention_mode']}, iter {meta.get('iteration')})",
+                      f"({shape['attention_mode']}, iter {meta.get('iteration')})",
               "source": source, "stream_tokens": int(len(stream)), "bf16": bool(args.bf16),
               "world_size": world, "stride": args.stride, "reset_attention_mask": bool(reset),
               "perplexity": [], "notes": notes}
@@ -232,7 +232,7 @@ def run(args) -> dict:
         sums = evaluate_perplexity(model, stream, evdata.shard(windows, rank, world), length, settings,
                                    args.micro_batch_size, eod if reset else None,
                                    progress=lambda it: progress(it, f"perplexity L={length}"),
-                                   vocab_size=spec["vocab_size"])
+                                   vocab_size=shape["vocab_size"])
         for (mode, bc), r in reduce_perplexity(sums).items():
             result["perplexity"].append({"seq_length": length, "rope_scaling_factor": factor,
                                          "mode": mode, "block_counts": bc, "windows": len(windows), **r})
@@ -268,14 +268,14 @@ def run(args) -> dict:
             samples = make_needle_set(tokenizer, needle_lengths, args.needle_depths, args.needle_trials,
                                       seed=args.seed)
             nsettings = [("full", None)] + [("sparse", bc) for bc in
-                                            (args.needle_block_counts or [spec["ssa_block_counts"]])]
+                                            (args.needle_block_counts or [shape["ssa_block_counts"]])]
             if not ssa_layers:
                 nsettings = [("natural", None)]
             depths = sorted(set(args.needle_depths))
             keys = [(L, s, d) for L in needle_lengths for s in nsettings for d in depths]
             acc = torch.zeros(len(keys), 2, dtype=torch.float64)
             records = []
-            vocab = spec["vocab_size"]
+            vocab = shape["vocab_size"]
             for setting in nsettings:
                 apply_setting(model, setting)
                 for L in needle_lengths:

@@ -67,7 +67,9 @@ def _namespace_from_meta(meta_args: dict) -> argparse.Namespace:
 
 def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str] = None,
                bf16: bool = False, max_seq_length: int = 0) -> Tuple[torch.nn.Module, dict, dict]:
-    """(model in eval mode on ``device``, spec, ssa_meta) of a checkpoint of any TP/ZeRO layout.
+    """(model in eval mode on ``device``, shape, ssa_meta) of a checkpoint of any TP/ZeRO layout;
+    the shape (a dict of model/shape.py's fields) adds how the model trained: its
+    ``train_seq_length``, ``layer_spec`` and ``reset_attention_mask``.
 
     Needs torch.distributed + megatron parallel_state with TP=1 (``init_distributed(1, 1)``).
     """
@@ -76,7 +78,7 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
     from ssa_megatron.model.builder import build_config, build_gpt_model
 
     try:
-        full, meta, spec = read_checkpoint(checkpoint, tag)
+        full, meta, shape = read_checkpoint(checkpoint, tag)
     except ConversionError as e:
         raise EvalError(str(e)) from None
     if device is None:
@@ -94,10 +96,10 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
     args.cross_entropy_loss_fusion = on_gpu and args.bf16
     config = build_config(args)
     train_len = int(args.seq_length)
-    model = build_gpt_model(config, spec["vocab_size"], max(train_len, max_seq_length,
+    model = build_gpt_model(config, shape.vocab_size, max(train_len, max_seq_length,
                                                             int(args.max_position_embeddings)),
                             float(args.rotary_base))
-    full = repad_embedding(full, spec["vocab_size"], 1)
+    full = repad_embedding(full, shape.vocab_size, 1)
     own = model.state_dict()
     weights = {k: v for k, v in full.items() if k in own}
     missing = [k for k in own if k not in weights and not k.endswith("_extra_state")
@@ -110,10 +112,10 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
     model.load_state_dict(weights, strict=False)
     model.to(device)
     model.eval()
-    spec = dict(spec, train_seq_length=train_len,
-                layer_spec=getattr(args, "layer_spec", "ssa"),
-                reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)))
-    return model, spec, meta
+    shape = dict(shape, train_seq_length=train_len,
+                 layer_spec=getattr(args, "layer_spec", "ssa"),
+                 reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)))
+    return model, shape, meta
 
 
 def init_single_process_or_dp(seed: int = 1234) -> None:

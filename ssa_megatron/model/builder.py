@@ -1,6 +1,8 @@
 """Model construction from parsed arguments: SSAConfig + megatron-core GPTModel."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -8,7 +10,8 @@ from megatron.core.models.gpt import GPTModel
 
 from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec, init_seed_for_layer
-from ssa_megatron.model.options import model_options, rope_scaling, scale_rotary_embedding
+from ssa_megatron.model.options import rope_scaling, scale_rotary_embedding
+from ssa_megatron.model.shape import ModelShape
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -24,28 +27,23 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
 
 
 def build_config(args) -> SSAConfig:
+    """SSAConfig of parsed flags: every field of the model's shape that SSAConfig declares, under
+    its own name, plus the precision, fusion and parallel settings."""
     dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else torch.float32)
-    options = model_options(args)
+    shape = ModelShape.from_args(args)
+    declared = {f.name for f in dataclasses.fields(SSAConfig)}
     return SSAConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
+        **{name: value for name, value in shape.items() if name in declared},
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         normalization="RMSNorm",
-        layernorm_epsilon=args.norm_epsilon,
+        layernorm_epsilon=shape.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=options["add_qkv_bias"],
-        untie_embeddings_and_output_weights=options["untie_embeddings_and_output_weights"],
-        rope_scaling=rope_scaling(options),
+        rope_scaling=rope_scaling(shape),
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=args.init_method_std,
         use_cpu_initialization=args.use_cpu_initialization,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -59,15 +57,9 @@ def build_config(args) -> SSAConfig:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        attention_mode=args.attention_mode,
-        ssa_block_size=args.ssa_block_size,
-        ssa_block_counts=args.ssa_block_counts,
         ssa_align_coef=args.ssa_align_coef,
         ssa_full_prob=args.ssa_full_prob,
-        nsa_window_size=getattr(args, "nsa_window_size", 128),
-        qk_layernorm=bool(getattr(args, "qk_layernorm", False)),
         ssa_gate_init=getattr(args, "ssa_gate_init", "normal"),
-        inference_mode=args.inference_mode,
         init_seed=args.seed,
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if getattr(args, "recompute_activations", False) else {}),

@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-ATTENTION_MODES = ("ssa", "full", "sparse", "nsa")
-INFERENCE_MODES = ("full", "sparse")
+from ssa_megatron.model.shape import ATTENTION_MODES, INFERENCE_MODES, shape_default  # noqa: F401
 
 
 class ConfigError(ValueError):
@@ -17,12 +16,13 @@ class ConfigError(ValueError):
 class SSAConfig(TransformerConfig):
     """TransformerConfig plus the SSA attention settings (DESIGN §1)."""
 
-    attention_mode: str = "ssa"
-    ssa_block_size: int = 16
-    ssa_block_counts: int = 16
+    # the model's shape (model/shape.py) passes these; its defaults are theirs
+    attention_mode: str = shape_default("attention_mode")
+    ssa_block_size: int = shape_default("ssa_block_size")
+    ssa_block_counts: int = shape_default("ssa_block_counts")
     ssa_align_coef: float = 10.0
     ssa_full_prob: float = 0.5
-    nsa_window_size: int = 128  # sliding-window branch of --attention-mode nsa
+    nsa_window_size: int = shape_default("nsa_window_size")  # sliding-window branch of --attention-mode nsa
     ssa_gate_init: str = "normal"  # "zero": every gate starts at sigmoid(0) = 0.5
     # Branch used outside training; None means the mode's natural one (sparse for "sparse").
     inference_mode: str | None = None
@@ -46,7 +46,7 @@ class SSAConfig(TransformerConfig):
 
 
 def check_ssa_settings(attention_mode, block_size, block_counts, full_prob, inference_mode=None,
-                       nsa_window_size=128):
+                       nsa_window_size=shape_default("nsa_window_size")):
     if attention_mode not in ATTENTION_MODES:
         raise ConfigError(f"unknown --attention-mode {attention_mode!r}; "
                           f"use one of {', '.join(ATTENTION_MODES)}")

@@ -1,11 +1,10 @@
 """Architecture options of the models people continue pretraining from: an untied output layer,
 q/k/v biases and RoPE scaling.
 
-:data:`MODEL_OPTIONS` is the one table of them (Megatron-LM's flag names where it has them). The
-trainer's flags, the checkpoint metadata (``ssa_meta.json`` args), the converter's model spec and
-the exported HF ``config.json`` all use these names, so one function (:func:`model_options`)
-reads them from any of those; a checkpoint or HF directory written before they existed reads as
-the defaults: a tied, bias-free, plain-RoPE model, as before.
+They are fields of the model's shape (model/shape.py, group OPTIONS: Megatron-LM's flag names
+where it has them); :data:`MODEL_OPTIONS` is the view of them this module works with. A checkpoint
+or HF directory written before they existed reads as the defaults: a tied, bias-free, plain-RoPE
+model, as before.
 
 RoPE scaling changes the rotary frequencies only (megatron-core's ``RotaryEmbedding.inv_freq``):
 
@@ -22,46 +21,17 @@ import argparse
 from typing import Mapping, Optional
 
 from ssa_megatron.model.config import ConfigError
+from ssa_megatron.model.shape import (OPTIONS, ROPE_SCALING_TYPES, shape_default, shape_fields,  # noqa: F401
+                                      shape_help)
 
-ROPE_SCALING_TYPES = ("llama3", "linear")
-
-# name: (default, help). Flags are --name-with-dashes.
-MODEL_OPTIONS = {
-    "untie_embeddings_and_output_weights": (
-        False, "a separate output layer instead of the word embedding (Llama-2/3, Mistral, most "
-               "models from 7B up)"),
-    "add_qkv_bias": (False, "biases on the q, k and v projections (Qwen2)"),
-    "qk_layernorm": (False, "RMSNorm on each head's queries and keys before RoPE (megatron-core's "
-                            "qk_layernorm; not exported to Hugging Face yet)"),
-    "use_rope_scaling": (False, "scale the RoPE frequencies (--rope-scaling-type; Llama-3.1 style "
-                                "by default)"),
-    "rope_scaling_type": ("llama3", "llama3: frequencies with wavelength above original / low-freq "
-                                    "factor divided by the factor, below original / high-freq factor "
-                                    "kept, blended between; linear: all divided by the factor"),
-    "rope_scaling_factor": (8.0, "RoPE scaling factor"),
-    "rope_scaling_low_freq_factor": (1.0, "llama3 scaling: low-frequency factor"),
-    "rope_scaling_high_freq_factor": (4.0, "llama3 scaling: high-frequency factor"),
-    "rope_scaling_original_max_position_embeddings": (
-        8192, "llama3 scaling: the context length the unscaled model was trained at"),
-}
+# name: (default, help), from the shape's OPTIONS fields
+MODEL_OPTIONS = {name: (shape_default(name), shape_help(name)) for name in shape_fields(OPTIONS)}
 # Options that change which tensors the model has (a checkpoint must agree with them to load).
-WEIGHT_OPTIONS = ("untie_embeddings_and_output_weights", "add_qkv_bias", "qk_layernorm")
-
-
-def add_model_option_flags(group) -> None:
-    for name, (default, text) in MODEL_OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            group.add_argument(flag, action="store_true", help=text)
-        elif name == "rope_scaling_type":
-            group.add_argument(flag, default=default, choices=ROPE_SCALING_TYPES, help=text)
-        else:
-            group.add_argument(flag, type=type(default), default=default,
-                               help=f"{text} (default {default})")
+WEIGHT_OPTIONS = shape_fields(OPTIONS, weights=True)
 
 
 def model_options(source) -> dict:
-    """The options from parsed flags, checkpoint args, a converter spec or our HF config (a
+    """The options from parsed flags, checkpoint args, a model shape or our HF config (a
     Namespace or a mapping); missing or null entries take their defaults."""
     values = vars(source) if isinstance(source, argparse.Namespace) else dict(source or {})
     out = {}
@@ -122,22 +92,6 @@ def rope_change_note(saved_args: Mapping, args) -> Optional[str]:
         return None
     return (f"note: the checkpoint's model used {before}; this run uses {now} (right when "
             "extending the context, otherwise pass the checkpoint's RoPE flags)")
-
-
-def option_flags(options: Mapping) -> list:
-    """Command-line flags that give a run these options (defaults left out)."""
-    flags = []
-    rope_on = options["use_rope_scaling"]
-    for name, (default, _) in MODEL_OPTIONS.items():
-        value = options[name]
-        if name.startswith("rope_scaling_") and not rope_on:
-            continue
-        if isinstance(default, bool):
-            if value:
-                flags.append("--" + name.replace("_", "-"))
-        elif value != default or name == "rope_scaling_factor" and rope_on:
-            flags += ["--" + name.replace("_", "-"), f"{value:g}" if isinstance(value, float) else str(value)]
-    return flags
 
 
 def scale_rotary_embedding(rotary, scaling: Optional[dict]) -> None:

@@ -8,42 +8,22 @@ import sys
 from typing import List, Optional
 
 from ssa_megatron.console import make_parser
-from ssa_megatron.model.config import ATTENTION_MODES, ConfigError, check_parallel_layout, check_ssa_settings
-from ssa_megatron.model.options import add_model_option_flags, check_model_options, model_options
+from ssa_megatron.model.config import ConfigError, check_parallel_layout, check_ssa_settings
+from ssa_megatron.model.options import check_model_options, model_options
+from ssa_megatron.model.shape import OPTIONS, SIZE, SSA, ModelShape, add_shape_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(description="Pretrain a GPT model with SSA attention (megatron-core layers, "
                                 "DeepSpeed engine).\nFlags are named as in Megatron-LM.")
+    # the model's shape: one flag per field of model/shape.py's ModelShape
     m = p.add_argument_group("network size")
-    m.add_argument("--num-layers", type=int, required=True, help="transformer layers")
-    m.add_argument("--hidden-size", type=int, required=True, help="model width")
-    m.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width (SwiGLU); default 4 x --hidden-size")
-    m.add_argument("--num-attention-heads", type=int, required=True, help="query heads")
-    m.add_argument("--num-query-groups", type=int, default=None, help="key/value heads (GQA); default: --num-attention-heads")
-    m.add_argument("--kv-channels", type=int, default=None, help="head dimension; default --hidden-size / --num-attention-heads")
+    o = p.add_argument_group("model options of imported architectures "
+                             "(tools/convert_checkpoint.py from-hf prints the ones a model needs)")
+    s = p.add_argument_group("SSA attention")
+    add_shape_flags({SIZE: m, OPTIONS: o, SSA: s})
     m.add_argument("--seq-length", type=int, required=True,
                    help="training context in tokens; a multiple of --ssa-block-size")
-    m.add_argument("--max-position-embeddings", type=int, default=None,
-                   help="longest position the RoPE tables cover; default --seq-length")
-    m.add_argument("--rotary-base", type=float, default=500000.0, help="RoPE theta")
-    m.add_argument("--norm-epsilon", type=float, default=1e-5, help="RMSNorm epsilon")
-    m.add_argument("--init-method-std", type=float, default=0.02,
-                   help="std of the normal weight initialisation")
-    m.add_argument("--vocab-size", type=int, default=None,
-                   help="only for data without a tokenizer description (PREFIX.tokenizer.json) "
-                        "next to it, or to give an imported model's embedding more rows than its "
-                        "tokenizer has")
-    add_model_option_flags(p.add_argument_group(
-        "model options of imported architectures (tools/convert_checkpoint.py from-hf prints "
-        "the ones a model needs)"))
-
-    s = p.add_argument_group("SSA attention")
-    s.add_argument("--attention-mode", default="ssa", choices=None,
-                   help=f"one of {', '.join(ATTENTION_MODES)}")
-    s.add_argument("--ssa-block-size", type=int, default=16, help="tokens per block (selection granularity)")
-    s.add_argument("--ssa-block-counts", type=int, default=16,
-                   help="blocks each query attends in the sparse branch (its own block included)")
     s.add_argument("--ssa-align-coef", type=float, default=10.0,
                    help="alpha: weight of the alignment loss (mean over layers)")
     s.add_argument("--ssa-full-prob", type=float, default=0.5,
@@ -62,15 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ssa-gate-init", default="normal", choices=["normal", "zero"],
                    help="gate projection init: normal (std --init-method-std) or zero (every gate "
                         "starts at 0.5)")
-    s.add_argument("--nsa-window-size", type=int, default=128,
-                   help="--attention-mode nsa: tokens of the sliding-window branch (itself included)")
     s.add_argument("--layer-spec", default="ssa", choices=["ssa", "megatron-local"],
                    help="megatron-local: megatron-core's stock local GPT layer (outside baseline; "
                         "no gate, no SSA; PP=1 only)")
     s.add_argument("--lm-loss-weight", type=float, default=1.0,
                    help="weight of the LM cross entropy (0: alignment loss alone, for ablations)")
-    s.add_argument("--inference-mode", default=None,
-                   help="branch used in evaluation: full or sparse; default: the mode's natural one")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", type=int, default=1, help="sequences per forward pass and rank")
@@ -185,13 +161,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def fill_model_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """The model-shape flags whose default depends on other flags."""
-    if args.num_query_groups is None:
-        args.num_query_groups = args.num_attention_heads
-    if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = 4 * args.hidden_size
-    if args.max_position_embeddings is None:
-        args.max_position_embeddings = args.seq_length
+    """The model-shape flags whose default depends on other flags (--kv-channels stays unset:
+    checkpoints record it so)."""
+    shape = ModelShape.from_args(args)
+    for name in ("num_query_groups", "ffn_hidden_size", "max_position_embeddings"):
+        if getattr(args, name) is None:
+            setattr(args, name, shape[name])
     return args
 
 
