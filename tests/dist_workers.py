@@ -18,21 +18,22 @@ def grads(out_dir, tp, gas):
     from megatron.core import parallel_state as ps
 
     from model_utils import build_tiny_model, ce_loss, full_grads, random_batches, tiny_args
-    from ssa_megatron.model import RUNTIME, draw_mode
+    from ssa_megatron.model import draw_mode, ssa_branch
+    from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
     from ssa_megatron.training.distributed import init_distributed
     tp, gas = int(tp), int(gas)
     args = tiny_args("--tensor-model-parallel-size", str(tp), "--ssa-align-coef", "100")
     init_distributed(tp, 1, seed=args.seed)
     model = build_tiny_model(args)
-    RUNTIME.tracker.configure(args.num_layers)
-    RUNTIME.align_backward_scale = 1.0 / gas
+    AlignLossLoggingHelper.tracker.configure(args.num_layers)
+    AlignLossAutoScaler.set_loss_scale(1.0 / gas)
     losses = []
     for i, batch in enumerate(random_batches(gas)):
-        RUNTIME.mode = draw_mode(args.seed, 0, i)
-        loss = ce_loss(model, batch)
-        (loss / gas).backward()
+        with ssa_branch(model, draw_mode(args.seed, 0, i)):
+            loss = ce_loss(model, batch)
+            (loss / gas).backward()
         losses.append(float(loss))
-    per_layer = RUNTIME.tracker.per_layer(tp_group=ps.get_tensor_model_parallel_group(),
+    per_layer = AlignLossLoggingHelper.tracker.per_layer(tp_group=ps.get_tensor_model_parallel_group(),
                                           dp_group=ps.get_data_parallel_group())
     _save(out_dir, {"losses": losses, "align_per_layer": per_layer, "grads": full_grads(model)})
 

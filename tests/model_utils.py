@@ -31,8 +31,9 @@ def random_batches(n: int, batch: int = 2, seq: int = 64, vocab: int = 120, seed
     return out
 
 
-def ce_loss(model, batch):
-    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+def ce_loss(model, batch, packed_seq_params=None):
+    per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                      packed_seq_params=packed_seq_params)
     return per_token.float().mean()
 
 

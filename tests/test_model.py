@@ -3,17 +3,15 @@ import pytest
 import torch
 
 from model_utils import build_tiny_model, ce_loss, full_grads, random_batches, tiny_args
-from ssa_megatron.model import RUNTIME, SSACoreAttention, draw_mode, set_inference_mode
+from ssa_megatron.model import SSACoreAttention, align_loss, draw_mode, set_inference_mode, ssa_branch
+from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
 from ssa_megatron.model.config import ConfigError
 
 
 @pytest.fixture(autouse=True)
-def _runtime_reset():
+def _loss_scale_reset():
     yield
-    RUNTIME.mode = None
-    RUNTIME.collect_graph = None
-    RUNTIME.align_backward_scale = 1.0
-    RUNTIME.cu_seqlens = None
+    AlignLossAutoScaler.set_loss_scale(1.0)
 
 
 def _grads(model):
@@ -21,7 +19,8 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("gas", [1, 3])
-def test_injected_alignment_gradient_equals_direct_autograd(single_process_parallel_state, gas):
+def test_injected_alignment_gradient_equals_direct_autograd(single_process_parallel_state, gas,
+                                                            monkeypatch):
     args = tiny_args("--ssa-align-coef", "1000")  # make the alignment term visible in grads
     model = build_tiny_model(args)
     batches = random_batches(gas)
@@ -29,29 +28,31 @@ def test_injected_alignment_gradient_equals_direct_autograd(single_process_paral
 
     # what the trainer does: CE scaled by 1/GAS (as DeepSpeed does), alignment via the autoscaler
     model.zero_grad()
-    RUNTIME.align_backward_scale = 1.0 / gas
+    AlignLossAutoScaler.set_loss_scale(1.0 / gas)
     for mode, batch in zip(modes, batches):
-        RUNTIME.mode = mode
-        (ce_loss(model, batch) / gas).backward()
+        with ssa_branch(model, mode):
+            (ce_loss(model, batch) / gas).backward()
     injected = _grads(model)
 
-    # direct: (CE + alpha * mean-over-layers alignment) / GAS through plain autograd
+    # direct: (CE + alpha * mean-over-layers alignment) / GAS through plain autograd; the layers
+    # hand their weighted alignment loss (with graph) to us instead of the autoscaler
     model.zero_grad()
     for mode, batch in zip(modes, batches):
-        RUNTIME.mode = mode
-        RUNTIME.collect_graph = []
-        loss = ce_loss(model, batch) + sum(RUNTIME.collect_graph)
-        assert len(RUNTIME.collect_graph) == args.num_layers
+        collected = []
+        with monkeypatch.context() as patch, ssa_branch(model, mode):
+            patch.setattr(align_loss, "attach_alignment_loss",
+                          lambda output, weighted: collected.append(weighted) or output)
+            loss = ce_loss(model, batch) + sum(collected)
+        assert len(collected) == args.num_layers
         (loss / gas).backward()
-    RUNTIME.collect_graph = None
     direct = _grads(model)
 
     # and CE alone, so the test would notice a missing alignment gradient
     model.zero_grad()
-    RUNTIME.align_backward_scale = 0.0
+    AlignLossAutoScaler.set_loss_scale(0.0)
     for mode, batch in zip(modes, batches):
-        RUNTIME.mode = mode
-        (ce_loss(model, batch) / gas).backward()
+        with ssa_branch(model, mode):
+            (ce_loss(model, batch) / gas).backward()
     ce_only = _grads(model)
 
     assert injected.keys() == direct.keys()
@@ -69,11 +70,9 @@ def test_modes_select_branches(single_process_parallel_state):
     args = tiny_args()
     model = build_tiny_model(args)
     batch = random_batches(1)[0]
-    RUNTIME.mode = "full"
-    with torch.no_grad():
+    with torch.no_grad(), ssa_branch(model, "full"):
         train_full = ce_loss(model, batch)
-    RUNTIME.mode = "sparse"
-    with torch.no_grad():
+    with torch.no_grad(), ssa_branch(model, "sparse"):
         train_sparse = ce_loss(model, batch)
     assert not torch.allclose(train_full, train_sparse)
     model.eval()
@@ -93,17 +92,40 @@ def test_modes_select_branches(single_process_parallel_state):
 
 def test_training_without_a_mode_is_refused(single_process_parallel_state):
     model = build_tiny_model(tiny_args())
-    with pytest.raises(RuntimeError, match="RUNTIME.mode"):
+    with pytest.raises(RuntimeError, match="ssa_branch"):
         ce_loss(model, random_batches(1)[0])
+
+
+def test_a_branch_does_not_leak_into_the_next_forward(single_process_parallel_state):
+    """The branch of one micro-batch lives in its ``ssa_branch`` block: the next forward without
+    one is refused (not silently trained on the last branch), also after an error, and a nested
+    block gives the outer branch back."""
+    model = build_tiny_model(tiny_args())
+    batch = random_batches(1)[0]
+    with torch.no_grad(), ssa_branch(model, "full"):
+        full = ce_loss(model, batch)
+    with pytest.raises(RuntimeError, match="ssa_branch"):
+        ce_loss(model, batch)
+    with pytest.raises(KeyError), ssa_branch(model, "sparse"):
+        raise KeyError("a failed micro-batch")
+    with pytest.raises(RuntimeError, match="ssa_branch"):
+        ce_loss(model, batch)
+    with torch.no_grad(), ssa_branch(model, "full"):
+        with ssa_branch(model, "sparse"):
+            assert not torch.allclose(ce_loss(model, batch), full)
+        torch.testing.assert_close(ce_loss(model, batch), full)
+    with pytest.raises(ValueError, match="unknown SSA branch"):
+        with ssa_branch(model, "dense"):
+            pass
 
 
 def test_baseline_modes_train_one_branch(single_process_parallel_state):
     batch = random_batches(1)[0]
     for mode in ("full", "sparse"):
         model = build_tiny_model(tiny_args("--attention-mode", mode))
-        RUNTIME.tracker.reset()
+        AlignLossLoggingHelper.tracker.reset()
         ce_loss(model, batch).backward()
-        assert RUNTIME.tracker._count.sum() == 0  # no alignment loss in the baselines
+        assert AlignLossLoggingHelper.tracker._count.sum() == 0  # no alignment loss in the baselines
         assert model.decoder.layers[0].self_attention.linear_gate.weight.grad.abs().sum() > 0
 
 
@@ -112,13 +134,13 @@ def test_fused_swiglu_and_cross_entropy_match_the_unfused_model(single_process_p
     on by default with CUDA) change no loss and no gradient beyond rounding."""
     from ssa_megatron.model.pipeline import lm_loss_fn
     batch = random_batches(1)[0]
-    RUNTIME.mode = "sparse"
     results = []
     for flag in ("--no-", "--"):
         model = build_tiny_model(tiny_args(f"{flag}bias-swiglu-fusion"))
         assert model.config.bias_activation_fusion == (flag == "--")
-        loss = ce_loss(model, batch)
-        loss.backward()
+        with ssa_branch(model, "sparse"):
+            loss = ce_loss(model, batch)
+            loss.backward()
         results.append((loss.detach(), full_grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
     for name, grad in results[0][1].items():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from model_utils import build_tiny_model, tiny_args
-from ssa_megatron.model import RUNTIME, SSACoreAttention
-from ssa_megatron.model.runtime import document_cu_seqlens
+from ssa_megatron.model import SSACoreAttention
+from ssa_megatron.model.runtime import document_cu_seqlens, document_packed_seq_params
 
 EOD = 119
 
@@ -30,15 +30,14 @@ def test_document_outputs_ignore_what_is_packed_before(single_process_parallel_s
         for prefix_len in (21, 40):  # the document starts mid-block at different offsets
             tokens, positions = _packed(prefix_len, doc)
             labels = torch.roll(tokens, -1, dims=1)
-            RUNTIME.cu_seqlens = document_cu_seqlens(positions)
             from ssa_megatron.model import set_inference_mode
             set_inference_mode(model, mode)
             with torch.no_grad():
-                loss = model(tokens, positions, None, labels=labels)
+                loss = model(tokens, positions, None, labels=labels,
+                             packed_seq_params=document_packed_seq_params(positions))
             n = 64 - prefix_len
             outs.append((loss[0, prefix_len:prefix_len + n - 1], prefix_len, n))
     finally:
-        RUNTIME.cu_seqlens = None
         for h in hooks:
             h.remove()
     (a, pa, na), (b, pb, nb) = outs

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dist_utils import run_workers
+from ssa_megatron.model import ssa_branch
 from ssa_megatron.model.diagnostics import attention_stats
-from ssa_megatron.model.runtime import (RUNTIME, PiecewiseLinear, collapse_branches,
-                                        draw_sequence_branches)
+from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches,
+                                        draw_sequence_branches, packed_documents)
 from ssa_megatron.ops import reference
 from ssa_megatron.training.ssa_recipe import first_sample_of_micro
 
@@ -79,16 +80,15 @@ def test_mixed_rows_take_their_own_branch(single_process_parallel_state, packed)
     model = build_tiny_model(tiny_args("--seq-length", "64", "--ssa-block-counts", "1"))
     tokens = torch.randint(0, 100, (2, 64))
     positions = torch.arange(64).repeat(2, 1)
+    documents = None
     if packed:  # two documents in each row: the packed route flattens the batch
         positions[:, 40:] -= 40
-        RUNTIME.cu_seqlens = torch.tensor([0, 40, 64, 104, 128], dtype=torch.int32)
-    try:
-        outs = {}
-        for mode in ("full", "sparse", torch.tensor([True, False])):
-            RUNTIME.mode = mode
-            outs[mode if isinstance(mode, str) else "mixed"] = model(tokens, positions, None).detach()
-    finally:
-        RUNTIME.mode, RUNTIME.cu_seqlens = None, None
+        documents = packed_documents(torch.tensor([0, 40, 64, 104, 128], dtype=torch.int32), 64)
+    outs = {}
+    for mode in ("full", "sparse", torch.tensor([True, False])):
+        with ssa_branch(model, mode):
+            outs[mode if isinstance(mode, str) else "mixed"] = model(
+                tokens, positions, None, packed_seq_params=documents).detach()
     assert not torch.allclose(outs["full"], outs["sparse"])
     torch.testing.assert_close(outs["mixed"][0], outs["full"][0])
     torch.testing.assert_close(outs["mixed"][1], outs["sparse"][1])

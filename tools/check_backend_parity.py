@@ -36,21 +36,22 @@ def _grads(model):
 
 
 def run_case(model, tokens, labels, position_ids, backend: str, mode: str, lm_weight: float):
-    from ssa_megatron.model.runtime import RUNTIME
+    from ssa_megatron.model import ssa_branch
+    from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
     from ssa_megatron.ops import dispatch
 
     dispatch.set_backend(backend)
-    RUNTIME.mode, RUNTIME.align_backward_scale = mode, 1.0
-    RUNTIME.tracker.reset()
+    AlignLossAutoScaler.set_loss_scale(1.0)
+    AlignLossLoggingHelper.tracker.reset()
     model.zero_grad(set_to_none=True)
     try:
-        per_token = model(tokens, position_ids, None, labels=labels)
-        lm = per_token.float().mean()
-        (lm * lm_weight).backward()
-        align = RUNTIME.tracker.per_layer()
+        with ssa_branch(model, mode):
+            per_token = model(tokens, position_ids, None, labels=labels)
+            lm = per_token.float().mean()
+            (lm * lm_weight).backward()
+        align = AlignLossLoggingHelper.tracker.per_layer()
     finally:
         dispatch.set_backend(None)
-        RUNTIME.mode = None
     return lm.item(), [float(x) for x in align], _grads(model)
 
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
 
     from ssa_megatron.eval.data import batch_windows, indexed_stream, make_windows
     from ssa_megatron.eval.model import init_single_process_or_dp, load_model
-    from ssa_megatron.model.runtime import RUNTIME
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
 
     init_single_process_or_dp()
     model, spec, meta = load_model(args.checkpoint, bf16=on_gpu, device=device)
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         layer.attention_mode = "ssa"
         if args.align_coef is not None:
             layer.align_coef = args.align_coef
-    RUNTIME.tracker.configure(len(layers))
+    AlignLossLoggingHelper.tracker.configure(len(layers))
     model.train()
     stream = indexed_stream(args.data_path, args.split, "valid")
     windows = make_windows(len(stream), length)[: args.micro_batch_size]

@@ -53,24 +53,21 @@ def window_losses(model, tokens: torch.Tensor, labels: torch.Tensor,
                   reset_eod: Optional[int] = None, vocab_size: Optional[int] = None) -> torch.Tensor:
     """Per-token cross-entropy [B, L] (fp32) of one batch of windows, over the first
     ``vocab_size`` logits (default: all, padding included)."""
-    from ssa_megatron.model.runtime import RUNTIME
     device = next(model.parameters()).device
     tokens, labels = tokens.to(device), labels.to(device)
+    packed = None
     if reset_eod is not None:
-        from ssa_megatron.model.runtime import document_cu_seqlens
+        from ssa_megatron.model.runtime import document_packed_seq_params
         pos = eod_position_ids(tokens.cpu(), reset_eod).to(device)
-        RUNTIME.cu_seqlens = document_cu_seqlens(pos)
+        packed = document_packed_seq_params(pos)
     else:
         pos = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
-    try:
-        with torch.no_grad():
-            if vocab_size is None:
-                return model(tokens, pos, None, labels=labels).float()
-            logits = model(tokens, pos, None)[..., :vocab_size].float()
-            return torch.nn.functional.cross_entropy(
-                logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view_as(labels)
-    finally:
-        RUNTIME.cu_seqlens = None
+    with torch.no_grad():
+        if vocab_size is None:
+            return model(tokens, pos, None, labels=labels, packed_seq_params=packed).float()
+        logits = model(tokens, pos, None, packed_seq_params=packed)[..., :vocab_size].float()
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, vocab_size), labels.reshape(-1), reduction="none").view_as(labels)
 
 
 def evaluate_perplexity(model, stream, windows: Sequence[Window], length: int,

@@ -6,6 +6,7 @@ layer input (after the input norm); it hands the gate to ``SSACoreAttention``, t
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -15,8 +16,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from ssa_megatron.model.align_loss import attach_alignment_loss
-from ssa_megatron.model.runtime import RUNTIME
+from ssa_megatron.model import align_loss
 from ssa_megatron.ops import dispatch as ops
 
 
@@ -79,6 +79,8 @@ class SSACoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.gate: Optional[torch.Tensor] = None
+        # The branch this micro-batch trains: set only inside ``ssa_branch`` (see branch()).
+        self.training_branch = None
         # Set by model/diagnostics.py for one forward: records attention statistics of this layer.
         self.probe = None
 
@@ -88,10 +90,10 @@ class SSACoreAttention(MegatronModule):
         if not self.training:
             return self.inference_mode
         if self.attention_mode == "ssa":
-            if RUNTIME.mode is None:
-                raise RuntimeError("SSA training needs a branch per micro-batch: set "
-                                   "ssa_megatron.model.runtime.RUNTIME.mode to 'full' or 'sparse'")
-            return RUNTIME.mode
+            if self.training_branch is None:
+                raise RuntimeError("SSA training needs a branch per micro-batch: run the forward "
+                                   "inside `with ssa_branch(model, 'full' or 'sparse'):`")
+            return self.training_branch
         return self.attention_mode
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
@@ -126,24 +128,25 @@ class SSACoreAttention(MegatronModule):
             self.probe.record(self, q, k, gate, indices, o_full, o_sparse, cu_seqlens)
         if align:
             loss = ops.alignment_loss(o_full, o_sparse)
-            RUNTIME.tracker.record(self.layer_number, loss.detach())
+            align_loss.AlignLossLoggingHelper.tracker.record(self.layer_number, loss.detach())
             # Each TP rank averages its own heads; /tp makes the sum over ranks the global mean.
             weight = self.align_coef / (self.config.num_layers * self.tp_size)
-            out = attach_alignment_loss(out, loss * weight)
+            out = align_loss.attach_alignment_loss(out, loss * weight)
 
         return self.from_ops_layout(out, layout)
 
     @staticmethod
     def to_ops_layout(query, key, value, packed_seq_params):
         """megatron's [sq, b, heads, hn] (or THD [t, heads, hn]) -> ops' [B, T, heads, hn] and the
-        document boundaries (THD's cu_seqlens, or the trainer's packed-document ones)."""
+        document boundaries (THD's cu_seqlens, or sbhd documents packed across the flattened
+        batch: runtime.packed_documents)."""
         thd = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
         if thd:  # [t, heads, hn]: one packed sequence
             return ([x.unsqueeze(0) for x in (query, key, value)], packed_seq_params.cu_seqlens_q,
                     (True, query.shape[0], 1))
         sq, b = query.shape[0], query.shape[1]
         qkv = [x.transpose(0, 1) for x in (query, key, value)]  # [b, sq, heads, hn]
-        cu_seqlens = RUNTIME.cu_seqlens
+        cu_seqlens = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
         if cu_seqlens is not None:  # documents packed across the flattened batch
             qkv = [x.reshape(1, b * sq, *x.shape[2:]) for x in qkv]
         return qkv, cu_seqlens, (False, sq, b)
@@ -179,3 +182,21 @@ def set_inference_mode(model: torch.nn.Module, mode: Optional[str] = None,
                 module.inference_mode = mode
             if block_counts is not None:
                 module.block_counts = block_counts
+
+
+@contextlib.contextmanager
+def ssa_branch(model: torch.nn.Module, branch):
+    """Train ``model``'s SSA layers on ``branch`` inside the block, and only there: "full",
+    "sparse", or a bool tensor [b] whose True rows train the full branch. Hold it over the
+    micro-batch's backward too when activations are recomputed there."""
+    if not isinstance(branch, torch.Tensor) and branch not in ("full", "sparse"):
+        raise ValueError(f"unknown SSA branch {branch!r}; use 'full', 'sparse' or a bool tensor")
+    layers = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
+    outer = [m.training_branch for m in layers]
+    for m in layers:
+        m.training_branch = branch
+    try:
+        yield
+    finally:
+        for m, previous in zip(layers, outer):
+            m.training_branch = previous

@@ -61,6 +61,8 @@ def build_config(args) -> SSAConfig:
         ssa_full_prob=args.ssa_full_prob,
         ssa_gate_init=getattr(args, "ssa_gate_init", "normal"),
         init_seed=args.seed,
+        lm_loss_weight=getattr(args, "lm_loss_weight", 1.0),
+        reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)),
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if getattr(args, "recompute_activations", False) else {}),
     )

@@ -32,6 +32,11 @@ class SSAConfig(TransformerConfig):
     # applied to the rotary frequencies (options.rope_scaling; None: plain RoPE).
     untie_embeddings_and_output_weights: bool = False
     rope_scaling: dict | None = None
+    # Training settings the model's pieces read: the LM loss's weight (0 trains the alignment
+    # loss alone) and --reset-attention-mask (pipeline stages derive each micro-batch's document
+    # boundaries from the reset position ids they pass along).
+    lm_loss_weight: float = 1.0
+    reset_attention_mask: bool = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -1,8 +1,10 @@
 """The SSA GPT model as a DeepSpeed PipelineModule of megatron-core pieces.
 
-Stages pass a tuple (hidden [s, b, h], position_ids [b, s], branch code [1]) down the pipe. The
-branch code carries each micro-batch's full/sparse draw to every stage, so a stage that runs
-micro-batch m (in whatever order the 1F1B schedule interleaves them) uses m's branch. The
+Stages pass a tuple (hidden [s, b, h], position_ids [b, s], branch code [1] or [b]) down the
+pipe. The branch code carries each micro-batch's full/sparse draw to every stage, so a stage that
+runs micro-batch m (in whatever order the 1F1B schedule interleaves them) uses m's branch: each
+layer runs inside ``ssa_branch`` of it, as the PP = 1 trainer runs the whole model, and with
+--reset-attention-mask gets the documents from the position ids as ``packed_seq_params``. The
 embedding and the output head share the word embeddings through ``TiedLayerSpec`` (first and
 last stage) unless the model has an untied output layer (``OutputLayerPipe`` on the last stage),
 and every layer's alignment loss trains on its own stage (model/align_loss.py).
@@ -19,10 +21,11 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 
+from ssa_megatron.model.attention import ssa_branch
 from ssa_megatron.model.builder import init_output_layer
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec
 from ssa_megatron.model.options import scale_rotary_embedding
-from ssa_megatron.model.runtime import RUNTIME, document_cu_seqlens, masked_lm_loss
+from ssa_megatron.model.runtime import collapse_branches, document_packed_seq_params, masked_lm_loss
 
 BRANCH_CODES = {"full": 1, "sparse": 0}
 
@@ -35,7 +38,6 @@ def branch_code(mode) -> torch.Tensor:
 
 
 def branch_from_code(code: torch.Tensor):
-    from ssa_megatron.model.runtime import collapse_branches
     return collapse_branches(code.reshape(-1).cpu() == BRANCH_CODES["full"])
 
 
@@ -76,13 +78,15 @@ class TransformerLayerPipe(torch.nn.Module):
                                       rotary_base=rotary_base,
                                       use_cpu_initialization=config.use_cpu_initialization)
         scale_rotary_embedding(self.rotary, config.rope_scaling)
+        self.reset_attention_mask = config.reset_attention_mask
 
     def forward(self, inputs):
         hidden, position_ids, code = inputs
-        RUNTIME.mode = branch_from_code(code)
-        RUNTIME.cu_seqlens = document_cu_seqlens(position_ids) if RUNTIME.reset_attention else None
+        packed = document_packed_seq_params(position_ids) if self.reset_attention_mask else None
         rotary = self.rotary(hidden.shape[0])
-        hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary)
+        with ssa_branch(self.layer, branch_from_code(code)):
+            hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
+                                   packed_seq_params=packed)
         return hidden, position_ids, code
 
 
@@ -114,9 +118,10 @@ class FinalNormPipe(torch.nn.Module):
         return self.norm(inputs[0])
 
 
-def lm_loss_fn(logits: torch.Tensor, labels, fused: bool = False):
-    """Masked mean of the vocab-parallel cross entropy (the same as the GPTModel path; ``fused``:
-    megatron-core's fused native implementation, as --cross-entropy-loss-fusion picks there)."""
+def lm_loss_fn(logits: torch.Tensor, labels, fused: bool = False, weight: float = 1.0):
+    """Masked mean of the vocab-parallel cross entropy times ``weight`` (the same as the GPTModel
+    path; ``fused``: megatron-core's fused native implementation, as --cross-entropy-loss-fusion
+    picks there)."""
     labels, loss_mask = labels
     target = labels.transpose(0, 1).contiguous()
     if fused:
@@ -126,7 +131,7 @@ def lm_loss_fn(logits: torch.Tensor, labels, fused: bool = False):
             logits, target, parallel_state.get_tensor_model_parallel_group())
     else:
         per_token = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), target)
-    return masked_lm_loss(per_token.transpose(0, 1), loss_mask)
+    return masked_lm_loss(per_token.transpose(0, 1), loss_mask, weight)
 
 
 def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rotary_base: float,
@@ -149,8 +154,9 @@ def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rota
     else:
         layers.append(TiedLayerSpec("embed", EmbeddingPipe, config, vocab_size, max_sequence_length,
                                     forward_fn=lm_head, tied_weight_attr=["weight"]))
-    return PipelineModule(layers=layers, loss_fn=functools.partial(
-        lm_loss_fn, fused=bool(config.cross_entropy_loss_fusion)), topology=topology,
+    loss_fn = functools.partial(lm_loss_fn, fused=bool(config.cross_entropy_loss_fusion),
+                                weight=config.lm_loss_weight)
+    return PipelineModule(layers=layers, loss_fn=loss_fn, topology=topology,
                           partition_method=partition_method,
                           activation_checkpoint_interval=activation_checkpoint_interval,
                           # only transformer layers: a checkpointed embedding would cut the graph

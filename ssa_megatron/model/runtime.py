@@ -1,12 +1,13 @@
-"""Per-process SSA state the training loop drives: the branch of the current micro-batch,
-the alignment loss's backward scale, and the per-layer alignment-loss tracker."""
+"""What the trainer computes for each micro-batch: its SSA branch draw, the schedules over
+iterations, its document boundaries (as megatron's ``PackedSeqParams``), and the masked LM loss.
+None of it is kept here: the branch reaches the layers through ``ssa_branch``
+(model/attention.py), the boundaries as the forward's ``packed_seq_params``."""
 from __future__ import annotations
 
 import hashlib
-from typing import List, Optional
 
 import torch
-import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
 
 
 def _uniform(key: str) -> float:
@@ -67,53 +68,6 @@ class PiecewiseLinear:
         return pts[-1][1]
 
 
-class AlignLossTracker:
-    """Sums each layer's alignment loss over the micro-batches of one logging window."""
-
-    def __init__(self):
-        self.num_layers = 0
-        self._sum: Optional[torch.Tensor] = None
-        self._count: Optional[torch.Tensor] = None
-
-    def configure(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-        self.reset()
-
-    def reset(self) -> None:
-        self._sum = torch.zeros(self.num_layers, dtype=torch.float64)
-        self._count = torch.zeros(self.num_layers, dtype=torch.float64)
-
-    def record(self, layer_number: int, value: torch.Tensor) -> None:
-        if self._sum is None:
-            self.configure(self.num_layers)
-        if layer_number > self.num_layers:  # not configured for this many layers: grow
-            grow = layer_number - self.num_layers
-            self._sum = torch.cat([self._sum, self._sum.new_zeros(grow)])
-            self._count = torch.cat([self._count, self._count.new_zeros(grow)])
-            self.num_layers = layer_number
-        value = value.detach()
-        if self._sum.device != value.device:  # sums stay where the losses are: no sync per layer
-            self._sum = self._sum.to(value.device)
-        self._sum[layer_number - 1] += value.to(torch.float64)
-        self._count[layer_number - 1] += 1
-
-    def per_layer(self, pp_group=None, tp_group=None, dp_group=None, device=None) -> torch.Tensor:
-        """Per-layer mean alignment loss, summed over PP and averaged over TP and DP.
-
-        Every rank must call this together (it all-reduces). Layers no rank saw read NaN.
-        """
-        device = device or "cpu"
-        stats = torch.stack([self._sum.to(device), self._count.to(device)]).to(torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            if pp_group is not None:
-                dist.all_reduce(stats, group=pp_group)  # layers are disjoint across stages
-            for group in (tp_group, dp_group):
-                if group is not None and dist.get_world_size(group) > 1:
-                    dist.all_reduce(stats, group=group)
-        mean = stats[0] / stats[1]  # summed losses over summed counts: the average over TP and DP
-        return mean.cpu()
-
-
 def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     """Document boundaries over the flattened micro-batch from reset position ids
     (a document starts where its position is 0; every row starts a document)."""
@@ -122,26 +76,21 @@ def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
 
 
-def masked_lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy over the tokens the mask keeps, times the LM-loss weight."""
+def packed_documents(cu_seqlens: torch.Tensor, seq_length: int) -> PackedSeqParams:
+    """Documents packed across a [b, s] micro-batch as megatron's ``PackedSeqParams``: the layout
+    stays sbhd and ``cu_seqlens`` run over the flattened b * s tokens. max_seqlen is the row length
+    ``s`` because megatron sizes the rotary table from it."""
+    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=seq_length, max_seqlen_kv=seq_length)
+
+
+def document_packed_seq_params(position_ids: torch.Tensor) -> PackedSeqParams:
+    """The packed documents of a micro-batch whose positions restart at each document."""
+    return packed_documents(document_cu_seqlens(position_ids), position_ids.shape[-1])
+
+
+def masked_lm_loss(per_token: torch.Tensor, loss_mask: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """Mean cross entropy over the tokens the mask keeps, times the LM-loss weight
+    (``SSAConfig.lm_loss_weight``)."""
     mask = loss_mask.float()
-    return RUNTIME.lm_loss_weight * (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-class SSARuntime:
-    """What SSACoreAttention reads at each forward; set by the trainer per micro-batch."""
-
-    def __init__(self):
-        self.mode: Optional[str] = None  # branch for the current training micro-batch
-        self.align_backward_scale: float = 1.0  # main loss's backward scale (1/GAS, fp16 scale)
-        self.tracker = AlignLossTracker()
-        # When set, layers append their weighted alignment loss (with graph) here instead of
-        # injecting its gradient; tests use it to compare against direct autograd.
-        self.collect_graph: Optional[List[torch.Tensor]] = None
-        # Packed-document boundaries of the current micro-batch (cu_seqlens over b*s tokens).
-        self.cu_seqlens: Optional[torch.Tensor] = None
-        self.lm_loss_weight: float = 1.0  # 0 trains the alignment loss alone (tests, ablations)
-        self.reset_attention: bool = False  # derive cu_seqlens from reset position ids
-
-
-RUNTIME = SSARuntime()
+    return weight * (per_token.float() * mask).sum() / mask.sum().clamp(min=1.0)

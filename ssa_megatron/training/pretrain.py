@@ -13,19 +13,41 @@ import contextlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from ssa_megatron.model.config import ConfigError
-from ssa_megatron.model.runtime import document_cu_seqlens, masked_lm_loss
+from ssa_megatron.model.runtime import document_packed_seq_params, masked_lm_loss
 from ssa_megatron.training.arguments import parse_eval_mode
 from ssa_megatron.training.diagnostics import Diagnostics
 
 
 class TrainResult(dict):
     """What run() returns: per-iteration losses etc. (tests read it)."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the counters a checkpoint records and the open logging window."""
+
+    iteration: int = 0
+    consumed: int = 0  # training samples consumed; the loader resumes after them
+    window_loss: float = 0.0  # summed step losses since the last log line
+    window_iters: int = 0
+    window_time: float = 0.0
+
+    def advance(self, global_batch_size: int, step_loss: float, step_time: float) -> None:
+        self.iteration += 1
+        self.consumed += global_batch_size
+        self.window_loss += step_loss
+        self.window_iters += 1
+        self.window_time += step_time
+
+    def close_window(self) -> None:
+        self.window_loss, self.window_iters, self.window_time = 0.0, 0, 0.0
 
 
 def _log(msg: str) -> None:
@@ -51,11 +73,13 @@ def align_backward_scale(engine, gas: int) -> float:
     return scale
 
 
-def lm_loss(engine, batch, runtime) -> torch.Tensor:
+def lm_loss(engine, batch, config) -> torch.Tensor:
+    """The micro-batch's weighted LM loss; ``config`` (the model's SSAConfig) gives the weight and
+    whether packed documents stay apart (their boundaries travel as ``packed_seq_params``)."""
     tokens, labels = batch["tokens"], batch["labels"]
-    runtime.cu_seqlens = document_cu_seqlens(batch["position_ids"]) if runtime.reset_attention else None
-    per_token = engine(tokens, batch["position_ids"], None, labels=labels)
-    return masked_lm_loss(per_token, batch["loss_mask"])
+    packed = document_packed_seq_params(batch["position_ids"]) if config.reset_attention_mask else None
+    per_token = engine(tokens, batch["position_ids"], None, labels=labels, packed_seq_params=packed)
+    return masked_lm_loss(per_token, batch["loss_mask"], config.lm_loss_weight)
 
 
 def _dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -67,7 +91,7 @@ def _dp_mean(values: torch.Tensor) -> torch.Tensor:
     return values.cpu()
 
 
-def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
+def evaluate(engine, loader_iter, eval_iters: int, config) -> Optional[float]:
     if loader_iter is None:
         return None
     engine.eval()
@@ -78,7 +102,7 @@ def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
                 batch = next(loader_iter)
             except StopIteration:
                 break
-            total += float(lm_loss(engine, _to_device(batch), runtime))
+            total += float(lm_loss(engine, _to_device(batch), config))
             n += 1
     engine.train()
     if n == 0:
@@ -86,7 +110,7 @@ def evaluate(engine, loader_iter, eval_iters: int, runtime) -> Optional[float]:
     return float(_dp_mean(torch.tensor([total / n], dtype=torch.float64))[0])
 
 
-def evaluate_modes(engine, loader_iter, eval_iters: int, runtime, modes) -> Dict[str, float]:
+def evaluate_modes(engine, loader_iter, eval_iters: int, config, modes) -> Dict[str, float]:
     """Validation loss in each (mode, block_counts) of ``modes`` on the same micro-batches."""
     from ssa_megatron.model.attention import SSACoreAttention, set_inference_mode
     if loader_iter is None:  # no validation split
@@ -106,7 +130,7 @@ def evaluate_modes(engine, loader_iter, eval_iters: int, runtime, modes) -> Dict
         for mode, block_counts in modes:
             set_inference_mode(engine.module, mode, block_counts)
             label = mode if block_counts is None else f"{mode}:{block_counts}"
-            losses[label] = evaluate(engine, iter(batches), len(batches), runtime)
+            losses[label] = evaluate(engine, iter(batches), len(batches), config)
             for m, (inference_mode, counts) in zip(layers, saved):
                 m.inference_mode, m.block_counts = inference_mode, counts
     finally:
@@ -173,14 +197,51 @@ def evaluate_pipe(engine, loader_iter, args, gas: int) -> Optional[float]:
     return float(_dp_mean(torch.tensor([sum(losses) / len(losses)], dtype=torch.float64))[0])
 
 
+def train_step(engine, train_iter, args, config, recipe, state: TrainState, gas: int,
+               probe=None) -> float:
+    """One optimizer step at ``state`` (which the caller advances): this iteration's alignment
+    loss scale and weight, then ``gas`` micro-batches, each forward and backward on its own SSA
+    branch, and DeepSpeed's step (the pipe engine's ``train_batch`` with PP > 1). ``probe``
+    records the first micro-batch's attention. Returns this rank's mean LM loss of the step."""
+    from megatron.core import parallel_state as ps
+
+    from ssa_megatron.model.align_loss import AlignLossAutoScaler
+    from ssa_megatron.model.attention import ssa_branch
+    from ssa_megatron.training.ssa_recipe import first_sample_of_micro, set_align_coef
+
+    AlignLossAutoScaler.set_loss_scale(align_backward_scale(engine, gas))
+    coef = recipe.align_coef_at(state.iteration)
+    if coef is not None:
+        set_align_coef(engine.module, coef)
+    if args.pipeline_model_parallel_size > 1:
+        return float(engine.train_batch(pipe_batches(train_iter, args, state.iteration, recipe,
+                                                     state.consumed)))
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    step_loss = 0.0
+    for micro in range(gas):
+        batch = _to_device(next(train_iter))
+        branch = recipe.branch(state.iteration, micro, first_sample_of_micro(
+            state.consumed, micro, args.micro_batch_size, dp_size, dp_rank))
+        # backward inside: recomputed activations read the branch again
+        with ssa_branch(engine.module, branch):
+            with (probe.attach(engine.module) if probe is not None and micro == 0
+                  else contextlib.nullcontext()):
+                loss = lm_loss(engine, batch, config)
+            engine.backward(loss)
+            engine.step()
+        step_loss += float(loss.detach()) / gas
+    return step_loss
+
+
 def build_engine(args, info, dp_size: int):
     """Model (GPTModel, or the pipeline model when PP > 1) wrapped in a DeepSpeed engine with
     AdamW (unless the JSON names another type; --lr etc. always set its hyper-parameters) and
-    the Megatron-style LR schedule."""
+    the Megatron-style LR schedule. Returns the engine, the DeepSpeed config, the parameter count
+    of this rank and the model's SSAConfig."""
     import deepspeed
 
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
     from ssa_megatron.model.builder import build_config, build_gpt_model, padded_vocab_size
-    from ssa_megatron.model.runtime import RUNTIME
     from ssa_megatron.training.arguments import load_deepspeed_config
     from ssa_megatron.training.mpu import MegatronMPU
     from ssa_megatron.training.optim import lr_lambda, param_groups
@@ -206,9 +267,7 @@ def build_engine(args, info, dp_size: int):
     if pipelined:
         from ssa_megatron.training.grad_norm import mark_pipeline_norm_ownership
         mark_pipeline_norm_ownership(model)
-    RUNTIME.tracker.configure(args.num_layers)
-    RUNTIME.reset_attention = bool(args.reset_attention_mask)
-    RUNTIME.lm_loss_weight = args.lm_loss_weight
+    AlignLossLoggingHelper.tracker.configure(args.num_layers)
     n_params = sum(p.numel() for p in model.parameters())
     schedule = lr_lambda(args)
     engine, _, _, _ = deepspeed.initialize(
@@ -216,7 +275,7 @@ def build_engine(args, info, dp_size: int):
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config, mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
     _record_fp32_grad_norm(engine)
-    return engine, ds_config, n_params
+    return engine, ds_config, n_params, config
 
 
 def run(args, fault_hook: Optional[Callable] = None,
@@ -227,16 +286,15 @@ def run(args, fault_hook: Optional[Callable] = None,
 
     from ssa_megatron.data.datasets import (build_datasets, check_data_files, make_loader, parse_blend,
                                             read_tokenizer_info)
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
     from ssa_megatron.model.builder import padded_vocab_size
-    from ssa_megatron.model.runtime import RUNTIME
     from ssa_megatron.training import checkpointing as ckpt
     from ssa_megatron.training.distributed import init_distributed
     from ssa_megatron.training.flops import flops_per_token
     from ssa_megatron.training.run_safety import NonFiniteSteps, prepare_save_dir
     from ssa_megatron.training.signals import StopSignal
-    from ssa_megatron.training.ssa_recipe import BranchRecipe, first_sample_of_micro, set_align_coef
+    from ssa_megatron.training.ssa_recipe import BranchRecipe
     from ssa_megatron.training.tb import TrainLogger
-
 
     prefixes, _ = parse_blend(args.data_path)
     check_data_files(prefixes)  # a truncated or mismatched .bin/.idx: one line, before anything runs
@@ -244,7 +302,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
     guard = prepare_save_dir(args, _log)  # lock --save; auto-resume / --start-over / refuse
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    engine, ds_config, n_params = build_engine(args, info, dp_size)
+    engine, ds_config, n_params, config = build_engine(args, info, dp_size)
     nonfinite = NonFiniteSteps(engine, args.max_skipped_steps)
     gas = ds_config["gradient_accumulation_steps"]
     pipelined = args.pipeline_model_parallel_size > 1
@@ -253,23 +311,25 @@ def run(args, fault_hook: Optional[Callable] = None,
         take_step = engine._take_model_step
 
         def _hooked_step(*a, **kw):
-            before_step(engine, iteration)
+            before_step(engine, state.iteration)
             return take_step(*a, **kw)
         engine._take_model_step = _hooked_step
 
-    iteration, consumed = 0, 0
+    state = TrainState()
     if args.load:
-        iteration, consumed = ckpt.load_checkpoint(engine, args.load, args)
-        if iteration:
-            _log(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")
-    resumed_at = iteration or None
+        state.iteration, state.consumed = ckpt.load_checkpoint(engine, args.load, args)
+        if state.iteration:
+            _log(f"resumed from {args.load} at iteration {state.iteration} "
+                 f"({state.consumed} samples consumed)")
+    resumed_at = state.iteration or None
 
     def save(hook=None) -> str:
         """Save this iteration unless it is saved already (by this run, or the one loaded)."""
-        tag = ckpt.tag_for(iteration)
-        if tag not in result["saved"] and iteration != resumed_at:
-            result["saved"].append(ckpt.save_checkpoint(engine, args.save, iteration, consumed, args,
-                                                        data_description, args.keep_last, fault_hook=hook))
+        tag = ckpt.tag_for(state.iteration)
+        if tag not in result["saved"] and state.iteration != resumed_at:
+            result["saved"].append(ckpt.save_checkpoint(engine, args.save, state.iteration, state.consumed,
+                                                        args, data_description, args.keep_last,
+                                                        fault_hook=hook))
         return tag
 
     gbs = args.global_batch_size
@@ -277,7 +337,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     if args.eval_interval:
         eval_samples = (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs
     train_ds, valid_ds, _ = build_datasets(args, info, [args.train_iters * gbs, eval_samples, 0])
-    train_loader = make_loader(train_ds, consumed, args.micro_batch_size, dp_rank, dp_size,
+    train_loader = make_loader(train_ds, state.consumed, args.micro_batch_size, dp_rank, dp_size,
                                args.num_workers)
     valid_loader = make_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size, 0) if eval_samples else None
     train_iter = iter(train_loader)
@@ -298,106 +358,87 @@ def run(args, fault_hook: Optional[Callable] = None,
     diagnostics = Diagnostics(args, engine, ds_config) if args.diagnostics_interval else None
     eval_modes = [parse_eval_mode(m) for m in args.eval_modes] if args.eval_modes else None
 
-    window_loss, window_iters, window_time = 0.0, 0, 0.0
-    RUNTIME.tracker.reset()
+    tracker = AlignLossLoggingHelper.tracker
+    tracker.reset()
     engine.train()
-    while iteration < args.train_iters:
+    while state.iteration < args.train_iters:
         if stop.any_rank_received():
             if args.save:
-                if iteration == resumed_at and args.load != args.save:
+                if state.iteration == resumed_at and args.load != args.save:
                     _log(f"stop signal before the first step: nothing new to save (the last "
-                         f"checkpoint is {args.load}/{ckpt.tag_for(iteration)}); exiting")
+                         f"checkpoint is {args.load}/{ckpt.tag_for(state.iteration)}); exiting")
                 else:
                     _log(f"stop signal: saved {args.save}/{save()}; exiting")
-            result["stopped_at"] = iteration
+            result["stopped_at"] = state.iteration
             break
         t0 = time.time()
-        RUNTIME.align_backward_scale = align_backward_scale(engine, gas)
-        coef = recipe.align_coef_at(iteration)
-        if coef is not None:
-            set_align_coef(engine.module, coef)
-        probe = diagnostics.start(iteration + 1) if diagnostics is not None else None
-        if pipelined:
-            iter_loss = float(engine.train_batch(pipe_batches(train_iter, args, iteration, recipe, consumed)))
-        else:
-            iter_loss = 0.0
-            for micro in range(gas):
-                batch = _to_device(next(train_iter))
-                RUNTIME.mode = recipe.branch(iteration, micro, first_sample_of_micro(
-                    consumed, micro, args.micro_batch_size, dp_size, dp_rank))
-                with (probe.attach(engine.module) if probe is not None and micro == 0
-                      else contextlib.nullcontext()):
-                    loss = lm_loss(engine, batch, RUNTIME)
-                engine.backward(loss)
-                engine.step()
-                iter_loss += float(loss.detach()) / gas
-        RUNTIME.mode = None
-        iteration += 1
-        consumed += gbs
+        probe = diagnostics.start(state.iteration + 1) if diagnostics is not None else None
+        iter_loss = train_step(engine, train_iter, args, config, recipe, state, gas, probe)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         step_time = time.time() - t0
+        state.advance(gbs, iter_loss, step_time)
         result["step_time"].append(step_time)
-        window_loss += iter_loss
-        window_iters += 1
-        window_time += step_time
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         # every iteration: record the DP-mean loss so tests can compare layouts step by step
         step_loss = float(_dp_mean(torch.tensor([iter_loss], dtype=torch.float64))[0])
         result["lm_loss"].append(step_loss)
         result["grad_norm"].append(grad_norm)
-        result["iterations"].append(iteration)
-        warning = nonfinite.check(iteration, step_loss, grad_norm)
+        result["iterations"].append(state.iteration)
+        warning = nonfinite.check(state.iteration, step_loss, grad_norm)
         if warning:
             _log(warning)
-            result.setdefault("skipped_iterations", []).append(iteration)
+            result.setdefault("skipped_iterations", []).append(state.iteration)
             if nonfinite.exhausted:
-                raise nonfinite.halt(iteration, consumed, f"{args.save}/{save()}" if args.save else None)
+                raise nonfinite.halt(state.iteration, state.consumed,
+                                     f"{args.save}/{save()}" if args.save else None)
         if probe is not None:
-            record = diagnostics.finish(probe, iteration, step_loss, grad_norm, engine.get_lr()[0])
-            logger.log_diagnostics(iteration, record)
+            record = diagnostics.finish(probe, state.iteration, step_loss, grad_norm, engine.get_lr()[0])
+            logger.log_diagnostics(state.iteration, record)
 
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            per_layer = RUNTIME.tracker.per_layer(
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            per_layer = tracker.per_layer(
                 pp_group=ps.get_pipeline_model_parallel_group() if args.pipeline_model_parallel_size > 1 else None,
                 tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
                 device=_device() if dist.get_backend() == "nccl" else None)
             seen = per_layer[~torch.isnan(per_layer)]
             align = float(seen.mean()) if seen.numel() else float("nan")
-            RUNTIME.tracker.reset()
-            avg_loss = float(_dp_mean(torch.tensor([window_loss / window_iters], dtype=torch.float64))[0])
-            tokens_per_s = tokens_per_iter * window_iters / window_time
+            tracker.reset()
+            avg_loss = float(_dp_mean(torch.tensor([state.window_loss / state.window_iters],
+                                                   dtype=torch.float64))[0])
+            tokens_per_s = tokens_per_iter * state.window_iters / state.window_time
             world = dist.get_world_size()
             tflops = tflop_per_token * tokens_per_s / world
             lr = engine.get_lr()[0]
             result["align_loss"].append(align)
-            logger.log_train(iteration, avg_loss, align, per_layer, lr, grad_norm, tokens_per_s, tflops,
-                             consumed, 1000 * window_time / window_iters)
-            window_loss, window_iters, window_time = 0.0, 0, 0.0
+            logger.log_train(state.iteration, avg_loss, align, per_layer, lr, grad_norm, tokens_per_s,
+                             tflops, state.consumed, 1000 * state.window_time / state.window_iters)
+            state.close_window()
 
-        if args.eval_interval and iteration % args.eval_interval == 0:
+        if args.eval_interval and state.iteration % args.eval_interval == 0:
             if eval_modes and not pipelined:
-                losses = evaluate_modes(engine, valid_iter, args.eval_iters, RUNTIME, eval_modes)
+                losses = evaluate_modes(engine, valid_iter, args.eval_iters, config, eval_modes)
                 for mode, val in losses.items():
-                    logger.log_eval(iteration, val, mode)
+                    logger.log_eval(state.iteration, val, mode)
                 if losses:
-                    result.setdefault("valid_loss_modes", []).append(dict(iteration=iteration, **losses))
+                    result.setdefault("valid_loss_modes", []).append(dict(iteration=state.iteration, **losses))
             else:
                 val = (evaluate_pipe(engine, valid_iter, args, gas) if pipelined
-                       else evaluate(engine, valid_iter, args.eval_iters, RUNTIME))
+                       else evaluate(engine, valid_iter, args.eval_iters, config))
                 if val is not None:
-                    logger.log_eval(iteration, val)
+                    logger.log_eval(state.iteration, val)
                     result.setdefault("valid_loss", []).append(val)
 
-        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
-                          or iteration == args.train_iters):
+        if args.save and ((args.save_interval and state.iteration % args.save_interval == 0)
+                          or state.iteration == args.train_iters):
             _log(f"saved checkpoint {args.save}/{save(fault_hook)}")
 
-        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+        if (args.exit_interval and state.iteration % args.exit_interval == 0
+                and state.iteration < args.train_iters):
             if args.save:
                 save()
-            _log(f"exiting at iteration {iteration} (--exit-interval {args.exit_interval})")
+            _log(f"exiting at iteration {state.iteration} (--exit-interval {args.exit_interval})")
             break
     stop.restore()
     logger.close()
@@ -405,8 +446,8 @@ def run(args, fault_hook: Optional[Callable] = None,
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
     result["tokens_per_iteration"] = tokens_per_iter
     result["flops_per_token"] = tflop_per_token * 1e12
-    result["iteration"] = iteration
-    result["consumed_samples"] = consumed
+    result["iteration"] = state.iteration
+    result["consumed_samples"] = state.consumed
     result["engine"] = engine
     guard.release()
     return result
