@@ -39,5 +39,41 @@ def ce_loss(model, batch, packed_seq_params=None):
 
 def full_grads(model):
     """Gradients gathered to the unsharded (TP=1) layout: name -> tensor."""
-    from ssa_megatron.model.state import gather_full
     return gather_full(model, pick=lambda p: p.grad)
+
+
+def _unshard(t: torch.Tensor, param) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    torch.distributed.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    chunks = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([chunks[r][s] for s in range(stride) for r in range(tp)], dim=dim)
+
+
+def gather_full(model, pick=lambda p: p.data):
+    """{GPTModel name: full CPU tensor} of ``pick(param)`` (weights by default, or grads) of a
+    GPTModel (PP=1) or the pipeline model on any TP x PP layout, complete on every rank (a
+    layout-independent form to compare layouts with). Collective: every rank must call it."""
+    import torch.distributed as dist
+
+    from ssa_megatron.model.pipeline import gpt_param_name
+    local = {}
+    for name, param in model.named_parameters():
+        gpt_name = gpt_param_name(name)
+        if gpt_name is None:
+            continue
+        value = pick(param)
+        value = torch.zeros_like(param.data) if value is None else value.detach()
+        local[gpt_name] = _unshard(value.float(), param).cpu()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, local)
+    merged = {}
+    for part in everything:
+        merged.update(part)
+    return merged

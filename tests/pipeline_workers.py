@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 
 def train_and_gather(out_dir, *argv):
-    from ssa_megatron.model.state import gather_full
+    from model_utils import gather_full
     from ssa_megatron.training.arguments import parse_args
     from ssa_megatron.training.pretrain import run
     args = parse_args(list(argv))

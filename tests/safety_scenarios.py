@@ -226,7 +226,7 @@ def disk_full():
     full = run("enospc_full", flags(save, 6), setup=fill_disk_at_second_save)
     after = {"latest": open(os.path.join(save, "latest")).read().strip(),
              "entries": sorted(os.listdir(save))}
-    from ssa_megatron.training.checkpointing import verify_checkpoint
+    from ssa_megatron.training.checkpoint_format import verify_checkpoint
     intact = verify_checkpoint(os.path.join(save, "iter_0000002"))
     again = run("enospc_again", flags(save, 6))
     return {"code": full["code"], "log": full["log"], **after, "iter2_problem": intact[0],
@@ -257,7 +257,7 @@ def bad_data():
 def corrupt_each_file():
     from ssa_megatron.convert.layout import ConversionError
     from ssa_megatron.convert.megatron_ckpt import read_checkpoint
-    from ssa_megatron.training.checkpointing import CheckpointError, select_checkpoint
+    from ssa_megatron.training.checkpoint_format import CheckpointError, select_checkpoint
     base = os.path.join(OUT, "corrupt_base")
     made = run("corrupt_make", flags(base, 4))
     kinds = sorted(os.path.relpath(os.path.join(r, f), os.path.join(base, "iter_0000004"))

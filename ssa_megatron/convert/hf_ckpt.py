@@ -45,7 +45,7 @@ import torch
 
 from ssa_megatron.convert.layout import ConversionError
 from ssa_megatron.model.options import ROPE_SCALING_TYPES, model_options
-from ssa_megatron.model.shape import ModelShape
+from ssa_megatron.model.shape import ModelShape, shape_default
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PKG = os.path.dirname(HERE)
@@ -239,7 +239,7 @@ def _rope_from_hf(cfg: dict) -> Tuple[float, dict]:
     """(RoPE base, the RoPE options of model/options.py) of an HF config: ours (flat option
     fields), or transformers' ``rope_parameters`` (v5) / ``rope_theta`` + ``rope_scaling`` (v4)."""
     if "use_rope_scaling" in cfg:  # our export
-        return float(cfg.get("rope_theta") or 500000.0), {
+        return float(cfg.get("rope_theta") or shape_default("rotary_base")), {
             k: cfg.get(k) for k in model_options({}) if k.startswith(("use_rope", "rope_scaling"))}
     field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     params = dict(cfg.get("rope_scaling") or {})

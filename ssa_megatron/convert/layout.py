@@ -23,6 +23,8 @@ from typing import Dict, List, Mapping
 
 import torch
 
+from ssa_megatron.training.checkpoint_format import is_weight_key
+
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 DIM0 = ("embedding.word_embeddings.weight", "output_layer.weight")
 DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
@@ -51,11 +53,6 @@ def tp_rule(name: str):
         return "replicated"
     raise ConversionError(f"unknown megatron parameter {name!r}: the converter does not know how "
                           "TP splits it; extend ssa_megatron/convert/layout.py")
-
-
-def is_weight_key(name: str) -> bool:
-    """State-dict entries that are weights (not megatron's ``_extra_state`` / RoPE buffers)."""
-    return not name.endswith("_extra_state") and "rotary_pos_emb" not in name and "inv_freq" not in name
 
 
 def merge_tp(shards: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:

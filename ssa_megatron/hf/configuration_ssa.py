@@ -25,6 +25,10 @@ class SSAConfig(PretrainedConfig):
     not apply).
     """
 
+    # The converter writes every field of the model's shape (ssa_megatron/model/shape.py) into
+    # config.json; the defaults below only serve configs built by hand (this file is copied into
+    # exported directories and cannot import the package). Fields it does not name are kept as
+    # attributes (PretrainedConfig's **kwargs).
     model_type = "ssa_llama"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 

@@ -11,7 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec, init_seed_for_layer
 from ssa_megatron.model.options import rope_scaling, scale_rotary_embedding
-from ssa_megatron.model.shape import ModelShape
+from ssa_megatron.model.shape import ModelShape, shape_default
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -69,7 +69,7 @@ def build_config(args) -> SSAConfig:
 
 
 def build_gpt_model(config: SSAConfig, vocab_size: int, max_sequence_length: int,
-                    rotary_base: float = 500000.0, pre_process: bool = True,
+                    rotary_base: float = shape_default("rotary_base"), pre_process: bool = True,
                     post_process: bool = True, layer_spec=None) -> GPTModel:
     """A megatron-core GPTModel with SSA layers; the output layer is the word embedding unless
     ``config.untie_embeddings_and_output_weights``; RoPE scaled per ``config.rope_scaling``."""

@@ -12,6 +12,7 @@ and every layer's alignment loss trains on its own stage (model/align_loss.py).
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -162,3 +163,28 @@ def build_pipeline_model(config, vocab_size: int, max_sequence_length: int, rota
                           # only transformer layers: a checkpointed embedding would cut the graph
                           # (its input, the token ids, needs no grad)
                           checkpointable_layers=["TransformerLayerPipe"])
+
+
+def gpt_model_name(index: int, key: str) -> Optional[str]:
+    """GPTModel name of entry ``key`` of pipe layer ``index`` in :func:`build_pipeline_model`'s
+    list [embedding, N transformer layers, final norm, head]; None for entries with no such name
+    (the layers' RoPE buffers). Checkpoints (layer_LL-model_XX files) and parameters use it."""
+    if key.startswith(("embedding.", "output_layer.")):
+        return key  # EmbeddingPipe (the tied head is the same module), OutputLayerPipe
+    if key.startswith("layer."):
+        return f"decoder.layers.{index - 1}.{key[len('layer.'):]}"
+    if key.startswith("norm."):
+        return "decoder.final_layernorm." + key[len("norm."):]
+    return None
+
+
+def gpt_param_name(name: str) -> Optional[str]:
+    """GPTModel name of a parameter of the pipeline model (``named_parameters()``: tied modules
+    apart, the others by layer index) or of a GPTModel (as it is)."""
+    name = name.removeprefix("module.")
+    if name.startswith("tied_modules.embed."):
+        return name.removeprefix("tied_modules.embed.")
+    if name.startswith(("embedding.", "decoder.", "output_layer.")):
+        return name
+    index, _, key = name.partition(".")
+    return gpt_model_name(int(index), key) if index.isdigit() else None

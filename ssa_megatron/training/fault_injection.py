@@ -173,7 +173,7 @@ def bitwise_equal(a: Dict[str, object], b: Dict[str, object]) -> Optional[str]:
 
 def check_save_dir(save_dir: str) -> List[str]:
     """Problems of a save directory after a crash: each iter_N must verify, latest must name one."""
-    from ssa_megatron.training.checkpointing import list_tags, read_latest, verify_checkpoint
+    from ssa_megatron.training.checkpoint_format import list_tags, read_latest, verify_checkpoint
     problems = []
     tags = list_tags(save_dir)
     for tag in tags:
@@ -217,7 +217,7 @@ def _drain(child: Child) -> bytes:
 
 def _intact_bytes(save_dir: str, tag: str) -> int:
     """Bytes of ``tag`` (or of its renamed ``tag.replaced-*`` copy) that still verify, else 0."""
-    from ssa_megatron.training.checkpointing import verify_checkpoint
+    from ssa_megatron.training.checkpoint_format import verify_checkpoint
     names = [tag] + sorted(n for n in os.listdir(save_dir) if n.startswith(tag + ".replaced-"))
     for name in names:
         path = os.path.join(save_dir, name)
@@ -249,7 +249,7 @@ def run_trials(trials: int, workdir: str, data_prefix: str, train_iters: int = 1
     Even trials kill at a random moment of a random save, odd ones at a random moment of the run."""
     import torch
 
-    from ssa_megatron.training.checkpointing import list_tags
+    from ssa_megatron.training.checkpoint_format import list_tags
     torch.set_num_threads(1)  # no intra-op threads in the parent: forking stays safe
     preload()
     rng = random.Random(seed)

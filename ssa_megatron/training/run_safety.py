@@ -29,8 +29,8 @@ import sys
 import time
 from typing import List, Optional
 
-from ssa_megatron.training.checkpointing import (LATEST, PARTIAL, CheckpointError, broadcast_from_rank0,
-                                                 fsync_dir, iteration_of, list_tags, read_latest)
+from ssa_megatron.training.checkpoint_format import (LATEST, PARTIAL, CheckpointError, broadcast_from_rank0,
+                                                     fsync_dir, iteration_of, list_tags, read_latest)
 
 LOCK = "run.lock"
 
