@@ -100,3 +100,15 @@ def test_zero_resume_with_another_process_count_is_refused_in_one_line(tmp_path,
     assert last.startswith("error: ") and "ZeRO optimizer shards of 2 processes" in last
     assert "relayout" in last
     assert os.path.isfile(os.path.join(save, "latest"))  # nothing lost
+
+
+def test_keep_last_prunes_the_oldest_complete_checkpoints_only(tmp_path):
+    """--keep-last N keeps the newest N complete checkpoints; partial saves and other
+    directories are not checkpoints and stay."""
+    from ssa_megatron.training.checkpointing import _prune
+    for name in ("iter_0000001", "iter_0000002", "iter_0000003", "iter_0000004",
+                 "iter_0000003.partial", "iter_notes"):
+        (tmp_path / name).mkdir()
+    _prune(str(tmp_path), 2, current="iter_0000004")
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000003.partial", "iter_0000004",
+                                            "iter_notes"]

@@ -3,6 +3,7 @@ alignment gap and needle retrieval of an ssa_megatron checkpoint."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -114,189 +115,255 @@ def _is_number(x) -> bool:
         return False
 
 
+@dataclasses.dataclass
+class Evaluation:
+    """What the steps of :func:`run` share: the flags, the model and its shape, the data."""
+
+    args: argparse.Namespace
+    model: torch.nn.Module
+    shape: dict
+    meta: dict
+    rank: int
+    world: int
+    lengths: List[int]
+    needle_lengths: List[int]
+    notes: List[str]
+    started: float  # time.time() once torch.distributed is up
+    tokenizer: object = None
+    stream: object = None
+    eod: Optional[int] = None
+    reset: bool = False
+    source: Optional[dict] = None
+
+    @property
+    def train_len(self) -> int:
+        return self.shape["train_seq_length"]
+
+    @property
+    def ssa_layers(self) -> bool:
+        """Layers with a full/sparse switch (not NSA, not megatron's stock layer)."""
+        return self.shape["layer_spec"] == "ssa" and self.shape["attention_mode"] != "nsa"
+
+    def progress(self, items, desc):
+        if self.args.quiet or self.rank != 0:
+            return items
+        from tqdm import tqdm
+        return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+
+    def rope_factor(self, length: int) -> Optional[float]:
+        factor = self.args.rope_scaling_factor
+        if length <= self.train_len or factor is None:
+            return None
+        if factor == "auto":
+            return length / self.train_len
+        try:
+            return float(factor)
+        except ValueError:
+            from ssa_megatron.eval.model import EvalError
+            raise EvalError(f"--rope-scaling-factor {factor!r}: a number or auto") from None
+
+
 def run(args) -> dict:
-    import torch.distributed as dist
+    """Perplexity, sparsity / alignment gap and needle retrieval of ``args.checkpoint``."""
+    check_inputs(args)
+    ev = load_evaluation(args)
+    read_evaluation_data(ev)
+    result = {"checkpoint": os.path.abspath(args.checkpoint), "iteration": ev.meta.get("iteration"),
+              "attention_mode": ev.shape["attention_mode"], "block_size": ev.shape["ssa_block_size"],
+              "train_block_counts": ev.shape["ssa_block_counts"], "train_seq_length": ev.train_len,
+              "name": f"{os.path.basename(os.path.abspath(args.checkpoint))} "
+                      f"({ev.shape['attention_mode']}, iter {ev.meta.get('iteration')})",
+              "source": ev.source, "stream_tokens": int(len(ev.stream)), "bf16": bool(args.bf16),
+              "world_size": ev.world, "stride": args.stride, "reset_attention_mask": bool(ev.reset),
+              "perplexity": evaluate_perplexities(ev), "notes": ev.notes}
+    if ev.ssa_layers and args.sparsity_windows > 0:
+        result["sparsity"] = evaluate_sparsity(ev)
+    if args.needle_trials > 0:
+        if ev.tokenizer is None:
+            ev.notes.append("needle test skipped: no tokenizer found (pass --tokenizer)")
+        else:
+            result["needle"] = evaluate_needles(ev)
+    result["seconds"] = round(time.time() - ev.started, 2)
+    return result
 
-    from ssa_megatron.eval import data as evdata
-    from ssa_megatron.eval.model import EvalError, init_single_process_or_dp, load_model, set_rope_scaling
-    from ssa_megatron.eval.needle import make_needle_set, model_next_token, needle_accuracy
-    from ssa_megatron.eval.perplexity import (all_reduce_sums, apply_setting, evaluate_perplexity,
-                                              reduce_perplexity, settings_for)
-    from ssa_megatron.eval.sparsity import SparsityCollector
-    from ssa_megatron.model.attention import set_inference_mode
-    from ssa_megatron.ops import dispatch
 
+def check_inputs(args) -> None:
+    """Flags that cannot work end here, before the model loads (a wrong path fails at once)."""
+    from ssa_megatron.eval.model import EvalError
     if (args.data_path is None) == (args.text is None):
         raise EvalError("pass one source of evaluation data: --data-path PREFIX or --text FILES")
     if args.micro_batch_size < 1 or args.max_windows < 1:
         raise EvalError("--micro-batch-size and --max-windows must be positive")
-    if args.text:  # before the model loads: a wrong path fails at once
+    if args.text:
         from ssa_megatron.data.corpus import CorpusError, expand_inputs
         try:
             expand_inputs(list(args.text), flag="--text")
         except CorpusError as e:
             raise EvalError(str(e)) from None
+
+
+def load_evaluation(args) -> Evaluation:
+    """torch.distributed, the checkpoint's model (long enough for every length asked for) and
+    its tokenizer."""
+    import torch.distributed as dist
+
+    from ssa_megatron.eval.model import init_single_process_or_dp, load_model
+    from ssa_megatron.ops import dispatch
     if args.attention_backend:
         dispatch.set_backend(args.attention_backend)
     init_single_process_or_dp(args.seed)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    t0 = time.time()
-
-    def progress(items, desc):
-        if args.quiet or rank != 0:
-            return items
-        from tqdm import tqdm
-        return tqdm(items, desc=desc, leave=False, file=sys.stderr)
-
+    started = time.time()
     lengths = list(args.seq_length or [])
     needle_lengths = list(args.needle_lengths or [])
     max_len = max(lengths + needle_lengths + [0]) + 16
     model, shape, meta = load_model(args.checkpoint, args.tag, args.device, args.bf16, max_len)
-    train_len = shape["train_seq_length"]
-    lengths = lengths or [train_len]
-    needle_lengths = needle_lengths or lengths
-    bs = shape["ssa_block_size"]
-    ssa_layers = shape["layer_spec"] == "ssa" and shape["attention_mode"] != "nsa"
-    notes: List[str] = []
-    if not ssa_layers:
-        notes.append(f"attention mode {shape['attention_mode']} / layer spec {shape['layer_spec']}: "
-                     "no full/sparse switch; evaluated in its natural mode, no sparsity analysis")
-    modes = list(args.modes) if ssa_layers else ["natural"]
-    settings = settings_for(modes, args.block_counts)
+    lengths = lengths or [shape["train_seq_length"]]
+    ev = Evaluation(args=args, model=model, shape=shape, meta=meta, rank=dist.get_rank(),
+                    world=dist.get_world_size(), lengths=lengths,
+                    needle_lengths=needle_lengths or lengths, notes=[], started=started)
+    if not ev.ssa_layers:
+        ev.notes.append(f"attention mode {shape['attention_mode']} / layer spec {shape['layer_spec']}: "
+                        "no full/sparse switch; evaluated in its natural mode, no sparsity analysis")
+    ev.reset = {"auto": shape["reset_attention_mask"], "on": True,
+                "off": False}[args.reset_attention_mask]
+    ev.tokenizer = _find_tokenizer(args.tokenizer, meta, args.data_path)
+    return ev
 
-    reset = {"auto": shape["reset_attention_mask"], "on": True, "off": False}[args.reset_attention_mask]
-    tokenizer = _find_tokenizer(args.tokenizer, meta, args.data_path)
-    eod = None
+
+def read_evaluation_data(ev: Evaluation) -> None:
+    """The token stream to evaluate (a split of --data-path, or --text tokenised), its
+    end-of-document id, and notes on how held out it is."""
+    from ssa_megatron.eval import data as evdata
+    from ssa_megatron.eval.model import EvalError
+    args, meta = ev.args, ev.meta
     if args.data_path:
         split = args.split or meta["args"].get("split") or "969,30,1"
-        stream = evdata.indexed_stream(args.data_path, split, args.split_name)
+        ev.stream = evdata.indexed_stream(args.data_path, split, args.split_name)
         from ssa_megatron.data.datasets import read_tokenizer_info
         try:
-            eod = read_tokenizer_info([args.data_path], None).eod
+            ev.eod = read_tokenizer_info([args.data_path], None).eod
         except Exception:
-            eod = tokenizer.eod if tokenizer is not None else None
-        source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
+            ev.eod = ev.tokenizer.eod if ev.tokenizer is not None else None
+        ev.source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
         trained_split = meta["args"].get("split")
         index = {"train": 0, "valid": 1, "test": 2}.get(args.split_name)
         if args.split_name == "train":
-            notes.append("evaluating on the training split")
+            ev.notes.append("evaluating on the training split")
         elif trained_split and index is not None:
             from ssa_megatron.data.datasets import split_bounds
             weights, _ = split_bounds(trained_split)
             if split != trained_split:
-                notes.append(f"--split {split} differs from the training split {trained_split}: the "
-                             f"'{args.split_name}' documents may overlap the training documents")
+                ev.notes.append(f"--split {split} differs from the training split {trained_split}: the "
+                                f"'{args.split_name}' documents may overlap the training documents")
             elif weights[index] == 0:
-                notes.append(f"the training split {trained_split} has no '{args.split_name}' share: "
-                             "these documents are not held out")
+                ev.notes.append(f"the training split {trained_split} has no '{args.split_name}' share: "
+                                "these documents are not held out")
     else:
-        if tokenizer is None:
+        if ev.tokenizer is None:
             raise EvalError("--text needs the checkpoint's tokenizer: none was found through its "
                             "ssa_meta.json; pass --tokenizer PATH")
-        need = max(lengths) * args.max_windows + 1
-        stream = evdata.text_stream(args.text, tokenizer, args.json_keys, max_tokens=need * 4)
-        eod = tokenizer.eod
-        source = {"text": list(args.text), "json_keys": list(args.json_keys)}
-    if reset and eod is None:
+        need = max(ev.lengths) * args.max_windows + 1
+        ev.stream = evdata.text_stream(args.text, ev.tokenizer, args.json_keys, max_tokens=need * 4)
+        ev.eod = ev.tokenizer.eod
+        ev.source = {"text": list(args.text), "json_keys": list(args.json_keys)}
+    if ev.reset and ev.eod is None:
         raise EvalError("--reset-attention-mask needs the end-of-document id; pass --tokenizer")
 
-    result = {"checkpoint": os.path.abspath(args.checkpoint), "iteration": meta.get("iteration"),
-              "attention_mode": shape["attention_mode"], "block_size": bs,
-              "train_block_counts": shape["ssa_block_counts"], "train_seq_length": train_len,
-              "name": f"{os.path.basename(os.path.abspath(args.checkpoint))} "
-                      f"({shape['attention_mode']}, iter {meta.get('iteration')})",
-              "source": source, "stream_tokens": int(len(stream)), "bf16": bool(args.bf16),
-              "world_size": world, "stride": args.stride, "reset_attention_mask": bool(reset),
-              "perplexity": [], "notes": notes}
 
-    def rope_factor(length: int) -> Optional[float]:
-        if length <= train_len or args.rope_scaling_factor is None:
-            return None
-        if args.rope_scaling_factor == "auto":
-            return length / train_len
-        try:
-            return float(args.rope_scaling_factor)
-        except ValueError:
-            raise EvalError(f"--rope-scaling-factor {args.rope_scaling_factor!r}: a number or auto") from None
-
-    # ---- perplexity
-    for length in lengths:
-        windows = evdata.make_windows(len(stream), length, args.stride, args.max_windows)
+def evaluate_perplexities(ev: Evaluation) -> List[dict]:
+    """Perplexity of every length x mode x block budget (one record each)."""
+    from ssa_megatron.eval import data as evdata
+    from ssa_megatron.eval.model import EvalError, set_rope_scaling
+    from ssa_megatron.eval.perplexity import evaluate_perplexity, reduce_perplexity, settings_for
+    args, bs = ev.args, ev.shape["ssa_block_size"]
+    settings = settings_for(list(args.modes) if ev.ssa_layers else ["natural"], args.block_counts)
+    records = []
+    for length in ev.lengths:
+        windows = evdata.make_windows(len(ev.stream), length, args.stride, args.max_windows)
         if not windows:
-            raise EvalError(f"the evaluation data ({len(stream)} tokens) is shorter than one window "
+            raise EvalError(f"the evaluation data ({len(ev.stream)} tokens) is shorter than one window "
                             f"of --seq-length {length} + 1; use more data or a shorter length")
         if length % bs:
-            notes.append(f"length {length} is not a multiple of the block size {bs}")
-        factor = rope_factor(length)
-        set_rope_scaling(model, factor, train_len)
-        sums = evaluate_perplexity(model, stream, evdata.shard(windows, rank, world), length, settings,
-                                   args.micro_batch_size, eod if reset else None,
-                                   progress=lambda it: progress(it, f"perplexity L={length}"),
-                                   vocab_size=shape["vocab_size"])
+            ev.notes.append(f"length {length} is not a multiple of the block size {bs}")
+        factor = ev.rope_factor(length)
+        set_rope_scaling(ev.model, factor, ev.train_len)
+        sums = evaluate_perplexity(ev.model, ev.stream, evdata.shard(windows, ev.rank, ev.world), length,
+                                   settings, args.micro_batch_size, ev.eod if ev.reset else None,
+                                   progress=lambda it: ev.progress(it, f"perplexity L={length}"),
+                                   vocab_size=ev.shape["vocab_size"])
         for (mode, bc), r in reduce_perplexity(sums).items():
-            result["perplexity"].append({"seq_length": length, "rope_scaling_factor": factor,
-                                         "mode": mode, "block_counts": bc, "windows": len(windows), **r})
-    set_rope_scaling(model, None, train_len)
+            records.append({"seq_length": length, "rope_scaling_factor": factor,
+                            "mode": mode, "block_counts": bc, "windows": len(windows), **r})
+    set_rope_scaling(ev.model, None, ev.train_len)
+    return records
 
-    # ---- sparsity and alignment gap
-    if ssa_layers and args.sparsity_windows > 0:
-        length = args.sparsity_length or lengths[0]
-        windows = evdata.make_windows(len(stream), length, None, args.sparsity_windows)
-        set_rope_scaling(model, rope_factor(length), train_len)
-        collector = SparsityCollector(model, args.block_counts, gap=not args.no_alignment_gap)
-        set_inference_mode(model, "full")
-        mine = evdata.shard(windows, rank, world)
-        try:
-            collector.enabled = True
-            for w in progress(mine, f"sparsity L={length}"):
-                tokens, _, _ = evdata.batch_windows(stream, [w], length)
-                dev = next(model.parameters()).device
-                with torch.no_grad():
-                    model(tokens.to(dev), torch.arange(length, device=dev)[None], None)
-        finally:
-            collector.enabled = False
-            collector.close()
-        summary = collector.summarize(all_reduce_sums(collector.flat()))
-        result["sparsity"] = {"seq_length": length, "windows": len(windows), **summary}
-        set_rope_scaling(model, None, train_len)
 
-    # ---- needle in a haystack
-    if args.needle_trials > 0:
-        if tokenizer is None:
-            notes.append("needle test skipped: no tokenizer found (pass --tokenizer)")
-        else:
-            samples = make_needle_set(tokenizer, needle_lengths, args.needle_depths, args.needle_trials,
-                                      seed=args.seed)
-            nsettings = [("full", None)] + [("sparse", bc) for bc in
-                                            (args.needle_block_counts or [shape["ssa_block_counts"]])]
-            if not ssa_layers:
-                nsettings = [("natural", None)]
-            depths = sorted(set(args.needle_depths))
-            keys = [(L, s, d) for L in needle_lengths for s in nsettings for d in depths]
-            acc = torch.zeros(len(keys), 2, dtype=torch.float64)
-            records = []
-            vocab = shape["vocab_size"]
-            for setting in nsettings:
-                apply_setting(model, setting)
-                for L in needle_lengths:
-                    set_rope_scaling(model, rope_factor(L), train_len)
-                    mine = evdata.shard([s for s in samples if len(s.tokens) == L], rank, world)
-                    recs = needle_accuracy(mine, tokenizer, model_next_token(model, vocab),
-                                           args.micro_batch_size)
-                    for r in recs:
-                        i = keys.index((L, setting, r["depth"]))
-                        acc[i, 0] += r["score"]
-                        acc[i, 1] += 1
-                        records.append(dict(r, mode=setting[0], block_counts=setting[1]))
-            set_rope_scaling(model, None, train_len)
-            acc = all_reduce_sums(acc)
-            summary = [{"length": L, "mode": s[0], "block_counts": s[1], "depth": d,
-                        "accuracy": float(a / n) if n else float("nan"), "samples": int(n)}
-                       for (L, s, d), (a, n) in zip(keys, acc.tolist())]
-            result["needle"] = {"depths": depths, "lengths": needle_lengths, "summary": summary,
-                                "records_rank0": records}
-    result["seconds"] = round(time.time() - t0, 2)
-    return result
+def evaluate_sparsity(ev: Evaluation) -> dict:
+    """Attention sparsity and the alignment gap on the first windows, in full mode."""
+    from ssa_megatron.eval import data as evdata
+    from ssa_megatron.eval.model import set_rope_scaling
+    from ssa_megatron.eval.perplexity import all_reduce_sums
+    from ssa_megatron.eval.sparsity import SparsityCollector
+    from ssa_megatron.model.attention import set_inference_mode
+    args, model = ev.args, ev.model
+    length = args.sparsity_length or ev.lengths[0]
+    windows = evdata.make_windows(len(ev.stream), length, None, args.sparsity_windows)
+    set_rope_scaling(model, ev.rope_factor(length), ev.train_len)
+    collector = SparsityCollector(model, args.block_counts, gap=not args.no_alignment_gap)
+    set_inference_mode(model, "full")
+    mine = evdata.shard(windows, ev.rank, ev.world)
+    try:
+        collector.enabled = True
+        for w in ev.progress(mine, f"sparsity L={length}"):
+            tokens, _, _ = evdata.batch_windows(ev.stream, [w], length)
+            dev = next(model.parameters()).device
+            with torch.no_grad():
+                model(tokens.to(dev), torch.arange(length, device=dev)[None], None)
+    finally:
+        collector.enabled = False
+        collector.close()
+    summary = collector.summarize(all_reduce_sums(collector.flat()))
+    set_rope_scaling(model, None, ev.train_len)
+    return {"seq_length": length, "windows": len(windows), **summary}
+
+
+def evaluate_needles(ev: Evaluation) -> dict:
+    """Needle-in-a-haystack accuracy per length, setting and depth (all ranks summed)."""
+    from ssa_megatron.eval import data as evdata
+    from ssa_megatron.eval.model import set_rope_scaling
+    from ssa_megatron.eval.needle import make_needle_set, model_next_token, needle_accuracy
+    from ssa_megatron.eval.perplexity import all_reduce_sums, apply_setting
+    args, model, needle_lengths = ev.args, ev.model, ev.needle_lengths
+    samples = make_needle_set(ev.tokenizer, needle_lengths, args.needle_depths, args.needle_trials,
+                              seed=args.seed)
+    nsettings = [("full", None)] + [("sparse", bc) for bc in
+                                    (args.needle_block_counts or [ev.shape["ssa_block_counts"]])]
+    if not ev.ssa_layers:
+        nsettings = [("natural", None)]
+    depths = sorted(set(args.needle_depths))
+    keys = [(L, s, d) for L in needle_lengths for s in nsettings for d in depths]
+    acc = torch.zeros(len(keys), 2, dtype=torch.float64)
+    records = []
+    vocab = ev.shape["vocab_size"]
+    for setting in nsettings:
+        apply_setting(model, setting)
+        for L in needle_lengths:
+            set_rope_scaling(model, ev.rope_factor(L), ev.train_len)
+            mine = evdata.shard([s for s in samples if len(s.tokens) == L], ev.rank, ev.world)
+            recs = needle_accuracy(mine, ev.tokenizer, model_next_token(model, vocab),
+                                   args.micro_batch_size)
+            for r in recs:
+                i = keys.index((L, setting, r["depth"]))
+                acc[i, 0] += r["score"]
+                acc[i, 1] += 1
+                records.append(dict(r, mode=setting[0], block_counts=setting[1]))
+    set_rope_scaling(model, None, ev.train_len)
+    acc = all_reduce_sums(acc)
+    summary = [{"length": L, "mode": s[0], "block_counts": s[1], "depth": d,
+                "accuracy": float(a / n) if n else float("nan"), "samples": int(n)}
+               for (L, s, d), (a, n) in zip(keys, acc.tolist())]
+    return {"depths": depths, "lengths": needle_lengths, "summary": summary,
+            "records_rank0": records}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

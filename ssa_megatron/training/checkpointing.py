@@ -35,9 +35,10 @@ import torch.distributed as dist
 from ssa_megatron.model.config import ConfigError
 from ssa_megatron.model.shape import OPTIONS, shape_fields
 from ssa_megatron.training.checkpoint_format import (CHECKPOINT_FORMAT, LATEST, META, PARTIAL, CheckpointError,
-                                                     broadcast_from_rank0, fsync_dir, gather, rank_world,
-                                                     read_latest, read_meta, select_checkpoint, tag_for,
-                                                     write_latest, write_manifest, write_meta)
+                                                     broadcast_from_rank0, fsync_dir, gather, iteration_of,
+                                                     list_tags, rank_world, read_latest, read_meta,
+                                                     select_checkpoint, tag_for, write_latest, write_manifest,
+                                                     write_meta)
 
 # Flags that fix the shapes of the weights; a checkpoint must agree with them to load (the
 # options among them, missing from older checkpoints, are compared with their defaults).
@@ -185,12 +186,9 @@ def _padded_vocab(engine) -> Optional[int]:
 
 def _prune(save_dir: str, keep_last: int, current: str) -> None:
     """Keep the newest ``keep_last`` complete checkpoints (by iteration), never ``current``."""
-    tags = sorted((d for d in os.listdir(save_dir)
-                   if d.startswith("iter_") and os.path.isdir(os.path.join(save_dir, d))
-                   and d[5:].isdigit()), key=lambda d: int(d[5:]))
-    cur = int(current[5:])
+    tags = list_tags(save_dir)
     for tag in tags[:-keep_last]:
-        if tag != current and int(tag[5:]) < cur:
+        if tag != current and iteration_of(tag) < iteration_of(current):
             shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
 
