@@ -173,14 +173,14 @@ def bitwise_equal(a: Dict[str, object], b: Dict[str, object]) -> Optional[str]:
 
 def check_save_dir(save_dir: str) -> List[str]:
     """Problems of a save directory after a crash: each iter_N must verify, latest must name one."""
-    from ssa_megatron.training.checkpoint_format import list_tags, read_latest, verify_checkpoint
+    from ssa_megatron.training.checkpoint_format import LATEST, list_tags, read_latest, verify_checkpoint
     problems = []
     tags = list_tags(save_dir)
     for tag in tags:
         problem, _ = verify_checkpoint(os.path.join(save_dir, tag))
         if problem:
             problems.append(f"{tag}: {problem}")
-    if os.path.isfile(os.path.join(save_dir, "latest")) and read_latest(save_dir) not in tags:
+    if os.path.isfile(os.path.join(save_dir, LATEST)) and read_latest(save_dir) not in tags:
         problems.append(f"latest names {read_latest(save_dir)!r}, not a checkpoint")
     return problems
 
