@@ -1,13 +1,8 @@
 import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for path in (ROOT, HERE):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+# the checkout and tests/ are on sys.path through pytest.ini's pythonpath
 os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
 
 

@@ -21,8 +21,7 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path[:0] = [ROOT, HERE]
+ROOT = os.path.dirname(HERE)  # tests/test_run_safety.py puts ROOT and HERE on PYTHONPATH
 os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
 os.environ["OMP_NUM_THREADS"] = "1"
 

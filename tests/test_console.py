@@ -46,13 +46,14 @@ def test_no_prefix_matching(module, builder):
 
 
 def test_all_tool_parsers_refuse_abbreviations():
-    """tools/*.py that build their own parser pass allow_abbrev=False (text check: importing
-    the GPU benchmarks needs Triton)."""
-    tools = os.path.join(ROOT, "tools")
-    for name in sorted(os.listdir(tools)):
-        if not name.endswith(".py"):
-            continue
-        text = open(os.path.join(tools, name)).read()
+    """tools/*.py and the package modules behind them (benchmarks, studies, wheelhouse) that
+    build their own parser pass allow_abbrev=False (text check: importing the GPU benchmarks
+    needs Triton)."""
+    folders = [os.path.join(ROOT, "tools"), os.path.join(ROOT, "ssa_megatron", "bench"),
+               os.path.join(ROOT, "ssa_megatron", "study")]
+    paths = [os.path.join(d, n) for d in folders for n in sorted(os.listdir(d)) if n.endswith(".py")]
+    for name in paths + [os.path.join(ROOT, "ssa_megatron", "wheelhouse.py")]:
+        text = open(name).read()
         for call in ("argparse.ArgumentParser(", "add_parser("):
             for start in [i for i in range(len(text)) if text.startswith(call, i)]:
                 assert "allow_abbrev=False" in _call_text(text, start + len(call)), (name, call)

@@ -1,13 +1,11 @@
 """The wheel that offline GPU nodes install (tools/build_wheelhouse.py) holds the whole package,
 and its install.sh installs the extras."""
 import os
-import sys
 import zipfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+from ssa_megatron import wheelhouse as build_wheelhouse
 
-import build_wheelhouse  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_wheel_contains_every_module_and_the_entry_point(tmp_path):

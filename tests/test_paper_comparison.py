@@ -7,10 +7,7 @@ import time
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
-
-import paper_comparison as pc  # noqa: E402
+from ssa_megatron.study import paper_comparison as pc
 
 
 def _args(tmp_path, *extra):

@@ -1,15 +1,10 @@
 """The result plotting tools: tools/plot_train_curves.py and tools/plot_results.py."""
 import json
-import os
-import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tools"))
-
-import plot_results as pr  # noqa: E402
-import plot_train_curves as ptc  # noqa: E402
+from ssa_megatron.study import plot_results as pr
+from ssa_megatron.study import plot_train_curves as ptc
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -49,28 +49,24 @@ def child():
     import torch
     from ssa_megatron.ops import reference as ref
     from ssa_megatron.ops import triton_selection as tsel
+    from ssa_megatron.ops.kernel_config import override_config
     bs, kc, out = 16, 6, {}
     for seed in (1,):
         q, k = near_tie_inputs(seed)
         want = ref.select_blocks(q, k, bs, kc)
         scores = ref.block_scores(q, k, bs)
-        tsel.CONFIG["dot_precision"] = "ieee"
-        try:
+        with override_config(tsel.CONFIG, dot_precision="ieee"):
             got = tsel.select_blocks(q, k, bs, kc)
-        finally:
-            tsel.CONFIG["dot_precision"] = None
         pooled = _tf32(ref.mean_pool_blocks(k, bs))
         tf32 = ref.select_blocks_from_pooled(_tf32(q), pooled, 0, q.shape[1], bs, kc)
         out[seed] = {"ieee": _agreement(got, want, scores), "tf32": _agreement(tf32, want, scores),
                      "slot0": bool(torch.equal(got[..., 0], want[..., 0]))}
     try:
-        tsel.CONFIG["dot_precision"] = "fp64"
-        tsel.select_blocks(*near_tie_inputs(0, t=32), bs, kc)
+        with override_config(tsel.CONFIG, dot_precision="fp64"):
+            tsel.select_blocks(*near_tie_inputs(0, t=32), bs, kc)
         out["refused"] = ""
     except ValueError as e:
         out["refused"] = str(e)
-    finally:
-        tsel.CONFIG["dot_precision"] = None
     print("RESULT " + json.dumps(out))
 
 
@@ -88,5 +84,4 @@ def test_exact_precision_selection_on_near_ties():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     child()

@@ -196,8 +196,7 @@ def test_export_decodes_sparse_without_ssa_megatron(tmp_path, exports):
 
 
 def test_bench_decode_cpu_smoke(tmp_path, capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
-    import bench_decode
+    from ssa_megatron.bench import decode as bench_decode
     out = tmp_path / "decode.json"
     assert bench_decode.main(["--device", "cpu", "--dtype", "fp32", "--context", "300",
                               "--heads", "4/2/16,4/1/16",

@@ -14,7 +14,6 @@ checks, and the "sort" and "extract" merges' indices bit-identical to the "inser
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 import os
@@ -22,6 +21,8 @@ import subprocess
 import sys
 
 import pytest
+
+from ssa_megatron.ops.kernel_config import override_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16
@@ -119,7 +120,7 @@ def test_backward_list_building_and_launch_order():
 
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
 def test_kernel_variant_sweep_checks():
-    """tools/bench_kernel_variants.py's correctness pass on the CPU interpreter (fp32): it passes
+    """The kernel-variant sweep's (tools/bench_kernel_variants.py) correctness pass on the CPU interpreter (fp32): it passes
     for real variants and fails for one that changes the selection without saying so."""
     rows = _run_group("variants")
     assert [r["name"] for r in rows] == ["good", "bad"]
@@ -132,7 +133,7 @@ def test_tma_forward_and_dq_match_reference():
     """Forward and dq for G >= 16 four ways (gathers; TMA with one, two or four blocks per
     step): o, dq, dk, dv equal the reference's on packed documents, block counts that leave a
     partial step, G 16 / 32 and D 16 / 32 / 128; G 8 keeps the gathers. Then hand-made
-    indices with holes and empty documents, a NaN in the next document, and what ``_tma_ok``
+    indices with holes and empty documents, a NaN in the next document, and what ``tma_ok``
     refuses (see ``_check_tma_edges``)."""
     rows = _run_group("tma")
     assert len(rows) == (1 + len(TMA_MODES)) * len(TMA_CASES) + 4
@@ -142,7 +143,7 @@ def test_tma_forward_and_dq_match_reference():
 
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
 def test_byte_floor_kernels_read_what_they_count():
-    """tools/bench_byte_floor.py: the loads-only, loads+MMA and L2-read kernels read exactly
+    """The byte-floor tool (tools/bench_byte_floor.py): the loads-only, loads+MMA and L2-read kernels read exactly
     the rows the sparse kernels gather (packed documents, G 4 with several tokens per tile,
     G 16), and its byte count agrees with a brute-force count."""
     rows = _run_group("floor")
@@ -152,11 +153,7 @@ def test_byte_floor_kernels_read_what_they_count():
 
 
 def test_kernel_variant_parsing():
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import bench_kernel_variants as bkv
-    finally:
-        sys.path.pop(0)
+    from ssa_megatron.bench import kernel_variants as bkv
     got = bkv.parse_variants("default; a:rows=128,merge=extract ;b:stages=-1")
     assert got == [("default", {}), ("a", {"rows": 128, "merge": "extract"}), ("b", {"stages": -1})]
     for bad in ("a:rows=1", "default:rows=2", "default;a:rows"):
@@ -167,15 +164,26 @@ def test_kernel_variant_parsing():
             pass
 
 
+def test_override_config_restores_the_settings_exactly():
+    """Nested entries are updated, not replaced; after the block (an error included) the dict
+    and its nested entries hold their old values again, keys added inside are gone."""
+    config = {"merge": "extract", "small_d": {"tma": 0, "warps": 4}, "large_d": {"tma": 0}}
+    small = config["small_d"]
+    with pytest.raises(RuntimeError):
+        with override_config(config, merge="sort", small_d={"tma": 1}) as live:
+            assert live is config and config["small_d"] == {"tma": 1, "warps": 4}
+            config["large_d"]["tma"] = 2
+            config["extra"] = 1
+            raise RuntimeError
+    assert config == {"merge": "extract", "small_d": {"tma": 0, "warps": 4}, "large_d": {"tma": 0}}
+    assert config["small_d"] is small
+
+
 def test_kernel_variant_index_patterns():
     """The fixed block patterns of bench_kernel_variants --indices: slot 0 the current block,
     the rest complete past blocks or empty, none twice."""
     import torch
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    try:
-        import bench_kernel_variants as bkv
-    finally:
-        sys.path.pop(0)
+    from ssa_megatron.bench import kernel_variants as bkv
     for pattern, want_40 in (("window", [2, 1, 0]), ("sinks", [2, 0, 1])):
         idx = bkv.pattern_indices(2, 300, 3, pattern, torch.device("cpu"))
         assert idx.shape == (2, 300, 3, bkv.KC) and idx.dtype == torch.int32
@@ -204,16 +212,16 @@ def test_dispatch_backend_switch(monkeypatch):
     monkeypatch.delenv("SSA_ATTENTION_BACKEND", raising=False)
     dispatch.set_backend(None)
     assert dispatch.get_backend() == "auto"
-    assert not dispatch._use_triton(q)
+    assert not dispatch.use_triton(q)
     idx = dispatch.select_blocks(q, k, BS, 3)
     assert torch.equal(idx, reference.select_blocks(q, k, BS, 3))
     torch.testing.assert_close(dispatch.sparse_attention(q, k, v, idx, BS),
                                reference.sparse_attention(q, k, v, idx, BS))
     torch.testing.assert_close(dispatch.full_attention(q, k, v), reference.full_attention(q, k, v))
     monkeypatch.setenv("SSA_ATTENTION_BACKEND", "triton")
-    assert dispatch.get_backend() == "triton" and dispatch._use_triton(q)
+    assert dispatch.get_backend() == "triton" and dispatch.use_triton(q)
     dispatch.set_backend("reference")
-    assert dispatch.get_backend() == "reference" and not dispatch._use_triton(q)
+    assert dispatch.get_backend() == "reference" and not dispatch.use_triton(q)
     dispatch.set_backend("auto")
     assert dispatch.get_backend() == "triton"
     monkeypatch.setenv("SSA_ATTENTION_BACKEND", "bogus")
@@ -238,11 +246,11 @@ def _selection_ok(it, ir, q, k, t, cs, b, bs):
     ok &= bool(torch.equal((it >= 0).sum(-1), (ir >= 0).sum(-1)))
     same = (torch.sort(it, -1).values == torch.sort(ir, -1).values).all(-1)
     worst = 0.0
-    segs = ref._segments(t, cs, b)
+    segs = ref.segments(t, cs, b)
     for bi, ti, hi in (~same).nonzero().tolist():
         a0 = [a for a, e in segs if a <= ti < e][0]
-        sc = ref._chunk_scores(q[bi:bi + 1, ti:ti + 1], k[bi:bi + 1, a0:ti + 1], ti - a0, bs,
-                               None)[0, 0, hi]
+        sc = ref.chunk_scores(q[bi:bi + 1, ti:ti + 1], k[bi:bi + 1, a0:ti + 1], ti - a0, bs,
+                              None)[0, 0, hi]
         sel_r = ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()
         kth = sc[sel_r].min().item()
         diff = (set(it[bi, ti, hi].tolist()) ^ set(ir[bi, ti, hi].tolist())) - {-1}
@@ -262,18 +270,13 @@ def _check_select(case, merge, seed):
     cs = torch.tensor(cu, dtype=torch.int32) if cu else None
     q = torch.randn(b, t, hq, d) * 1.5
     k = torch.randn(b, t, h, d) * 1.5
-    saved = dict(tsel.CONFIG)
-    try:
-        tsel.CONFIG.update(over, merge=merge)
+    with override_config(tsel.CONFIG, **over, merge=merge):
         it = tsel.select_blocks(q, k, bs, kc, cs)
         if merge != "insert":  # bit-identical to the insert merge, order included
             tsel.CONFIG["merge"] = "insert"
             same_insert = bool(torch.equal(it, tsel.select_blocks(q, k, bs, kc, cs)))
         else:
             same_insert = True
-    finally:
-        tsel.CONFIG.clear()
-        tsel.CONFIG.update(saved)
     ir = ref.select_blocks(q, k, bs, kc, cs)
     ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs)
     return {"case": list(case[:7]) + [cu, over], "merge": merge, "sel_exact": exact,
@@ -360,9 +363,9 @@ def _check_invert(case, seed):
     q, k, v, do = (torch.randn(b, t, n, d) for n in (hq, h, h, hq))
     idx = ref.select_blocks(q, k, BS, kc, cs)
     offs = doc_offsets(b, t, cs)
-    _, _, nb, tok_boff = tsp._blocks(offs, BS, q.device)
+    _, _, nb, tok_boff = tsp.key_blocks(offs, BS, q.device)
     flat = idx.reshape(b * t, h, kc).to(torch.int32).contiguous()
-    lists = {m: tsp._invert(flat, tok_boff, nb, m) for m in ("sort64", "sort32", "atomic")}
+    lists = {m: tsp.invert_selection(flat, tok_boff, nb, m) for m in ("sort64", "sort32", "atomic")}
     off, toks = lists["sort64"]
     ok = all(torch.equal(off, o) for o, _ in lists.values())
     used = int(off[-1])
@@ -377,18 +380,17 @@ def _check_invert(case, seed):
     g_r = torch.autograd.grad(ref.sparse_attention(*leaves_r, idx, BS, cs), leaves_r, do)
     n, scale = b * t, d ** -0.5
     qf, kf, vf, dof = (x.reshape(n, -1, d).contiguous() for x in (q, k, v, do))
-    o, lse = tsp._forward(qf, kf, vf, flat, offs, BS, scale)
-    dq, delta = tsp._backward_dq(qf, kf, vf, flat, o, dof, lse, offs, BS, scale)
+    o, lse = tsp.forward(qf, kf, vf, flat, offs, BS, scale)
+    dq, delta = tsp.backward_dq(qf, kf, vf, flat, o, dof, lse, offs, BS, scale)
     errs = {"dq": (dq.view_as(q) - g_r[0]).abs().max().item()}
-    saved = copy.deepcopy(tsp.CONFIG)
-    try:
+    with override_config(tsp.CONFIG):
         # split: lists cut into segments of that many entries (partials added in order)
         grads = {}
         for inv, order, split in (("sort64", "index", 0), ("sort32", "longest", 0),
                                   ("atomic", "longest", 0), ("sort32", "longest", 4),
                                   ("sort32", "index", 4), ("atomic", "index", 7)):
             tsp.CONFIG.update(invert=inv, dkv_order=order, dkv_split=split)
-            g = tsp._backward_dkv(qf, kf, vf, flat, dof, lse, delta, offs, BS, scale)
+            g = tsp.backward_dkv(qf, kf, vf, flat, dof, lse, delta, offs, BS, scale)
             grads[(inv, order, split)] = g
             errs[f"{inv}/{order}/split{split}"] = max((x.view_as(y) - y).abs().max().item()
                                                       for x, y in zip(g, g_r[1:]))
@@ -397,13 +399,10 @@ def _check_invert(case, seed):
                                                       grads[("sort32", "index", 4)]))
         tsp.CONFIG.update(dkv_split=-1)
         try:
-            tsp._backward_dkv(qf, kf, vf, flat, dof, lse, delta, offs, BS, scale)
+            tsp.backward_dkv(qf, kf, vf, flat, dof, lse, delta, offs, BS, scale)
             ok = False
         except ValueError as exc:
             ok &= "dkv_split" in str(exc)
-    finally:
-        tsp.CONFIG.clear()
-        tsp.CONFIG.update(saved)
     ok &= max(errs.values()) < 1e-4
     return {"case": list(case), "lists_ok": bool(ok), "grad_err": errs, "ok": bool(ok)}
 
@@ -417,22 +416,22 @@ def _check_invert_fallbacks():
     idx = torch.tensor([[[0, -1]], [[0, 1]], [[1, 0]]], dtype=torch.int32)  # [N 3, H 1, K 2]
     boff = torch.zeros(3, dtype=torch.int32)
     calls = []
-    real32, realat, limit = tsp._invert_sort32, tsp._invert_atomic, tsp._SORT32_MAX_KEY
-    tsp._invert_sort32 = lambda *a: calls.append("sort32") or real32(*a)
-    tsp._invert_atomic = lambda *a: calls.append("atomic") or realat(*a)
+    real32, realat, limit = tsp.invert_sort32, tsp.invert_atomic, tsp.SORT32_MAX_KEY
+    tsp.invert_sort32 = lambda *a: calls.append("sort32") or real32(*a)
+    tsp.invert_atomic = lambda *a: calls.append("atomic") or realat(*a)
     try:
-        tsp._SORT32_MAX_KEY = 5  # h * nb * n = 6 keys: too many for "int32" here
-        off, toks = tsp._invert(idx, boff, 2, "sort32")
+        tsp.SORT32_MAX_KEY = 5  # h * nb * n = 6 keys: too many for "int32" here
+        off, toks = tsp.invert_selection(idx, boff, 2, "sort32")
         ok = calls == [] and off.tolist() == [0, 3, 5] and toks[:5].tolist() == [0, 1, 2, 1, 2]
-        tsp._SORT32_MAX_KEY = limit
+        tsp.SORT32_MAX_KEY = limit
         torch.use_deterministic_algorithms(True)
-        tsp._invert(idx, boff, 2, "atomic")
+        tsp.invert_selection(idx, boff, 2, "atomic")
         ok &= calls == ["sort32"]
         torch.use_deterministic_algorithms(False)
-        tsp._invert(idx, boff, 2, "atomic")
+        tsp.invert_selection(idx, boff, 2, "atomic")
         ok &= calls == ["sort32", "atomic"]
     finally:
-        tsp._invert_sort32, tsp._invert_atomic, tsp._SORT32_MAX_KEY = real32, realat, limit
+        tsp.invert_sort32, tsp.invert_atomic, tsp.SORT32_MAX_KEY = real32, realat, limit
         torch.use_deterministic_algorithms(False)
     return {"case": "fallbacks", "calls": calls, "ok": bool(ok)}
 
@@ -440,8 +439,7 @@ def _check_invert_fallbacks():
 def _check_variant_tool():
     """bench_kernel_variants' correctness pass, fp32 on the interpreter, tiny shapes."""
     import torch
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import bench_kernel_variants as bkv
+    from ssa_megatron.bench import kernel_variants as bkv
 
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
@@ -478,18 +476,13 @@ def _check_tma(case, mode, seed):
     v = torch.randn(b, t, h, d)
     do = torch.randn(b, t, hq, d)
     idx = ref.select_blocks(q, k, BS, kc, cs)
-    saved = copy.deepcopy(tsp.CONFIG)
-    try:
-        for entry in ("small_d", "large_d"):
-            tsp.CONFIG[entry].update(tma=int(mode != "gather"), **TMA_MODES.get(mode, {}))
+    entry = dict(tma=int(mode != "gather"), **TMA_MODES.get(mode, {}))
+    with override_config(tsp.CONFIG, small_d=entry, large_d=entry):
         errs = _sparse_attention_errors(q, k, v, do, idx, cs)
-        used = tsp._tma_launch(idx.reshape(b * t, h, kc), tsp.doc_offsets(b, t, cs), BS,
-                               q.reshape(b * t, hq, d), k.reshape(b * t, h, d))
-        g8 = tsp._tma_launch(torch.zeros(t, 1, kc, dtype=torch.int32), (0, t), BS,
-                             torch.zeros(t, 8, d), torch.zeros(t, 1, d))
-    finally:
-        tsp.CONFIG.clear()
-        tsp.CONFIG.update(saved)
+        used = tsp.tma_launch(idx.reshape(b * t, h, kc), tsp.doc_offsets(b, t, cs), BS,
+                              q.reshape(b * t, hq, d), k.reshape(b * t, h, d))
+        g8 = tsp.tma_launch(torch.zeros(t, 1, kc, dtype=torch.int32), (0, t), BS,
+                            torch.zeros(t, 8, d), torch.zeros(t, 1, d))
     ok = max(errs) < 1e-4 and (used is not None) == (mode != "gather") and g8 is None
     return {"case": list(case), "mode": mode, "err_o_dq_dk_dv": [float(f"{e:.2e}") for e in errs],
             "tma_used": used is not None, "ok": bool(ok)}
@@ -498,16 +491,14 @@ def _check_tma(case, mode, seed):
 def _check_tma_edges():
     """The TMA forward / dq on hand-made indices (-1 holes, empty and sub-block documents), a
     NaN in another document's K / V (the gathers keep it out; TMA's whole-block copies only
-    past the copied block), and the cases ``_tma_ok`` must refuse (block size 8, a misaligned
+    past the copied block), and the cases ``tma_ok`` must refuse (block size 8, a misaligned
     or strided tensor, G 8)."""
     import torch
     from ssa_megatron.ops import reference as ref
     from ssa_megatron.ops import triton_sparse_attention as tsp
 
     rows = []
-    saved = copy.deepcopy(tsp.CONFIG)
-    try:
-        tsp.CONFIG["small_d"].update(tma=1, tma_step=2, tma_pair=1)
+    with override_config(tsp.CONFIG, small_d=dict(tma=1, tma_step=2, tma_pair=1)):
         torch.manual_seed(11)
         cu = [0, 0, 5, 5, 21, 40, 40]
         t, hq, h, d, kc = 40, 16, 1, 16, 4
@@ -525,7 +516,7 @@ def _check_tma_edges():
 
         # NaN in document 2's keys and values. The gathers keep it out of document 1 (tokens
         # 0..39) entirely; TMA copies whole 16-row blocks (document 1's last copy spans rows
-        # 32..47), so only NaN past row 47 is kept out there (see _tma_block).
+        # 32..47), so only NaN past row 47 is kept out there (see tma_block).
         t, cu = 80, [0, 40, 80]
         cs = torch.tensor(cu, dtype=torch.int32)
         q, k, v, do = (torch.randn(1, t, n, d) for n in (hq, h, h, hq))
@@ -550,24 +541,20 @@ def _check_tma_edges():
         x = torch.zeros(64, 16, 16)
         off = torch.zeros(64 * 16 * 16 + 1)[1:].view(64, 16, 16)
         kv = torch.zeros(64, 1, 16)
-        refused = [not tsp._tma_ok(1, 8, x, kv), not tsp._tma_ok(1, 16, off, kv),
-                   not tsp._tma_ok(1, 16, torch.zeros(64, 16, 32)[:, :, :16], kv),
-                   not tsp._tma_ok(2, 16, x, torch.zeros(64, 2, 16)),
-                   tsp._tma_ok(1, 16, x, kv)]
+        refused = [not tsp.tma_ok(1, 8, x, kv), not tsp.tma_ok(1, 16, off, kv),
+                   not tsp.tma_ok(1, 16, torch.zeros(64, 16, 32)[:, :, :16], kv),
+                   not tsp.tma_ok(2, 16, x, torch.zeros(64, 2, 16)),
+                   tsp.tma_ok(1, 16, x, kv)]
         rows.append({"case": "refusals", "refused": refused, "ok": all(refused)})
-    finally:
-        tsp.CONFIG.clear()
-        tsp.CONFIG.update(saved)
     for row in rows:
         print(json.dumps(row), flush=True)
 
 
 def _check_byte_floor():
-    """tools/bench_byte_floor.py's measuring kernels read exactly the rows the real kernels do:
+    """ssa_megatron.bench.byte_floor's measuring kernels read exactly the rows the real kernels do:
     their sums equal torch's over those rows, and the byte count matches a brute-force count."""
     import torch
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import bench_byte_floor as bbf
+    from ssa_megatron.bench import byte_floor as bbf
     from ssa_megatron.ops import reference as ref
     from ssa_megatron.ops import triton_sparse_attention as tsp
     from ssa_megatron.ops.triton_selection import doc_offsets
@@ -586,7 +573,7 @@ def _check_byte_floor():
         # brute force: every (token, kv head, valid slot) -> its key rows up to the token
         # loads + MMAs: every valid (token, head) row of a tile meets every key row the tile
         # loads (other tokens' too: no masks there), so a tile adds (its q sum . k) v per row
-        bt = tsp._tile_tokens(g, BS)
+        bt = tsp.tile_tokens(g, BS)
         tile_of = torch.zeros(t, dtype=torch.long)
         for a, b in zip(offs, offs[1:]):
             for s0 in range(a, b, bt):
@@ -628,7 +615,7 @@ def _check_byte_floor():
         lists = bbf.dkv_lists(q, idx, offs, BS)
         nb = lists[3]
         want = torch.zeros(h * nb, d, dtype=torch.float64)
-        _, _, _, tok_boff = tsp._blocks(offs, BS, q.device)
+        _, _, _, tok_boff = tsp.key_blocks(offs, BS, q.device)
         for tok in range(t):
             for hh in range(h):
                 for blk in idx[tok, hh].tolist():
@@ -679,5 +666,4 @@ def _child(group):
 if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run under TRITON_INTERPRET=1 (pytest does this for you)")
-    sys.path.insert(0, REPO)
     _child(sys.argv[1])

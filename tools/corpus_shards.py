@@ -5,13 +5,7 @@
     python tools/corpus_shards.py join shards/ runs/english_large/
 """
 import argparse
-import os
 import sys
-
-try:
-    import ssa_megatron  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssa_megatron.data.corpus import CorpusError
 from ssa_megatron.data.shards import join_dataset, split_dataset

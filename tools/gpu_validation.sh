@@ -14,6 +14,7 @@ case "${1:-}" in
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # tools/*.py run this checkout's ssa_megatron
 if ! python3 -c "import megatron.core, deepspeed" 2>/dev/null; then
   [ -f wheelhouse/install.sh ] || { echo "error: megatron-core / DeepSpeed are not installed and there is no wheelhouse/: build one with python tools/build_wheelhouse.py --out wheelhouse where there is internet and copy it here" >&2; exit 1; }
   log="$(mktemp)"

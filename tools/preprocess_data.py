@@ -4,13 +4,7 @@
     python tools/preprocess_data.py --input data.jsonl --json-keys text \
         --tokenizer tok/spm8k.model --output-prefix data/my_text_document --workers 8
 """
-import os
 import sys
-
-try:
-    import ssa_megatron  # noqa: F401
-except ImportError:  # running from a checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ssa_megatron.data.preprocess import main
 

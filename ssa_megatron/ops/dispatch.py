@@ -40,7 +40,7 @@ def get_backend() -> str:
     return env
 
 
-def _use_triton(t: torch.Tensor, block_size: Optional[int] = None) -> bool:
+def use_triton(t: torch.Tensor, block_size: Optional[int] = None) -> bool:
     name = get_backend()
     if name == "reference":
         return False
@@ -55,7 +55,7 @@ def _use_triton(t: torch.Tensor, block_size: Optional[int] = None) -> bool:
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
                   cu_seqlens: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> torch.Tensor:
-    if _use_triton(q, block_size):
+    if use_triton(q, block_size):
         from ssa_megatron.ops import triton_selection
         return triton_selection.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
     return reference.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
@@ -64,7 +64,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                      block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:
-    if _use_triton(q, block_size):
+    if use_triton(q, block_size):
         from ssa_megatron.ops import triton_block_major
         if triton_block_major.use_block_major(q.shape[2] // max(1, k.shape[2])):
             return triton_block_major.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
@@ -80,10 +80,9 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    scale: Optional[float] = None) -> torch.Tensor:
     """Causal attention through torch SDPA; packed docs one by one.
 
-    SDPA picks its backend (on an H200 with torch 2.11: cuDNN, 1.55x faster than its flash
-    backend at B4 T8192; docs/KERNEL_NOTES.md v6); ``torch.nn.attention.sdpa_kernel`` around
-    the call forces one."""
-    if not _use_triton(q):
+    SDPA picks its backend (on an H200: cuDNN, faster than its flash backend; docs/KERNEL_NOTES.md
+    v6); ``torch.nn.attention.sdpa_kernel`` around the call forces one."""
+    if not use_triton(q):
         return reference.full_attention(q, k, v, cu_seqlens, scale)
     reference._check_shapes(q, k, v)
     g = q.shape[2] // k.shape[2]
@@ -101,13 +100,13 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     if cu_seqlens is None:
         return run(q, k, v)
-    segs = reference._segments(q.shape[1], cu_seqlens, q.shape[0])
+    segs = reference.segments(q.shape[1], cu_seqlens, q.shape[0])
     return torch.cat([run(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in segs], dim=1)
 
 
 def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor:
     """SmoothL1(O_full, sg(O_sparse)) + SmoothL1(sg(O_full), O_sparse); fused Triton on CUDA."""
-    if not _use_triton(o_full):
+    if not use_triton(o_full):
         return reference.alignment_loss(o_full, o_sparse)
     from ssa_megatron.ops import triton_alignment_loss
     return triton_alignment_loss.alignment_loss(o_full, o_sparse)

@@ -17,7 +17,7 @@ every branch stays inside a document and counts blocks from the document's first
    *is* SSA's sparse branch: top-``block_counts`` blocks, the current block forced, then
    block-sparse causal attention (reference/Triton kernels through ``ops.dispatch``). Indices are
    not differentiated. (The NSA paper additionally pools with an MLP over overlapping blocks and
-   always keeps the first block; this baseline follows issue 10: mean pooling, block = stride.)
+   always keeps the first block; this baseline uses mean pooling, block = stride.)
 3. **Sliding window.** Token t attends causally to the ``window`` most recent tokens of its
    document, itself included: keys j with t - window < j <= t.
 
@@ -94,7 +94,7 @@ def pooled_blocks(k: torch.Tensor, v: torch.Tensor, block_size: int,
         idx = torch.arange(nb, device=k.device)
         return (ref.mean_pool_blocks(k, block_size), ref.mean_pool_blocks(v, block_size),
                 torch.zeros_like(idx), idx)
-    segs = ref._segments(t, cu_seqlens, b)
+    segs = ref.segments(t, cu_seqlens, b)
     pk, pv, docs, local = [], [], [], []
     doc_of = _doc_ids(t, cu_seqlens, k.device)
     for start, end in segs:
@@ -126,7 +126,7 @@ def compression_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, blo
         raise ValueError("compression probabilities come from impl='reference' only")
     b, t, hq, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    ref._segments(t, cu_seqlens, b)  # validates
+    ref.segments(t, cu_seqlens, b)  # validates
     pk, pv, bdoc, blocal = pooled_blocks(k, v, block_size, cu_seqlens)
     nblocks = pk.shape[1]
     max_local = int(blocal.max()) + 1 if nblocks else 0
@@ -184,7 +184,7 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     b, t, hq, d = q.shape
     h = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    ref._segments(t, cu_seqlens, b)  # validates
+    ref.segments(t, cu_seqlens, b)  # validates
     w = min(window, t)
     c = min(chunk or max(w, 64), t)
     nc = (t + c - 1) // c

@@ -8,7 +8,7 @@ token axis) with B == 1. Each document is an independent causal sequence whose b
 the document's first token; nothing crosses a document boundary (selection, sparse and full
 attention alike).
 
-Block selection (DESIGN §1): for token t of block c = t // bs, the scores of the complete blocks
+Block selection (as in the SSA paper): for token t of block c = t // bs, the scores of the complete blocks
 b < (t + 1) // bs are softmax_b(q_{t,h} . mean(K_b) * scale) per query head, summed over the G
 heads of a kv group; the current block is always selected, future blocks never; the top
 ``block_counts`` blocks are kept (ties: the smaller block index wins); unused slots hold -1.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 _CHUNK = 1024
 
 
-def _segments(total: int, cu_seqlens: Optional[torch.Tensor], batch: int) -> List[Tuple[int, int]]:
+def segments(total: int, cu_seqlens: Optional[torch.Tensor], batch: int) -> List[Tuple[int, int]]:
     if cu_seqlens is None:
         return [(0, total)]
     if batch != 1:
@@ -63,7 +63,7 @@ def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
     blocks not yet complete and future blocks -inf.
     """
     _check_shapes(q, k)
-    return _chunk_scores(q, k, 0, block_size, scale)
+    return chunk_scores(q, k, 0, block_size, scale)
 
 
 def _topk_stable(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,19 +85,19 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     b, t, hq, d = q.shape
     h = k.shape[2]
     out = torch.full((b, t, h, block_counts), -1, dtype=torch.int32, device=q.device)
-    for start, end in _segments(t, cu_seqlens, b):
+    for start, end in segments(t, cu_seqlens, b):
         for c0 in range(start, end, _CHUNK):
             c1 = min(c0 + _CHUNK, end)
             # Scores need the whole prefix of keys but only this chunk's queries.
-            scores = _chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale)
+            scores = chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale)
             vals, idx = _topk_stable(scores, block_counts)
             idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1))
             out[:, c0:c1, :, : idx.shape[-1]] = idx.to(torch.int32)
     return out
 
 
-def _chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
-                  scale: Optional[float]) -> torch.Tensor:
+def chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
+                 scale: Optional[float]) -> torch.Tensor:
     """block_scores for queries at positions first_pos.. of a sequence whose keys are k_prefix."""
     nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
     return pooled_block_scores(q_chunk, mean_pool_blocks(k_prefix, block_size), first_pos,
@@ -159,7 +159,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     outs = []
     offs = torch.arange(block_size, device=q.device)
-    for start, end in _segments(t, cu_seqlens, b):
+    for start, end in segments(t, cu_seqlens, b):
         ks, vs = k[:, start:end], v[:, start:end]
         for c0 in range(start, end, _CHUNK):
             c1 = min(c0 + _CHUNK, end)
@@ -210,7 +210,7 @@ def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if cu_seqlens is None:
         o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        _segments(q.shape[1], cu_seqlens, q.shape[0])  # validates
+        segments(q.shape[1], cu_seqlens, q.shape[0])  # validates
         mask = causal_segment_mask(q.shape[1], cu_seqlens, q.device)
         o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
     return o.transpose(1, 2)
@@ -228,7 +228,7 @@ def selection_mask(indices: torch.Tensor, block_size: int, t: int,
     """Dense boolean [B, H, T, T] mask equivalent to ``indices`` (for tests and evaluation)."""
     b, _, h, _ = indices.shape
     mask = torch.zeros(b, h, t, t, dtype=torch.bool, device=indices.device)
-    for start, end in _segments(t, cu_seqlens, b):
+    for start, end in segments(t, cu_seqlens, b):
         length = end - start
         nb_all = (length + block_size - 1) // block_size
         idx = indices[:, start:end].long()

@@ -30,8 +30,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634  # the kernels use exp2
 _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per document
 
-# launch parameters (tools/bench_attention.py may sweep them)
-# (swept on an H100 at B4 T8192, bf16; see docs/KERNEL_NOTES.md)
+# launch parameters (swept with tools/bench_kernel_variants.py; the measurements behind each value
+# are in docs/KERNEL_NOTES.md)
 # "merge": how pass 2 keeps the exact running top-(K-1):
 #   "insert": data-dependent while loop, one max-extraction + replacement per inserted block,
 #             then a (K-1)-step extraction sort at the end (v2);
@@ -43,23 +43,19 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 #             compare-exchange stages (bitonic merge). No while loop, no final sort.
 #   "extract": as "sort", but the small-n branch extracts exactly min(n, K-1) keys (a run-time
 #             loop) and the chunk sort runs only when n > "sort_fast" (>= bn: never).
-# All give bit-identical indices. Measured on an H200 (bf16, triton 3.6, K 16), insert / sort:
-# B4 T8192 HQ32 H2 D64 1.61 / 1.32 ms, H8 D128 4.47 / 3.21 ms, B1 T32768 H2 D64 4.18 / 4.15 ms
-# (docs/KERNEL_NOTES.md v3); extract (sort_fast 8, 2 stages) 1.27 ms and 3.74 ms at D64 (v4),
-# 1.25 / 3.60 ms with v5's unmasked pass-1 chunks and pre-scaled pooled keys.
+# All give bit-identical indices; "sort" is faster than "insert" and "extract" faster than "sort"
+# (docs/KERNEL_NOTES.md v3-v5).
 # "bn_stats": pass 1's blocks per step (0: "bn"); pass 1 has no merge, so it may step wider.
 # "maxnreg" / "maxnreg_large_d": registers per thread the compiler may use for head dims <= 64 /
 # > 64 (0: its own choice). The scoring loop is latency-bound, so more programs per SM pay: at
-# D 64 the compiler takes 110 (G 16) / 128 (G 8) registers, 4 programs of 4 warps per SM; 96
-# allows 5 without spills: -5 to -6 % on an H200 (docs/KERNEL_NOTES.md v6); 80 is as fast at
-# G 16 but spills at G 8; 72 and 64 spill and lose. At D 128, 129 -> 128 registers gives 4
-# programs per SM instead of 3 (-10 %).
+# D 64 a cap of 96 fits 5 programs of 4 warps per SM instead of 4, without spills (lower caps
+# spill at G 8); at D 128 a cap of 128 fits 4 instead of 3 (docs/KERNEL_NOTES.md v6).
 # "dot_precision": tl.dot's input_precision for the q . Kbar scores of both passes. None is
 # Triton's default, TF32 on NVIDIA tensor cores: scores carry ~1e-3 relative error, so rows whose
-# K-th and (K+1)-th fp32 scores are that close may pick the other block (sel_same_frac 0.9985
-# at B4 T8192, docs/KERNEL_NOTES.md). "tf32x3" (three TF32 products, about fp32 accuracy) or
-# "ieee" (no tensor cores) narrow that to fp32 rounding; the CPU interpreter is fp32 whatever
-# this says (tests/test_selection_precision.py). Cost and agreement on a GPU:
+# K-th and (K+1)-th fp32 scores are that close may pick the other block (docs/KERNEL_NOTES.md).
+# "tf32x3" (three TF32 products, about fp32 accuracy) or "ieee" (no tensor cores) narrow that to
+# fp32 rounding; the CPU interpreter is fp32 whatever this says (tests/test_selection_precision.py).
+# Cost and agreement on a GPU:
 # tools/bench_kernel_variants.py --select "default;x3:dot_precision=tf32x3;ieee:dot_precision=ieee".
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
           "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None}
@@ -82,8 +78,11 @@ def compile_options(stages: int, maxnreg: int) -> dict:
     return opts
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+_next_pow2 = next_pow2  # old name, still imported by triton_block_major.py (in progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,13 +438,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
     if b * t == 0:
         return out.view(b, t, h, kc)
-    gp = _next_pow2(g)
+    gp = next_pow2(g)
     bt = max(1, CONFIG["rows"] // gp)
-    bt = min(bt, _next_pow2(block_size))
-    bd = max(16, _next_pow2(d))
+    bt = min(bt, next_pow2(block_size))
+    bd = max(16, next_pow2(d))
     bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
-    bn1 = _next_pow2(CONFIG.get("bn_stats") or bn)
-    kb = max(1, _next_pow2(kc - 1))
+    bn1 = next_pow2(CONFIG.get("bn_stats") or bn)
+    kb = max(1, next_pow2(kc - 1))
     merge = CONFIG.get("merge", "insert")
     if merge not in _MERGES:
         raise ValueError(f"CONFIG['merge'] = {merge!r}: expected one of {sorted(_MERGES)}")

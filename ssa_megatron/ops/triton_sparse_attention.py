@@ -33,11 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ssa_megatron.ops.triton_selection import (LOG2E, _next_pow2, compile_options, doc_offsets,
+from ssa_megatron.ops.triton_selection import (LOG2E, next_pow2, compile_options, doc_offsets,
                                                 tiles)
 
-# launch parameters, keyed by head dim <= 64 / > 64 (swept on an H100 at B4 T8192, bf16; dq_warps
-# and the top-level keys on an H200 with tools/bench_kernel_variants.py; docs/KERNEL_NOTES.md).
+# launch parameters, keyed by head dim <= 64 / > 64 (swept with tools/bench_kernel_variants.py;
+# the measurements behind each value are in docs/KERNEL_NOTES.md).
 CONFIG = {
     "small_d": {"cols": 64, "fwd_warps": 2, "dq_warps": 2, "dkv_warps": 4, "stages": 2,
                 "dkv_stages": 3, "dkv_rows": 128,
@@ -54,9 +54,8 @@ CONFIG = {
     #   copy (Hopper+, G a power of two >= 16, D a power of two) instead of per-thread gathers,
     #   tma_step blocks per loop step (the forward's softmax update per block, or per two blocks
     #   with tma_pair and an even step), tma_warps warps, tma_stages pipelining stages.
-    #   H200, B4 T8192 HQ32 H2: fwd 0.66 -> 0.48 ms, dq 0.73 -> 0.52 ms at D 64; fwd 1.30 ->
-    #   0.88 ms, dq 1.80 -> 1.03 ms at D 128 (KERNEL_NOTES v7). (dk/dv copying each listed
-    #   token's q / dO rows by TMA, one or two tokens per step, was slower: 1.2-1.5 vs 0.98 ms.)
+    #   Faster than the gathers for forward and dq at D 64 and 128 (docs/KERNEL_NOTES.md v7);
+    #   dk/dv keeps its gathers (copying each listed token's q / dO rows by TMA was slower).
     # How the backward inverts the selection into per-key-block token lists:
     #   "sort64": stable torch.sort of int64 (head, block) keys (v2);
     #   "sort32": torch.sort of unique int32 (head, block, token) keys where they fit in 31 bits,
@@ -82,12 +81,12 @@ CONFIG = {
 }
 
 
-def _cfg(bd: int) -> dict:
+def head_dim_config(bd: int) -> dict:
     return CONFIG["small_d" if bd <= 64 else "large_d"]
 
 
-def _launch_opts(bd: int, which: str) -> dict:
-    c = _cfg(bd)
+def launch_options(bd: int, which: str) -> dict:
+    c = head_dim_config(bd)
     return dict(num_warps=c[which + "_warps"],
                 **compile_options(c.get(which + "_stages", c["stages"]), c.get(which + "_maxnreg")))
 
@@ -114,7 +113,7 @@ def _blocks_cpu(offs: Tuple[int, ...], bs: int):
 _BLK_CACHE: dict = {}
 
 
-def _blocks(offs, bs, device):
+def key_blocks(offs, bs, device):
     key = (offs, bs, str(device))
     hit = _BLK_CACHE.get(key)
     if hit is None:
@@ -132,13 +131,16 @@ def _blocks(offs, bs, device):
     return hit
 
 
+_blocks = key_blocks  # old name, still used by triton_block_major.py (in progress)
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd, dmask,
-                   H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BS: tl.constexpr):
+def gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd, dmask,
+                  H: tl.constexpr, D: tl.constexpr, K: tl.constexpr, BS: tl.constexpr):
     """K and V rows of slots i0 + cs ([C, BD] each, zero where masked) and the column mask."""
     slot = i0 + cs
     blk = tl.load(IDX + (tok_c.to(tl.int64) * H + h) * K + slot, mask=col_tok_ok & (slot < K),
@@ -189,8 +191,8 @@ def _fwd_kernel(
     lsum = tl.zeros([R], tl.float32)
     acc = tl.zeros([R, BD], tl.float32)
     for i0 in range(0, K, NS):
-        kt, vt, col_ok = _gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd,
-                                        dmask, H, D, K, BS)
+        kt, vt, col_ok = gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd,
+                                       dmask, H, D, K, BS)
         s = tl.dot(q, tl.trans(kt)) * scale_log2
         s = tl.where(same & col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -207,8 +209,8 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D: tl.constexpr, K: tl.constexpr,
-               BS: tl.constexpr):
+def tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D: tl.constexpr, K: tl.constexpr,
+              BS: tl.constexpr):
     """Slot i's K and V tiles [BS, D] (one TMA copy each; an empty slot loads block 0) and the
     mask of its keys the token may see.
 
@@ -230,10 +232,10 @@ def _tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D: tl.constexpr, K: tl.co
 def _fwd_tma_update(q, m, lsum, acc, k_desc, v_desc, idx_row, i, ds, tok, h, scale_log2,
                     D: tl.constexpr, K: tl.constexpr, BS: tl.constexpr, PAIR: tl.constexpr):
     """Online-softmax update with slot i (PAIR: slots i and i + 1 under one shared max)."""
-    kt, vt, ok = _tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D, K, BS)
+    kt, vt, ok = tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D, K, BS)
     s = tl.where(ok[None, :], tl.dot(q, tl.trans(kt)) * scale_log2, float("-inf"))
     if PAIR:
-        kt1, vt1, ok1 = _tma_block(k_desc, v_desc, idx_row, i + 1, ds, tok, h, D, K, BS)
+        kt1, vt1, ok1 = tma_block(k_desc, v_desc, idx_row, i + 1, ds, tok, h, D, K, BS)
         s1 = tl.where(ok1[None, :], tl.dot(q, tl.trans(kt1)) * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.maximum(tl.max(s, axis=1), tl.max(s1, axis=1)))
     else:
@@ -321,8 +323,8 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([R, BD], tl.float32)
     for i0 in range(0, K, NS):
-        kt, vt, col_ok = _gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd,
-                                        dmask, H, D, K, BS)
+        kt, vt, col_ok = gather_blocks(IDX, Kt, V, tok_c, col_tok_ok, cs, cj, ds, h, i0, dd,
+                                       dmask, H, D, K, BS)
         s = tl.dot(q, tl.trans(kt)) * scale_log2
         ok = same & col_ok[None, :] & row_ok[:, None]
         p = tl.where(ok, tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
@@ -356,7 +358,7 @@ def _bwd_dq_tma_kernel(q_desc, k_desc, v_desc, do_desc, IDX, O, LSE, DELTA, DQ, 
     dq = tl.zeros([G, D], tl.float32)
     for i in range(0, K, STEP):
         for j in tl.static_range(STEP):
-            kt, vt, ok = _tma_block(k_desc, v_desc, idx_row, i + j, ds, tok, h, D, K, BS)
+            kt, vt, ok = tma_block(k_desc, v_desc, idx_row, i + j, ds, tok, h, D, K, BS)
             s = tl.dot(q, tl.trans(kt)) * scale_log2
             p = tl.where(ok[None, :], tl.exp2(tl.minimum(s - lse[:, None], 0.0)), 0.0)
             dsc = p * (tl.dot(do, tl.trans(vt)) - delta[:, None])
@@ -479,20 +481,21 @@ def _bwd_dkv_kernel(
 # Host side
 # --------------------------------------------------------------------------------------------
 
-def _tile_tokens(g: int, bs: int) -> int:
-    gp = _next_pow2(g)
+def tile_tokens(g: int, bs: int) -> int:
+    gp = next_pow2(g)
     return max(1, min(16 // gp, bs)) if gp < 16 else 1
 
 
 def _slots(bt: int, bs: int, kc: int, bd: int) -> int:
     """Selected blocks handled per loop step (enough for CONFIG's key columns per step)."""
-    return max(1, min(_cfg(bd)["cols"] // (bt * bs), _next_pow2(kc)))
+    return max(1, min(head_dim_config(bd)["cols"] // (bt * bs), next_pow2(kc)))
 
 
-_SORT32_MAX_KEY = 2 ** 31 - 1  # sort32's largest key (the empty-slot key h * nb * n)
+SORT32_MAX_KEY = 2 ** 31 - 1  # sort32's largest key (the empty-slot key h * nb * n)
 
 
-def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int, method: Optional[str] = None):
+def invert_selection(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int,
+                     method: Optional[str] = None):
     """(head, global key block) -> tokens that selected it: CSR offsets [H * nb + 1], tokens.
 
     ``method``: CONFIG["invert"] (see there). Every method gives the same lists; "sort64" and
@@ -505,9 +508,9 @@ def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int, method: Optional
         method = "sort32"
     n, h, kc = idx.shape
     if method == "atomic":
-        return _invert_atomic(idx, tok_boff, nb)
-    if method == "sort32" and h * nb * n <= _SORT32_MAX_KEY:
-        return _invert_sort32(idx, tok_boff, nb)
+        return invert_atomic(idx, tok_boff, nb)
+    if method == "sort32" and h * nb * n <= SORT32_MAX_KEY:
+        return invert_sort32(idx, tok_boff, nb)
     gblk = idx.long() + tok_boff.long()[:, None, None]
     head = torch.arange(h, device=idx.device).view(1, h, 1)
     key = torch.where(idx >= 0, head * nb + gblk, torch.full_like(gblk, h * nb))
@@ -519,7 +522,7 @@ def _invert(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int, method: Optional
     return off, toks.to(torch.int32)
 
 
-def _invert_sort32(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
+def invert_sort32(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
     """Unique int32 keys ((head * nb + block) * n + token): one unstable sort, no payload."""
     n, h, kc = idx.shape
     dev = idx.device
@@ -563,7 +566,7 @@ def _scatter_kernel(IDX, TOK_BOFF, OFF, POS, TOKS, total, NB,
     tl.store(TOKS + dst, tok.to(tl.int32), mask=valid)
 
 
-def _invert_atomic(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
+def invert_atomic(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
     """Counting sort: atomic counters give each entry its place in its list, then a scatter."""
     n, h, kc = idx.shape
     total = n * h * kc
@@ -580,7 +583,7 @@ def _invert_atomic(idx: torch.Tensor, tok_boff: torch.Tensor, nb: int):
     return off, toks
 
 
-def _dkv_schedule(off: torch.Tensor, split: int, method: Optional[str] = None):
+def dkv_schedule(off: torch.Tensor, split: int, method: Optional[str] = None):
     """Launch order of the dk/dv programs (flat head * nb + block ids, CONFIG["dkv_order"]) and,
     with ``split``, the inclusive count of each list's segments after its first, in that order
     (None without a split)."""
@@ -610,7 +613,7 @@ class _SparseAttention(torch.autograd.Function):
         kf = k.reshape(b * t, h, d).contiguous()
         vf = v.reshape(b * t, h, d).contiguous()
         idx = indices.reshape(b * t, h, kc).to(torch.int32).contiguous()
-        o, lse = _forward(qf, kf, vf, idx, offs, block_size, scale)
+        o, lse = forward(qf, kf, vf, idx, offs, block_size, scale)
         ctx.save_for_backward(qf, kf, vf, idx, o, lse)
         ctx.meta = (b, t, hq, h, d, g, kc, offs, block_size, scale)
         return o.view(b, t, hq, d)
@@ -620,31 +623,31 @@ class _SparseAttention(torch.autograd.Function):
         qf, kf, vf, idx, o, lse = ctx.saved_tensors
         b, t, hq, h, d, g, kc, offs, bs, scale = ctx.meta
         dof = do.reshape(b * t, hq, d).contiguous()
-        plan, join = False, None  # False: _backward_dkv makes the plan itself
+        plan, join = False, None  # False: backward_dkv makes the plan itself
         if qf.is_cuda and CONFIG["overlap_invert"]:
             plan, join = _dkv_plan_beside(idx, offs, bs)
-        dq, delta = _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
+        dq, delta = backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale)
         if join is not None:
             join()
-        dk, dv = _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan)
+        dk, dv = backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan)
         return (dq.view(b, t, hq, d), dk.view(b, t, h, d), dv.view(b, t, h, d),
                 None, None, None, None)
 
 
-def _query_launch(qf, idx, offs, bs):
+def query_launch(qf, idx, offs, bs):
     """Grid, tile tensors and constexprs shared by the query-centric kernels (forward, dq)."""
     n, hq, d = qf.shape
     h, kc = idx.shape[1], idx.shape[2]
     g = hq // h
-    bt = _tile_tokens(g, bs)
-    bd = max(16, _next_pow2(d))
+    bt = tile_tokens(g, bs)
+    bd = max(16, next_pow2(d))
     tok, dstart, dlen, _ = tiles(offs, bt, bs, qf.device)
-    consts = dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BT=bt, GP=_next_pow2(g), BD=bd,
+    consts = dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=bs, BT=bt, GP=next_pow2(g), BD=bd,
                   NS=_slots(bt, bs, kc, bd))
     return (tok.shape[0], h), (tok, dstart, dlen), consts, bd
 
 
-def _tma_ok(h, bs, *tensors):
+def tma_ok(h, bs, *tensors):
     """CONFIG "tma" is on and the TMA kernels apply to ``tensors`` (q first, then k, v, dO as
     [N, heads, D]): an NVIDIA GPU of compute capability 9 or newer (or the interpreter), G a
     power of two >= 16, D and the block size powers of two in [16, 256] (tensor-core and TMA
@@ -653,9 +656,9 @@ def _tma_ok(h, bs, *tensors):
     qf = tensors[0]
     n, hq, d = qf.shape
     g = hq // h
-    pow2 = lambda x: 16 <= x <= 256 and x == _next_pow2(x)  # noqa: E731
-    if not _cfg(d).get("tma") or g < 16 or g != _next_pow2(g) or not pow2(d) or not pow2(bs) \
-            or n == 0:
+    pow2 = lambda x: 16 <= x <= 256 and x == next_pow2(x)  # noqa: E731
+    if not head_dim_config(d).get("tma") or g < 16 or g != next_pow2(g) or not pow2(d) \
+            or not pow2(bs) or n == 0:
         return False
     if any(not x.is_contiguous() or x.data_ptr() % 16 for x in tensors):
         return False
@@ -664,14 +667,14 @@ def _tma_ok(h, bs, *tensors):
     return True
 
 
-def _tma_launch(idx, offs, bs, *tensors):
+def tma_launch(idx, offs, bs, *tensors):
     """(grid, doc start per token, constexprs, launch keywords) where the TMA forward / dq
-    apply to ``tensors`` (``_tma_ok``), else None."""
+    apply to ``tensors`` (``tma_ok``), else None."""
     n, hq, d = tensors[0].shape
     h, kc = idx.shape[1], idx.shape[2]
     g = hq // h
-    c = _cfg(d)
-    if not _tma_ok(h, bs, *tensors):
+    c = head_dim_config(d)
+    if not tma_ok(h, bs, *tensors):
         return None
     _, dstart, _, _ = tiles(offs, 1, bs, tensors[0].device)
     step = max(1, int(c["tma_step"]))
@@ -681,7 +684,7 @@ def _tma_launch(idx, offs, bs, *tensors):
     return (n, h), dstart, consts, opts
 
 
-def _descriptors(bs, g, d, **tensors):
+def tma_descriptors(bs, g, d, **tensors):
     """TMA descriptors: K/V-like [N, H, D] tensors as [N, H * D] with [bs, D] boxes, Q-like
     [N, HQ, D] ones as [N * HQ, D] with [G, D] boxes."""
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -694,47 +697,50 @@ def _descriptors(bs, g, d, **tensors):
     return out
 
 
-def _forward(qf, kf, vf, idx, offs, bs, scale):
+def forward(qf, kf, vf, idx, offs, bs, scale):
     """Output [N, HQ, D] and log2-sum-exp [N, HQ] (fp32) over each row's selected keys."""
     o = torch.empty_like(qf)
     lse = torch.empty(qf.shape[:2], dtype=torch.float32, device=qf.device)
-    tma = _tma_launch(idx, offs, bs, qf, kf, vf)
+    tma = tma_launch(idx, offs, bs, qf, kf, vf)
     if tma is not None:
         grid, dstart, consts, opts = tma
-        desc = _descriptors(bs, consts["G"], consts["D"], q=qf, k=kf, v=vf)
+        desc = tma_descriptors(bs, consts["G"], consts["D"], q=qf, k=kf, v=vf)
         _fwd_tma_kernel[grid](desc["q"], desc["k"], desc["v"], idx, o, lse, dstart,
                               scale * LOG2E, **consts, **opts)
         return o, lse
-    grid, tile_args, consts, bd = _query_launch(qf, idx, offs, bs)
+    grid, tile_args, consts, bd = query_launch(qf, idx, offs, bs)
     if grid[0]:
         _fwd_kernel[grid](qf, kf, vf, idx, o, lse, *tile_args, scale * LOG2E, **consts,
-                          **_launch_opts(bd, "fwd"))
+                          **launch_options(bd, "fwd"))
     return o, lse
 
 
-def _backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):
+_forward = forward  # old name, still used by tests/test_block_major_attention.py (in progress)
+
+
+def backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):
     """dq and delta = rowsum(dO * O) (query-centric, one pass over the selected blocks)."""
     dq = torch.empty_like(qf)
     delta = torch.empty(qf.shape[:2], dtype=torch.float32, device=qf.device)
-    tma = _tma_launch(idx, offs, bs, qf, kf, vf, dof)
+    tma = tma_launch(idx, offs, bs, qf, kf, vf, dof)
     if tma is not None:
         grid, dstart, consts, opts = tma
-        desc = _descriptors(bs, consts["G"], consts["D"], q=qf, k=kf, v=vf, do=dof)
+        desc = tma_descriptors(bs, consts["G"], consts["D"], q=qf, k=kf, v=vf, do=dof)
         _bwd_dq_tma_kernel[grid](desc["q"], desc["k"], desc["v"], desc["do"], idx, o, lse,
                                  delta, dq, dstart, scale * LOG2E, scale, **consts, **opts)
         return dq, delta
-    grid, tile_args, consts, bd = _query_launch(qf, idx, offs, bs)
+    grid, tile_args, consts, bd = query_launch(qf, idx, offs, bs)
     if grid[0]:
         _bwd_dq_kernel[grid](qf, kf, vf, idx, o, dof, lse, delta, dq, *tile_args, scale * LOG2E,
-                             scale, **consts, **_launch_opts(bd, "dq"))
+                             scale, **consts, **launch_options(bd, "dq"))
     return dq, delta
 
 
 def _dkv_plan(idx, offs, bs, device, blocks=None):
-    """What the dk/dv pass needs from the selection alone: key blocks (``_blocks``, unless
+    """What the dk/dv pass needs from the selection alone: key blocks (``key_blocks``, unless
     given), the inverted lists, the launch order and the list split (None when there is no key
     block)."""
-    bstart, blen, nb, tok_boff = blocks or _blocks(offs, bs, device)
+    bstart, blen, nb, tok_boff = blocks or key_blocks(offs, bs, device)
     if not nb:
         return None
     split = int(CONFIG["dkv_split"] or 0)
@@ -745,8 +751,8 @@ def _dkv_plan(idx, offs, bs, device, blocks=None):
         # a token selects a block once, so a list has at most its document's length: speed
         # only (a repeated index would make a longer list, still summed correctly)
         split = 0
-    off, ltok = _invert(idx, tok_boff, nb)
-    order, extra_end = _dkv_schedule(off, split)
+    off, ltok = invert_selection(idx, tok_boff, nb)
+    order, extra_end = dkv_schedule(off, split)
     return bstart, blen, nb, off, ltok, order, extra_end, split
 
 
@@ -761,7 +767,7 @@ def _dkv_plan_beside(idx, offs, bs):
     if side is None:
         # high priority: its few blocks go ahead of the dq pass's queued ones, not after them
         side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device, priority=-1)
-    blocks = _blocks(offs, bs, idx.device)  # cached across calls: made on the main stream
+    blocks = key_blocks(offs, bs, idx.device)  # cached across calls: made on the main stream
     side.wait_stream(main)
     with torch.cuda.stream(side):
         plan = _dkv_plan(idx, offs, bs, idx.device, blocks)
@@ -774,14 +780,14 @@ def _dkv_plan_beside(idx, offs, bs):
     return plan, join
 
 
-def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan=False):
+def backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan=False):
     """dk, dv (key-centric over the inverted selection lists; ``plan``: ``_dkv_plan``'s result
     when it was made beforehand)."""
     n, hq, d = qf.shape
     h = idx.shape[1]
     g = hq // h
-    gp = _next_pow2(g)
-    bd = max(16, _next_pow2(d))
+    gp = next_pow2(g)
+    bd = max(16, next_pow2(d))
     dk = torch.empty_like(kf)
     dv = torch.empty_like(vf)
     if plan is False:
@@ -789,11 +795,11 @@ def _backward_dkv(qf, kf, vf, idx, dof, lse, delta, offs, bs, scale, plan=False)
     if plan is None:
         return dk.zero_(), dv.zero_()
     bstart, blen, nb, off, ltok, order, extra_end, split = plan
-    be = max(1, _cfg(bd)["dkv_rows"] // gp)
+    be = max(1, head_dim_config(bd)["dkv_rows"] // gp)
     nw = nb * h
     args = (qf, kf, vf, dof, lse, delta, dk, dv, bstart, blen, off, ltok, order)
     consts = dict(HQ=hq, H=h, D=d, G=g, BS=bs, BE=be, GP=gp, BD=bd, SPLIT=split,
-                  **_launch_opts(bd, "dkv"))
+                  **launch_options(bd, "dkv"))
     if split:
         most = idx.numel() // split  # segments after the first ones: at most entries / split
         partial = torch.empty(max(most, 1), 2, bs, bd, dtype=torch.float32, device=qf.device)

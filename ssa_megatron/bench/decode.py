@@ -1,0 +1,209 @@
+"""Decode-step timing of the exported Hugging Face model (ssa_megatron/hf): sparse vs full mode
+with a KV cache of --context tokens.
+
+For each --heads layout (HQ/H/D) it builds the model (--layers, --hidden, --ffn, --vocab; random
+weights in --dtype), fills every layer's cache (an SSACacheLayer, which also keeps the pooled
+block keys) with --context random keys/values, and times one new token:
+
+* attention: one layer's cache update + attention of the new token (full: SDPA over the cache;
+  sparse: selection over the pooled keys + attention over the selected blocks);
+* model: a whole forward step of the model (embedding, all layers, head) with that cache.
+
+Each row prints median milliseconds for full and sparse, the ratio full / sparse, and the
+predicted ratio of bytes read (KV cache + pooled keys; model rows add the weights), the card
+named in the header. ``--cuda-graph`` also times CUDA-graph replays of the same steps (no launch
+overhead: what a fused or graphed decoder would approach). On the CPU (``--device cpu``) it runs
+the same code at a small size as a smoke test, timed with perf_counter.
+
+Usage: python tools/bench_decode.py [--context 32768] [--heads 32/2/64,32/8/128] [--cuda-graph]
+       [--json out.json]
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def build_parser():
+    from ssa_megatron.console import make_parser
+    p = make_parser(prog="bench_decode.py", description=__doc__)
+    p.add_argument("--context", type=int, default=32768, help="tokens already in the KV cache")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p.add_argument("--heads", default="32/2/64,32/8/128", help="comma list of HQ/H/D layouts")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=8192)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-counts", type=int, default=16)
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--rep", type=int, default=50, help="timed steps per row")
+    p.add_argument("--cuda-graph", action="store_true", help="also time CUDA-graph replays")
+    p.add_argument("--json", default=None, help="write all numbers to this file")
+    return p
+
+
+def predicted_bytes(context, batch, h, d, block_size, block_counts, kv_bytes, pooled_bytes=4):
+    """Bytes one layer reads per decode step: (full, sparse). Full reads the whole K and V cache;
+    sparse reads the fp32 pooled keys and K/V of block_counts blocks per kv head."""
+    full = 2 * context * batch * h * d * kv_bytes
+    selected = min(block_counts * block_size, context)
+    sparse = (context // block_size) * batch * h * d * pooled_bytes + 2 * selected * batch * h * d * kv_bytes
+    return full, sparse
+
+
+def _timer(device, cuda_graph_fn=None):
+    def run(step, rep, cleanup):
+        for _ in range(3):
+            step()
+            cleanup()
+        times = []
+        for _ in range(rep):
+            if device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - t0) * 1e3)
+            cleanup()
+        return statistics.median(times)
+    return run
+
+
+def _graphed(step, cleanup):
+    """A CUDA graph of one step (captured after a warm-up step); returns its replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+        cleanup()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    cleanup()  # the Python side of the cache goes back; replays rewrite the same slot
+    return graph.replay
+
+
+def bench_layout(args, hq, h, d):
+    from ssa_megatron.hf.configuration_ssa import SSAConfig
+    from ssa_megatron.hf.modeling_ssa import (SSAForCausalLM, full_attention_with_past,
+                                              sparse_decode)
+    from ssa_megatron.hf.ssa_cache import SSACacheLayer
+    from transformers import DynamicCache
+    dev, dtype = torch.device(args.device), DTYPES[args.dtype]
+    bs, bc, ctx, b = args.block_size, args.block_counts, args.context, args.batch
+    if ctx % bs == bs - 1:
+        ctx -= 1  # the timed token must not complete a block (a crop would drop its mean)
+    torch.manual_seed(0)
+    cfg = SSAConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                    num_hidden_layers=args.layers, num_attention_heads=hq, num_key_value_heads=h,
+                    head_dim=d, block_size=bs, block_counts=bc, max_position_embeddings=ctx + 16)
+    with torch.device(dev):
+        model = SSAForCausalLM(cfg).to(dtype).eval()
+    cache = DynamicCache(config=cfg)
+    cache.layers = [SSACacheLayer(bs) for _ in range(args.layers)]
+    for layer in cache.layers:
+        layer.update(torch.randn(b, h, ctx, d, device=dev, dtype=dtype),
+                     torch.randn(b, h, ctx, d, device=dev, dtype=dtype))
+    token = torch.randint(0, args.vocab, (b, 1), device=dev)
+    q = torch.randn(b, 1, hq, d, device=dev, dtype=dtype)
+    k1 = torch.randn(b, h, 1, d, device=dev, dtype=dtype)
+    layer0 = cache.layers[0]
+    scale = 1.0 / math.sqrt(d)
+    timer = _timer(args.device)
+    row = {"heads": f"{hq}/{h}/{d}", "context": ctx, "batch": b}
+    kv_bytes = torch.finfo(dtype).bits // 8
+    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes)
+    n_params = sum(p.numel() for p in model.parameters())
+    w_bytes = n_params * kv_bytes
+    row["pred_attention_ratio"] = full_b / sparse_b
+    row["pred_model_ratio"] = (w_bytes + args.layers * full_b) / (w_bytes + args.layers * sparse_b)
+    row["params"] = n_params
+
+    def crop_one():
+        layer0.crop(-1)
+
+    def attention_step(mode):
+        def step():
+            kc, vc = layer0.update(k1, k1)
+            if mode == "full":
+                full_attention_with_past(q, kc, vc, ctx, scale)
+            else:
+                sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale)
+        return step
+
+    def model_step(mode):
+        def step():
+            model.config.inference_mode = mode
+            model(token, cache=cache, use_cache=True)
+        return step
+
+    def crop_all():
+        cache.crop(-1)
+
+    with torch.no_grad():
+        for what, make, cleanup in (("attention", attention_step, crop_one), ("model", model_step, crop_all)):
+            for mode in ("full", "sparse"):
+                row[f"{what}_{mode}_ms"] = timer(make(mode), args.rep, cleanup)
+                if args.cuda_graph and args.device == "cuda":
+                    try:
+                        replay = _graphed(make(mode), cleanup)
+                        row[f"{what}_{mode}_graph_ms"] = timer(replay, args.rep, lambda: None)
+                    except RuntimeError as e:  # e.g. a host-to-device copy inside the step
+                        row[f"{what}_graph_error"] = str(e).splitlines()[0][:200]
+                        torch.cuda.synchronize()
+            row[f"{what}_ratio"] = row[f"{what}_full_ms"] / row[f"{what}_sparse_ms"]
+            if f"{what}_sparse_graph_ms" in row and f"{what}_full_graph_ms" in row:
+                row[f"{what}_graph_ratio"] = row[f"{what}_full_graph_ms"] / row[f"{what}_sparse_graph_ms"]
+    del model, cache
+    return row
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_decode.py: --device cuda needs a CUDA GPU (use --device cpu for a smoke run)",
+              file=sys.stderr)
+        return 2
+    card = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
+    print(f"card: {card} | torch {torch.__version__} | {args.dtype} | context {args.context} | "
+          f"batch {args.batch} | {args.layers} layers, hidden {args.hidden} | "
+          f"block {args.block_size} x {args.block_counts}", flush=True)
+    rows = []
+    for spec in args.heads.split(","):
+        hq, h, d = (int(x) for x in spec.split("/"))
+        row = bench_layout(args, hq, h, d)
+        rows.append(row)
+        graph = (f" | graphed full {row['attention_full_graph_ms']:.4f} sparse "
+                 f"{row['attention_sparse_graph_ms']:.4f} ratio {row['attention_graph_ratio']:.2f}x"
+                 if "attention_graph_ratio" in row else "")
+        print(f"HQ{hq} H{h} D{d} attention step (1 layer): full {row['attention_full_ms']:.4f} ms, "
+              f"sparse {row['attention_sparse_ms']:.4f} ms, full/sparse {row['attention_ratio']:.2f}x "
+              f"(bytes predict {row['pred_attention_ratio']:.1f}x){graph}", flush=True)
+        graph = (f" | graphed full {row['model_full_graph_ms']:.3f} sparse "
+                 f"{row['model_sparse_graph_ms']:.3f} ratio {row['model_graph_ratio']:.2f}x"
+                 if "model_graph_ratio" in row else
+                 f" | no graph: {row['model_graph_error']}" if "model_graph_error" in row else "")
+        print(f"HQ{hq} H{h} D{d} decode step (model, {row['params'] / 1e9:.2f}B params): full "
+              f"{row['model_full_ms']:.3f} ms, sparse {row['model_sparse_ms']:.3f} ms, full/sparse "
+              f"{row['model_ratio']:.2f}x (bytes predict {row['pred_model_ratio']:.2f}x){graph}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "args": vars(args), "rows": rows}, f,
+                      indent=2)
+    return 0
+

@@ -1,0 +1,360 @@
+"""The paper's comparison at small scale: Full-Full, Sparse-Sparse and SSA trained with identical
+data, steps, hyper-parameters and seeds, then evaluated with tools/evaluate.py.
+
+    python tools/paper_comparison.py --data-path DATA/english_text_document --out runs/compare \
+        --seeds 1 2 --train-iters 1500
+
+Runs every (system, seed) as its own training process followed by its evaluation, one run per
+GPU at a time (longest first, the next run starts on whichever GPU frees up): held-out
+perplexity in full and sparse mode over a block_counts sweep, dropped attention mass per layer
+and the full/sparse gap. With --deadline the runs still going save and stop at that time; the
+same command run again resumes them from their checkpoints and skips what is done, so a study
+can span several sessions.
+Writes OUT/summary.json and OUT/summary.md (mean and spread over seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa", "ssa-recipe": "ssa"}
+# "ssa" is SSA as published (one branch per micro-batch); "ssa-recipe" draws it per sequence
+SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch"], "ssa-recipe": ["--ssa-branch-draw", "sequence"]}
+# relative step cost, to start the longest runs first (SSA runs both branches every step)
+COST = {"ssa": 1.7, "full": 1.0, "sparse": 0.9}  # by attention mode
+FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
+
+
+def model_flags(args) -> list:
+    return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
+            "--ffn-hidden-size", str(args.ffn_hidden_size), "--num-attention-heads", str(args.heads),
+            "--num-query-groups", str(args.kv_heads), "--seq-length", str(args.seq_length),
+            "--ssa-block-size", "16", "--ssa-block-counts", str(args.block_counts)]
+
+
+def parse_variants(specs) -> dict:
+    """``NAME=FLAGS`` ablation systems: {name: trainer flags}; FLAGS must name --attention-mode."""
+    variants = {}
+    for spec in specs or []:
+        name, sep, flags = spec.partition("=")
+        flags = shlex.split(flags)
+        if not sep or not name or name in SYSTEMS or "--attention-mode" not in flags:
+            raise SystemExit(f"error: --variant {spec!r}: write NAME=FLAGS with a new NAME and FLAGS "
+                             "that include --attention-mode, e.g. "
+                             "'ssa-alpha0=--attention-mode ssa --ssa-align-coef 0'")
+        variants[name] = flags
+    return variants
+
+
+def attention_mode(args, system: str) -> str:
+    if system in SYSTEMS:
+        return SYSTEMS[system]
+    flags = args.variants[system]
+    return flags[flags.index("--attention-mode") + 1]
+
+
+def train_command(args, system: str, seed: int, out: str) -> list:
+    mode_flags = ["--attention-mode", SYSTEMS[system], *SYSTEM_FLAGS.get(system, [])] if system in SYSTEMS else []
+    return [sys.executable, "-m", "ssa_megatron.training.pretrain", *model_flags(args),
+            *mode_flags, "--seed", str(seed),
+            "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
+            "--train-iters", str(args.train_iters), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
+            "--lr-warmup-fraction", "0.02", "--weight-decay", "0.1", "--clip-grad", "1.0",
+            *(["--bf16"] if args.bf16 else []),
+            "--data-path", args.data_path, "--split", args.split, "--num-workers", "2",
+            "--deepspeed-config", os.path.join(ROOT, "examples", "ds_zero1.json"),
+            "--log-interval", str(args.log_interval), "--save", os.path.join(out, "checkpoint"),
+            "--tensorboard-dir", os.path.join(out, "tensorboard"),
+            "--result-json", os.path.join(out, "train.json"),
+            *(["--exit-interval", str(args.stop_at)] if args.stop_at else []),
+            *args.variants.get(system, [])]
+
+
+def eval_command(args, out: str) -> list:
+    return [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--checkpoint",
+            os.path.join(out, "checkpoint"), "--data-path", args.data_path,
+            "--split-name", "valid", "--seq-length", str(args.seq_length),
+            *(["--bf16"] if args.bf16 else []), "--micro-batch-size", "4",
+            "--block-counts", *[str(b) for b in args.sweep], "--max-windows", str(args.eval_windows),
+            "--json", os.path.join(out, "eval.json"), "--plot", os.path.join(out, "eval.png"),
+            *args.eval_extra]
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def last_step(args) -> int:
+    """Where the runs end: --train-iters, or --stop-at (a truncated study, same lr schedule)."""
+    return min(args.train_iters, args.stop_at) if args.stop_at else args.train_iters
+
+
+def train_step(args, system: str, seed: int, out: str):
+    """The training command of one run; resumes from its own checkpoint, skips a finished run."""
+    def make():
+        done = _read_json(os.path.join(out, "train.json"))
+        if done and done.get("iteration", 0) >= last_step(args):
+            return None
+        cmd = train_command(args, system, seed, out)
+        if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
+            if done:  # keep the earlier part's per-step record next to the resumed one
+                n = len(_parts(out))
+                os.replace(os.path.join(out, "train.json"),
+                           os.path.join(out, f"train_part{n + 1}_until_{done['iteration']}.json"))
+            cmd += ["--load", os.path.join(out, "checkpoint")]
+        return cmd
+    return make
+
+
+def eval_step(args, out: str):
+    """The evaluation of a run's final checkpoint, unless eval.json is newer than it."""
+    def make():
+        latest = os.path.join(out, "checkpoint", "latest")
+        result = os.path.join(out, "eval.json")
+        if not os.path.isfile(latest) or args.skip_eval:
+            return None
+        if os.path.isfile(result) and os.path.getmtime(result) > os.path.getmtime(latest):
+            return None
+        return eval_command(args, out)
+    return make
+
+
+def _parts(out: str):
+    """The earlier parts of a resumed run's record, oldest first."""
+    names = [f for f in os.listdir(out) if f.startswith("train_part")] if os.path.isdir(out) else []
+    return sorted(names, key=lambda f: int(f[len("train_part"):].split("_")[0]))
+
+
+def step_losses(out: str):
+    """{iteration: LM loss} over every part of a run (a later part wins for a step it re-ran),
+    and the last part's record; None when the run has no record."""
+    records = [_read_json(os.path.join(out, f)) for f in _parts(out) + ["train.json"]]
+    records = [r for r in records if r and r.get("lm_loss")]
+    if not records:
+        return None, None
+    losses = {}
+    for r in records:
+        steps = r.get("iterations") or range(r["iteration"] - len(r["lm_loss"]) + 1, r["iteration"] + 1)
+        losses.update(zip(steps, r["lm_loss"]))
+    return losses, records
+
+
+def train_record(losses, records):
+    """Summary of a run's joined record (:func:`step_losses`): steps, final loss, tokens, time."""
+    if not losses:
+        return None
+    last = records[-1]
+    tail = [losses[k] for k in sorted(losses)[-FINAL_LOSS_STEPS:]]
+    times = [x for r in records for x in r.get("step_time", [])]
+    missing = sorted(set(range(1, max(losses) + 1)) - set(losses))
+    return {"iterations": last["iteration"], "parts": len(records),
+            "final_lm_loss": sum(tail) / len(tail),
+            "tokens": last["tokens_per_iteration"] * last["iteration"],
+            "median_step_s": statistics.median(times) if times else None,
+            **({"steps_without_record": len(missing)} if missing else {})}
+
+
+def summarise(args, runs) -> dict:
+    table = {}
+    for system in args.systems:
+        per_seed = []
+        for seed in args.seeds:
+            path = os.path.join(runs[(system, seed)], "eval.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    per_seed.append(json.load(f))
+        table[system] = per_seed
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--systems", nargs="*", default=None,
+                   help=f"default: {' '.join(SYSTEMS)} and every --variant")
+    p.add_argument("--variant", nargs="*", default=[], metavar="NAME=FLAGS",
+                   help="an ablation system: the same recipe plus these trainer flags (last wins), "
+                        "e.g. 'ssa-alpha0=--attention-mode ssa --ssa-align-coef 0'")
+    p.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to spread jobs over (default: all)")
+    p.add_argument("--num-layers", type=int, default=8)
+    p.add_argument("--hidden-size", type=int, default=768)
+    p.add_argument("--ffn-hidden-size", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--seq-length", type=int, default=4096)
+    p.add_argument("--block-counts", type=int, default=16)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+    p.add_argument("--global-batch-size", type=int, default=16)
+    p.add_argument("--train-iters", type=int, default=600)
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end every run at this step (a short diagnostic study); the lr schedule "
+                        "still spans --train-iters, so the steps compare with full-length runs")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak lr (cosine to lr/10); the documented studies ran at 1e-3")
+    p.add_argument("--split", default="98,2,0")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-interval", type=int, default=50)
+    p.add_argument("--sweep", nargs="*", type=int, default=[2, 4, 8, 16, 32])
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--eval-extra", nargs="*", default=[])
+    p.add_argument("--skip-train", action="store_true")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--jobs-per-gpu", type=int, default=1,
+                   help="runs sharing one GPU at a time (1: one after the other, the fastest)")
+    p.add_argument("--deadline", "--train-deadline", type=float, default=None,
+                   help="seconds; then running jobs save and stop and no new one starts; run the "
+                        "same command again to resume them from their checkpoints")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.variants = parse_variants(args.variant)
+    if args.systems is None:
+        args.systems = list(SYSTEMS) + list(args.variants)
+    unknown = [s for s in args.systems if s not in SYSTEMS and s not in args.variants]
+    if unknown:
+        raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
+                         "define them with --variant NAME=FLAGS")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    gpus = args.gpus
+    if gpus is None:
+        import torch
+        gpus = torch.cuda.device_count()
+    runs = {}
+    for system in args.systems:
+        for seed in args.seeds:
+            out = os.path.join(args.out, f"{system}_seed{seed}")
+            os.makedirs(out, exist_ok=True)
+            runs[(system, seed)] = out
+    t0 = time.time()
+    order = sorted(runs.items(), key=lambda item: -COST.get(attention_mode(args, item[0][0]), 1.0))
+    jobs = []
+    for (system, seed), out in order:
+        steps = [] if args.skip_train else [("train.log", train_step(args, system, seed, out))]
+        jobs.append((out, steps + [("eval.log", eval_step(args, out))]))
+    with open(os.path.join(args.out, "commands.txt"), "a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv)}\n")
+        for (system, seed), out in order:  # what each run does unless already done
+            if not args.skip_train:
+                f.write(" ".join(train_command(args, system, seed, out)[1:]) + "\n")
+            if not args.skip_eval:
+                f.write(" ".join(eval_command(args, out)[1:]) + "\n")
+    failed, stopped = run_queue(jobs, gpus, args.jobs_per_gpu, args.deadline)
+    print(f"{len(jobs) - len(failed) - len(stopped)}/{len(jobs)} runs done in "
+          f"{time.time() - t0:.0f} s" + (f"; failed (see their logs): {failed}" if failed else "")
+          + (f"; stopped before the end (run the same command again to resume): {stopped}"
+             if stopped else ""), flush=True)
+    summary = summarise(args, runs)
+    records = {key: step_losses(out) for key, out in runs.items()}
+    train = {f"{system}_seed{seed}": train_record(*records[(system, seed)]) for system, seed in runs}
+    train = {k: v for k, v in train.items() if v}
+    matched = matched_train_losses(args, {key: losses for key, (losses, _) in records.items()})
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"train": train, "eval": summary, "matched_train_loss": matched, "args": vars(args)},
+                  f, indent=1)
+    table = markdown_summary(args, train, summary) + "\n\n" + markdown_matched(args, matched)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 1 if failed else 0
+
+
+def matched_train_losses(args, per_run, window: int = 100) -> dict:
+    """Mean train loss per run ({(system, seed): {iteration: loss}}) over the last ``window``
+    steps that every run recorded. Runs of one seed share the samples of every step and the
+    branch draw of every micro-batch, so the steps are also split by the branch SSA drew (a
+    partial study whose runs stopped early can still be compared at equal steps)."""
+    from ssa_megatron.model.runtime import draw_mode
+    per_run = {key: v for key, v in per_run.items() if v}
+    if not per_run:
+        return {}
+    common = sorted(set.intersection(*(set(v) for v in per_run.values())))[-window:]
+    if not common:
+        return {}
+    gas = max(1, args.global_batch_size // args.micro_batch_size)  # one GPU per run
+    table = {"steps": [common[0], common[-1]], "count": len(common)}
+    for (system, seed), losses in per_run.items():
+        entry = {"all": statistics.mean(losses[k] for k in common)}
+        if gas == 1:  # with accumulation a step mixes both branches
+            for mode in ("full", "sparse"):
+                # iteration k ran with the draw of the 0-based step k - 1
+                picked = [losses[k] for k in common if draw_mode(seed, k - 1, 0) == mode]
+                if picked:
+                    entry[mode + "_steps"] = statistics.mean(picked)
+        table[f"{system}_seed{seed}"] = entry
+    return table
+
+
+def _mean_spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {(max(values) - min(values)) / 2:.3f}"
+
+
+def _ppl(result, mode, block_counts=None):
+    for r in result.get("perplexity", []):
+        if r["mode"] == mode and (mode == "full" or r["block_counts"] == block_counts):
+            return r["ppl"]
+    return None
+
+
+def markdown_matched(args, matched) -> str:
+    if not matched:
+        return ""
+    lo, hi = matched["steps"]
+    lines = [f"Train loss at equal steps {lo}-{hi} (mean ± half-range over seeds; the runs of a "
+             "seed saw the same samples and, for SSA as published, the branch drawn for each step; "
+             "ssa-recipe draws per sequence, so its split is by the published draw, not its own):", "",
+             "| system | all steps | steps drawn full | steps drawn sparse |", "| --- | --- | --- | --- |"]
+    for system in args.systems:
+        rows = [matched.get(f"{system}_seed{seed}") for seed in args.seeds]
+        rows = [r for r in rows if r]
+        if rows:
+            cells = [_mean_spread([r.get(key) for r in rows]) for key in ("all", "full_steps", "sparse_steps")]
+            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def markdown_summary(args, train, evals) -> str:
+    """Mean ± half-range over seeds per system."""
+    sweep = args.sweep
+    head = (["system", "tokens/model", "final train loss", "valid ppl full"]
+            + [f"ppl sparse k={k}" for k in sweep]
+            + [f"dropped mass k={args.block_counts}", f"full-sparse gap k={args.block_counts}"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for system in args.systems:
+        runs = [train.get(f"{system}_seed{seed}") for seed in args.seeds]
+        results = evals.get(system, [])
+        k = str(args.block_counts)
+        sp = [r.get("sparsity", {}).get("mean", {}).get(k, {}) for r in results]
+        row = [system, _mean_spread([r["tokens"] / 1e6 for r in runs if r]) + "M",
+               _mean_spread([r["final_lm_loss"] for r in runs if r]),
+               _mean_spread([_ppl(r, "full") for r in results])]
+        row += [_mean_spread([_ppl(r, "sparse", b) for r in results]) for b in sweep]
+        row += [_mean_spread([x.get("dropped_mass") for x in sp]),
+                _mean_spread([x.get("alignment_gap") for x in sp])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
