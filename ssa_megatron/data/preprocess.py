@@ -142,6 +142,196 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def _load_tokenizer(tokenizer: Union[str, Tokenizer], eod_token: Optional[str],
+                    append_eod: bool) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        tok = build_tokenizer(os.fspath(tokenizer), eod_token=eod_token)
+    if append_eod and tok.eod is None:
+        raise CorpusError(f"tokenizer {tok.path} has no end-of-document token; pass --eod-token "
+                          f"with one of its special tokens (or --no-append-eod)")
+    return tok
+
+
+def _worker_pool(tok: Tokenizer, eod_token: Optional[str], dtype: np.dtype, workers: int):
+    """A started ProcessPoolExecutor of tokenizing workers, or None (``workers`` 1: this process
+    tokenizes itself)."""
+    if workers <= 1:
+        _init_worker(tok.path, eod_token, dtype.name, False)
+        return None
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    executor = ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker,
+        initargs=(tok.path, eod_token, dtype.name, True))
+    try:
+        # start the workers now, before the progress bar's thread exists
+        for f in [executor.submit(_noop) for _ in range(workers)]:
+            f.result()
+    except BaseException:
+        _kill_executor(executor)
+        raise
+    return executor
+
+
+class _DocumentSink:
+    """Joins the tokenized pieces of each document (plus EOD) and appends it to its key's
+    dataset builder; counts documents and tokens per key and updates the progress bar."""
+
+    def __init__(self, builders: list, eod: Optional[np.ndarray], bar, t_work: float,
+                 skipped: Counter):
+        self.builders = builders
+        self.eod = eod
+        self.bar = bar
+        self.t_work = t_work
+        self.skipped = skipped
+        self.pending_pieces: List[List[np.ndarray]] = [[] for _ in builders]
+        self.docs = [0] * len(builders)
+        self.tokens = [0] * len(builders)
+        self.last_post = time.perf_counter()
+
+    def add(self, meta: List[Tuple[int, bool]], arrays: List[np.ndarray]) -> None:
+        done = 0
+        for (k, last), arr in zip(meta, arrays):
+            self.pending_pieces[k].append(arr)
+            if not last:
+                continue
+            parts = self.pending_pieces[k]
+            if self.eod is not None:
+                parts.append(self.eod)
+            doc = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            self.pending_pieces[k] = []
+            self.builders[k].add_document(doc, [int(doc.size)])
+            self.docs[k] += 1
+            self.tokens[k] += int(doc.size)
+            done += 1
+        if self.bar is not None and done:
+            self.bar.update(done)
+            now = time.perf_counter()
+            if now - self.last_post > 0.5:
+                self.last_post = now
+                el = max(now - self.t_work, 1e-9)
+                self.bar.set_postfix_str(f"{sum(self.tokens) / el:,.0f} tokens/s, skipped "
+                                         f"{sum(self.skipped.values())}", refresh=False)
+
+
+def _tokenize(documents, sink: _DocumentSink, executor, workers: int, piece_chars: int,
+              batch_chars: int, join_mode) -> None:
+    """Cut ``documents`` ((key index, text) pairs) into pieces, tokenize them in batches of about
+    ``batch_chars`` characters (in ``executor`` when there is one, at most 4 batches per worker in
+    flight) and hand the results to ``sink`` in order."""
+    inflight: deque = deque()
+    max_inflight = 4 * workers
+    batch: List[str] = []
+    batch_meta: List[Tuple[int, bool]] = []
+    batch_size = 0
+
+    def submit() -> None:
+        nonlocal batch, batch_meta, batch_size
+        if not batch:
+            return
+        if executor is None:
+            sink.add(batch_meta, _encode_batch(batch))
+        else:
+            inflight.append((batch_meta, executor.submit(_encode_batch, batch)))
+            while len(inflight) >= max_inflight:
+                m, fut = inflight.popleft()
+                sink.add(m, fut.result())
+        batch, batch_meta, batch_size = [], [], 0
+
+    for k, text in documents:
+        pieces = split_long_text(text, piece_chars, join_mode)
+        for i, piece in enumerate(pieces):
+            batch.append(piece)
+            batch_meta.append((k, i == len(pieces) - 1))
+            batch_size += len(piece)
+            if batch_size >= batch_chars:
+                submit()
+    submit()
+    while inflight:
+        m, fut = inflight.popleft()
+        sink.add(m, fut.result())
+
+
+def _no_documents_error(skipped: Counter, json_keys: List[str], n_files: int) -> CorpusError:
+    why = format_skipped(skipped)
+    hint = ""
+    if skipped.get("missing_key"):
+        hint = f"; no document has the field(s) {', '.join(json_keys)}: check --json-keys"
+    return CorpusError(f"no documents to write from {n_files} input file(s) (skipped: {why})"
+                       f"{hint}")
+
+
+def _stage_outputs(outputs: _Outputs, builders: list, sink: _DocumentSink, tok: Tokenizer,
+                   dtype: np.dtype, *, copy_tokenizer: bool, append_eod: bool,
+                   json_keys: List[str], input_format: str, text_unit: str, files: List[str],
+                   fingerprint: str, skipped: Counter):
+    """Finalize every dataset under temporary names: its ``.idx``, the tokenizer copy and the
+    ``.tokenizer.json`` record. Returns (idx, tokenizer copy or None, record) temp paths per key."""
+    staged = []
+    desc = tok.describe()
+    now_iso = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    from ssa_megatron import __version__
+
+    for k, prefix in enumerate(outputs.prefixes):
+        idx_tmp = outputs.tmp(prefix + ".idx")
+        builders[k].finalize(idx_tmp)
+        copy_name = ctmp = None
+        if copy_tokenizer:
+            copy_name = _meta.tokenizer_copy_name(prefix, tok.kind)
+            ctmp = outputs.tmp(os.path.join(os.path.dirname(prefix), copy_name))
+            shutil.copyfile(tok.path, ctmp)
+        meta = {
+            "format": _meta.FORMAT,
+            "version": _meta.VERSION,
+            "tokenizer": dict(desc, file=copy_name),
+            "dataset": {
+                "prefix": os.path.basename(prefix),
+                "dtype": dtype.name,
+                "documents": sink.docs[k],
+                "tokens": sink.tokens[k],
+                "append_eod": bool(append_eod),
+                "json_key": json_keys[k] if any(_is_jsonl(f, input_format) for f in files) else None,
+                "input_format": input_format,
+                "text_unit": text_unit,
+                "inputs": files,
+                "inputs_sha256": fingerprint,
+                "skipped": dict(sorted(skipped.items())),
+            },
+            "created": now_iso,
+            "tool": f"ssa_megatron {__version__} preprocess",
+        }
+        mtmp = outputs.tmp(_meta.metadata_path(prefix))
+        with open(mtmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        staged.append((idx_tmp, ctmp, mtmp))
+    return staged
+
+
+def _commit(outputs: _Outputs, staged) -> None:
+    """fsync the temporary files, then rename them into place: an old ``.idx`` goes first, the
+    new ``.idx`` comes last."""
+    for p in outputs.temps:
+        if os.path.exists(p):
+            _fsync(p)
+    for prefix, (idx_tmp, copy_tmp, meta_tmp) in zip(outputs.prefixes, staged):
+        if os.path.exists(prefix + ".idx"):
+            os.unlink(prefix + ".idx")
+        os.replace(prefix + ".bin" + outputs.tag, prefix + ".bin")
+        if copy_tmp:
+            os.replace(copy_tmp, copy_tmp[: -len(outputs.tag)])
+        os.replace(meta_tmp, _meta.metadata_path(prefix))
+        os.replace(idx_tmp, prefix + ".idx")
+    try:
+        _fsync(os.path.dirname(outputs.prefixes[0]))
+    except OSError:
+        pass
+    outputs.committed = True
+
+
 def preprocess(
     inputs: Union[str, Sequence[str]],
     output_prefix: str,
@@ -172,13 +362,7 @@ def preprocess(
     """
     t_start = time.perf_counter()
     json_keys = [json_keys] if isinstance(json_keys, str) else list(json_keys)
-    if isinstance(tokenizer, Tokenizer):
-        tok = tokenizer
-    else:
-        tok = build_tokenizer(os.fspath(tokenizer), eod_token=eod_token)
-    if append_eod and tok.eod is None:
-        raise CorpusError(f"tokenizer {tok.path} has no end-of-document token; pass --eod-token "
-                          f"with one of its special tokens (or --no-append-eod)")
+    tok = _load_tokenizer(tokenizer, eod_token, append_eod)
     files = expand_inputs(inputs)
     if workers is None or workers <= 0:
         workers = default_workers()
@@ -194,9 +378,6 @@ def preprocess(
     join_mode = probe_join_mode(tok.tokenize)
 
     skipped: Counter = Counter()
-    n_keys = len(json_keys)
-    docs = [0] * n_keys
-    tokens = [0] * n_keys
     builders = []
     executor = None
     bar = None
@@ -204,20 +385,7 @@ def preprocess(
         for prefix in prefixes:
             builders.append(IndexedDatasetBuilder(outputs.tmp(prefix + ".bin"), dtype=dtype_type))
         eod = np.asarray([tok.eod], dtype=dtype) if append_eod else None
-        pending_pieces: List[List[np.ndarray]] = [[] for _ in range(n_keys)]
-
-        if workers > 1:
-            from concurrent.futures import ProcessPoolExecutor
-
-            ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            executor = ProcessPoolExecutor(
-                max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                initargs=(tok.path, eod_token, dtype.name, True))
-            # start the workers now, before the progress bar's thread exists
-            for f in [executor.submit(_noop) for _ in range(workers)]:
-                f.result()
-        else:
-            _init_worker(tok.path, eod_token, dtype.name, False)
+        executor = _worker_pool(tok, eod_token, dtype, workers)
 
         t_work = time.perf_counter()  # throughput is measured from here (after imports, pool start)
         if progress:
@@ -225,64 +393,10 @@ def preprocess(
 
             bar = tqdm(unit=" docs", desc="preprocess", dynamic_ncols=True, mininterval=0.5,
                        file=sys.stderr)
-        last_post = [time.perf_counter()]
-
-        def handle(meta: List[Tuple[int, bool]], arrays: List[np.ndarray]) -> None:
-            done = 0
-            for (k, last), arr in zip(meta, arrays):
-                pending_pieces[k].append(arr)
-                if not last:
-                    continue
-                parts = pending_pieces[k]
-                if eod is not None:
-                    parts.append(eod)
-                doc = parts[0] if len(parts) == 1 else np.concatenate(parts)
-                pending_pieces[k] = []
-                builders[k].add_document(doc, [int(doc.size)])
-                docs[k] += 1
-                tokens[k] += int(doc.size)
-                done += 1
-            if bar is not None and done:
-                bar.update(done)
-                now = time.perf_counter()
-                if now - last_post[0] > 0.5:
-                    last_post[0] = now
-                    el = max(now - t_work, 1e-9)
-                    bar.set_postfix_str(f"{sum(tokens) / el:,.0f} tokens/s, skipped {sum(skipped.values())}",
-                                        refresh=False)
-
-        inflight: deque = deque()
-        max_inflight = 4 * workers
-        batch: List[str] = []
-        batch_meta: List[Tuple[int, bool]] = []
-        batch_size = 0
-
-        def submit() -> None:
-            nonlocal batch, batch_meta, batch_size
-            if not batch:
-                return
-            if executor is None:
-                handle(batch_meta, _encode_batch(batch))
-            else:
-                inflight.append((batch_meta, executor.submit(_encode_batch, batch)))
-                while len(inflight) >= max_inflight:
-                    m, fut = inflight.popleft()
-                    handle(m, fut.result())
-            batch, batch_meta, batch_size = [], [], 0
-
-        for k, text in iter_documents(files, input_format=input_format, json_keys=json_keys,
-                                      text_unit=text_unit, invalid_utf8=invalid_utf8, skipped=skipped):
-            pieces = split_long_text(text, piece_chars, join_mode)
-            for i, piece in enumerate(pieces):
-                batch.append(piece)
-                batch_meta.append((k, i == len(pieces) - 1))
-                batch_size += len(piece)
-                if batch_size >= batch_chars:
-                    submit()
-        submit()
-        while inflight:
-            m, fut = inflight.popleft()
-            handle(m, fut.result())
+        sink = _DocumentSink(builders, eod, bar, t_work, skipped)
+        documents = iter_documents(files, input_format=input_format, json_keys=json_keys,
+                                   text_unit=text_unit, invalid_utf8=invalid_utf8, skipped=skipped)
+        _tokenize(documents, sink, executor, workers, piece_chars, batch_chars, join_mode)
         if executor is not None:
             executor.shutdown(wait=True)
             executor = None
@@ -290,74 +404,13 @@ def preprocess(
             bar.close()
             bar = None
 
-        if sum(docs) == 0:
-            why = format_skipped(skipped)
-            hint = ""
-            if skipped.get("missing_key"):
-                hint = f"; no document has the field(s) {', '.join(json_keys)}: check --json-keys"
-            raise CorpusError(f"no documents to write from {len(files)} input file(s) (skipped: {why})"
-                              f"{hint}")
-
-        # finalize under temporary names
-        idx_tmps, meta_tmps, copy_tmps = [], [], []
-        desc = tok.describe()
-        now_iso = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        from ssa_megatron import __version__
-
-        for k, prefix in enumerate(prefixes):
-            idx_tmp = outputs.tmp(prefix + ".idx")
-            builders[k].finalize(idx_tmp)
-            idx_tmps.append(idx_tmp)
-            copy_name = None
-            if copy_tokenizer:
-                copy_name = _meta.tokenizer_copy_name(prefix, tok.kind)
-                ctmp = outputs.tmp(os.path.join(os.path.dirname(prefix), copy_name))
-                shutil.copyfile(tok.path, ctmp)
-                copy_tmps.append(ctmp)
-            else:
-                copy_tmps.append(None)
-            meta = {
-                "format": _meta.FORMAT,
-                "version": _meta.VERSION,
-                "tokenizer": dict(desc, file=copy_name),
-                "dataset": {
-                    "prefix": os.path.basename(prefix),
-                    "dtype": dtype.name,
-                    "documents": docs[k],
-                    "tokens": tokens[k],
-                    "append_eod": bool(append_eod),
-                    "json_key": json_keys[k] if any(_is_jsonl(f, input_format) for f in files) else None,
-                    "input_format": input_format,
-                    "text_unit": text_unit,
-                    "inputs": files,
-                    "inputs_sha256": fingerprint,
-                    "skipped": dict(sorted(skipped.items())),
-                },
-                "created": now_iso,
-                "tool": f"ssa_megatron {__version__} preprocess",
-            }
-            mtmp = outputs.tmp(_meta.metadata_path(prefix))
-            with open(mtmp, "w", encoding="utf-8") as f:
-                json.dump(meta, f, indent=2)
-                f.write("\n")
-            meta_tmps.append(mtmp)
-        for p in outputs.temps:
-            if os.path.exists(p):
-                _fsync(p)
-        # commit: old .idx goes first, new .idx comes last
-        for k, prefix in enumerate(prefixes):
-            if os.path.exists(prefix + ".idx"):
-                os.unlink(prefix + ".idx")
-            os.replace(prefix + ".bin" + outputs.tag, prefix + ".bin")
-            if copy_tmps[k]:
-                os.replace(copy_tmps[k], copy_tmps[k][: -len(outputs.tag)])
-            os.replace(meta_tmps[k], _meta.metadata_path(prefix))
-            os.replace(idx_tmps[k], prefix + ".idx")
-        try:
-            _fsync(os.path.dirname(prefixes[0]))
-        except OSError:
-            pass
-        outputs.committed = True
+        if sum(sink.docs) == 0:
+            raise _no_documents_error(skipped, json_keys, len(files))
+        staged = _stage_outputs(outputs, builders, sink, tok, dtype, copy_tokenizer=copy_tokenizer,
+                                append_eod=append_eod, json_keys=json_keys,
+                                input_format=input_format, text_unit=text_unit, files=files,
+                                fingerprint=fingerprint, skipped=skipped)
+        _commit(outputs, staged)
     except BaseException:
         if bar is not None:
             bar.close()
@@ -372,6 +425,7 @@ def preprocess(
         raise
 
     t_end = time.perf_counter()
+    docs, tokens = sink.docs, sink.tokens
     elapsed = t_end - t_start
     work = max(t_end - t_work, 1e-9)
     skipped_total = sum(v for r, v in skipped.items() if r != "invalid_utf8_replaced")
