@@ -124,6 +124,7 @@ def _check_case(case, seed):
     from ssa_megatron.ops import reference as ref
     from ssa_megatron.ops import triton_block_major as bm
     from ssa_megatron.ops import triton_sparse_attention as tsp
+    from ssa_megatron.ops.kernel_config import override_config
 
     b, t, hq, h, d, kc, cu, over = case
     torch.manual_seed(seed)
@@ -133,16 +134,11 @@ def _check_case(case, seed):
     v = torch.randn(b, t, h, d)
     do = torch.randn(b, t, hq, d)
     idx = ref.select_blocks(q, k, BS, kc, cs)
-    saved = dict(bm.CONFIG)
-    try:
-        bm.CONFIG.update(over)
+    with override_config(bm.CONFIG, **over):
         o, lse = bm.sparse_attention_forward(q, k, v, idx, BS, cs)
         got = _grads(bm.sparse_attention, q, k, v, idx, do, cs)
-    finally:
-        bm.CONFIG.clear()
-        bm.CONFIG.update(saved)
     n = b * t
-    _, lse_gather = tsp._forward(*(x.reshape(n, -1, d).contiguous() for x in (q, k, v)),
+    _, lse_gather = tsp.forward(*(x.reshape(n, -1, d).contiguous() for x in (q, k, v)),
                                  idx.reshape(n, h, kc).to(torch.int32).contiguous(),
                                  tuple(cu) if cu else tuple(i * t for i in range(b + 1)), BS,
                                  d ** -0.5)
@@ -180,7 +176,7 @@ def _check_edges(seed):
     gat = _grads(tsp.sparse_attention, q, k, v, idx, do, cs)
     o, lse = bm.sparse_attention_forward(q, k, v, idx, BS, cs)
     n = b * t
-    _, lse_gather = tsp._forward(*(x.reshape(n, -1, d).contiguous() for x in (q, k, v)),
+    _, lse_gather = tsp.forward(*(x.reshape(n, -1, d).contiguous() for x in (q, k, v)),
                                  idx.reshape(n, h, kc).to(torch.int32).contiguous(), tuple(cu),
                                  BS, d ** -0.5)
     rows = torch.ones(t, dtype=torch.bool)
@@ -258,5 +254,4 @@ def _child(what):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, REPO)
     _child(sys.argv[1])

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ssa_megatron.ops import triton_sparse_attention as gather_kernels
-from ssa_megatron.ops.triton_selection import (LOG2E, _next_pow2, compile_options, doc_offsets,
+from ssa_megatron.ops.triton_selection import (LOG2E, next_pow2, compile_options, doc_offsets,
                                                 tiles)
 
 # Launch parameters (not yet swept on a GPU).
@@ -107,7 +107,7 @@ def entry_lists(idx: torch.Tensor, offs: Tuple[int, ...], bs: int):
     if n * h * kc >= 2 ** 31:
         raise ValueError(f"{n} tokens x {h} kv heads x {kc} slots do not fit int32 entry ids; "
                          "split the batch")
-    bstart, blen, nb, tok_boff = gather_kernels._blocks(offs, bs, idx.device)
+    bstart, blen, nb, tok_boff = gather_kernels.key_blocks(offs, bs, idx.device)
     _, tok_ds, _, _ = tiles(offs, 1, bs, idx.device)
     cnt = torch.zeros(h * nb, dtype=torch.int32, device=idx.device)
     pos = torch.empty(max(n * h * kc, 1), dtype=torch.int32, device=idx.device)
@@ -260,12 +260,12 @@ def forward_flat(qf: torch.Tensor, kf: torch.Tensor, vf: torch.Tensor, idx: torc
                  offs: Tuple[int, ...], bs: int, scale: float):
     """Block-major forward on flat tensors: q [N, HQ, D], k/v [N, H, D], idx [N, H, K] int32,
     document offsets ``offs`` (``doc_offsets``). Returns o [N, HQ, D] and the log2-sum-exp
-    [N, HQ] (fp32) in the gather forward's convention (``triton_sparse_attention._forward``)."""
+    [N, HQ] (fp32) in the gather forward's convention (``triton_sparse_attention.forward``)."""
     n, hq, d = qf.shape
     h, kc = idx.shape[1], idx.shape[2]
     g = hq // h
-    gp = _next_pow2(g)
-    bd = max(16, _next_pow2(d))
+    gp = next_pow2(g)
+    bd = max(16, next_pow2(d))
     o = torch.empty_like(qf)
     lse = torch.empty((n, hq), dtype=torch.float32, device=qf.device)
     if n == 0:

@@ -82,7 +82,6 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-_next_pow2 = next_pow2  # old name, still imported by triton_block_major.py (in progress)
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,7 +131,6 @@ def key_blocks(offs, bs, device):
     return hit
 
 
-_blocks = key_blocks  # old name, still used by triton_block_major.py (in progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -715,7 +714,6 @@ def forward(qf, kf, vf, idx, offs, bs, scale):
     return o, lse
 
 
-_forward = forward  # old name, still used by tests/test_block_major_attention.py (in progress)
 
 
 def backward_dq(qf, kf, vf, idx, o, dof, lse, offs, bs, scale):

@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from ssa_megatron import engine_patches
 from ssa_megatron.model.config import ConfigError
 from ssa_megatron.model.runtime import document_packed_seq_params, masked_lm_loss
 from ssa_megatron.training.arguments import parse_eval_mode
@@ -137,16 +138,6 @@ def evaluate_modes(engine, loader_iter, eval_iters: int, config, modes) -> Dict[
         for m, (inference_mode, counts) in zip(layers, saved):
             m.inference_mode, m.block_counts = inference_mode, counts
     return losses
-
-
-def _record_fp32_grad_norm(engine) -> None:
-    """Without ZeRO/mixed precision DeepSpeed clips fp32 gradients with a norm that is wrong for
-    pipelines (and drops it); clip with ours (training/grad_norm.py) and keep the value."""
-    from ssa_megatron.training.grad_norm import clip_grad_norm
-
-    def clip_and_record():
-        engine._global_grad_norm = clip_grad_norm(engine.module.parameters(), engine.gradient_clipping())
-    engine.clip_fp32_gradients = clip_and_record
 
 
 def pipeline_topology(args, dp_size: int):
@@ -274,7 +265,7 @@ def build_engine(args, info, dp_size: int):
         model=model, model_parameters=param_groups(model, args.weight_decay),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config, mpu=None if pipelined else MegatronMPU(), dist_init_required=False)
-    _record_fp32_grad_norm(engine)
+    engine_patches.record_fp32_grad_norm(engine)
     return engine, ds_config, n_params, config
 
 
@@ -308,12 +299,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     pipelined = args.pipeline_model_parallel_size > 1
 
     if before_step is not None:
-        take_step = engine._take_model_step
-
-        def _hooked_step(*a, **kw):
-            before_step(engine, state.iteration)
-            return take_step(*a, **kw)
-        engine._take_model_step = _hooked_step
+        engine_patches.call_before_optimizer_step(engine, lambda: before_step(engine, state.iteration))
 
     state = TrainState()
     if args.load:

@@ -13,13 +13,12 @@ decision, and skipping optimizer steps whose loss or gradient norm is not finite
   ``DIR/set_aside_<time>/`` (renamed, never deleted).
 * **Non-finite steps.** DeepSpeed's ZeRO, bf16 and fp16 optimizers already skip a step whose
   gradients are not finite (``overflow``; the LR schedule does not advance); for the plain fp32
-  optimizer (ZeRO-0) :func:`guard_fp32_optimizer` gives it the same behaviour. :class:`NonFiniteSteps`
+  optimizer (ZeRO-0) :func:`ssa_megatron.engine_patches.guard_fp32_optimizer` gives it the same behaviour. :class:`NonFiniteSteps`
   counts skipped steps and stops the run after ``--max-skipped-steps`` in a row.
 """
 from __future__ import annotations
 
 import atexit
-import functools
 import json
 import math
 import os
@@ -29,6 +28,7 @@ import sys
 import time
 from typing import List, Optional
 
+from ssa_megatron import engine_patches
 from ssa_megatron.training.checkpoint_format import (LATEST, PARTIAL, CheckpointError, broadcast_from_rank0,
                                                      fsync_dir, iteration_of, list_tags, read_latest)
 
@@ -249,30 +249,6 @@ def prepare_save_dir(args, log=print) -> RunGuard:
     return RunGuard(lock if rank == 0 else None)
 
 
-def guard_fp32_optimizer(engine) -> None:
-    """Give the plain fp32 optimizer (ZeRO-0, no bf16/fp16) what DeepSpeed's own optimizers do: a
-    step whose gradient norm is not finite changes nothing (``overflow``: DeepSpeed then counts it in
-    ``skipped_steps`` and does not advance the LR schedule)."""
-    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
-        return
-    optimizer = engine.optimizer
-    step = optimizer.step
-
-    @functools.wraps(step)  # keeps torch's LR-scheduler mark (else a UserWarning on the first step)
-    def guarded_step(*a, **kw):
-        norm = engine._global_grad_norm if engine.gradient_clipping() > 0 else None
-        if norm is None:  # no clipping ran: measure it (every rank takes this step)
-            from ssa_megatron.training.grad_norm import clip_grad_norm
-            norm = clip_grad_norm(engine.module.parameters(), 0.0)
-            engine._global_grad_norm = norm
-        optimizer.overflow = not math.isfinite(float(norm))
-        if optimizer.overflow:
-            return None
-        return step(*a, **kw)
-    optimizer.overflow = False
-    optimizer.step = guarded_step
-
-
 class NonFiniteSteps:
     """Counts optimizer steps skipped for a non-finite loss or gradient norm."""
 
@@ -282,7 +258,7 @@ class NonFiniteSteps:
         self.in_a_row = 0
         self.total = 0
         self._seen = engine.skipped_steps
-        guard_fp32_optimizer(engine)
+        engine_patches.guard_fp32_optimizer(engine)
 
     def check(self, iteration: int, loss: float, grad_norm: float) -> Optional[str]:
         """After each iteration (same values on every rank): a warning line when it was skipped."""
