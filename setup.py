@@ -8,7 +8,7 @@ setup(
     package_data={"ssa_megatron": ["hf/*.py"]},
     python_requires=">=3.10",
     install_requires=[
-        # torch is pinned so pip takes the CPU build on disk here; GPU nodes keep their own build.
+        # a lower bound: requirements-cpu.txt pins the tested CPU build; GPU nodes keep their torch
         "torch>=2.4",
         "megatron-core==0.16.1",
         "deepspeed==0.19.8",

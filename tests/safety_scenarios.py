@@ -1,4 +1,4 @@
-"""Run-safety scenarios (issue 23), run by tests/test_run_safety.py in ONE process:
+"""Run-safety scenarios, run by tests/test_run_safety.py in ONE process:
 
     python tests/safety_scenarios.py OUT_DIR DATA_PREFIX
 

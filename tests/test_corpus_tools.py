@@ -1,4 +1,4 @@
-"""Corpus tools (issue 5): tokenizers, preprocessing to megatron-core .bin/.idx, bad input, demo corpus."""
+"""Corpus tools: tokenizers, preprocessing to megatron-core .bin/.idx, bad input, demo corpus."""
 import glob
 import gzip
 import json

@@ -1,4 +1,4 @@
-"""Evaluation (issue 8): perplexity = exp(mean CE), full == sparse when the budget covers the
+"""Evaluation: perplexity = exp(mean CE), full == sparse when the budget covers the
 context, sparsity numbers == a brute-force softmax(QK^T), needle generator/scorer, DP=2 == DP=1."""
 import importlib.util
 import json

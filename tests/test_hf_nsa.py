@@ -1,4 +1,4 @@
-"""Hugging Face export/import of --attention-mode nsa checkpoints (issue 10): same logits as
+"""Hugging Face export/import of --attention-mode nsa checkpoints: same logits as
 megatron, bit-identical HF -> megatron -> HF round trip, cached generation == uncached, and a
 directory that loads with transformers alone."""
 import json

@@ -1,4 +1,4 @@
-"""NSA baseline (issue 10): each branch against brute force, the model in nsa mode, TP=2 vs TP=1."""
+"""NSA baseline: each branch against brute force, the model in nsa mode, TP=2 vs TP=1."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Run safety (issue 23): no command silently destroys a checkpoint; damaged state is named and
+"""Run safety: no command silently destroys a checkpoint; damaged state is named and
 survived. All scenarios run in ONE process (tests/safety_scenarios.py), each training run a real
 process forked from it (kill -9, SIGINT, SIGTERM reach it for real); here we assert on what they
 recorded. The four cases of the issue each failed on the code before it.

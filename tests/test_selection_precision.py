@@ -1,4 +1,4 @@
-"""Selection exactness with adversarial near-ties (issue 21, item 2): the Triton selection with
+"""Selection exactness with adversarial near-ties: the Triton selection with
 ``CONFIG["dot_precision"] = "ieee"`` under TRITON_INTERPRET=1 (fp32) picks the fp32 reference's
 blocks, up to swaps of blocks whose reference scores agree with the K-th to 1e-6 relative; the
 same inputs with the scores' operands rounded to TF32 (what tensor cores do by default) pick other

@@ -667,3 +667,31 @@ if __name__ == "__main__":
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run under TRITON_INTERPRET=1 (pytest does this for you)")
     _child(sys.argv[1])
+
+
+def test_bench_attention_target_table_reads_each_forward_against_its_target():
+    """The kernels-v8 target table: ratios from the run's own SDPA timings, one row per forward
+    kernel, the selection and whole-SSA rows once; unknown --sparse-forwards names are refused."""
+    from ssa_megatron.bench import attention as bat
+    table = [
+        {"shape": "B4 T8192 HQ32 H8 D128", "sdpa_fwd": 3.0, "sdpa_fwdbwd": 10.0, "select": 2.0,
+         "sparse_fwdbwd": 3.5, "sparse_fwdbwd@block_major": 4.5, "ssa_fwdbwd": 14.0,
+         "prefill_sparse": 5.0},
+        {"shape": "B1 T32768 HQ32 H8 D128", "sdpa_fwd": 15.0, "sdpa_fwdbwd": 50.0, "select": 8.0,
+         "prefill_sparse": 12.0, "prefill_sparse@block_major": 4.0},
+        {"shape": "B1 T32768 HQ32 H2 D64", "sdpa_fwd": 9.0, "sdpa_fwdbwd": 35.0, "select": 1.2,
+         "prefill_sparse": 3.0},
+    ]
+    rows = bat.target_table("a card", table, ("gather", "block_major"))
+    assert rows[0] == "targets on a card (same run):"
+    body = [r for r in rows[3:]]
+    assert "| HQ32 H8 D128 | B4 T8192 | sparse branch fwd+bwd / SDPA fwd+bwd | gather | 0.350 | <= 0.4 | yes |" in body
+    assert "| HQ32 H8 D128 | B4 T8192 | sparse branch fwd+bwd / SDPA fwd+bwd | block_major | 0.450 | <= 0.4 | no |" in body
+    assert "| HQ32 H8 D128 | B4 T8192 | whole SSA fwd+bwd / SDPA fwd+bwd | gather | 1.400 | <= 1.45 | yes |" in body
+    assert "| HQ32 H8 D128 | B1 T32768 | sparse prefill speed-up vs SDPA fwd | gather | 1.250 | >= 3.0 | no |" in body
+    assert "| HQ32 H8 D128 | B1 T32768 | sparse prefill speed-up vs SDPA fwd | block_major | 3.750 | >= 3.0 | yes |" in body
+    assert "| HQ32 H2 D64 | B1 T32768 | selection alone (ms) | gather | 1.200 | <= 1.5 | yes |" in body
+    assert sum("selection alone" in r for r in body) == 2  # once per layout, not per forward
+    assert bat.parse_forwards("gather,block_major") == ("block_major",)
+    with pytest.raises(SystemExit, match="block_mayor"):
+        bat.parse_forwards("block_mayor")

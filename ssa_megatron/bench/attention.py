@@ -14,9 +14,19 @@
    and ``sel_merge_same``: the fraction of (token, kv head) index rows equal to the first
    strategy's (also checked on the bf16 correctness cases). ``--select-only`` skips every other
    timing.
+4. With ``--sparse-forwards gather,block_major``: the sparse attention forward, the sparse branch
+   fwd+bwd and the sparse prefill once per forward kernel (``triton_block_major.CONFIG
+   ["sparse_forward"]``; the backward is the gather kernels' for both), columns
+   ``<column>@<forward>``, and ``fwd_maxdiff@<forward>``, its bf16 output's largest difference to
+   the gather forward's on the same indices.
+5. With ``--decode``: one decode step at ``--decode-context`` tokens of a 1B-shape model for each
+   ``--heads`` layout, full and sparse mode (``ssa_megatron/bench/decode.py``).
+Last, the issue's target table (kernels v8): per layout and shape, the measured ratio beside its
+target, the card named.
 
-Usage: python tools/bench_attention.py [--quick] [--shapes 4x8192,1x32768] [--json out.json]
-       [--select-merge insert,sort] [--select-only]
+Usage: python tools/bench_attention.py [--shapes 4x8192,1x32768] [--json out.json]
+       [--select-merge insert,sort] [--select-only] [--sparse-forwards gather,block_major]
+       [--decode]
 """
 from __future__ import annotations
 
@@ -219,7 +229,7 @@ def gpu_header(tool):
 
 
 def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=False,
-               sdpa_backends=False, sdpa_forced=contextlib.nullcontext):
+               sdpa_backends=False, sdpa_forced=contextlib.nullcontext, sparse_forwards=()):
     from ssa_megatron.ops import dispatch
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
@@ -305,6 +315,8 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
         except Exception as exc:  # noqa: BLE001
             res["sdpa_gqa_fwd"] = f"n/a ({type(exc).__name__})"
     res["nan"] = nan
+    if sparse_forwards:
+        res.update(_time_sparse_forwards(q, k, v, do, idx, sparse_forwards))
 
     if want_fla:
         try:
@@ -323,6 +335,60 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
     return res
 
 
+def _time_sparse_forwards(q, k, v, do, idx, forwards):
+    """The sparse forward, the sparse branch fwd+bwd and the prefill with each forward kernel
+    (dispatch.sparse_attention under triton_block_major.CONFIG["sparse_forward"])."""
+    from ssa_megatron.ops import dispatch
+    from ssa_megatron.ops import triton_block_major as tbm
+    from ssa_megatron.ops import triton_selection as tsel
+    res = {}
+    with torch.no_grad(), override_config(tbm.CONFIG, sparse_forward="gather"):
+        reference_out = dispatch.sparse_attention(q, k, v, idx, BS)
+    for name in forwards:
+        with override_config(tbm.CONFIG, sparse_forward=name):
+            def branch():
+                return dispatch.sparse_attention(q, k, v, tsel.select_blocks(q.detach(), k.detach(), BS, KC), BS)
+            with torch.no_grad():
+                out = dispatch.sparse_attention(q, k, v, idx, BS)
+                res[f"fwd_maxdiff@{name}"] = (out.float() - reference_out.float()).abs().max().item()
+                res[f"sparse_attn_fwd@{name}"] = median_ms(lambda: dispatch.sparse_attention(q, k, v, idx, BS))
+                res[f"prefill_sparse@{name}"] = median_ms(branch)
+            res[f"sparse_fwdbwd@{name}"] = median_ms(lambda: torch.autograd.grad(branch(), (q, k, v), do))
+    return res
+
+
+def target_table(name: str, table, forwards=("gather",)) -> list:
+    """The kernels-v8 issue's targets beside this run's ratios (rows of text)."""
+    targets = [  # (heads, shape, what, key, target, higher is better)
+        ("HQ32 H8 D128", "B4 T8192", "sparse branch fwd+bwd / SDPA fwd+bwd", "sparse_fwdbwd", 0.40, False),
+        ("HQ32 H8 D128", "B4 T8192", "whole SSA fwd+bwd / SDPA fwd+bwd", "ssa_fwdbwd", 1.45, False),
+        ("HQ32 H8 D128", "B1 T32768", "sparse prefill speed-up vs SDPA fwd", "prefill_sparse", 3.0, True),
+        ("HQ32 H8 D128", "B1 T32768", "selection alone (ms)", "select", 3.0, False),
+        ("HQ32 H2 D64", "B1 T32768", "sparse prefill speed-up vs SDPA fwd", "prefill_sparse", 4.0, True),
+        ("HQ32 H2 D64", "B1 T32768", "selection alone (ms)", "select", 1.5, False),
+    ]
+    rows = [f"targets on {name} (same run):", "| layout | shape | what | forward | measured | target | met |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for heads, shape, what, key, target, higher in targets:
+        r = next((r for r in table if r["shape"].startswith(shape + " ") and r["shape"].endswith(heads)), None)
+        if r is None:
+            continue
+        for fwd in (("gather",) if key in ("select", "ssa_fwdbwd") else forwards):
+            col = key if fwd == "gather" else f"{key}@{fwd}"
+            if not isinstance(r.get(col), float):
+                continue
+            if key == "select":
+                value = r[col]
+            elif key == "prefill_sparse":
+                value = r["sdpa_fwd"] / r[col]
+            else:
+                value = r[col] / r["sdpa_fwdbwd"]
+            met = value >= target if higher else value <= target
+            rows.append(f"| {heads} | {shape} | {what} | {fwd} | {value:.3f} | "
+                        f"{'>=' if higher else '<='} {target} | {'yes' if met else 'no'} |")
+    return rows
+
+
 def shape_grid(shapes: str, heads: str):
     """(B, T, HQ, H, D) for every pair of the command line's ``--shapes`` (comma list of BxT)
     and ``--heads`` (comma list of HQ/H/D)."""
@@ -335,10 +401,12 @@ def shape_grid(shapes: str, heads: str):
 
 def _time_shapes(args, dev, merges, table, forced):
     """Every BxT x HQ/H/D shape of the command line, appended to ``table``."""
+    forwards = parse_forwards(args.sparse_forwards)
     for b, t, hq, h, d in shape_grid(args.shapes, args.heads):
         try:
             r = time_shape(b, t, hq, h, d, dev, merges=merges, select_only=args.select_only,
-                           sdpa_backends=args.sdpa_backends, sdpa_forced=forced)
+                           sdpa_backends=args.sdpa_backends, sdpa_forced=forced,
+                           sparse_forwards=forwards)
         except Exception as exc:  # noqa: BLE001  (report and go on to the next shape)
             import traceback
             traceback.print_exc()
@@ -348,6 +416,18 @@ def _time_shapes(args, dev, merges, table, forced):
         table.append(r)
         print("timing", json.dumps(r), flush=True)
         torch.cuda.empty_cache()
+
+
+def parse_forwards(spec: str):
+    """--sparse-forwards: the forwards besides the default gather row, checked against the names
+    the dispatch knows."""
+    from ssa_megatron.ops.triton_block_major import SPARSE_FORWARDS
+    names = tuple(x for x in (spec or "").split(",") if x)
+    unknown = [x for x in names if x not in SPARSE_FORWARDS]
+    if unknown:
+        raise SystemExit(f"error: --sparse-forwards {','.join(unknown)}: expected names from "
+                         f"{', '.join(SPARSE_FORWARDS)}")
+    return tuple(x for x in names if x != "gather")
 
 
 def main(argv=None):
@@ -368,7 +448,15 @@ def main(argv=None):
                     choices=("default", "flash", "cudnn", "efficient"),
                     help="force one SDPA backend for the baseline and SSA's full branch alike "
                          "(default: SDPA's own choice; cuDNN on an H200 with torch 2.11)")
+    ap.add_argument("--sparse-forwards", default="gather",
+                    help="comma list of sparse forward kernels to time side by side: gather "
+                         "(the default kernels), block_major, auto")
+    ap.add_argument("--decode", action="store_true",
+                    help="also time one decode step of a 1B-shape model per --heads layout, "
+                         "full and sparse mode (bench/decode.py)")
+    ap.add_argument("--decode-context", type=int, default=32768, help="tokens in the KV cache for --decode")
     args = ap.parse_args(argv)
+    parse_forwards(args.sparse_forwards)
     merges = tuple(m for m in (args.select_merge or "").split(",") if m)
     out = gpu_header("bench_attention")
     if out is None:
@@ -430,8 +518,43 @@ def main(argv=None):
             print("  full branch fwd+bwd from [B, T, H, D] (ms): " + ", ".join(
                 f"{nm} {f(r.get(f'full_{nm}_fwdbwd')).strip()}"
                 for nm in ("gqa_strided", "gqa_contiguous", "expanded_strided")))
+    forwards = ("gather",) + parse_forwards(args.sparse_forwards)
+    if len(forwards) > 1:
+        print("\nsparse forwards (ms; the backward is the gather kernels' for all):")
+        for r in table:
+            print(f"{r['shape']:28s} " + " | ".join(
+                f"{fw}: fwd {r.get('sparse_attn_fwd' if fw == 'gather' else f'sparse_attn_fwd@{fw}', float('nan')):.3f} "
+                f"fwd+bwd {r.get('sparse_fwdbwd' if fw == 'gather' else f'sparse_fwdbwd@{fw}', float('nan')):.3f}"
+                + ("" if fw == "gather" else f" max diff {r.get(f'fwd_maxdiff@{fw}', float('nan')):.1e}")
+                for fw in forwards))
+    if args.decode:
+        out["decode"] = decode_rows(args)
+    if not args.select_only:
+        print("\n" + "\n".join(target_table(name, table, forwards)))
+        for row in out.get("decode", []):
+            print(f"| HQ{row['heads'].replace('/', ' H', 1).replace('/', ' D')} | B1 context {row['context']} | "
+                  f"decode step full / sparse (model) | - | {row['model_ratio']:.2f}x | >= 3x | "
+                  f"{'yes' if row['model_ratio'] >= 3 else 'no'} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
     return 0
+
+
+def decode_rows(args) -> list:
+    """bench/decode.py's rows for every --heads layout at --decode-context, batch 1, bf16."""
+    from ssa_megatron.bench import decode
+    dargs = decode.build_parser().parse_args(["--context", str(args.decode_context)])
+    rows = []
+    for spec in args.heads.split(","):
+        hq, h, d = (int(x) for x in spec.split("/"))
+        try:
+            row = decode.bench_layout(dargs, hq, h, d)
+        except Exception as exc:  # noqa: BLE001  (report and go on)
+            print(f"decode {spec} failed: {exc}", flush=True)
+            continue
+        rows.append(row)
+        print("decode", json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+    return rows
 

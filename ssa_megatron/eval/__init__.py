@@ -1,4 +1,4 @@
-"""Evaluation of trained SSA checkpoints (issue 8).
+"""Evaluation of trained SSA checkpoints.
 
 * :mod:`.model`     - checkpoint -> single-process TP=1 GPTModel; llama3-style RoPE scaling
 * :mod:`.data`      - evaluation token streams (.bin/.idx splits, raw text/jsonl) and windows

@@ -14,7 +14,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SSAConfig(TransformerConfig):
-    """TransformerConfig plus the SSA attention settings (DESIGN §1)."""
+    """TransformerConfig plus the SSA attention settings."""
 
     # the model's shape (model/shape.py) passes these; its defaults are theirs
     attention_mode: str = shape_default("attention_mode")

@@ -1,4 +1,4 @@
-"""Command-line flags, named as in Megatron-LM (DESIGN §5), plus DeepSpeed and SSA flags."""
+"""Command-line flags, named as in Megatron-LM, plus DeepSpeed and SSA flags."""
 from __future__ import annotations
 
 import argparse
