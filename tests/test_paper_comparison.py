@@ -136,7 +136,7 @@ def test_a_part_that_reran_steps_replaces_them(tmp_path):
 def test_variants_are_systems_with_extra_flags(tmp_path):
     args = _args(tmp_path, "--variant", "ssa-a0=--attention-mode ssa --ssa-align-coef 0",
                  "dense=--attention-mode full --exit-interval 5")
-    assert args.systems == ["full-full", "sparse-sparse", "ssa", "ssa-recipe", "ssa-a0", "dense"]
+    assert args.systems == ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-a0", "dense"]
     cmd = pc.train_command(args, "ssa-a0", 1, str(tmp_path / "x"))
     assert cmd[-4:] == ["--attention-mode", "ssa", "--ssa-align-coef", "0"]
     assert cmd.count("--attention-mode") == 1  # the variant names it; no default is added
@@ -162,3 +162,16 @@ def test_stop_at_ends_runs_early_on_the_full_schedule(tmp_path):
     (out / "train.json").write_text(json.dumps({"iteration": 4, "lm_loss": [1.0] * 4}))
     (out / "checkpoint" / "latest").write_text("iter_0000004")
     assert pc.train_step(args, "full-full", 1, str(out))() is None  # reached --stop-at: done
+
+
+def test_nsa_is_a_system_and_its_natural_mode_fills_the_full_column():
+    from ssa_megatron.study import paper_comparison as pc
+    args = pc.parse_args(["--data-path", "x", "--systems", "nsa"])
+    assert pc.attention_mode(args, "nsa") == "nsa"
+    assert pc.train_command(args, "nsa", 1, "/tmp/o")[
+        pc.train_command(args, "nsa", 1, "/tmp/o").index("--attention-mode") + 1] == "nsa"
+    natural = {"perplexity": [{"mode": "natural", "block_counts": None, "ppl": 81.0}]}
+    ssa = {"perplexity": [{"mode": "full", "block_counts": None, "ppl": 75.0},
+                          {"mode": "sparse", "block_counts": 16, "ppl": 76.0}]}
+    assert pc._ppl(natural, "full") == 81.0 and pc._ppl(natural, "sparse", 16) is None
+    assert pc._ppl(ssa, "full") == 75.0 and pc._ppl(ssa, "sparse", 16) == 76.0

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
 # DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|diagnose|quality [OUT]
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|compare-large|diagnose|quality [OUT]
 # OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
+# compare-large: the five systems on the non-repeating corpus (prepare_english_corpus.sh --large in
+# runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
+# = 108M tokens each seen once; SYSTEMS, SEEDS, DEADLINE, JOBS_PER_GPU; run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  training|parallel|kernels|variants|floor|mfu|compare|diagnose|quality) ;;
+  training|parallel|kernels|variants|floor|mfu|compare|compare-large|diagnose|quality) ;;
   *) usage >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +51,17 @@ case "$1" in
       --global-batch-size 16 --log-interval 100 --eval-windows 32 --deadline "${DEADLINE:-540}" \
       --systems ${SYSTEMS:-full-full sparse-sparse ssa} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
     (cd runs && tar czf "$OUT/$STUDY.tgz" --exclude=checkpoint "$STUDY") ;;
+  compare-large)  # the quality issue's comparison at scale, every token seen once
+    LARGE="${LARGE:-runs/english_large}"
+    if [ ! -f "$LARGE/english_text_document.idx" ]; then
+      [ -n "${SHARDS:-}" ] || { echo "error: no $LARGE/english_text_document.idx: build it with tools/prepare_english_corpus.sh --large, or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
+      python3 tools/corpus_shards.py join "$SHARDS" "$LARGE"
+    fi
+    python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
+      --out runs/compare_large --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
+      --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
+      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
+    (cd runs && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint compare_large) ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \

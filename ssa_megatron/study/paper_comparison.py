@@ -25,11 +25,12 @@ import time
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
-SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "ssa": "ssa", "ssa-recipe": "ssa"}
-# "ssa" is SSA as published (one branch per micro-batch); "ssa-recipe" draws it per sequence
+SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa", "ssa-recipe": "ssa"}
+# "ssa" is SSA as published (one branch per micro-batch); "ssa-recipe" draws it per sequence;
+# "nsa" (compression + selection + window, three gates) has one mode: its "full" column
 SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch"], "ssa-recipe": ["--ssa-branch-draw", "sequence"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
-COST = {"ssa": 1.7, "full": 1.0, "sparse": 0.9}  # by attention mode
+COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
 
 
@@ -314,8 +315,12 @@ def _mean_spread(values):
 
 
 def _ppl(result, mode, block_counts=None):
+    """The run's valid ppl in ``mode``; a model without a full/sparse switch (NSA) evaluates in its
+    one "natural" mode, shown as its full column."""
     for r in result.get("perplexity", []):
-        if r["mode"] == mode and (mode == "full" or r["block_counts"] == block_counts):
+        if mode == "full" and r["mode"] in ("full", "natural"):
+            return r["ppl"]
+        if r["mode"] == mode and r["block_counts"] == block_counts:
             return r["ppl"]
     return None
 
