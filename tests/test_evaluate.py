@@ -279,3 +279,24 @@ def test_backend_parity_tool_on_a_trained_checkpoint(ckpt, random_dataset, tmp_p
         assert abs(case["lm_triton"] - case["lm_reference"]) < 1e-5
         assert case["worst_grad_rel"] < 1e-4 and case["worst_tensor"] is not None
         assert case["align_triton"] == pytest.approx(case["align_reference"], rel=1e-5)
+
+
+def test_document_masks_are_refused_for_megatron_local_layers(monkeypatch, single_process_parallel_state):
+    """megatron's local attention takes no document boundaries: evaluating such a checkpoint with
+    --reset-attention-mask on ends in one line that says what to change."""
+    from ssa_megatron.eval import cli
+    from ssa_megatron.eval import model as evmodel
+    from ssa_megatron.model.shape import ModelShape
+    sizes = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                 num_query_groups=2, vocab_size=256)
+    shape = dict(ModelShape(**sizes), train_seq_length=SEQ, layer_spec="megatron-local",
+                 reset_attention_mask=False)  # what load_model returns for such a checkpoint
+    monkeypatch.setattr(evmodel, "init_single_process_or_dp", lambda seed: None)
+    monkeypatch.setattr(evmodel, "load_model", lambda *a, **kw: (None, shape, {"args": {}}))
+    args = cli.build_parser().parse_args(["--checkpoint", "x", "--data-path", "y",
+                                          "--reset-attention-mask", "on"])
+    with pytest.raises(evmodel.EvalError, match="use --reset-attention-mask off"):
+        cli.load_evaluation(args)
+    args = cli.build_parser().parse_args(["--checkpoint", "x", "--data-path", "y"])
+    monkeypatch.setattr(cli, "_find_tokenizer", lambda *a: None)
+    assert cli.load_evaluation(args).reset is False  # auto: the checkpoint's own setting

@@ -226,6 +226,11 @@ def load_evaluation(args) -> Evaluation:
                         "no full/sparse switch; evaluated in its natural mode, no sparsity analysis")
     ev.reset = {"auto": shape["reset_attention_mask"], "on": True,
                 "off": False}[args.reset_attention_mask]
+    if ev.reset and shape["layer_spec"] != "ssa":
+        from ssa_megatron.eval.model import EvalError
+        raise EvalError(f"--reset-attention-mask on: layer spec {shape['layer_spec']} attends across "
+                        "documents (megatron's local attention takes no document boundaries); "
+                        "use --reset-attention-mask off")
     ev.tokenizer = _find_tokenizer(args.tokenizer, meta, args.data_path)
     return ev
 
