@@ -30,3 +30,19 @@ def test_install_script_installs_extras_without_their_dependencies():
     extra = [line for line in lines if "fla-core" in line]
     assert len(extra) == 1 and "--no-index --no-deps" in extra[0]
     assert lines.index(extra[0]) > next(i for i, line in enumerate(lines) if "ssa_megatron megatron-core" in line)
+
+
+def test_checkout_root_is_found_when_the_package_is_installed_as_a_wheel(tmp_path, monkeypatch):
+    """The benchmarks and the paper comparison read examples/ and tools/ of the checkout: from a
+    package run in place that is the package's parent; from a wheel install (GPU nodes), the
+    current directory when it is a checkout."""
+    import ssa_megatron.checkout as co
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(tmp_path)
+    assert co.checkout_root() == checkout
+    installed = tmp_path / "site-packages" / "ssa_megatron"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(co, "__file__", str(installed / "checkout.py"))
+    assert co.checkout_root() == str(tmp_path / "site-packages")  # neither is a checkout
+    monkeypatch.chdir(checkout)
+    assert co.checkout_root() == checkout

@@ -16,7 +16,9 @@ import tempfile
 
 from ssa_megatron.bench.training import write_synthetic_dataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+from ssa_megatron.checkout import checkout_root
+
+ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 
 # name: (GPUs, micro-batch, global batch, extra flags). Pairs compared share samples per step
 # and micro-batch indices (the branch draw is per (iteration, micro-batch)).

@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+from ssa_megatron.checkout import checkout_root
+
+ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 VARIANTS = {
     "full": ["--attention-mode", "full"],

@@ -24,7 +24,9 @@ import time
 
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+from ssa_megatron.checkout import checkout_root
+
+ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa", "ssa-recipe": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch); "ssa-recipe" draws it per sequence;
 # "nsa" (compression + selection + window, three gates) has one mode: its "full" column

@@ -253,7 +253,8 @@ def run_trials(trials: int, workdir: str, data_prefix: str, train_iters: int = 1
     torch.set_num_threads(1)  # no intra-op threads in the parent: forking stays safe
     preload()
     rng = random.Random(seed)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from ssa_megatron.checkout import checkout_root
+    root = checkout_root()
     flags = TINY_MODEL + ["--data-path", data_prefix, "--train-iters", str(train_iters),
                           "--save-interval", str(save_interval), "--zero-stage", str(zero_stage),
                           "--deepspeed-config", os.path.join(root, "examples", "ds_zero1.json")]
