@@ -7,7 +7,8 @@
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
 # compare-large: the five systems on the non-repeating corpus (prepare_english_corpus.sh --large in
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
-# = 108M tokens each seen once; SYSTEMS, SEEDS, DEADLINE, JOBS_PER_GPU; run again to resume.
+# = 108M tokens each seen once; SYSTEMS, SEEDS, DEADLINE, JOBS_PER_GPU, COMPARE_OUT (default
+# runs/compare_large); run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
@@ -58,10 +59,10 @@ case "$1" in
       python3 tools/corpus_shards.py join "$SHARDS" "$LARGE"
     fi
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
-      --out runs/compare_large --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
+      --out "${COMPARE_OUT:-runs/compare_large}" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
       --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
-    (cd runs && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint compare_large) ;;
+    (cd "$(dirname "${COMPARE_OUT:-runs/compare_large}")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "${COMPARE_OUT:-runs/compare_large}")") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
