@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ssa_megatron.ops import triton_sparse_attention as gather_kernels
+from ssa_megatron.ops.triton_sparse_attention import load_key_block, owning_list
 from ssa_megatron.ops.triton_selection import (LOG2E, next_pow2, compile_options, doc_offsets,
                                                 tiles)
 
@@ -138,32 +139,15 @@ def _partial_kernel(Q, Kt, V, ENT, LIST_OFF, TILE_END, BLK_START, BLK_LEN, PART,
     pid = tl.program_id(0)
     if pid >= tl.load(TILE_END + NL - 1):  # the grid is an upper bound on the tile count
         return
-    # list of this tile: the first w with TILE_END[w] > pid (inclusive cumulative tile counts)
-    a = pid * 0
-    b = a + NL
-    for _ in range(SEARCH_STEPS):
-        mid = (a + b) // 2
-        right = tl.load(TILE_END + mid) > pid
-        b = tl.where(right, mid, b)
-        a = tl.where(right, a, mid + 1)
-    w = a
+    w = owning_list(TILE_END, pid, NL, SEARCH_STEPS)  # the list of this tile
     first = tl.load(TILE_END + w - 1, mask=w > 0, other=0)
     lo = tl.load(LIST_OFF + w) + (pid - first) * BE
     hi = tl.minimum(tl.load(LIST_OFF + w + 1), lo + BE)
     h = w // NB
     gb = w % NB
-
-    k0 = tl.load(BLK_START + gb)
-    kl = tl.load(BLK_LEN + gb)
-    j = tl.arange(0, BS)
-    kpos = k0 + j
-    kok = j < kl
     dd = tl.arange(0, BD)
     dmask = dd < D
-    kv_off = (kpos.to(tl.int64) * H + h) * D
-    kmask = kok[:, None] & dmask[None, :]
-    kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
-    vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
+    kt, vt, kpos, kok, _, _ = load_key_block(Kt, V, BLK_START, BLK_LEN, gb, h, dd, dmask, H, D, BS)
 
     R: tl.constexpr = BE * GP
     r = tl.arange(0, R)

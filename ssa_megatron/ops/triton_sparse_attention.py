@@ -403,6 +403,38 @@ def _dkv_segment(Q, DO, LSE, DELTA, LIST_TOK, kt, vt, kpos, kok, h, lo, hi, scal
 
 
 @triton.jit
+def owning_list(END, pid, n, steps):
+    """The first w in [0, n) with END[w] > pid (END: inclusive cumulative program counts per
+    list): the list whose segment or tile the pid-th program works on (steps >= log2(n) + 1)."""
+    a = pid * 0
+    b = a + n
+    for _ in range(steps):
+        mid = (a + b) // 2
+        right = tl.load(END + mid) > pid
+        b = tl.where(right, mid, b)
+        a = tl.where(right, a, mid + 1)
+    return a
+
+
+@triton.jit
+def load_key_block(Kt, V, BLK_START, BLK_LEN, gb, h, dd, dmask,
+                   H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+    """Key block gb of kv head h: its K and V rows ([BS, BD], zero past the block's end), their
+    positions, which of them exist (a document's last block may be short), and the row offsets and
+    mask to store the block's dk/dv with."""
+    k0 = tl.load(BLK_START + gb)
+    kl = tl.load(BLK_LEN + gb)
+    j = tl.arange(0, BS)
+    kpos = k0 + j
+    kok = j < kl
+    kv_off = (kpos.to(tl.int64) * H + h) * D
+    kmask = kok[:, None] & dmask[None, :]
+    kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
+    vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
+    return kt, vt, kpos, kok, kv_off, kmask
+
+
+@triton.jit
 def _bwd_dkv_kernel(
     Q, Kt, V, DO, LSE, DELTA, DK, DV, BLK_START, BLK_LEN, LIST_OFF, LIST_TOK, ORDER,
     EXTRA_END, PARTIAL, scale_log2, scale, NB, NW, SEARCH_STEPS,
@@ -422,15 +454,7 @@ def _bwd_dkv_kernel(
     if EXTRAS:
         if pid >= tl.load(EXTRA_END + NW - 1):
             return
-        # launch position of the list this segment belongs to: first pos with EXTRA_END > pid
-        a = pid * 0
-        b = a + NW
-        for _ in range(SEARCH_STEPS):
-            mid = (a + b) // 2
-            right = tl.load(EXTRA_END + mid) > pid
-            b = tl.where(right, mid, b)
-            a = tl.where(right, a, mid + 1)
-        pos = a
+        pos = owning_list(EXTRA_END, pid, NW, SEARCH_STEPS)  # launch position of its list
         first = tl.load(EXTRA_END + pos - 1, mask=pos > 0, other=0)
         seg = pid - first + 1
     else:
@@ -439,17 +463,10 @@ def _bwd_dkv_kernel(
     w = tl.load(ORDER + pos)  # (head, key block) of this program
     h = w // NB
     gb = w % NB
-    k0 = tl.load(BLK_START + gb)
-    kl = tl.load(BLK_LEN + gb)
-    j = tl.arange(0, BS)
-    kpos = k0 + j
-    kok = j < kl
     dd = tl.arange(0, BD)
     dmask = dd < D
-    kv_off = (kpos.to(tl.int64) * H + h) * D
-    kmask = kok[:, None] & dmask[None, :]
-    kt = tl.load(Kt + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
-    vt = tl.load(V + kv_off[:, None] + dd[None, :], mask=kmask, other=0.0)
+    kt, vt, kpos, kok, kv_off, kmask = load_key_block(Kt, V, BLK_START, BLK_LEN, gb, h, dd, dmask,
+                                                      H, D, BS)
 
     lo = tl.load(LIST_OFF + w)
     hi = tl.load(LIST_OFF + w + 1)
