@@ -14,15 +14,11 @@ dispatch switch (CONFIG["sparse_forward"]).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
 import sys
 
-import pytest
+from interpreter_utils import needs_triton, run_interpreted
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16
 
 # (B, T, HQ, H, D, block_counts, cu_seqlens, CONFIG overrides)
@@ -35,22 +31,11 @@ CASES = [
 ]
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _run_child(what):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), what], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert rows, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return rows
+    return run_interpreted(__file__, what)
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 def test_block_major_matches_reference():
     rows = _run_child("cases")
     assert len(rows) == len(CASES)
@@ -58,7 +43,7 @@ def test_block_major_matches_reference():
         assert row["ok"], row
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 def test_block_major_edges_and_dispatch():
     rows = _run_child("edges")
     assert [r["case"] for r in rows] == ["hand-made indices", "dispatch"]

@@ -14,17 +14,15 @@ checks, and the "sort" and "extract" merges' indices bit-identical to the "inser
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+from interpreter_utils import needs_triton, run_interpreted
 
 from ssa_megatron.ops.kernel_config import override_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BS = 16
 
 # (B, T, HQ, H, D, block_counts, block_size, cu_seqlens)
@@ -76,29 +74,18 @@ INVERT_CASES = [(2, 96, 32, 2, 16, 4, None), (1, 130, 8, 2, 16, 5, [0, 37, 100, 
                 (1, 64, 2, 1, 16, 1, None)]
 
 
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _run_group(what):
+    return run_interpreted(__file__, what)
 
 
-def _run_group(name):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), name], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert rows, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return rows
-
-
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 @pytest.mark.parametrize("group", sorted(GROUPS))
 def test_kernels_match_reference(group):
     for row in _run_group(group):
         assert row["ok"], row
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 @pytest.mark.parametrize("merge", MERGES)
 def test_selection_merge_strategies(merge):
     rows = _run_group("select:" + merge)
@@ -107,7 +94,7 @@ def test_selection_merge_strategies(merge):
         assert row["ok"], row
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 def test_backward_list_building_and_launch_order():
     """Every way of inverting the selection (CONFIG["invert"]) gives the same key lists, and
     every list method, dk/dv launch order and list split the same gradients (see
@@ -118,7 +105,7 @@ def test_backward_list_building_and_launch_order():
         assert row["ok"], row
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 def test_kernel_variant_sweep_checks():
     """The kernel-variant sweep's (tools/bench_kernel_variants.py) correctness pass on the CPU interpreter (fp32): it passes
     for real variants and fails for one that changes the selection without saying so."""
@@ -128,7 +115,7 @@ def test_kernel_variant_sweep_checks():
     assert rows[1]["ok"] is False, rows[1]
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 def test_tma_forward_and_dq_match_reference():
     """Forward and dq for G >= 16 four ways (gathers; TMA with one, two or four blocks per
     step): o, dq, dk, dv equal the reference's on packed documents, block counts that leave a
@@ -141,7 +128,7 @@ def test_tma_forward_and_dq_match_reference():
         assert row["ok"], row
 
 
-@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@needs_triton
 def test_byte_floor_kernels_read_what_they_count():
     """The byte-floor tool (tools/bench_byte_floor.py): the loads-only, loads+MMA and L2-read kernels read exactly
     the rows the sparse kernels gather (packed documents, G 4 with several tokens per tile,

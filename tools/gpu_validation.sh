@@ -54,15 +54,16 @@ case "$1" in
     (cd runs && tar czf "$OUT/$STUDY.tgz" --exclude=checkpoint "$STUDY") ;;
   compare-large)  # the quality issue's comparison at scale, every token seen once
     LARGE="${LARGE:-runs/english_large}"
+    COMPARE_OUT="${COMPARE_OUT:-runs/compare_large}"
     if [ ! -f "$LARGE/english_text_document.idx" ]; then
       [ -n "${SHARDS:-}" ] || { echo "error: no $LARGE/english_text_document.idx: build it with tools/prepare_english_corpus.sh --large, or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
       python3 tools/corpus_shards.py join "$SHARDS" "$LARGE"
     fi
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
-      --out "${COMPARE_OUT:-runs/compare_large}" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
+      --out "$COMPARE_OUT" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
       --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
-    (cd "$(dirname "${COMPARE_OUT:-runs/compare_large}")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "${COMPARE_OUT:-runs/compare_large}")") ;;
+    (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
