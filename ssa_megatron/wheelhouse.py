@@ -33,10 +33,11 @@ NO_DEPS = ["megatron-core==0.16.1"]
 # (pydantic pins its pydantic-core).
 # GPU images bring transformers, tokenizers, safetensors, sentencepiece and tensorboard; pass
 # them with --extra for a bare node.
+# zstandard: joining corpus shards (tools/corpus_shards.py join) on the node; GPU images lack it.
 WITH_DEPS = ["hjson", "pydantic>=2", "msgpack", "ninja", "py-cpuinfo", "psutil", "einops",
-             "packaging", "tqdm", "nvidia-ml-py"]
+             "packaging", "tqdm", "nvidia-ml-py", "zstandard"]
 # What install.sh asks for; pip takes the rest from the node's environment or the folder.
-INSTALL = ["ssa_megatron", "megatron-core", "deepspeed", "hjson", "pydantic"]
+INSTALL = ["ssa_megatron", "megatron-core", "deepspeed", "hjson", "pydantic", "zstandard"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "any"]
 
 

@@ -32,6 +32,13 @@ def test_install_script_installs_extras_without_their_dependencies():
     assert lines.index(extra[0]) > next(i for i, line in enumerate(lines) if "ssa_megatron megatron-core" in line)
 
 
+def test_wheelhouse_brings_what_the_corpus_join_needs_on_a_gpu_node():
+    """GPU images (torch, triton, transformers...) lack zstandard, which joining corpus shards
+    imports: the wheelhouse downloads it and install.sh installs it."""
+    assert "zstandard" in build_wheelhouse.WITH_DEPS
+    assert " zstandard" in build_wheelhouse.install_script([]).splitlines()[5]
+
+
 def test_checkout_root_is_found_when_the_package_is_installed_as_a_wheel(tmp_path, monkeypatch):
     """The benchmarks and the paper comparison read examples/ and tools/ of the checkout: from a
     package run in place that is the package's parent; from a wheel install (GPU nodes), the

@@ -153,6 +153,15 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
             _args(tmp_path, *bad)
 
 
+def test_runs_start_longest_first_or_in_the_given_order(tmp_path):
+    runs = {(system, seed): str(tmp_path / f"{system}_{seed}")
+            for system in ("ssa-recipe", "full-full", "ssa") for seed in (1, 2)}
+    longest = [key for key, _ in pc.run_order(_args(tmp_path, "--systems", "ssa-recipe", "full-full", "ssa"), runs)]
+    assert [system for system, _ in longest] == ["ssa-recipe"] * 2 + ["ssa"] * 2 + ["full-full"] * 2
+    given = pc.run_order(_args(tmp_path, "--in-order", "--systems", "ssa-recipe", "full-full", "ssa"), runs)
+    assert [key for key, _ in given] == list(runs)
+
+
 def test_stop_at_ends_runs_early_on_the_full_schedule(tmp_path):
     args = _args(tmp_path, "--stop-at", "4")
     out = tmp_path / "full-full_seed1"

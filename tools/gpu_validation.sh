@@ -7,8 +7,8 @@
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
 # compare-large: the five systems on the non-repeating corpus (prepare_english_corpus.sh --large in
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
-# = 108M tokens each seen once; SYSTEMS, SEEDS, DEADLINE, JOBS_PER_GPU, COMPARE_OUT (default
-# runs/compare_large); run again to resume.
+# = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
+# COMPARE_OUT (default runs/compare_large); run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
@@ -62,7 +62,7 @@ case "$1" in
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
       --out "$COMPARE_OUT" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
-      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
+      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings

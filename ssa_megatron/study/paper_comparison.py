@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-extra", nargs="*", default=[])
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--in-order", action="store_true",
+                   help="start the runs in the order of --systems (and --seeds) rather than "
+                        "the longest first")
     p.add_argument("--jobs-per-gpu", type=int, default=1,
                    help="runs sharing one GPU at a time (1: one after the other, the fastest)")
     p.add_argument("--deadline", "--train-deadline", type=float, default=None,
@@ -249,7 +252,7 @@ def main(argv=None) -> int:
             os.makedirs(out, exist_ok=True)
             runs[(system, seed)] = out
     t0 = time.time()
-    order = sorted(runs.items(), key=lambda item: -COST.get(attention_mode(args, item[0][0]), 1.0))
+    order = run_order(args, runs)
     jobs = []
     for (system, seed), out in order:
         steps = [] if args.skip_train else [("train.log", train_step(args, system, seed, out))]
@@ -279,6 +282,16 @@ def main(argv=None) -> int:
         f.write(table + "\n")
     print(table)
     return 1 if failed else 0
+
+
+def run_order(args, runs: dict) -> list:
+    """``runs`` ({(system, seed): out}) in the order they start: the longest first (best use of
+    several GPUs), or as given with --in-order (systems, then seeds), so that a study spread
+    over sessions finishes the runs that matter most first."""
+    items = list(runs.items())
+    if args.in_order:
+        return items
+    return sorted(items, key=lambda item: -COST.get(attention_mode(args, item[0][0]), 1.0))
 
 
 def matched_train_losses(args, per_run, window: int = 100) -> dict:
