@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
 # DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|compare|compare-large|diagnose|quality [OUT]
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|decode|compare|compare-large|diagnose|quality [OUT]
 # OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
@@ -13,7 +13,7 @@ set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  training|parallel|kernels|variants|floor|mfu|compare|compare-large|diagnose|quality) ;;
+  training|parallel|kernels|variants|floor|mfu|decode|compare|compare-large|diagnose|quality) ;;
   *) usage >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -36,6 +36,11 @@ case "$1" in
   kernels)  python3 tools/bench_attention.py --select-merge sort,extract --json "$OUT/kernels.json" ;;
   variants) python3 tools/bench_kernel_variants.py --json "$OUT/variants.json" ;;
   floor)    python3 tools/bench_byte_floor.py --json "$OUT/floor.json" ;;
+  decode)   # one decode step at 32k (HF model, 1B shapes): kernels checked, then timed; B1 and B4
+    python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/128 --cuda-graph --rep 30 \
+      --json "$OUT/decode_b1.json"
+    python3 tools/bench_decode.py --context 32768 --heads 32/8/128 --batch 4 --rep 30 \
+      --json "$OUT/decode_b4.json" ;;
   mfu)      # full attention at 1x1 (fused/unfused), with accumulation, and SSA/sparse alongside
     python3 tools/bench_training.py --iters 6 --warmup 2 --variants full \
       --custom "full-unfused=--attention-mode full --no-bias-swiglu-fusion --no-cross-entropy-loss-fusion" \

@@ -6,7 +6,8 @@ weights in --dtype), fills every layer's cache (an SSACacheLayer, which also kee
 block keys) with --context random keys/values, and times one new token:
 
 * attention: one layer's cache update + attention of the new token (full: SDPA over the cache;
-  sparse: selection over the pooled keys + attention over the selected blocks);
+  sparse: selection over the pooled keys + attention over the selected blocks, the three decode
+  kernels on CUDA; sparse_unfused: the same math in torch ops, the path before those kernels);
 * model: a whole forward step of the model (embedding, all layers, head) with that cache.
 
 Each row prints median milliseconds for full and sparse, the ratio full / sparse, and the
@@ -98,11 +99,34 @@ def _graphed(step, cleanup):
     return graph.replay
 
 
+def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale) -> dict:
+    """The decode kernels against the reference math in fp32 on one step of the filled cache:
+    the share of kv heads whose selected blocks are identical, and the output's error relative
+    to the reference output's largest entry."""
+    from ssa_megatron.ops import reference, triton_sparse_decode
+    kc, vc = layer.update(k1, k1)
+    try:
+        o, idx = triton_sparse_decode.sparse_decode_attention(
+            q, kc, vc, layer.pooled_keys, ctx, block_size, block_counts, scale, return_indices=True)
+        pooled = layer.pooled_keys
+        ridx = reference.select_blocks_from_pooled(q.float(), pooled, ctx, ctx + 1, block_size,
+                                                   block_counts, scale)[:, 0]
+        ro = reference.sparse_attention_with_past(q.float(), kc.float(), vc.float(), ridx[:, None],
+                                                  ctx, block_size, scale)
+    finally:
+        layer.crop(-1)
+    same = (idx == ridx).all(-1).float().mean().item()
+    err = ((o.float() - ro).abs().max() / ro.abs().max()).item()
+    return {"check_indices_same": same, "check_rel_err": err,
+            "check_ok": bool(same >= 0.99 and err < 3e-2 and not torch.isnan(o).any())}
+
+
 def bench_layout(args, hq, h, d):
     from ssa_megatron.hf.configuration_ssa import SSAConfig
     from ssa_megatron.hf.modeling_ssa import (SSAForCausalLM, full_attention_with_past,
                                               sparse_decode)
     from ssa_megatron.hf.ssa_cache import SSACacheLayer
+    from ssa_megatron.ops import reference
     from transformers import DynamicCache
     dev, dtype = torch.device(args.device), DTYPES[args.dtype]
     bs, bc, ctx, b = args.block_size, args.block_counts, args.context, args.batch
@@ -133,6 +157,9 @@ def bench_layout(args, hq, h, d):
     row["pred_attention_ratio"] = full_b / sparse_b
     row["pred_model_ratio"] = (w_bytes + args.layers * full_b) / (w_bytes + args.layers * sparse_b)
     row["params"] = n_params
+    if args.device == "cuda":
+        with torch.no_grad():
+            row.update(check_decode_kernels(q, k1, layer0, ctx, bs, bc, scale))
 
     def crop_one():
         layer0.crop(-1)
@@ -142,8 +169,10 @@ def bench_layout(args, hq, h, d):
             kc, vc = layer0.update(k1, k1)
             if mode == "full":
                 full_attention_with_past(q, kc, vc, ctx, scale)
-            else:
+            elif mode == "sparse":  # the decode kernels on CUDA
                 sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale)
+            else:  # "sparse_unfused": the reference math (torch ops), the path before the kernels
+                reference.sparse_decode_attention(q, kc, vc, layer0.pooled_keys, ctx, bs, bc, scale)
         return step
 
     def model_step(mode):
@@ -156,8 +185,10 @@ def bench_layout(args, hq, h, d):
         cache.crop(-1)
 
     with torch.no_grad():
-        for what, make, cleanup in (("attention", attention_step, crop_one), ("model", model_step, crop_all)):
-            for mode in ("full", "sparse"):
+        for what, make, cleanup, modes in (
+                ("attention", attention_step, crop_one, ("full", "sparse", "sparse_unfused")),
+                ("model", model_step, crop_all, ("full", "sparse"))):
+            for mode in modes:
                 row[f"{what}_{mode}_ms"] = timer(make(mode), args.rep, cleanup)
                 if args.cuda_graph and args.device == "cuda":
                     try:
@@ -191,9 +222,14 @@ def main(argv=None) -> int:
         graph = (f" | graphed full {row['attention_full_graph_ms']:.4f} sparse "
                  f"{row['attention_sparse_graph_ms']:.4f} ratio {row['attention_graph_ratio']:.2f}x"
                  if "attention_graph_ratio" in row else "")
+        if "check_ok" in row:
+            print(f"HQ{hq} H{h} D{d} decode kernels vs reference (bf16 inputs): selected blocks "
+                  f"identical for {row['check_indices_same']:.3f} of kv heads, output rel err "
+                  f"{row['check_rel_err']:.1e}: {'PASS' if row['check_ok'] else 'FAIL'}", flush=True)
         print(f"HQ{hq} H{h} D{d} attention step (1 layer): full {row['attention_full_ms']:.4f} ms, "
               f"sparse {row['attention_sparse_ms']:.4f} ms, full/sparse {row['attention_ratio']:.2f}x "
-              f"(bytes predict {row['pred_attention_ratio']:.1f}x){graph}", flush=True)
+              f"(bytes predict {row['pred_attention_ratio']:.1f}x; the unfused torch path "
+              f"{row['attention_sparse_unfused_ms']:.4f} ms){graph}", flush=True)
         graph = (f" | graphed full {row['model_full_graph_ms']:.3f} sparse "
                  f"{row['model_sparse_graph_ms']:.3f} ratio {row['model_graph_ratio']:.2f}x"
                  if "model_graph_ratio" in row else

@@ -56,13 +56,14 @@ except ImportError:  # imported from the ssa_megatron source tree
 
 try:  # the copy written next to this file by the converter
     from .ssa_ops import (full_attention, mean_pool_blocks, select_blocks,
-                          select_blocks_from_pooled, sparse_attention)
+                          sparse_attention, sparse_decode_attention)
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import (full_attention, mean_pool_blocks, select_blocks,  # noqa: F401
-                                            select_blocks_from_pooled, sparse_attention)
+    from ssa_megatron.ops.reference import (full_attention, mean_pool_blocks, select_blocks,
+                                            sparse_attention, sparse_decode_attention)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
-                             sparse_attention=sparse_attention)
+                             sparse_attention=sparse_attention,
+                             sparse_decode_attention=sparse_decode_attention)
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -169,40 +170,16 @@ def full_attention_with_past(q, k, v, past: int, scale: float):
     return o.transpose(1, 2)
 
 
-def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, scale: float):
-    """Attention of queries q [B, Tq, HQ, D] at positions past.. over the tokens (<= their
-    position) of their selected blocks ``indices`` [B, Tq, H, K] (-1 = empty) only; k, v are the
-    cache's [B, H, Tk, D]. Gathers Tq * K * block_size keys per kv head, whatever Tk is; the
-    arithmetic of ssa_ops.sparse_attention (fp32 softmax over the same slots)."""
-    b, tq, hq, d = q.shape
-    h = k.shape[1]
-    nsel = indices.shape[-1]
-    idx = indices.long()
-    tok = idx.unsqueeze(-1) * block_size + torch.arange(block_size, device=q.device)
-    pos = torch.arange(past, past + tq, device=q.device).view(1, tq, 1, 1, 1)
-    valid = (idx.unsqueeze(-1) >= 0) & (tok <= pos)  # [B, Tq, H, K, bs]
-    gidx = tok.clamp(0, k.shape[2] - 1).permute(0, 2, 1, 3, 4).reshape(b, h, tq * nsel * block_size)
-    gidx = gidx.unsqueeze(-1).expand(-1, -1, -1, d)
-    kg = torch.gather(k, 2, gidx).view(b, h, tq, nsel * block_size, d)
-    vg = torch.gather(v, 2, gidx).view(b, h, tq, nsel * block_size, d)
-    qg = q.reshape(b, tq, h, hq // h, d).permute(0, 2, 1, 3, 4)  # [B, H, Tq, G, D]
-    logits = torch.einsum("bhtgd,bhtnd->bhtgn", qg.float(), kg.float()) * scale
-    mask = valid.reshape(b, tq, h, nsel * block_size).permute(0, 2, 1, 3).unsqueeze(3)
-    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    o = torch.einsum("bhtgn,bhtnd->bhtgd", probs, vg.float())
-    return o.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(q.dtype)
-
-
 def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float):
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
     (k, v [B, H, past + Tq, D]): blocks selected from the cache layer's pooled keys (an
-    SSACacheLayer), else from all keys pooled again."""
+    SSACacheLayer), else from all keys pooled again; one new token on CUDA takes the three
+    decode kernels (ssa_megatron.ops.triton_sparse_decode)."""
     pooled = getattr(layer, "pooled_keys", None) if isinstance(layer, SSACacheLayer) else None
-    total = past + q.shape[1]
     if pooled is None:
         pooled = mean_pool_blocks(k.transpose(1, 2), block_size)
-    idx = select_blocks_from_pooled(q, pooled, past, total, block_size, block_counts, scale)
-    return sparse_attention_with_past(q, k, v, idx, past, block_size, scale)
+    return _ops_for(q).sparse_decode_attention(q, k, v, pooled, past, block_size, block_counts,
+                                               scale)
 
 
 class SSAAttention(nn.Module):

@@ -1,7 +1,7 @@
 """One dispatch point for SSA attention math: Triton kernels on CUDA, the reference elsewhere.
 
-``select_blocks``, ``sparse_attention``, ``full_attention`` and ``alignment_loss`` take the
-arguments of their namesakes in :mod:`ssa_megatron.ops.reference`.
+``select_blocks``, ``sparse_attention``, ``sparse_decode_attention``, ``full_attention`` and
+``alignment_loss`` take the arguments of their namesakes in :mod:`ssa_megatron.ops.reference`.
 
 Backend switch: environment variable ``SSA_ATTENTION_BACKEND`` = ``auto`` (default: Triton for
 CUDA tensors, reference otherwise), ``triton`` (always Triton; on CPU it needs
@@ -73,6 +73,20 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
         return triton_sparse_attention.sparse_attention(q, k, v, indices, block_size, cu_seqlens,
                                                         scale)
     return reference.sparse_attention(q, k, v, indices, block_size, cu_seqlens, scale)
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            pooled: torch.Tensor, past: int, block_size: int, block_counts: int,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """One new token per sequence (q [B, 1, HQ, D]) takes the three Triton decode kernels; more
+    new tokens (a chunk appended to the cache) or the reference backend the reference math."""
+    if q.shape[1] == 1 and use_triton(q, block_size) and q.shape[-1] >= 16 \
+            and q.shape[-1] & (q.shape[-1] - 1) == 0:
+        from ssa_megatron.ops import triton_sparse_decode
+        return triton_sparse_decode.sparse_decode_attention(q, k_cache, v_cache, pooled, past,
+                                                            block_size, block_counts, scale)
+    return reference.sparse_decode_attention(q, k_cache, v_cache, pooled, past, block_size,
+                                             block_counts, scale)
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -143,6 +143,43 @@ def select_blocks_from_pooled(q: torch.Tensor, pooled: torch.Tensor, first_pos: 
     return idx
 
 
+def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, scale: float):
+    """Attention of queries q [B, Tq, HQ, D] at positions past.. over the tokens (<= their
+    position) of their selected blocks ``indices`` [B, Tq, H, K] (-1 = empty) only; k, v are the
+    cache's [B, H, Tk, D]. Gathers Tq * K * block_size keys per kv head, whatever Tk is; the
+    arithmetic of :func:`sparse_attention` (fp32 softmax over the same slots)."""
+    b, tq, hq, d = q.shape
+    h = k.shape[1]
+    nsel = indices.shape[-1]
+    idx = indices.long()
+    tok = idx.unsqueeze(-1) * block_size + torch.arange(block_size, device=q.device)
+    pos = torch.arange(past, past + tq, device=q.device).view(1, tq, 1, 1, 1)
+    valid = (idx.unsqueeze(-1) >= 0) & (tok <= pos)  # [B, Tq, H, K, bs]
+    gidx = tok.clamp(0, k.shape[2] - 1).permute(0, 2, 1, 3, 4).reshape(b, h, tq * nsel * block_size)
+    gidx = gidx.unsqueeze(-1).expand(-1, -1, -1, d)
+    kg = torch.gather(k, 2, gidx).view(b, h, tq, nsel * block_size, d)
+    vg = torch.gather(v, 2, gidx).view(b, h, tq, nsel * block_size, d)
+    qg = q.reshape(b, tq, h, hq // h, d).permute(0, 2, 1, 3, 4)  # [B, H, Tq, G, D]
+    logits = torch.einsum("bhtgd,bhtnd->bhtgn", qg.float(), kg.float()) * scale
+    mask = valid.reshape(b, tq, h, nsel * block_size).permute(0, 2, 1, 3).unsqueeze(3)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    o = torch.einsum("bhtgn,bhtnd->bhtgd", probs, vg.float())
+    return o.permute(0, 2, 1, 3, 4).reshape(b, tq, hq, d).to(q.dtype)
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            pooled: torch.Tensor, past: int, block_size: int, block_counts: int,
+                            scale: Optional[float] = None) -> torch.Tensor:
+    """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. over a KV cache
+    k_cache, v_cache [B, H, past + Tq, D] whose complete blocks' mean keys are ``pooled``
+    [B, nb, H, D] (fp32): :func:`select_blocks_from_pooled`, then
+    :func:`sparse_attention_with_past` (the spec of ``triton_sparse_decode``)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    idx = select_blocks_from_pooled(q, pooled, past, past + q.shape[1], block_size, block_counts,
+                                    scale)
+    return sparse_attention_with_past(q, k_cache, v_cache, idx, past, block_size, scale)
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                      block_size: int, cu_seqlens: Optional[torch.Tensor] = None,
                      scale: Optional[float] = None) -> torch.Tensor:

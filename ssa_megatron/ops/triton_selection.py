@@ -236,7 +236,7 @@ def _merge_extract(top, key, n, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.cons
 
 
 @triton.jit
-def _score_dot(q, kp, PREC: tl.constexpr):
+def score_dot(q, kp, PREC: tl.constexpr):
     """q [R, BD] . kp [BN, BD]^T in fp32; PREC "default" leaves tl.dot its default (TF32 on
     NVIDIA), else it is tl.dot's input_precision."""
     if PREC == "default":
@@ -260,7 +260,7 @@ def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr
         kp = tl.load(kp_ptr)
     else:
         kp = tl.load(kp_ptr, mask=dd[None, :] < D, other=0.0)
-    s = _score_dot(q, kp, PREC)
+    s = score_dot(q, kp, PREC)
     if MASKED:
         s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -346,7 +346,7 @@ def _select_kernel(
         b = b0 + bb
         kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
         kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-        s = _score_dot(q, kp, PREC)
+        s = score_dot(q, kp, PREC)
         p = tl.exp2(s - mlog[:, None])
         score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
         cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
