@@ -209,3 +209,25 @@ def test_bench_decode_cpu_smoke(tmp_path, capsys):
     # 300 cached fp32 tokens: full reads 2 * 300 K/V rows, sparse 18 fp32 means + 2 * 64 rows
     assert rows[0]["pred_attention_ratio"] == pytest.approx(600 / (18 + 128))
     assert all(r["attention_ratio"] > 0 and r["model_ratio"] > 0 for r in rows)
+
+
+def test_decoding_steps_compute_rotary_frequencies_once(exports, monkeypatch):
+    """A decode step must not build anything on the host and copy it over (that copy is what kept
+    the model step out of a CUDA graph): the rotary frequencies are made once per device."""
+    from ssa_megatron.hf import modeling_ssa
+    from ssa_megatron.hf.configuration_ssa import SSAConfig
+    calls = []
+    real = modeling_ssa.rope_inv_freq
+    monkeypatch.setattr(modeling_ssa, "rope_inv_freq", lambda config: calls.append(1) or real(config))
+    cfg = SSAConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, block_size=4,
+                    block_counts=2)
+    model = modeling_ssa.SSAForCausalLM(cfg).eval()
+    prompt = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        out = model(prompt, use_cache=True)
+        for token in (3, 5, 7):
+            out = model(torch.tensor([[token]]), cache=out.past_key_values, use_cache=True)
+        reference = model(torch.cat([prompt, torch.tensor([[3, 5, 7]])], 1), use_cache=False)
+    assert len(calls) == 1
+    torch.testing.assert_close(out.logits[:, -1], reference.logits[:, -1], atol=2e-5, rtol=0)

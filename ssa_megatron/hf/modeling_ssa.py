@@ -143,7 +143,7 @@ def rope_inv_freq(config: SSAConfig) -> torch.Tensor:
 
 def _rope(positions: torch.Tensor, inv_freq: torch.Tensor, dtype) -> tuple:
     """cos/sin [B, T, 1, dim] for integer positions [B, T] (rotate-half convention)."""
-    freqs = positions.float()[..., None] * inv_freq.to(positions.device)
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -287,7 +287,15 @@ class SSAModel(SSAPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([SSADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._inv_freq = {}  # device -> rotary frequencies (not a buffer: checkpoints stay as they are)
         self.post_init()
+
+    def rotary_frequencies(self, device: torch.device) -> torch.Tensor:
+        """:func:`rope_inv_freq` on ``device``, computed once per device: a decoding step then
+        copies nothing from the host, so it can be captured in a CUDA graph."""
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
+        return self._inv_freq[device]
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -313,7 +321,7 @@ class SSAModel(SSAPreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         # positions are always past..past+T-1: blocks are counted from the sequence start
         positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)
-        cos, sin = _rope(positions, rope_inv_freq(self.config), x.dtype)
+        cos, sin = _rope(positions, self.rotary_frequencies(x.device), x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache if use_cache else None)
         x = self.norm(x)
