@@ -184,3 +184,33 @@ def test_nsa_is_a_system_and_its_natural_mode_fills_the_full_column():
                           {"mode": "sparse", "block_counts": 16, "ppl": 76.0}]}
     assert pc._ppl(natural, "full") == 81.0 and pc._ppl(natural, "sparse", 16) is None
     assert pc._ppl(ssa, "full") == 75.0 and pc._ppl(ssa, "sparse", 16) == 76.0
+
+
+def _eval_result(full, sparse, mass=None, natural=False):
+    """An evaluate.py record: ppl per mode ({k: ppl} for sparse) and dropped mass at k = 16."""
+    if natural:
+        return {"perplexity": [{"mode": "natural", "block_counts": None, "ppl": full}]}
+    rows = [{"mode": "full", "block_counts": None, "ppl": full}]
+    rows += [{"mode": "sparse", "block_counts": k, "ppl": p} for k, p in sparse.items()]
+    return {"perplexity": rows, "sparsity": {"mean": {"16": {"dropped_mass": mass}}}}
+
+
+def test_claims_tick_each_system_against_the_others(tmp_path):
+    args = _args(tmp_path, "--systems", "full-full", "nsa", "ssa", "ssa-recipe", "--block-counts", "16")
+    evals = {
+        "full-full": [_eval_result(11.6, {8: 14.8, 16: 12.8}, 0.144), _eval_result(11.4, {8: 14.6, 16: 12.6}, 0.140)],
+        "nsa": [_eval_result(12.5, {}, natural=True)],
+        "ssa": [_eval_result(13.5, {8: 16.5, 16: 14.8}, 0.206)],
+        "ssa-recipe": [_eval_result(11.27, {8: 12.95, 16: 11.91}, 0.112)],
+    }
+    table = pc.claims(args, evals)
+    recipe, ff, nsa = table["ssa-recipe"], table["full-full"], table["nsa"]
+    assert recipe == {"best_sparse": True, "close_to_full": True, "lowest_dropped_mass": True,
+                      "sparse_k8_k16_best": True, "sparse_k16_near_full": False}  # 11.91 > 11.5 * 1.01
+    assert ff["close_to_full"] is True and ff["best_sparse"] is False
+    assert nsa["lowest_dropped_mass"] is None and nsa["best_sparse"] is False  # 12.5 > 11.91
+    assert table["ssa"]["close_to_full"] is False  # 13.5 against 11.5
+    evals["ssa-recipe"][0]["perplexity"][2]["ppl"] = 11.55  # k = 16 now within 1 %
+    assert pc.claims(args, evals)["ssa-recipe"]["sparse_k16_near_full"] is True
+    text = pc.markdown_claims(args, evals)
+    assert text.count("\n| ") == 6 and "| ssa-recipe | ✓ | ✓ | ✓ | ✓ | ✓ |" in text
