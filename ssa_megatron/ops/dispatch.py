@@ -78,13 +78,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pooled: torch.Tensor, past: int, block_size: int, block_counts: int,
                             scale: Optional[float] = None) -> torch.Tensor:
-    """One new token per sequence (q [B, 1, HQ, D]) takes the three Triton decode kernels; more
-    new tokens (a chunk appended to the cache) or the reference backend the reference math."""
-    if q.shape[1] == 1 and use_triton(q, block_size) and q.shape[-1] >= 16 \
-            and q.shape[-1] & (q.shape[-1] - 1) == 0:
+    """One new token per sequence (q [B, 1, HQ, D]) takes the three Triton decode kernels where
+    they apply (``triton_sparse_decode.supports``); more new tokens (a chunk appended to the
+    cache), other shapes and the reference backend take the reference math."""
+    if use_triton(q, block_size):
         from ssa_megatron.ops import triton_sparse_decode
-        return triton_sparse_decode.sparse_decode_attention(q, k_cache, v_cache, pooled, past,
-                                                            block_size, block_counts, scale)
+        if triton_sparse_decode.supports(q, k_cache, block_size):
+            return triton_sparse_decode.sparse_decode_attention(q, k_cache, v_cache, pooled, past,
+                                                                block_size, block_counts, scale)
     return reference.sparse_decode_attention(q, k_cache, v_cache, pooled, past, block_size,
                                              block_counts, scale)
 
@@ -126,5 +127,5 @@ def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor
     return triton_alignment_loss.alignment_loss(o_full, o_sparse)
 
 
-__all__ = ["set_backend", "get_backend", "select_blocks", "sparse_attention", "full_attention",
-           "alignment_loss"]
+__all__ = ["set_backend", "get_backend", "select_blocks", "sparse_attention",
+           "sparse_decode_attention", "full_attention", "alignment_loss"]

@@ -16,9 +16,14 @@ blocks, so that many programs share the scoring of a long cache:
    block in slot 0, then attention of the group's query heads over those blocks' tokens up to
    the new token (online softmax, fp32 accumulation).
 
-The position of each sequence's new token is read from a device tensor and the number of pieces
-depends only on the cache's allocated blocks, so a step can be captured in a CUDA graph when
-the cache's buffers stay in place.
+Each sequence's position is read from a device tensor, and the grid depends only on the
+number of pooled blocks passed in: a caller that passes a device position tensor and a pooled
+buffer of fixed capacity (blocks past a position are never read) launches the same grid every
+step, so it can capture the step in a CUDA graph. (The HF model passes its cache's filled part
+and an int position: fine eagerly, a new grid as blocks fill.)
+
+Scores are computed as the prefill selection computes them: block means times
+``scale * log2(e)`` in fp32, ``tl.dot`` at the selection's ``CONFIG["dot_precision"]``, exp2.
 """
 from __future__ import annotations
 
@@ -29,23 +34,22 @@ import triton
 import triton.language as tl
 
 from ssa_megatron.ops.triton_selection import CONFIG as SELECT_CONFIG
-from ssa_megatron.ops.triton_selection import DOT_PRECISIONS, next_pow2, score_dot
+from ssa_megatron.ops.triton_selection import DOT_PRECISIONS, LOG2E, next_pow2, score_dot
 
-_IDX_BITS = 20  # block index bits in a packed key (as in the selection kernel)
+IDX_BITS = 20  # block index bits in a packed key (as in the selection kernel): 2^20 blocks
 # "split": block means per program of the two scoring kernels (one tile: the whole piece);
-# "chunk": selected blocks per attention tile (power of two); "warps": warps per program of all
-# three kernels. The scoring precision follows the prefill
-# selection's CONFIG["dot_precision"] so decoding picks what the uncached pass picks.
-CONFIG = {"split": 64, "chunk": 4, "warps": 4}
+# "tile_tokens": cached tokens per attention tile (whole blocks; at least one block);
+# "warps": warps per program of all three kernels.
+CONFIG = {"split": 64, "tile_tokens": 64, "warps": 4}
 
 
 @triton.jit
-def _piece_logits(Q, P, b, h, pos, piece, scale,
+def _piece_logits(Q, P, b, h, pos, piece, scale_log2,
                   stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
                   G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                   SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scaled logits [GP, SPLIT] of the group's query heads against the piece's block means
-    (-inf for padding heads and for blocks that are not complete at ``pos``), and the block ids."""
+    """Logits in log2 units [GP, SPLIT] of the group's query heads against the piece's block
+    means (-inf for padding heads and for blocks not complete at ``pos``), and the block ids."""
     rows = tl.arange(0, GP)
     dd = tl.arange(0, D)
     cols = piece * SPLIT + tl.arange(0, SPLIT)
@@ -53,42 +57,43 @@ def _piece_logits(Q, P, b, h, pos, piece, scale,
     q = tl.load(Q + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dd[None, :],
                 mask=rows[:, None] < G, other=0.0).to(tl.float32)
     kbar = tl.load(P + b * stride_pb + cols[:, None] * stride_pn + h * stride_ph + dd[None, :],
-                   mask=cols[:, None] < complete, other=0.0)
-    logits = score_dot(q, kbar, DOT_PRECISION) * scale
+                   mask=cols[:, None] < complete, other=0.0).to(tl.float32)
+    logits = score_dot(q, kbar * scale_log2, DOT_PRECISION)
     visible = (rows[:, None] < G) & (cols[None, :] < complete)
     return tl.where(visible, logits, float("-inf")), cols
 
 
 @triton.jit
-def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, scale,
+def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, scale_log2,
                         stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
     bh = tl.program_id(0)
     piece = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     pos = tl.load(POS + b)
-    logits, _ = _piece_logits(Q, P, b, h, pos, piece, scale, stride_qb, stride_qh, stride_pb,
+    logits, _ = _piece_logits(Q, P, b, h, pos, piece, scale_log2, stride_qb, stride_qh, stride_pb,
                               stride_pn, stride_ph, G, GP, D, BLOCK, SPLIT, DOT_PRECISION)
     m = tl.max(logits, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.sum(tl.exp(logits - m_safe[:, None]), 1)
+    l = tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
     rows = tl.arange(0, GP)
     tl.store(M_OUT + (bh * SP + piece) * GP + rows, m)
     tl.store(L_OUT + (bh * SP + piece) * GP + rows, l)
 
 
 @triton.jit
-def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale, pieces,
+def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale_log2, pieces,
                          stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
                          H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
-                         KEEP: tl.constexpr, KP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         KEEP: tl.constexpr, KP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         IDX_BITS: tl.constexpr):
     bh = tl.program_id(0)
     piece = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     pos = tl.load(POS + b)
     rows = tl.arange(0, GP)
@@ -98,18 +103,20 @@ def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale, pieces,
     l_all = tl.load(L_IN + stat, mask=sp[:, None] < pieces, other=0.0)
     m = tl.max(m_all, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    z = tl.sum(l_all * tl.exp(m_all - m_safe[None, :]), 0)
-    inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)  # heads with no visible block add 0
-    logits, cols = _piece_logits(Q, P, b, h, pos, piece, scale, stride_qb, stride_qh, stride_pb,
-                                 stride_pn, stride_ph, G, GP, D, BLOCK, SPLIT, DOT_PRECISION)
-    probs = tl.exp(logits - m_safe[:, None]) * inv_z[:, None]
-    score = tl.sum(probs, 0)  # [SPLIT] group sum, >= 0
+    z = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
+    # heads with no visible block (and padding heads) add 0 to the group sum
+    mlog = tl.where(z > 0, m_safe + tl.log2(tl.where(z > 0, z, 1.0)), float("inf"))
+    logits, cols = _piece_logits(Q, P, b, h, pos, piece, scale_log2, stride_qb, stride_qh,
+                                 stride_pb, stride_pn, stride_ph, G, GP, D, BLOCK, SPLIT,
+                                 DOT_PRECISION)
+    score = tl.sum(tl.exp2(logits - mlog[:, None]), 0)  # [SPLIT] group-summed probability, >= 0
     candidate = (cols < (pos + 1) // BLOCK) & (cols != pos // BLOCK)
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-    keys = tl.where(candidate, (bits << _IDX_BITS) | ((1 << _IDX_BITS) - 1 - cols), -1)
+    low = ((1 << IDX_BITS) - 1 - cols).to(tl.int64)
+    keys = tl.where(candidate, (bits << IDX_BITS) | low, -1)
     slots = tl.arange(0, KP)
     best_keys = tl.full([KP], -1, tl.int64)
-    for j in tl.static_range(KEEP):
+    for j in range(KEEP):
         best = tl.max(keys, 0)
         best_keys = tl.where(slots == j, best, best_keys)
         keys = tl.where(keys == best, -1, keys)  # keys are unique: one block leaves
@@ -122,9 +129,9 @@ def decode_attend_kernel(Q, K, V, POS, KEYS_IN, IDX_OUT, O, scale, pieces,
                          stride_vb, stride_vh, stride_vt, stride_ob, stride_oh,
                          H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, SP: tl.constexpr, KP: tl.constexpr,
-                         NSEL: tl.constexpr, CHUNK: tl.constexpr):
+                         NSEL: tl.constexpr, CHUNK: tl.constexpr, IDX_BITS: tl.constexpr):
     bh = tl.program_id(0)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     pos = tl.load(POS + b)
     sp = tl.arange(0, SP)
@@ -135,28 +142,28 @@ def decode_attend_kernel(Q, K, V, POS, KEYS_IN, IDX_OUT, O, scale, pieces,
     dd = tl.arange(0, D)
     q = tl.load(Q + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dd[None, :],
                 mask=rows[:, None] < G, other=0.0)
-    for j in tl.static_range(NSEL):  # the blocks first, so that the loads below do not wait on them
-        if j == 0:
-            block = pos // BLOCK
-        else:
-            best = tl.max(tl.max(keys, 1), 0)
-            keys = tl.where(keys == best, -1, keys)
-            block = tl.where(best >= 0, (1 << _IDX_BITS) - 1 - (best & ((1 << _IDX_BITS) - 1)), -1)
-            block = block.to(tl.int32)
-        tl.store(IDX_OUT + bh * NSEL + j, block)
+    # the blocks first (slot 0: the current one), so that the loads below do not wait on them
+    tl.store(IDX_OUT + bh * NSEL, pos // BLOCK)
+    for j in range(1, NSEL):
+        best = tl.max(tl.max(keys, 1), 0)
+        keys = tl.where(keys == best, -1, keys)
+        block = tl.where(best >= 0, (1 << IDX_BITS) - 1 - (best & ((1 << IDX_BITS) - 1)), -1)
+        tl.store(IDX_OUT + bh * NSEL + j, block.to(tl.int32))
     tl.debug_barrier()  # the program reads the blocks back below
     m_i = tl.full([GP], float("-inf"), tl.float32)
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     rr = tl.arange(0, CHUNK * BLOCK)
-    for c in tl.static_range((NSEL + CHUNK - 1) // CHUNK):  # CHUNK blocks' tokens per tile
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for c in range(0, (NSEL + CHUNK - 1) // CHUNK):  # CHUNK blocks' tokens per tile
         slot = c * CHUNK + rr // BLOCK
         block = tl.load(IDX_OUT + bh * NSEL + slot, mask=slot < NSEL, other=-1)
         tok = block * BLOCK + rr % BLOCK
         valid = (block >= 0) & (tok <= pos)
-        kt = tl.load(K + b * stride_kb + h * stride_kh + tok[:, None] * stride_kt + dd[None, :],
+        kt = tl.load(k_base + tok[:, None].to(tl.int64) * stride_kt + dd[None, :],
                      mask=valid[:, None], other=0.0)
-        vt = tl.load(V + b * stride_vb + h * stride_vh + tok[:, None] * stride_vt + dd[None, :],
+        vt = tl.load(v_base + tok[:, None].to(tl.int64) * stride_vt + dd[None, :],
                      mask=valid[:, None], other=0.0)
         s = tl.dot(q, tl.trans(kt)) * scale  # [GP, CHUNK * BLOCK], fp32 accumulation
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -170,6 +177,14 @@ def decode_attend_kernel(Q, K, V, POS, KEYS_IN, IDX_OUT, O, scale, pieces,
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + b * stride_ob + (h * G + rows[:, None]) * stride_oh + dd[None, :],
              out.to(O.dtype.element_ty), mask=rows[:, None] < G)
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor, block_size: int) -> bool:
+    """Whether the kernels take this step: one new token, power-of-two block size and head dim
+    >= 16 (tensor-core tiles), q and cache of one dtype."""
+    d = q.shape[-1]
+    return (q.dim() == 3 or q.shape[1] == 1) and block_size >= 16 and not block_size & (block_size - 1) \
+        and d >= 16 and not d & (d - 1) and q.dtype == k_cache.dtype
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -195,42 +210,51 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"and values {tuple(v_cache.shape)}")
     if block_size < 16 or block_size & (block_size - 1) or d < 16 or d & (d - 1):
         raise ValueError("the decode kernels need a power-of-two block size and head dim >= 16")
-    g = hq // h
-    scale = d ** -0.5 if scale is None else float(scale)
+    if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"q ({q.dtype}) and the cache ({k_cache.dtype}, {v_cache.dtype}) must share a dtype")
+    if pooled.shape[1] >= 1 << IDX_BITS:
+        raise ValueError(f"{pooled.shape[1]} pooled blocks: the decode kernels index at most {1 << IDX_BITS}")
     if not torch.is_tensor(positions):
+        if pooled.shape[1] < (int(positions) + 1) // block_size:
+            raise ValueError(f"pooled keys of {pooled.shape[1]} blocks, but position {int(positions)} "
+                             f"has completed {(int(positions) + 1) // block_size}")
         positions = torch.full((b,), int(positions), dtype=torch.int32, device=q.device)
     positions = positions.to(device=q.device, dtype=torch.int32).expand(b).contiguous()
+    g = hq // h
+    scale = d ** -0.5 if scale is None else float(scale)
     q = q if q.stride(-1) == 1 else q.contiguous()
     k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cache, v_cache))
     pooled = pooled.float()
     pooled = pooled if pooled.stride(-1) == 1 else pooled.contiguous()
-    split = CONFIG["split"]
-    pieces = max(1, triton.cdiv(pooled.shape[1], split))
-    sp, gp = next_pow2(pieces), max(16, next_pow2(g))
-    keep, kp = max(block_counts - 1, 1), max(next_pow2(max(block_counts - 1, 1)), 2)
+    if pooled.shape[1] == 0:  # no complete block yet: keep a valid pointer
+        pooled = torch.zeros((b, 1, h, d), dtype=torch.float32, device=q.device)
     precision = SELECT_CONFIG.get("dot_precision")
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"CONFIG['dot_precision'] = {precision!r}: expected one of {DOT_PRECISIONS}")
-    precision = precision or "default"
-    if pooled.shape[1] == 0:  # no complete block yet: keep a valid pointer
-        pooled = torch.zeros((b, 1, h, d), dtype=torch.float32, device=q.device)
+    split = CONFIG["split"]
+    pieces = triton.cdiv(pooled.shape[1], split)
+    sp, gp = next_pow2(pieces), max(16, next_pow2(g))
+    keep, kp = max(block_counts - 1, 1), max(next_pow2(max(block_counts - 1, 1)), 2)
+    chunk = max(1, CONFIG["tile_tokens"] // block_size)
     m_part = torch.empty((b * h, sp, gp), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     keys = torch.empty((b * h, sp, kp), dtype=torch.int64, device=q.device)
     idx = torch.empty((b, h, block_counts), dtype=torch.int32, device=q.device)
     o = torch.empty_like(q)
     common = dict(H=h, G=g, GP=gp, D=d, BLOCK=block_size, num_warps=CONFIG["warps"])
+    scoring = dict(SPLIT=split, SP=sp, DOT_PRECISION=precision or "default", **common)
     pool_strides = (pooled.stride(0), pooled.stride(1), pooled.stride(2))
+    scale_log2 = scale * LOG2E
     decode_stats_kernel[(b * h, pieces)](
-        q, pooled, positions, m_part, l_part, scale, q.stride(0), q.stride(1), *pool_strides,
-        SPLIT=split, SP=sp, DOT_PRECISION=precision, **common)
+        q, pooled, positions, m_part, l_part, scale_log2, q.stride(0), q.stride(1), *pool_strides,
+        **scoring)
     decode_select_kernel[(b * h, pieces)](
-        q, pooled, positions, m_part, l_part, keys, scale, pieces, q.stride(0), q.stride(1),
-        *pool_strides, SPLIT=split, SP=sp, KEEP=keep, KP=kp, DOT_PRECISION=precision, **common)
+        q, pooled, positions, m_part, l_part, keys, scale_log2, pieces, q.stride(0), q.stride(1),
+        *pool_strides, KEEP=keep, KP=kp, IDX_BITS=IDX_BITS, **scoring)
     decode_attend_kernel[(b * h,)](
         q, k_cache, v_cache, positions, keys, idx, o, scale, pieces, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1),
-        SP=sp, KP=kp, NSEL=block_counts, CHUNK=CONFIG["chunk"], **common)
+        SP=sp, KP=kp, NSEL=block_counts, CHUNK=chunk, IDX_BITS=IDX_BITS, **common)
     o = o[:, None] if squeeze else o
     return (o, idx) if return_indices else o
