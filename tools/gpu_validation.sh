@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
 # DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|floor|mfu|decode|compare|compare-large|diagnose|quality [OUT]
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|diagnose|quality [OUT]
 # OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
 # compare-large: the five systems on the non-repeating corpus (prepare_english_corpus.sh --large in
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
 # = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
-# COMPARE_OUT (default runs/compare_large); run again to resume.
+# COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
+# in SYSTEMS); run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  training|parallel|kernels|variants|floor|mfu|decode|compare|compare-large|diagnose|quality) ;;
+  training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|diagnose|quality) ;;
   *) usage >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -35,6 +36,10 @@ case "$1" in
   parallel) python3 tools/bench_parallel_gpu.py --out "$OUT" ;;
   kernels)  python3 tools/bench_attention.py --select-merge sort,extract --json "$OUT/kernels.json" ;;
   variants) python3 tools/bench_kernel_variants.py --json "$OUT/variants.json" ;;
+  select-sweep)  # selection tile shapes at the Llama layout (G 4, D 128), and its scoring floor
+    python3 tools/bench_kernel_variants.py --heads "${HEADS:-32/8/128}" --shapes 4x8192,1x32768 \
+      --select "default;r32:rows=32;r32w2:rows=32,warps=2;r128w8:rows=128,warps=8;bn16:bn=16;ablate-nomerge:topk=0" \
+      --attn default --json "$OUT/select_sweep.json" ;;
   floor)    python3 tools/bench_byte_floor.py --json "$OUT/floor.json" ;;
   decode)   # one decode step at 32k (HF model, 1B shapes): kernels checked, then timed; B1 and B4
     python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/128 --cuda-graph --rep 30 \
@@ -67,7 +72,8 @@ case "$1" in
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
       --out "$COMPARE_OUT" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
-      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" || true
+      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
+      ${VARIANT:+--variant "$VARIANT"} || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
