@@ -42,7 +42,7 @@ case "$1" in
       --attn default --json "$OUT/select_sweep.json" ;;
   floor)    python3 tools/bench_byte_floor.py --json "$OUT/floor.json" ;;
   decode)   # one decode step at 32k (HF model, 1B shapes): kernels checked, then timed; B1 and B4
-    python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/128 --cuda-graph --rep 30 \
+    python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/128 --cuda-graph --rep 30 --check-generation \
       --json "$OUT/decode_b1.json"
     python3 tools/bench_decode.py --context 32768 --heads 32/8/128 --batch 4 --rep 30 \
       --json "$OUT/decode_b4.json" ;;

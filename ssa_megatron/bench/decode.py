@@ -48,6 +48,9 @@ def build_parser():
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--rep", type=int, default=50, help="timed steps per row")
     p.add_argument("--cuda-graph", action="store_true", help="also time CUDA-graph replays")
+    p.add_argument("--check-generation", action="store_true",
+                   help="also decode 48 greedy tokens after a 1000-token prompt with a small "
+                        "random model per layout and compare them with the uncached pass")
     p.add_argument("--json", default=None, help="write all numbers to this file")
     return p
 
@@ -119,6 +122,32 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale) -> 
     err = ((o.float() - ro).abs().max() / ro.abs().max()).item()
     return {"check_indices_same": same, "check_rel_err": err,
             "check_ok": bool(err < 3e-2 and not torch.isnan(o).any())}
+
+
+def check_greedy_generation(device, dtype, hq, h, d, block_size, block_counts, prompt_len=1000,
+                            new_tokens=48, layers=2, hidden=256) -> dict:
+    """Greedy sparse decoding with the cache (the decode kernels on CUDA) against the uncached
+    forward pass over the whole sequence (the prefill kernels): the share of generated tokens
+    that are the uncached pass's argmax, and the first position where they differ (None: all
+    equal). A small random model with large weights, so argmax margins are wide."""
+    from ssa_megatron.hf.configuration_ssa import SSAConfig
+    from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
+    torch.manual_seed(0)
+    cfg = SSAConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
+                    num_hidden_layers=layers, num_attention_heads=hq, num_key_value_heads=h,
+                    head_dim=d, block_size=block_size, block_counts=block_counts,
+                    initializer_range=0.3, max_position_embeddings=prompt_len + new_tokens + 16)
+    with torch.device(device):
+        model = SSAForCausalLM(cfg).to(dtype).eval()
+    model.set_inference_mode("sparse")
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        whole = model(out, use_cache=False).logits[0, prompt_len - 1:-1].argmax(-1)
+    same = whole == out[0, prompt_len:]
+    first = None if bool(same.all()) else int((~same).nonzero()[0, 0])
+    return {"generation_same": same.float().mean().item(), "generation_first_diff": first}
 
 
 def bench_layout(args, hq, h, d):
@@ -218,6 +247,12 @@ def main(argv=None) -> int:
     for spec in args.heads.split(","):
         hq, h, d = (int(x) for x in spec.split("/"))
         row = bench_layout(args, hq, h, d)
+        if args.check_generation:
+            row.update(check_greedy_generation(args.device, DTYPES[args.dtype], hq, h, d,
+                                               args.block_size, args.block_counts))
+            print(f"HQ{hq} H{h} D{d} greedy sparse decoding (cache) vs the uncached pass: "
+                  f"{row['generation_same']:.3f} of 48 tokens equal, first difference at "
+                  f"{row['generation_first_diff']}", flush=True)
         rows.append(row)
         graph = (f" | graphed full {row['attention_full_graph_ms']:.4f} sparse "
                  f"{row['attention_sparse_graph_ms']:.4f} ratio {row['attention_graph_ratio']:.2f}x"
