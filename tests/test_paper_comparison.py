@@ -214,3 +214,18 @@ def test_claims_tick_each_system_against_the_others(tmp_path):
     assert pc.claims(args, evals)["ssa-recipe"]["sparse_k16_near_full"] is True
     text = pc.markdown_claims(args, evals)
     assert text.count("\n| ") == 6 and "| ssa-recipe | ✓ | ✓ | ✓ | ✓ | ✓ |" in text
+
+
+def test_summary_of_runs_made_elsewhere_writes_no_commands(tmp_path):
+    """--skip-train --skip-eval over copied run folders: summary and claims, and commands.txt
+    (the record of what ran) stays as it was."""
+    run = tmp_path / "full-full_seed1"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps(_eval_result(11.6, {8: 14.8, 16: 12.8}, 0.144)))
+    (run / "train.json").write_text(json.dumps({"iteration": 10, "lm_loss": [3.0] * 10, "tokens_per_iteration": 100}))
+    assert pc.main(["--data-path", "x", "--out", str(tmp_path), "--systems", "full-full", "--seeds", "1",
+                    "--train-iters", "10", "--skip-train", "--skip-eval", "--gpus", "0"]) == 0
+    assert not (tmp_path / "commands.txt").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["claims"]["full-full"]["close_to_full"] is True
+    assert "| full-full | 0.001M |" in (tmp_path / "summary.md").read_text()

@@ -257,13 +257,14 @@ def main(argv=None) -> int:
     for (system, seed), out in order:
         steps = [] if args.skip_train else [("train.log", train_step(args, system, seed, out))]
         jobs.append((out, steps + [("eval.log", eval_step(args, out))]))
-    with open(os.path.join(args.out, "commands.txt"), "a") as f:
-        f.write(f"# {time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv)}\n")
-        for (system, seed), out in order:  # what each run does unless already done
-            if not args.skip_train:
-                f.write(" ".join(train_command(args, system, seed, out)[1:]) + "\n")
-            if not args.skip_eval:
-                f.write(" ".join(eval_command(args, out)[1:]) + "\n")
+    if not (args.skip_train and args.skip_eval):  # a summary of runs made elsewhere runs nothing
+        with open(os.path.join(args.out, "commands.txt"), "a") as f:
+            f.write(f"# {time.strftime('%Y-%m-%d %H:%M')}: {' '.join(sys.argv)}\n")
+            for (system, seed), out in order:  # what each run does unless already done
+                if not args.skip_train:
+                    f.write(" ".join(train_command(args, system, seed, out)[1:]) + "\n")
+                if not args.skip_eval:
+                    f.write(" ".join(eval_command(args, out)[1:]) + "\n")
     failed, stopped = run_queue(jobs, gpus, args.jobs_per_gpu, args.deadline)
     print(f"{len(jobs) - len(failed) - len(stopped)}/{len(jobs)} runs done in "
           f"{time.time() - t0:.0f} s" + (f"; failed (see their logs): {failed}" if failed else "")
