@@ -5,6 +5,7 @@
 # OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
+# select-sweep and floor take HEADS=HQ/H/D (e.g. 32/8/128, the Llama layout).
 # compare-large: the five systems on the non-repeating corpus (prepare_english_corpus.sh --large in
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
 # = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
@@ -40,7 +41,7 @@ case "$1" in
     python3 tools/bench_kernel_variants.py --heads "${HEADS:-32/8/128}" --shapes 4x8192,1x32768 \
       --select "default;r32:rows=32;r32w2:rows=32,warps=2;r128w8:rows=128,warps=8;bn16:bn=16;ablate-nomerge:topk=0" \
       --attn default --json "$OUT/select_sweep.json" ;;
-  floor)    python3 tools/bench_byte_floor.py --json "$OUT/floor.json" ;;
+  floor)    python3 tools/bench_byte_floor.py ${HEADS:+--heads "$HEADS"} --json "$OUT/floor.json" ;;
   decode)   # one decode step at 32k (HF model, 1B shapes): kernels checked, then timed; B1 and B4
     python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/128 --cuda-graph --rep 30 --check-generation \
       --json "$OUT/decode_b1.json"
