@@ -300,3 +300,18 @@ def test_document_masks_are_refused_for_megatron_local_layers(monkeypatch, singl
     args = cli.build_parser().parse_args(["--checkpoint", "x", "--data-path", "y"])
     monkeypatch.setattr(cli, "_find_tokenizer", lambda *a: None)
     assert cli.load_evaluation(args).reset is False  # auto: the checkpoint's own setting
+
+
+def test_generate_picks_device_and_dtype(monkeypatch):
+    """tools/generate.py: the GPU in bf16 when there is one, else the CPU in fp32; asking for a GPU
+    that is not there ends in one line."""
+    import torch
+
+    from ssa_megatron.eval.generate import device_and_dtype
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_and_dtype("auto", "auto") == (torch.device("cpu"), torch.float32, "fp32")
+    assert device_and_dtype("cpu", "bf16")[1] is torch.bfloat16
+    with pytest.raises(SystemExit, match="--device cpu"):
+        device_and_dtype("cuda", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_and_dtype("auto", "auto") == (torch.device("cuda"), torch.bfloat16, "bf16")

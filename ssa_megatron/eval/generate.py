@@ -4,12 +4,15 @@ full and in sparse attention, one after the other, from the same prompt.
 Loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` as any
 transformers user would; the mode and the block budget are set with the exported model's
 ``set_inference_mode``. Greedy by default (the two modes then differ only through attention);
-``--temperature`` > 0 samples, with the same seed for both modes.
+``--temperature`` > 0 samples, with the same seed for both modes. Runs on the GPU when there is
+one (bf16; sparse decoding through the Triton decode kernels), else on the CPU (fp32), and prints
+each mode's generation time.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import List, Optional
 
 
@@ -27,7 +30,28 @@ def build_parser():
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed (the same for every mode)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when there is one (sparse decoding then runs the Triton "
+                        "decode kernels when ssa_megatron is installed), else the CPU")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on the GPU, fp32 on the CPU")
     return p
+
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def device_and_dtype(device: str, dtype: str):
+    """(torch.device, torch.dtype, dtype name) for --device / --dtype; 'cuda' without a GPU is
+    an error."""
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no GPU here; use --device cpu")
+    if dtype == "auto":
+        dtype = "bf16" if device == "cuda" else "fp32"
+    return torch.device(device), getattr(torch, DTYPES[dtype]), dtype
 
 
 def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
@@ -36,7 +60,7 @@ def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
     """The continuation (text after the prompt) in one attention mode."""
     import torch
     model.set_inference_mode(mode, block_counts)
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=model.device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
         dict(do_sample=False)
@@ -62,14 +86,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    device, dtype, dtype_name = device_and_dtype(args.device, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
-                                                 dtype=torch.float32).eval()
+                                                 dtype=dtype).to(device).eval()
     budget = args.block_counts or model.config.block_counts
     for mode in args.modes:
+        start = time.perf_counter()
         text = generate(model, tokenizer, args.prompt, mode, args.max_new_tokens, budget,
                         args.temperature, args.top_p, args.seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
         what = (f"sparse attention, {budget} blocks of {model.config.block_size} tokens per query"
                 if mode == "sparse" else "full attention")
-        print(f"--- {what}\n{args.prompt}{text}\n", flush=True)
+        compiled = "; the first mode's time includes kernel compilation" if device.type == "cuda" else ""
+        print(f"--- {what} ({args.max_new_tokens} tokens in {seconds:.2f} s on {device.type}, "
+              f"{dtype_name}{compiled})\n{args.prompt}{text}\n", flush=True)
     return 0
