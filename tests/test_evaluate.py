@@ -61,6 +61,29 @@ def test_perplexity_is_exp_mean_ce(loaded, random_dataset):
     assert res[("sparse", 1)]["ppl"] != pytest.approx(res[("full", None)]["ppl"], rel=1e-5)
 
 
+def test_hybrid_sparse_mode_keeps_the_first_layers_full(loaded, random_dataset):
+    """--dense-layers N: sparse mode with attention layers 1..N in full attention. N = all layers
+    is full mode; N = 1 equals switching layer 1 to full by hand."""
+    from ssa_megatron.eval.perplexity import evaluate_perplexity, reduce_perplexity, settings_for
+    from ssa_megatron.model.attention import SSACoreAttention, set_inference_mode
+    model, spec = loaded
+    layers = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
+    stream, windows = _windows(random_dataset, SEQ, 3)
+    settings = settings_for(["full", "sparse"], [1], dense_layers=[1, len(layers)])
+    assert settings == [("full", None), ("sparse", 1), ("sparse+dense1", 1), (f"sparse+dense{len(layers)}", 1)]
+    res = reduce_perplexity(evaluate_perplexity(model, stream, windows, SEQ, settings, 3))
+    assert res[(f"sparse+dense{len(layers)}", 1)]["ppl"] == pytest.approx(res[("full", None)]["ppl"], rel=1e-6)
+    set_inference_mode(model, "sparse", 1)
+    layers[0].inference_mode = "full"  # by hand
+    by_hand = reduce_perplexity(evaluate_perplexity(model, stream, windows, SEQ, [("by-hand", None)], 3))
+    assert res[("sparse+dense1", 1)]["ppl"] == pytest.approx(by_hand[("by-hand", None)]["ppl"], rel=1e-6)
+    assert res[("sparse+dense1", 1)]["ppl"] != pytest.approx(res[("sparse", 1)]["ppl"], rel=1e-5)
+    set_inference_mode(model, "sparse", 1)  # a plain mode puts every layer back
+    assert [m.inference_mode for m in layers] == ["sparse"] * len(layers)
+    with pytest.raises(ValueError):
+        set_inference_mode(model, None, 1, dense_layers=1)
+
+
 def _brute_force(q, k, v, block_size, block_counts, gate=None):
     """Per (token, head) selected / top-k mass and the gap, from the explicit attention matrix."""
     from ssa_megatron.ops import reference

@@ -229,3 +229,15 @@ def test_summary_of_runs_made_elsewhere_writes_no_commands(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["claims"]["full-full"]["close_to_full"] is True
     assert "| full-full | 0.001M |" in (tmp_path / "summary.md").read_text()
+
+
+def test_hybrid_sparse_mode_is_evaluated_and_summarised(tmp_path):
+    args = _args(tmp_path, "--systems", "ssa-recipe", "--seeds", "1", "--eval-dense-layers", "1")
+    cmd = pc.eval_command(args, str(tmp_path / "ssa-recipe_seed1"))
+    assert cmd[cmd.index("--dense-layers") + 1] == "1"
+    assert "--dense-layers" not in pc.eval_command(_args(tmp_path), str(tmp_path / "x"))
+    result = _eval_result(11.27, {8: 12.95, 16: 11.91}, 0.112)
+    result["perplexity"].append({"mode": "sparse+dense1", "block_counts": 16, "ppl": 11.5})
+    table = pc.markdown_summary(args, {"ssa-recipe_seed1": {"tokens": 1e6, "final_lm_loss": 2.5}},
+                                {"ssa-recipe": [result]})
+    assert "first 1 layer(s) full" in table and table.rstrip().endswith("| 11.500 |")

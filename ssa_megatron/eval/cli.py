@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward")
     ev.add_argument("--modes", nargs="+", default=["full", "sparse"], choices=["full", "sparse"])
     ev.add_argument("--block-counts", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    ev.add_argument("--dense-layers", type=int, nargs="+", default=[], metavar="N",
+                    help="also evaluate sparse mode with the first N attention layers in full "
+                         "attention (mode 'sparse+denseN'), for each N")
     ev.add_argument("--reset-attention-mask", choices=["auto", "on", "off"], default="auto",
                     help="keep documents apart inside a window (auto: as the checkpoint trained)")
     an = p.add_argument_group("attention sparsity / alignment gap")
@@ -194,6 +197,8 @@ def check_inputs(args) -> None:
         raise EvalError("pass one source of evaluation data: --data-path PREFIX or --text FILES")
     if args.micro_batch_size < 1 or args.max_windows < 1:
         raise EvalError("--micro-batch-size and --max-windows must be positive")
+    if any(n < 1 for n in args.dense_layers) or (args.dense_layers and "sparse" not in args.modes):
+        raise EvalError("--dense-layers takes layer counts >= 1 and needs sparse in --modes")
     if args.text:
         from ssa_megatron.data.corpus import CorpusError, expand_inputs
         try:
@@ -281,7 +286,8 @@ def evaluate_perplexities(ev: Evaluation) -> List[dict]:
     from ssa_megatron.eval.model import EvalError, set_rope_scaling
     from ssa_megatron.eval.perplexity import evaluate_perplexity, reduce_perplexity, settings_for
     args, bs = ev.args, ev.shape["ssa_block_size"]
-    settings = settings_for(list(args.modes) if ev.ssa_layers else ["natural"], args.block_counts)
+    settings = settings_for(list(args.modes) if ev.ssa_layers else ["natural"], args.block_counts,
+                            args.dense_layers)
     records = []
     for length in ev.lengths:
         windows = evdata.make_windows(len(ev.stream), length, args.stride, args.max_windows)

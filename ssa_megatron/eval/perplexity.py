@@ -22,11 +22,18 @@ from ssa_megatron.model.attention import set_inference_mode
 Setting = Tuple[str, Optional[int]]  # (mode, block_counts); block_counts None for full
 
 
-def settings_for(modes: Sequence[str], block_counts: Sequence[int]) -> List[Setting]:
+HYBRID = "sparse+dense"  # a hybrid setting's mode: "sparse+dense<N>", the first N layers full
+
+
+def settings_for(modes: Sequence[str], block_counts: Sequence[int],
+                 dense_layers: Sequence[int] = ()) -> List[Setting]:
+    """Every (mode, block budget) to evaluate; with ``dense_layers``, sparse mode also with the
+    first N attention layers in full attention, for each N."""
     out: List[Setting] = []
     for mode in modes:
         if mode == "sparse":
             out.extend(("sparse", int(bc)) for bc in block_counts)
+            out.extend((f"{HYBRID}{int(n)}", int(bc)) for n in dense_layers for bc in block_counts)
         else:
             out.append((mode, None))
     return out
@@ -34,7 +41,9 @@ def settings_for(modes: Sequence[str], block_counts: Sequence[int]) -> List[Sett
 
 def apply_setting(model, setting: Setting) -> None:
     mode, bc = setting
-    if mode in ("full", "sparse"):
+    if mode.startswith(HYBRID):
+        set_inference_mode(model, "sparse", bc, dense_layers=int(mode[len(HYBRID):]))
+    elif mode in ("full", "sparse"):
         set_inference_mode(model, mode, bc)
 
 

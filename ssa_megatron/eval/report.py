@@ -16,11 +16,12 @@ def format_table(result: dict) -> str:
     ppl = result.get("perplexity") or []
     if ppl:
         lines.append("perplexity")
-        lines.append(f"  {'length':>7} {'rope':>5} {'mode':>6} {'blocks':>6} {'tokens':>10} "
+        w = max(6, *(len(r["mode"]) for r in ppl))
+        lines.append(f"  {'length':>7} {'rope':>5} {'mode':>{w}} {'blocks':>6} {'tokens':>10} "
                      f"{'nll':>8} {'ppl':>10}")
         for r in ppl:
             lines.append(f"  {r['seq_length']:>7} {_fmt(r['rope_scaling_factor'], '.2g'):>5} "
-                         f"{r['mode']:>6} {r['block_counts'] or '-':>6} {r['tokens']:>10} "
+                         f"{r['mode']:>{w}} {r['block_counts'] or '-':>6} {r['tokens']:>10} "
                          f"{r['nll']:>8.4f} {r['ppl']:>10.3f}")
     sp = result.get("sparsity")
     if sp:
@@ -89,11 +90,12 @@ def write_plot(result: dict, path: str) -> None:
         c = colors[i % len(colors)]
         label = f"L={length}" + (f", rope x{factor:g}" if factor != 1.0 else "")
         rows = [r for r in ppl if r["seq_length"] == length and (r["rope_scaling_factor"] or 1.0) == factor]
-        sparse = sorted((r["block_counts"], r["ppl"]) for r in rows if r["mode"] == "sparse")
-        if sparse:
-            ax.plot([x for x, _ in sparse], [y for _, y in sparse], "o-", color=c, label=f"sparse {label}")
+        curves = sorted({r["mode"] for r in rows if r["block_counts"]})  # sparse, sparse+denseN
+        for mode, marker in zip(curves, ("o-", "s:", "^-.", "v--", "d-")):
+            pts = sorted((r["block_counts"], r["ppl"]) for r in rows if r["mode"] == mode)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker, color=c, label=f"{mode} {label}")
         for r in rows:
-            if r["mode"] != "sparse":
+            if not r["block_counts"]:
                 ax.axhline(r["ppl"], color=c, linestyle="--", label=f"{r['mode']} {label}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("block_counts (blocks of %s tokens)" % result.get("block_size", 16))

@@ -170,16 +170,20 @@ class SSACoreAttention(MegatronModule):
 
 
 def set_inference_mode(model: torch.nn.Module, mode: Optional[str] = None,
-                       block_counts: Optional[int] = None) -> None:
-    """Switch a trained model's branch (full/sparse) and/or its block budget, in place."""
+                       block_counts: Optional[int] = None, dense_layers: int = 0) -> None:
+    """Switch a trained model's branch (full/sparse) and/or its block budget, in place. With a
+    mode, ``dense_layers`` > 0 keeps the first that many attention layers (layer numbers 1..N)
+    in full attention whatever the mode (a hybrid sparse mode)."""
     if mode is not None and mode not in ("full", "sparse"):
         raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
     if block_counts is not None and block_counts < 1:
         raise ValueError("block_counts must be a positive integer")
+    if dense_layers < 0 or (dense_layers and mode is None):
+        raise ValueError("dense_layers must be >= 0 and comes with a mode")
     for module in model.modules():
         if isinstance(module, SSACoreAttention):
             if mode is not None:
-                module.inference_mode = mode
+                module.inference_mode = "full" if module.layer_number <= dense_layers else mode
             if block_counts is not None:
                 module.block_counts = block_counts
 

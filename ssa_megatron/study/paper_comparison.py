@@ -88,6 +88,7 @@ def eval_command(args, out: str) -> list:
             *(["--bf16"] if args.bf16 else []), "--micro-batch-size", "4",
             "--block-counts", *[str(b) for b in args.sweep], "--max-windows", str(args.eval_windows),
             "--json", os.path.join(out, "eval.json"), "--plot", os.path.join(out, "eval.png"),
+            *(["--dense-layers", *map(str, args.eval_dense_layers)] if args.eval_dense_layers else []),
             *args.eval_extra]
 
 
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", nargs="*", type=int, default=[2, 4, 8, 16, 32])
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--eval-extra", nargs="*", default=[])
+    p.add_argument("--eval-dense-layers", type=int, nargs="*", default=[], metavar="N",
+                   help="also evaluate sparse mode with the first N layers in full attention "
+                        "(evaluate.py --dense-layers); summary.md adds their k = --block-counts column")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",
@@ -438,7 +442,8 @@ def markdown_summary(args, train, evals) -> str:
     sweep = args.sweep
     head = (["system", "tokens/model", "final train loss", "valid ppl full"]
             + [f"ppl sparse k={k}" for k in sweep]
-            + [f"dropped mass k={args.block_counts}", f"full-sparse gap k={args.block_counts}"])
+            + [f"dropped mass k={args.block_counts}", f"full-sparse gap k={args.block_counts}"]
+            + [f"ppl sparse k={args.block_counts}, first {n} layer(s) full" for n in args.eval_dense_layers])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for system in args.systems:
         runs = [train.get(f"{system}_seed{seed}") for seed in args.seeds]
@@ -451,6 +456,8 @@ def markdown_summary(args, train, evals) -> str:
         row += [_mean_spread([_ppl(r, "sparse", b) for r in results]) for b in sweep]
         row += [_mean_spread([x.get("dropped_mass") for x in sp]),
                 _mean_spread([x.get("alignment_gap") for x in sp])]
+        row += [_mean_spread([_ppl(r, f"sparse+dense{n}", args.block_counts) for r in results])
+                for n in args.eval_dense_layers]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
