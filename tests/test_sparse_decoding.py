@@ -239,3 +239,24 @@ def test_bench_decode_generation_check_cpu():
     from ssa_megatron.bench.decode import check_greedy_generation
     row = check_greedy_generation("cpu", torch.float32, 8, 2, 16, 16, 4, prompt_len=100, new_tokens=20)
     assert row == {"generation_same": 1.0, "generation_first_diff": None}
+
+
+def test_hybrid_sparse_mode_keeps_the_first_layers_full(exports):
+    """set_inference_mode("sparse", dense_layers=N): layers 1..N in full attention; all layers
+    dense is full mode; cached decoding still equals the uncached pass."""
+    model = load(exports[2])
+    prompt = torch.randint(0, 64, (1, 70))
+    with torch.no_grad():
+        full = model.set_inference_mode("full")(prompt).logits
+        sparse = model.set_inference_mode("sparse", dense_layers=0)(prompt).logits
+        hybrid = model.set_inference_mode("sparse", dense_layers=1)(prompt).logits
+        every = model.set_inference_mode("sparse", dense_layers=2)(prompt).logits
+    torch.testing.assert_close(every, full, atol=0, rtol=0)
+    assert (hybrid - sparse).abs().max() > 1e-4 and (hybrid - full).abs().max() > 1e-4
+    model.set_inference_mode("sparse", dense_layers=1)
+    out = _generate(model, prompt[:, :20], 40)
+    with torch.no_grad():
+        whole = model(out, use_cache=False).logits[0, 19:-1].argmax(-1)
+    assert torch.equal(whole, out[0, 20:])
+    with pytest.raises(ValueError):
+        model.set_inference_mode(dense_layers=3)

@@ -27,6 +27,8 @@ def build_parser():
                    help="attention modes, in this order")
     p.add_argument("--block-counts", type=int, default=None,
                    help="sparse mode: blocks each query attends; default: the model's (config.json)")
+    p.add_argument("--dense-layers", type=int, default=0, metavar="N",
+                   help="sparse mode: keep the first N layers in full attention (hybrid)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (with --temperature)")
     p.add_argument("--seed", type=int, default=1234, help="sampling seed (the same for every mode)")
@@ -56,10 +58,10 @@ def device_and_dtype(device: str, dtype: str):
 
 def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
              block_counts: Optional[int] = None, temperature: float = 0.0, top_p: float = 0.9,
-             seed: int = 1234) -> str:
+             seed: int = 1234, dense_layers: int = 0) -> str:
     """The continuation (text after the prompt) in one attention mode."""
     import torch
-    model.set_inference_mode(mode, block_counts)
+    model.set_inference_mode(mode, block_counts, dense_layers=dense_layers)
     ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=model.device)
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
@@ -82,6 +84,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
+    if args.dense_layers < 0:
+        print("error: --dense-layers must be 0 or more", file=sys.stderr)
+        return 2
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -91,14 +96,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
                                                  dtype=dtype).to(device).eval()
     budget = args.block_counts or model.config.block_counts
+    if args.dense_layers > model.config.num_hidden_layers:
+        print(f"error: --dense-layers {args.dense_layers}: the model has "
+              f"{model.config.num_hidden_layers} layers", file=sys.stderr)
+        return 2
     for mode in args.modes:
         start = time.perf_counter()
         text = generate(model, tokenizer, args.prompt, mode, args.max_new_tokens, budget,
-                        args.temperature, args.top_p, args.seed)
+                        args.temperature, args.top_p, args.seed, args.dense_layers)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        what = (f"sparse attention, {budget} blocks of {model.config.block_size} tokens per query"
+        dense = f", the first {args.dense_layers} layer(s) full" if args.dense_layers else ""
+        what = (f"sparse attention, {budget} blocks of {model.config.block_size} tokens per query{dense}"
                 if mode == "sparse" else "full attention")
         compiled = "; the first mode's time includes kernel compilation" if device.type == "cuda" else ""
         print(f"--- {what} ({args.max_new_tokens} tokens in {seconds:.2f} s on {device.type}, "

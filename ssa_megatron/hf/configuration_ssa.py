@@ -18,7 +18,8 @@ class SSAConfig(PretrainedConfig):
 
     SSA fields: ``block_size`` (tokens per selection block), ``block_counts`` (blocks each query
     attends in sparse mode, its own block included), ``inference_mode`` (``full`` or ``sparse``;
-    may be changed after loading, e.g. ``model.config.inference_mode = "sparse"``) and
+    may be changed after loading, e.g. ``model.config.inference_mode = "sparse"``),
+    ``dense_layers`` (sparse mode keeps the first that many layers in full attention; default 0) and
     ``attention_mode`` (how the model was trained: ssa, full, sparse, nsa). ``attention_mode`` nsa
     makes the model an NSA model (three gated branches: compression, selection of
     ``block_counts`` blocks, a sliding window of ``window_size`` tokens; ``inference_mode`` does
@@ -42,7 +43,7 @@ class SSAConfig(PretrainedConfig):
                  window_size=128, add_qkv_bias=False, use_rope_scaling=False,
                  rope_scaling_type="llama3", rope_scaling_factor=8.0,
                  rope_scaling_low_freq_factor=1.0, rope_scaling_high_freq_factor=4.0,
-                 rope_scaling_original_max_position_embeddings=8192, **kwargs):
+                 rope_scaling_original_max_position_embeddings=8192, dense_layers=0, **kwargs):
         if inference_mode not in INFERENCE_MODES:
             raise ValueError(f"inference_mode {inference_mode!r} must be one of {INFERENCE_MODES}")
         if attention_bias or mlp_bias:
@@ -69,6 +70,7 @@ class SSAConfig(PretrainedConfig):
         self.block_size = int(block_size)
         self.block_counts = int(block_counts)
         self.inference_mode = inference_mode
+        self.dense_layers = int(dense_layers)
         self.attention_mode = attention_mode
         self.window_size = int(window_size)
         self.add_qkv_bias = bool(add_qkv_bias)

@@ -11,7 +11,8 @@ Attention runs in one of two modes (``config.inference_mode``, changeable at any
 * ``full``: causal softmax attention;
 * ``sparse``: every query attends only the tokens of its top ``config.block_counts`` blocks of
   ``config.block_size`` tokens (its own block always included), blocks ranked by the group-summed
-  softmax of q . mean(K_block) over complete past blocks.
+  softmax of q . mean(K_block) over complete past blocks; the first ``config.dense_layers``
+  layers (default 0) stay in full attention (a hybrid sparse mode).
 
 Both modes work with a KV cache. The cache's layers are ``SSACacheLayer`` (``ssa_cache.py``): a
 ``DynamicLayer`` that also keeps the fp32 mean of each complete block's keys. In sparse mode a new
@@ -222,7 +223,8 @@ class SSAAttention(nn.Module):
             o = nsa_attention_with_past(q, k, v, gates, past, self.config.block_size,
                                         self.config.block_counts, self.config.window_size, scale)
             return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))
-        mode = self.config.inference_mode
+        dense = self.layer_idx < getattr(self.config, "dense_layers", 0)  # hybrid sparse mode
+        mode = "full" if dense else self.config.inference_mode
         ops = _ops_for(q)
         if mode == "full":
             o = ops.full_attention(q, k, v, scale=scale) if past == 0 else \
@@ -349,12 +351,18 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def set_inference_mode(self, mode: Optional[str] = None, block_counts: Optional[int] = None):
-        """Switch between full and sparse attention and/or change the sparse block budget."""
+    def set_inference_mode(self, mode: Optional[str] = None, block_counts: Optional[int] = None,
+                           dense_layers: Optional[int] = None):
+        """Switch between full and sparse attention and/or change the sparse block budget and the
+        number of first layers that stay in full attention in sparse mode."""
         if mode is not None:
             if mode not in ("full", "sparse"):
                 raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
             self.config.inference_mode = mode
+        if dense_layers is not None:
+            if not 0 <= int(dense_layers) <= self.config.num_hidden_layers:
+                raise ValueError(f"dense_layers must be between 0 and {self.config.num_hidden_layers}")
+            self.config.dense_layers = int(dense_layers)
         if block_counts is not None:
             if int(block_counts) < 1:
                 raise ValueError("block_counts must be a positive integer")
