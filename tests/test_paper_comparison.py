@@ -159,7 +159,8 @@ def test_runs_start_longest_first_or_in_the_given_order(tmp_path):
     longest = [key for key, _ in pc.run_order(_args(tmp_path, "--systems", "ssa-recipe", "full-full", "ssa"), runs)]
     assert [system for system, _ in longest] == ["ssa-recipe"] * 2 + ["ssa"] * 2 + ["full-full"] * 2
     given = pc.run_order(_args(tmp_path, "--in-order", "--systems", "ssa-recipe", "full-full", "ssa"), runs)
-    assert [key for key, _ in given] == list(runs)
+    assert [key for key, _ in given] == [(system, seed) for seed in (1, 2)
+                                         for system in ("ssa-recipe", "full-full", "ssa")]
 
 
 def test_stop_at_ends_runs_early_on_the_full_schedule(tmp_path):
@@ -212,8 +213,16 @@ def test_claims_tick_each_system_against_the_others(tmp_path):
     assert table["ssa"]["close_to_full"] is False  # 13.5 against 11.5
     evals["ssa-recipe"][0]["perplexity"][2]["ppl"] = 11.55  # k = 16 now within 1 %
     assert pc.claims(args, evals)["ssa-recipe"]["sparse_k16_near_full"] is True
-    text = pc.markdown_claims(args, evals)
+    text = pc.markdown_claims(args, evals, [1])
     assert text.count("\n| ") == 6 and "| ssa-recipe | ✓ | ✓ | ✓ | ✓ | ✓ |" in text
+    # a competitor without a number: not decidable yet, rather than a tick
+    missing = dict(evals, **{"ssa-recipe": []})
+    assert pc.claims(args, missing)["ssa"]["best_sparse"] is None
+    assert "ssa-recipe" not in pc.claims(args, missing)
+    no_mass = dict(evals, **{"ssa-recipe": [_eval_result(11.27, {8: 12.95, 16: 11.91})]})
+    assert pc.claims(args, no_mass)["full-full"]["lowest_dropped_mass"] is None
+    with pytest.raises(SystemExit):
+        _args(tmp_path, "--eval-dense-layers", "0")
 
 
 def test_summary_of_runs_made_elsewhere_writes_no_commands(tmp_path):

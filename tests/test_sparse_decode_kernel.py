@@ -132,7 +132,8 @@ def _dispatch():
     torch.manual_seed(0)
     rows = []
     for bs, d, tq, dtype in ((16, 32, 1, torch.float32), (8, 32, 1, torch.float32),
-                             (16, 24, 1, torch.float32), (16, 32, 3, torch.float32)):
+                             (16, 24, 1, torch.float32), (16, 32, 3, torch.float32),
+                             (16, 32, 1, torch.float64)):  # q and cache of different dtypes
         k, v = torch.randn(2, 1, 70, d), torch.randn(2, 1, 70, d)
         q = torch.randn(2, tq, 4, d).to(dtype)
         past = 70 - tq
@@ -141,7 +142,7 @@ def _dispatch():
         o = dispatch.sparse_decode_attention(q, k, v, pooled, past, bs, 3)
         ro = reference.sparse_decode_attention(q, k, v, pooled, past, bs, 3)
         rows.append({"kernel": len(calls) > before, "err": (o - ro).abs().max().item()})
-    ok = [r["kernel"] for r in rows] == [True, False, False, False] and max(r["err"] for r in rows) < 1e-5
+    ok = [r["kernel"] for r in rows] == [True, False, False, False, False] and max(r["err"] for r in rows) < 1e-5
     print(json.dumps({"ok": bool(ok), "rows": rows}), flush=True)
 
 

@@ -211,7 +211,7 @@ def test_bench_decode_cpu_smoke(tmp_path, capsys):
     assert all(r["attention_ratio"] > 0 and r["model_ratio"] > 0 for r in rows)
 
 
-def test_decoding_steps_compute_rotary_frequencies_once(exports, monkeypatch):
+def test_decoding_steps_compute_rotary_frequencies_once(monkeypatch):
     """A decode step must not build anything on the host and copy it over (that copy is what kept
     the model step out of a CUDA graph): the rotary frequencies are made once per device."""
     from ssa_megatron.hf import modeling_ssa
@@ -231,6 +231,14 @@ def test_decoding_steps_compute_rotary_frequencies_once(exports, monkeypatch):
         reference = model(torch.cat([prompt, torch.tensor([[3, 5, 7]])], 1), use_cache=False)
     assert len(calls) == 1
     torch.testing.assert_close(out.logits[:, -1], reference.logits[:, -1], atol=2e-5, rtol=0)
+    original = model.config.rope_theta
+    with torch.no_grad():  # a RoPE setting changed after loading takes effect
+        model.config.rope_theta = 100.0
+        changed = model(prompt, use_cache=False).logits
+        model.config.rope_theta = original
+        back = model(prompt, use_cache=False).logits
+    assert len(calls) == 2  # the changed setting once; the original one is still cached
+    assert not torch.allclose(changed, back)
 
 
 def test_bench_decode_generation_check_cpu():

@@ -258,7 +258,7 @@ def main(argv=None) -> int:
                  f"{row['attention_sparse_graph_ms']:.4f} ratio {row['attention_graph_ratio']:.2f}x"
                  if "attention_graph_ratio" in row else "")
         if "check_ok" in row:
-            print(f"HQ{hq} H{h} D{d} decode kernels vs reference (bf16 inputs): selected blocks "
+            print(f"HQ{hq} H{h} D{d} decode kernels vs reference ({args.dtype} inputs): selected blocks "
                   f"identical for {row['check_indices_same']:.3f} of kv heads, output rel err "
                   f"{row['check_rel_err']:.1e}: {'PASS' if row['check_ok'] else 'FAIL'}", flush=True)
         print(f"HQ{hq} H{h} D{d} attention step (1 layer): full {row['attention_full_ms']:.4f} ms, "
@@ -276,5 +276,9 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"card": card, "torch": torch.__version__, "args": vars(args), "rows": rows}, f,
                       indent=2)
+    failed = [r["heads"] for r in rows if r.get("check_ok") is False or r.get("generation_same", 1.0) < 1.0]
+    if failed:
+        print(f"bench_decode.py: the decode checks failed for {failed} (see above)", file=sys.stderr)
+        return 1
     return 0
 

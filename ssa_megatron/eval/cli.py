@@ -286,6 +286,11 @@ def evaluate_perplexities(ev: Evaluation) -> List[dict]:
     from ssa_megatron.eval.model import EvalError, set_rope_scaling
     from ssa_megatron.eval.perplexity import evaluate_perplexity, reduce_perplexity, settings_for
     args, bs = ev.args, ev.shape["ssa_block_size"]
+    layers = ev.shape.get("num_layers")
+    if layers and any(n > layers for n in args.dense_layers):
+        raise EvalError(f"--dense-layers {max(args.dense_layers)}: the model has {layers} layers")
+    if args.dense_layers and not ev.ssa_layers:
+        ev.notes.append("--dense-layers ignored: the model has no full/sparse switch")
     settings = settings_for(list(args.modes) if ev.ssa_layers else ["natural"], args.block_counts,
                             args.dense_layers)
     records = []

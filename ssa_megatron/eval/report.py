@@ -1,6 +1,7 @@
 """The evaluation result as a table (stdout), a JSON file and a PNG."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -90,8 +91,9 @@ def write_plot(result: dict, path: str) -> None:
         c = colors[i % len(colors)]
         label = f"L={length}" + (f", rope x{factor:g}" if factor != 1.0 else "")
         rows = [r for r in ppl if r["seq_length"] == length and (r["rope_scaling_factor"] or 1.0) == factor]
-        curves = sorted({r["mode"] for r in rows if r["block_counts"]})  # sparse, sparse+denseN
-        for mode, marker in zip(curves, ("o-", "s:", "^-.", "v--", "d-")):
+        curves = sorted({r["mode"] for r in rows if r["block_counts"]},  # sparse, sparse+denseN
+                        key=lambda m: (len(m), m))
+        for mode, marker in zip(curves, itertools.cycle(("o-", "s:", "^-.", "v--", "d-"))):
             pts = sorted((r["block_counts"], r["ppl"]) for r in rows if r["mode"] == mode)
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker, color=c, label=f"{mode} {label}")
         for r in rows:

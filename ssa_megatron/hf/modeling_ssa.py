@@ -117,6 +117,10 @@ class SSARMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+_ROPE_SCALING_FIELDS = ("rope_scaling_type", "rope_scaling_factor", "rope_scaling_low_freq_factor",
+                        "rope_scaling_high_freq_factor", "rope_scaling_original_max_position_embeddings")
+
+
 def rope_inv_freq(config: SSAConfig) -> torch.Tensor:
     """Rotary frequencies [head_dim / 2] (float32), scaled when ``config.use_rope_scaling``:
 
@@ -179,8 +183,9 @@ def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int,
     pooled = getattr(layer, "pooled_keys", None) if isinstance(layer, SSACacheLayer) else None
     if pooled is None:
         pooled = mean_pool_blocks(k.transpose(1, 2), block_size)
-    return _ops_for(q).sparse_decode_attention(q, k, v, pooled, past, block_size, block_counts,
-                                               scale)
+    # an installed ssa_megatron older than this export has no decode entry: the local reference
+    decode = getattr(_ops_for(q), "sparse_decode_attention", _REFERENCE.sparse_decode_attention)
+    return decode(q, k, v, pooled, past, block_size, block_counts, scale)
 
 
 class SSAAttention(nn.Module):
@@ -289,15 +294,18 @@ class SSAModel(SSAPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([SSADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = SSARMSNorm(config.hidden_size, config.rms_norm_eps)
-        self._inv_freq = {}  # device -> rotary frequencies (not a buffer: checkpoints stay as they are)
+        self._inv_freq = {}  # (device, RoPE settings) -> frequencies (not a buffer: checkpoints stay as they are)
         self.post_init()
 
     def rotary_frequencies(self, device: torch.device) -> torch.Tensor:
-        """:func:`rope_inv_freq` on ``device``, computed once per device: a decoding step then
-        copies nothing from the host, so it can be captured in a CUDA graph."""
-        if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config).to(device)
-        return self._inv_freq[device]
+        """:func:`rope_inv_freq` on ``device``, computed once per device and RoPE setting: a
+        decoding step then copies nothing from the host, so it can be captured in a CUDA graph."""
+        c = self.config
+        key = (device, c.head_dim, c.rope_theta, getattr(c, "use_rope_scaling", False),
+               *(getattr(c, name, None) for name in _ROPE_SCALING_FIELDS))
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope_inv_freq(c).to(device)
+        return self._inv_freq[key]
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -355,17 +363,17 @@ class SSAForCausalLM(SSAPreTrainedModel, GenerationMixin):
                            dense_layers: Optional[int] = None):
         """Switch between full and sparse attention and/or change the sparse block budget and the
         number of first layers that stay in full attention in sparse mode."""
-        if mode is not None:
-            if mode not in ("full", "sparse"):
-                raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
+        if mode is not None and mode not in ("full", "sparse"):
+            raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
+        if dense_layers is not None and not 0 <= int(dense_layers) <= self.config.num_hidden_layers:
+            raise ValueError(f"dense_layers must be between 0 and {self.config.num_hidden_layers}")
+        if block_counts is not None and int(block_counts) < 1:
+            raise ValueError("block_counts must be a positive integer")
+        if mode is not None:  # all checked: nothing changes on a refused call
             self.config.inference_mode = mode
         if dense_layers is not None:
-            if not 0 <= int(dense_layers) <= self.config.num_hidden_layers:
-                raise ValueError(f"dense_layers must be between 0 and {self.config.num_hidden_layers}")
             self.config.dense_layers = int(dense_layers)
         if block_counts is not None:
-            if int(block_counts) < 1:
-                raise ValueError("block_counts must be a positive integer")
             self.config.block_counts = int(block_counts)
         return self
 

@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",
-                   help="start the runs in the order of --systems (and --seeds) rather than "
-                        "the longest first")
+                   help="start the runs seed by seed, each seed's in the order of --systems, "
+                        "rather than the longest first")
     p.add_argument("--jobs-per-gpu", type=int, default=1,
                    help="runs sharing one GPU at a time (1: one after the other, the fastest)")
     p.add_argument("--deadline", "--train-deadline", type=float, default=None,
@@ -236,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.variants = parse_variants(args.variant)
     if args.systems is None:
         args.systems = list(SYSTEMS) + list(args.variants)
+    if any(n < 1 for n in args.eval_dense_layers):
+        raise SystemExit("error: --eval-dense-layers takes layer counts >= 1")
     unknown = [s for s in args.systems if s not in SYSTEMS and s not in args.variants]
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
@@ -279,11 +281,14 @@ def main(argv=None) -> int:
     train = {f"{system}_seed{seed}": train_record(*records[(system, seed)]) for system, seed in runs}
     train = {k: v for k, v in train.items() if v}
     matched = matched_train_losses(args, {key: losses for key, (losses, _) in records.items()})
+    common, seeds = common_seed_evals(args, runs)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"train": train, "eval": summary, "claims": claims(args, summary),
-                   "matched_train_loss": matched, "args": vars(args)}, f, indent=1)
-    table = (markdown_summary(args, train, summary) + "\n\n" + markdown_claims(args, summary)
-             + "\n\n" + markdown_matched(args, matched))
+        json.dump({"train": train, "eval": summary, "claims": claims(args, common),
+                   "claims_seeds": seeds, "matched_train_loss": matched, "args": vars(args)},
+                  f, indent=1)
+    table = "\n\n".join(part for part in (markdown_summary(args, train, summary),
+                                          markdown_claims(args, common, seeds),
+                                          markdown_matched(args, matched)) if part)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
     print(table)
@@ -292,11 +297,11 @@ def main(argv=None) -> int:
 
 def run_order(args, runs: dict) -> list:
     """``runs`` ({(system, seed): out}) in the order they start: the longest first (best use of
-    several GPUs), or as given with --in-order (systems, then seeds), so that a study spread
-    over sessions finishes the runs that matter most first."""
+    several GPUs), or with --in-order seed by seed, each seed's systems in the order of
+    --systems, so that a study spread over sessions completes one seed of every system first."""
     items = list(runs.items())
     if args.in_order:
-        return items
+        return sorted(items, key=lambda item: args.seeds.index(item[0][1]))  # stable: systems kept
     return sorted(items, key=lambda item: -COST.get(attention_mode(args, item[0][0]), 1.0))
 
 
@@ -377,8 +382,11 @@ def _sparse_ppl(result, block_counts, trained_counts):
 
 
 def claims(args, evals, reference: str = "full-full", tolerance: float = 0.01) -> dict:
-    """Per system (means over the evaluated seeds), the paper's three claims and the quality
-    issue's goals, each True / False / None (not measurable: a number is missing):
+    """Per system of --systems (means over the seeds in ``evals``: pass the seeds evaluated for
+    every system, :func:`common_seed_evals`), the paper's three claims and the quality issue's
+    goals, each True / False / None (not measurable: a number of this system or of one it is
+    compared with is missing; a model that is sparse by construction, NSA, has no dropped mass
+    and no sparse ppl away from its trained budget, and is left out of those comparisons):
 
     * best_sparse: its sparse ppl at --block-counts below every other system's;
     * close_to_full: its full-mode ppl at most ``tolerance`` above ``reference``'s full mode;
@@ -388,19 +396,34 @@ def claims(args, evals, reference: str = "full-full", tolerance: float = 0.01) -
       full mode."""
     k = args.block_counts
     means = {}
-    for system, results in evals.items():
+    for system in args.systems:
+        results = evals.get(system) or []
         if not results:
             continue
         mass = [r.get("sparsity", {}).get("mean", {}).get(str(k), {}).get("dropped_mass") for r in results]
+        natural = any(row["mode"] == "natural" for r in results for row in r.get("perplexity", []))
         means[system] = {"full": _mean([_ppl(r, "full") for r in results]),
-                         "mass": _mean(mass),
+                         "mass": _mean(mass), "natural": natural,
                          **{f"sparse{b}": _mean([_sparse_ppl(r, b, k) for r in results])
                             for b in sorted({k, 8, 16})}}
 
+    def by_design(m, key):  # a number a sparse-by-construction model does not have
+        return m["natural"] and (key == "mass" or key != f"sparse{k}")
+
     def lowest(system, key):
         mine = means[system][key]
-        others = [m[key] for name, m in means.items() if name != system and m[key] is not None]
-        return None if mine is None or not others else all(mine < o for o in others)
+        if mine is None:
+            return None
+        others = []
+        for name in args.systems:
+            if name == system:
+                continue
+            m = means.get(name)
+            if m is None or (m[key] is None and not by_design(m, key)):
+                return None  # a competitor's number is missing: not decidable yet
+            if m[key] is not None:
+                others.append(m[key])
+        return None if not others else all(mine < o for o in others)
 
     def near(value):
         ref = means.get(reference, {}).get("full")
@@ -417,13 +440,23 @@ def claims(args, evals, reference: str = "full-full", tolerance: float = 0.01) -
     return out
 
 
-def markdown_claims(args, evals) -> str:
+def common_seed_evals(args, runs) -> tuple:
+    """({system: [eval.json of each seed evaluated for every system]}, those seeds): claims
+    compare systems on the same seeds."""
+    def load(system, seed):
+        return _read_json(os.path.join(runs[(system, seed)], "eval.json"))
+    seeds = [seed for seed in args.seeds if all(load(system, seed) for system in args.systems)]
+    return {system: [load(system, seed) for seed in seeds] for system in args.systems}, seeds
+
+
+def markdown_claims(args, evals, seeds) -> str:
     table = claims(args, evals)
     if not table:
         return ""
     mark = {True: "✓", False: "✗", None: "-"}
     k = args.block_counts
-    lines = [f"Claims and goals (means over the evaluated seeds; sparse ppl at k = {k} unless named; "
+    lines = [f"Claims and goals (means over seeds {', '.join(map(str, seeds))}, the ones evaluated "
+             f"for every system; sparse ppl at k = {k} unless named; "
              "NSA's one mode counts as its sparse mode at its trained budget; 'near' = within 1 % of "
              "full-full's full mode):",
              "", "| system | best sparse ppl | full mode near full-full | lowest dropped mass "
