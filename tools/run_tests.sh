@@ -18,6 +18,13 @@ cd "$ROOT"
 if [ "${SSA_INSTALL_SLURM:-1}" != 0 ]; then
   bash tools/ci_install_slurm.sh --announce >&2 || true  # on failure the Slurm tests skip, saying why
 fi
+# DeepSpeed builds its CPU communication op on first use under a file lock. Built here, once per
+# virtual environment and before any test: a test that kills a training process (run safety)
+# must never interrupt that build, or the lock it leaves makes every later run wait forever.
+export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
+echo "tests: DeepSpeed's CPU communication op in $TORCH_EXTENSIONS_DIR (built the first time, ~30 s)" >&2
+"$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" \
+  >/dev/null 2>&1 || echo "tests: building DeepSpeed's CPU communication op failed; its tests will say why" >&2
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/ssa-tests.XXXXXX")"
 trap 'rm -rf "$SCRATCH"' EXIT
 echo "tests: temporary files in $SCRATCH (removed at the end)" >&2
