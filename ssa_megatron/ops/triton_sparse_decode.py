@@ -44,12 +44,18 @@ CONFIG = {"split": 64, "tile_tokens": 64, "warps": 4}
 
 
 @triton.jit
-def _piece_logits(Q, P, b, h, pos, piece, scale_log2,
-                  stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
-                  G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                  SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Logits in log2 units [GP, SPLIT] of the group's query heads against the piece's block
-    means (-inf for padding heads and for blocks not complete at ``pos``), and the block ids."""
+def _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
+                  H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                  BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """For this program of a (B x H, pieces) grid: logits in log2 units [GP, SPLIT] of the
+    group's query heads against the piece's block means (-inf for padding heads and for blocks
+    not complete at the sequence's position), the block ids, the position, and the program's
+    (sequence x kv head, piece) index."""
+    bh = tl.program_id(0)
+    piece = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    pos = tl.load(POS + b)
     rows = tl.arange(0, GP)
     dd = tl.arange(0, D)
     cols = piece * SPLIT + tl.arange(0, SPLIT)
@@ -60,7 +66,7 @@ def _piece_logits(Q, P, b, h, pos, piece, scale_log2,
                    mask=cols[:, None] < complete, other=0.0).to(tl.float32)
     logits = score_dot(q, kbar * scale_log2, DOT_PRECISION)
     visible = (rows[:, None] < G) & (cols[None, :] < complete)
-    return tl.where(visible, logits, float("-inf")), cols
+    return tl.where(visible, logits, float("-inf")), cols, pos, bh, piece
 
 
 @triton.jit
@@ -69,13 +75,9 @@ def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, scale_log2,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
                         DOT_PRECISION: tl.constexpr):
-    bh = tl.program_id(0)
-    piece = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    pos = tl.load(POS + b)
-    logits, _ = _piece_logits(Q, P, b, h, pos, piece, scale_log2, stride_qb, stride_qh, stride_pb,
-                              stride_pn, stride_ph, G, GP, D, BLOCK, SPLIT, DOT_PRECISION)
+    logits, _, _, bh, piece = _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh, stride_pb,
+                                            stride_pn, stride_ph, H, G, GP, D, BLOCK, SPLIT,
+                                            DOT_PRECISION)
     m = tl.max(logits, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
@@ -91,11 +93,9 @@ def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale_log2, pieces,
                          BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
                          KEEP: tl.constexpr, KP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          IDX_BITS: tl.constexpr):
-    bh = tl.program_id(0)
-    piece = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    pos = tl.load(POS + b)
+    logits, cols, pos, bh, piece = _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh,
+                                                 stride_pb, stride_pn, stride_ph, H, G, GP, D,
+                                                 BLOCK, SPLIT, DOT_PRECISION)
     rows = tl.arange(0, GP)
     sp = tl.arange(0, SP)
     stat = (bh * SP + sp[:, None]) * GP + rows[None, :]
@@ -106,9 +106,6 @@ def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale_log2, pieces,
     z = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
     # heads with no visible block (and padding heads) add 0 to the group sum
     mlog = tl.where(z > 0, m_safe + tl.log2(tl.where(z > 0, z, 1.0)), float("inf"))
-    logits, cols = _piece_logits(Q, P, b, h, pos, piece, scale_log2, stride_qb, stride_qh,
-                                 stride_pb, stride_pn, stride_ph, G, GP, D, BLOCK, SPLIT,
-                                 DOT_PRECISION)
     score = tl.sum(tl.exp2(logits - mlog[:, None]), 0)  # [SPLIT] group-summed probability, >= 0
     candidate = (cols < (pos + 1) // BLOCK) & (cols != pos // BLOCK)
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
