@@ -213,7 +213,7 @@ def test_claims_tick_each_system_against_the_others(tmp_path):
     assert table["ssa"]["close_to_full"] is False  # 13.5 against 11.5
     evals["ssa-recipe"][0]["perplexity"][2]["ppl"] = 11.55  # k = 16 now within 1 %
     assert pc.claims(args, evals)["ssa-recipe"]["sparse_k16_near_full"] is True
-    text = pc.markdown_claims(args, evals, [1])
+    text = pc.markdown_claims(args, pc.claims(args, evals), [1])
     assert text.count("\n| ") == 6 and "| ssa-recipe | ✓ | ✓ | ✓ | ✓ | ✓ |" in text
     # a competitor without a number: not decidable yet, rather than a tick
     missing = dict(evals, **{"ssa-recipe": []})

@@ -25,6 +25,12 @@ Setting = Tuple[str, Optional[int]]  # (mode, block_counts); block_counts None f
 HYBRID = "sparse+dense"  # a hybrid setting's mode: "sparse+dense<N>", the first N layers full
 
 
+def hybrid_mode(dense_layers: int) -> str:
+    """The mode name of sparse mode with attention layers 1..``dense_layers`` in full attention
+    (the name evaluate.py's records carry)."""
+    return f"{HYBRID}{int(dense_layers)}"
+
+
 def settings_for(modes: Sequence[str], block_counts: Sequence[int],
                  dense_layers: Sequence[int] = ()) -> List[Setting]:
     """Every (mode, block budget) to evaluate; with ``dense_layers``, sparse mode also with the
@@ -33,7 +39,7 @@ def settings_for(modes: Sequence[str], block_counts: Sequence[int],
     for mode in modes:
         if mode == "sparse":
             out.extend(("sparse", int(bc)) for bc in block_counts)
-            out.extend((f"{HYBRID}{int(n)}", int(bc)) for n in dense_layers for bc in block_counts)
+            out.extend((hybrid_mode(n), int(bc)) for n in dense_layers for bc in block_counts)
         else:
             out.append((mode, None))
     return out

@@ -169,17 +169,15 @@ def train_record(losses, records):
             **({"steps_without_record": len(missing)} if missing else {})}
 
 
-def summarise(args, runs) -> dict:
-    table = {}
-    for system in args.systems:
-        per_seed = []
-        for seed in args.seeds:
-            path = os.path.join(runs[(system, seed)], "eval.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    per_seed.append(json.load(f))
-        table[system] = per_seed
-    return table
+def run_evals(runs) -> dict:
+    """{(system, seed): the run's eval.json, or None before its evaluation}, each read once."""
+    return {key: _read_json(os.path.join(out, "eval.json")) for key, out in runs.items()}
+
+
+def summarise(args, evals) -> dict:
+    """{system: [eval.json of each evaluated seed]} from :func:`run_evals`."""
+    return {system: [evals[(system, seed)] for seed in args.seeds if evals[(system, seed)]]
+            for system in args.systems}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,18 +274,19 @@ def main(argv=None) -> int:
           f"{time.time() - t0:.0f} s" + (f"; failed (see their logs): {failed}" if failed else "")
           + (f"; stopped before the end (run the same command again to resume): {stopped}"
              if stopped else ""), flush=True)
-    summary = summarise(args, runs)
+    evals = run_evals(runs)
+    summary = summarise(args, evals)
     records = {key: step_losses(out) for key, out in runs.items()}
     train = {f"{system}_seed{seed}": train_record(*records[(system, seed)]) for system, seed in runs}
     train = {k: v for k, v in train.items() if v}
     matched = matched_train_losses(args, {key: losses for key, (losses, _) in records.items()})
-    common, seeds = common_seed_evals(args, runs)
+    seeds = common_seeds(args, evals)
+    ticks = claims(args, {system: [evals[(system, seed)] for seed in seeds] for system in args.systems})
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"train": train, "eval": summary, "claims": claims(args, common),
-                   "claims_seeds": seeds, "matched_train_loss": matched, "args": vars(args)},
-                  f, indent=1)
+        json.dump({"train": train, "eval": summary, "claims": ticks, "claims_seeds": seeds,
+                   "matched_train_loss": matched, "args": vars(args)}, f, indent=1)
     table = "\n\n".join(part for part in (markdown_summary(args, train, summary),
-                                          markdown_claims(args, common, seeds),
+                                          markdown_claims(args, ticks, seeds),
                                           markdown_matched(args, matched)) if part)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")
@@ -373,17 +372,22 @@ def _mean(values):
     return statistics.mean(values) if values else None
 
 
+def _is_natural(result) -> bool:
+    """Whether the run was evaluated in its one "natural" mode (NSA: no full/sparse switch)."""
+    return any(r["mode"] == "natural" for r in result.get("perplexity", []))
+
+
 def _sparse_ppl(result, block_counts, trained_counts):
     """A run's ppl when it attends sparsely with this budget: its sparse mode, or, for a model
     that is sparse by construction (NSA), its one mode at the budget it was trained with."""
-    if any(r["mode"] == "natural" for r in result.get("perplexity", [])):
+    if _is_natural(result):
         return _ppl(result, "full") if block_counts == trained_counts else None
     return _ppl(result, "sparse", block_counts)
 
 
 def claims(args, evals, reference: str = "full-full", tolerance: float = 0.01) -> dict:
     """Per system of --systems (means over the seeds in ``evals``: pass the seeds evaluated for
-    every system, :func:`common_seed_evals`), the paper's three claims and the quality issue's
+    every system, :func:`common_seeds`), the paper's three claims and the quality issue's
     goals, each True / False / None (not measurable: a number of this system or of one it is
     compared with is missing; a model that is sparse by construction, NSA, has no dropped mass
     and no sparse ppl away from its trained budget, and is left out of those comparisons):
@@ -401,9 +405,8 @@ def claims(args, evals, reference: str = "full-full", tolerance: float = 0.01) -
         if not results:
             continue
         mass = [r.get("sparsity", {}).get("mean", {}).get(str(k), {}).get("dropped_mass") for r in results]
-        natural = any(row["mode"] == "natural" for r in results for row in r.get("perplexity", []))
         means[system] = {"full": _mean([_ppl(r, "full") for r in results]),
-                         "mass": _mean(mass), "natural": natural,
+                         "mass": _mean(mass), "natural": any(map(_is_natural, results)),
                          **{f"sparse{b}": _mean([_sparse_ppl(r, b, k) for r in results])
                             for b in sorted({k, 8, 16})}}
 
@@ -440,17 +443,14 @@ def claims(args, evals, reference: str = "full-full", tolerance: float = 0.01) -
     return out
 
 
-def common_seed_evals(args, runs) -> tuple:
-    """({system: [eval.json of each seed evaluated for every system]}, those seeds): claims
-    compare systems on the same seeds."""
-    def load(system, seed):
-        return _read_json(os.path.join(runs[(system, seed)], "eval.json"))
-    seeds = [seed for seed in args.seeds if all(load(system, seed) for system in args.systems)]
-    return {system: [load(system, seed) for seed in seeds] for system in args.systems}, seeds
+def common_seeds(args, evals) -> list:
+    """The seeds evaluated for every system (:func:`run_evals`): claims compare systems on the
+    same seeds."""
+    return [seed for seed in args.seeds if all(evals[(system, seed)] for system in args.systems)]
 
 
-def markdown_claims(args, evals, seeds) -> str:
-    table = claims(args, evals)
+def markdown_claims(args, table, seeds) -> str:
+    """The :func:`claims` table as markdown."""
     if not table:
         return ""
     mark = {True: "✓", False: "✗", None: "-"}
@@ -489,8 +489,10 @@ def markdown_summary(args, train, evals) -> str:
         row += [_mean_spread([_ppl(r, "sparse", b) for r in results]) for b in sweep]
         row += [_mean_spread([x.get("dropped_mass") for x in sp]),
                 _mean_spread([x.get("alignment_gap") for x in sp])]
-        row += [_mean_spread([_ppl(r, f"sparse+dense{n}", args.block_counts) for r in results])
-                for n in args.eval_dense_layers]
+        if args.eval_dense_layers:
+            from ssa_megatron.eval.perplexity import hybrid_mode  # the records' mode names
+            row += [_mean_spread([_ppl(r, hybrid_mode(n), args.block_counts) for r in results])
+                    for n in args.eval_dense_layers]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
