@@ -176,12 +176,16 @@ def decode_attend_kernel(Q, K, V, POS, KEYS_IN, IDX_OUT, O, scale, pieces,
              out.to(O.dtype.element_ty), mask=rows[:, None] < G)
 
 
+def _tile_sizes_ok(block_size: int, head_dim: int) -> bool:
+    """Tensor-core tiles: block size and head dim powers of two, at least 16."""
+    return all(n >= 16 and not n & (n - 1) for n in (block_size, head_dim))
+
+
 def supports(q: torch.Tensor, k_cache: torch.Tensor, block_size: int) -> bool:
     """Whether the kernels take this step: one new token, power-of-two block size and head dim
     >= 16 (tensor-core tiles), q and cache of one dtype."""
-    d = q.shape[-1]
-    return (q.dim() == 3 or q.shape[1] == 1) and block_size >= 16 and not block_size & (block_size - 1) \
-        and d >= 16 and not d & (d - 1) and q.dtype == k_cache.dtype
+    return (q.dim() == 3 or q.shape[1] == 1) and _tile_sizes_ok(block_size, q.shape[-1]) \
+        and q.dtype == k_cache.dtype
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -205,7 +209,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if hq % h or k_cache.shape[-1] != d or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)} does not fit the cache's keys {tuple(k_cache.shape)} "
                          f"and values {tuple(v_cache.shape)}")
-    if block_size < 16 or block_size & (block_size - 1) or d < 16 or d & (d - 1):
+    if not _tile_sizes_ok(block_size, d):
         raise ValueError("the decode kernels need a power-of-two block size and head dim >= 16")
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"q ({q.dtype}) and the cache ({k_cache.dtype}, {v_cache.dtype}) must share a dtype")
