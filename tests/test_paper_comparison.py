@@ -136,7 +136,8 @@ def test_a_part_that_reran_steps_replaces_them(tmp_path):
 def test_variants_are_systems_with_extra_flags(tmp_path):
     args = _args(tmp_path, "--variant", "ssa-a0=--attention-mode ssa --ssa-align-coef 0",
                  "dense=--attention-mode full --exit-interval 5")
-    assert args.systems == ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-a0", "dense"]
+    assert args.systems == ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25",
+                            "ssa-a0", "dense"]
     cmd = pc.train_command(args, "ssa-a0", 1, str(tmp_path / "x"))
     assert cmd[-4:] == ["--attention-mode", "ssa", "--ssa-align-coef", "0"]
     assert cmd.count("--attention-mode") == 1  # the variant names it; no default is added
@@ -147,6 +148,12 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
     assert plain[plain.index("--ssa-branch-draw") + 1] == "micro-batch"
     recipe = pc.train_command(args, "ssa-recipe", 1, str(tmp_path / "z"))
     assert recipe[recipe.index("--ssa-branch-draw") + 1] == "sequence"
+    # the full-branch probability is pinned per system: the trainer's default (the recipe's)
+    # must not change what "SSA as published" or the first recipe train
+    fp25 = pc.train_command(args, "ssa-recipe-fp25", 1, str(tmp_path / "w"))
+    prob = {name: cmd[cmd.index("--ssa-full-prob") + 1] for name, cmd in
+            (("ssa", plain), ("ssa-recipe", recipe), ("ssa-recipe-fp25", fp25))}
+    assert prob == {"ssa": "0.5", "ssa-recipe": "0.5", "ssa-recipe-fp25": "0.25"}
     for bad in (["--variant", "ssa=--attention-mode ssa"], ["--variant", "x=--ssa-align-coef 0"],
                 ["--variant", "noequals"], ["--systems", "nope"]):
         with pytest.raises(SystemExit):

@@ -40,13 +40,17 @@ def test_diagnostics_record_dense_steps_then_every_interval(tmp_path):
     assert [s for s in range(1, 41) if diag.due(s)] == [1, 2, 3, 10, 20, 30, 40]
 
 
-def test_study_recipes_name_their_branch_draw():
-    """The default draw changed to per sequence: the study's paper-recipe runs must say so."""
+def test_study_recipes_name_their_branch_draw_and_probability():
+    """The trainer's defaults are the recipe's (a branch per sequence, full-branch probability
+    0.25): every study recipe names both, so a later change of defaults cannot change it."""
     from ssa_megatron.study.quality import VARIANTS
     for name, flags in VARIANTS.items():
         if name.startswith("ssa-"):
             draw = flags[flags.index("--ssa-branch-draw") + 1]
             assert draw == ("micro-batch" if name.startswith("ssa-step") else "sequence"), name
+            assert flags.count("--ssa-full-prob") + flags.count("--ssa-full-prob-schedule") >= 1, name
+            assert flags.count("--ssa-full-prob") <= 1, name
+    assert VARIANTS["ssa-step"][-2:] == ["--ssa-full-prob", "0.5"]  # the paper's
 
 
 def test_the_default_recipe_draws_per_sequence():
@@ -54,6 +58,7 @@ def test_the_default_recipe_draws_per_sequence():
     from ssa_megatron.training.ssa_recipe import BranchRecipe
     recipe = BranchRecipe(tiny_args("--micro-batch-size", "8"))
     assert recipe.per_sequence and "per sequence" in recipe.describe(tiny_args())
+    assert recipe.full_prob == 0.25 and "probability 0.25" in recipe.describe(tiny_args())
     branches = [recipe.branch(0, 0, first) for first in range(0, 80, 8)]
     assert any(isinstance(b, torch.Tensor) for b in branches)  # micro-batches mix both branches
     paper = BranchRecipe(tiny_args("--ssa-branch-draw", "micro-batch"))

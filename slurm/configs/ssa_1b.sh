@@ -13,7 +13,7 @@ TRAIN_ARGS=(
   --num-layers 16 --hidden-size 2048 --ffn-hidden-size 8192
   --num-attention-heads 32 --num-query-groups 2 --seq-length 8192
   --attention-mode ssa --ssa-block-size 16 --ssa-block-counts 16 --ssa-align-coef 10
-  --ssa-branch-draw "${SSA_BRANCH_DRAW:-sequence}"
+  --ssa-branch-draw "${SSA_BRANCH_DRAW:-sequence}" --ssa-full-prob "${SSA_FULL_PROB:-0.25}"
   --micro-batch-size "${MICRO_BATCH:-1}" --global-batch-size "${GLOBAL_BATCH:-64}"
   --train-iters "${TRAIN_ITERS:-20000}"
   --lr 1e-3 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.01

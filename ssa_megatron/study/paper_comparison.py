@@ -27,10 +27,15 @@ from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (
 from ssa_megatron.checkout import checkout_root
 
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
-SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa", "ssa-recipe": "ssa"}
-# "ssa" is SSA as published (one branch per micro-batch); "ssa-recipe" draws it per sequence;
-# "nsa" (compression + selection + window, three gates) has one mode: its "full" column
-SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch"], "ssa-recipe": ["--ssa-branch-draw", "sequence"]}
+SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
+           "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa"}
+# "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
+# "ssa-recipe" draws it per sequence (probability 0.5), "ssa-recipe-fp25" per sequence with
+# probability 0.25 (the trainer's defaults); "nsa" (compression + selection + window, three
+# gates) has one mode: its "full" column
+SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"],
+                "ssa-recipe": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5"],
+                "ssa-recipe-fp25": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.25"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
@@ -356,7 +361,7 @@ def markdown_matched(args, matched) -> str:
     lo, hi = matched["steps"]
     lines = [f"Train loss at equal steps {lo}-{hi} (mean ± half-range over seeds; the runs of a "
              "seed saw the same samples and, for SSA as published, the branch drawn for each step; "
-             "ssa-recipe draws per sequence, so its split is by the published draw, not its own):", "",
+             "the recipes draw per sequence, so their split is by the published draw, not their own):", "",
              "| system | all steps | steps drawn full | steps drawn sparse |", "| --- | --- | --- | --- |"]
     for system in args.systems:
         rows = [matched.get(f"{system}_seed{seed}") for seed in args.seeds]
