@@ -1,6 +1,7 @@
 # SSA 1B, the paper's shape and optimizer (DESIGN §1): 16 layers, hidden 2048, 32 heads / 2 kv groups,
-# seq 8192, AdamW lr 1e-3 cosine, 1% warm-up, bf16, ZeRO-2; the branch is drawn per sequence (the
-# robust recipe, docs/RESULTS.md "SSA quality"; SSA_BRANCH_DRAW=micro-batch for the paper's draw).
+# seq 8192, AdamW lr 1e-3 cosine, 1% warm-up, bf16, ZeRO-2; the branch is drawn per sequence with
+# full-branch probability 0.25 (the robust recipe, docs/RESULTS.md "SSA quality";
+# SSA_BRANCH_DRAW=micro-batch SSA_FULL_PROB=0.5 for the paper's).
 # For slurm/pretrain.sbatch and examples/launch_*.sh.
 #
 # Format: a bash file that the launchers `source`. It sets the array TRAIN_ARGS (flags of
