@@ -244,9 +244,29 @@ def test_decoding_steps_compute_rotary_frequencies_once(monkeypatch):
 def test_bench_decode_generation_check_cpu():
     """The benchmark's greedy-generation check (run on GPUs with the decode kernels) agrees with
     itself on the CPU: cached sparse decoding gives the uncached pass's tokens."""
-    from ssa_megatron.bench.decode import check_greedy_generation
-    row = check_greedy_generation("cpu", torch.float32, 8, 2, 16, 16, 4, prompt_len=100, new_tokens=20)
+    from ssa_megatron.bench import decode as bench_decode
+    row = bench_decode.check_greedy_generation("cpu", torch.float32, 8, 2, 16, 16, 4, prompt_len=100,
+                                               new_tokens=20)
     assert row == {"generation_same": 1.0, "generation_first_diff": None}
+    # judged in fp32, both modes; the benchmark's own dtype only reported
+    seen = []
+
+    def fake(device, dtype, hq, h, d, bs, bc, mode):
+        seen.append((dtype, mode))
+        return {"generation_same": 0.5 if dtype == torch.bfloat16 else 1.0, "generation_first_diff": None}
+    real = bench_decode.check_greedy_generation
+    bench_decode.check_greedy_generation = fake
+    try:
+        out = bench_decode.generation_checks("cpu", "bf16", 8, 2, 16, 16, 4)
+        assert out["generation_ok"] and set(out["generation"]) == {"full/bf16", "sparse/bf16",
+                                                                   "full/fp32", "sparse/fp32"}
+        assert len(seen) == 4
+        fake_fp32_fails = lambda *a, mode: {"generation_same": 0.9 if mode == "sparse" else 1.0,
+                                            "generation_first_diff": 3}
+        bench_decode.check_greedy_generation = fake_fp32_fails
+        assert not bench_decode.generation_checks("cpu", "fp32", 8, 2, 16, 16, 4)["generation_ok"]
+    finally:
+        bench_decode.check_greedy_generation = real
 
 
 def test_hybrid_sparse_mode_keeps_the_first_layers_full(exports):
