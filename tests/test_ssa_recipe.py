@@ -61,8 +61,25 @@ def test_the_default_recipe_draws_per_sequence():
     assert recipe.full_prob == 0.25 and "probability 0.25" in recipe.describe(tiny_args())
     branches = [recipe.branch(0, 0, first) for first in range(0, 80, 8)]
     assert any(isinstance(b, torch.Tensor) for b in branches)  # micro-batches mix both branches
-    paper = BranchRecipe(tiny_args("--ssa-branch-draw", "micro-batch"))
+    paper = BranchRecipe(tiny_args("--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"))
     assert not paper.per_sequence and paper.branch(0, 0, 0) in ("full", "sparse")
+
+
+def test_resuming_with_another_recipe_is_noted():
+    """A run continuing a checkpoint under other branch-mixing flags (a requeued job after the
+    defaults changed) says which changed; the same flags, or a non-SSA run, say nothing."""
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import recipe_change_note
+    saved = {k: v for k, v in vars(tiny_args("--ssa-full-prob", "0.5")).items()}
+    assert recipe_change_note(saved, tiny_args("--ssa-full-prob", "0.5")) is None
+    note = recipe_change_note(saved, tiny_args())
+    assert note.startswith("note: ") and "--ssa-full-prob 0.5 -> 0.25" in note
+    assert "--ssa-branch-draw" not in note
+    schedule = recipe_change_note(saved, tiny_args("--ssa-full-prob", "0.5",
+                                                   "--ssa-full-prob-schedule", "0:1,10:0.5"))
+    assert "--ssa-full-prob-schedule None -> 0:1,10:0.5" in schedule
+    assert recipe_change_note(dict(saved, attention_mode="full"), tiny_args()) is None
+    assert recipe_change_note({}, tiny_args()) is None  # an old checkpoint without its args
 
 
 def test_sequence_draws_follow_the_sample_not_the_layout():
@@ -136,8 +153,9 @@ def test_per_sequence_draws_equal_across_dp_and_pp_layouts(tmp_path, random_data
     """Micro-batch 4 on one process and DP=2 with micro-batch 2 train the same samples with the
     same per-sequence branches: equal losses; PP=2 equals one process at the same 2 x 2
     accumulation. The first run also writes diagnostics and evaluates in three modes."""
-    # the draws of the samples these runs train mix both branches inside micro-batches of 2
-    rows = draw_sequence_branches(3, range(8), 0.5).reshape(4, 2)
+    # the draws of the samples these runs train (the default probability, 0.25) mix both
+    # branches inside micro-batches of 2
+    rows = draw_sequence_branches(3, range(8), 0.25).reshape(4, 2)
     assert any(bool(r[0]) != bool(r[1]) for r in rows)
     base = FLAGS + ["--data-path", random_dataset, "--split", "90,10,0"]
     diag = str(tmp_path / "diag.jsonl")

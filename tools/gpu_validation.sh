@@ -85,9 +85,9 @@ case "$1" in
       --out runs/diagnose --seeds 1 --train-iters 1530 --stop-at 400 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 100 --skip-eval --deadline "${DEADLINE:-330}" \
       --systems ssa ssa-alpha0 ssa-always-full ssa-always-sparse full-full sparse-sparse \
-      --variant "ssa-alpha0=--attention-mode ssa --ssa-align-coef 0" \
-      "ssa-always-full=--attention-mode ssa --ssa-full-prob 1" \
-      "ssa-always-sparse=--attention-mode ssa --ssa-full-prob 0" || true
+      --variant "ssa-alpha0=--attention-mode ssa --ssa-branch-draw micro-batch --ssa-full-prob 0.5 --ssa-align-coef 0" \
+      "ssa-always-full=--attention-mode ssa --ssa-branch-draw micro-batch --ssa-full-prob 1" \
+      "ssa-always-sparse=--attention-mode ssa --ssa-branch-draw micro-batch --ssa-full-prob 0" || true
     (cd runs && tar czf "$OUT/diagnose.tgz" --exclude=checkpoint diagnose)
     CUDA_VISIBLE_DEVICES=0 python3 tools/check_backend_parity.py --data-path runs/english/english_text_document \
       --checkpoint runs/diagnose/ssa_seed1/checkpoint --json "$OUT/parity.json" > "$OUT/parity.txt" 2>&1 &

@@ -33,8 +33,9 @@ SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": 
 # "ssa-recipe" draws it per sequence (probability 0.5), "ssa-recipe-fp25" per sequence with
 # probability 0.25 (the trainer's defaults); "nsa" (compression + selection + window, three
 # gates) has one mode: its "full" column
-SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"],
-                "ssa-recipe": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5"],
+PUBLISHED_FULL_PROB = 0.5
+SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
+                "ssa-recipe": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
                 "ssa-recipe-fp25": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.25"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
@@ -328,7 +329,7 @@ def matched_train_losses(args, per_run, window: int = 100) -> dict:
         if gas == 1:  # with accumulation a step mixes both branches
             for mode in ("full", "sparse"):
                 # iteration k ran with the draw of the 0-based step k - 1
-                picked = [losses[k] for k in common if draw_mode(seed, k - 1, 0) == mode]
+                picked = [losses[k] for k in common if draw_mode(seed, k - 1, 0, PUBLISHED_FULL_PROB) == mode]
                 if picked:
                     entry[mode + "_steps"] = statistics.mean(picked)
         table[f"{system}_seed{seed}"] = entry

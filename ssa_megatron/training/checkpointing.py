@@ -253,9 +253,14 @@ def load_checkpoint(engine, load_dir: str, args):
         raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
-    note = rope_change_note(meta.get("args", {}), args)
-    if note and rank == 0:
-        print(note, flush=True)
+    from ssa_megatron.training.ssa_recipe import recipe_change_note
+    saved_args = meta.get("args", {})
+    notes = [rope_change_note(saved_args, args)]
+    if not meta.get("weights_only"):  # a converted model starts training here: no recipe to keep
+        notes.append(recipe_change_note(saved_args, args))
+    for note in notes:
+        if note and rank == 0:
+            print(note, flush=True)
     if meta.get("weights_only"):
         if engine.zero_optimization_stage() == 3:
             raise ConfigError(f"{tag_dir} holds weights only (a converted checkpoint), which ZeRO-3 "

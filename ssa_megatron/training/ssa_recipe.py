@@ -56,6 +56,26 @@ class BranchRecipe:
                 f"blocks{', ' + ', '.join(extras) if extras else ''}")
 
 
+RECIPE_FLAGS = (("ssa_branch_draw", "--ssa-branch-draw"), ("ssa_full_prob", "--ssa-full-prob"),
+                ("ssa_full_prob_schedule", "--ssa-full-prob-schedule"),
+                ("ssa_align_coef", "--ssa-align-coef"),
+                ("ssa_align_coef_schedule", "--ssa-align-coef-schedule"))
+
+
+def recipe_change_note(saved_args, args) -> Optional[str]:
+    """A note when an SSA run continues a checkpoint with another branch-mixing recipe (e.g. a
+    job requeued after the defaults changed, or flags left out on resume): the run goes on with
+    the new one, so say so and name the checkpoint's flags."""
+    if getattr(args, "attention_mode", None) != "ssa" or saved_args.get("attention_mode") != "ssa":
+        return None
+    changed = [f"{flag} {saved_args[key]} -> {getattr(args, key, None)}" for key, flag in RECIPE_FLAGS
+               if key in saved_args and saved_args[key] != getattr(args, key, None)]
+    if not changed:
+        return None
+    return ("note: this run mixes SSA's branches differently from the checkpoint it continues ("
+            + ", ".join(changed) + "); pass the checkpoint's values to keep its recipe")
+
+
 def first_sample_of_micro(consumed: int, micro: int, mbs: int, dp_size: int, dp_rank: int) -> int:
     """Global index (in the training order) of the first sequence of this rank's micro-batch, as
     the ResumableSampler hands them out."""
