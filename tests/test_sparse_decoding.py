@@ -241,7 +241,7 @@ def test_decoding_steps_compute_rotary_frequencies_once(monkeypatch):
     assert not torch.allclose(changed, back)
 
 
-def test_bench_decode_generation_check_cpu():
+def test_bench_decode_generation_check_cpu(monkeypatch):
     """The benchmark's greedy-generation check (run on GPUs with the decode kernels) agrees with
     itself on the CPU: cached sparse decoding gives the uncached pass's tokens."""
     from ssa_megatron.bench import decode as bench_decode
@@ -254,19 +254,15 @@ def test_bench_decode_generation_check_cpu():
     def fake(device, dtype, hq, h, d, bs, bc, mode):
         seen.append((dtype, mode))
         return {"generation_same": 0.5 if dtype == torch.bfloat16 else 1.0, "generation_first_diff": None}
-    real = bench_decode.check_greedy_generation
-    bench_decode.check_greedy_generation = fake
-    try:
-        out = bench_decode.generation_checks("cpu", "bf16", 8, 2, 16, 16, 4)
-        assert out["generation_ok"] and set(out["generation"]) == {"full/bf16", "sparse/bf16",
-                                                                   "full/fp32", "sparse/fp32"}
-        assert len(seen) == 4
-        fake_fp32_fails = lambda *a, mode: {"generation_same": 0.9 if mode == "sparse" else 1.0,
-                                            "generation_first_diff": 3}
-        bench_decode.check_greedy_generation = fake_fp32_fails
-        assert not bench_decode.generation_checks("cpu", "fp32", 8, 2, 16, 16, 4)["generation_ok"]
-    finally:
-        bench_decode.check_greedy_generation = real
+    monkeypatch.setattr(bench_decode, "check_greedy_generation", fake)
+    out = bench_decode.generation_checks("cpu", "bf16", 8, 2, 16, 16, 4)
+    assert out["generation_ok"] and set(out["generation"]) == {"full/bf16", "sparse/bf16",
+                                                               "full/fp32", "sparse/fp32"}
+    assert len(seen) == 4
+    fake_fp32_fails = lambda *a, mode: {"generation_same": 0.9 if mode == "sparse" else 1.0,
+                                        "generation_first_diff": 3}
+    monkeypatch.setattr(bench_decode, "check_greedy_generation", fake_fp32_fails)
+    assert not bench_decode.generation_checks("cpu", "fp32", 8, 2, 16, 16, 4)["generation_ok"]
 
 
 def test_hybrid_sparse_mode_keeps_the_first_layers_full(exports):

@@ -82,6 +82,30 @@ def test_resuming_with_another_recipe_is_noted():
     assert recipe_change_note({}, tiny_args()) is None  # an old checkpoint without its args
 
 
+@pytest.mark.parametrize("weights_only", [False, True])
+def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weights_only):
+    """load_checkpoint prints recipe_change_note's line for a resumed run, not for a converted
+    (weights-only) model that starts training there. DeepSpeed's load is stubbed to fail right
+    after the notes."""
+    from types import SimpleNamespace
+
+    from model_utils import tiny_args
+    from ssa_megatron.model.config import ConfigError
+    from ssa_megatron.training import checkpointing
+    saved = vars(tiny_args("--ssa-full-prob", "0.5"))
+    meta = {"args": saved, **({"weights_only": True} if weights_only else {})}
+    monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000002", []))
+    monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
+    monkeypatch.setattr(checkpointing, "check_compatible", lambda *a: None)
+    monkeypatch.setattr(checkpointing, "_padded_vocab", lambda engine: None)
+    monkeypatch.setattr(checkpointing, "_deepspeed_load", lambda *a, **k: (None, None))
+    engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
+    with pytest.raises(ConfigError, match="could not load"):
+        checkpointing.load_checkpoint(engine, "unused", tiny_args())
+    printed = "--ssa-full-prob 0.5 -> 0.25" in capsys.readouterr().out
+    assert printed is not weights_only
+
+
 def test_sequence_draws_follow_the_sample_not_the_layout():
     rows = draw_sequence_branches(7, range(1000), 0.5)
     assert 400 < int(rows.sum()) < 600  # about half full

@@ -56,10 +56,8 @@ class BranchRecipe:
                 f"blocks{', ' + ', '.join(extras) if extras else ''}")
 
 
-RECIPE_FLAGS = (("ssa_branch_draw", "--ssa-branch-draw"), ("ssa_full_prob", "--ssa-full-prob"),
-                ("ssa_full_prob_schedule", "--ssa-full-prob-schedule"),
-                ("ssa_align_coef", "--ssa-align-coef"),
-                ("ssa_align_coef_schedule", "--ssa-align-coef-schedule"))
+RECIPE_ARGS = ("ssa_branch_draw", "ssa_full_prob", "ssa_full_prob_schedule", "ssa_align_coef",
+               "ssa_align_coef_schedule")  # the trainer's flags that set how branches mix
 
 
 def recipe_change_note(saved_args, args) -> Optional[str]:
@@ -68,8 +66,8 @@ def recipe_change_note(saved_args, args) -> Optional[str]:
     the new one, so say so and name the checkpoint's flags."""
     if getattr(args, "attention_mode", None) != "ssa" or saved_args.get("attention_mode") != "ssa":
         return None
-    changed = [f"{flag} {saved_args[key]} -> {getattr(args, key, None)}" for key, flag in RECIPE_FLAGS
-               if key in saved_args and saved_args[key] != getattr(args, key, None)]
+    changed = [f"--{key.replace('_', '-')} {saved_args[key]} -> {getattr(args, key, None)}"
+               for key in RECIPE_ARGS if key in saved_args and saved_args[key] != getattr(args, key, None)]
     if not changed:
         return None
     return ("note: this run mixes SSA's branches differently from the checkpoint it continues ("
