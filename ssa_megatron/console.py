@@ -67,17 +67,10 @@ def announce_deepspeed_build():
     """Around ``deepspeed.init_distributed``: on the CPU, DeepSpeed compiles its shared-memory
     communication op the first time it runs on a machine (about a minute, silent). Say so before
     it starts and how long it took; swallow the "built successfully" line it prints every time."""
-    builder, built = None, True
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-            from torch.utils.cpp_extension import _get_build_directory
-            build_dir = _get_build_directory(builder.NAME, verbose=False)
-            built = os.path.exists(os.path.join(build_dir, builder.NAME + ".so"))
-    except Exception:  # a DeepSpeed without this op builder: nothing to announce
-        builder = None
+    from ssa_megatron.training.build_lock import deepspeed_cpu_op_build_dir
+    build_dir = deepspeed_cpu_op_build_dir()
+    built = build_dir is None or os.path.exists(
+        os.path.join(build_dir, os.path.basename(build_dir) + ".so"))
     speaks = os.environ.get("LOCAL_RANK", "0") == "0"
     start = time.time()
     if not built and speaks:

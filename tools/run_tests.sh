@@ -20,10 +20,13 @@ if [ "${SSA_INSTALL_SLURM:-1}" != 0 ]; then
 fi
 # DeepSpeed builds its CPU communication op on first use under a file lock. Built here, once per
 # virtual environment and before any test: a test that kills a training process (run safety)
-# must never interrupt that build, or the lock it leaves makes every later run wait forever.
+# must never interrupt that build. A lock left by a process killed while loading it is removed
+# (ssa_megatron/training/build_lock.py), here and at the start of every training run.
 export TORCH_EXTENSIONS_DIR="$VENV/torch_extensions"
 echo "tests: DeepSpeed's CPU communication op in $TORCH_EXTENSIONS_DIR (built the first time, ~30 s)" >&2
-"$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)" \
+"$VENV/bin/python" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+from ssa_megatron.training.build_lock import abandoned_lock_cleared, deepspeed_cpu_op_build_dir
+with abandoned_lock_cleared(deepspeed_cpu_op_build_dir()): ShareMemCommBuilder().load(verbose=False)" \
   >/dev/null 2>&1 || echo "tests: building DeepSpeed's CPU communication op failed; its tests will say why" >&2
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/ssa-tests.XXXXXX")"
 trap 'rm -rf "$SCRATCH"' EXIT
