@@ -42,7 +42,7 @@ def test_diagnostics_record_dense_steps_then_every_interval(tmp_path):
 
 def test_study_recipes_name_their_branch_draw_and_probability():
     """The trainer's defaults are the recipe's (a branch per sequence, full-branch probability
-    0.25): every study recipe names both, so a later change of defaults cannot change it."""
+    0.5): every study recipe names both, so a later change of defaults cannot change it."""
     from ssa_megatron.study.quality import VARIANTS
     for name, flags in VARIANTS.items():
         if name.startswith("ssa-"):
@@ -58,7 +58,7 @@ def test_the_default_recipe_draws_per_sequence():
     from ssa_megatron.training.ssa_recipe import BranchRecipe
     recipe = BranchRecipe(tiny_args("--micro-batch-size", "8"))
     assert recipe.per_sequence and "per sequence" in recipe.describe(tiny_args())
-    assert recipe.full_prob == 0.25 and "probability 0.25" in recipe.describe(tiny_args())
+    assert recipe.full_prob == 0.5 and "probability 0.5" in recipe.describe(tiny_args())
     branches = [recipe.branch(0, 0, first) for first in range(0, 80, 8)]
     assert any(isinstance(b, torch.Tensor) for b in branches)  # micro-batches mix both branches
     paper = BranchRecipe(tiny_args("--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"))
@@ -70,12 +70,12 @@ def test_resuming_with_another_recipe_is_noted():
     defaults changed) says which changed; the same flags, or a non-SSA run, say nothing."""
     from model_utils import tiny_args
     from ssa_megatron.training.ssa_recipe import recipe_change_note
-    saved = {k: v for k, v in vars(tiny_args("--ssa-full-prob", "0.5")).items()}
-    assert recipe_change_note(saved, tiny_args("--ssa-full-prob", "0.5")) is None
+    saved = {k: v for k, v in vars(tiny_args("--ssa-full-prob", "0.25")).items()}
+    assert recipe_change_note(saved, tiny_args("--ssa-full-prob", "0.25")) is None
     note = recipe_change_note(saved, tiny_args())
-    assert note.startswith("note: ") and "--ssa-full-prob 0.5 -> 0.25" in note
+    assert note.startswith("note: ") and "--ssa-full-prob 0.25 -> 0.5" in note
     assert "--ssa-branch-draw" not in note
-    schedule = recipe_change_note(saved, tiny_args("--ssa-full-prob", "0.5",
+    schedule = recipe_change_note(saved, tiny_args("--ssa-full-prob", "0.25",
                                                    "--ssa-full-prob-schedule", "0:1,10:0.5"))
     assert "--ssa-full-prob-schedule None -> 0:1,10:0.5" in schedule
     assert recipe_change_note(dict(saved, attention_mode="full"), tiny_args()) is None
@@ -92,7 +92,7 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     from model_utils import tiny_args
     from ssa_megatron.model.config import ConfigError
     from ssa_megatron.training import checkpointing
-    saved = vars(tiny_args("--ssa-full-prob", "0.5"))
+    saved = vars(tiny_args("--ssa-full-prob", "0.25"))
     meta = {"args": saved, **({"weights_only": True} if weights_only else {})}
     monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000002", []))
     monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
@@ -102,7 +102,7 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
     with pytest.raises(ConfigError, match="could not load"):
         checkpointing.load_checkpoint(engine, "unused", tiny_args())
-    printed = "--ssa-full-prob 0.5 -> 0.25" in capsys.readouterr().out
+    printed = "--ssa-full-prob 0.25 -> 0.5" in capsys.readouterr().out
     assert printed is not weights_only
 
 
@@ -177,9 +177,9 @@ def test_per_sequence_draws_equal_across_dp_and_pp_layouts(tmp_path, random_data
     """Micro-batch 4 on one process and DP=2 with micro-batch 2 train the same samples with the
     same per-sequence branches: equal losses; PP=2 equals one process at the same 2 x 2
     accumulation. The first run also writes diagnostics and evaluates in three modes."""
-    # the draws of the samples these runs train (the default probability, 0.25) mix both
+    # the draws of the samples these runs train (the default probability, 0.5) mix both
     # branches inside micro-batches of 2
-    rows = draw_sequence_branches(3, range(8), 0.25).reshape(4, 2)
+    rows = draw_sequence_branches(3, range(8), 0.5).reshape(4, 2)
     assert any(bool(r[0]) != bool(r[1]) for r in rows)
     base = FLAGS + ["--data-path", random_dataset, "--split", "90,10,0"]
     diag = str(tmp_path / "diag.jsonl")

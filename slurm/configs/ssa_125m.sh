@@ -6,7 +6,7 @@ TRAIN_ARGS=(
   --num-layers 12 --hidden-size 768 --ffn-hidden-size 2048
   --num-attention-heads 12 --num-query-groups 4 --seq-length 4096
   --attention-mode "${ATTENTION_MODE:-ssa}" --ssa-block-size 16 --ssa-block-counts 16 --ssa-align-coef 10
-  --ssa-branch-draw "${SSA_BRANCH_DRAW:-sequence}" --ssa-full-prob "${SSA_FULL_PROB:-0.25}"
+  --ssa-branch-draw "${SSA_BRANCH_DRAW:-sequence}" --ssa-full-prob "${SSA_FULL_PROB:-0.5}"
   --micro-batch-size "${MICRO_BATCH:-8}" --global-batch-size "${GLOBAL_BATCH:-128}"
   --train-iters "${TRAIN_ITERS:-20000}"
   --lr 1.5e-3 --min-lr 1.5e-4 --lr-decay-style cosine --lr-warmup-fraction 0.01

@@ -21,7 +21,7 @@ class SSAConfig(TransformerConfig):
     ssa_block_size: int = shape_default("ssa_block_size")
     ssa_block_counts: int = shape_default("ssa_block_counts")
     ssa_align_coef: float = 10.0
-    ssa_full_prob: float = 0.25  # the recipe's (the trainer's --ssa-full-prob default)
+    ssa_full_prob: float = 0.5  # the recipe's (the trainer's --ssa-full-prob default)
     nsa_window_size: int = shape_default("nsa_window_size")  # sliding-window branch of --attention-mode nsa
     ssa_gate_init: str = "normal"  # "zero": every gate starts at sigmoid(0) = 0.5
     # Branch used outside training; None means the mode's natural one (sparse for "sparse").

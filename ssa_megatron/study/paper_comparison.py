@@ -30,8 +30,8 @@ ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the ru
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
            "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
-# "ssa-recipe" draws it per sequence (probability 0.5), "ssa-recipe-fp25" per sequence with
-# probability 0.25 (the trainer's defaults); "nsa" (compression + selection + window, three
+# "ssa-recipe" draws it per sequence (probability 0.5: the trainer's defaults), "ssa-recipe-fp25"
+# per sequence with probability 0.25; "nsa" (compression + selection + window, three
 # gates) has one mode: its "full" column
 PUBLISHED_FULL_PROB = 0.5
 SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],

@@ -27,7 +27,7 @@ SMALL_SETTING = {
 # the paper: one branch per micro-batch (= step here), full branch with probability 0.5
 PAPER_DRAW = ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"]
 SEQ_DRAW = ["--ssa-branch-draw", "sequence"]
-RECIPE_DRAW = [*SEQ_DRAW, "--ssa-full-prob", "0.5"]  # the first recipe (ssa-seq)
+RECIPE_DRAW = [*SEQ_DRAW, "--ssa-full-prob", "0.5"]  # the recipe (ssa-seq)
 VARIANTS: Dict[str, List[str]] = {
     "full-full": ["--attention-mode", "full"],
     "sparse-sparse": ["--attention-mode", "sparse"],
@@ -44,7 +44,7 @@ VARIANTS: Dict[str, List[str]] = {
     "ssa-step-alpha0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-align-coef", "0"],
     "ssa-seq-align1": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-align-coef", "1"],
     "ssa-seq-full75": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.75"],
-    "ssa-seq-full25": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.25"],  # the recipe
+    "ssa-seq-full25": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.25"],
 }
 
 FINAL_WINDOW = 100  # the final train loss: mean over the last this-many steps
