@@ -284,3 +284,24 @@ def test_hybrid_sparse_mode_keeps_the_first_layers_full(exports):
     assert torch.equal(whole, out[0, 20:])
     with pytest.raises(ValueError):
         model.set_inference_mode(dense_layers=3)
+
+
+def test_selection_agreement_compares_sets_and_measures_swaps():
+    """The benchmark's selection check: order inside a row does not matter, a swap at the K-th
+    place is a near-tie (small gap), a block far below it (or a future block) is a wrong one."""
+    from ssa_megatron.bench.decode import NEAR_TIE, selection_agreement
+    scores = torch.tensor([[[5.0, 1.0, 0.50, 0.499, 0.1, float("-inf")],
+                            [float("inf"), 2.0, 1.0, 0.3, 0.2, 0.1]]])  # [B 1, H 2, nb 6]
+    exact = torch.tensor([[[0, 1, 2], [0, 1, 2]]], dtype=torch.int32)
+    assert selection_agreement(exact, scores, 3) == {"check_indices_same": 1.0, "check_swap_gap": 0.0}
+    reordered = torch.tensor([[[2, 0, 1], [1, 2, 0]]], dtype=torch.int32)
+    assert selection_agreement(reordered, scores, 3)["check_indices_same"] == 1.0
+    near_tie = torch.tensor([[[0, 1, 3], [0, 1, 2]]], dtype=torch.int32)
+    got = selection_agreement(near_tie, scores, 3)
+    assert got["check_indices_same"] == 0.5 and 0 < got["check_swap_gap"] <= NEAR_TIE
+    wrong = torch.tensor([[[0, 1, 4], [0, 1, 2]]], dtype=torch.int32)
+    assert selection_agreement(wrong, scores, 3)["check_swap_gap"] > NEAR_TIE
+    future = torch.tensor([[[0, 1, 5], [0, 1, 2]]], dtype=torch.int32)
+    assert selection_agreement(future, scores, 3)["check_swap_gap"] == float("inf")
+    no_current = torch.tensor([[[0, 1, 2], [1, 2, 3]]], dtype=torch.int32)
+    assert selection_agreement(no_current, scores, 3)["check_swap_gap"] == float("inf")
