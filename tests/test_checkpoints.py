@@ -112,3 +112,17 @@ def test_keep_last_prunes_the_oldest_complete_checkpoints_only(tmp_path):
     _prune(str(tmp_path), 2, current="iter_0000004")
     assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000003.partial", "iter_0000004",
                                             "iter_notes"]
+
+
+def test_keep_last_never_counts_checkpoints_of_a_left_timeline(tmp_path):
+    """A run resumed from iter 4 (``--load-iteration 4``) while iter 6 of the first run exists:
+    its first save (iter 5) with --keep-last 2 keeps iter 4, the one it resumed from; iter 6 is
+    neither counted nor deleted."""
+    from ssa_megatron.training.checkpointing import _prune
+    for name in ("iter_0000004", "iter_0000005", "iter_0000006"):
+        (tmp_path / name).mkdir()
+    _prune(str(tmp_path), 2, current="iter_0000005")
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000005", "iter_0000006"]
+    (tmp_path / "iter_0000003").mkdir()
+    _prune(str(tmp_path), 2, current="iter_0000005")
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000004", "iter_0000005", "iter_0000006"]

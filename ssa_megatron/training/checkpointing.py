@@ -185,10 +185,13 @@ def _padded_vocab(engine) -> Optional[int]:
 
 
 def _prune(save_dir: str, keep_last: int, current: str) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints (by iteration), never ``current``."""
-    tags = list_tags(save_dir)
+    """Keep the newest ``keep_last`` complete checkpoints up to ``current`` (by iteration). Ones
+    newer than ``current`` belong to a timeline this run left (it resumed from an older one, e.g.
+    ``--load-iteration``): they neither count nor go, so the checkpoint the run resumed from is
+    not deleted to make room for them."""
+    tags = [tag for tag in list_tags(save_dir) if iteration_of(tag) <= iteration_of(current)]
     for tag in tags[:-keep_last]:
-        if tag != current and iteration_of(tag) < iteration_of(current):
+        if tag != current:
             shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
 
 
