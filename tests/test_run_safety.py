@@ -169,3 +169,20 @@ def test_stop_signal_gives_ctrl_c_back_when_training_ends():
     assert signal.getsignal(signal.SIGINT) == stop._interrupt
     stop.restore()
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_fault_injection_refuses_a_workdir_with_other_files(tmp_path, capsys):
+    """tools/fault_injection.py deletes and rewrites its run folders (reference/, trialNNN/) in
+    --workdir: a directory holding anything it did not create is refused, untouched."""
+    from ssa_megatron.training import fault_injection as fi
+    work = tmp_path / "work"
+    (work / "reference").mkdir(parents=True)
+    (work / "reference" / "notes.txt").write_text("mine")
+    assert fi.main(["--trials", "1", "--workdir", str(work), "--data-path", "/nonexistent"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --workdir") and err.endswith("give a new or empty directory")
+    assert (work / "reference" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(work)) == ["reference"]
+    fi.claim_workdir(str(tmp_path / "fresh"))  # new: claimed, and claimed again on a rerun
+    (tmp_path / "fresh" / "trial000").mkdir()
+    fi.claim_workdir(str(tmp_path / "fresh"))

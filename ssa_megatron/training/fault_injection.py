@@ -243,6 +243,20 @@ def write_random_corpus(prefix: str, num_docs: int = 300, vocab_size: int = 256,
     return prefix
 
 
+WORKDIR_MARK = ".ssa_fault_injection"  # a workdir this tool made: its runs there may be replaced
+
+
+def claim_workdir(workdir: str) -> None:
+    """Make ``workdir`` this tool's, or refuse (ValueError, one line) one that holds files it did
+    not create: the trials delete and rewrite their run folders there."""
+    mark = os.path.join(workdir, WORKDIR_MARK)
+    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(mark):
+        raise ValueError(f"--workdir {workdir} holds files fault injection did not create (its trials "
+                         "delete and rewrite folders there); give a new or empty directory")
+    os.makedirs(workdir, exist_ok=True)
+    open(mark, "a").close()
+
+
 def run_trials(trials: int, workdir: str, data_prefix: str, train_iters: int = 12,
                save_interval: int = 2, seed: int = 0, zero_stage: int = 1, log=print) -> dict:
     """The kill -9 loop. Returns the counts docs/RELIABILITY.md records (raises on a failure).
@@ -258,7 +272,7 @@ def run_trials(trials: int, workdir: str, data_prefix: str, train_iters: int = 1
     flags = TINY_MODEL + ["--data-path", data_prefix, "--train-iters", str(train_iters),
                           "--save-interval", str(save_interval), "--zero-stage", str(zero_stage),
                           "--deepspeed-config", os.path.join(root, "examples", "ds_zero1.json")]
-    os.makedirs(workdir, exist_ok=True)
+    claim_workdir(workdir)
     final = f"iter_{train_iters:07d}"
     saves = train_iters // save_interval
 
@@ -350,6 +364,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
+    try:
+        claim_workdir(args.workdir)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     data = args.data_path
     if data is None:
         data = write_random_corpus(os.path.join(args.workdir, "data", "random"))
