@@ -155,6 +155,20 @@ def test_shards_round_trip_and_damage(tmp_path):
         "corpus_text_document" + ext for ext in files)
     for ext, data in files.items():
         assert open(str(tmp_path / "back" / "corpus_text_document") + ext, "rb").read() == data
+    assert join_dataset(shard_dir, str(tmp_path / "back"))  # the same files again: fine
+    # a split never overwrites a set already there; a join never replaces other content
+    before = {n: open(os.path.join(shard_dir, n), "rb").read() for n in os.listdir(shard_dir)}
+    with pytest.raises(CorpusError, match="is not empty"):
+        split_dataset(prefix, shard_dir, max_bytes=1 << 17, level=3)
+    assert {n: open(os.path.join(shard_dir, n), "rb").read() for n in os.listdir(shard_dir)} == before
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    other = str(tmp_path / "other")
+    os.makedirs(other)
+    open(os.path.join(other, "corpus_text_document.bin"), "wb").write(b"mine")
+    with pytest.raises(CorpusError, match="exists with other content"):
+        join_dataset(shard_dir, other)
+    assert open(os.path.join(other, "corpus_text_document.bin"), "rb").read() == b"mine"
+    assert sorted(os.listdir(other)) == ["corpus_text_document.bin"]
     victim = os.path.join(shard_dir, bin_entry["shards"][2]["file"])
     raw = bytearray(open(victim, "rb").read())
     raw[100] ^= 1

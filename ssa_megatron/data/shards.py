@@ -13,6 +13,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 from typing import List, Optional
 
 from ssa_megatron.data.corpus import CorpusError
@@ -45,14 +46,34 @@ def dataset_files(prefix: str) -> List[str]:
 
 def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
                   level: int = DEFAULT_LEVEL, threads: int = 0) -> dict:
-    """Write the shards and ``manifest.json`` of dataset ``prefix`` into ``out_dir``; returns the
-    manifest. Raw pieces are sized from the compression ratio seen so far and shrunk until their
-    compressed form fits ``max_bytes``."""
+    """Write the shards and ``manifest.json`` of dataset ``prefix`` into ``out_dir`` (new or
+    empty: another set there is never overwritten); returns the manifest. The set is built in a
+    temporary sibling directory and renamed into place, so an interrupted split leaves no
+    half-written set. Raw pieces are sized from the compression ratio seen so far and shrunk
+    until their compressed form fits ``max_bytes``."""
     zstd = _zstd()
     if max_bytes < 1 << 16:
         raise CorpusError(f"--max-mib must allow shards of at least 64 KiB, not {max_bytes} bytes")
     files = dataset_files(prefix)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise CorpusError(f"{out_dir} is not empty (it may hold another shard set); split into a new "
+                          "or empty directory")
+    final_dir, out_dir = out_dir, f"{out_dir}.tmp-{os.getpid()}"
+    os.makedirs(out_dir)
+    try:
+        manifest = _write_shards(zstd, files, out_dir, max_bytes, level, threads)
+        if os.path.isdir(final_dir):
+            os.rmdir(final_dir)  # empty (checked above)
+        os.rename(out_dir, final_dir)
+    finally:
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+    return manifest
+
+
+def _write_shards(zstd, files, out_dir, max_bytes, level, threads) -> dict:
+    """The shards and manifest of ``files`` in ``out_dir``; returns the manifest."""
     cctx = zstd.ZstdCompressor(level=level, threads=threads)
     manifest = {"format": "zstd", "max_bytes": max_bytes, "files": []}
     ratio = 1.0
@@ -80,10 +101,8 @@ def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
                                         "sha256": hashlib.sha256(packed).hexdigest()})
                 offset += len(raw)
         manifest["files"].append(entry)
-    tmp = os.path.join(out_dir, MANIFEST + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    with open(os.path.join(out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
     return manifest
 
 
@@ -101,6 +120,12 @@ def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = No
         raise CorpusError(f"{manifest_path} is not valid JSON; copy it again") from None
     if manifest.get("format") != "zstd":
         raise CorpusError(f"{manifest_path}: unknown shard format {manifest.get('format')!r}")
+    for entry in manifest["files"]:
+        final = os.path.join(out_dir, entry["name"])
+        if os.path.exists(final) and (os.path.getsize(final) != entry["size"]
+                                      or file_sha256(final) != entry["sha256"]):
+            raise CorpusError(f"{final} exists with other content; move it away or join into "
+                              "another directory")
     os.makedirs(out_dir, exist_ok=True)
     dctx = zstd.ZstdDecompressor()
     temps, finals = [], []
