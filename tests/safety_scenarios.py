@@ -26,6 +26,7 @@ os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
 os.environ["OMP_NUM_THREADS"] = "1"
 
 from ssa_megatron.training import fault_injection as fi  # noqa: E402
+from ssa_megatron.training import result_record  # noqa: E402
 
 OUT = DATA = ""
 
@@ -78,9 +79,12 @@ def wait_for(predicate, timeout=120):
 # --- issue case 1: a restart without --load -------------------------------------------------------
 def restart_without_load():
     save = os.path.join(OUT, "case1")
-    first = run("case1_first", flags(save, 4, "--exit-interval", "2"))
+    record = os.path.join(OUT, "case1_result.json")
+    first = run("case1_first", flags(save, 4, "--exit-interval", "2", "--result-json", record))
     before = tree(os.path.join(save, "iter_0000002"))
-    again = run("case1_again", flags(save, 4))
+    again = run("case1_again", flags(save, 4, "--result-json", record))
+    records = {os.path.basename(p): json.load(open(p))["iterations"]
+               for p in [*result_record.earlier_parts(record), record]}
     after = tree(os.path.join(save, "iter_0000002"))
     other = run("case1_other_load", flags(save, 4, "--load", os.path.join(OUT, "elsewhere")))
     over = run("case1_start_over", flags(save, 2, "--start-over"))
@@ -88,7 +92,7 @@ def restart_without_load():
     same = run("case1_start_over_same_load", flags(save, 2, "--start-over", "--load", save))
     return {"first": first["code"], "again": again["code"], "again_iterations": iterations(again["log"]),
             "again_autoresume": lines(again["log"], "auto-resume:"),
-            "iter2_untouched": before == after and bool(before),
+            "iter2_untouched": before == after and bool(before), "records": records,
             "latest": open(os.path.join(save, "latest")).read().strip(),
             "other": other["code"], "other_log": other["log"],
             "over": over["code"], "over_iterations": iterations(over["log"]),

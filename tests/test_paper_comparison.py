@@ -257,3 +257,20 @@ def test_hybrid_sparse_mode_is_evaluated_and_summarised(tmp_path):
     table = pc.markdown_summary(args, {"ssa-recipe_seed1": {"tokens": 1e6, "final_lm_loss": 2.5}},
                                 {"ssa-recipe": [result]})
     assert "first 1 layer(s) full" in table and table.rstrip().endswith("| 11.500 |")
+
+
+def test_the_trainer_keeps_an_earlier_result_record(tmp_path):
+    """--result-json of a continued run: the earlier record is kept as <stem>_partN_until_<iter>.json
+    (the trainer does it at start, so a direct user's resumed run loses no per-step history)."""
+    from ssa_megatron.training import result_record
+    path = str(tmp_path / "r.json")
+    assert result_record.set_aside(path) is None
+    result_record.write(path, {"iteration": 4, "lm_loss": [1.0, 2.0], "skip": object()})
+    assert json.load(open(path)) == {"iteration": 4, "lm_loss": [1.0, 2.0]}
+    assert result_record.set_aside(path) == str(tmp_path / "r_part1_until_4.json")
+    result_record.write(path, {"iteration": 8})
+    result_record.set_aside(path)
+    assert [os.path.basename(p) for p in result_record.earlier_parts(path)] == [
+        "r_part1_until_4.json", "r_part2_until_8.json"]
+    assert not os.path.exists(path) and sorted(os.listdir(tmp_path)) == [
+        "r_part1_until_4.json", "r_part2_until_8.json"]

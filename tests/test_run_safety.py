@@ -44,6 +44,8 @@ def test_restart_without_load_resumes_and_never_overwrites(results):
     assert r["again_iterations"] == [3, 4]
     assert len(r["again_autoresume"]) == 1 and "iter_0000002" in r["again_autoresume"][0]
     assert r["iter2_untouched"]
+    # --result-json: the resumed run's record holds its steps, the first run's is kept beside it
+    assert r["records"] == {"case1_result_part1_until_2.json": [1, 2], "case1_result.json": [3, 4]}
     # another --load into a --save that holds checkpoints: refused, one line with the choices
     assert r["other"] == 2
     line = one_error_line(r["other_log"])

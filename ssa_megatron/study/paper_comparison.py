@@ -25,6 +25,7 @@ import time
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 
 from ssa_megatron.checkout import checkout_root
+from ssa_megatron.training import result_record
 
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
@@ -119,9 +120,7 @@ def train_step(args, system: str, seed: int, out: str):
         cmd = train_command(args, system, seed, out)
         if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
             if done:  # keep the earlier part's per-step record next to the resumed one
-                n = len(_parts(out))
-                os.replace(os.path.join(out, "train.json"),
-                           os.path.join(out, f"train_part{n + 1}_until_{done['iteration']}.json"))
+                result_record.set_aside(os.path.join(out, "train.json"))
             cmd += ["--load", os.path.join(out, "checkpoint")]
         return cmd
     return make
@@ -140,16 +139,11 @@ def eval_step(args, out: str):
     return make
 
 
-def _parts(out: str):
-    """The earlier parts of a resumed run's record, oldest first."""
-    names = [f for f in os.listdir(out) if f.startswith("train_part")] if os.path.isdir(out) else []
-    return sorted(names, key=lambda f: int(f[len("train_part"):].split("_")[0]))
-
-
 def step_losses(out: str):
     """{iteration: LM loss} over every part of a run (a later part wins for a step it re-ran),
     and the last part's record; None when the run has no record."""
-    records = [_read_json(os.path.join(out, f)) for f in _parts(out) + ["train.json"]]
+    record = os.path.join(out, "train.json")
+    records = [_read_json(f) for f in result_record.earlier_parts(record) + [record]]
     records = [r for r in records if r and r.get("lm_loss")]
     if not records:
         return None, None

@@ -10,7 +10,7 @@ steps; the alignment loss reaches the weights through the autoscaler (model/alig
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -442,6 +442,11 @@ def run(args, fault_hook: Optional[Callable] = None,
 def main(argv: Optional[List[str]] = None) -> int:
     from ssa_megatron.training.arguments import parse_args
     args = parse_args(argv)
+    from ssa_megatron.training import result_record
+    if args.result_json and os.environ.get("RANK", "0") == "0":
+        moved = result_record.set_aside(args.result_json)
+        if moved:
+            print(f"kept the earlier --result-json record as {moved}", flush=True)
     try:
         result = run(args)
     except ConfigError as err:
@@ -452,8 +457,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr, flush=True)
         return 130
     if args.result_json and (not dist.is_initialized() or dist.get_rank() == 0):
-        with open(args.result_json, "w") as f:
-            json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, list))}, f)
+        result_record.write(args.result_json, result)
     from ssa_megatron.training.distributed import destroy_distributed
     destroy_distributed(barrier=True)
     return 0 if "stopped_at" not in result else 3
