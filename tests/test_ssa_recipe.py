@@ -82,6 +82,21 @@ def test_resuming_with_another_recipe_is_noted():
     assert recipe_change_note({}, tiny_args()) is None  # an old checkpoint without its args
 
 
+def test_resuming_with_another_schedule_or_data_is_noted():
+    """A demo rerun without its TRAIN_ITERS, or a second experiment under the same --save,
+    continues the checkpoint under other schedule flags: said in one line, naming them."""
+    import json
+
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import schedule_change_note
+    saved = json.loads(json.dumps(vars(tiny_args("--train-iters", "20"))))  # as the checkpoint stores it
+    assert schedule_change_note(saved, tiny_args("--train-iters", "20")) is None
+    note = schedule_change_note(saved, tiny_args("--train-iters", "200", "--lr", "0.5"))
+    assert note.startswith("note: this run continues a checkpoint trained with other settings (")
+    assert "--train-iters 20 -> 200" in note and "--lr " in note and "\n" not in note
+    assert schedule_change_note({}, tiny_args()) is None
+
+
 @pytest.mark.parametrize("weights_only", [False, True])
 def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weights_only):
     """load_checkpoint prints recipe_change_note's line for a resumed run, not for a converted
@@ -92,7 +107,7 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     from model_utils import tiny_args
     from ssa_megatron.model.config import ConfigError
     from ssa_megatron.training import checkpointing
-    saved = vars(tiny_args("--ssa-full-prob", "0.25"))
+    saved = vars(tiny_args("--ssa-full-prob", "0.25", "--train-iters", "3"))
     meta = {"args": saved, **({"weights_only": True} if weights_only else {})}
     monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000002", []))
     monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
@@ -102,8 +117,9 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
     with pytest.raises(ConfigError, match="could not load"):
         checkpointing.load_checkpoint(engine, "unused", tiny_args())
-    printed = "--ssa-full-prob 0.25 -> 0.5" in capsys.readouterr().out
-    assert printed is not weights_only
+    out = capsys.readouterr().out
+    assert ("--ssa-full-prob 0.25 -> 0.5" in out) is not weights_only
+    assert ("--train-iters 3 -> " in out) is not weights_only
 
 
 def test_sequence_draws_follow_the_sample_not_the_layout():

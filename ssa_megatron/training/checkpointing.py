@@ -256,11 +256,11 @@ def load_checkpoint(engine, load_dir: str, args):
         raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
-    from ssa_megatron.training.ssa_recipe import recipe_change_note
+    from ssa_megatron.training.ssa_recipe import recipe_change_note, schedule_change_note
     saved_args = meta.get("args", {})
     notes = [rope_change_note(saved_args, args)]
-    if not meta.get("weights_only"):  # a converted model starts training here: no recipe to keep
-        notes.append(recipe_change_note(saved_args, args))
+    if not meta.get("weights_only"):  # a converted model starts training here: nothing to keep
+        notes += [recipe_change_note(saved_args, args), schedule_change_note(saved_args, args)]
     for note in notes:
         if note and rank == 0:
             print(note, flush=True)

@@ -2,6 +2,7 @@
 the full-branch probability and alignment weight schedules, and the recipe's one-line summary."""
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
@@ -60,18 +61,46 @@ RECIPE_ARGS = ("ssa_branch_draw", "ssa_full_prob", "ssa_full_prob_schedule", "ss
                "ssa_align_coef_schedule")  # the trainer's flags that set how branches mix
 
 
+# the trainer's flags that set the optimisation schedule and what is trained on
+SCHEDULE_ARGS = ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction",
+                 "weight_decay", "clip_grad", "global_batch_size", "seq_length", "data_path", "split", "seed")
+
+
+def _changed_flags(saved_args, args, keys) -> list:
+    """``--flag old -> new`` for each of ``keys`` whose value in the checkpoint's saved
+    (JSON-stored) arguments differs from this run's."""
+    def as_saved(value):
+        return json.loads(json.dumps(value)) if isinstance(value, (list, tuple)) else value
+    return [f"--{key.replace('_', '-')} {_flag_text(saved_args[key])} -> {_flag_text(getattr(args, key, None))}"
+            for key in keys if key in saved_args and saved_args[key] != as_saved(getattr(args, key, None))]
+
+
+def _flag_text(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def recipe_change_note(saved_args, args) -> Optional[str]:
     """A note when an SSA run continues a checkpoint with another branch-mixing recipe (e.g. a
     job requeued after the defaults changed, or flags left out on resume): the run goes on with
     the new one, so say so and name the checkpoint's flags."""
     if getattr(args, "attention_mode", None) != "ssa" or saved_args.get("attention_mode") != "ssa":
         return None
-    changed = [f"--{key.replace('_', '-')} {saved_args[key]} -> {getattr(args, key, None)}"
-               for key in RECIPE_ARGS if key in saved_args and saved_args[key] != getattr(args, key, None)]
+    changed = _changed_flags(saved_args, args, RECIPE_ARGS)
     if not changed:
         return None
     return ("note: this run mixes SSA's branches differently from the checkpoint it continues ("
             + ", ".join(changed) + "); pass the checkpoint's values to keep its recipe")
+
+
+def schedule_change_note(saved_args, args) -> Optional[str]:
+    """A note when a run continues a checkpoint with another schedule or data (e.g. a demo rerun
+    without its TRAIN_ITERS, or a second experiment under the same --save): legitimate for a
+    planned extension, a silent surprise otherwise."""
+    changed = _changed_flags(saved_args, args, SCHEDULE_ARGS)
+    if not changed:
+        return None
+    return ("note: this run continues a checkpoint trained with other settings (" + ", ".join(changed)
+            + "); the learning-rate schedule and data order follow this run's flags")
 
 
 def first_sample_of_micro(consumed: int, micro: int, mbs: int, dp_size: int, dp_rank: int) -> int:
