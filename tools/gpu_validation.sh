@@ -92,9 +92,9 @@ case "$1" in
     CUDA_VISIBLE_DEVICES=0 python3 tools/check_backend_parity.py --data-path runs/english/english_text_document \
       --checkpoint runs/diagnose/ssa_seed1/checkpoint --json "$OUT/parity.json" > "$OUT/parity.txt" 2>&1 &
     CUDA_VISIBLE_DEVICES=$(( $(nvidia-smi -L | wc -l) - 1 )) python3 tools/bench_attention.py \
-      --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 || true
+      --json "$OUT/diagnose_kernels.json" > "$OUT/diagnose_kernels.txt" 2>&1 || true
     wait || true
-    tail -12 "$OUT/parity.txt"; tail -30 "$OUT/kernels.txt" ;;
+    tail -12 "$OUT/parity.txt"; tail -30 "$OUT/diagnose_kernels.txt" ;;
   quality)  # SSA quality study: run again on the same machine to continue (finished runs are skipped)
     STUDY="${STUDY:-quality}"
     python3 tools/ssa_quality_study.py run --in-order --data-path runs/english/english_text_document \
