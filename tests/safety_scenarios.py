@@ -80,9 +80,11 @@ def wait_for(predicate, timeout=120):
 def restart_without_load():
     save = os.path.join(OUT, "case1")
     record = os.path.join(OUT, "case1_result.json")
-    first = run("case1_first", flags(save, 4, "--exit-interval", "2", "--result-json", record))
+    diag = ["--diagnostics-interval", "1"]
+    first = run("case1_first", flags(save, 4, "--exit-interval", "2", "--result-json", record, *diag))
     before = tree(os.path.join(save, "iter_0000002"))
-    again = run("case1_again", flags(save, 4, "--result-json", record))
+    again = run("case1_again", flags(save, 4, "--result-json", record, *diag))
+    diagnosed = [json.loads(line)["iteration"] for line in open(os.path.join(save, "diagnostics.jsonl"))]
     records = {os.path.basename(p): json.load(open(p))["iterations"]
                for p in [*result_record.earlier_parts(record), record]}
     after = tree(os.path.join(save, "iter_0000002"))
@@ -93,6 +95,7 @@ def restart_without_load():
     return {"first": first["code"], "again": again["code"], "again_iterations": iterations(again["log"]),
             "again_autoresume": lines(again["log"], "auto-resume:"),
             "iter2_untouched": before == after and bool(before), "records": records,
+            "diagnosed": diagnosed,
             "latest": open(os.path.join(save, "latest")).read().strip(),
             "other": other["code"], "other_log": other["log"],
             "over": over["code"], "over_iterations": iterations(over["log"]),

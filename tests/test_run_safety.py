@@ -46,6 +46,7 @@ def test_restart_without_load_resumes_and_never_overwrites(results):
     assert r["iter2_untouched"]
     # --result-json: the resumed run's record holds its steps, the first run's is kept beside it
     assert r["records"] == {"case1_result_part1_until_2.json": [1, 2], "case1_result.json": [3, 4]}
+    assert r["diagnosed"] == [1, 2, 3, 4]
     # another --load into a --save that holds checkpoints: refused, one line with the choices
     assert r["other"] == 2
     line = one_error_line(r["other_log"])
@@ -53,7 +54,7 @@ def test_restart_without_load_resumes_and_never_overwrites(results):
     # --start-over: the old checkpoints are moved aside (all of them, and latest), never deleted
     assert r["over"] == 0 and r["over_iterations"] == [1, 2] and len(r["over_note"]) == 1
     (aside,) = r["aside"].values()
-    assert aside == ["iter_0000002", "iter_0000004", "latest"]
+    assert aside == ["diagnostics.jsonl", "iter_0000002", "iter_0000004", "latest"]
     assert r["same"] == 2 and "--load names the same directory" in one_error_line(r["same_log"])
 
 
@@ -188,3 +189,20 @@ def test_fault_injection_refuses_a_workdir_with_other_files(tmp_path, capsys):
     fi.claim_workdir(str(tmp_path / "fresh"))  # new: claimed, and claimed again on a rerun
     (tmp_path / "fresh" / "trial000").mkdir()
     fi.claim_workdir(str(tmp_path / "fresh"))
+
+
+def test_diagnostics_of_steps_after_the_last_checkpoint_are_dropped_on_resume(tmp_path):
+    """A run killed after its last checkpoint wrote diagnostics records that the resumed run
+    writes again: resume_at drops them, so each iteration has one record."""
+    from types import SimpleNamespace
+
+    from ssa_megatron.training.diagnostics import Diagnostics
+    path = tmp_path / "diagnostics.jsonl"
+    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)))
+    args = SimpleNamespace(diagnostics_interval=1, diagnostics_dense_until=0, diagnostics_json=str(path),
+                           save=None)
+    diagnostics = Diagnostics(args, SimpleNamespace(module=None), {})
+    diagnostics.resume_at(3)
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    diagnostics.resume_at(3)
+    assert len(path.read_text().splitlines()) == 3

@@ -49,6 +49,7 @@ META = "ssa_meta.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "ssa_megatron.checkpoint.manifest"
 PARTIAL = ".partial"
+DIAGNOSTICS = "diagnostics.jsonl"  # the run's attention diagnostics, when not sent elsewhere
 TAG_PATTERN = re.compile(r"iter_(\d{7,})")
 # ssa_meta.json "checkpoint_format": 2 = saved with a manifest (a missing one is then damage, not age)
 CHECKPOINT_FORMAT = 2

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 import torch.distributed as dist
 
 from ssa_megatron.model.diagnostics import UpdateNorms, probing
+from ssa_megatron.training.checkpoint_format import DIAGNOSTICS
 
 
 class _StepProbe:
@@ -25,6 +26,13 @@ class _StepProbe:
         self.probe = probe
 
 
+def _iteration(line: str) -> int:
+    try:
+        return int(json.loads(line).get("iteration", 0))
+    except (ValueError, AttributeError, TypeError):
+        return 0  # not a record of ours: kept
+
+
 class Diagnostics:
     """Every ``--diagnostics-interval`` iterations, and every iteration up to
     ``--diagnostics-dense-until``, one JSON line per iteration (rank 0's layers and heads)."""
@@ -38,10 +46,24 @@ class Diagnostics:
         self.measure_updates = zero_stage < 3
         path = args.diagnostics_json
         if path is None and args.save:
-            path = os.path.join(args.save, "diagnostics.jsonl")
+            path = os.path.join(args.save, DIAGNOSTICS)
         self.path: Optional[str] = path if self.is_writer else None
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+
+    def resume_at(self, iteration: int) -> None:
+        """Drop the records past ``iteration`` that an interrupted run wrote after its last
+        checkpoint: this run writes those iterations again."""
+        if not self.path or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        kept = [line for line in lines if not line.strip() or _iteration(line) <= iteration]
+        if len(kept) != len(lines):
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
 
     def due(self, step: int) -> bool:
         """``step``: the 1-based number of the step about to run (the one its record is named by)."""

@@ -342,6 +342,8 @@ def run(args, fault_hook: Optional[Callable] = None,
     recipe = BranchRecipe(args)
     _log(recipe.describe(args))
     diagnostics = Diagnostics(args, engine, ds_config) if args.diagnostics_interval else None
+    if diagnostics is not None:
+        diagnostics.resume_at(state.iteration)
     eval_modes = [parse_eval_mode(m) for m in args.eval_modes] if args.eval_modes else None
 
     tracker = AlignLossLoggingHelper.tracker

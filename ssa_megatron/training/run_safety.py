@@ -29,8 +29,9 @@ import time
 from typing import List, Optional
 
 from ssa_megatron import engine_patches
-from ssa_megatron.training.checkpoint_format import (LATEST, PARTIAL, CheckpointError, broadcast_from_rank0,
-                                                     fsync_dir, iteration_of, list_tags, read_latest)
+from ssa_megatron.training.checkpoint_format import (DIAGNOSTICS, LATEST, PARTIAL, CheckpointError,
+                                                     broadcast_from_rank0, fsync_dir, iteration_of,
+                                                     list_tags, read_latest)
 
 LOCK = "run.lock"
 
@@ -164,7 +165,8 @@ def describe_checkpoints(save_dir: str) -> Optional[str]:
 
 
 def set_aside(save_dir: str) -> str:
-    """Move every checkpoint of ``save_dir`` and ``latest`` into a new ``set_aside_<time>`` folder."""
+    """Move every checkpoint of ``save_dir``, ``latest`` and the diagnostics record into a new
+    ``set_aside_<time>`` folder."""
     dest = os.path.join(save_dir, f"set_aside_{time.strftime('%Y%m%d-%H%M%S')}")
     n = 0
     while os.path.exists(dest):
@@ -173,7 +175,7 @@ def set_aside(save_dir: str) -> str:
     os.makedirs(dest)
     for name in os.listdir(save_dir):
         base = name.split(".replaced-")[0]
-        if name == LATEST or iteration_of(base) is not None:
+        if name in (LATEST, DIAGNOSTICS) or iteration_of(base) is not None:
             os.rename(os.path.join(save_dir, name), os.path.join(dest, name))
     fsync_dir(save_dir)
     return dest
