@@ -97,6 +97,26 @@ def test_resuming_with_another_schedule_or_data_is_noted():
     assert schedule_change_note({}, tiny_args()) is None
 
 
+def test_resuming_on_changed_data_is_noted(tmp_path):
+    """A dataset rebuilt under the same prefix (its .idx changes) or a retrained tokenizer of the
+    same vocabulary size: the resumed run says so; an unchanged one, or an old checkpoint
+    without fingerprints, says nothing."""
+    from ssa_megatron.data.datasets import index_fingerprints
+    from ssa_megatron.training.ssa_recipe import data_change_note
+    prefix = str(tmp_path / "corpus")
+    for ext in (".bin", ".idx"):
+        (tmp_path / ("corpus" + ext)).write_bytes(b"first")
+    saved = {"tokenizer": {"sha256": "a" * 64}, "index_sha256": index_fingerprints([prefix])}
+    same = {"tokenizer": {"sha256": "a" * 64}, "index_sha256": index_fingerprints([prefix])}
+    assert data_change_note(saved, same) is None
+    (tmp_path / "corpus.idx").write_bytes(b"rebuilt")
+    now = {"tokenizer": {"sha256": "b" * 64}, "index_sha256": index_fingerprints(["1.0", prefix])}
+    note = data_change_note(saved, now)
+    assert note.startswith("note: the data changed since the checkpoint")
+    assert "tokenizer sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb" in note and f"{prefix}.idx sha256" in note
+    assert data_change_note(None, now) is None and data_change_note({"data_path": [prefix]}, now) is None
+
+
 @pytest.mark.parametrize("weights_only", [False, True])
 def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weights_only):
     """load_checkpoint prints recipe_change_note's line for a resumed run, not for a converted
@@ -108,7 +128,7 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     from ssa_megatron.model.config import ConfigError
     from ssa_megatron.training import checkpointing
     saved = vars(tiny_args("--ssa-full-prob", "0.25", "--train-iters", "3"))
-    meta = {"args": saved, **({"weights_only": True} if weights_only else {})}
+    meta = {"args": saved, "data": {"tokenizer": {"sha256": "a" * 64}}, **({"weights_only": True} if weights_only else {})}
     monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000002", []))
     monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
     monkeypatch.setattr(checkpointing, "check_compatible", lambda *a: None)
@@ -116,10 +136,11 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     monkeypatch.setattr(checkpointing, "_deepspeed_load", lambda *a, **k: (None, None))
     engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
     with pytest.raises(ConfigError, match="could not load"):
-        checkpointing.load_checkpoint(engine, "unused", tiny_args())
+        checkpointing.load_checkpoint(engine, "unused", tiny_args(), {"tokenizer": {"sha256": "b" * 64}})
     out = capsys.readouterr().out
     assert ("--ssa-full-prob 0.25 -> 0.5" in out) is not weights_only
     assert ("--train-iters 3 -> " in out) is not weights_only
+    assert ("the data changed since" in out) is not weights_only
 
 
 def test_sequence_draws_follow_the_sample_not_the_layout():

@@ -44,6 +44,14 @@ def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[floa
     return list(data_path), None
 
 
+def index_fingerprints(data_path: Sequence[str]) -> dict:
+    """{prefix: sha256 of its .idx} of the datasets of ``--data-path`` that exist: cheap (the
+    index, not the tokens), and it changes when a dataset is rebuilt under the same prefix."""
+    from ssa_megatron.data.tokenizer import file_sha256
+    prefixes, _ = parse_blend(data_path)
+    return {p: file_sha256(p + ".idx") for p in prefixes if os.path.isfile(p + ".idx")}
+
+
 def check_data_files(prefixes: Sequence[str]) -> None:
     """Refuse, in one line, a missing, truncated or mismatched .bin/.idx pair (an interrupted copy,
     or an .idx of another corpus) before anything is built from it."""

@@ -238,7 +238,7 @@ def _deepspeed_load(engine, load_dir: str, tag: str, **kw):
                               f"{first}); choose another with --load-iteration N") from None
 
 
-def load_checkpoint(engine, load_dir: str, args):
+def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict] = None):
     """Resume from the newest intact checkpoint (or ``args.load_iteration``); returns
     (iteration, consumed_samples), or (0, 0) if ``load_dir`` holds none. All ranks call."""
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -256,11 +256,13 @@ def load_checkpoint(engine, load_dir: str, args):
         raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
-    from ssa_megatron.training.ssa_recipe import recipe_change_note, schedule_change_note
+    from ssa_megatron.training.ssa_recipe import data_change_note, recipe_change_note, schedule_change_note
     saved_args = meta.get("args", {})
     notes = [rope_change_note(saved_args, args)]
     if not meta.get("weights_only"):  # a converted model starts training here: nothing to keep
         notes += [recipe_change_note(saved_args, args), schedule_change_note(saved_args, args)]
+        if data_description is not None:
+            notes.append(data_change_note(meta.get("data"), data_description))
     for note in notes:
         if note and rank == 0:
             print(note, flush=True)

@@ -275,8 +275,8 @@ def run(args, fault_hook: Optional[Callable] = None,
     ``before_step(engine, iteration)`` runs after backward, before each optimizer step."""
     from megatron.core import parallel_state as ps
 
-    from ssa_megatron.data.datasets import (build_datasets, check_data_files, make_loader, parse_blend,
-                                            read_tokenizer_info)
+    from ssa_megatron.data.datasets import (build_datasets, check_data_files, index_fingerprints,
+                                            make_loader, parse_blend, read_tokenizer_info)
     from ssa_megatron.model.align_loss import AlignLossLoggingHelper
     from ssa_megatron.model.builder import padded_vocab_size
     from ssa_megatron.training import checkpointing as ckpt
@@ -302,8 +302,10 @@ def run(args, fault_hook: Optional[Callable] = None,
         engine_patches.call_before_optimizer_step(engine, lambda: before_step(engine, state.iteration))
 
     state = TrainState()
+    data_description = {"data_path": args.data_path, "tokenizer": info.description,
+                        "index_sha256": index_fingerprints(args.data_path)}
     if args.load:
-        state.iteration, state.consumed = ckpt.load_checkpoint(engine, args.load, args)
+        state.iteration, state.consumed = ckpt.load_checkpoint(engine, args.load, args, data_description)
         if state.iteration:
             _log(f"resumed from {args.load} at iteration {state.iteration} "
                  f"({state.consumed} samples consumed)")
@@ -329,7 +331,6 @@ def run(args, fault_hook: Optional[Callable] = None,
     train_iter = iter(train_loader)
     valid_iter = iter(valid_loader) if valid_loader is not None else None
 
-    data_description = {"data_path": args.data_path, "tokenizer": info.description}
     logger = TrainLogger(args, is_writer=(dist.get_rank() == 0))
     stop = StopSignal()
     stop.on_force_exit.append(guard.release)

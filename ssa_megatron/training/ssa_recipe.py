@@ -63,7 +63,7 @@ RECIPE_ARGS = ("ssa_branch_draw", "ssa_full_prob", "ssa_full_prob_schedule", "ss
 
 # the trainer's flags that set the optimisation schedule and what is trained on
 SCHEDULE_ARGS = ("train_iters", "lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction",
-                 "weight_decay", "clip_grad", "global_batch_size", "seq_length", "data_path", "split", "seed")
+                 "weight_decay", "clip_grad", "global_batch_size", "seq_length", "data_path", "seed")
 
 
 def _changed_flags(saved_args, args, keys) -> list:
@@ -90,6 +90,26 @@ def recipe_change_note(saved_args, args) -> Optional[str]:
         return None
     return ("note: this run mixes SSA's branches differently from the checkpoint it continues ("
             + ", ".join(changed) + "); pass the checkpoint's values to keep its recipe")
+
+
+def data_change_note(saved_data: Optional[dict], data: dict) -> Optional[str]:
+    """A note when the data or tokenizer a checkpoint was trained on changed since (a dataset
+    rebuilt under the same prefix, a retrained tokenizer of the same size): the run goes on,
+    on different tokens. Older checkpoints without fingerprints say nothing."""
+    if not saved_data:
+        return None
+    changed = []
+    had, now = (saved_data.get("tokenizer") or {}).get("sha256"), (data.get("tokenizer") or {}).get("sha256")
+    if had and now and had != now:
+        changed.append(f"tokenizer sha256 {had[:12]} -> {now[:12]}")
+    for prefix, sha in (saved_data.get("index_sha256") or {}).items():
+        current = (data.get("index_sha256") or {}).get(prefix)
+        if current and current != sha:
+            changed.append(f"{prefix}.idx sha256 {sha[:12]} -> {current[:12]}")
+    if not changed:
+        return None
+    return ("note: the data changed since the checkpoint this run continues was saved ("
+            + ", ".join(changed) + "); it trains on the new data")
 
 
 def schedule_change_note(saved_args, args) -> Optional[str]:
