@@ -69,3 +69,18 @@ def test_sampler_resumes_at_the_exact_next_sample():
     resumed = [i for batch in ResumableSampler(40, 12, 2, 1, 2) for i in batch]
     assert full[:4] == [2, 3, 6, 7]
     assert resumed == full[6:]  # 12 consumed = 3 global steps of 4; rank 1 read 6 of them
+
+
+def test_a_dataset_rebuilt_under_the_same_prefix_gets_new_sample_indices(single_process_parallel_state,
+                                                                        tmp_path):
+    """megatron-core caches the sample indices next to the data; after the prefix is rebuilt with
+    fewer documents the old cache used to be reused (IndexError, or the old samples)."""
+    prefix = write_random_dataset(str(tmp_path / "d"), num_docs=200, seed=1)
+    args = tiny_args("--data-path", prefix, "--split", "100,0,0")
+    info = read_tokenizer_info([prefix], None)
+    first = build_datasets(args, info, [200, 0, 0])[0]
+    write_random_dataset(prefix, num_docs=12, seed=2)  # rebuilt: another corpus, same prefix
+    again = build_datasets(tiny_args("--data-path", prefix, "--split", "100,0,0"), info, [200, 0, 0])[0]
+    assert again.unique_description_hash != first.unique_description_hash
+    for i in range(200):
+        again[i]  # every sample index points into the rebuilt data

@@ -185,14 +185,18 @@ def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[
 
 
 class _DatasetTokenizer:
-    """What megatron-core's GPTDataset asks of a tokenizer: ids, and an identity for its cache."""
+    """What megatron-core's GPTDataset asks of a tokenizer: ids, and an identity for its cache.
+    The identity also carries the data's index fingerprints: megatron-core keys its sample-index
+    cache (``<prefix dir>/cache``) by path, split, seed and tokenizer, so a dataset rebuilt under
+    the same prefix would otherwise reuse the old indices (an IndexError, or wrong samples)."""
 
-    def __init__(self, info: DataTokenizerInfo):
+    def __init__(self, info: DataTokenizerInfo, data_fingerprints: dict):
         self.eod = info.eod
         self.pad = -1  # no pad id: GPTDataset then never masks real tokens as padding
         self.vocab_size = info.vocab_size
         self.unique_identifiers = {"class": "ssa_megatron", "vocab_size": info.vocab_size,
-                                   "eod": info.eod, "sha256": info.description.get("sha256")}
+                                   "eod": info.eod, "sha256": info.description.get("sha256"),
+                                   "data_index_sha256": data_fingerprints}
 
 
 def build_datasets(args, info: DataTokenizerInfo, num_samples: Sequence[int]):
@@ -201,7 +205,7 @@ def build_datasets(args, info: DataTokenizerInfo, num_samples: Sequence[int]):
     check_data_files(prefixes)
     split = _effective_split(args.split, num_samples, prefixes)
     args.split = split  # recorded in checkpoints, so evaluation cuts the same held-out documents
-    token_info = _DatasetTokenizer(info)
+    token_info = _DatasetTokenizer(info, index_fingerprints(args.data_path))
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
