@@ -338,3 +338,20 @@ def test_generate_picks_device_and_dtype(monkeypatch):
         device_and_dtype("cuda", "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert device_and_dtype("auto", "auto") == (torch.device("cuda"), torch.bfloat16, "bf16")
+
+
+def test_data_of_another_tokenizer_is_noted(tmp_path, random_dataset):
+    """Evaluating on data tokenized with another tokenizer than the checkpoint's (same vocabulary
+    size, so nothing else notices): a note says the perplexities are not comparable."""
+    from types import SimpleNamespace
+
+    from ssa_megatron.eval.cli import read_evaluation_data
+    with open(random_dataset + ".tokenizer.json") as f:
+        given = json.load(f).get("sha256")
+    args = SimpleNamespace(data_path=random_dataset, split="90,10,0", split_name="valid", text=None)
+    for trained, noted in ((given, False), ("f" * 64, True)):
+        ev = SimpleNamespace(args=args, meta={"args": {"split": "90,10,0"},
+                                              "data": {"tokenizer": {"sha256": trained}}},
+                             notes=[], tokenizer=None, reset=False)
+        read_evaluation_data(ev)
+        assert any("was tokenized with another tokenizer" in n for n in ev.notes) is noted, ev.notes

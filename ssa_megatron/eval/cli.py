@@ -251,9 +251,18 @@ def read_evaluation_data(ev: Evaluation) -> None:
         ev.stream = evdata.indexed_stream(args.data_path, split, args.split_name)
         from ssa_megatron.data.datasets import read_tokenizer_info
         try:
-            ev.eod = read_tokenizer_info([args.data_path], None).eod
+            data_tokenizer = read_tokenizer_info([args.data_path], None)
         except Exception:
+            data_tokenizer = None
             ev.eod = ev.tokenizer.eod if ev.tokenizer is not None else None
+        else:
+            ev.eod = data_tokenizer.eod
+            trained = ((meta.get("data") or {}).get("tokenizer") or {}).get("sha256")
+            given = data_tokenizer.description.get("sha256")
+            if trained and given and trained != given:
+                ev.notes.append(f"{args.data_path} was tokenized with another tokenizer (sha256 "
+                                f"{given[:12]}) than the checkpoint was trained with ({trained[:12]}): "
+                                "the perplexities are not comparable")
         ev.source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
         trained_split = meta["args"].get("split")
         index = {"train": 0, "valid": 1, "test": 2}.get(args.split_name)

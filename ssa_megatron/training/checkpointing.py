@@ -261,8 +261,8 @@ def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict
     notes = [rope_change_note(saved_args, args)]
     if not meta.get("weights_only"):  # a converted model starts training here: nothing to keep
         notes += [recipe_change_note(saved_args, args), schedule_change_note(saved_args, args)]
-        if data_description is not None:
-            notes.append(data_change_note(meta.get("data"), data_description))
+    if data_description is not None:  # an imported model records its tokenizer too
+        notes.append(data_change_note(meta.get("data"), data_description))
     for note in notes:
         if note and rank == 0:
             print(note, flush=True)

@@ -93,9 +93,10 @@ def recipe_change_note(saved_args, args) -> Optional[str]:
 
 
 def data_change_note(saved_data: Optional[dict], data: dict) -> Optional[str]:
-    """A note when the data or tokenizer a checkpoint was trained on changed since (a dataset
-    rebuilt under the same prefix, a retrained tokenizer of the same size): the run goes on,
-    on different tokens. Older checkpoints without fingerprints say nothing."""
+    """A note when the data or tokenizer differs from the checkpoint's record (a dataset rebuilt
+    under the same prefix, a retrained tokenizer of the same size, an imported model trained on
+    data of another tokenizer): the run goes on, on other tokens. Records without fingerprints
+    say nothing."""
     if not saved_data:
         return None
     changed = []
@@ -108,8 +109,8 @@ def data_change_note(saved_data: Optional[dict], data: dict) -> Optional[str]:
             changed.append(f"{prefix}.idx sha256 {sha[:12]} -> {current[:12]}")
     if not changed:
         return None
-    return ("note: the data changed since the checkpoint this run continues was saved ("
-            + ", ".join(changed) + "); it trains on the new data")
+    return ("note: this run's data differs from what the checkpoint records ("
+            + ", ".join(changed) + "); training goes on with this run's data")
 
 
 def schedule_change_note(saved_args, args) -> Optional[str]:
