@@ -120,6 +120,21 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def error(self, message):
+        """One line, with the closest flag for a misspelt one, instead of the whole usage block
+        (dozens of lines for the trainer) above the message."""
+        import difflib
+        hints = []
+        if message.startswith("unrecognized arguments:"):
+            flags = [s for s in self._option_string_actions if s.startswith("--")]
+            for word in message.split(":", 1)[1].split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)
+                    if close:
+                        hints.append(f"{word}: did you mean {close[0]}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+
 
 def make_parser(**kwargs) -> argparse.ArgumentParser:
     return ArgumentParser(**kwargs)

@@ -128,3 +128,18 @@ def test_every_shell_script_answers_help_and_leaves_nothing(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "usage" not in proc.stdout and "bash tools/gpu_validation.sh" in proc.stderr
     assert os.listdir(tmp_path) == [] and not os.path.exists(os.path.join(ROOT, "results"))
+
+
+def test_a_misspelt_flag_is_one_line_with_the_closest_flag():
+    """argparse prints the whole usage (dozens of lines for the trainer) above the message; ours
+    prints the message, the closest flag and where the help is, in one line."""
+    proc = subprocess.run([sys.executable, "-c", "from ssa_megatron.training.arguments import build_parser; "
+                           "build_parser().parse_args(['--num-layers', '2', '--hidden-size', '64', "
+                           "'--num-attention-heads', '2', '--seq-length', '64', '--train-iters', '1', "
+                           "'--hiden-size', '3'])"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "unrecognized arguments: --hiden-size 3" in lines[0]
+    assert "did you mean --hidden-size?" in lines[0] and lines[0].endswith("--help")
