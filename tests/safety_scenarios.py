@@ -88,6 +88,7 @@ def restart_without_load():
     records = {os.path.basename(p): json.load(open(p))["iterations"]
                for p in [*result_record.earlier_parts(record), record]}
     after = tree(os.path.join(save, "iter_0000002"))
+    done = run("case1_done", flags(save, 4))  # finished already: says so, trains nothing
     other = run("case1_other_load", flags(save, 4, "--load", os.path.join(OUT, "elsewhere")))
     over = run("case1_start_over", flags(save, 2, "--start-over"))
     aside = sorted(d for d in os.listdir(save) if d.startswith("set_aside_"))
@@ -95,7 +96,8 @@ def restart_without_load():
     return {"first": first["code"], "again": again["code"], "again_iterations": iterations(again["log"]),
             "again_autoresume": lines(again["log"], "auto-resume:"),
             "iter2_untouched": before == after and bool(before), "records": records,
-            "diagnosed": diagnosed,
+            "diagnosed": diagnosed, "done": done["code"], "done_note": lines(done["log"], "nothing to train"),
+            "done_iterations": iterations(done["log"]),
             "latest": open(os.path.join(save, "latest")).read().strip(),
             "other": other["code"], "other_log": other["log"],
             "over": over["code"], "over_iterations": iterations(over["log"]),

@@ -47,6 +47,8 @@ def test_restart_without_load_resumes_and_never_overwrites(results):
     # --result-json: the resumed run's record holds its steps, the first run's is kept beside it
     assert r["records"] == {"case1_result_part1_until_2.json": [1, 2], "case1_result.json": [3, 4]}
     assert r["diagnosed"] == [1, 2, 3, 4]
+    # a rerun of the finished command: one line says there is nothing to train
+    assert r["done"] == 0 and r["done_iterations"] == [] and len(r["done_note"]) == 1
     # another --load into a --save that holds checkpoints: refused, one line with the choices
     assert r["other"] == 2
     line = one_error_line(r["other_log"])

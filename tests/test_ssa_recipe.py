@@ -286,3 +286,17 @@ def test_qk_layernorm_checkpoint_evaluates_and_hf_export_refuses(tmp_path, rando
     with pytest.raises(ConversionError, match="--qk-layernorm"):
         megatron_to_hf(save, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
+
+
+def test_a_budget_covering_the_sequence_is_noted():
+    """Block size x block count >= sequence length: the sparse branch is full attention (align
+    loss ~1e-17), which a newcomer following a small example would not know."""
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import full_coverage_note
+    covered = tiny_args("--seq-length", "64", "--ssa-block-size", "16", "--ssa-block-counts", "4")
+    note = full_coverage_note(covered)
+    assert note.startswith("note: --ssa-block-size 16 x --ssa-block-counts 4 = 64 tokens covers")
+    assert full_coverage_note(tiny_args("--seq-length", "128", "--ssa-block-size", "16",
+                                        "--ssa-block-counts", "4")) is None
+    assert full_coverage_note(tiny_args("--seq-length", "64", "--ssa-block-counts", "4",
+                                        "--attention-mode", "full")) is None

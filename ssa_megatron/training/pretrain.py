@@ -284,7 +284,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     from ssa_megatron.training.flops import flops_per_token
     from ssa_megatron.training.run_safety import NonFiniteSteps, prepare_save_dir
     from ssa_megatron.training.signals import StopSignal
-    from ssa_megatron.training.ssa_recipe import BranchRecipe
+    from ssa_megatron.training.ssa_recipe import BranchRecipe, full_coverage_note
     from ssa_megatron.training.tb import TrainLogger
 
     prefixes, _ = parse_blend(args.data_path)
@@ -342,6 +342,12 @@ def run(args, fault_hook: Optional[Callable] = None,
          f"DP {dp_size}; global batch {gbs} = {args.micro_batch_size} x {gas} accumulation x {dp_size}")
     recipe = BranchRecipe(args)
     _log(recipe.describe(args))
+    for note in (full_coverage_note(args),
+                 f"nothing to train: the checkpoint is at iteration {state.iteration}, --train-iters is "
+                 f"{args.train_iters} (raise --train-iters to continue)" if state.iteration >= args.train_iters
+                 else None):
+        if note:
+            _log(note)
     diagnostics = Diagnostics(args, engine, ds_config) if args.diagnostics_interval else None
     if diagnostics is not None:
         diagnostics.resume_at(state.iteration)

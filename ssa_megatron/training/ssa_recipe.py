@@ -57,6 +57,20 @@ class BranchRecipe:
                 f"blocks{', ' + ', '.join(extras) if extras else ''}")
 
 
+def full_coverage_note(args) -> Optional[str]:
+    """A note when the sparse branch's budget covers every training position (block size x
+    block count >= sequence length): sparse attention then equals full attention, and SSA,
+    Sparse-Sparse or NSA train a full-attention model."""
+    if args.attention_mode not in ("ssa", "sparse", "nsa"):
+        return None
+    budget = args.ssa_block_size * args.ssa_block_counts
+    if budget < args.seq_length:
+        return None
+    return (f"note: --ssa-block-size {args.ssa_block_size} x --ssa-block-counts {args.ssa_block_counts} = "
+            f"{budget} tokens covers the whole --seq-length {args.seq_length}: the sparse branch equals "
+            "full attention here; lower --ssa-block-counts (or train longer sequences) to train sparsity")
+
+
 RECIPE_ARGS = ("ssa_branch_draw", "ssa_full_prob", "ssa_full_prob_schedule", "ssa_align_coef",
                "ssa_align_coef_schedule")  # the trainer's flags that set how branches mix
 
