@@ -17,7 +17,9 @@
 #               | keep (RoPE as imported)
 # LR (3e-5), MIN_LR (LR / 10), WARMUP_ITERS (100), TRAIN_ITERS (2000), GLOBAL_BATCH (64),
 # MICRO_BATCH (1), TP (1), NPROC_PER_NODE (one per GPU), BLOCK_COUNTS (16), OUT (runs/continued-NAME),
+# SPLIT (998,2,0; a small corpus needs e.g. 90,10,0 for a validation split),
 # SSA_DEVICE=cpu (a CPU smoke run: gloo, fp32), EXTRA_ARGS (more pretrain.py flags)
+# Relative paths are taken from the current directory.
 [[ "${1:-}" == -h || "${1:-}" == --help ]] && { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0; }
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,10 @@ PY="${PYTHON:-$ROOT/.venv/bin/python}"
 HF_MODEL="${HF_MODEL:?set HF_MODEL to a Hugging Face model directory}"
 DATA_PATH="${DATA_PATH:?set DATA_PATH to a .bin/.idx prefix tokenized with the tokenizer of HF_MODEL}"
 OUT="${OUT:-$ROOT/runs/continued-$(basename "$HF_MODEL")}"
+# relative paths are where you are, not the checkout (the script runs from the checkout)
+[[ "$HF_MODEL" = /* ]] || HF_MODEL="$PWD/$HF_MODEL"
+[[ "$DATA_PATH" = /* ]] || DATA_PATH="$PWD/$DATA_PATH"
+[[ "$OUT" = /* ]] || OUT="$PWD/$OUT"
 TP="${TP:-1}"
 cd "$ROOT"
 mkdir -p "$OUT"
@@ -78,6 +84,6 @@ exec "$PY" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$N
   --lr-decay-style cosine --lr-warmup-iters "${WARMUP_ITERS:-100}" \
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 "${PRECISION[@]}" \
   --tensor-model-parallel-size "$TP" --deepspeed-config examples/ds_zero1.json \
-  --data-path "$DATA_PATH" --split 998,2,0 --eval-interval 200 --eval-iters 10 \
+  --data-path "$DATA_PATH" --split "${SPLIT:-998,2,0}" --eval-interval 200 --eval-iters 10 \
   --load "$LOAD" --save "$OUT/checkpoints" --save-interval 200 --keep-last 2 \
   --tensorboard-dir "$OUT/tensorboard" --log-interval 10 ${EXTRA_ARGS:-}

@@ -8,6 +8,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$(bash "$ROOT/tools/setup_env.sh" | tail -n 1)"
 OUT="${OUT:-$ROOT/runs/demo}"
+[[ "$OUT" = /* ]] || OUT="$PWD/$OUT"  # a relative OUT is where you are, not the checkout
 TRAIN_ITERS="${TRAIN_ITERS:-200}"
 cd "$ROOT"
 "$VENV/bin/python" -m ssa_megatron.data.demo_corpus "$OUT/data" --vocab-size "${VOCAB_SIZE:-8000}"

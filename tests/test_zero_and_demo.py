@@ -31,11 +31,14 @@ def test_zero_stage_trains_and_loss_falls(tmp_path, random_dataset, stage):
 
 def test_readme_demo_command_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, OUT=str(out), TRAIN_ITERS="6", LOG_INTERVAL="1", EVAL_INTERVAL="3",
+    name = f"demo-relative-{os.getpid()}"  # a relative OUT is taken from the current directory
+    env = dict(os.environ, OUT=name, TRAIN_ITERS="6", LOG_INTERVAL="1", EVAL_INTERVAL="3",
                SAVE_INTERVAL="3", VOCAB_SIZE="4000")
     proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_demo_cpu.sh")],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert not os.path.exists(os.path.join(ROOT, name))
+    os.rename(tmp_path / name, out)
     assert "iteration       6/6" in proc.stdout
     for notice in ("Transformer Engine", "Apex is not installed", "Setting accelerator"):
         assert notice not in proc.stdout + proc.stderr, notice  # hidden by ssa_megatron/console.py
