@@ -355,3 +355,20 @@ def test_data_of_another_tokenizer_is_noted(tmp_path, random_dataset):
                              notes=[], tokenizer=None, reset=False)
         read_evaluation_data(ev)
         assert any("was tokenized with another tokenizer" in n for n in ev.notes) is noted, ev.notes
+
+
+def test_generate_refuses_bad_inputs_in_one_line(tmp_path, capsys):
+    """generate.py: a training checkpoint as --model names the to-hf command with another
+    output folder; an empty prompt and a zero block budget are refused before any model loads."""
+    from ssa_megatron.eval.generate import main
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "latest").write_text("iter_0000002")
+    assert main(["--model", str(ckpt), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--input {ckpt} --output {ckpt}-hf," in err and "\n" not in err
+    (ckpt / "config.json").write_text("{}")
+    for flags, says in ((["--prompt", ""], "--prompt is empty"),
+                        (["--prompt", "x", "--block-counts", "0"], "--block-counts must be at least 1")):
+        assert main(["--model", str(ckpt), *flags]) == 2
+        assert says in capsys.readouterr().err

@@ -166,7 +166,10 @@ def test_checkpoints_without_the_options_read_as_before():
     check_compatible(old, run, "ckpt")
     assert rope_change_note(old["args"], run) is None
     run.untie_embeddings_and_output_weights = True
-    with pytest.raises(ConfigError, match="--untie-embeddings-and-output-weights False"):
+    with pytest.raises(ConfigError, match="--untie-embeddings-and-output-weights False.*new --save dir"):
         check_compatible(old, run, "ckpt")
+    # against an import (weights only) a new --save cannot help: the import's own flags do
+    with pytest.raises(ConfigError, match="pass the model flags tools/convert_checkpoint.py from-hf printed"):
+        check_compatible(dict(old, weights_only=True), run, "ckpt")
     run.use_rope_scaling = True
     assert "type llama3 factor 8" in rope_change_note(old["args"], run)

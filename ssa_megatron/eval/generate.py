@@ -77,9 +77,18 @@ def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
+        trained = os.path.isfile(os.path.join(args.model, "latest"))  # a training checkpoint
+        target = f"{args.model.rstrip('/')}-hf" if trained else "HF_DIR"
+        source = args.model if trained else "CHECKPOINT_DIR"
         print(f"error: --model {args.model} holds no config.json; write a Hugging Face directory "
-              "with: python tools/convert_checkpoint.py to-hf --input CHECKPOINT_DIR --output "
-              f"{args.model}", file=sys.stderr)
+              f"with: python tools/convert_checkpoint.py to-hf --input {source} --output {target}, "
+              "then pass that directory", file=sys.stderr)
+        return 2
+    if not args.prompt:
+        print("error: --prompt is empty; give the text to continue", file=sys.stderr)
+        return 2
+    if args.block_counts is not None and args.block_counts < 1:
+        print("error: --block-counts must be at least 1 (leave it out for the model's own)", file=sys.stderr)
         return 2
     if args.max_new_tokens < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
@@ -95,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
                                                  dtype=dtype).to(device).eval()
-    budget = args.block_counts or model.config.block_counts
+    budget = args.block_counts if args.block_counts is not None else model.config.block_counts
     if args.dense_layers > model.config.num_hidden_layers:
         print(f"error: --dense-layers {args.dense_layers}: the model has "
               f"{model.config.num_hidden_layers} layers", file=sys.stderr)

@@ -218,8 +218,11 @@ def check_compatible(meta: dict, args, tag_dir: str, padded_vocab: Optional[int]
         diffs.append(f"vocabulary (padded) {meta['padded_vocab_size']} (the data's tokenizer gives "
                      f"{padded_vocab})")
     if diffs:
+        fix = ("pass the model flags tools/convert_checkpoint.py from-hf printed for it (they are in "
+               "its ssa_meta.json 'args')" if meta.get("weights_only") else
+               "match the flags or start a new --save dir")
         raise ConfigError(f"checkpoint {tag_dir} has a different model shape: "
-                          + "; ".join(diffs) + " — match the flags or start a new --save dir")
+                          + "; ".join(diffs) + f" — {fix}")
     layout = [f"--{k.replace('_', '-')} {saved[k]} (flags say {getattr(args, k)})"
               for k in LAYOUT_FLAGS if k in saved and saved[k] != getattr(args, k, None)]
     if layout:
