@@ -274,3 +274,21 @@ def test_the_trainer_keeps_an_earlier_result_record(tmp_path):
         "r_part1_until_4.json", "r_part2_until_8.json"]
     assert not os.path.exists(path) and sorted(os.listdir(tmp_path)) == [
         "r_part1_until_4.json", "r_part2_until_8.json"]
+
+
+def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys):
+    """A run folder started under one setting is neither continued nor skipped under another
+    (the summary would mix them): the rerun stops before starting anything, in one line."""
+    args = _args(tmp_path)
+    out = tmp_path / "ssa_seed1"
+    out.mkdir()
+    pc.train_step(args, "ssa", 1, str(out))()  # records the flags it starts the run with
+    assert pc.changed_runs(args, {("ssa", 1): str(out)}) == []
+    other = _args(tmp_path, "--lr", "5e-4")
+    (changed,) = pc.changed_runs(other, {("ssa", 1): str(out)})
+    assert changed.startswith(f"{out}: 0.001 -> 0.0005")
+    code = pc.main(["--data-path", "unused", "--out", str(tmp_path), "--train-iters", "10", "--lr", "5e-4",
+                    "--systems", "ssa", "--seeds", "1", "--gpus", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: 1 run folder(s)") and "\n" not in err
+    assert not (tmp_path / "commands.txt").exists()  # nothing was started

@@ -111,6 +111,26 @@ def last_step(args) -> int:
     return min(args.train_iters, args.stop_at) if args.stop_at else args.train_iters
 
 
+TRAIN_COMMAND = "train_command.txt"  # the flags a run was started with (checked when it continues)
+
+
+def changed_runs(args, runs: dict) -> list:
+    """``out: first differing flags`` for each run folder that was started with other training
+    flags than this invocation gives it: continuing or skipping it would mix two settings."""
+    changed = []
+    for (system, seed), out in runs.items():
+        path = os.path.join(out, TRAIN_COMMAND)
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            before = f.read().split()
+        now = train_command(args, system, seed, out)[1:]
+        if before != now:
+            diff = [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]
+            changed.append(f"{out}: {', '.join(diff)}")
+    return changed
+
+
 def train_step(args, system: str, seed: int, out: str):
     """The training command of one run; resumes from its own checkpoint, skips a finished run."""
     def make():
@@ -118,6 +138,8 @@ def train_step(args, system: str, seed: int, out: str):
         if done and done.get("iteration", 0) >= last_step(args):
             return None
         cmd = train_command(args, system, seed, out)
+        with open(os.path.join(out, TRAIN_COMMAND), "w") as f:
+            f.write(" ".join(cmd[1:]) + "\n")
         if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
             if done:  # keep the earlier part's per-step record next to the resumed one
                 result_record.set_aside(os.path.join(out, "train.json"))
@@ -255,6 +277,12 @@ def main(argv=None) -> int:
             out = os.path.join(args.out, f"{system}_seed{seed}")
             os.makedirs(out, exist_ok=True)
             runs[(system, seed)] = out
+    changed = [] if args.skip_train else changed_runs(args, runs)
+    if changed:
+        print(f"error: {len(changed)} run folder(s) in {args.out} were started with other training flags "
+              f"(first: {changed[0]}); give another --out, or delete their {TRAIN_COMMAND} to continue "
+              "them under the new flags", file=sys.stderr)
+        return 2
     t0 = time.time()
     order = run_order(args, runs)
     jobs = []
