@@ -56,17 +56,28 @@ def cmd_run(args) -> int:
     groups = parse_groups(args.groups, variants)
     setting = json.loads(args.setting) if args.setting else None
     jobs = []
-    for name, seed in queue_order(groups, args.in_order):
-        run_dir = os.path.join(args.out, f"{name}_seed{seed}")
+    planned = [(name, seed, os.path.join(args.out, f"{name}_seed{seed}"),
+                quality.train_command(name, variants[name], seed, os.path.join(args.out, f"{name}_seed{seed}"),
+                                      args.data_path, setting, args.eval_iters, args.diagnostics_interval))
+               for name, seed in queue_order(groups, args.in_order)]
+    changed = [run_dir for _, _, run_dir, cmd in planned
+               if os.path.isfile(os.path.join(run_dir, "command.txt"))
+               and open(os.path.join(run_dir, "command.txt")).read().split() != cmd[1:]]
+    if changed:
+        print(f"error: {len(changed)} run folder(s) in {args.out} were started with other flags (first: "
+              f"{changed[0]}, see its command.txt); give another --out so one summary holds one setting",
+              file=sys.stderr)
+        return 2
+    for name, seed, run_dir, cmd in planned:
         done = quality.read_run(run_dir)
         if done is not None and "stopped_at" not in done:
             continue
         os.makedirs(run_dir, exist_ok=True)
-        for stale in ("diagnostics.jsonl", "train.log"):  # a run cut short starts again from step 0
-            if os.path.exists(os.path.join(run_dir, stale)):
-                os.remove(os.path.join(run_dir, stale))
-        cmd = quality.train_command(name, variants[name], seed, run_dir, args.data_path, setting,
-                                    args.eval_iters, args.diagnostics_interval)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for stale in ("diagnostics.jsonl", "train.log"):  # a run cut short starts again from step 0;
+            path = os.path.join(run_dir, stale)  # its records are kept beside, not deleted
+            if os.path.exists(path):
+                os.replace(path, f"{path}.previous-{stamp}")
         with open(os.path.join(run_dir, "command.txt"), "w") as f:
             f.write(" ".join(cmd[1:]) + "\n")
         jobs.append((run_dir, [("train.log", lambda cmd=cmd: cmd)]))
