@@ -208,3 +208,33 @@ def test_diagnostics_of_steps_after_the_last_checkpoint_are_dropped_on_resume(tm
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
     diagnostics.resume_at(3)
     assert len(path.read_text().splitlines()) == 3
+
+
+def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path):
+    """A run killed after step 4 with its last checkpoint at step 2 resumes at 3: TensorBoard
+    hides the killed run's steps 3-4 (purge_step), so the curve has steps 1..6 once; a finished
+    run rerun opens no new event file."""
+    import glob
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ssa_megatron.training.tb import TrainLogger
+    args = SimpleNamespace(tensorboard_dir=str(tmp_path), train_iters=6, attention_mode="full",
+                           ssa_align_coef=0.0)
+
+    def run(first, last, loss):
+        logger = TrainLogger(args, True, first_step=first)
+        for it in range(first, last + 1):
+            logger.log_train(it, loss, float("nan"), None, 1e-3, 1.0, 1.0, 1.0, it * 4, 1.0)
+        logger.close()
+
+    run(1, 4, 5.0)  # killed after step 4; checkpoint at 2
+    run(3, 6, 4.0)  # the resumed run
+    files = glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    TrainLogger(args, True, first_step=7).close()  # nothing to train
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*")) == files
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    steps = [(e.step, e.value) for e in events.Scalars("train/lm_loss")]
+    assert steps == [(1, 5.0), (2, 5.0), (3, 4.0), (4, 4.0), (5, 4.0), (6, 4.0)]

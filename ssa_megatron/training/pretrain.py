@@ -331,7 +331,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     train_iter = iter(train_loader)
     valid_iter = iter(valid_loader) if valid_loader is not None else None
 
-    logger = TrainLogger(args, is_writer=(dist.get_rank() == 0))
+    logger = TrainLogger(args, is_writer=(dist.get_rank() == 0), first_step=state.iteration + 1)
     stop = StopSignal()
     stop.on_force_exit.append(guard.release)
     tflop_per_token = flops_per_token(args, padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size)) / 1e12

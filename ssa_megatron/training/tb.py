@@ -5,13 +5,17 @@ import math
 
 
 class TrainLogger:
-    def __init__(self, args, is_writer: bool):
+    """``first_step``: the first iteration this run trains. TensorBoard hides the events an
+    interrupted earlier run wrote from that step on (its ``purge_step``), so a resumed run's
+    curves show each step once; a run with nothing to train opens no event file."""
+
+    def __init__(self, args, is_writer: bool, first_step: int = 1):
         self.args = args
         self.is_writer = is_writer
         self.writer = None
-        if is_writer and args.tensorboard_dir:
+        if is_writer and args.tensorboard_dir and first_step <= args.train_iters:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir)
+            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, purge_step=first_step)
 
     def log_train(self, iteration, lm_loss, align_loss, per_layer, lr, grad_norm, tokens_per_s,
                   tflops, consumed, ms_per_iter):
