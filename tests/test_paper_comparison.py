@@ -287,6 +287,8 @@ def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys):
     other = _args(tmp_path, "--lr", "5e-4")
     (changed,) = pc.changed_runs(other, {("ssa", 1): str(out)})
     assert changed.startswith(f"{out}: 0.001 -> 0.0005")
+    # a truncated study continued to the end, or logged more often, is the same run
+    assert pc.changed_runs(_args(tmp_path, "--stop-at", "4", "--log-interval", "1"), {("ssa", 1): str(out)}) == []
     code = pc.main(["--data-path", "unused", "--out", str(tmp_path), "--train-iters", "10", "--lr", "5e-4",
                     "--systems", "ssa", "--seeds", "1", "--gpus", "0"])
     err = capsys.readouterr().err.strip()

@@ -112,6 +112,22 @@ def last_step(args) -> int:
 
 
 TRAIN_COMMAND = "train_command.txt"  # the flags a run was started with (checked when it continues)
+# flags that may change between the parts of one run: where it stops (--stop-at), how often it
+# logs, where the checkout is
+OPERATIONAL_FLAGS = ("--exit-interval", "--log-interval", "--deepspeed-config", "--num-workers")
+
+
+def _setting(words: list) -> list:
+    """A training command's words without its operational flags (and their values)."""
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in OPERATIONAL_FLAGS:
+            skip = True
+        else:
+            kept.append(word)
+    return kept
 
 
 def changed_runs(args, runs: dict) -> list:
@@ -124,7 +140,7 @@ def changed_runs(args, runs: dict) -> list:
             continue
         with open(path) as f:
             before = f.read().split()
-        now = train_command(args, system, seed, out)[1:]
+        before, now = _setting(before), _setting(train_command(args, system, seed, out)[1:])
         if before != now:
             diff = [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]
             changed.append(f"{out}: {', '.join(diff)}")
