@@ -351,7 +351,7 @@ def test_data_of_another_tokenizer_is_noted(tmp_path, random_dataset):
     args = SimpleNamespace(data_path=random_dataset, split="90,10,0", split_name="valid", text=None)
     for trained, noted in ((given, False), ("f" * 64, True)):
         ev = SimpleNamespace(args=args, meta={"args": {"split": "90,10,0"},
-                                              "data": {"tokenizer": {"sha256": trained}}},
+                                              "data": {"tokenizer": {"kind": "synthetic", "sha256": trained}}},
                              notes=[], tokenizer=None, reset=False)
         read_evaluation_data(ev)
         assert any("was tokenized with another tokenizer" in n for n in ev.notes) is noted, ev.notes

@@ -276,7 +276,7 @@ def test_the_trainer_keeps_an_earlier_result_record(tmp_path):
         "r_part1_until_4.json", "r_part2_until_8.json"]
 
 
-def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys):
+def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys, monkeypatch):
     """A run folder started under one setting is neither continued nor skipped under another
     (the summary would mix them): the rerun stops before starting anything, in one line."""
     args = _args(tmp_path)
@@ -289,6 +289,14 @@ def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys):
     assert changed.startswith(f"{out}: 0.001 -> 0.0005")
     # a truncated study continued to the end, or logged more often, is the same run
     assert pc.changed_runs(_args(tmp_path, "--stop-at", "4", "--log-interval", "1"), {("ssa", 1): str(out)}) == []
+    # --out spelled relative to another directory, a variant flag value with a space: the same
+    monkeypatch.chdir(tmp_path.parent)
+    relative = pc.parse_args(["--data-path", "unused", "--out", tmp_path.name, "--train-iters", "10"])
+    assert pc.changed_runs(relative, {("ssa", 1): str(out)}) == []
+    spaced = _args(tmp_path, "--variant", "v=--attention-mode ssa --ssa-full-prob-schedule 0:1,10:0.5")
+    (tmp_path / "v_seed1").mkdir()
+    pc.train_step(spaced, "v", 1, str(tmp_path / "v_seed1"))()
+    assert pc.changed_runs(spaced, {("v", 1): str(tmp_path / "v_seed1")}) == []
     code = pc.main(["--data-path", "unused", "--out", str(tmp_path), "--train-iters", "10", "--lr", "5e-4",
                     "--systems", "ssa", "--seeds", "1", "--gpus", "0"])
     err = capsys.readouterr().err.strip()

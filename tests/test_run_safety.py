@@ -200,14 +200,16 @@ def test_diagnostics_of_steps_after_the_last_checkpoint_are_dropped_on_resume(tm
 
     from ssa_megatron.training.diagnostics import Diagnostics
     path = tmp_path / "diagnostics.jsonl"
-    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)))
+    path.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)) + '{"itera')
     args = SimpleNamespace(diagnostics_interval=1, diagnostics_dense_until=0, diagnostics_json=str(path),
                            save=None)
     diagnostics = Diagnostics(args, SimpleNamespace(module=None), {})
     diagnostics.resume_at(3)
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    (aside,) = [p for p in tmp_path.iterdir() if p.name.startswith("diagnostics.jsonl.past-3-")]
+    assert aside.read_text() == json.dumps({"iteration": 4}) + "\n" + json.dumps({"iteration": 5}) + "\n" + '{"itera'
     diagnostics.resume_at(3)
-    assert len(path.read_text().splitlines()) == 3
+    assert len(path.read_text().splitlines()) == 3 and len(list(tmp_path.iterdir())) == 2
 
 
 def test_tensorboard_of_a_resumed_run_shows_each_step_once(tmp_path):

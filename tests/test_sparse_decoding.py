@@ -305,3 +305,6 @@ def test_selection_agreement_compares_sets_and_measures_swaps():
     assert selection_agreement(future, scores, 3)["check_swap_gap"] == float("inf")
     no_current = torch.tensor([[[0, 1, 2], [1, 2, 3]]], dtype=torch.int32)
     assert selection_agreement(no_current, scores, 3)["check_swap_gap"] == float("inf")
+    for short in ([0, 1, -1], [0, 1, 1]):  # a block missing, or one kept twice
+        bad = torch.tensor([[short, [0, 1, 2]]], dtype=torch.int32)
+        assert selection_agreement(bad, scores, 3)["check_swap_gap"] == float("inf")

@@ -115,6 +115,12 @@ def test_resuming_on_changed_data_is_noted(tmp_path):
     assert note.startswith("note: this run's data differs from what the checkpoint records (")
     assert "tokenizer sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb" in note and f"{prefix}.idx sha256" in note
     assert data_change_note(None, now) is None and data_change_note({"data_path": [prefix]}, now) is None
+    # an HF model's import names tokenizer.model, its data tokenizer.json: not compared
+    from ssa_megatron.training.ssa_recipe import tokenizers_differ
+    assert not tokenizers_differ({"kind": "sentencepiece", "sha256": "a" * 64},
+                                 {"kind": "huggingface", "sha256": "b" * 64})
+    assert tokenizers_differ({"kind": "sentencepiece", "sha256": "a" * 64},
+                             {"kind": "sentencepiece", "sha256": "b" * 64})
 
 
 @pytest.mark.parametrize("weights_only", [False, True])

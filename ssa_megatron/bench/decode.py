@@ -118,6 +118,10 @@ def selection_agreement(idx, scores, block_counts) -> dict:
     same, worst = 0, 0.0
     rows = idx.reshape(-1, idx.shape[-1]).tolist()
     for row, (got, want) in enumerate(zip(rows, ref_idx.reshape(-1, ref_idx.shape[-1]).tolist())):
+        valid = [b for b in got if b != -1]
+        if len(set(valid)) != len(valid) or len(valid) != sum(b != -1 for b in want):
+            worst = float("inf")  # a block repeated, or fewer / more blocks than the reference keeps
+            continue
         swapped = set(got) ^ set(want)
         swapped.discard(-1)
         if not swapped:

@@ -257,12 +257,13 @@ def read_evaluation_data(ev: Evaluation) -> None:
             ev.eod = ev.tokenizer.eod if ev.tokenizer is not None else None
         else:
             ev.eod = data_tokenizer.eod
-            trained = ((meta.get("data") or {}).get("tokenizer") or {}).get("sha256")
-            given = data_tokenizer.description.get("sha256")
-            if trained and given and trained != given:
+            from ssa_megatron.training.ssa_recipe import tokenizers_differ
+            trained = (meta.get("data") or {}).get("tokenizer")
+            given = data_tokenizer.description
+            if tokenizers_differ(trained, given):
                 ev.notes.append(f"{args.data_path} was tokenized with another tokenizer (sha256 "
-                                f"{given[:12]}) than the checkpoint was trained with ({trained[:12]}): "
-                                "the perplexities are not comparable")
+                                f"{given['sha256'][:12]}) than the checkpoint was trained with "
+                                f"({trained['sha256'][:12]}): the perplexities are not comparable")
         ev.source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
         trained_split = meta["args"].get("split")
         index = {"train": 0, "valid": 1, "test": 2}.get(args.split_name)

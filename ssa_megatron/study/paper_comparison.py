@@ -139,7 +139,7 @@ def changed_runs(args, runs: dict) -> list:
         if not os.path.isfile(path):
             continue
         with open(path) as f:
-            before = f.read().split()
+            before = shlex.split(f.read())
         before, now = _setting(before), _setting(train_command(args, system, seed, out)[1:])
         if before != now:
             diff = [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]
@@ -155,7 +155,7 @@ def train_step(args, system: str, seed: int, out: str):
             return None
         cmd = train_command(args, system, seed, out)
         with open(os.path.join(out, TRAIN_COMMAND), "w") as f:
-            f.write(" ".join(cmd[1:]) + "\n")
+            f.write(shlex.join(cmd[1:]) + "\n")
         if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
             if done:  # keep the earlier part's per-step record next to the resumed one
                 result_record.set_aside(os.path.join(out, "train.json"))
@@ -278,6 +278,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
                          "define them with --variant NAME=FLAGS")
+    # one spelling of each path, so a run's recorded command reads the same from anywhere
+    args.out = os.path.abspath(args.out)
+    if os.path.exists(args.data_path + ".idx"):
+        args.data_path = os.path.abspath(args.data_path)
     return args
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from typing import Dict, Optional
 
 import torch.distributed as dist
@@ -26,11 +27,11 @@ class _StepProbe:
         self.probe = probe
 
 
-def _iteration(line: str) -> int:
+def _iteration(line: str) -> float:
     try:
-        return int(json.loads(line).get("iteration", 0))
-    except (ValueError, AttributeError, TypeError):
-        return 0  # not a record of ours: kept
+        return int(json.loads(line)["iteration"])
+    except (ValueError, AttributeError, TypeError, KeyError):
+        return float("inf")  # not a whole record: moved aside with the later ones
 
 
 class Diagnostics:
@@ -52,18 +53,23 @@ class Diagnostics:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
 
     def resume_at(self, iteration: int) -> None:
-        """Drop the records past ``iteration`` that an interrupted run wrote after its last
-        checkpoint: this run writes those iterations again."""
+        """A run resumed at ``iteration`` writes the iterations after it again: the records an
+        interrupted run wrote past its last checkpoint (and a line cut off by a kill) move to
+        ``<path>.past-<iteration>-<time>``, so the record holds each iteration once."""
         if not self.path or not os.path.isfile(self.path):
             return
         with open(self.path) as f:
             lines = f.readlines()
-        kept = [line for line in lines if not line.strip() or _iteration(line) <= iteration]
-        if len(kept) != len(lines):
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+        kept = [line for line in lines if line.endswith("\n") and _iteration(line) <= iteration]
+        if len(kept) == len(lines):
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        with open(f"{self.path}.past-{iteration}-{stamp}", "w") as f:
+            f.writelines(line for line in lines if line not in kept)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def due(self, step: int) -> bool:
         """``step``: the 1-based number of the step about to run (the one its record is named by)."""

@@ -349,7 +349,7 @@ def run(args, fault_hook: Optional[Callable] = None,
         if note:
             _log(note)
     diagnostics = Diagnostics(args, engine, ds_config) if args.diagnostics_interval else None
-    if diagnostics is not None:
+    if diagnostics is not None and state.iteration:
         diagnostics.resume_at(state.iteration)
     eval_modes = [parse_eval_mode(m) for m in args.eval_modes] if args.eval_modes else None
 

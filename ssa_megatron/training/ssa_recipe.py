@@ -106,6 +106,15 @@ def recipe_change_note(saved_args, args) -> Optional[str]:
             + ", ".join(changed) + "); pass the checkpoint's values to keep its recipe")
 
 
+def tokenizers_differ(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Two tokenizer records (kind, sha256) that are surely different tokenizers. Records of
+    different kinds are not compared: an HF model ships the same tokenizer as tokenizer.model and
+    as tokenizer.json, and its import and its data may each name another of the two."""
+    a, b = a or {}, b or {}
+    return bool(a.get("sha256") and b.get("sha256") and a.get("kind") == b.get("kind")
+                and a["sha256"] != b["sha256"])
+
+
 def data_change_note(saved_data: Optional[dict], data: dict) -> Optional[str]:
     """A note when the data or tokenizer differs from the checkpoint's record (a dataset rebuilt
     under the same prefix, a retrained tokenizer of the same size, an imported model trained on
@@ -114,8 +123,8 @@ def data_change_note(saved_data: Optional[dict], data: dict) -> Optional[str]:
     if not saved_data:
         return None
     changed = []
-    had, now = (saved_data.get("tokenizer") or {}).get("sha256"), (data.get("tokenizer") or {}).get("sha256")
-    if had and now and had != now:
+    if tokenizers_differ(saved_data.get("tokenizer"), data.get("tokenizer")):
+        had, now = saved_data["tokenizer"]["sha256"], data["tokenizer"]["sha256"]
         changed.append(f"tokenizer sha256 {had[:12]} -> {now[:12]}")
     for prefix, sha in (saved_data.get("index_sha256") or {}).items():
         current = (data.get("index_sha256") or {}).get(prefix)
