@@ -126,7 +126,9 @@ class ArgumentParser(argparse.ArgumentParser):
         import difflib
         hints = []
         if message.startswith("unrecognized arguments:"):
-            flags = [s for s in self._option_string_actions if s.startswith("--")]
+            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                                for p in a.choices.values()]  # a sub-command's flags too
+            flags = sorted({s for p in parsers for s in p._option_string_actions if s.startswith("--")})
             for word in message.split(":", 1)[1].split():
                 if word.startswith("--"):
                     close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)

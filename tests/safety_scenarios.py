@@ -85,10 +85,10 @@ def restart_without_load():
     before = tree(os.path.join(save, "iter_0000002"))
     again = run("case1_again", flags(save, 4, "--result-json", record, *diag))
     diagnosed = [json.loads(line)["iteration"] for line in open(os.path.join(save, "diagnostics.jsonl"))]
+    after = tree(os.path.join(save, "iter_0000002"))
+    done = run("case1_done", flags(save, 4, "--result-json", record))  # finished: says so, trains nothing
     records = {os.path.basename(p): json.load(open(p))["iterations"]
                for p in [*result_record.earlier_parts(record), record]}
-    after = tree(os.path.join(save, "iter_0000002"))
-    done = run("case1_done", flags(save, 4))  # finished already: says so, trains nothing
     other = run("case1_other_load", flags(save, 4, "--load", os.path.join(OUT, "elsewhere")))
     over = run("case1_start_over", flags(save, 2, "--start-over"))
     aside = sorted(d for d in os.listdir(save) if d.startswith("set_aside_"))

@@ -143,3 +143,8 @@ def test_a_misspelt_flag_is_one_line_with_the_closest_flag():
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "unrecognized arguments: --hiden-size 3" in lines[0]
     assert "did you mean --hidden-size?" in lines[0] and lines[0].endswith("--help")
+    # a sub-command's flag (reported by the top-level parser) gets its hint too
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "to-hf",
+                           "--input", "x", "--output", "y", "--dtyp", "bf16"], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "did you mean --dtype?" in proc.stderr, proc.stderr

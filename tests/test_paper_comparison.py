@@ -274,6 +274,9 @@ def test_the_trainer_keeps_an_earlier_result_record(tmp_path):
         "r_part1_until_4.json", "r_part2_until_8.json"]
     assert not os.path.exists(path) and sorted(os.listdir(tmp_path)) == [
         "r_part1_until_4.json", "r_part2_until_8.json"]
+    os.remove(tmp_path / "r_part1_until_4.json")  # a part deleted by hand: numbers never repeat
+    result_record.write(path, {"iteration": 12})
+    assert result_record.set_aside(path) == str(tmp_path / "r_part3_until_12.json")
 
 
 def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys, monkeypatch):

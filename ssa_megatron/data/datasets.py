@@ -199,13 +199,16 @@ class _DatasetTokenizer:
                                    "data_index_sha256": data_fingerprints}
 
 
-def build_datasets(args, info: DataTokenizerInfo, num_samples: Sequence[int]):
-    """Train/valid/test GPTDatasets through BlendedMegatronDatasetBuilder (call on every rank)."""
+def build_datasets(args, info: DataTokenizerInfo, num_samples: Sequence[int],
+                   fingerprints: Optional[dict] = None):
+    """Train/valid/test GPTDatasets through BlendedMegatronDatasetBuilder (call on every rank).
+    ``fingerprints``: :func:`index_fingerprints` of ``args.data_path`` if already computed."""
     prefixes, weights = parse_blend(args.data_path)
     check_data_files(prefixes)
     split = _effective_split(args.split, num_samples, prefixes)
     args.split = split  # recorded in checkpoints, so evaluation cuts the same held-out documents
-    token_info = _DatasetTokenizer(info, index_fingerprints(args.data_path))
+    token_info = _DatasetTokenizer(info, fingerprints if fingerprints is not None
+                                   else index_fingerprints(args.data_path))
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,

@@ -324,7 +324,8 @@ def run(args, fault_hook: Optional[Callable] = None,
     eval_samples = 0
     if args.eval_interval:
         eval_samples = (args.train_iters // args.eval_interval + 1) * args.eval_iters * gbs
-    train_ds, valid_ds, _ = build_datasets(args, info, [args.train_iters * gbs, eval_samples, 0])
+    train_ds, valid_ds, _ = build_datasets(args, info, [args.train_iters * gbs, eval_samples, 0],
+                                           data_description["index_sha256"])
     train_loader = make_loader(train_ds, state.consumed, args.micro_batch_size, dp_rank, dp_size,
                                args.num_workers)
     valid_loader = make_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size, 0) if eval_samples else None
@@ -452,10 +453,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ssa_megatron.training.arguments import parse_args
     args = parse_args(argv)
     from ssa_megatron.training import result_record
-    if args.result_json and os.environ.get("RANK", "0") == "0":
-        moved = result_record.set_aside(args.result_json)
-        if moved:
-            print(f"kept the earlier --result-json record as {moved}", flush=True)
     try:
         result = run(args)
     except ConfigError as err:
@@ -466,7 +463,11 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr, flush=True)
         return 130
     if args.result_json and (not dist.is_initialized() or dist.get_rank() == 0):
-        result_record.write(args.result_json, result)
+        if result.get("iterations") or not os.path.exists(args.result_json):  # nothing trained: keep it
+            moved = result_record.set_aside(args.result_json)
+            if moved:
+                print(f"kept the earlier --result-json record as {moved}", flush=True)
+            result_record.write(args.result_json, result)
     from ssa_megatron.training.distributed import destroy_distributed
     destroy_distributed(barrier=True)
     return 0 if "stopped_at" not in result else 3

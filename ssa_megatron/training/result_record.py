@@ -36,7 +36,9 @@ def set_aside(path: str) -> Optional[str]:
     except (OSError, ValueError, AttributeError):
         until = "unknown"
     stem = os.path.splitext(path)[0]
-    target = f"{stem}_part{len(earlier_parts(path)) + 1}_until_{until}.json"
+    pattern = _part_pattern(path)
+    numbers = [int(pattern.match(os.path.basename(p)).group(1)) for p in earlier_parts(path)]
+    target = f"{stem}_part{max(numbers, default=0) + 1}_until_{until}.json"
     os.replace(path, target)
     return target
 
