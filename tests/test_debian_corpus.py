@@ -161,7 +161,15 @@ def test_shards_round_trip_and_damage(tmp_path):
     with pytest.raises(CorpusError, match="is not empty"):
         split_dataset(prefix, shard_dir, max_bytes=1 << 17, level=3)
     assert {n: open(os.path.join(shard_dir, n), "rb").read() for n in os.listdir(shard_dir)} == before
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert not [n for n in os.listdir(shard_dir) if n.startswith(".partial-")]
+    empty = tmp_path / "empty"  # an existing empty directory (a mount point, say) is fine
+    empty.mkdir()
+    split_dataset(prefix, str(empty), max_bytes=1 << 17, level=3)
+    assert (empty / "manifest.json").exists() and not [n for n in os.listdir(empty) if n.startswith(".")]
+    cut = tmp_path / "cut"  # an interrupted split's leftover is named
+    (cut / ".partial-123").mkdir(parents=True)
+    with pytest.raises(CorpusError, match=r"\.partial-123 is left by an interrupted split"):
+        split_dataset(prefix, str(cut))
     other = str(tmp_path / "other")
     os.makedirs(other)
     open(os.path.join(other, "corpus_text_document.bin"), "wb").write(b"mine")

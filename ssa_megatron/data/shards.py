@@ -47,28 +47,32 @@ def dataset_files(prefix: str) -> List[str]:
 def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
                   level: int = DEFAULT_LEVEL, threads: int = 0) -> dict:
     """Write the shards and ``manifest.json`` of dataset ``prefix`` into ``out_dir`` (new or
-    empty: another set there is never overwritten); returns the manifest. The set is built in a
-    temporary sibling directory and renamed into place, so an interrupted split leaves no
-    half-written set. Raw pieces are sized from the compression ratio seen so far and shrunk
-    until their compressed form fits ``max_bytes``."""
+    empty: another set there is never overwritten); returns the manifest. The set is built in
+    ``out_dir/.partial-<pid>`` and moved up when complete, ``manifest.json`` last, so an
+    interrupted split leaves no set that ``join`` would take. Raw pieces are sized from the
+    compression ratio seen so far and shrunk until their compressed form fits ``max_bytes``."""
     zstd = _zstd()
     if max_bytes < 1 << 16:
         raise CorpusError(f"--max-mib must allow shards of at least 64 KiB, not {max_bytes} bytes")
     files = dataset_files(prefix)
-    out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise CorpusError(f"{out_dir} is not empty (it may hold another shard set); split into a new "
-                          "or empty directory")
-    final_dir, out_dir = out_dir, f"{out_dir}.tmp-{os.getpid()}"
-    os.makedirs(out_dir)
+        leftover = sorted(n for n in os.listdir(out_dir) if n.startswith(".partial-"))
+        raise CorpusError(f"{out_dir} is not empty " + (
+            f"({leftover[0]} is left by an interrupted split: remove it)" if leftover else
+            "(it may hold another shard set); split into a new or empty directory"))
+    partial = os.path.join(out_dir, f".partial-{os.getpid()}")
     try:
-        manifest = _write_shards(zstd, files, out_dir, max_bytes, level, threads)
-        if os.path.isdir(final_dir):
-            os.rmdir(final_dir)  # empty (checked above)
-        os.rename(out_dir, final_dir)
+        os.makedirs(partial)
+        manifest = _write_shards(zstd, files, partial, max_bytes, level, threads)
+        names = sorted(os.listdir(partial), key=lambda n: n == MANIFEST)  # the manifest last
+        for name in names:
+            os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
+        os.rmdir(partial)
+    except OSError as err:
+        raise CorpusError(f"cannot write the shards in {out_dir}: {err.strerror or err}") from None
     finally:
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
+        if os.path.isdir(partial):
+            shutil.rmtree(partial)
     return manifest
 
 

@@ -5,7 +5,9 @@ which takes a lock file in the op's build directory on every load (not only the 
 deletes it when done. A process killed inside that window (``kill -9``, the OOM killer, a Slurm
 preemption at start-up) leaves the file, and every later run then waits for it forever. The
 holder of a live lock keeps the file open, so a lock that no process has open, seen twice a poll
-apart, is abandoned and safe to remove.
+apart, is abandoned and safe to remove. Only processes visible in this machine's /proc count: a
+build directory shared with another node, PID namespace or user (``TORCH_EXTENSIONS_DIR`` on a
+shared file system) is outside that promise; give each its own.
 """
 from __future__ import annotations
 
