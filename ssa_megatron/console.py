@@ -25,6 +25,7 @@ import sys
 import textwrap
 import time
 import warnings
+from typing import Optional
 
 # (category, message regex) of warnings that say nothing the user can act on
 _HIDDEN_WARNINGS = (
@@ -63,12 +64,11 @@ def quiet_library_notices() -> None:
 
 
 @contextlib.contextmanager
-def announce_deepspeed_build():
+def announce_deepspeed_build(build_dir: Optional[str]):
     """Around ``deepspeed.init_distributed``: on the CPU, DeepSpeed compiles its shared-memory
-    communication op the first time it runs on a machine (about a minute, silent). Say so before
-    it starts and how long it took; swallow the "built successfully" line it prints every time."""
-    from ssa_megatron.training.build_lock import deepspeed_cpu_op_build_dir
-    build_dir = deepspeed_cpu_op_build_dir()
+    communication op (in ``build_dir``, ``build_lock.deepspeed_cpu_op_build_dir()``; None: no
+    such op) the first time it runs on a machine (about a minute, silent). Say so before it
+    starts and how long it took; swallow the "built successfully" line it prints every time."""
     built = build_dir is None or os.path.exists(
         os.path.join(build_dir, os.path.basename(build_dir) + ".so"))
     speaks = os.environ.get("LOCAL_RANK", "0") == "0"

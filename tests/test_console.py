@@ -100,10 +100,11 @@ def test_evaluate_names_its_own_flag_for_a_missing_text(tmp_path, capsys):
 
 def test_deepspeed_first_build_is_announced(tmp_path, monkeypatch, capsys):
     from ssa_megatron.console import announce_deepspeed_build
+    from ssa_megatron.training.build_lock import deepspeed_cpu_op_build_dir
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built here yet
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.delenv("SSA_SHOW_LIBRARY_NOTICES", raising=False)
-    with announce_deepspeed_build():
+    with announce_deepspeed_build(deepspeed_cpu_op_build_dir()):
         print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
         print("a line of ours")
     out = capsys.readouterr().out.splitlines()

@@ -88,7 +88,7 @@ def test_resuming_with_another_schedule_or_data_is_noted():
     import json
 
     from model_utils import tiny_args
-    from ssa_megatron.training.ssa_recipe import schedule_change_note
+    from ssa_megatron.training.resume_notes import schedule_change_note
     saved = json.loads(json.dumps(vars(tiny_args("--train-iters", "20"))))  # as the checkpoint stores it
     assert schedule_change_note(saved, tiny_args("--train-iters", "20")) is None
     note = schedule_change_note(saved, tiny_args("--train-iters", "200", "--lr", "0.5"))
@@ -102,7 +102,7 @@ def test_resuming_on_changed_data_is_noted(tmp_path):
     same vocabulary size: the resumed run says so; an unchanged one, or an old checkpoint
     without fingerprints, says nothing."""
     from ssa_megatron.data.datasets import index_fingerprints
-    from ssa_megatron.training.ssa_recipe import data_change_note
+    from ssa_megatron.training.resume_notes import data_change_note
     prefix = str(tmp_path / "corpus")
     for ext in (".bin", ".idx"):
         (tmp_path / ("corpus" + ext)).write_bytes(b"first")
@@ -116,7 +116,7 @@ def test_resuming_on_changed_data_is_noted(tmp_path):
     assert "tokenizer sha256 aaaaaaaaaaaa -> bbbbbbbbbbbb" in note and f"{prefix}.idx sha256" in note
     assert data_change_note(None, now) is None and data_change_note({"data_path": [prefix]}, now) is None
     # an HF model's import names tokenizer.model, its data tokenizer.json: not compared
-    from ssa_megatron.training.ssa_recipe import tokenizers_differ
+    from ssa_megatron.data.tokenizer import tokenizers_differ
     assert not tokenizers_differ({"kind": "sentencepiece", "sha256": "a" * 64},
                                  {"kind": "huggingface", "sha256": "b" * 64})
     assert tokenizers_differ({"kind": "sentencepiece", "sha256": "a" * 64},

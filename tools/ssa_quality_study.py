@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 
 from ssa_megatron.study import quality
-from ssa_megatron.study.runner import run_queue
+from ssa_megatron.study.runner import one_spelling_of_paths, record_command, recorded_command, run_queue
 
 
 def parse_seeds(text: str):
@@ -57,16 +56,13 @@ def cmd_run(args) -> int:
     groups = parse_groups(args.groups, variants)
     setting = json.loads(args.setting) if args.setting else None
     jobs = []
-    args.out = os.path.abspath(args.out)  # one spelling, so the recorded commands compare
-    if os.path.exists(args.data_path + ".idx"):
-        args.data_path = os.path.abspath(args.data_path)
+    one_spelling_of_paths(args)
     planned = [(name, seed, os.path.join(args.out, f"{name}_seed{seed}"),
                 quality.train_command(name, variants[name], seed, os.path.join(args.out, f"{name}_seed{seed}"),
                                       args.data_path, setting, args.eval_iters, args.diagnostics_interval))
                for name, seed in queue_order(groups, args.in_order)]
     changed = [run_dir for _, _, run_dir, cmd in planned
-               if os.path.isfile(os.path.join(run_dir, "command.txt"))
-               and shlex.split(open(os.path.join(run_dir, "command.txt")).read()) != cmd[1:]]
+               if recorded_command(os.path.join(run_dir, "command.txt")) not in (None, cmd[1:])]
     if changed:
         print(f"error: {len(changed)} run folder(s) in {args.out} were started with other flags (first: "
               f"{changed[0]}, see its command.txt); give another --out so one summary holds one setting",
@@ -82,8 +78,7 @@ def cmd_run(args) -> int:
             path = os.path.join(run_dir, stale)  # its records are kept beside, not deleted
             if os.path.exists(path):
                 os.replace(path, f"{path}.previous-{stamp}")
-        with open(os.path.join(run_dir, "command.txt"), "w") as f:
-            f.write(shlex.join(cmd[1:]) + "\n")
+        record_command(os.path.join(run_dir, "command.txt"), cmd[1:])
         jobs.append((run_dir, [("train.log", lambda cmd=cmd: cmd)]))
     print(f"{len(jobs)} runs to train, {args.jobs_per_gpu} at a time per GPU", flush=True)
     t0 = time.time()

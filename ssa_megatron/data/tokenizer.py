@@ -193,12 +193,24 @@ def describe_file(path: str) -> dict:
     return build_tokenizer(path).describe()
 
 
+def tokenizers_differ(a: Optional[dict], b: Optional[dict]) -> bool:
+    """Two tokenizer records (kind, sha256) that are surely different tokenizers. Records of
+    different kinds are not compared: an HF model ships the same tokenizer as tokenizer.model and
+    as tokenizer.json, and its import and its data may each name another of the two."""
+    a, b = a or {}, b or {}
+    return bool(a.get("sha256") and b.get("sha256") and a.get("kind") == b.get("kind")
+                and a["sha256"] != b["sha256"])
+
+
 __all__ = [
     "Tokenizer", "SentencePieceTokenizer", "HFTokenizer", "build_tokenizer", "file_sha256",
     "resolve_tokenizer_path", "tokenizer_kind", "SENTENCEPIECE", "HUGGINGFACE", "describe_file",
+    "tokenizers_differ",
 ]
+
 
 if __name__ == "__main__":  # python -m ssa_megatron.data.tokenizer PATH: print describe()
     import sys
 
     print(json.dumps(build_tokenizer(sys.argv[1]).describe(), indent=2))
+

@@ -257,7 +257,7 @@ def read_evaluation_data(ev: Evaluation) -> None:
             ev.eod = ev.tokenizer.eod if ev.tokenizer is not None else None
         else:
             ev.eod = data_tokenizer.eod
-            from ssa_megatron.training.ssa_recipe import tokenizers_differ
+            from ssa_megatron.data.tokenizer import tokenizers_differ
             trained = (meta.get("data") or {}).get("tokenizer")
             given = data_tokenizer.description
             if tokenizers_differ(trained, given):

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+from ssa_megatron.study.runner import one_spelling_of_paths, record_command, recorded_command
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 
 from ssa_megatron.checkout import checkout_root
@@ -135,11 +136,9 @@ def changed_runs(args, runs: dict) -> list:
     flags than this invocation gives it: continuing or skipping it would mix two settings."""
     changed = []
     for (system, seed), out in runs.items():
-        path = os.path.join(out, TRAIN_COMMAND)
-        if not os.path.isfile(path):
+        before = recorded_command(os.path.join(out, TRAIN_COMMAND))
+        if before is None:
             continue
-        with open(path) as f:
-            before = shlex.split(f.read())
         before, now = _setting(before), _setting(train_command(args, system, seed, out)[1:])
         if before != now:
             diff = [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]
@@ -154,8 +153,7 @@ def train_step(args, system: str, seed: int, out: str):
         if done and done.get("iteration", 0) >= last_step(args):
             return None
         cmd = train_command(args, system, seed, out)
-        with open(os.path.join(out, TRAIN_COMMAND), "w") as f:
-            f.write(shlex.join(cmd[1:]) + "\n")
+        record_command(os.path.join(out, TRAIN_COMMAND), cmd[1:])
         if os.path.isfile(os.path.join(out, "checkpoint", "latest")):
             if done:  # keep the earlier part's per-step record next to the resumed one
                 result_record.set_aside(os.path.join(out, "train.json"))
@@ -278,10 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
                          "define them with --variant NAME=FLAGS")
-    # one spelling of each path, so a run's recorded command reads the same from anywhere
-    args.out = os.path.abspath(args.out)
-    if os.path.exists(args.data_path + ".idx"):
-        args.data_path = os.path.abspath(args.data_path)
+    one_spelling_of_paths(args)
     return args
 
 

@@ -1,11 +1,35 @@
 """Training runs side by side: a queue of jobs on GPU slots (several per GPU if asked), with a
-deadline after which running jobs save and stop and no new one starts."""
+deadline after which running jobs save and stop and no new one starts; and the command each run
+folder was started with, so that a study never continues a run under other flags."""
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import time
+from typing import List, Optional
+
+
+def one_spelling_of_paths(args) -> None:
+    """``args.out`` and (when it names a dataset here) ``args.data_path`` made absolute, so a run's
+    recorded command reads the same whatever directory the study is started from."""
+    args.out = os.path.abspath(args.out)
+    if os.path.exists(args.data_path + ".idx"):
+        args.data_path = os.path.abspath(args.data_path)
+
+
+def record_command(path: str, words: List[str]) -> None:
+    with open(path, "w") as f:
+        f.write(shlex.join(words) + "\n")
+
+
+def recorded_command(path: str) -> Optional[List[str]]:
+    """The words :func:`record_command` wrote at ``path``; None when there is no record."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return shlex.split(f.read())
 
 def visible_devices(gpus: int):
     """The device ids slot i % gpus maps to: the gpus first of CUDA_VISIBLE_DEVICES, if set."""

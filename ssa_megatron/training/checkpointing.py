@@ -259,7 +259,8 @@ def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict
         raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
-    from ssa_megatron.training.ssa_recipe import data_change_note, recipe_change_note, schedule_change_note
+    from ssa_megatron.training.resume_notes import data_change_note, schedule_change_note
+    from ssa_megatron.training.ssa_recipe import recipe_change_note
     saved_args = meta.get("args", {})
     notes = [rope_change_note(saved_args, args)]
     if not meta.get("weights_only"):  # a converted model starts training here: nothing to keep

@@ -60,12 +60,14 @@ class Diagnostics:
             return
         with open(self.path) as f:
             lines = f.readlines()
-        kept = [line for line in lines if line.endswith("\n") and _iteration(line) <= iteration]
-        if len(kept) == len(lines):
+        kept, past = [], []
+        for line in lines:
+            (kept if line.endswith("\n") and _iteration(line) <= iteration else past).append(line)
+        if not past:
             return
         stamp = time.strftime("%Y%m%d-%H%M%S")
         with open(f"{self.path}.past-{iteration}-{stamp}", "w") as f:
-            f.writelines(line for line in lines if line not in kept)
+            f.writelines(past)
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             f.writelines(kept)

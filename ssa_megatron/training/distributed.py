@@ -40,7 +40,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
 
     from ssa_megatron.console import announce_deepspeed_build
     from ssa_megatron.training.build_lock import abandoned_lock_cleared, deepspeed_cpu_op_build_dir
-    with announce_deepspeed_build(), abandoned_lock_cleared(deepspeed_cpu_op_build_dir()):
+    build_dir = deepspeed_cpu_op_build_dir()
+    with announce_deepspeed_build(build_dir), abandoned_lock_cleared(build_dir):
         deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the existing group
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,

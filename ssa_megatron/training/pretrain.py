@@ -343,12 +343,12 @@ def run(args, fault_hook: Optional[Callable] = None,
          f"DP {dp_size}; global batch {gbs} = {args.micro_batch_size} x {gas} accumulation x {dp_size}")
     recipe = BranchRecipe(args)
     _log(recipe.describe(args))
-    for note in (full_coverage_note(args),
-                 f"nothing to train: the checkpoint is at iteration {state.iteration}, --train-iters is "
-                 f"{args.train_iters} (raise --train-iters to continue)" if state.iteration >= args.train_iters
-                 else None):
-        if note:
-            _log(note)
+    notes = [full_coverage_note(args)]
+    if state.iteration >= args.train_iters:
+        notes.append(f"nothing to train: the checkpoint is at iteration {state.iteration}, --train-iters "
+                     f"is {args.train_iters} (raise --train-iters to continue)")
+    for note in filter(None, notes):
+        _log(note)
     diagnostics = Diagnostics(args, engine, ds_config) if args.diagnostics_interval else None
     if diagnostics is not None and state.iteration:
         diagnostics.resume_at(state.iteration)
