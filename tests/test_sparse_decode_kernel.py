@@ -54,6 +54,18 @@ def test_model_decodes_through_the_kernels_like_the_uncached_pass():
 
 
 @needs_triton
+def test_benchmark_kernel_check_passes_on_the_kernels():
+    """tools/bench_decode.py's kernel check (block sets judged up to near-ties, output error),
+    run on the interpreted kernels over a filled cache: G 4 D 128 and G 16 D 64, batch 1 and 2;
+    then with the kernel's output disturbed, which it must fail."""
+    rows = run_interpreted(__file__, "bench_check")
+    assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2", "disturbed"]
+    for row in rows[:2]:
+        assert row["check_ok"] and row["check_indices_same"] == 1.0, row
+    assert not rows[2]["check_ok"], rows[2]
+
+
+@needs_triton
 @pytest.mark.parametrize("heads, block_size", [((32, 8, 128), 16), ((32, 2, 64), 16), ((12, 4, 64), 64)])
 def test_decode_kernels_compile_for_hopper(heads, block_size):
     """The interpreter runs the kernels as Python and ignores what the compiler refuses (a module
@@ -180,5 +192,26 @@ def _model():
           flush=True)
 
 
+def _bench_check():
+    import torch
+
+    from ssa_megatron.bench.decode import check_decode_kernels
+    from ssa_megatron.hf.ssa_cache import SSACacheLayer
+    from ssa_megatron.ops import triton_sparse_decode as tsd
+    layouts = (("8/2/128 b1", 8, 2, 128, 1), ("16/1/64 b2", 16, 1, 64, 2), ("disturbed", 4, 1, 64, 1))
+    kernel = tsd.sparse_decode_attention
+    for name, hq, h, d, b in layouts:
+        torch.manual_seed(hq)
+        ctx, bc = 200, 5
+        layer = SSACacheLayer(BS)
+        layer.update(torch.randn(b, h, ctx, d), torch.randn(b, h, ctx, d))
+        if name == "disturbed":
+            tsd.sparse_decode_attention = lambda *a, **kw: (lambda o, i: (o * 1.1, i))(*kernel(*a, **kw))
+        row = check_decode_kernels(torch.randn(b, 1, hq, d), torch.randn(b, h, 1, d), layer, ctx,
+                                   BS, bc, d ** -0.5)
+        tsd.sparse_decode_attention = kernel
+        print(json.dumps(dict(row, layout=name)), flush=True)
+
+
 if __name__ == "__main__":
-    {"cases": _cases, "model": _model, "dispatch": _dispatch}[sys.argv[1]]()
+    {"cases": _cases, "model": _model, "dispatch": _dispatch, "bench_check": _bench_check}[sys.argv[1]]()

@@ -9,7 +9,7 @@ Checks: selection indices equal the reference's as sets (where they differ, the 
 blocks' reference scores lie within 1e-5 of the reference's K-th score: genuine near-ties),
 slot 0 is the current block and empty slots agree; sparse attention output and dq/dk/dv equal
 the reference's on the same indices; the dispatch layer with the Triton backend forced.
-Selection alone once per pass-2 merge strategy (``triton_selection.CONFIG["merge"]``): the same
+Selection alone under every pass-2 merge strategy (``triton_selection.CONFIG["merge"]``), in one run: the same
 checks, and the "sort" and "extract" merges' indices bit-identical to the "insert" merge's.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ GROUPS = {
 # list; sort_fast picks the sort merge's branches (0: always the full chunk sort, 15: always the
 # K-1 best keys, else whichever the chunk needs) and the extract merge's (a chunk sort only
 # when more than sort_fast keys enter; 99: never). The interpreter runs tl.sort slowly: keep
-# these small (the sort merge's cases also rerun the insert merge).
+# these small.
 SELECT_CASES = [
     (1, 112, 16, 1, 16, 4, BS, [0, 16, 112], {"sort_fast": 0}),  # G16, BN = 8 KB
     (1, 224, 4, 1, 16, 8, BS, None, {"bn": 16, "sort_fast": 2}),  # G4, BN = 2 KB
@@ -66,7 +66,7 @@ SELECT_CASES = [
     (1, 200, 16, 1, 16, 5, BS, [0, 90, 200], {"bn": 4, "bn_stats": 8}),
     (1, 144, 4, 1, 16, 4, BS, None, {"bn": 8, "bn_stats": 2, "rows": 16}),
 ]
-MERGES = ("insert", "sort", "extract")
+MERGES = ("insert", "sort", "extract")  # insert first: the others are compared with it
 
 # Backward list building: (B, T, HQ, H, D, block_counts, cu_seqlens); several documents make
 # lists of very different lengths (the launch order matters), K 1 leaves only the current block.
@@ -86,10 +86,10 @@ def test_kernels_match_reference(group):
 
 
 @needs_triton
-@pytest.mark.parametrize("merge", MERGES)
-def test_selection_merge_strategies(merge):
-    rows = _run_group("select:" + merge)
-    assert len(rows) == len(SELECT_CASES)
+def test_selection_merge_strategies():
+    rows = _run_group("select")
+    assert sorted((r["merge"], r["index"]) for r in rows) == sorted(
+        (m, i) for m in MERGES for i in range(len(SELECT_CASES)))
     for row in rows:
         assert row["ok"], row
 
@@ -123,7 +123,8 @@ def test_tma_forward_and_dq_match_reference():
     indices with holes and empty documents, a NaN in the next document, and what ``tma_ok``
     refuses (see ``_check_tma_edges``)."""
     rows = _run_group("tma")
-    assert len(rows) == (1 + len(TMA_MODES)) * len(TMA_CASES) + 4
+    assert set(TMA_PLAN) == {"gather", *TMA_MODES}
+    assert len(rows) == sum(map(len, TMA_PLAN.values())) + 4
     for row in rows:
         assert row["ok"], row
 
@@ -246,8 +247,9 @@ def _selection_ok(it, ir, q, k, t, cs, b, bs):
     return bool(ok), float(same.float().mean()), worst
 
 
-def _check_select(case, merge, seed):
-    """Selection alone with CONFIG["merge"] = merge (CONFIG restored afterwards)."""
+def _check_select(case, seed):
+    """Selection alone under each CONFIG["merge"] (CONFIG restored afterwards): one row per
+    merge. The insert merge runs first; the others must equal its indices bit for bit."""
     import torch
     from ssa_megatron.ops import reference as ref
     from ssa_megatron.ops import triton_selection as tsel
@@ -257,17 +259,17 @@ def _check_select(case, merge, seed):
     cs = torch.tensor(cu, dtype=torch.int32) if cu else None
     q = torch.randn(b, t, hq, d) * 1.5
     k = torch.randn(b, t, h, d) * 1.5
-    with override_config(tsel.CONFIG, **over, merge=merge):
-        it = tsel.select_blocks(q, k, bs, kc, cs)
-        if merge != "insert":  # bit-identical to the insert merge, order included
-            tsel.CONFIG["merge"] = "insert"
-            same_insert = bool(torch.equal(it, tsel.select_blocks(q, k, bs, kc, cs)))
-        else:
-            same_insert = True
     ir = ref.select_blocks(q, k, bs, kc, cs)
-    ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs)
-    return {"case": list(case[:7]) + [cu, over], "merge": merge, "sel_exact": exact,
-            "sel_worst_tie": worst, "same_as_insert": same_insert, "ok": ok and same_insert}
+    rows, insert = [], None
+    for merge in MERGES:  # "insert" first
+        with override_config(tsel.CONFIG, **over, merge=merge):
+            it = tsel.select_blocks(q, k, bs, kc, cs)
+        insert = it if insert is None else insert
+        same_insert = bool(torch.equal(it, insert))  # order included
+        ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs)
+        rows.append({"case": list(case[:7]) + [cu, over], "merge": merge, "sel_exact": exact,
+                     "sel_worst_tie": worst, "same_as_insert": same_insert, "ok": ok and same_insert})
+    return rows
 
 
 def _sparse_attention_errors(q, k, v, do, idx, cs, bs=BS):
@@ -430,8 +432,7 @@ def _check_variant_tool():
 
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
-    attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32;"
-                              "capped:dq_maxnreg=96,fwd_maxnreg=96")
+    attn = bkv.parse_variants("default;index:dkv_order=index,invert=sort32")
     for name, sel in (("good", "default;v3:merge=sort,sort_fast=4"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
@@ -440,11 +441,14 @@ def _check_variant_tool():
 
 
 # (B, T, HQ, H, D, block_counts, cu_seqlens) for the TMA forward / dq (G >= 16, powers of two)
-TMA_CASES = [(1, 96, 32, 2, 16, 4, None), (1, 90, 16, 1, 16, 3, [0, 37, 90]),
+TMA_CASES = [(1, 80, 32, 2, 16, 4, None), (1, 90, 16, 1, 16, 3, [0, 37, 90]),
              (1, 80, 32, 1, 32, 5, [0, 50, 80]), (1, 40, 16, 1, 128, 3, [0, 23, 40])]
 # blocks per loop step and the forward's shared-max pairs (K 3 and 5 leave a partial step)
 TMA_MODES = {"tma": {"tma_step": 1, "tma_pair": 0}, "tma_pair": {"tma_step": 2, "tma_pair": 1},
              "tma_4": {"tma_step": 4, "tma_pair": 1}}
+# which TMA_CASES each way runs (the interpreter is slow): the gathers and the widest step see
+# every case; one block per step needs packed documents and D 128, pairs an even and an odd K
+TMA_PLAN = {"gather": (0, 1, 2, 3), "tma": (1, 3), "tma_pair": (0, 2), "tma_4": (0, 1, 2, 3)}
 
 
 def _check_tma(case, mode, seed):
@@ -636,15 +640,15 @@ def _child(group):
         _check_byte_floor()
         return
     if group == "tma":
-        for mode in ("gather", *TMA_MODES):
-            for i, case in enumerate(TMA_CASES):
-                print(json.dumps(_check_tma(case, mode, seed=4000 + i)), flush=True)
+        for mode, cases in TMA_PLAN.items():
+            for i in cases:
+                print(json.dumps(_check_tma(TMA_CASES[i], mode, seed=4000 + i)), flush=True)
         _check_tma_edges()
         return
-    if group.startswith("select:"):
-        merge = group.split(":", 1)[1]
+    if group == "select":
         for i, case in enumerate(SELECT_CASES):
-            print(json.dumps(_check_select(case, merge, seed=2000 + i)), flush=True)
+            for row in _check_select(case, seed=2000 + i):
+                print(json.dumps(dict(row, index=i)), flush=True)
         return
     for i, case in enumerate(GROUPS[group]):
         print(json.dumps(_check_case(case, seed=1000 + i)), flush=True)

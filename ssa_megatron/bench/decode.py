@@ -143,11 +143,12 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale) -> 
     :func:`selection_agreement`), and the output's error against the reference attention over
     the kernels' own blocks, relative to its largest entry (judged)."""
     from ssa_megatron.ops import reference, triton_sparse_decode
+    q = q.reshape(q.shape[0], 1, -1, q.shape[-1])  # [B, 1, HQ, D], as the model passes it
     kc, vc = layer.update(k1, k1)
     try:
         o, idx = triton_sparse_decode.sparse_decode_attention(
             q, kc, vc, layer.pooled_keys, ctx, block_size, block_counts, scale, return_indices=True)
-        scores = reference.pooled_block_scores(q.float()[:, None], layer.pooled_keys, ctx, block_size,
+        scores = reference.pooled_block_scores(q.float(), layer.pooled_keys, ctx, block_size,
                                                (ctx + block_size) // block_size, scale)[:, 0]
         ro = reference.sparse_attention_with_past(q.float(), kc.float(), vc.float(), idx[:, None],
                                                   ctx, block_size, scale)
