@@ -289,11 +289,48 @@ def test_failure_midway_keeps_old_dataset_and_leaves_no_temp(tmp_path, sp_model,
 
     monkeypatch.setattr(pre, "_encode_batch", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
-        preprocess(src, prefix, sp_model, workers=1, progress=False, batch_chars=20000)
+        preprocess(src, prefix, sp_model, workers=1, progress=False, batch_chars=20000, overwrite=True)
     assert calls["n"] == 3
     assert {e: open(prefix + e, "rb").read() for e in before} == before
     assert _leftovers(tmp_path) == []
     assert len(_indexed(prefix)) == 3
+
+
+def test_existing_outputs_are_refused_unless_overwrite(tmp_path, sp_model):
+    """Both tools refuse to replace what a run may depend on, in one line, before any work;
+    --overwrite replaces (the dataset only once the new one is complete)."""
+    (tmp_path / "a.txt").write_text("first corpus " * 50)
+    (tmp_path / "b.txt").write_text("second corpus, other words " * 50)
+    prefix = str(tmp_path / "ds")
+    preprocess([str(tmp_path / "a.txt")], prefix, sp_model, workers=1, progress=False)
+    before = {e: open(prefix + e, "rb").read() for e in (".bin", ".idx", ".tokenizer.json")}
+    tool = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--tokenizer", sp_model,
+            "--quiet", "--workers", "1", "--input", str(tmp_path / "b.txt"), "--output-prefix", prefix]
+    p = subprocess.run(tool, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "ds.bin/.idx already holds a dataset (1 documents" in p.stderr and "--overwrite" in p.stderr
+    assert {e: open(prefix + e, "rb").read() for e in before} == before
+    for name in (".bin", ".idx"):  # a half of a pair counts too
+        os.rename(prefix + name, prefix + name + ".away")
+        with pytest.raises(CorpusError, match="already holds a dataset"):
+            preprocess([str(tmp_path / "b.txt")], prefix, sp_model, workers=1, progress=False)
+        os.rename(prefix + name + ".away", prefix + name)
+    p = subprocess.run(tool + ["--overwrite"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert open(prefix + ".bin", "rb").read() != before[".bin"]
+
+    spm = [sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input",
+           str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--vocab-size", "300",
+           "--output-prefix", str(tmp_path / "tok")]
+    assert subprocess.run(spm, capture_output=True, text=True, timeout=120).returncode == 0
+    model = open(tmp_path / "tok.model", "rb").read()
+    (tmp_path / "a.txt").write_text("a different corpus entirely " * 50)
+    p = subprocess.run(spm, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert "tok.model already exists" in p.stderr and "--overwrite" in p.stderr
+    assert open(tmp_path / "tok.model", "rb").read() == model
+    assert subprocess.run(spm + ["--overwrite"], capture_output=True, text=True, timeout=120).returncode == 0
+    assert open(tmp_path / "tok.model", "rb").read() != model
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

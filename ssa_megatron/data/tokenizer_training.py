@@ -60,8 +60,10 @@ def train_sentencepiece(
     pad: bool = False,
     num_threads: Optional[int] = None,
     verbose: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Train and write ``<output_prefix>.model`` and ``<output_prefix>.vocab`` (atomically).
+    """Train and write ``<output_prefix>.model`` and ``<output_prefix>.vocab`` (atomically); an
+    existing ``<output_prefix>.model`` is refused before training unless ``overwrite``.
 
     Returns ``dict(model=, vocab=, vocab_size=, eod=, eod_piece=, model_type=, byte_fallback=,
     special_tokens=, documents=, sentences=, skipped=, seconds=)``. Errors are CorpusError.
@@ -75,6 +77,9 @@ def train_sentencepiece(
         raise CorpusError(f"--vocab-size {vocab_size} is too small")
     files = expand_inputs(inputs)
     output_prefix = os.path.abspath(os.fspath(output_prefix))
+    if not overwrite and os.path.exists(output_prefix + ".model"):
+        raise CorpusError(f"{output_prefix}.model already exists (datasets and models may have been "
+                          f"built with it); pass --overwrite to replace it, or choose another --output-prefix")
     out_dir = os.path.dirname(output_prefix)
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -220,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sentences", type=int, default=5_000_000,
                    help="sample at most this many lines for training (0: all)")
     p.add_argument("--num-threads", type=int, default=None, help="default: all CPUs")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing <prefix>.model (by default it is refused)")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
     return p
 
@@ -232,7 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             byte_fallback=a.byte_fallback, special_tokens=a.special_tokens,
             character_coverage=a.character_coverage, normalization=a.normalization,
             split_digits=a.split_digits, json_keys=a.json_keys, input_format=a.input_format,
-            max_sentences=a.max_sentences, pad=a.pad, num_threads=a.num_threads, verbose=a.verbose)
+            max_sentences=a.max_sentences, pad=a.pad, num_threads=a.num_threads, verbose=a.verbose,
+            overwrite=a.overwrite)
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
