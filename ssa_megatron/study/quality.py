@@ -45,6 +45,9 @@ VARIANTS: Dict[str, List[str]] = {
     "ssa-seq-align1": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-align-coef", "1"],
     "ssa-seq-full75": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.75"],
     "ssa-seq-full25": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.25"],
+    # the recipe to mid-run, then more sparse sequences (the large comparison's late-sparse run)
+    "ssa-seq-late-sparse": ["--attention-mode", "ssa", *RECIPE_DRAW,
+                            "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
 }
 
 FINAL_WINDOW = 100  # the final train loss: mean over the last this-many steps
