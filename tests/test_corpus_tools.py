@@ -308,8 +308,9 @@ def test_existing_outputs_are_refused_unless_overwrite(tmp_path, sp_model):
             "--quiet", "--workers", "1", "--input", str(tmp_path / "b.txt"), "--output-prefix", prefix]
     p = subprocess.run(tool, capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-    assert "ds.bin/.idx already holds a dataset (1 documents" in p.stderr and "--overwrite" in p.stderr
+    assert "ds.bin/.idx already holds a dataset (1 document," in p.stderr and "--overwrite" in p.stderr
     assert {e: open(prefix + e, "rb").read() for e in before} == before
+    assert _leftovers(tmp_path) == []  # refused before any work
     for name in (".bin", ".idx"):  # a half of a pair counts too
         os.rename(prefix + name, prefix + name + ".away")
         with pytest.raises(CorpusError, match="already holds a dataset"):

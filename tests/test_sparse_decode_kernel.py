@@ -56,13 +56,17 @@ def test_model_decodes_through_the_kernels_like_the_uncached_pass():
 @needs_triton
 def test_benchmark_kernel_check_passes_on_the_kernels():
     """tools/bench_decode.py's kernel check (block sets judged up to near-ties, output error),
-    run on the interpreted kernels over a filled cache: G 4 D 128 and G 16 D 64, batch 1 and 2;
-    then with the kernel's output disturbed, which it must fail."""
+    run on the interpreted kernels over a filled cache: G 4 D 128 and G 16 D 64 (batch 2, a
+    query without its token axis); then the first layout again with the kernel's output scaled
+    by 1.1 and with a future block in its selection, each of which it must fail for that reason."""
     rows = run_interpreted(__file__, "bench_check")
-    assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2", "disturbed"]
+    assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2 q3d", "output x1.1", "future block"]
     for row in rows[:2]:
         assert row["check_ok"] and row["check_indices_same"] == 1.0, row
-    assert not rows[2]["check_ok"], rows[2]
+    assert not rows[2]["check_ok"] and rows[2]["check_indices_same"] == 1.0, rows[2]
+    assert rows[2]["check_rel_err"] > 3e-2, rows[2]
+    assert not rows[3]["check_ok"] and rows[3]["check_swap_gap"] == float("inf"), rows[3]
+    assert rows[3]["check_indices_same"] < 1.0, rows[3]
 
 
 @needs_triton
@@ -198,17 +202,26 @@ def _bench_check():
     from ssa_megatron.bench.decode import check_decode_kernels
     from ssa_megatron.hf.ssa_cache import SSACacheLayer
     from ssa_megatron.ops import triton_sparse_decode as tsd
-    layouts = (("8/2/128 b1", 8, 2, 128, 1), ("16/1/64 b2", 16, 1, 64, 2), ("disturbed", 4, 1, 64, 1))
     kernel = tsd.sparse_decode_attention
+    ctx, bc = 200, 5
+
+    def future_block(o, idx):
+        idx = idx.clone()
+        idx[..., -1] = ctx // BS + 1
+        return o, idx
+
+    disturb = {"output x1.1": lambda o, idx: (o * 1.1, idx), "future block": future_block}
+    layouts = (("8/2/128 b1", 8, 2, 128, 1), ("16/1/64 b2 q3d", 16, 1, 64, 2),
+               ("output x1.1", 8, 2, 128, 1), ("future block", 8, 2, 128, 1))
     for name, hq, h, d, b in layouts:
         torch.manual_seed(hq)
-        ctx, bc = 200, 5
         layer = SSACacheLayer(BS)
         layer.update(torch.randn(b, h, ctx, d), torch.randn(b, h, ctx, d))
-        if name == "disturbed":
-            tsd.sparse_decode_attention = lambda *a, **kw: (lambda o, i: (o * 1.1, i))(*kernel(*a, **kw))
-        row = check_decode_kernels(torch.randn(b, 1, hq, d), torch.randn(b, h, 1, d), layer, ctx,
-                                   BS, bc, d ** -0.5)
+        q = torch.randn(b, 1, hq, d)
+        if name in disturb:
+            tsd.sparse_decode_attention = lambda *a, f=disturb[name], **kw: f(*kernel(*a, **kw))
+        row = check_decode_kernels(q[:, 0] if "q3d" in name else q, torch.randn(b, h, 1, d), layer,
+                                   ctx, BS, bc, d ** -0.5)
         tsd.sparse_decode_attention = kernel
         print(json.dumps(dict(row, layout=name)), flush=True)
 

@@ -301,8 +301,9 @@ def test_selection_agreement_compares_sets_and_measures_swaps():
     assert got["check_indices_same"] == 0.5 and 0 < got["check_swap_gap"] <= NEAR_TIE
     wrong = torch.tensor([[[0, 1, 4], [0, 1, 2]]], dtype=torch.int32)
     assert selection_agreement(wrong, scores, 3)["check_swap_gap"] > NEAR_TIE
-    future = torch.tensor([[[0, 1, 5], [0, 1, 2]]], dtype=torch.int32)
-    assert selection_agreement(future, scores, 3)["check_swap_gap"] == float("inf")
+    for far in (5, 6, 99):  # a future block, scored -inf or past the scored range
+        future = torch.tensor([[[0, 1, far], [0, 1, 2]]], dtype=torch.int32)
+        assert selection_agreement(future, scores, 3)["check_swap_gap"] == float("inf")
     no_current = torch.tensor([[[0, 1, 2], [1, 2, 3]]], dtype=torch.int32)
     assert selection_agreement(no_current, scores, 3)["check_swap_gap"] == float("inf")
     for short in ([0, 1, -1], [0, 1, 1]):  # a block missing, or one kept twice

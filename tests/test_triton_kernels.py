@@ -123,7 +123,11 @@ def test_tma_forward_and_dq_match_reference():
     indices with holes and empty documents, a NaN in the next document, and what ``tma_ok``
     refuses (see ``_check_tma_edges``)."""
     rows = _run_group("tma")
-    assert set(TMA_PLAN) == {"gather", *TMA_MODES}
+    assert set(TMA_PLAN) == {"gather", *TMA_MODES} and all(TMA_PLAN.values())
+    from ssa_megatron.ops.triton_sparse_attention import CONFIG
+    default = {k: CONFIG["small_d"][k] for k in ("tma_step", "tma_pair")}
+    assert TMA_PLAN[next(m for m, e in TMA_MODES.items() if e == default)] == tuple(range(len(TMA_CASES)))
+    assert {TMA_CASES[i][5] for i in TMA_PLAN["tma_4"]} >= {3, 5}  # partial four-block steps
     assert len(rows) == sum(map(len, TMA_PLAN.values())) + 4
     for row in rows:
         assert row["ok"], row
@@ -432,7 +436,7 @@ def _check_variant_tool():
 
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
-    attn = bkv.parse_variants("default;index:dkv_order=index,invert=sort32")
+    attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
     for name, sel in (("good", "default;v3:merge=sort,sort_fast=4"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
@@ -446,9 +450,10 @@ TMA_CASES = [(1, 80, 32, 2, 16, 4, None), (1, 90, 16, 1, 16, 3, [0, 37, 90]),
 # blocks per loop step and the forward's shared-max pairs (K 3 and 5 leave a partial step)
 TMA_MODES = {"tma": {"tma_step": 1, "tma_pair": 0}, "tma_pair": {"tma_step": 2, "tma_pair": 1},
              "tma_4": {"tma_step": 4, "tma_pair": 1}}
-# which TMA_CASES each way runs (the interpreter is slow): the gathers and the widest step see
-# every case; one block per step needs packed documents and D 128, pairs an even and an odd K
-TMA_PLAN = {"gather": (0, 1, 2, 3), "tma": (1, 3), "tma_pair": (0, 2), "tma_4": (0, 1, 2, 3)}
+# which TMA_CASES each way runs (the interpreter is slow): the gathers and the default (two
+# blocks per step, pairs) see every case; one block per step G 32 packed and D 128; four per
+# step the two partial steps (K 3 and 5)
+TMA_PLAN = {"gather": (0, 1, 2, 3), "tma": (2, 3), "tma_pair": (0, 1, 2, 3), "tma_4": (1, 2)}
 
 
 def _check_tma(case, mode, seed):

@@ -15,15 +15,22 @@ if [ "${1:-}" = "--large" ]; then LARGE=1; shift; fi
 OUT="${1:?usage: $0 [--large] OUT_DIR [VOCAB_SIZE]}"
 VOCAB="${2:-16000}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-# Run again after an interruption: a finished dataset is kept as it is, a finished tokenizer is
-# reused (the tools refuse to replace either; move them away to rebuild).
+# Run again after an interruption: a finished dataset is kept as it is, a finished tokenizer of
+# the same VOCAB_SIZE is reused (the tools refuse to replace either; move them away to rebuild).
+REBUILD="move $OUT/english_text_document.* and $OUT/english_spm.* away to rebuild"
+if [ -f "$OUT/english_spm.model" ]; then
+  HAVE_VOCAB="$("$PY" -c 'import sys, sentencepiece as s; print(s.SentencePieceProcessor(model_file=sys.argv[1]).vocab_size())' "$OUT/english_spm.model")"
+  [ "$HAVE_VOCAB" = "$VOCAB" ] || { echo "error: $OUT/english_spm.model has a vocabulary of $HAVE_VOCAB, not $VOCAB: pass $HAVE_VOCAB, or $REBUILD" >&2; exit 1; }
+fi
 if [ -f "$OUT/english_text_document.idx" ]; then
-  echo "$OUT/english_text_document.idx exists: nothing to do (move $OUT/english_text_document.* and $OUT/english_spm.* away to rebuild)"
+  echo "$OUT/english_text_document.idx exists: nothing to do ($REBUILD)"
   exit 0
 fi
 tokenizer() {  # tools/train_tokenizer.py ARGS..., unless its model is there
   if [ -f "$OUT/english_spm.model" ]; then echo "reusing $OUT/english_spm.model"; else "$PY" "$ROOT/tools/train_tokenizer.py" "$@"; fi
 }
+# no .idx: a .bin there is not a usable dataset (it can only be a copy cut short), so replace it
+OVERWRITE=(); [ -e "$OUT/english_text_document.bin" ] && OVERWRITE=(--overwrite)
 if [ "$LARGE" = 1 ]; then
   command -v pdftotext >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils; }
   mkdir -p "$OUT/debian/debs"
@@ -38,7 +45,7 @@ if [ "$LARGE" = 1 ]; then
   tokenizer --input "$OUT/english_large.jsonl" --output-prefix "$OUT/english_spm" \
     --vocab-size "$VOCAB" --max-sentences 2000000
   "$PY" "$ROOT/tools/preprocess_data.py" --input "$OUT/english_large.jsonl" --tokenizer "$OUT/english_spm.model" \
-    --output-prefix "$OUT/english_text_document" --workers 2
+    --output-prefix "$OUT/english_text_document" --workers 2 ${OVERWRITE[@]+"${OVERWRITE[@]}"}
   exit 0
 fi
 # The kernel documentation's version follows the Debian release (6.1 on bookworm, 6.12 on trixie).
@@ -55,4 +62,4 @@ mkdir -p "$OUT"
 tokenizer --input "${INPUTS[@]}" --output-prefix "$OUT/english_spm" \
   --vocab-size "$VOCAB" --max-sentences 2000000
 "$PY" "$ROOT/tools/preprocess_data.py" --input "${INPUTS[@]}" --tokenizer "$OUT/english_spm.model" \
-  --output-prefix "$OUT/english_text_document" --text-unit file
+  --output-prefix "$OUT/english_text_document" --text-unit file ${OVERWRITE[@]+"${OVERWRITE[@]}"}

@@ -132,8 +132,9 @@ def selection_agreement(idx, scores, block_counts) -> dict:
         if k == float("inf"):  # K = 1: only the current block, which nothing may displace
             worst = float("inf")
             continue
-        for block in swapped:
-            worst = max(worst, abs(flat[block].item() - k) / max(k, 1e-30))
+        for block in swapped:  # a block past the scored range is a future one: never a tie
+            gap = abs(flat[block].item() - k) / max(k, 1e-30) if 0 <= block < flat.numel() else float("inf")
+            worst = max(worst, gap)
     return {"check_indices_same": same / max(len(rows), 1), "check_swap_gap": worst}
 
 
@@ -143,7 +144,8 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale) -> 
     :func:`selection_agreement`), and the output's error against the reference attention over
     the kernels' own blocks, relative to its largest entry (judged)."""
     from ssa_megatron.ops import reference, triton_sparse_decode
-    q = q.reshape(q.shape[0], 1, -1, q.shape[-1])  # [B, 1, HQ, D], as the model passes it
+    if q.dim() == 3:
+        q = q[:, None]  # [B, 1, HQ, D], as the model passes it (the kernel refuses more tokens)
     kc, vc = layer.update(k1, k1)
     try:
         o, idx = triton_sparse_decode.sparse_decode_attention(

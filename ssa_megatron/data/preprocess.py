@@ -323,7 +323,8 @@ def refuse_existing_dataset(prefixes: Sequence[str]) -> None:
         except CorpusError:
             meta = None
         d = meta.get("dataset") if isinstance(meta, dict) else None
-        held = (f" ({d['documents']:,} documents, {d['tokens']:,} tokens, built {meta.get('created', '?')})"
+        held = (f" ({d['documents']:,} document{'s' * (d['documents'] != 1)}, {d['tokens']:,} tokens, "
+                f"built {meta.get('created', '?')})"
                 if isinstance(d, dict) and isinstance(d.get("documents"), int)
                 and isinstance(d.get("tokens"), int) else "")
         raise CorpusError(f"{prefix}{'/'.join(found)} already holds a dataset{held}; pass --overwrite "
