@@ -319,6 +319,14 @@ def test_existing_outputs_are_refused_unless_overwrite(tmp_path, sp_model):
     p = subprocess.run(tool + ["--overwrite"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert open(prefix + ".bin", "rb").read() != before[".bin"]
+    # several --json-keys: one dataset per key, any of which is refused
+    (tmp_path / "k.jsonl").write_text(json.dumps({"title": "a title", "text": "a text " * 20}) + "\n")
+    keyed = dict(json_keys=["title", "text"], workers=1, progress=False)
+    preprocess([str(tmp_path / "k.jsonl")], str(tmp_path / "kk"), sp_model, **keyed)
+    os.rename(tmp_path / "kk_title.bin", tmp_path / "kk_title.away")
+    os.rename(tmp_path / "kk_title.idx", tmp_path / "kk_title.idx.away")
+    with pytest.raises(CorpusError, match="kk_text.bin/.idx already holds a dataset"):
+        preprocess([str(tmp_path / "k.jsonl")], str(tmp_path / "kk"), sp_model, **keyed)
 
     spm = [sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input",
            str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--vocab-size", "300",
