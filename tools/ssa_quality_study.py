@@ -18,7 +18,7 @@ import sys
 import time
 
 from ssa_megatron.study import quality
-from ssa_megatron.study.runner import one_spelling_of_paths, record_command, recorded_command, run_queue
+from ssa_megatron.study.runner import command_changes, one_spelling_of_paths, record_command, run_queue
 
 
 def parse_seeds(text: str):
@@ -62,7 +62,7 @@ def cmd_run(args) -> int:
                                       args.data_path, setting, args.eval_iters, args.diagnostics_interval))
                for name, seed in queue_order(groups, args.in_order)]
     changed = [run_dir for _, _, run_dir, cmd in planned
-               if recorded_command(os.path.join(run_dir, "command.txt")) not in (None, cmd[1:])]
+               if command_changes(os.path.join(run_dir, "command.txt"), cmd[1:])]
     if changed:
         print(f"error: {len(changed)} run folder(s) in {args.out} were started with other flags (first: "
               f"{changed[0]}, see its command.txt); give another --out so one summary holds one setting",

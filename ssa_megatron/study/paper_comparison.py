@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-from ssa_megatron.study.runner import one_spelling_of_paths, record_command, recorded_command
+from ssa_megatron.study.runner import command_changes, one_spelling_of_paths, record_command
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 
 from ssa_megatron.checkout import checkout_root
@@ -118,30 +118,14 @@ TRAIN_COMMAND = "train_command.txt"  # the flags a run was started with (checked
 OPERATIONAL_FLAGS = ("--exit-interval", "--log-interval", "--deepspeed-config", "--num-workers")
 
 
-def _setting(words: list) -> list:
-    """A training command's words without its operational flags (and their values)."""
-    kept, skip = [], False
-    for word in words:
-        if skip:
-            skip = False
-        elif word in OPERATIONAL_FLAGS:
-            skip = True
-        else:
-            kept.append(word)
-    return kept
-
-
 def changed_runs(args, runs: dict) -> list:
     """``out: first differing flags`` for each run folder that was started with other training
     flags than this invocation gives it: continuing or skipping it would mix two settings."""
     changed = []
     for (system, seed), out in runs.items():
-        before = recorded_command(os.path.join(out, TRAIN_COMMAND))
-        if before is None:
-            continue
-        before, now = _setting(before), _setting(train_command(args, system, seed, out)[1:])
-        if before != now:
-            diff = [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]
+        diff = command_changes(os.path.join(out, TRAIN_COMMAND), train_command(args, system, seed, out)[1:],
+                               ignoring=OPERATIONAL_FLAGS)
+        if diff:
             changed.append(f"{out}: {', '.join(diff)}")
     return changed
 

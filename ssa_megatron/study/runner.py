@@ -8,7 +8,7 @@ import shlex
 import socket
 import subprocess
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 
 def one_spelling_of_paths(args) -> None:
@@ -30,6 +30,32 @@ def recorded_command(path: str) -> Optional[List[str]]:
         return None
     with open(path) as f:
         return shlex.split(f.read())
+
+
+def _without(words: List[str], flags: Sequence[str]) -> List[str]:
+    """``words`` without each of ``flags`` and the value after it."""
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in flags:
+            skip = True
+        else:
+            kept.append(word)
+    return kept
+
+
+def command_changes(path: str, words: List[str], ignoring: Sequence[str] = ()) -> Optional[List[str]]:
+    """How ``words`` differ from the command recorded at ``path`` (``old -> new`` for the first
+    differing words, at most two), leaving out the flags ``ignoring`` and their values; None
+    when nothing is recorded there or the two agree."""
+    before = recorded_command(path)
+    if before is None:
+        return None
+    before, now = _without(before, ignoring), _without(words, ignoring)
+    if before == now:
+        return None
+    return [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]
 
 def visible_devices(gpus: int):
     """The device ids slot i % gpus maps to: the gpus first of CUDA_VISIBLE_DEVICES, if set."""

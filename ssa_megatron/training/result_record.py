@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 
 def _part_pattern(path: str):
@@ -17,13 +17,19 @@ def _part_pattern(path: str):
     return re.compile(re.escape(stem) + r"_part(\d+)_until_.*\.json$")
 
 
-def earlier_parts(path: str) -> List[str]:
-    """The earlier parts of the record at ``path``, oldest first (full paths)."""
+def _numbered_parts(path: str) -> List[Tuple[int, str]]:
+    """(part number, full path) of the earlier parts of the record at ``path``, oldest first."""
     folder = os.path.dirname(path) or "."
     pattern = _part_pattern(path)
-    found = [(int(m.group(1)), name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in (os.listdir(folder) if os.path.isdir(folder) else [])
              for m in [pattern.match(name)] if m]
-    return [os.path.join(folder, name) for _, name in sorted(found)]
+    return sorted(found)
+
+
+def earlier_parts(path: str) -> List[str]:
+    """The earlier parts of the record at ``path``, oldest first (full paths)."""
+    return [part for _, part in _numbered_parts(path)]
 
 
 def set_aside(path: str) -> Optional[str]:
@@ -35,10 +41,8 @@ def set_aside(path: str) -> Optional[str]:
             until = json.load(f).get("iteration", "unknown")
     except (OSError, ValueError, AttributeError):
         until = "unknown"
-    stem = os.path.splitext(path)[0]
-    pattern = _part_pattern(path)
-    numbers = [int(pattern.match(os.path.basename(p)).group(1)) for p in earlier_parts(path)]
-    target = f"{stem}_part{max(numbers, default=0) + 1}_until_{until}.json"
+    last = max((n for n, _ in _numbered_parts(path)), default=0)
+    target = f"{os.path.splitext(path)[0]}_part{last + 1}_until_{until}.json"
     os.replace(path, target)
     return target
 
