@@ -84,6 +84,36 @@ def test_hybrid_sparse_mode_keeps_the_first_layers_full(loaded, random_dataset):
         set_inference_mode(model, None, 1, dense_layers=1)
 
 
+def test_sparse_mode_under_other_selections(loaded, random_dataset):
+    """--selections: 'sparse@NAME' evaluates sparse mode with that block selection in every layer;
+    recent1 is SSA's own selection, a budget covering the context is full attention whatever the
+    selection, and a plain setting afterwards is SSA's selection again."""
+    from ssa_megatron.eval.perplexity import evaluate_perplexity, reduce_perplexity, settings_for
+    from ssa_megatron.model.attention import SSACoreAttention
+    model, spec = loaded
+    stream, windows = _windows(random_dataset, SEQ, 3)
+    settings = settings_for(["full", "sparse"], [2, SEQ // 16], selections=["oracle", "recent1"])
+    assert settings == [("full", None), ("sparse", 2), ("sparse", 4), ("sparse@oracle", 2),
+                        ("sparse@oracle", 4), ("sparse@recent1", 2), ("sparse@recent1", 4)]
+    res = reduce_perplexity(evaluate_perplexity(model, stream, windows, SEQ,
+                                                settings + [("sparse", 2)], 3))
+    full = res[("full", None)]["ppl"]
+    for name in ("sparse", "sparse@oracle", "sparse@recent1"):
+        assert res[(name, 4)]["ppl"] == pytest.approx(full, rel=1e-5)
+    assert res[("sparse@recent1", 2)]["ppl"] == pytest.approx(res[("sparse", 2)]["ppl"], rel=1e-6)
+    assert res[("sparse@oracle", 2)]["ppl"] != pytest.approx(res[("sparse", 2)]["ppl"], rel=1e-5)
+    assert {m.selection for m in model.modules() if isinstance(m, SSACoreAttention)} == {"pooled"}
+
+
+def test_evaluate_refuses_an_unknown_selection(ckpt, random_dataset, tmp_path):
+    from ssa_megatron.eval.cli import build_parser, check_inputs
+    from ssa_megatron.eval.model import EvalError
+    args = build_parser().parse_args(["--checkpoint", ckpt, "--data-path", random_dataset,
+                                      "--selections", "oracle", "best"])
+    with pytest.raises(EvalError, match="--selections: unknown block selection 'best'"):
+        check_inputs(args)
+
+
 def _brute_force(q, k, v, block_size, block_counts, gate=None):
     """Per (token, head) selected / top-k mass and the gap, from the explicit attention matrix."""
     from ssa_megatron.ops import reference
@@ -264,14 +294,16 @@ def test_cli_outputs_and_two_ranks_agree(tmp_path, ckpt, random_dataset):
     flags = ["--checkpoint", ckpt, "--data-path", random_dataset, "--split", "90,10,0",
              "--split-name", "valid", "--seq-length", str(SEQ), str(2 * SEQ), "--stride", "32",
              "--rope-scaling-factor", "auto", "--block-counts", "1", "2", "4",
-             "--max-windows", "4", "--micro-batch-size", "2", "--sparsity-windows", "2"]
+             "--max-windows", "4", "--micro-batch-size", "2", "--sparsity-windows", "2",
+             "--selections", "oracle"]
     one = run_workers("test_evaluate:evaluate_worker", 1, str(tmp_path / "dp1"), *flags)
     two = run_workers("test_evaluate:evaluate_worker", 2, str(tmp_path / "dp2"), *flags)
     if HAS_MPL:  # matplotlib is the optional [plots] extra
         assert os.path.getsize(tmp_path / "dp1" / "eval.png") > 1000
     rows = {(r["seq_length"], r["mode"], r["block_counts"]): r for r in one["perplexity"]}
-    assert len(rows) == 8 and rows[(2 * SEQ, "full", None)]["rope_scaling_factor"] == 2.0
+    assert len(rows) == 14 and rows[(2 * SEQ, "full", None)]["rope_scaling_factor"] == 2.0
     assert rows[(SEQ, "sparse", 4)]["ppl"] == pytest.approx(rows[(SEQ, "full", None)]["ppl"], rel=1e-5)
+    assert rows[(SEQ, "sparse@oracle", 4)]["ppl"] == pytest.approx(rows[(SEQ, "full", None)]["ppl"], rel=1e-5)
     # stride 32: the first window scores 64 targets, the other three 32 each
     assert rows[(SEQ, "full", None)]["tokens"] == 64 + 3 * 32
     for r in two["perplexity"]:

@@ -154,6 +154,11 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
     prob = {name: cmd[cmd.index("--ssa-full-prob") + 1] for name, cmd in
             (("ssa", plain), ("ssa-recipe", recipe), ("ssa-recipe-fp25", fp25))}
     assert prob == {"ssa": "0.5", "ssa-recipe": "0.5", "ssa-recipe-fp25": "0.25"}
+    # the late candidates: the recipe to mid-run, then a falling probability; run when named
+    for name, end in (("ssa-recipe-late-sparse", "0.1"), ("ssa-recipe-sparse-end", "0.0")):
+        cmd = pc.train_command(args, name, 1, str(tmp_path / name))
+        assert cmd[cmd.index("--ssa-full-prob-schedule") + 1] == f"0:0.5,0.5:0.5,1.0:{end}"
+        assert cmd[cmd.index("--ssa-branch-draw") + 1] == "sequence"
     for bad in (["--variant", "ssa=--attention-mode ssa"], ["--variant", "x=--ssa-align-coef 0"],
                 ["--variant", "noequals"], ["--systems", "nope"]):
         with pytest.raises(SystemExit):
@@ -257,6 +262,23 @@ def test_hybrid_sparse_mode_is_evaluated_and_summarised(tmp_path):
     table = pc.markdown_summary(args, {"ssa-recipe_seed1": {"tokens": 1e6, "final_lm_loss": 2.5}},
                                 {"ssa-recipe": [result]})
     assert "first 1 layer(s) full" in table and table.rstrip().endswith("| 11.500 |")
+
+
+def test_other_selections_are_evaluated_and_summarised(tmp_path):
+    args = _args(tmp_path, "--systems", "ssa-recipe", "--seeds", "1", "--eval-selections", "oracle",
+                 "recent4")
+    cmd = pc.eval_command(args, str(tmp_path / "ssa-recipe_seed1"))
+    assert cmd[cmd.index("--selections") + 1:][:2] == ["oracle", "recent4"]
+    assert "--selections" not in pc.eval_command(_args(tmp_path), str(tmp_path / "x"))
+    result = _eval_result(11.27, {8: 12.95, 16: 11.91}, 0.112)
+    result["perplexity"] += [{"mode": "sparse@oracle", "block_counts": 16, "ppl": 11.4},
+                             {"mode": "sparse@recent4", "block_counts": 16, "ppl": 11.8}]
+    table = pc.markdown_summary(args, {"ssa-recipe_seed1": {"tokens": 1e6, "final_lm_loss": 2.5}},
+                                {"ssa-recipe": [result]})
+    assert "k=16, oracle selection | ppl sparse k=16, recent4 selection |" in table
+    assert table.rstrip().endswith("| 11.400 | 11.800 |")
+    with pytest.raises(SystemExit, match="--eval-selections: unknown block selection 'best'"):
+        _args(tmp_path, "--eval-selections", "best")
 
 
 def test_the_trainer_keeps_an_earlier_result_record(tmp_path):

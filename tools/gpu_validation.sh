@@ -76,7 +76,8 @@ case "$1" in
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
       --out "$COMPARE_OUT" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
-      --eval-dense-layers 1 --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
+      --eval-dense-layers 1 ${EVAL_SELECTIONS:+--eval-selections $EVAL_SELECTIONS} \
+      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
       ${VARIANT:+--variant "$VARIANT"} || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dense-layers", type=int, nargs="+", default=[], metavar="N",
                     help="also evaluate sparse mode with the first N attention layers in full "
                          "attention (mode 'sparse+denseN'), for each N")
+    ev.add_argument("--selections", nargs="+", default=[], metavar="NAME",
+                    help="also evaluate sparse mode with other block selections (mode "
+                         "'sparse@NAME'): oracle (the blocks holding the most full-attention mass: "
+                         "the ceiling of any selection at that budget), recentN (the N most recent "
+                         "blocks always kept, the rest by SSA's score)")
     ev.add_argument("--reset-attention-mask", choices=["auto", "on", "off"], default="auto",
                     help="keep documents apart inside a window (auto: as the checkpoint trained)")
     an = p.add_argument_group("attention sparsity / alignment gap")
@@ -199,6 +204,14 @@ def check_inputs(args) -> None:
         raise EvalError("--micro-batch-size and --max-windows must be positive")
     if any(n < 1 for n in args.dense_layers) or (args.dense_layers and "sparse" not in args.modes):
         raise EvalError("--dense-layers takes layer counts >= 1 and needs sparse in --modes")
+    if args.selections and "sparse" not in args.modes:
+        raise EvalError("--selections needs sparse in --modes")
+    for name in args.selections:
+        from ssa_megatron.ops.selection_variants import parse_selection
+        try:
+            parse_selection(name)
+        except ValueError as e:
+            raise EvalError(f"--selections: {e}") from None
     if args.text:
         from ssa_megatron.data.corpus import CorpusError, expand_inputs
         try:
@@ -301,8 +314,10 @@ def evaluate_perplexities(ev: Evaluation) -> List[dict]:
         raise EvalError(f"--dense-layers {max(args.dense_layers)}: the model has {layers} layers")
     if args.dense_layers and not ev.ssa_layers:
         ev.notes.append("--dense-layers ignored: the model has no full/sparse switch")
+    if args.selections and not ev.ssa_layers:
+        ev.notes.append("--selections ignored: the model has no full/sparse switch")
     settings = settings_for(list(args.modes) if ev.ssa_layers else ["natural"], args.block_counts,
-                            args.dense_layers)
+                            args.dense_layers, args.selections)
     records = []
     for length in ev.lengths:
         windows = evdata.make_windows(len(ev.stream), length, args.stride, args.max_windows)

@@ -23,6 +23,7 @@ Setting = Tuple[str, Optional[int]]  # (mode, block_counts); block_counts None f
 
 
 HYBRID = "sparse+dense"  # a hybrid setting's mode: "sparse+dense<N>", the first N layers full
+SELECTED = "sparse@"  # sparse mode under another block selection: "sparse@oracle", "sparse@recent4"
 
 
 def hybrid_mode(dense_layers: int) -> str:
@@ -31,26 +32,38 @@ def hybrid_mode(dense_layers: int) -> str:
     return f"{HYBRID}{int(dense_layers)}"
 
 
+def selection_mode(selection: str) -> str:
+    """The mode name of sparse mode whose blocks are picked by ``selection``
+    (ops/selection_variants.py; the name evaluate.py's records carry)."""
+    return f"{SELECTED}{selection}"
+
+
 def settings_for(modes: Sequence[str], block_counts: Sequence[int],
-                 dense_layers: Sequence[int] = ()) -> List[Setting]:
+                 dense_layers: Sequence[int] = (), selections: Sequence[str] = ()) -> List[Setting]:
     """Every (mode, block budget) to evaluate; with ``dense_layers``, sparse mode also with the
-    first N attention layers in full attention, for each N."""
+    first N attention layers in full attention, for each N; with ``selections``, sparse mode also
+    under each of those block selections."""
     out: List[Setting] = []
     for mode in modes:
         if mode == "sparse":
             out.extend(("sparse", int(bc)) for bc in block_counts)
             out.extend((hybrid_mode(n), int(bc)) for n in dense_layers for bc in block_counts)
+            out.extend((selection_mode(s), int(bc)) for s in selections for bc in block_counts)
         else:
             out.append((mode, None))
     return out
 
 
 def apply_setting(model, setting: Setting) -> None:
+    from ssa_megatron.ops.selection_variants import POOLED
     mode, bc = setting
     if mode.startswith(HYBRID):
-        set_inference_mode(model, "sparse", bc, dense_layers=int(mode[len(HYBRID):]))
+        set_inference_mode(model, "sparse", bc, dense_layers=int(mode[len(HYBRID):]),
+                           selection=POOLED)
+    elif mode.startswith(SELECTED):
+        set_inference_mode(model, "sparse", bc, selection=mode[len(SELECTED):])
     elif mode in ("full", "sparse"):
-        set_inference_mode(model, mode, bc)
+        set_inference_mode(model, mode, bc, selection=POOLED)
 
 
 def eod_position_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ssa_megatron.model import align_loss
 from ssa_megatron.ops import dispatch as ops
+from ssa_megatron.ops import selection_variants
 
 
 @dataclass
@@ -76,6 +77,9 @@ class SSACoreAttention(MegatronModule):
         self.block_counts = config.ssa_block_counts
         self.align_coef = config.ssa_align_coef
         self.inference_mode = config.default_inference_mode
+        # How sparse mode picks its blocks: SSA's pooled scores, or an evaluation-only variant
+        # (ops/selection_variants.py); set with set_inference_mode.
+        self.selection = selection_variants.POOLED
         self.softmax_scale = softmax_scale
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
         self.gate: Optional[torch.Tensor] = None
@@ -162,30 +166,37 @@ class SSACoreAttention(MegatronModule):
 
     def sparse_branch(self, q, k, v, cu_seqlens, return_indices: bool = False):
         with torch.no_grad():
-            indices = ops.select_blocks(q.detach(), k.detach(), self.block_size, self.block_counts,
-                                        cu_seqlens=cu_seqlens, scale=self.softmax_scale)
+            indices = selection_variants.select_blocks_with(
+                self.selection, q.detach(), k.detach(), self.block_size, self.block_counts,
+                cu_seqlens=cu_seqlens, scale=self.softmax_scale)
         out = ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
                                    scale=self.softmax_scale)
         return (out, indices) if return_indices else out
 
 
 def set_inference_mode(model: torch.nn.Module, mode: Optional[str] = None,
-                       block_counts: Optional[int] = None, dense_layers: int = 0) -> None:
+                       block_counts: Optional[int] = None, dense_layers: int = 0,
+                       selection: Optional[str] = None) -> None:
     """Switch a trained model's branch (full/sparse) and/or its block budget, in place. With a
     mode, ``dense_layers`` > 0 keeps the first that many attention layers (layer numbers 1..N)
-    in full attention whatever the mode (a hybrid sparse mode)."""
+    in full attention whatever the mode (a hybrid sparse mode). ``selection`` names how sparse
+    mode picks its blocks (ops/selection_variants.py; "pooled" is SSA's)."""
     if mode is not None and mode not in ("full", "sparse"):
         raise ValueError(f"unknown inference mode {mode!r}; use full or sparse")
     if block_counts is not None and block_counts < 1:
         raise ValueError("block_counts must be a positive integer")
     if dense_layers < 0 or (dense_layers and mode is None):
         raise ValueError("dense_layers must be >= 0 and comes with a mode")
+    if selection is not None:
+        selection_variants.parse_selection(selection)
     for module in model.modules():
         if isinstance(module, SSACoreAttention):
             if mode is not None:
                 module.inference_mode = "full" if module.layer_number <= dense_layers else mode
             if block_counts is not None:
                 module.block_counts = block_counts
+            if selection is not None:
+                module.selection = selection
 
 
 @contextlib.contextmanager

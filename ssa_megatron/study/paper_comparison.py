@@ -30,15 +30,24 @@ from ssa_megatron.training import result_record
 
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
-           "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa"}
+           "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa", "ssa-recipe-late-sparse": "ssa",
+           "ssa-recipe-sparse-end": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
 # "ssa-recipe" draws it per sequence (probability 0.5: the trainer's defaults), "ssa-recipe-fp25"
-# per sequence with probability 0.25; "nsa" (compression + selection + window, three
+# per sequence with probability 0.25; "ssa-recipe-late-sparse" / "ssa-recipe-sparse-end" keep the
+# recipe to mid-run, then lower the probability linearly to 0.1 / 0 at the end; "nsa" (compression + selection + window, three
 # gates) has one mode: its "full" column
 PUBLISHED_FULL_PROB = 0.5
+# what runs when --systems is not given: the paper's systems and the two recipes (the later
+# candidates run when named)
+DEFAULT_SYSTEMS = ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25"]
 SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
                 "ssa-recipe": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
-                "ssa-recipe-fp25": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.25"]}
+                "ssa-recipe-fp25": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.25"],
+                "ssa-recipe-late-sparse": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
+                                           "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
+                "ssa-recipe-sparse-end": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
+                                          "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
@@ -97,6 +106,7 @@ def eval_command(args, out: str) -> list:
             "--block-counts", *[str(b) for b in args.sweep], "--max-windows", str(args.eval_windows),
             "--json", os.path.join(out, "eval.json"), "--plot", os.path.join(out, "eval.png"),
             *(["--dense-layers", *map(str, args.eval_dense_layers)] if args.eval_dense_layers else []),
+            *(["--selections", *args.eval_selections] if args.eval_selections else []),
             *args.eval_extra]
 
 
@@ -206,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", required=True)
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--systems", nargs="*", default=None,
-                   help=f"default: {' '.join(SYSTEMS)} and every --variant")
+                   help=f"default: {' '.join(DEFAULT_SYSTEMS)} and every --variant; also: "
+                        f"{' '.join(s for s in SYSTEMS if s not in DEFAULT_SYSTEMS)}")
     p.add_argument("--variant", nargs="*", default=[], metavar="NAME=FLAGS",
                    help="an ablation system: the same recipe plus these trainer flags (last wins), "
                         "e.g. 'ssa-alpha0=--attention-mode ssa --ssa-align-coef 0'")
@@ -236,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-dense-layers", type=int, nargs="*", default=[], metavar="N",
                    help="also evaluate sparse mode with the first N layers in full attention "
                         "(evaluate.py --dense-layers); summary.md adds their k = --block-counts column")
+    p.add_argument("--eval-selections", nargs="*", default=[], metavar="NAME",
+                   help="also evaluate sparse mode under these block selections (evaluate.py "
+                        "--selections: oracle, recentN); summary.md adds their k = --block-counts column")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",
@@ -253,9 +267,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.variants = parse_variants(args.variant)
     if args.systems is None:
-        args.systems = list(SYSTEMS) + list(args.variants)
+        args.systems = DEFAULT_SYSTEMS + list(args.variants)
     if any(n < 1 for n in args.eval_dense_layers):
         raise SystemExit("error: --eval-dense-layers takes layer counts >= 1")
+    from ssa_megatron.ops.selection_variants import parse_selection
+    for name in args.eval_selections:
+        try:
+            parse_selection(name)
+        except ValueError as e:
+            raise SystemExit(f"error: --eval-selections: {e}") from None
     unknown = [s for s in args.systems if s not in SYSTEMS and s not in args.variants]
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
@@ -503,7 +523,8 @@ def markdown_summary(args, train, evals) -> str:
     head = (["system", "tokens/model", "final train loss", "valid ppl full"]
             + [f"ppl sparse k={k}" for k in sweep]
             + [f"dropped mass k={args.block_counts}", f"full-sparse gap k={args.block_counts}"]
-            + [f"ppl sparse k={args.block_counts}, first {n} layer(s) full" for n in args.eval_dense_layers])
+            + [f"ppl sparse k={args.block_counts}, first {n} layer(s) full" for n in args.eval_dense_layers]
+            + [f"ppl sparse k={args.block_counts}, {s} selection" for s in args.eval_selections])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for system in args.systems:
         runs = [train.get(f"{system}_seed{seed}") for seed in args.seeds]
@@ -520,6 +541,10 @@ def markdown_summary(args, train, evals) -> str:
             from ssa_megatron.eval.perplexity import hybrid_mode  # the records' mode names
             row += [_mean_spread([_ppl(r, hybrid_mode(n), args.block_counts) for r in results])
                     for n in args.eval_dense_layers]
+        if args.eval_selections:
+            from ssa_megatron.eval.perplexity import selection_mode
+            row += [_mean_spread([_ppl(r, selection_mode(s), args.block_counts) for r in results])
+                    for s in args.eval_selections]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

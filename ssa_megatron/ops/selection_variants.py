@@ -1,0 +1,114 @@
+"""Block selections other than SSA's, for evaluation: how much of sparse mode's loss is the
+selection's fault and how much the budget's.
+
+* ``pooled`` (SSA's own, :func:`ssa_megatron.ops.dispatch.select_blocks`): scores from the
+  queries against the mean-pooled keys of each block.
+* ``oracle``: per (token, kv head) the blocks that hold the most full-attention mass, summed over
+  the group's query heads; the current block is always kept. No selection of k blocks keeps
+  more attention mass, so its perplexity is the ceiling of better selection at that budget. It
+  needs the whole attention row: it saves nothing and is a measurement only.
+* ``recent<N>`` (e.g. ``recent4``): SSA's scores, with the N most recent blocks (the current one
+  included) always kept, the rest of the budget by score.
+
+Every variant has the contract of ``select_blocks``: indices [B, T, H, block_counts] (int32,
+-1 = empty slot) counted from the start of each token's document, slot 0 the current block,
+ties to the smaller block index. Plain PyTorch in query chunks (the attention matrix is never
+held whole), on whatever device the tensors are.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Optional, Tuple
+
+import torch
+
+from ssa_megatron.ops import dispatch, reference
+
+POOLED = "pooled"
+_NAME = re.compile(r"^(pooled|oracle|recent([1-9][0-9]*))$")
+
+
+def parse_selection(name: str) -> Tuple[str, int]:
+    """("pooled" | "oracle" | "recent", N) of a selection name; a clear error otherwise."""
+    m = _NAME.match(str(name))
+    if not m:
+        raise ValueError(f"unknown block selection {name!r}: use pooled, oracle or recentN "
+                         "(N >= 1 most recent blocks always kept, e.g. recent4)")
+    return ("recent", int(m.group(2))) if m.group(2) else (m.group(1), 0)
+
+
+def _chunk_rows(b: int, hq: int, keys: int, budget_bytes: int = 1 << 28) -> int:
+    return int(max(16, min(1024, budget_bytes // max(1, b * hq * keys * 4 * 3))))
+
+
+def _top_blocks(scores: torch.Tensor, block_counts: int) -> torch.Tensor:
+    vals, idx = reference._topk_stable(scores, block_counts)
+    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1)).to(torch.int32)
+    if idx.shape[-1] < block_counts:
+        idx = torch.nn.functional.pad(idx, (0, block_counts - idx.shape[-1]), value=-1)
+    return idx
+
+
+def oracle_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
+                  scale: Optional[float]) -> torch.Tensor:
+    """[B, Tq, H, nb] full-attention mass per past block, summed over each kv head's query heads,
+    for queries at positions first_pos.. of a document whose keys are ``k_prefix``; the current
+    block +inf, later blocks -inf."""
+    b, tc, hq, d = q_chunk.shape
+    keys, h = k_prefix.shape[1], k_prefix.shape[2]
+    group = hq // h
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = (keys + block_size - 1) // block_size
+    dev = q_chunk.device
+    qg = q_chunk.float().reshape(b, tc, h, group, d)
+    logits = torch.einsum("bthgd,bkhd->bthgk", qg, k_prefix.float()) * scale
+    pos = torch.arange(first_pos, first_pos + tc, device=dev)
+    causal = torch.arange(keys, device=dev)[None, :] <= pos[:, None]  # [tc, keys]
+    probs = torch.softmax(logits.masked_fill(~causal[None, :, None, None, :], float("-inf")), -1)
+    probs = torch.nn.functional.pad(probs.sum(dim=3), (0, nb * block_size - keys))
+    mass = probs.reshape(b, tc, h, nb, block_size).sum(-1)  # [B, tc, H, nb]
+    current = (pos // block_size)[:, None]
+    blocks = torch.arange(nb, device=dev)[None, :]
+    mass = mass.masked_fill((blocks > current)[None, :, None, :], float("-inf"))
+    return mass.masked_fill((blocks == current)[None, :, None, :], float("inf"))
+
+
+def recent_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
+                  block_size: int, scale: Optional[float], recent: int) -> torch.Tensor:
+    """SSA's block scores with the ``recent`` - 1 blocks before the current one lifted above every
+    scored block (a group's scores sum G softmax rows, so they never exceed G); their order among
+    themselves stays SSA's."""
+    scores = reference.chunk_scores(q_chunk, k_prefix, first_pos, block_size, scale)
+    group = q_chunk.shape[2] // k_prefix.shape[2]
+    pos = torch.arange(first_pos, first_pos + q_chunk.shape[1], device=q_chunk.device)
+    current = (pos // block_size)[:, None]
+    blocks = torch.arange(scores.shape[-1], device=q_chunk.device)[None, :]
+    lifted = (blocks < current) & (blocks > current - recent)
+    return scores + lifted[None, :, None, :].to(scores.dtype) * (group + 1)
+
+
+def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_size: int,
+                       block_counts: int, cu_seqlens: Optional[torch.Tensor] = None,
+                       scale: Optional[float] = None) -> torch.Tensor:
+    """``select_blocks`` under the named selection (module docstring)."""
+    kind, n = parse_selection(selection)
+    if kind == POOLED:
+        return dispatch.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
+    reference._check_shapes(q, k)
+    b, t, hq, _ = q.shape
+    out = torch.full((b, t, k.shape[2], block_counts), -1, dtype=torch.int32, device=q.device)
+    for start, end in reference.segments(t, cu_seqlens, b):
+        rows = _chunk_rows(b, hq, end - start)
+        for c0 in range(start, end, rows):
+            c1 = min(c0 + rows, end)
+            qc, kp = q[:, c0:c1], k[:, start:c1]
+            if kind == "oracle":
+                scores = oracle_scores(qc, kp, c0 - start, block_size, scale)
+            else:
+                scores = recent_scores(qc, kp, c0 - start, block_size, scale, n)
+            out[:, c0:c1] = _top_blocks(scores, block_counts)
+    return out
+
+
+__all__ = ["POOLED", "parse_selection", "select_blocks_with", "oracle_scores", "recent_scores"]

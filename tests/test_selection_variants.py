@@ -1,0 +1,108 @@
+"""The evaluation-only block selections (ops/selection_variants.py) against brute force: the
+oracle keeps the blocks of most full-attention mass, recentN keeps the N latest blocks and fills
+the rest by SSA's scores, both per document."""
+import math
+
+import pytest
+import torch
+
+from ssa_megatron.ops import reference as R
+from ssa_megatron.ops.selection_variants import parse_selection, select_blocks_with
+
+
+def _inputs(b=2, t=100, h=2, g=3, d=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, t, h * g, d, generator=gen) * 2
+    k = torch.randn(b, t, h, d, generator=gen) * 2
+    return q, k
+
+
+def _block_mass(q, k, bs):
+    """[B, T, H, nb] group-summed full-attention mass per block, from the dense matrix (float64)."""
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    g = hq // h
+    logits = torch.einsum("bihd,bjhd->bhij", q.double(), k.repeat_interleave(g, 2).double()) / math.sqrt(d)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)  # [B, HQ, T, T]
+    nb = -(-t // bs)
+    p = torch.nn.functional.pad(p, (0, nb * bs - t)).reshape(b, hq, t, nb, bs).sum(-1)
+    return p.reshape(b, h, g, t, nb).sum(2).permute(0, 2, 1, 3)
+
+
+def _sets(idx):
+    return [[set(x for x in row.tolist() if x >= 0) for row in tok] for tok in idx[0]]
+
+
+@pytest.mark.parametrize("K", [1, 3, 5])
+def test_oracle_keeps_the_blocks_of_most_attention_mass(K):
+    bs = 16
+    q, k = _inputs()
+    idx = select_blocks_with("oracle", q, k, bs, K)
+    mass = _block_mass(q, k, bs)
+    b, t, h, _ = idx.shape
+    for bi in range(b):
+        for ti in range(t):
+            cur = ti // bs
+            for hi in range(h):
+                row = idx[bi, ti, hi].tolist()
+                assert row[0] == cur  # slot 0: the current block
+                past = sorted(range(cur), key=lambda i: (-float(mass[bi, ti, hi, i]), i))
+                want = {cur, *past[:K - 1]}
+                got = {x for x in row if x >= 0}
+                assert got == want, (bi, ti, hi)
+                assert row.count(-1) == K - len(want)
+    # its kept mass is never below SSA's pooled selection's
+    pooled = R.select_blocks(q, k, bs, K)
+
+    def kept(ix):
+        return (mass.gather(-1, ix.long().clamp(min=0)) * (ix >= 0)).sum(-1)
+    assert bool((kept(idx) >= kept(pooled) - 1e-9).all())
+    assert bool((kept(idx) > kept(pooled) + 1e-6).any()) == (K > 1)  # K = 1: the current block only
+
+
+@pytest.mark.parametrize("N", [2, 3])
+def test_recent_keeps_the_latest_blocks_and_fills_by_ssa_scores(N):
+    bs, K = 8, 5
+    q, k = _inputs(t=96, g=2)
+    idx = select_blocks_with(f"recent{N}", q, k, bs, K)
+    scores = R.block_scores(q, k, bs)  # SSA's: current +inf, incomplete/future -inf
+    for bi in range(q.shape[0]):
+        for ti in range(q.shape[1]):
+            cur = ti // bs
+            for hi in range(k.shape[2]):
+                got = {x for x in idx[bi, ti, hi].tolist() if x >= 0}
+                recent = set(range(max(0, cur - N + 1), cur + 1))
+                rest = sorted((i for i in range(cur) if i not in recent),
+                              key=lambda i: (-float(scores[bi, ti, hi, i]), i))
+                assert got == recent | set(rest[:K - len(recent)]), (bi, ti, hi)
+    # recent1 is SSA's selection itself, slot for slot
+    assert torch.equal(select_blocks_with("recent1", q, k, bs, K), R.select_blocks(q, k, bs, K))
+    assert not torch.equal(idx, R.select_blocks(q, k, bs, K))
+
+
+@pytest.mark.parametrize("selection", ["oracle", "recent3"])
+def test_variants_keep_packed_documents_apart(selection):
+    bs, K = 8, 3
+    q, k = _inputs(b=1, t=90, seed=3)
+    cu = torch.tensor([0, 37, 90])
+    packed = select_blocks_with(selection, q, k, bs, K, cu_seqlens=cu)
+    for a, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        alone = select_blocks_with(selection, q[:, a:e], k[:, a:e], bs, K)
+        assert torch.equal(packed[:, a:e], alone)
+
+
+def test_a_budget_covering_the_context_selects_every_block():
+    bs = 16
+    q, k = _inputs(t=64)
+    every = R.select_blocks(q, k, bs, 4)
+    for name in ("oracle", "recent2", "pooled"):
+        assert _sets(select_blocks_with(name, q, k, bs, 4)) == _sets(every)
+
+
+def test_unknown_selection_names_are_refused_in_one_line():
+    assert parse_selection("recent12") == ("recent", 12)
+    assert parse_selection("oracle") == ("oracle", 0)
+    for bad in ("recent0", "recent", "topk", "Oracle"):
+        with pytest.raises(ValueError, match="use pooled, oracle or recentN"):
+            parse_selection(bad)
