@@ -66,6 +66,94 @@ def test_injected_alignment_gradient_equals_direct_autograd(single_process_paral
     assert not torch.allclose(direct[qkv], ce_only[qkv], atol=1e-6, rtol=1e-4)
 
 
+def test_selection_alignment_loss_trains_through_the_autoscaler(single_process_parallel_state,
+                                                                monkeypatch):
+    """--ssa-select-align-coef: each SSA layer adds coef / layers x its selection loss (sampled
+    rows) through the autoscaler, in both branches; the tracker records it; coef 0 adds none."""
+    from ssa_megatron.model.align_loss import SelectionLossLoggingHelper
+    from ssa_megatron.ops import selection_loss
+    args = tiny_args("--ssa-align-coef", "0", "--ssa-select-align-coef", "50")
+    model = build_tiny_model(args)
+    batch = random_batches(1)[0]
+    tracker = SelectionLossLoggingHelper.tracker
+    tracker.configure(args.num_layers)
+
+    def injected(coef):
+        for m in model.modules():
+            if isinstance(m, SSACoreAttention):
+                m.select_align_coef = coef
+        model.zero_grad()
+        torch.manual_seed(3)  # the sampled rows
+        with ssa_branch(model, torch.tensor([True, False])):
+            ce_loss(model, batch).backward()
+        return _grads(model)
+
+    with_loss, without = injected(50.0), injected(0.0)
+    assert tracker._count.tolist() == [1.0] * args.num_layers and bool((tracker._sum > 0).all())
+
+    # direct autograd of CE + the weighted losses the layers hand over, on the same rows
+    model.zero_grad()
+    collected, losses = [], []
+    real = selection_loss.selection_alignment_loss
+    for m in model.modules():
+        if isinstance(m, SSACoreAttention):
+            m.select_align_coef = 50.0
+    with monkeypatch.context() as patch:
+        patch.setattr(align_loss, "attach_alignment_loss",
+                      lambda output, weighted: collected.append(weighted) or output)
+        patch.setattr(selection_loss, "selection_alignment_loss",
+                      lambda *a, **kw: losses.append(real(*a, **kw)) or losses[-1])
+        torch.manual_seed(3)
+        with ssa_branch(model, torch.tensor([True, False])):
+            loss = ce_loss(model, batch)
+        (loss + sum(collected)).backward()
+    assert len(losses) == args.num_layers and len(collected) == 2 * args.num_layers
+    direct = _grads(model)
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    torch.testing.assert_close(with_loss[qkv], direct[qkv], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(with_loss[qkv], without[qkv], atol=1e-6, rtol=1e-4)
+    with pytest.raises(ConfigError, match="needs --attention-mode ssa"):
+        tiny_args("--attention-mode", "full", "--ssa-select-align-coef", "1")
+
+
+def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_parallel_state):
+    """--ssa-select-proj: the selection scores q + q P_h (P_h = 0 at init: SSA's own selection);
+    the selection loss trains P and nothing else, and P changes which blocks are selected."""
+    from ssa_megatron.ops import reference
+    args = tiny_args("--ssa-select-proj", "--ssa-select-align-coef", "50", "--ssa-align-coef", "0")
+    model = build_tiny_model(args)
+    layers = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
+    assert all(m.select_proj is not None and float(m.select_proj.abs().max()) == 0 for m in layers)
+    batch = random_batches(1)[0]
+
+    def grads(coef):
+        for m in layers:
+            m.select_align_coef = coef
+        model.zero_grad()
+        torch.manual_seed(3)
+        with ssa_branch(model, torch.tensor([True, False])):
+            ce_loss(model, batch).backward()
+        return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+                for n, p in model.named_parameters()}
+
+    on, off = grads(50.0), grads(0.0)
+    for name in on:
+        if name.endswith("select_proj"):
+            assert float(on[name].abs().max()) > 0 and float(off[name].abs().max()) == 0, name
+        else:
+            torch.testing.assert_close(on[name], off[name], atol=0, rtol=0, msg=name)
+    q = torch.randn(1, 64, 8, 8)  # the tiny model's 8 query heads of 8, 2 kv heads
+    k = torch.randn(1, 64, 2, 8)
+    layer = layers[0]
+    assert torch.equal(layer.selection_query(q), q)
+    with torch.no_grad():
+        layer.select_proj.copy_(torch.randn_like(layer.select_proj))
+    moved = layer.selection_query(q)
+    assert not torch.equal(reference.select_blocks(moved, k, 16, 2), reference.select_blocks(q, k, 16, 2))
+    with pytest.raises(ConfigError, match="add --ssa-select-align-coef"):
+        tiny_args("--ssa-select-proj")
+
+
 def test_modes_select_branches(single_process_parallel_state):
     args = tiny_args()
     model = build_tiny_model(args)

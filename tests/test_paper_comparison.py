@@ -155,6 +155,10 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
             (("ssa", plain), ("ssa-recipe", recipe), ("ssa-recipe-fp25", fp25))}
     assert prob == {"ssa": "0.5", "ssa-recipe": "0.5", "ssa-recipe-fp25": "0.25"}
     # the late candidates: the recipe to mid-run, then a falling probability; run when named
+    select = pc.train_command(args, "ssa-recipe-select", 1, str(tmp_path / "s"))
+    assert select[select.index("--ssa-select-align-coef") + 1] == "1.0"
+    assert "--ssa-select-proj" not in select
+    assert "--ssa-select-proj" in pc.train_command(args, "ssa-recipe-select-proj", 1, str(tmp_path / "p"))
     for name, end in (("ssa-recipe-late-sparse", "0.1"), ("ssa-recipe-sparse-end", "0.0")):
         cmd = pc.train_command(args, name, 1, str(tmp_path / name))
         assert cmd[cmd.index("--ssa-full-prob-schedule") + 1] == f"0:0.5,0.5:0.5,1.0:{end}"

@@ -251,6 +251,23 @@ def test_per_sequence_draws_equal_across_dp_and_pp_layouts(tmp_path, random_data
     assert records[0]["update_norms"]["attention_qkv"] > 0
 
 
+def test_selection_alignment_loss_is_logged_over_data_parallel_ranks(tmp_path, random_dataset):
+    """A DP=2 run with --ssa-select-align-coef logs the selection loss every log step (all ranks
+    reduce the tracker together) and names it in the recipe line."""
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import BranchRecipe
+    args = ["--ssa-select-align-coef", "1", "--ssa-select-align-rows", "8"]
+    res = run_workers("train", 2, str(tmp_path / "dp2"), *FLAGS, "--data-path", random_dataset,
+                      "--micro-batch-size", "2", "--train-iters", "4", "--log-interval", "2", *args)
+    assert len(res["select_loss"]) == len(res["align_loss"]) >= 2
+    # a KL: >= 0 up to rounding (near 0 here: a fresh tiny model attends almost uniformly)
+    assert all(-1e-6 < v < 10 for v in res["select_loss"]), res["select_loss"]
+    line = BranchRecipe(tiny_args(*args)).describe(tiny_args(*args))
+    assert "selection alignment weight 1.0 (8 rows, training q and k)" in line
+    proj = args + ["--ssa-select-proj"]
+    assert "training a learned selection map" in BranchRecipe(tiny_args(*proj)).describe(tiny_args(*proj))
+
+
 def test_quality_summary_classifies_runs():
     from ssa_megatron.study import quality
     steps = 300
@@ -277,19 +294,26 @@ def test_quality_summary_classifies_runs():
     assert all(r["steps"] == 10 and "valid_full" not in r for r in early["runs"])
 
 
-def test_qk_layernorm_checkpoint_evaluates_and_hf_export_refuses(tmp_path, random_dataset,
-                                                                 single_process_parallel_state):
+@pytest.mark.parametrize("flags, weights", [
+    (["--qk-layernorm"], ["q_layernorm", "k_layernorm"]),
+    (["--ssa-select-proj", "--ssa-select-align-coef", "1"], ["core_attention.select_proj"])])
+def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
+        tmp_path, random_dataset, single_process_parallel_state, flags, weights):
     from ssa_megatron.convert.api import megatron_to_hf
     from ssa_megatron.convert.layout import ConversionError
     from ssa_megatron.eval.model import load_model
     save = str(tmp_path / "ckpt")
     run_workers("train", 1, str(tmp_path / "train"), *FLAGS, "--data-path", random_dataset,
-                "--micro-batch-size", "4", "--split", "100,0,0", "--train-iters", "1",
-                "--qk-layernorm", "--save", save)
+                "--micro-batch-size", "4", "--split", "100,0,0", "--train-iters", "2",
+                *flags, "--save", save)
     model, spec, _ = load_model(save, device="cpu")
-    names = [n for n, _ in model.named_parameters()]
-    assert any("q_layernorm" in n for n in names) and any("k_layernorm" in n for n in names)
-    with pytest.raises(ConversionError, match="--qk-layernorm"):
+    params = dict(model.named_parameters())
+    for w in weights:
+        assert any(w in n for n in params), w
+    if "--ssa-select-proj" in flags:  # trained away from 0 by the selection loss alone
+        proj = [p for n, p in params.items() if n.endswith("select_proj")]
+        assert len(proj) == 2 and all(float(p.abs().max()) > 0 for p in proj)
+    with pytest.raises(ConversionError, match=flags[0]):
         megatron_to_hf(save, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")
 

@@ -11,7 +11,7 @@ TP rules (megatron-core, local spec):
 
 * ``embedding.word_embeddings.weight`` and an untied ``output_layer.weight`` (padded vocab),
   ``linear_qkv`` weight and bias (whole kv groups per rank, each group [G query heads x D, k D,
-  v D] rows), ``linear_gate`` (heads): split along dim 0;
+  v D] rows), ``linear_gate`` and ``core_attention.select_proj`` (heads): split along dim 0;
 * ``linear_proj``, ``linear_fc2`` (row parallel): split along dim 1;
 * ``linear_fc1`` (SwiGLU, partition stride 2): rank r holds [gate_r; up_r];
 * norms (also --qk-layernorm's per-head q/k norms): replicated.
@@ -28,7 +28,7 @@ from ssa_megatron.training.checkpoint_format import is_weight_key
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 DIM0 = ("embedding.word_embeddings.weight", "output_layer.weight")
 DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-               "self_attention.linear_gate.weight")
+               "self_attention.linear_gate.weight", "self_attention.core_attention.select_proj")
 DIM1_SUFFIX = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 STRIDE2_SUFFIX = ("mlp.linear_fc1.weight",)
 REPLICATED_SUFFIX = ("input_layernorm.weight", "pre_mlp_layernorm.weight", "final_layernorm.weight",

@@ -39,9 +39,11 @@ def _chunk_rows(b: int, hq: int, t: int, budget_bytes: int = 1 << 29) -> int:
 def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           block_size: int, block_counts: Sequence[int],
                           scale: Optional[float] = None, gate: Optional[torch.Tensor] = None,
-                          chunk: Optional[int] = None, gap: bool = True) -> Dict[str, torch.Tensor]:
+                          chunk: Optional[int] = None, gap: bool = True,
+                          q_select: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Sums over query tokens for one layer; q [B, T, HQ, D], k/v [B, T, H, D] (ops layout),
-    ``gate`` [B, T, HQ] or None. Returns float64 CPU tensors:
+    ``gate`` [B, T, HQ] or None, ``q_select`` the queries the layer's selection scores with when
+    they are not q (--ssa-select-proj). Returns float64 CPU tensors:
 
     ``tokens`` [] ; ``selected_mass``, ``selected_ge90``, ``topk_mass``, ``topk_ge90``
     [K, HQ] (K = len(block_counts)); ``gap_num`` [K], ``gap_den`` [] (squared norms).
@@ -54,7 +56,8 @@ def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     nb = (t + block_size - 1) // block_size
     dev = q.device
     with torch.no_grad():
-        indices = [ops.select_blocks(q, k, block_size, int(bc), scale=scale) for bc in block_counts]
+        q_sel = q if q_select is None else q_select
+        indices = [ops.select_blocks(q_sel, k, block_size, int(bc), scale=scale) for bc in block_counts]
         sums = {name: torch.zeros(nbc, hq, dtype=torch.float64, device=dev)
                 for name in ("selected_mass", "selected_ge90", "topk_mass", "topk_ge90")}
         kf = k.float().repeat_interleave(g, dim=2).permute(0, 2, 1, 3)  # [B, HQ, T, D]
@@ -126,7 +129,8 @@ class SparsityCollector:
         if module.gate is not None:
             gate = module.gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], -1)[..., 0]
         s = layer_attention_stats(q, k, v, module.block_size, self.block_counts,
-                                  module.softmax_scale, gate, gap=self.gap)
+                                  module.softmax_scale, gate, gap=self.gap,
+                                  q_select=module.selection_query(q))
         acc = self.stats.get(module.layer_number)
         self.stats[module.layer_number] = s if acc is None else {n: acc[n] + s[n] for n in s}
         return None

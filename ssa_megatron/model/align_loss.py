@@ -89,6 +89,13 @@ class AlignLossTracker:
         return mean.cpu()
 
 
+class SelectionLossLoggingHelper:
+    """The selection alignment losses (ops/selection_loss.py) of the current logging window, per
+    layer, as :class:`AlignLossLoggingHelper` keeps the alignment losses."""
+
+    tracker = AlignLossTracker()
+
+
 class AlignLossLoggingHelper:
     """The alignment losses of the current logging window (megatron's DSAIndexerLossLoggingHelper
     pattern): SSA layers record into ``tracker`` as they run; the trainer configures it for the

@@ -18,7 +18,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ssa_megatron.model import align_loss
 from ssa_megatron.ops import dispatch as ops
-from ssa_megatron.ops import selection_variants
+from ssa_megatron.ops import selection_loss, selection_variants
 
 
 @dataclass
@@ -76,6 +76,18 @@ class SSACoreAttention(MegatronModule):
         self.block_size = config.ssa_block_size
         self.block_counts = config.ssa_block_counts
         self.align_coef = config.ssa_align_coef
+        self.select_align_coef = config.ssa_select_align_coef
+        self.select_align_rows = config.ssa_select_align_rows
+        # --ssa-select-proj: q + q P_h is what the selection scores with (P_h [D, D] per local
+        # query head, starting at 0: SSA's own selection); only the selection loss trains it
+        self.select_proj = None
+        if config.ssa_select_proj:
+            heads = config.num_attention_heads // parallel_state.get_tensor_model_parallel_world_size()
+            self.select_proj = torch.nn.Parameter(torch.zeros(
+                heads, config.kv_channels, config.kv_channels, dtype=config.params_dtype))
+            self.select_proj.tensor_model_parallel = True  # heads split over TP ranks
+            self.select_proj.partition_dim = 0
+            self.select_proj.partition_stride = 1
         self.inference_mode = config.default_inference_mode
         # How sparse mode picks its blocks: SSA's pooled scores, or an evaluation-only variant
         # (ops/selection_variants.py); set with set_inference_mode.
@@ -136,8 +148,32 @@ class SSACoreAttention(MegatronModule):
             # Each TP rank averages its own heads; /tp makes the sum over ranks the global mean.
             weight = self.align_coef / (self.config.num_layers * self.tp_size)
             out = align_loss.attach_alignment_loss(out, loss * weight)
+            if self.select_align_coef > 0:
+                out = self.attach_selection_loss(out, q, k, cu_seqlens)
 
         return self.from_ops_layout(out, layout)
+
+    def selection_query(self, q):
+        """The queries SSA's block selection scores with: q, or q + q P_h (--ssa-select-proj)."""
+        if self.select_proj is None:
+            return q
+        return q + torch.einsum("bthd,hde->bthe", q, self.select_proj.to(q.dtype))
+
+    def attach_selection_loss(self, out, q, k, cu_seqlens):
+        """``out`` carrying the selection alignment loss of this forward's sampled query rows.
+        With a selection map the loss trains the map alone (q and k held fixed); without, it
+        trains q and k."""
+        rows = selection_loss.sample_rows(q.shape[1], self.select_align_rows, self.block_size,
+                                          device=q.device)
+        q_select = None
+        if self.select_proj is not None:
+            q, k = q.detach(), k.detach()
+            q_select = self.selection_query(q)
+        loss = selection_loss.selection_alignment_loss(q, k, self.block_size, rows, cu_seqlens,
+                                                       scale=self.softmax_scale, q_select=q_select)
+        align_loss.SelectionLossLoggingHelper.tracker.record(self.layer_number, loss.detach())
+        weight = self.select_align_coef / (self.config.num_layers * self.tp_size)
+        return align_loss.attach_alignment_loss(out, loss * weight)
 
     @staticmethod
     def to_ops_layout(query, key, value, packed_seq_params):
@@ -166,9 +202,10 @@ class SSACoreAttention(MegatronModule):
 
     def sparse_branch(self, q, k, v, cu_seqlens, return_indices: bool = False):
         with torch.no_grad():
+            q_select = None if self.select_proj is None else self.selection_query(q.detach())
             indices = selection_variants.select_blocks_with(
                 self.selection, q.detach(), k.detach(), self.block_size, self.block_counts,
-                cu_seqlens=cu_seqlens, scale=self.softmax_scale)
+                cu_seqlens=cu_seqlens, scale=self.softmax_scale, q_select=q_select)
         out = ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
                                    scale=self.softmax_scale)
         return (out, indices) if return_indices else out

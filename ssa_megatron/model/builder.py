@@ -58,6 +58,8 @@ def build_config(args) -> SSAConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         ssa_align_coef=args.ssa_align_coef,
+        ssa_select_align_coef=getattr(args, "ssa_select_align_coef", 0.0),
+        ssa_select_align_rows=getattr(args, "ssa_select_align_rows", 64),
         ssa_full_prob=args.ssa_full_prob,
         ssa_gate_init=getattr(args, "ssa_gate_init", "normal"),
         init_seed=args.seed,

@@ -21,6 +21,11 @@ class SSAConfig(TransformerConfig):
     ssa_block_size: int = shape_default("ssa_block_size")
     ssa_block_counts: int = shape_default("ssa_block_counts")
     ssa_align_coef: float = 10.0
+    # the selection alignment loss (ops/selection_loss.py): its weight (0: off) and the query
+    # rows per sequence and layer it samples
+    ssa_select_proj: bool = shape_default("ssa_select_proj")
+    ssa_select_align_coef: float = 0.0
+    ssa_select_align_rows: int = 64
     ssa_full_prob: float = 0.5  # the recipe's (the trainer's --ssa-full-prob default)
     nsa_window_size: int = shape_default("nsa_window_size")  # sliding-window branch of --attention-mode nsa
     ssa_gate_init: str = "normal"  # "zero": every gate starts at sigmoid(0) = 0.5

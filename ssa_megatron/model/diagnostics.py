@@ -84,7 +84,8 @@ class AttentionProbe:
     def record(self, module, q, k, gate, indices, o_full, o_sparse, cu_seqlens) -> None:
         if indices is None:
             from ssa_megatron.ops import dispatch as ops
-            indices = ops.select_blocks(q[:1].detach(), k[:1].detach(), module.block_size,
+            indices = ops.select_blocks(module.selection_query(q[:1].detach()), k[:1].detach(),
+                                        module.block_size,
                                         module.block_counts, scale=module.softmax_scale,
                                         cu_seqlens=cu_seqlens if q.shape[0] == 1 else None)
         stats = attention_stats(q, k, indices, module.block_size, module.softmax_scale,

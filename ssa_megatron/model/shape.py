@@ -147,6 +147,12 @@ class ModelShape(Mapping):
     inference_mode: Optional[str] = arch(
         None, "branch used in evaluation: full or sparse; default: the mode's natural one",
         group=SSA)
+    # the HF export refuses it, so an HF config never turns it on
+    ssa_select_proj: bool = arch(
+        False, "a learned per-head map of the queries SSA's block selection scores with "
+               "(q + q P_h, P_h starting at 0), trained only by --ssa-select-align-coef; not "
+               "exported to Hugging Face yet", group=SSA, weights=True, print_flag="changed",
+        hf_import=False)
     # new fields above this line (tests/test_model_shape.py adds one here)
 
     def __post_init__(self):

@@ -90,11 +90,15 @@ def recent_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
 
 def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_size: int,
                        block_counts: int, cu_seqlens: Optional[torch.Tensor] = None,
-                       scale: Optional[float] = None) -> torch.Tensor:
-    """``select_blocks`` under the named selection (module docstring)."""
+                       scale: Optional[float] = None,
+                       q_select: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``select_blocks`` under the named selection (module docstring). ``q_select``: the queries
+    SSA's scores use when they are not q (a learned selection map); the oracle reads q's own
+    attention."""
     kind, n = parse_selection(selection)
+    q_select = q if q_select is None else q_select
     if kind == POOLED:
-        return dispatch.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
+        return dispatch.select_blocks(q_select, k, block_size, block_counts, cu_seqlens, scale)
     reference._check_shapes(q, k)
     b, t, hq, _ = q.shape
     out = torch.full((b, t, k.shape[2], block_counts), -1, dtype=torch.int32, device=q.device)
@@ -106,7 +110,7 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
             if kind == "oracle":
                 scores = oracle_scores(qc, kp, c0 - start, block_size, scale)
             else:
-                scores = recent_scores(qc, kp, c0 - start, block_size, scale, n)
+                scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale, n)
             out[:, c0:c1] = _top_blocks(scores, block_counts)
     return out
 

@@ -31,12 +31,14 @@ from ssa_megatron.training import result_record
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
            "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa", "ssa-recipe-late-sparse": "ssa",
-           "ssa-recipe-sparse-end": "ssa"}
+           "ssa-recipe-sparse-end": "ssa", "ssa-recipe-select": "ssa", "ssa-recipe-select-proj": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
 # "ssa-recipe" draws it per sequence (probability 0.5: the trainer's defaults), "ssa-recipe-fp25"
 # per sequence with probability 0.25; "ssa-recipe-late-sparse" / "ssa-recipe-sparse-end" keep the
-# recipe to mid-run, then lower the probability linearly to 0.1 / 0 at the end; "nsa" (compression + selection + window, three
-# gates) has one mode: its "full" column
+# recipe to mid-run, then lower the probability linearly to 0.1 / 0 at the end;
+# "ssa-recipe-select" is the recipe plus the selection alignment loss (weight 1) on q and k,
+# "ssa-recipe-select-proj" the same loss (weight 0.1) on a learned selection map alone; "nsa"
+# (compression + selection + window, three gates) has one mode: its "full" column
 PUBLISHED_FULL_PROB = 0.5
 # what runs when --systems is not given: the paper's systems and the two recipes (the later
 # candidates run when named)
@@ -47,7 +49,13 @@ SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", s
                 "ssa-recipe-late-sparse": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
                                            "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
                 "ssa-recipe-sparse-end": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
-                                          "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"]}
+                                          "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
+                "ssa-recipe-select": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
+                                      "--ssa-select-align-coef", "1.0"],
+                # AdamW moves the map the same for any weight; a small one keeps its gradient
+                # from eating into the model's under the global gradient-norm clip
+                "ssa-recipe-select-proj": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
+                                           "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps

@@ -48,6 +48,10 @@ VARIANTS: Dict[str, List[str]] = {
     # the recipe to mid-run, then more sparse sequences (the large comparison's late-sparse run)
     "ssa-seq-late-sparse": ["--attention-mode", "ssa", *RECIPE_DRAW,
                             "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
+    # the recipe plus the selection alignment loss (ops/selection_loss.py)
+    "ssa-seq-select": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-select-align-coef", "1.0"],
+    "ssa-seq-select-proj": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-select-proj",
+                            "--ssa-select-align-coef", "0.1"],
 }
 
 FINAL_WINDOW = 100  # the final train loss: mean over the last this-many steps

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "overrides --ssa-full-prob")
     s.add_argument("--ssa-align-coef-schedule", default=None, metavar="ITER:ALPHA,...",
                    help="alignment-loss weight over training, same format; overrides --ssa-align-coef")
+    s.add_argument("--ssa-select-align-coef", type=float, default=0.0,
+                   help="weight of the selection alignment loss (mean over layers; 0: off): "
+                        "KL from full attention's mass per block to SSA's block scores on sampled "
+                        "query rows, so the selection learns where attention goes "
+                        "(ops/selection_loss.py, docs/RESULTS.md)")
+    s.add_argument("--ssa-select-align-rows", type=int, default=64,
+                   help="query rows per sequence and layer the selection alignment loss samples")
     s.add_argument("--ssa-gate-init", default="normal", choices=["normal", "zero"],
                    help="gate projection init: normal (std --init-method-std) or zero (every gate "
                         "starts at 0.5)")
@@ -254,6 +261,14 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
             raise ConfigError(str(err))
         if any(v < lo or (hi is not None and v > hi) for v in values):
             raise ConfigError(f"{name} {spec!r}: values must lie in [{lo}, {hi if hi is not None else 'inf'}]")
+    if args.ssa_select_align_coef < 0 or args.ssa_select_align_rows < 1:
+        raise ConfigError("--ssa-select-align-coef must be >= 0 and --ssa-select-align-rows >= 1")
+    if args.ssa_select_align_coef and args.attention_mode != "ssa":
+        raise ConfigError("--ssa-select-align-coef trains SSA's selection beside its full branch: "
+                          "it needs --attention-mode ssa")
+    if args.ssa_select_proj and not args.ssa_select_align_coef:
+        raise ConfigError("--ssa-select-proj is trained by the selection alignment loss alone: "
+                          "add --ssa-select-align-coef (e.g. 1.0)")
     for mode in args.eval_modes or []:
         parse_eval_mode(mode)
     if args.eval_modes and args.pipeline_model_parallel_size > 1:

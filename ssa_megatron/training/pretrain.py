@@ -231,7 +231,7 @@ def build_engine(args, info, dp_size: int):
     of this rank and the model's SSAConfig."""
     import deepspeed
 
-    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper, SelectionLossLoggingHelper
     from ssa_megatron.model.builder import build_config, build_gpt_model, padded_vocab_size
     from ssa_megatron.training.arguments import load_deepspeed_config
     from ssa_megatron.training.mpu import MegatronMPU
@@ -259,6 +259,7 @@ def build_engine(args, info, dp_size: int):
         from ssa_megatron.training.grad_norm import mark_pipeline_norm_ownership
         mark_pipeline_norm_ownership(model)
     AlignLossLoggingHelper.tracker.configure(args.num_layers)
+    SelectionLossLoggingHelper.tracker.configure(args.num_layers)
     n_params = sum(p.numel() for p in model.parameters())
     schedule = lr_lambda(args)
     engine, _, _, _ = deepspeed.initialize(
@@ -277,7 +278,7 @@ def run(args, fault_hook: Optional[Callable] = None,
 
     from ssa_megatron.data.datasets import (build_datasets, check_data_files, index_fingerprints,
                                             make_loader, parse_blend, read_tokenizer_info)
-    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper, SelectionLossLoggingHelper
     from ssa_megatron.model.builder import padded_vocab_size
     from ssa_megatron.training import checkpointing as ckpt
     from ssa_megatron.training.distributed import init_distributed
@@ -356,6 +357,9 @@ def run(args, fault_hook: Optional[Callable] = None,
 
     tracker = AlignLossLoggingHelper.tracker
     tracker.reset()
+    select_tracker = SelectionLossLoggingHelper.tracker if args.ssa_select_align_coef else None
+    if select_tracker is not None:
+        select_tracker.reset()
     engine.train()
     while state.iteration < args.train_iters:
         if stop.any_rank_received():
@@ -394,13 +398,21 @@ def run(args, fault_hook: Optional[Callable] = None,
             logger.log_diagnostics(state.iteration, record)
 
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-            per_layer = tracker.per_layer(
+            groups = dict(
                 pp_group=ps.get_pipeline_model_parallel_group() if args.pipeline_model_parallel_size > 1 else None,
                 tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
                 device=_device() if dist.get_backend() == "nccl" else None)
+            per_layer = tracker.per_layer(**groups)
             seen = per_layer[~torch.isnan(per_layer)]
             align = float(seen.mean()) if seen.numel() else float("nan")
             tracker.reset()
+            select = float("nan")
+            if select_tracker is not None:
+                select_layers = select_tracker.per_layer(**groups)
+                seen = select_layers[~torch.isnan(select_layers)]
+                select = float(seen.mean()) if seen.numel() else float("nan")
+                select_tracker.reset()
+                result.setdefault("select_loss", []).append(select)
             avg_loss = float(_dp_mean(torch.tensor([state.window_loss / state.window_iters],
                                                    dtype=torch.float64))[0])
             tokens_per_s = tokens_per_iter * state.window_iters / state.window_time
@@ -409,7 +421,8 @@ def run(args, fault_hook: Optional[Callable] = None,
             lr = engine.get_lr()[0]
             result["align_loss"].append(align)
             logger.log_train(state.iteration, avg_loss, align, per_layer, lr, grad_norm, tokens_per_s,
-                             tflops, state.consumed, 1000 * state.window_time / state.window_iters)
+                             tflops, state.consumed, 1000 * state.window_time / state.window_iters,
+                             select_loss=select)
             state.close_window()
 
         if args.eval_interval and state.iteration % args.eval_interval == 0:

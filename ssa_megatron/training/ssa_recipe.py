@@ -52,6 +52,11 @@ class BranchRecipe:
         extras = [name for name, on in (("qk-layernorm", getattr(args, "qk_layernorm", False)),
                                         ("zero-init gates", getattr(args, "ssa_gate_init", "normal") == "zero"))
                   if on]
+        select = getattr(args, "ssa_select_align_coef", 0.0)
+        if select:
+            trains = "a learned selection map" if getattr(args, "ssa_select_proj", False) else "q and k"
+            extras.insert(0, f"selection alignment weight {select} "
+                             f"({getattr(args, 'ssa_select_align_rows', 64)} rows, training {trains})")
         return (f"recipe: SSA, branch drawn {draw}, full-branch probability {prob}, "
                 f"alignment weight {align}, top-{args.ssa_block_counts} of {args.ssa_block_size}-token "
                 f"blocks{', ' + ', '.join(extras) if extras else ''}")
@@ -72,7 +77,7 @@ def full_coverage_note(args) -> Optional[str]:
 
 
 RECIPE_ARGS = ("ssa_branch_draw", "ssa_full_prob", "ssa_full_prob_schedule", "ssa_align_coef",
-               "ssa_align_coef_schedule")  # the trainer's flags that set how branches mix
+               "ssa_align_coef_schedule", "ssa_select_align_coef", "ssa_select_align_rows")  # the trainer's flags that set how branches mix
 
 
 def recipe_change_note(saved_args, args) -> Optional[str]:

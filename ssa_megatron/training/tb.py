@@ -18,11 +18,13 @@ class TrainLogger:
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, purge_step=first_step)
 
     def log_train(self, iteration, lm_loss, align_loss, per_layer, lr, grad_norm, tokens_per_s,
-                  tflops, consumed, ms_per_iter):
+                  tflops, consumed, ms_per_iter, select_loss=float("nan")):
         if not self.is_writer:
             return
         coef = self.args.ssa_align_coef if self.args.attention_mode == "ssa" else 0.0
         align_txt = "" if math.isnan(align_loss) else f" | align loss {align_loss:.4e}"
+        if not math.isnan(select_loss):
+            align_txt += f" | select loss {select_loss:.4e}"
         print(f" iteration {iteration:>7d}/{self.args.train_iters} | consumed samples {consumed:>9d}"
               f" | {ms_per_iter:8.1f} ms/iter | lm loss {lm_loss:.4f}{align_txt} | lr {lr:.3e}"
               f" | grad norm {grad_norm:.3f} | tokens/s {tokens_per_s:,.0f}"
@@ -37,6 +39,8 @@ class TrainLogger:
             for i, v in enumerate(per_layer.tolist()):
                 if not math.isnan(v):
                     w.add_scalar(f"align_loss_per_layer/layer_{i + 1:02d}", v, iteration)
+        if not math.isnan(select_loss):
+            w.add_scalar("train/select_loss", select_loss, iteration)
         w.add_scalar("train/lr", lr, iteration)
         w.add_scalar("train/grad_norm", grad_norm, iteration)
         w.add_scalar("throughput/tokens_per_s", tokens_per_s, iteration)
