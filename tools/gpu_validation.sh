@@ -10,7 +10,8 @@
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
 # = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
 # COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
-# in SYSTEMS); run again to resume.
+# in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections);
+# run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in

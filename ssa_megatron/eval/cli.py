@@ -206,12 +206,10 @@ def check_inputs(args) -> None:
         raise EvalError("--dense-layers takes layer counts >= 1 and needs sparse in --modes")
     if args.selections and "sparse" not in args.modes:
         raise EvalError("--selections needs sparse in --modes")
-    for name in args.selections:
-        from ssa_megatron.ops.selection_variants import parse_selection
-        try:
-            parse_selection(name)
-        except ValueError as e:
-            raise EvalError(f"--selections: {e}") from None
+    from ssa_megatron.ops.selection_variants import selection_names_error
+    unknown = selection_names_error(args.selections)
+    if unknown:
+        raise EvalError(f"--selections: {unknown}")
     if args.text:
         from ssa_megatron.data.corpus import CorpusError, expand_inputs
         try:

@@ -38,6 +38,17 @@ def parse_selection(name: str) -> Tuple[str, int]:
     return ("recent", int(m.group(2))) if m.group(2) else (m.group(1), 0)
 
 
+def selection_names_error(names) -> Optional[str]:
+    """The error of the first unknown selection name in ``names`` (None when all are known), for
+    a command line to raise in its own way."""
+    for name in names:
+        try:
+            parse_selection(name)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
 def _chunk_rows(b: int, hq: int, keys: int, budget_bytes: int = 1 << 28) -> int:
     return int(max(16, min(1024, budget_bytes // max(1, b * hq * keys * 4 * 3))))
 
@@ -115,4 +126,4 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
     return out
 
 
-__all__ = ["POOLED", "parse_selection", "select_blocks_with", "oracle_scores", "recent_scores"]
+__all__ = ["POOLED", "parse_selection", "selection_names_error", "select_blocks_with", "oracle_scores", "recent_scores"]

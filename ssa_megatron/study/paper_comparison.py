@@ -278,12 +278,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.systems = DEFAULT_SYSTEMS + list(args.variants)
     if any(n < 1 for n in args.eval_dense_layers):
         raise SystemExit("error: --eval-dense-layers takes layer counts >= 1")
-    from ssa_megatron.ops.selection_variants import parse_selection
-    for name in args.eval_selections:
-        try:
-            parse_selection(name)
-        except ValueError as e:
-            raise SystemExit(f"error: --eval-selections: {e}") from None
+    from ssa_megatron.ops.selection_variants import selection_names_error
+    unknown = selection_names_error(args.eval_selections)
+    if unknown:
+        raise SystemExit(f"error: --eval-selections: {unknown}")
     unknown = [s for s in args.systems if s not in SYSTEMS and s not in args.variants]
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
