@@ -165,6 +165,11 @@ def test_checkpoints_without_the_options_read_as_before():
     run = argparse.Namespace(**old["args"], rope_scaling_factor=8.0)
     check_compatible(old, run, "ckpt")
     assert rope_change_note(old["args"], run) is None
+    run.ssa_select_proj = True  # a switch that adds weights, newer than the checkpoint: refused
+    with pytest.raises(ConfigError, match="--ssa-select-proj False \\(flags say True\\).*new --save dir"):
+        check_compatible(old, run, "ckpt")
+    run.ssa_select_proj = False
+    check_compatible(old, run, "ckpt")
     run.untie_embeddings_and_output_weights = True
     with pytest.raises(ConfigError, match="--untie-embeddings-and-output-weights False.*new --save dir"):
         check_compatible(old, run, "ckpt")

@@ -70,12 +70,11 @@ def test_selection_alignment_loss_trains_through_the_autoscaler(single_process_p
                                                                 monkeypatch):
     """--ssa-select-align-coef: each SSA layer adds coef / layers x its selection loss (sampled
     rows) through the autoscaler, in both branches; the tracker records it; coef 0 adds none."""
-    from ssa_megatron.model.align_loss import SelectionLossLoggingHelper
     from ssa_megatron.ops import selection_loss
     args = tiny_args("--ssa-align-coef", "0", "--ssa-select-align-coef", "50")
     model = build_tiny_model(args)
     batch = random_batches(1)[0]
-    tracker = SelectionLossLoggingHelper.tracker
+    tracker = AlignLossLoggingHelper.selection_tracker
     tracker.configure(args.num_layers)
 
     def injected(coef):
@@ -150,6 +149,28 @@ def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_p
         layer.select_proj.copy_(torch.randn_like(layer.select_proj))
     moved = layer.selection_query(q)
     assert not torch.equal(reference.select_blocks(moved, k, 16, 2), reference.select_blocks(q, k, 16, 2))
+    # every place that selects blocks scores with the map: the sparse branch ...
+    v = torch.randn_like(k)
+    _, used = layer.sparse_branch(q, k, v, None, return_indices=True)
+    assert torch.equal(used, reference.select_blocks(moved, k, 16, 2))
+    # ... and evaluate.py's sparsity analysis (selected mass with the map's selection)
+    from ssa_megatron.eval.sparsity import SparsityCollector, layer_attention_stats
+    collector = SparsityCollector(model, [2])
+    set_inference_mode(model, "full")
+    model.eval()
+    captured = {}
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(qkv=[x.transpose(0, 1) for x in a[:3]]), with_kwargs=True)
+    collector.enabled = True
+    with torch.no_grad():
+        model(batch["tokens"][:1], batch["position_ids"][:1], None)
+    hook.remove()
+    collector.close()
+    cq, ck, cv = captured["qkv"]
+    with_map = layer_attention_stats(cq, ck, cv, 16, [2], gap=False, q_select=layer.selection_query(cq))
+    without = layer_attention_stats(cq, ck, cv, 16, [2], gap=False)
+    got = collector.stats[layer.layer_number]["selected_mass"]
+    assert torch.allclose(got, with_map["selected_mass"]) and not torch.allclose(got, without["selected_mass"])
     with pytest.raises(ConfigError, match="add --ssa-select-align-coef"):
         tiny_args("--ssa-select-proj")
 

@@ -76,6 +76,11 @@ def test_recent_keeps_the_latest_blocks_and_fills_by_ssa_scores(N):
                 rest = sorted((i for i in range(cur) if i not in recent),
                               key=lambda i: (-float(scores[bi, ti, hi, i]), i))
                 assert got == recent | set(rest[:K - len(recent)]), (bi, ti, hi)
+    # a budget of at most N blocks is the sliding window of the latest ones
+    window = select_blocks_with("recent8", q, k, bs, 3)
+    for ti in range(q.shape[1]):
+        cur = ti // bs
+        assert set(window[0, ti, 0].tolist()) - {-1} == set(range(max(0, cur - 2), cur + 1))
     # recent1 is SSA's selection itself, slot for slot
     assert torch.equal(select_blocks_with("recent1", q, k, bs, K), R.select_blocks(q, k, bs, K))
     assert not torch.equal(idx, R.select_blocks(q, k, bs, K))

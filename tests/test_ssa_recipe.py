@@ -296,14 +296,17 @@ def test_quality_summary_classifies_runs():
 
 @pytest.mark.parametrize("flags, weights", [
     (["--qk-layernorm"], ["q_layernorm", "k_layernorm"]),
-    (["--ssa-select-proj", "--ssa-select-align-coef", "1"], ["core_attention.select_proj"])])
+    # TP 2: the map is split by heads, and evaluation merges it back
+    (["--ssa-select-proj", "--ssa-select-align-coef", "1", "--tensor-model-parallel-size", "2"],
+     ["core_attention.select_proj"])])
 def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
         tmp_path, random_dataset, single_process_parallel_state, flags, weights):
     from ssa_megatron.convert.api import megatron_to_hf
     from ssa_megatron.convert.layout import ConversionError
     from ssa_megatron.eval.model import load_model
     save = str(tmp_path / "ckpt")
-    run_workers("train", 1, str(tmp_path / "train"), *FLAGS, "--data-path", random_dataset,
+    tp = 2 if "--tensor-model-parallel-size" in flags else 1
+    run_workers("train", tp, str(tmp_path / "train"), *FLAGS, "--data-path", random_dataset,
                 "--micro-batch-size", "4", "--split", "100,0,0", "--train-iters", "2",
                 *flags, "--save", save)
     model, spec, _ = load_model(save, device="cpu")
@@ -313,6 +316,8 @@ def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
     if "--ssa-select-proj" in flags:  # trained away from 0 by the selection loss alone
         proj = [p for n, p in params.items() if n.endswith("select_proj")]
         assert len(proj) == 2 and all(float(p.abs().max()) > 0 for p in proj)
+        assert all(p.shape == (4, 16, 16) for p in proj)  # every query head, merged from 2 ranks
+        assert all(float(p[:2].abs().max()) > 0 and float(p[2:].abs().max()) > 0 for p in proj)
     with pytest.raises(ConversionError, match=flags[0]):
         megatron_to_hf(save, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")

@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--selections", nargs="+", default=[], metavar="NAME",
                     help="also evaluate sparse mode with other block selections (mode "
                          "'sparse@NAME'): oracle (the blocks holding the most full-attention mass: "
-                         "the ceiling of any selection at that budget), recentN (the N most recent "
-                         "blocks always kept, the rest by SSA's score)")
+                         "no selection of k blocks keeps more of it), recentN (the min(N, k) most "
+                         "recent blocks always kept, the rest by SSA's score)")
     ev.add_argument("--reset-attention-mask", choices=["auto", "on", "off"], default="auto",
                     help="keep documents apart inside a window (auto: as the checkpoint trained)")
     an = p.add_argument_group("attention sparsity / alignment gap")

@@ -1,6 +1,7 @@
 """The alignment loss's way into training (megatron-core's auxiliary-loss pattern, as its DSA
 indexer loss): the gradient injection with the main loss's backward scale, and the per-layer
-tracker the trainer logs. These two are the only SSA state kept at class level, because every
+trackers the trainer logs (the alignment loss's, and the selection alignment loss's beside it).
+These are the only SSA state kept at class level, because every
 layer of every pipeline stage needs them without a tensor crossing the pipeline."""
 from __future__ import annotations
 
@@ -89,16 +90,11 @@ class AlignLossTracker:
         return mean.cpu()
 
 
-class SelectionLossLoggingHelper:
-    """The selection alignment losses (ops/selection_loss.py) of the current logging window, per
-    layer, as :class:`AlignLossLoggingHelper` keeps the alignment losses."""
-
-    tracker = AlignLossTracker()
-
-
 class AlignLossLoggingHelper:
     """The alignment losses of the current logging window (megatron's DSAIndexerLossLoggingHelper
     pattern): SSA layers record into ``tracker`` as they run; the trainer configures it for the
-    model's layers, reads it at each log step and resets it."""
+    model's layers, reads it at each log step and resets it. ``selection_tracker`` does the same
+    for the selection alignment loss (ops/selection_loss.py), the other auxiliary loss."""
 
     tracker = AlignLossTracker()
+    selection_tracker = AlignLossTracker()

@@ -149,7 +149,7 @@ class SSACoreAttention(MegatronModule):
             weight = self.align_coef / (self.config.num_layers * self.tp_size)
             out = align_loss.attach_alignment_loss(out, loss * weight)
             if self.select_align_coef > 0:
-                out = self.attach_selection_loss(out, q, k, cu_seqlens)
+                out = self.attach_selection_loss(out, q, k, cu_seqlens, layout)
 
         return self.from_ops_layout(out, layout)
 
@@ -159,19 +159,22 @@ class SSACoreAttention(MegatronModule):
             return q
         return q + torch.einsum("bthd,hde->bthe", q, self.select_proj.to(q.dtype))
 
-    def attach_selection_loss(self, out, q, k, cu_seqlens):
+    def attach_selection_loss(self, out, q, k, cu_seqlens, layout):
         """``out`` carrying the selection alignment loss of this forward's sampled query rows.
         With a selection map the loss trains the map alone (q and k held fixed); without, it
         trains q and k."""
-        rows = selection_loss.sample_rows(q.shape[1], self.select_align_rows, self.block_size,
-                                          device=q.device)
+        # rows are positions along the token axis: with documents packed across the flattened
+        # batch that axis holds every sequence of the micro-batch, so it gets rows for each
+        sequences = 1 if cu_seqlens is None else layout[2]
+        rows = selection_loss.sample_rows(q.shape[1], self.select_align_rows * sequences,
+                                          self.block_size, self.block_counts)
         q_select = None
         if self.select_proj is not None:
             q, k = q.detach(), k.detach()
             q_select = self.selection_query(q)
         loss = selection_loss.selection_alignment_loss(q, k, self.block_size, rows, cu_seqlens,
                                                        scale=self.softmax_scale, q_select=q_select)
-        align_loss.SelectionLossLoggingHelper.tracker.record(self.layer_number, loss.detach())
+        align_loss.AlignLossLoggingHelper.selection_tracker.record(self.layer_number, loss.detach())
         weight = self.select_align_coef / (self.config.num_layers * self.tp_size)
         return align_loss.attach_alignment_loss(out, loss * weight)
 

@@ -13,7 +13,8 @@ query heads of a kv head and renormalised over the blocks SSA scores (those comp
 token, b < (t + 1) // block_size), and ``s / G`` is SSA's score as a distribution over the same
 blocks. The target is under stop-gradient; the gradient reaches the rows' queries and, through
 the block means, the keys. Mean over rows, kv heads and sequences; rows with fewer than two
-complete blocks (nothing to choose) are left out.
+complete blocks are left out, and :func:`sample_rows` draws only rows whose past does not fit
+in the budget (at the others every block is selected: nothing to learn).
 
 Plain PyTorch (fp32) for the training path and the CPU alike: with R rows per sequence it costs
 an [R, T] attention slice per head, small beside the layer's own attention.
@@ -28,24 +29,25 @@ import torch
 from ssa_megatron.ops import reference
 
 
-def sample_rows(num_tokens: int, rows: int, block_size: int, device=None,
+def sample_rows(num_tokens: int, rows: int, block_size: int, block_counts: int = 1,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``rows`` query positions drawn uniformly (with replacement) from those with at least two
-    complete blocks behind them in a sequence of ``num_tokens`` (empty if none has)."""
-    first = 2 * block_size - 1
+    """``rows`` query positions (a CPU tensor: filtering them needs no device sync) drawn
+    uniformly, with replacement, from those of a ``num_tokens`` axis whose past holds more than
+    ``block_counts`` blocks and at least two complete ones (empty if none does)."""
+    first = max(2 * block_size - 1, block_counts * block_size)
     if num_tokens <= first or rows < 1:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    return torch.randint(first, num_tokens, (rows,), device=device, generator=generator)
+        return torch.zeros(0, dtype=torch.long)
+    return torch.randint(first, num_tokens, (rows,), generator=generator)
 
 
-def _document_kl(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, block_size: int,
-                 scale: float, q_select: Optional[torch.Tensor]) -> torch.Tensor:
-    """KL per (sequence, row, kv head) [B, R, H] for rows (positions in this document) of one
-    document's q [B, L, HQ, D], k [B, L, H, D] and selection queries q_select (None: q)."""
+def _document_kl(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, last: int,
+                 block_size: int, scale: float, q_select: Optional[torch.Tensor]) -> torch.Tensor:
+    """KL per (sequence, row, kv head) [B, R, H] for rows (positions in this document, on q's
+    device; ``last`` = the latest + 1) of one document's q [B, L, HQ, D], k [B, L, H, D] and
+    selection queries q_select (None: q)."""
     b, _, hq, d = q.shape
     h = k.shape[2]
     g = hq // h
-    last = int(rows.max()) + 1
     nb = last // block_size  # complete blocks of the latest row
     support = torch.arange(nb, device=q.device)[None, :] < ((rows + 1) // block_size)[:, None]
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -81,15 +83,17 @@ def selection_alignment_loss(q: torch.Tensor, k: torch.Tensor, block_size: int,
     reference._check_shapes(q, k)
     b, t, _, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    rows = rows.to(device=q.device, dtype=torch.long)
+    rows = rows.to(device="cpu", dtype=torch.long)  # filtered on the host: no device sync
     parts = []
     for start, end in reference.segments(t, cu_seqlens, b):
         local = rows[(rows >= start) & (rows < end)] - start
         local = local[(local + 1) // block_size >= 2]
         if local.numel():
+            last = int(local.max()) + 1
+            local = local.to(q.device)
             qs = None if q_select is None else q_select[:, start:end]
-            parts.append(_document_kl(q[:, start:end], k[:, start:end], local, block_size, scale,
-                                      qs).flatten())
+            parts.append(_document_kl(q[:, start:end], k[:, start:end], local, last, block_size,
+                                      scale, qs).flatten())
     if not parts:
         zero = (q.sum() + k.sum()) * 0.0
         return zero if q_select is None else zero + q_select.sum() * 0.0

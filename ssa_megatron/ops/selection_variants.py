@@ -4,11 +4,14 @@ selection's fault and how much the budget's.
 * ``pooled`` (SSA's own, :func:`ssa_megatron.ops.dispatch.select_blocks`): scores from the
   queries against the mean-pooled keys of each block.
 * ``oracle``: per (token, kv head) the blocks that hold the most full-attention mass, summed over
-  the group's query heads; the current block is always kept. No selection of k blocks keeps
-  more attention mass, so its perplexity is the ceiling of better selection at that budget. It
-  needs the whole attention row: it saves nothing and is a measurement only.
-* ``recent<N>`` (e.g. ``recent4``): SSA's scores, with the N most recent blocks (the current one
-  included) always kept, the rest of the budget by score.
+  the group's query heads; the current block is always kept. A mass-greedy reference: no
+  selection of k blocks (with the current one) keeps more of the group's attention mass. That
+  bounds the mass, not the perplexity (a selection may still predict better, and the oracle's
+  perplexity need not fall as k grows). It needs the whole attention row: it saves nothing and
+  is a measurement only.
+* ``recent<N>`` (e.g. ``recent4``): SSA's scores, with the min(N, k) most recent blocks (the
+  current one included) always kept, the rest of the budget by score (a sliding window of k
+  blocks when k <= N).
 
 Every variant has the contract of ``select_blocks``: indices [B, T, H, block_counts] (int32,
 -1 = empty slot) counted from the start of each token's document, slot 0 the current block,
@@ -89,7 +92,7 @@ def recent_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
                   block_size: int, scale: Optional[float], recent: int) -> torch.Tensor:
     """SSA's block scores with the ``recent`` - 1 blocks before the current one lifted above every
     scored block (a group's scores sum G softmax rows, so they never exceed G); their order among
-    themselves stays SSA's."""
+    themselves stays SSA's. Pass recent <= the budget, or the budget keeps the best of them."""
     scores = reference.chunk_scores(q_chunk, k_prefix, first_pos, block_size, scale)
     group = q_chunk.shape[2] // k_prefix.shape[2]
     pos = torch.arange(first_pos, first_pos + q_chunk.shape[1], device=q_chunk.device)
@@ -121,7 +124,8 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
             if kind == "oracle":
                 scores = oracle_scores(qc, kp, c0 - start, block_size, scale)
             else:
-                scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale, n)
+                scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
+                                       min(n, block_counts))
             out[:, c0:c1] = _top_blocks(scores, block_counts)
     return out
 

@@ -42,7 +42,7 @@ SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": 
 PUBLISHED_FULL_PROB = 0.5
 # what runs when --systems is not given: the paper's systems and the two recipes (the later
 # candidates run when named)
-DEFAULT_SYSTEMS = ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25"]
+DEFAULT_SYSTEMS = ("full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25")
 SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
                 "ssa-recipe": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
                 "ssa-recipe-fp25": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.25"],
@@ -275,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.variants = parse_variants(args.variant)
     if args.systems is None:
-        args.systems = DEFAULT_SYSTEMS + list(args.variants)
+        args.systems = list(DEFAULT_SYSTEMS) + list(args.variants)
     if any(n < 1 for n in args.eval_dense_layers):
         raise SystemExit("error: --eval-dense-layers takes layer counts >= 1")
     from ssa_megatron.ops.selection_variants import selection_names_error

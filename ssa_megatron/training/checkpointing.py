@@ -208,8 +208,12 @@ def check_compatible(meta: dict, args, tag_dir: str, padded_vocab: Optional[int]
     saved = meta.get("args", {})
     flags = SHAPE_FLAGS if not meta.get("weights_only") else tuple(f for f in SHAPE_FLAGS
                                                                      if f != "attention_mode")
-    diffs = [f"--{k.replace('_', '-')} {saved[k]} (flags say {getattr(args, k)})"
-             for k in flags if k in saved and saved[k] != getattr(args, k, None)]
+    from ssa_megatron.model.shape import shape_default
+    # a switch missing from an older checkpoint's args (or these flags) is off: its default
+    switches = {k: shape_default(k) for k in flags if isinstance(shape_default(k), bool)}
+    saved = dict(switches, **saved)
+    diffs = [f"--{k.replace('_', '-')} {saved[k]} (flags say {getattr(args, k, switches.get(k))})"
+             for k in flags if k in saved and saved[k] != getattr(args, k, switches.get(k))]
     from ssa_megatron.model.options import WEIGHT_OPTIONS, model_options
     had, want = model_options(saved), model_options(args)  # missing in older checkpoints: defaults
     diffs += [f"--{k.replace('_', '-')} {had[k]} (flags say {want[k]})" for k in WEIGHT_OPTIONS

@@ -231,7 +231,7 @@ def build_engine(args, info, dp_size: int):
     of this rank and the model's SSAConfig."""
     import deepspeed
 
-    from ssa_megatron.model.align_loss import AlignLossLoggingHelper, SelectionLossLoggingHelper
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
     from ssa_megatron.model.builder import build_config, build_gpt_model, padded_vocab_size
     from ssa_megatron.training.arguments import load_deepspeed_config
     from ssa_megatron.training.mpu import MegatronMPU
@@ -259,7 +259,7 @@ def build_engine(args, info, dp_size: int):
         from ssa_megatron.training.grad_norm import mark_pipeline_norm_ownership
         mark_pipeline_norm_ownership(model)
     AlignLossLoggingHelper.tracker.configure(args.num_layers)
-    SelectionLossLoggingHelper.tracker.configure(args.num_layers)
+    AlignLossLoggingHelper.selection_tracker.configure(args.num_layers)
     n_params = sum(p.numel() for p in model.parameters())
     schedule = lr_lambda(args)
     engine, _, _, _ = deepspeed.initialize(
@@ -278,7 +278,7 @@ def run(args, fault_hook: Optional[Callable] = None,
 
     from ssa_megatron.data.datasets import (build_datasets, check_data_files, index_fingerprints,
                                             make_loader, parse_blend, read_tokenizer_info)
-    from ssa_megatron.model.align_loss import AlignLossLoggingHelper, SelectionLossLoggingHelper
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
     from ssa_megatron.model.builder import padded_vocab_size
     from ssa_megatron.training import checkpointing as ckpt
     from ssa_megatron.training.distributed import init_distributed
@@ -357,7 +357,7 @@ def run(args, fault_hook: Optional[Callable] = None,
 
     tracker = AlignLossLoggingHelper.tracker
     tracker.reset()
-    select_tracker = SelectionLossLoggingHelper.tracker if args.ssa_select_align_coef else None
+    select_tracker = AlignLossLoggingHelper.selection_tracker if args.ssa_select_align_coef else None
     if select_tracker is not None:
         select_tracker.reset()
     engine.train()

@@ -89,7 +89,7 @@ def recipe_change_note(saved_args, args) -> Optional[str]:
     changed = changed_flags(saved_args, args, RECIPE_ARGS)
     if not changed:
         return None
-    return ("note: this run mixes SSA's branches differently from the checkpoint it continues ("
+    return ("note: this run trains SSA with other recipe settings than the checkpoint it continues ("
             + ", ".join(changed) + "); pass the checkpoint's values to keep its recipe")
 
 
