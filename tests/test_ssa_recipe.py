@@ -183,6 +183,32 @@ def test_mixed_rows_take_their_own_branch(single_process_parallel_state, packed)
     torch.testing.assert_close(outs["mixed"][1], outs["sparse"][1])
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_selection_loss_samples_rows_for_every_sequence(single_process_parallel_state, packed,
+                                                        monkeypatch):
+    """--ssa-select-align-rows counts rows per sequence: documents packed across the flattened
+    batch put both sequences on one token axis, which then gets rows for each; the rows start
+    past the training budget."""
+    from model_utils import build_tiny_model, tiny_args
+    from ssa_megatron.ops import selection_loss
+    model = build_tiny_model(tiny_args("--seq-length", "64", "--ssa-block-counts", "3",
+                                       "--ssa-select-align-coef", "1", "--ssa-select-align-rows", "5"))
+    asked, real = [], selection_loss.sample_rows
+    monkeypatch.setattr(selection_loss, "sample_rows",
+                        lambda *a, **kw: asked.append(a) or real(*a, **kw))
+    tokens = torch.randint(0, 100, (2, 64))
+    positions = torch.arange(64).repeat(2, 1)
+    documents = None
+    if packed:
+        positions[:, 40:] -= 40
+        documents = packed_documents(torch.tensor([0, 40, 64, 104, 128], dtype=torch.int32), 64)
+    with ssa_branch(model, "sparse"):
+        model(tokens, positions, None, packed_seq_params=documents)
+    assert asked == [(128 if packed else 64, 10 if packed else 5, 16, 3)] * 2  # both layers
+    rows = real(4096, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert int(rows.min()) >= 256  # 16 blocks of 16: earlier rows select every block
+
+
 def _brute_force_stats(q, k, indices, block_size, positions):
     """Loops over positions and heads: entropy and kept mass of full attention."""
     _, t, hq, d = q.shape

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ssa_megatron.ops import dispatch as ops
+from ssa_megatron.ops import reference
 
 THRESHOLD = 0.9
 
@@ -60,18 +61,13 @@ def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         indices = [ops.select_blocks(q_sel, k, block_size, int(bc), scale=scale) for bc in block_counts]
         sums = {name: torch.zeros(nbc, hq, dtype=torch.float64, device=dev)
                 for name in ("selected_mass", "selected_ge90", "topk_mass", "topk_ge90")}
-        kf = k.float().repeat_interleave(g, dim=2).permute(0, 2, 1, 3)  # [B, HQ, T, D]
         rows = chunk or _chunk_rows(b, hq, t)
-        key_pos = torch.arange(t, device=dev)
         for c0 in range(0, t, rows):
             c1 = min(t, c0 + rows)
-            qc = q[:, c0:c1].float().permute(0, 2, 1, 3)  # [B, HQ, tc, D]
-            logits = torch.matmul(qc, kf[:, :, :c1].transpose(-1, -2)) * scale  # [B, HQ, tc, c1]
-            causal = key_pos[None, :c1] <= torch.arange(c0, c1, device=dev)[:, None]
-            probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
-            pad = nb * block_size - c1
-            probs = torch.nn.functional.pad(probs, (0, pad))
-            block_mass = probs.reshape(b, hq, c1 - c0, nb, block_size).sum(-1)  # [B, HQ, tc, nb]
+            mass = reference.block_attention_mass(q[:, c0:c1], k[:, :c1],
+                                                  torch.arange(c0, c1, device=dev), block_size, scale)
+            mass = torch.nn.functional.pad(mass, (0, nb - mass.shape[-1]))  # blocks past c1: 0
+            block_mass = mass.reshape(b, c1 - c0, hq, nb).permute(0, 2, 1, 3)  # [B, HQ, tc, nb]
             ranked = block_mass.sort(dim=-1, descending=True).values.cumsum(-1)
             for i, bc in enumerate(block_counts):
                 idx = indices[i][:, c0:c1].long().repeat_interleave(g, dim=2).permute(0, 2, 1, 3)

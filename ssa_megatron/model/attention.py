@@ -205,10 +205,10 @@ class SSACoreAttention(MegatronModule):
 
     def sparse_branch(self, q, k, v, cu_seqlens, return_indices: bool = False):
         with torch.no_grad():
-            q_select = None if self.select_proj is None else self.selection_query(q.detach())
             indices = selection_variants.select_blocks_with(
                 self.selection, q.detach(), k.detach(), self.block_size, self.block_counts,
-                cu_seqlens=cu_seqlens, scale=self.softmax_scale, q_select=q_select)
+                cu_seqlens=cu_seqlens, scale=self.softmax_scale,
+                q_select=self.selection_query(q.detach()))
         out = ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
                                    scale=self.softmax_scale)
         return (out, indices) if return_indices else out

@@ -73,6 +73,34 @@ def _topk_stable(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tens
     return order.values[..., :k], order.indices[..., :k]
 
 
+def top_blocks(scores: torch.Tensor, block_counts: int) -> torch.Tensor:
+    """The ``block_counts`` best-scored blocks of ``scores`` [..., nb] (ties: the smaller index),
+    int32 [..., block_counts]; -1 for slots left empty (-inf scores, or fewer blocks)."""
+    vals, idx = _topk_stable(scores, block_counts)
+    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1)).to(torch.int32)
+    if idx.shape[-1] < block_counts:
+        idx = F.pad(idx, (0, block_counts - idx.shape[-1]), value=-1)
+    return idx
+
+
+def block_attention_mass(q_rows: torch.Tensor, k_prefix: torch.Tensor, positions: torch.Tensor,
+                         block_size: int, scale: Optional[float] = None) -> torch.Tensor:
+    """Full causal attention's probability per key block: queries q_rows [B, R, HQ, D] at
+    ``positions`` [R] (on q's device) of a document whose keys are k_prefix [B, L, H, D] (every
+    position < L) -> [B, R, H, G, ceil(L / bs)] (query head h * G + g), in fp32 or wider."""
+    b, r, hq, d = q_rows.shape
+    keys, h = k_prefix.shape[1], k_prefix.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = (keys + block_size - 1) // block_size
+    dtype = torch.promote_types(q_rows.dtype, torch.float32)
+    qg = q_rows.to(dtype).reshape(b, r, h, hq // h, d)
+    logits = torch.einsum("brhgd,bkhd->brhgk", qg, k_prefix.to(dtype)) * scale
+    causal = torch.arange(keys, device=q_rows.device)[None, :] <= positions[:, None]  # [R, L]
+    probs = torch.softmax(logits.masked_fill(~causal[None, :, None, None], float("-inf")), -1)
+    probs = F.pad(probs, (0, nb * block_size - keys))
+    return probs.reshape(b, r, h, hq // h, nb, block_size).sum(-1)
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
                   cu_seqlens: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None) -> torch.Tensor:
@@ -90,9 +118,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
             c1 = min(c0 + _CHUNK, end)
             # Scores need the whole prefix of keys but only this chunk's queries.
             scores = chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale)
-            vals, idx = _topk_stable(scores, block_counts)
-            idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1))
-            out[:, c0:c1, :, : idx.shape[-1]] = idx.to(torch.int32)
+            out[:, c0:c1] = top_blocks(scores, block_counts)
     return out
 
 
@@ -135,12 +161,8 @@ def select_blocks_from_pooled(q: torch.Tensor, pooled: torch.Tensor, first_pos: 
     of its complete blocks (nb = num_keys // block_size; rows a query cannot see are masked).
     Returns [B, Tq, H, block_counts] int32, -1 = empty slot."""
     nb_all = (num_keys + block_size - 1) // block_size
-    scores = pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale)
-    vals, idx = _topk_stable(scores, block_counts)
-    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1)).to(torch.int32)
-    if idx.shape[-1] < block_counts:
-        idx = F.pad(idx, (0, block_counts - idx.shape[-1]), value=-1)
-    return idx
+    return top_blocks(pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale),
+                      block_counts)
 
 
 def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, scale: float):

@@ -51,15 +51,11 @@ def _document_kl(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, last: int
     nb = last // block_size  # complete blocks of the latest row
     support = torch.arange(nb, device=q.device)[None, :] < ((rows + 1) // block_size)[:, None]
     dtype = torch.promote_types(q.dtype, torch.float32)
-    qr = q[:, rows].to(dtype).reshape(b, rows.numel(), h, g, d)
-    qs = qr if q_select is None else q_select[:, rows].to(dtype).reshape(b, rows.numel(), h, g, d)
+    qs = (q if q_select is None else q_select)[:, rows].to(dtype).reshape(b, rows.numel(), h, g, d)
     kf = k[:, :last].to(dtype)
     with torch.no_grad():
-        logits = torch.einsum("brhgd,blhd->brhgl", qr, kf) * scale
-        causal = torch.arange(last, device=q.device)[None, :] <= rows[:, None]
-        probs = torch.softmax(logits.masked_fill(~causal[None, :, None, None], float("-inf")), -1)
-        mass = probs[..., : nb * block_size].reshape(b, rows.numel(), h, g, nb, block_size)
-        mass = mass.sum(-1).mean(3).masked_fill(~support[None, :, None], 0.0)  # [B, R, H, nb]
+        mass = reference.block_attention_mass(q[:, rows], kf, rows, block_size, scale)[..., :nb]
+        mass = mass.mean(3).masked_fill(~support[None, :, None], 0.0)  # [B, R, H, nb]
         target = mass / mass.sum(-1, keepdim=True).clamp_min(1e-30)
         target_log = target.clamp_min(1e-30).log()
     pooled = kf[:, : nb * block_size].reshape(b, nb, block_size, h, d).mean(2)  # [B, nb, H, D]

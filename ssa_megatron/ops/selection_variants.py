@@ -20,7 +20,6 @@ held whole), on whatever device the tensors are.
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Optional, Tuple
 
@@ -56,32 +55,15 @@ def _chunk_rows(b: int, hq: int, keys: int, budget_bytes: int = 1 << 28) -> int:
     return int(max(16, min(1024, budget_bytes // max(1, b * hq * keys * 4 * 3))))
 
 
-def _top_blocks(scores: torch.Tensor, block_counts: int) -> torch.Tensor:
-    vals, idx = reference._topk_stable(scores, block_counts)
-    idx = torch.where(vals > float("-inf"), idx, torch.full_like(idx, -1)).to(torch.int32)
-    if idx.shape[-1] < block_counts:
-        idx = torch.nn.functional.pad(idx, (0, block_counts - idx.shape[-1]), value=-1)
-    return idx
-
-
 def oracle_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
                   scale: Optional[float]) -> torch.Tensor:
     """[B, Tq, H, nb] full-attention mass per past block, summed over each kv head's query heads,
     for queries at positions first_pos.. of a document whose keys are ``k_prefix``; the current
     block +inf, later blocks -inf."""
-    b, tc, hq, d = q_chunk.shape
-    keys, h = k_prefix.shape[1], k_prefix.shape[2]
-    group = hq // h
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    nb = (keys + block_size - 1) // block_size
     dev = q_chunk.device
-    qg = q_chunk.float().reshape(b, tc, h, group, d)
-    logits = torch.einsum("bthgd,bkhd->bthgk", qg, k_prefix.float()) * scale
-    pos = torch.arange(first_pos, first_pos + tc, device=dev)
-    causal = torch.arange(keys, device=dev)[None, :] <= pos[:, None]  # [tc, keys]
-    probs = torch.softmax(logits.masked_fill(~causal[None, :, None, None, :], float("-inf")), -1)
-    probs = torch.nn.functional.pad(probs.sum(dim=3), (0, nb * block_size - keys))
-    mass = probs.reshape(b, tc, h, nb, block_size).sum(-1)  # [B, tc, H, nb]
+    pos = torch.arange(first_pos, first_pos + q_chunk.shape[1], device=dev)
+    mass = reference.block_attention_mass(q_chunk, k_prefix, pos, block_size, scale).sum(3)
+    nb = mass.shape[-1]
     current = (pos // block_size)[:, None]
     blocks = torch.arange(nb, device=dev)[None, :]
     mass = mass.masked_fill((blocks > current)[None, :, None, :], float("-inf"))
@@ -126,7 +108,7 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
             else:
                 scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
                                        min(n, block_counts))
-            out[:, c0:c1] = _top_blocks(scores, block_counts)
+            out[:, c0:c1] = reference.top_blocks(scores, block_counts)
     return out
 
 
