@@ -33,7 +33,8 @@ NO_DEPS = ["megatron-core==0.16.1"]
 # (pydantic pins its pydantic-core).
 # GPU images bring transformers, tokenizers, safetensors, sentencepiece and tensorboard; pass
 # them with --extra for a bare node.
-# zstandard: joining corpus shards (tools/corpus_shards.py join) on the node; GPU images lack it.
+# zstandard: joining zstd corpus shards (tools/corpus_shards.py join) on the node; GPU images lack it
+# (xz shards, --format xz, need nothing).
 WITH_DEPS = ["hjson", "pydantic>=2", "msgpack", "ninja", "py-cpuinfo", "psutil", "einops",
              "packaging", "tqdm", "nvidia-ml-py", "zstandard"]
 # What install.sh asks for; pip takes the rest from the node's environment or the folder.

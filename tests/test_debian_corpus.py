@@ -135,6 +135,48 @@ def test_repeated_paragraphs_and_pdf_reflow():
         "\n\n\\begin{document}\nx\n\\end{document}")
 
 
+def test_xz_shards_join_without_zstandard(tmp_path, monkeypatch):
+    """xz shards (``--format xz``) are written and joined with Python's own lzma: a machine
+    without the zstandard package joins them; a damaged xz shard is still refused."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_zstandard(name, *args, **kwargs):
+        if name == "zstandard":
+            raise ImportError("no zstandard here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    rng = np.random.default_rng(1)
+    prefix = str(tmp_path / "data" / "corpus_text_document")
+    os.makedirs(os.path.dirname(prefix))
+    files = {".bin": rng.integers(0, 3000, size=200_000, dtype=np.uint16).tobytes(),
+             ".idx": rng.bytes(3000)}
+    for ext, data in files.items():
+        with open(prefix + ext, "wb") as f:
+            f.write(data)
+    with pytest.raises(CorpusError, match="--format xz"):
+        split_dataset(prefix, str(tmp_path / "z"), max_bytes=1 << 16)
+    shard_dir = str(tmp_path / "shards")
+    manifest = split_dataset(prefix, shard_dir, max_bytes=1 << 16, fmt="xz", level=1)
+    assert manifest["format"] == "xz"
+    shards = [s for e in manifest["files"] for s in e["shards"]]
+    assert len(shards) >= 4 and all(s["file"].endswith(".xz") and s["bytes"] <= 1 << 16 for s in shards)
+    join_dataset(shard_dir, str(tmp_path / "back"))
+    for ext, data in files.items():
+        assert open(str(tmp_path / "back" / "corpus_text_document") + ext, "rb").read() == data
+    with pytest.raises(CorpusError, match="preset from 0 to 9"):
+        split_dataset(prefix, str(tmp_path / "bad"), fmt="xz", level=12)
+    # a shard whose bytes differ is refused before it is decompressed; one that decompresses
+    # to another size (a manifest edited by hand) is refused after
+    m = json.load(open(os.path.join(shard_dir, "manifest.json")))
+    m["files"][0]["shards"][0]["raw_size"] += 1
+    json.dump(m, open(os.path.join(shard_dir, "manifest.json"), "w"))
+    with pytest.raises(CorpusError, match="decompressed to"):
+        join_dataset(shard_dir, str(tmp_path / "again"))
+    assert os.listdir(tmp_path / "again") == []
+
+
 def test_shards_round_trip_and_damage(tmp_path):
     rng = np.random.default_rng(0)
     prefix = str(tmp_path / "data" / "corpus_text_document")

@@ -1,8 +1,9 @@
 """Carry a preprocessed dataset in compressed shards of bounded size, and put it back together.
 
 :func:`split_dataset` compresses every file of a dataset prefix (``<prefix>.bin``, ``.idx`` and the
-``.tokenizer.*`` copies the preprocessor writes) with zstd into shards of at most ``max_bytes``
-each, every shard decompressible on its own, and writes ``manifest.json`` with the sha256 of every
+``.tokenizer.*`` copies the preprocessor writes) with zstd (fast; the ``zstandard`` package) or xz
+(Python's own ``lzma``: nothing to install where the files are joined, and smaller shards, but
+slow to write) into shards of at most ``max_bytes`` each, every shard decompressible on its own, and writes ``manifest.json`` with the sha256 of every
 shard and of every whole file. :func:`join_dataset` checks each shard against the manifest,
 decompresses, checks each rebuilt file's size and sha256, and only then moves the files into
 place (an error leaves no partial dataset behind). ``tools/corpus_shards.py`` is the command line.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import lzma
 import os
 import shutil
 from typing import List, Optional
@@ -21,15 +23,50 @@ from ssa_megatron.data.tokenizer import file_sha256
 
 MANIFEST = "manifest.json"
 DEFAULT_MAX_BYTES = 60 << 20
-DEFAULT_LEVEL = 10
+FORMATS = ("zstd", "xz")
+DEFAULT_LEVELS = {"zstd": 10, "xz": 9}
+DEFAULT_LEVEL = DEFAULT_LEVELS["zstd"]
 
 
 def _zstd():
     try:
         import zstandard
     except ImportError:
-        raise CorpusError("the zstandard package is missing; pip install zstandard") from None
+        raise CorpusError("the zstandard package is missing; pip install zstandard, or split "
+                          "with --format xz (Python's own lzma)") from None
     return zstandard
+
+
+class _Codec:
+    """One shard format: ``compress(raw)``, ``decompress(packed, raw_size)`` and the suffix."""
+
+    def __init__(self, fmt: str, level: Optional[int] = None, threads: int = 0):
+        if fmt not in FORMATS:
+            raise CorpusError(f"unknown shard format {fmt!r}; use one of {', '.join(FORMATS)}")
+        self.format = fmt
+        self.level = DEFAULT_LEVELS[fmt] if level is None else level
+        if fmt == "zstd":
+            zstd = _zstd()
+            self.suffix = "zst"
+            self._cctx = zstd.ZstdCompressor(level=self.level, threads=threads)
+            self._dctx = zstd.ZstdDecompressor()
+        else:
+            if not 0 <= self.level <= 9:
+                raise CorpusError(f"--level for xz is a preset from 0 to 9, not {self.level}")
+            self.suffix = "xz"
+
+    def compress(self, raw: bytes) -> bytes:
+        if self.format == "zstd":
+            return self._cctx.compress(raw)
+        return lzma.compress(raw, format=lzma.FORMAT_XZ, preset=self.level)
+
+    def decompress(self, packed: bytes, raw_size: int) -> bytes:
+        if self.format == "zstd":
+            return self._dctx.decompress(packed, max_output_size=raw_size)
+        try:
+            return lzma.decompress(packed, format=lzma.FORMAT_XZ)
+        except lzma.LZMAError:
+            return b""  # reported by the caller as a size mismatch
 
 
 def dataset_files(prefix: str) -> List[str]:
@@ -45,13 +82,14 @@ def dataset_files(prefix: str) -> List[str]:
 
 
 def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                  level: int = DEFAULT_LEVEL, threads: int = 0) -> dict:
+                  level: Optional[int] = None, threads: int = 0, fmt: str = "zstd") -> dict:
     """Write the shards and ``manifest.json`` of dataset ``prefix`` into ``out_dir`` (new or
     empty: another set there is never overwritten); returns the manifest. The set is built in
     ``out_dir/.partial-<pid>`` and moved up when complete, ``manifest.json`` last, so an
     interrupted split leaves no set that ``join`` would take. Raw pieces are sized from the
-    compression ratio seen so far and shrunk until their compressed form fits ``max_bytes``."""
-    zstd = _zstd()
+    compression ratio seen so far and shrunk until their compressed form fits ``max_bytes``.
+    ``level`` defaults to the format's own (zstd 10, xz preset 9)."""
+    codec = _Codec(fmt, level, threads)
     if max_bytes < 1 << 16:
         raise CorpusError(f"--max-mib must allow shards of at least 64 KiB, not {max_bytes} bytes")
     files = dataset_files(prefix)
@@ -63,7 +101,7 @@ def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
     partial = os.path.join(out_dir, f".partial-{os.getpid()}")
     try:
         os.makedirs(partial)
-        manifest = _write_shards(zstd, files, partial, max_bytes, level, threads)
+        manifest = _write_shards(codec, files, partial, max_bytes)
         names = sorted(os.listdir(partial), key=lambda n: n == MANIFEST)  # the manifest last
         for name in names:
             os.replace(os.path.join(partial, name), os.path.join(out_dir, name))
@@ -76,10 +114,9 @@ def split_dataset(prefix: str, out_dir: str, max_bytes: int = DEFAULT_MAX_BYTES,
     return manifest
 
 
-def _write_shards(zstd, files, out_dir, max_bytes, level, threads) -> dict:
+def _write_shards(codec: _Codec, files, out_dir, max_bytes) -> dict:
     """The shards and manifest of ``files`` in ``out_dir``; returns the manifest."""
-    cctx = zstd.ZstdCompressor(level=level, threads=threads)
-    manifest = {"format": "zstd", "max_bytes": max_bytes, "files": []}
+    manifest = {"format": codec.format, "max_bytes": max_bytes, "files": []}
     ratio = 1.0
     for path in files:
         name = os.path.basename(path)
@@ -92,13 +129,13 @@ def _write_shards(zstd, files, out_dir, max_bytes, level, threads) -> dict:
                 while True:
                     f.seek(offset)
                     raw = f.read(raw_len)
-                    packed = cctx.compress(raw)
+                    packed = codec.compress(raw)
                     if len(packed) <= max_bytes:
                         break
                     raw_len = max(1, int(raw_len * max_bytes / len(packed) * 0.95))
                 if raw:
                     ratio = max(len(packed) / len(raw), 1e-3)
-                shard = f"{name}.{len(entry['shards']):03d}.zst"
+                shard = f"{name}.{len(entry['shards']):03d}.{codec.suffix}"
                 with open(os.path.join(out_dir, shard), "wb") as out:
                     out.write(packed)
                 entry["shards"].append({"file": shard, "raw_size": len(raw), "bytes": len(packed),
@@ -113,7 +150,6 @@ def _write_shards(zstd, files, out_dir, max_bytes, level, threads) -> dict:
 def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = None) -> List[str]:
     """Rebuild the files listed in ``shard_dir/manifest.json`` into ``out_dir``, checking every
     shard and every file; returns the paths written. Nothing is left in place on a mismatch."""
-    zstd = _zstd()
     manifest_path = manifest_path or os.path.join(shard_dir, MANIFEST)
     try:
         with open(manifest_path) as f:
@@ -122,8 +158,10 @@ def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = No
         raise CorpusError(f"{manifest_path} not found; copy manifest.json with the shards") from None
     except ValueError:
         raise CorpusError(f"{manifest_path} is not valid JSON; copy it again") from None
-    if manifest.get("format") != "zstd":
-        raise CorpusError(f"{manifest_path}: unknown shard format {manifest.get('format')!r}")
+    if manifest.get("format") not in FORMATS:
+        raise CorpusError(f"{manifest_path}: unknown shard format {manifest.get('format')!r}; "
+                          f"this version joins {', '.join(FORMATS)}")
+    codec = _Codec(manifest["format"])
     for entry in manifest["files"]:
         final = os.path.join(out_dir, entry["name"])
         if os.path.exists(final) and (os.path.getsize(final) != entry["size"]
@@ -131,7 +169,6 @@ def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = No
             raise CorpusError(f"{final} exists with other content; move it away or join into "
                               "another directory")
     os.makedirs(out_dir, exist_ok=True)
-    dctx = zstd.ZstdDecompressor()
     temps, finals = [], []
     try:
         for entry in manifest["files"]:
@@ -152,7 +189,7 @@ def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = No
                     if hashlib.sha256(packed).hexdigest() != shard["sha256"]:
                         raise CorpusError(f"shard {spath} is damaged (sha256 differs from the "
                                           f"manifest); copy it again")
-                    raw = dctx.decompress(packed, max_output_size=shard["raw_size"])
+                    raw = codec.decompress(packed, shard["raw_size"])
                     if len(raw) != shard["raw_size"]:
                         raise CorpusError(f"shard {spath} decompressed to {len(raw)} bytes, the "
                                           f"manifest says {shard['raw_size']}; copy it again")
@@ -173,4 +210,4 @@ def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = No
                 os.unlink(t)
 
 
-__all__ = ["split_dataset", "join_dataset", "dataset_files", "DEFAULT_MAX_BYTES"]
+__all__ = ["split_dataset", "join_dataset", "dataset_files", "DEFAULT_MAX_BYTES", "FORMATS"]
