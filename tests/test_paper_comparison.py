@@ -163,6 +163,12 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
         cmd = pc.train_command(args, name, 1, str(tmp_path / name))
         assert cmd[cmd.index("--ssa-full-prob-schedule") + 1] == f"0:0.5,0.5:0.5,1.0:{end}"
         assert cmd[cmd.index("--ssa-branch-draw") + 1] == "sequence"
+    # the warm-up is the study's, the same for every system (0.02 unless asked)
+    assert plain[plain.index("--lr-warmup-fraction") + 1] == "0.02"
+    longer = _args(tmp_path, "--lr-warmup-fraction", "0.06")
+    assert {pc.train_command(longer, name, 1, "/tmp/o")[
+        pc.train_command(longer, name, 1, "/tmp/o").index("--lr-warmup-fraction") + 1]
+        for name in ("full-full", "ssa-recipe", "nsa")} == {"0.06"}
     for bad in (["--variant", "ssa=--attention-mode ssa"], ["--variant", "x=--ssa-align-coef 0"],
                 ["--variant", "noequals"], ["--systems", "nope"]):
         with pytest.raises(SystemExit):

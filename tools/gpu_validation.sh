@@ -10,8 +10,8 @@
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
 # = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
 # COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
-# in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections);
-# run again to resume.
+# in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections),
+# WARMUP=0.06 (warm-up fraction for every system; default 0.02); run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
@@ -78,6 +78,7 @@ case "$1" in
       --out "$COMPARE_OUT" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
       --eval-dense-layers 1 ${EVAL_SELECTIONS:+--eval-selections $EVAL_SELECTIONS} \
+      ${WARMUP:+--lr-warmup-fraction $WARMUP} \
       --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
       ${VARIANT:+--variant "$VARIANT"} || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;

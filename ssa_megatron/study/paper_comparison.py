@@ -95,7 +95,7 @@ def train_command(args, system: str, seed: int, out: str) -> list:
             *mode_flags, "--seed", str(seed),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
             "--train-iters", str(args.train_iters), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-            "--lr-warmup-fraction", "0.02", "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--lr-warmup-fraction", str(args.lr_warmup_fraction), "--weight-decay", "0.1", "--clip-grad", "1.0",
             *(["--bf16"] if args.bf16 else []),
             "--data-path", args.data_path, "--split", args.split, "--num-workers", "2",
             "--deepspeed-config", os.path.join(ROOT, "examples", "ds_zero1.json"),
@@ -246,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "still spans --train-iters, so the steps compare with full-length runs")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak lr (cosine to lr/10); the documented studies ran at 1e-3")
+    p.add_argument("--lr-warmup-fraction", type=float, default=0.02,
+                   help="linear warm-up over this fraction of --train-iters, for every system; the "
+                        "documented studies ran at 0.02 unless they say otherwise")
     p.add_argument("--split", default="98,2,0")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-interval", type=int, default=50)
