@@ -1,13 +1,13 @@
 """The evaluation-only block selections (ops/selection_variants.py) against brute force: the
 oracle keeps the blocks of most full-attention mass, recentN keeps the N latest blocks and fills
-the rest by SSA's scores, both per document."""
+the rest by SSA's scores, moment2 and quest score blocks from key statistics; all per document."""
 import math
 
 import pytest
 import torch
 
 from ssa_megatron.ops import reference as R
-from ssa_megatron.ops.selection_variants import parse_selection, select_blocks_with
+from ssa_megatron.ops.selection_variants import parse_selection, select_blocks_with, statistic_scores
 
 
 def _inputs(b=2, t=100, h=2, g=3, d=8, seed=0):
@@ -86,7 +86,62 @@ def test_recent_keeps_the_latest_blocks_and_fills_by_ssa_scores(N):
     assert not torch.equal(idx, R.select_blocks(q, k, bs, K))
 
 
-@pytest.mark.parametrize("selection", ["oracle", "recent3"])
+def _statistic_logits(q, k, bs, kind):
+    """[B, T, H, G, nb] per-head block logits of moment2 / quest, one (token, head, block) at a
+    time in float64, from the block's keys themselves."""
+    b, t, hq, d = q.shape
+    h = k.shape[2]
+    g, nb, s = hq // h, t // bs, 1 / math.sqrt(d)
+    out = torch.zeros(b, t, h, g, nb, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            for n in range(nb):
+                keys = k[bi, n * bs:(n + 1) * bs, hi].double()  # [bs, D]
+                for gi in range(g):
+                    qs = q[bi, :, hi * g + gi].double() * s  # [T, D]
+                    if kind == "moment2":
+                        mu = keys.mean(0)
+                        var = ((keys - mu) ** 2).mean(0)
+                        out[bi, :, hi, gi, n] = qs @ mu + 0.5 * (qs * qs) @ var
+                    else:
+                        hi_d, lo_d = keys.max(0).values, keys.min(0).values
+                        out[bi, :, hi, gi, n] = torch.stack([torch.maximum(x * hi_d, x * lo_d).sum()
+                                                             for x in qs])
+    return out
+
+
+@pytest.mark.parametrize("kind", ["moment2", "quest"])
+def test_statistic_selections_against_the_blocks_keys(kind):
+    bs, K = 8, 4
+    q, k = _inputs(t=72, g=2, seed=5)
+    logits = _statistic_logits(q, k, bs, kind)
+    nb_all = -(-q.shape[1] // bs)
+    want = R.group_block_scores(logits.float(), 0, bs, nb_all)
+    got = statistic_scores(q, k, 0, bs, None, kind)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got)) and torch.equal(want[~finite], got[~finite])
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
+    assert torch.equal(select_blocks_with(kind, q, k, bs, K), R.top_blocks(got, K))
+    assert not torch.equal(select_blocks_with(kind, q, k, bs, K), R.select_blocks(q, k, bs, K))
+    if kind == "quest":  # an upper bound of every key's logit in the block
+        s = 1 / math.sqrt(q.shape[-1])
+        kk = k.double().reshape(2, 9, bs, 2, -1)
+        qq = q.double().reshape(2, 72, 2, 2, -1) * s
+        best = torch.einsum("bthgd,bnjhd->bthgnj", qq, kk).amax(-1)
+        assert bool((logits >= best - 1e-9).all())
+    else:  # closer than the mean alone to log mean_j exp(s q.k_j), the block's attention share,
+        # where logits spread by about one (far wider, no moment of a block of 8 keys helps)
+        q, k = q / 2, k / 2
+        logits = _statistic_logits(q, k, bs, kind)
+        s = 1 / math.sqrt(q.shape[-1])
+        kk = k.double().reshape(2, 9, bs, 2, -1)
+        qq = q.double().reshape(2, 72, 2, 2, -1) * s
+        exact = torch.logsumexp(torch.einsum("bthgd,bnjhd->bthgnj", qq, kk), -1) - math.log(bs)
+        first = torch.einsum("bthgd,bnhd->bthgn", qq, kk.mean(2))
+        assert (logits - exact).abs().mean() < 0.5 * (first - exact).abs().mean()
+
+
+@pytest.mark.parametrize("selection", ["oracle", "recent3", "moment2", "quest"])
 def test_variants_keep_packed_documents_apart(selection):
     bs, K = 8, 3
     q, k = _inputs(b=1, t=90, seed=3)
@@ -101,7 +156,7 @@ def test_a_budget_covering_the_context_selects_every_block():
     bs = 16
     q, k = _inputs(t=64)
     every = R.select_blocks(q, k, bs, 4)
-    for name in ("oracle", "recent2", "pooled"):
+    for name in ("oracle", "recent2", "pooled", "moment2", "quest"):
         assert _sets(select_blocks_with(name, q, k, bs, 4)) == _sets(every)
 
 
@@ -109,5 +164,5 @@ def test_unknown_selection_names_are_refused_in_one_line():
     assert parse_selection("recent12") == ("recent", 12)
     assert parse_selection("oracle") == ("oracle", 0)
     for bad in ("recent0", "recent", "topk", "Oracle"):
-        with pytest.raises(ValueError, match="use pooled, oracle or recentN"):
+        with pytest.raises(ValueError, match="use pooled, oracle, moment2, quest or recentN"):
             parse_selection(bad)

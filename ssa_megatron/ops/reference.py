@@ -137,15 +137,23 @@ def pooled_block_scores(q_chunk: torch.Tensor, pooled: torch.Tensor, first_pos: 
     ``nb_all`` blocks; a KV cache that keeps the block means selects in O(nb) per token."""
     b, tc, hq, d = q_chunk.shape
     h = pooled.shape[2]
-    group = hq // h
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    nb = pooled.shape[1]
-    pos = torch.arange(first_pos, first_pos + tc, device=q_chunk.device)
-    out = torch.full((b, tc, h, nb_all), float("-inf"), device=q_chunk.device)
+    qg = q_chunk.float().reshape(b, tc, h, hq // h, d)
+    logits = torch.einsum("bthgd,bnhd->bthgn", qg, pooled) * scale
+    return group_block_scores(logits, first_pos, block_size, nb_all)
+
+
+def group_block_scores(logits: torch.Tensor, first_pos: int, block_size: int,
+                       nb_all: int) -> torch.Tensor:
+    """SSA's scores from per-head block logits [B, Tq, H, G, nb] over the complete blocks of a key
+    range of ``nb_all`` blocks, for queries at positions first_pos..: each head's softmax over the
+    blocks its query has completed, summed over the group, as [B, Tq, H, nb_all]; the current
+    block +inf, the others -inf."""
+    b, tc, h, _, nb = logits.shape
+    pos = torch.arange(first_pos, first_pos + tc, device=logits.device)
+    out = torch.full((b, tc, h, nb_all), float("-inf"), device=logits.device)
     if nb > 0:
-        qg = q_chunk.float().reshape(b, tc, h, group, d)
-        logits = torch.einsum("bthgd,bnhd->bthgn", qg, pooled) * scale
-        complete = torch.arange(nb, device=q_chunk.device)[None, :] < ((pos + 1) // block_size)[:, None]
+        complete = torch.arange(nb, device=logits.device)[None, :] < ((pos + 1) // block_size)[:, None]
         logits = logits.masked_fill(~complete[None, :, None, None, :], float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
         out[..., :nb] = probs.sum(dim=3).masked_fill(~complete[None, :, None, :], float("-inf"))

@@ -12,6 +12,15 @@ selection's fault and how much the budget's.
 * ``recent<N>`` (e.g. ``recent4``): SSA's scores, with the min(N, k) most recent blocks (the
   current one included) always kept, the rest of the budget by score (a sliding window of k
   blocks when k <= N).
+* ``moment2``: SSA's scores with each block's logit ``s q.mean(K_b)`` raised by half the
+  variance of ``s q.k`` over the block's keys, taken per channel (``s^2/2 sum_d q_d^2
+  var_b(k_d)``): the second-order estimate of ``log mean_j exp(s q.k_j)``, i.e. of the block's
+  share of full attention, where the mean alone is the first-order one. A block of spread-out
+  keys can hold one key the query matches well; the mean hides it. Costs a second pooled tensor
+  (the per-channel variances) and twice the scoring work.
+* ``quest``: each block's logit is the upper bound ``s sum_d max(q_d max_b(k_d), q_d
+  min_b(k_d))`` of ``s q.k_j`` over its keys, from the per-channel extremes (as Quest, Tang et
+  al. 2024, ranks KV pages), then SSA's softmax and group sum.
 
 Every variant has the contract of ``select_blocks``: indices [B, T, H, block_counts] (int32,
 -1 = empty slot) counted from the start of each token's document, slot 0 the current block,
@@ -20,6 +29,7 @@ held whole), on whatever device the tensors are.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Optional, Tuple
 
@@ -28,15 +38,16 @@ import torch
 from ssa_megatron.ops import dispatch, reference
 
 POOLED = "pooled"
-_NAME = re.compile(r"^(pooled|oracle|recent([1-9][0-9]*))$")
+_NAME = re.compile(r"^(pooled|oracle|moment2|quest|recent([1-9][0-9]*))$")
 
 
 def parse_selection(name: str) -> Tuple[str, int]:
-    """("pooled" | "oracle" | "recent", N) of a selection name; a clear error otherwise."""
+    """("pooled" | "oracle" | "moment2" | "quest" | "recent", N) of a selection name; a clear
+    error otherwise."""
     m = _NAME.match(str(name))
     if not m:
-        raise ValueError(f"unknown block selection {name!r}: use pooled, oracle or recentN "
-                         "(N >= 1 most recent blocks always kept, e.g. recent4)")
+        raise ValueError(f"unknown block selection {name!r}: use pooled, oracle, moment2, quest or "
+                         "recentN (N >= 1 most recent blocks always kept, e.g. recent4)")
     return ("recent", int(m.group(2))) if m.group(2) else (m.group(1), 0)
 
 
@@ -84,6 +95,31 @@ def recent_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
     return scores + lifted[None, :, None, :].to(scores.dtype) * (group + 1)
 
 
+def statistic_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
+                     block_size: int, scale: Optional[float], kind: str) -> torch.Tensor:
+    """Scores of the ``moment2`` or ``quest`` selection (module docstring) for queries at
+    positions first_pos.. of a document whose keys are ``k_prefix``, as
+    :func:`reference.chunk_scores` gives SSA's."""
+    b, tc, hq, d = q_chunk.shape
+    h = k_prefix.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = k_prefix.shape[1] // block_size
+    blocks = k_prefix[:, : nb * block_size].float().reshape(b, nb, block_size, h, d)
+    qg = q_chunk.float().reshape(b, tc, h, hq // h, d) * scale
+    if kind == "moment2":
+        mean = blocks.mean(dim=2)
+        var = blocks.var(dim=2, unbiased=False)
+        logits = (torch.einsum("bthgd,bnhd->bthgn", qg, mean)
+                  + 0.5 * torch.einsum("bthgd,bnhd->bthgn", qg * qg, var))
+    elif kind == "quest":  # max(q_d hi_d, q_d lo_d) is q_d hi_d where q_d >= 0, q_d lo_d elsewhere
+        logits = (torch.einsum("bthgd,bnhd->bthgn", qg.clamp(min=0), blocks.amax(dim=2))
+                  + torch.einsum("bthgd,bnhd->bthgn", qg.clamp(max=0), blocks.amin(dim=2)))
+    else:
+        raise ValueError(f"no statistic selection {kind!r}")
+    nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
+    return reference.group_block_scores(logits, first_pos, block_size, nb_all)
+
+
 def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_size: int,
                        block_counts: int, cu_seqlens: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None,
@@ -105,6 +141,8 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
             qc, kp = q[:, c0:c1], k[:, start:c1]
             if kind == "oracle":
                 scores = oracle_scores(qc, kp, c0 - start, block_size, scale)
+            elif kind in ("moment2", "quest"):
+                scores = statistic_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale, kind)
             else:
                 scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
                                        min(n, block_counts))
@@ -112,4 +150,5 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
     return out
 
 
-__all__ = ["POOLED", "parse_selection", "selection_names_error", "select_blocks_with", "oracle_scores", "recent_scores"]
+__all__ = ["POOLED", "parse_selection", "selection_names_error", "select_blocks_with", "oracle_scores", "recent_scores",
+           "statistic_scores"]
