@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
 # DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|diagnose|quality [OUT]
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|robust|diagnose|quality [OUT]
 # OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
@@ -12,11 +12,15 @@
 # COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
 # in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections),
 # WARMUP=0.06 (warm-up fraction for every system; default 0.02); run again to resume.
+# robust: REPLICATES (default 4) runs of the recipe on each of SEEDS (default 1) on the large
+# corpus, stopped at STOP_AT (default 150) of the 1650-step schedule, WARMUP as above, attention
+# diagnostics every step to 60 then every 10 (diagnostics.jsonl beside each run's train.json):
+# how far runs that differ only in GPU summation order spread at the end of the warm-up.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|diagnose|quality) ;;
+  training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|robust|diagnose|quality) ;;
   *) usage >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -82,6 +86,22 @@ case "$1" in
       --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
       ${VARIANT:+--variant "$VARIANT"} || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
+  robust)  # replicates to STOP_AT: the spread that the end of the warm-up makes (docs/RESULTS.md)
+    LARGE="${LARGE:-runs/english_large}"
+    ROBUST_OUT="${ROBUST_OUT:-runs/robust}"
+    if [ ! -f "$LARGE/english_text_document.idx" ]; then
+      [ -n "${SHARDS:-}" ] || { echo "error: no $LARGE/english_text_document.idx: build it with tools/prepare_english_corpus.sh --large, or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
+      python3 tools/corpus_shards.py join "$SHARDS" "$LARGE"
+    fi
+    recipe='--attention-mode ssa --ssa-branch-draw sequence --ssa-full-prob 0.5 --diagnostics-interval 10 --diagnostics-dense-until 60'
+    names=(); variants=()
+    for i in $(seq 1 "${REPLICATES:-4}"); do names+=("rep$i"); variants+=("rep$i=$recipe"); done
+    python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" --out "$ROBUST_OUT" \
+      --seeds ${SEEDS:-1} --train-iters 1650 --stop-at "${STOP_AT:-150}" --micro-batch-size 16 \
+      --global-batch-size 16 --log-interval 5 --skip-eval --in-order --deadline "${DEADLINE:-540}" \
+      --lr-warmup-fraction "${WARMUP:-0.02}" --systems "${names[@]}" --variant "${variants[@]}" || true
+    for d in "$ROBUST_OUT"/*/checkpoint/diagnostics.jsonl; do [ -f "$d" ] && cp "$d" "$(dirname "$(dirname "$d")")/"; done
+    (cd "$(dirname "$ROBUST_OUT")" && tar czf "$OUT/robust.tgz" --exclude=checkpoint "$(basename "$ROBUST_OUT")") ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \
