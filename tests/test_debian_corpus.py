@@ -1,5 +1,6 @@
 """The large English corpus reader (ssa_megatron.data.debian_corpus) and the dataset shard tool."""
 import gzip
+import hashlib
 import json
 import os
 
@@ -137,7 +138,7 @@ def test_repeated_paragraphs_and_pdf_reflow():
 
 def test_xz_shards_join_without_zstandard(tmp_path, monkeypatch):
     """xz shards (``--format xz``) are written and joined with Python's own lzma: a machine
-    without the zstandard package joins them; a damaged xz shard is still refused."""
+    without the zstandard package joins them; damaged or mismatched xz shards are refused."""
     import builtins
     real_import = builtins.__import__
 
@@ -167,11 +168,24 @@ def test_xz_shards_join_without_zstandard(tmp_path, monkeypatch):
         assert open(str(tmp_path / "back" / "corpus_text_document") + ext, "rb").read() == data
     with pytest.raises(CorpusError, match="preset from 0 to 9"):
         split_dataset(prefix, str(tmp_path / "bad"), fmt="xz", level=12)
-    # a shard whose bytes differ is refused before it is decompressed; one that decompresses
-    # to another size (a manifest edited by hand) is refused after
-    m = json.load(open(os.path.join(shard_dir, "manifest.json")))
-    m["files"][0]["shards"][0]["raw_size"] += 1
-    json.dump(m, open(os.path.join(shard_dir, "manifest.json"), "w"))
+    # a damaged shard is refused before it is decompressed; one that decompresses to another
+    # size, or is no xz at all, with a manifest that agrees with its bytes (edited by hand, or
+    # from another build) is refused after; nothing is left behind either way
+    mpath = os.path.join(shard_dir, "manifest.json")
+    first = os.path.join(shard_dir, manifest["files"][0]["shards"][0]["file"])
+    packed = open(first, "rb").read()
+    open(first, "wb").write(packed[:50] + bytes([packed[50] ^ 1]) + packed[51:])
+    with pytest.raises(CorpusError, match="is damaged"):
+        join_dataset(shard_dir, str(tmp_path / "again"))
+    m = json.load(open(mpath))
+    m["files"][0]["shards"][0]["sha256"] = hashlib.sha256(open(first, "rb").read()).hexdigest()
+    json.dump(m, open(mpath, "w"))
+    with pytest.raises(CorpusError, match="is not valid xz .* split again"):
+        join_dataset(shard_dir, str(tmp_path / "again"))
+    open(first, "wb").write(packed)
+    m["files"][0]["shards"][0].update(sha256=hashlib.sha256(packed).hexdigest(),
+                                      raw_size=m["files"][0]["shards"][0]["raw_size"] + 1)
+    json.dump(m, open(mpath, "w"))
     with pytest.raises(CorpusError, match="decompressed to"):
         join_dataset(shard_dir, str(tmp_path / "again"))
     assert os.listdir(tmp_path / "again") == []

@@ -175,6 +175,65 @@ def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_p
         tiny_args("--ssa-select-proj")
 
 
+def test_moment2_selection_score_reaches_every_place_that_selects(single_process_parallel_state):
+    """--ssa-selection-score moment2: the sparse branch, the diagnostics probe and evaluate.py's
+    sparsity analysis select with it; "mean" (the default) keeps the paper's; misuse is one line."""
+    from ssa_megatron.eval.sparsity import layer_attention_stats
+    from ssa_megatron.ops import reference
+    plain = build_tiny_model(tiny_args())
+    model = build_tiny_model(tiny_args("--ssa-selection-score", "moment2"))
+    layer = [m for m in model.modules() if isinstance(m, SSACoreAttention)][0]
+    assert layer.selection_score == "moment2"
+    assert [m for m in plain.modules() if isinstance(m, SSACoreAttention)][0].selection_score == "mean"
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 64, 8, 8, generator=gen)
+    k = torch.randn(1, 64, 2, 8, generator=gen) * torch.rand(1, 64, 2, 8, generator=gen) * 2
+    want = reference.select_blocks(q, k, 16, 2, score="moment2")
+    assert not torch.equal(want, reference.select_blocks(q, k, 16, 2))
+    _, used = layer.sparse_branch(q, k, torch.randn_like(k), None, return_indices=True)
+    assert torch.equal(used, want)
+    from ssa_megatron.model.diagnostics import AttentionProbe
+    probe = AttentionProbe(samples=8)
+    probe.record(layer, q, k, None, None, None, None, None)
+    mean_probe = AttentionProbe(samples=8)
+    layer.selection_score = "mean"
+    mean_probe.record(layer, q, k, None, None, None, None, None)
+    layer.selection_score = "moment2"
+    assert probe.layers != mean_probe.layers
+    # evaluate.py's sparsity analysis, through its hook on a forward of the model
+    from ssa_megatron.eval.sparsity import SparsityCollector
+    collector = SparsityCollector(model, [2])
+    set_inference_mode(model, "full")
+    model.eval()
+    captured = {}
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(qkv=[x.transpose(0, 1) for x in a[:3]]), with_kwargs=True)
+    collector.enabled = True
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # sharper attention than at init
+            if "linear_qkv" in name:
+                param.mul_(8)
+        model(*[random_batches(1)[0][n][:1] for n in ("tokens", "position_ids")], None)
+    hook.remove()
+    collector.close()
+    cq, ck, cv = captured["qkv"]
+    stats = layer_attention_stats(cq, ck, cv, 16, [2], gap=False, score="moment2")
+    mean = layer_attention_stats(cq, ck, cv, 16, [2], gap=False)
+    got = collector.stats[layer.layer_number]["selected_mass"]
+    assert torch.allclose(got, stats["selected_mass"], rtol=0, atol=1e-9)
+    assert not torch.allclose(got, mean["selected_mass"], rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="needs --attention-mode ssa or sparse"):
+        tiny_args("--ssa-selection-score", "moment2", "--attention-mode", "full")
+    with pytest.raises(ConfigError, match="keep --ssa-selection-score mean"):
+        tiny_args("--ssa-selection-score", "moment2", "--ssa-select-align-coef", "1")
+    with pytest.raises(ConfigError, match="use heads of at most 64 channels"):
+        tiny_args("--ssa-selection-score", "moment2", "--kv-channels", "128")
+    # a resume that changes the score is named in the recipe note
+    from ssa_megatron.training.ssa_recipe import recipe_change_note
+    note = recipe_change_note(vars(tiny_args()), tiny_args("--ssa-selection-score", "moment2"))
+    assert note is not None and "ssa_selection_score" in note.replace("-", "_")
+
+
 def test_modes_select_branches(single_process_parallel_state):
     args = tiny_args()
     model = build_tiny_model(args)

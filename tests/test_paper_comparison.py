@@ -159,6 +159,9 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
     assert select[select.index("--ssa-select-align-coef") + 1] == "1.0"
     assert "--ssa-select-proj" not in select
     assert "--ssa-select-proj" in pc.train_command(args, "ssa-recipe-select-proj", 1, str(tmp_path / "p"))
+    moment2 = pc.train_command(args, "ssa-recipe-moment2", 1, str(tmp_path / "m"))
+    assert moment2[moment2.index("--ssa-selection-score") + 1] == "moment2"
+    assert moment2[moment2.index("--ssa-branch-draw") + 1] == "sequence"
     for name, end in (("ssa-recipe-late-sparse", "0.1"), ("ssa-recipe-sparse-end", "0.0")):
         cmd = pc.train_command(args, name, 1, str(tmp_path / name))
         assert cmd[cmd.index("--ssa-full-prob-schedule") + 1] == f"0:0.5,0.5:0.5,1.0:{end}"
@@ -337,3 +340,15 @@ def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: 1 run folder(s)") and "\n" not in err
     assert not (tmp_path / "commands.txt").exists()  # nothing was started
+
+
+def test_gpu_validation_robust_mode_trains_the_comparisons_recipe():
+    """gpu_validation.sh robust spells the recipe's flags out as --variant values: they must stay
+    those of paper_comparison's ssa-recipe system (plus the diagnostics)."""
+    import re
+    import shlex
+    script = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "tools", "gpu_validation.sh")).read()
+    flags = shlex.split(re.search(r"^\s*recipe='([^']*)'", script, re.M).group(1))
+    diagnostics = flags.index("--diagnostics-interval")
+    assert flags[:diagnostics] == ["--attention-mode", pc.SYSTEMS["ssa-recipe"], *pc.SYSTEM_FLAGS["ssa-recipe"]]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ssa_megatron.ops import reference as R
-from ssa_megatron.ops.selection_variants import parse_selection, select_blocks_with, statistic_scores
+from ssa_megatron.ops.selection_variants import (parse_selection, quest_logits, quest_scores,
+                                                 select_blocks_with)
 
 
 def _inputs(b=2, t=100, h=2, g=3, d=8, seed=0):
@@ -113,35 +114,44 @@ def _statistic_logits(q, k, bs, kind):
 @pytest.mark.parametrize("kind", ["moment2", "quest"])
 def test_statistic_selections_against_the_blocks_keys(kind):
     bs, K = 8, 4
-    q, k = _inputs(t=72, g=2, seed=5)
+    q, k = _inputs(t=75, g=2, seed=5)  # 9 complete blocks and a partial one
     logits = _statistic_logits(q, k, bs, kind)
     nb_all = -(-q.shape[1] // bs)
     want = R.group_block_scores(logits.float(), 0, bs, nb_all)
-    got = statistic_scores(q, k, 0, bs, None, kind)
+    got = (quest_scores(q, k, 0, bs, None) if kind == "quest"
+           else R.chunk_scores(q, k, 0, bs, None, score="moment2"))
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got)) and torch.equal(want[~finite], got[~finite])
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
     assert torch.equal(select_blocks_with(kind, q, k, bs, K), R.top_blocks(got, K))
     assert not torch.equal(select_blocks_with(kind, q, k, bs, K), R.select_blocks(q, k, bs, K))
-    if kind == "quest":  # an upper bound of every key's logit in the block
-        s = 1 / math.sqrt(q.shape[-1])
-        kk = k.double().reshape(2, 9, bs, 2, -1)
-        qq = q.double().reshape(2, 72, 2, 2, -1) * s
+    if kind == "moment2":  # the model's own selection when it trained with moment2; "mean" stays SSA's
+        assert torch.equal(select_blocks_with("pooled", q, k, bs, K, score="moment2"),
+                           R.top_blocks(got, K))
+        assert torch.equal(select_blocks_with("mean", q, k, bs, K, score="moment2"),
+                           R.select_blocks(q, k, bs, K))
+        assert torch.equal(R.select_blocks(q, k, bs, K, score="moment2"), R.top_blocks(got, K))
+    s = 1 / math.sqrt(q.shape[-1])
+    nb = q.shape[1] // bs
+    if kind == "quest":  # the production logits bound every key's logit in the block
+        kk = k[:, :nb * bs].double().reshape(2, nb, bs, 2, -1)
+        qq = q.double().reshape(2, 75, 2, 2, -1) * s
         best = torch.einsum("bthgd,bnjhd->bthgnj", qq, kk).amax(-1)
-        assert bool((logits >= best - 1e-9).all())
+        assert bool((quest_logits(q, k, bs, None).double() >= best - 1e-5).all())
     else:  # closer than the mean alone to log mean_j exp(s q.k_j), the block's attention share,
         # where logits spread by about one (far wider, no moment of a block of 8 keys helps)
         q, k = q / 2, k / 2
-        logits = _statistic_logits(q, k, bs, kind)
-        s = 1 / math.sqrt(q.shape[-1])
-        kk = k.double().reshape(2, 9, bs, 2, -1)
-        qq = q.double().reshape(2, 72, 2, 2, -1) * s
-        exact = torch.logsumexp(torch.einsum("bthgd,bnjhd->bthgnj", qq, kk), -1) - math.log(bs)
-        first = torch.einsum("bthgd,bnhd->bthgn", qq, kk.mean(2))
-        assert (logits - exact).abs().mean() < 0.5 * (first - exact).abs().mean()
+        kk = k[:, :nb * bs].double().reshape(2, nb, bs, 2, -1)
+        qq = q.double().reshape(2, 75, 2, 2, -1)
+        stats = R.pooled_selection_keys(k.double(), bs, "moment2")
+        q2, pooled2 = R.moment2_operands(q.double(), *stats, s)
+        moment2 = s * torch.einsum("bthgd,bnhd->bthgn", q2.double().reshape(2, 75, 2, 2, -1), pooled2.double())
+        exact = torch.logsumexp(s * torch.einsum("bthgd,bnjhd->bthgnj", qq, kk), -1) - math.log(bs)
+        first = s * torch.einsum("bthgd,bnhd->bthgn", qq, kk.mean(2))
+        assert (moment2 - exact).abs().mean() < 0.5 * (first - exact).abs().mean()
 
 
-@pytest.mark.parametrize("selection", ["oracle", "recent3", "moment2", "quest"])
+@pytest.mark.parametrize("selection", ["oracle", "recent3", "moment2", "quest", "mean"])
 def test_variants_keep_packed_documents_apart(selection):
     bs, K = 8, 3
     q, k = _inputs(b=1, t=90, seed=3)
@@ -164,5 +174,27 @@ def test_unknown_selection_names_are_refused_in_one_line():
     assert parse_selection("recent12") == ("recent", 12)
     assert parse_selection("oracle") == ("oracle", 0)
     for bad in ("recent0", "recent", "topk", "Oracle"):
-        with pytest.raises(ValueError, match="use pooled, oracle, moment2, quest or recentN"):
+        with pytest.raises(ValueError, match="use pooled, mean, oracle, moment2, quest or recentN"):
             parse_selection(bad)
+
+
+def test_the_selection_scores_are_one_list():
+    from ssa_megatron.model.shape import SELECTION_SCORES
+    assert R.SELECTION_SCORES == SELECTION_SCORES
+    with pytest.raises(ValueError, match="use one of mean, moment2"):
+        R.select_blocks(*_inputs(t=32), 16, 2, score="max")
+
+
+def test_recent_blocks_fill_by_the_models_own_score():
+    bs, K = 8, 5
+    q, k = _inputs(t=96, g=2, seed=7)
+    k = k * torch.rand(k.shape, generator=torch.Generator().manual_seed(8))
+    own = select_blocks_with("recent2", q, k, bs, K, score="moment2")
+    assert not torch.equal(own, select_blocks_with("recent2", q, k, bs, K))
+    scores = R.block_scores(q, k, bs, score="moment2")
+    for ti in range(bs * 2, q.shape[1], 7):
+        cur = ti // bs
+        recent = {cur - 1, cur}
+        rest = sorted((i for i in range(cur) if i not in recent),
+                      key=lambda i: (-float(scores[0, ti, 0, i]), i))
+        assert set(own[0, ti, 0].tolist()) - {-1} == recent | set(rest[:K - 2])

@@ -285,6 +285,8 @@ def test_the_recipe_line_names_the_selection_loss():
     assert "selection alignment weight 1.0 (8 rows, training q and k)" in line
     proj = args + ["--ssa-select-proj"]
     assert "training a learned selection map" in BranchRecipe(tiny_args(*proj)).describe(tiny_args(*proj))
+    moment2 = ["--ssa-selection-score", "moment2"]
+    assert "moment2 selection score" in BranchRecipe(tiny_args(*moment2)).describe(tiny_args(*moment2))
 
 
 def test_quality_summary_classifies_runs():
@@ -317,7 +319,8 @@ def test_quality_summary_classifies_runs():
     (["--qk-layernorm"], ["q_layernorm", "k_layernorm"]),
     # TP 2: the map is split by heads, and evaluation merges it back
     (["--ssa-select-proj", "--ssa-select-align-coef", "1", "--tensor-model-parallel-size", "2"],
-     ["core_attention.select_proj"])])
+     ["core_attention.select_proj"]),
+    (["--ssa-selection-score", "moment2"], [])])  # no weights: the checkpoint carries the score
 def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
         tmp_path, random_dataset, single_process_parallel_state, flags, weights):
     from ssa_megatron.convert.api import megatron_to_hf
@@ -341,6 +344,9 @@ def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
         assert len(proj) == 2 and all(float(p.abs().max()) > 0 for p in proj)
         assert all(p.shape == (4, 16, 16) for p in proj)  # every query head, merged from 2 ranks
         assert all(float(p[:2].abs().max()) > 0 and float(p[2:].abs().max()) > 0 for p in proj)
+    from ssa_megatron.model.attention import SSACoreAttention
+    scores = {m.selection_score for m in model.modules() if isinstance(m, SSACoreAttention)}
+    assert scores == {"moment2" if "moment2" in flags else "mean"}
     with pytest.raises(ConversionError, match=flags[0]):
         megatron_to_hf(save, str(tmp_path / "hf"))
     assert not os.path.exists(tmp_path / "hf")

@@ -74,6 +74,12 @@ INVERT_CASES = [(2, 96, 32, 2, 16, 4, None), (1, 130, 8, 2, 16, 5, [0, 37, 100, 
                 (1, 64, 2, 1, 16, 1, None)]
 
 
+# Selection under the moment2 score (the kernel at head dim 2 D): (B, T, HQ, H, D, block_counts,
+# block_size, cu_seqlens)
+MOMENT2_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96]), (2, 80, 8, 2, 32, 3, BS, None),
+                 (1, 90, 2, 2, 16, 5, BS, [0, 20, 90])]
+
+
 def _run_group(what):
     return run_interpreted(__file__, what)
 
@@ -90,6 +96,14 @@ def test_selection_merge_strategies():
     rows = _run_group("select")
     assert sorted((r["merge"], r["index"]) for r in rows) == sorted(
         (m, i) for m in MERGES for i in range(len(SELECT_CASES)))
+    for row in rows:
+        assert row["ok"], row
+
+
+@needs_triton
+def test_moment2_selection_matches_reference():
+    rows = _run_group("moment2")
+    assert len(rows) == len(MOMENT2_CASES)
     for row in rows:
         assert row["ok"], row
 
@@ -228,7 +242,7 @@ def test_dispatch_backend_switch(monkeypatch):
 # Child process: TRITON_INTERPRET=1 is set before anything imports triton.
 # ------------------------------------------------------------------------------------------
 
-def _selection_ok(it, ir, q, k, t, cs, b, bs):
+def _selection_ok(it, ir, q, k, t, cs, b, bs, score="mean"):
     """Kernel indices ``it`` vs the reference's ``ir``: (ok, fraction of exact rows, worst tie)."""
     import torch
     from ssa_megatron.ops import reference as ref
@@ -242,7 +256,7 @@ def _selection_ok(it, ir, q, k, t, cs, b, bs):
     for bi, ti, hi in (~same).nonzero().tolist():
         a0 = [a for a, e in segs if a <= ti < e][0]
         sc = ref.chunk_scores(q[bi:bi + 1, ti:ti + 1], k[bi:bi + 1, a0:ti + 1], ti - a0, bs,
-                              None)[0, 0, hi]
+                              None, score)[0, 0, hi]
         sel_r = ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()
         kth = sc[sel_r].min().item()
         diff = (set(it[bi, ti, hi].tolist()) ^ set(ir[bi, ti, hi].tolist())) - {-1}
@@ -274,6 +288,26 @@ def _check_select(case, seed):
         rows.append({"case": list(case[:7]) + [cu, over], "merge": merge, "sel_exact": exact,
                      "sel_worst_tie": worst, "same_as_insert": same_insert, "ok": ok and same_insert})
     return rows
+
+
+def _check_moment2(case, seed):
+    """The kernel under score="moment2" against the reference's moment2 selection; the same
+    inputs must select otherwise under the mean score (the score reaches the kernel)."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_selection as tsel
+
+    b, t, hq, h, d, kc, bs, cu = case
+    torch.manual_seed(seed)
+    cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+    q = torch.randn(b, t, hq, d)
+    k = torch.randn(b, t, h, d) * torch.rand(1, t, h, d) * 2  # channels of unequal spread
+    it = tsel.select_blocks(q, k, bs, kc, cs, score="moment2")
+    ir = ref.select_blocks(q, k, bs, kc, cs, score="moment2")
+    ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs, "moment2")
+    differs = not torch.equal(ir, ref.select_blocks(q, k, bs, kc, cs))
+    return {"case": list(case[:7]) + [cu], "sel_exact": exact, "sel_worst_tie": worst,
+            "differs_from_mean": differs, "ok": ok and differs}
 
 
 def _sparse_attention_errors(q, k, v, do, idx, cs, bs=BS):
@@ -649,6 +683,10 @@ def _child(group):
             for i in cases:
                 print(json.dumps(_check_tma(TMA_CASES[i], mode, seed=4000 + i)), flush=True)
         _check_tma_edges()
+        return
+    if group == "moment2":
+        for i, case in enumerate(MOMENT2_CASES):
+            print(json.dumps(_check_moment2(case, seed=5000 + i)), flush=True)
         return
     if group == "select":
         for i, case in enumerate(SELECT_CASES):

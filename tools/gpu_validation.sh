@@ -16,6 +16,7 @@
 # corpus, stopped at STOP_AT (default 150) of the 1650-step schedule, WARMUP as above, attention
 # diagnostics every step to 60 then every 10 (diagnostics.jsonl beside each run's train.json):
 # how far runs that differ only in GPU summation order spread at the end of the warm-up.
+# ROBUST_OUT (default runs/robust_warmupW_stopS) holds one setting; run again to resume.
 set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
@@ -88,7 +89,7 @@ case "$1" in
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
   robust)  # replicates to STOP_AT: the spread that the end of the warm-up makes (docs/RESULTS.md)
     LARGE="${LARGE:-runs/english_large}"
-    ROBUST_OUT="${ROBUST_OUT:-runs/robust}"
+    ROBUST_OUT="${ROBUST_OUT:-runs/robust_warmup${WARMUP:-0.02}_stop${STOP_AT:-150}}"
     if [ ! -f "$LARGE/english_text_document.idx" ]; then
       [ -n "${SHARDS:-}" ] || { echo "error: no $LARGE/english_text_document.idx: build it with tools/prepare_english_corpus.sh --large, or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
       python3 tools/corpus_shards.py join "$SHARDS" "$LARGE"
@@ -99,9 +100,11 @@ case "$1" in
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" --out "$ROBUST_OUT" \
       --seeds ${SEEDS:-1} --train-iters 1650 --stop-at "${STOP_AT:-150}" --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 5 --skip-eval --in-order --deadline "${DEADLINE:-540}" \
-      --lr-warmup-fraction "${WARMUP:-0.02}" --systems "${names[@]}" --variant "${variants[@]}" || true
+      --lr-warmup-fraction "${WARMUP:-0.02}" --systems "${names[@]}" --variant "${variants[@]}" \
+      || status=$?  # a deadline stop or a refused folder: whatever finished is still packed
     for d in "$ROBUST_OUT"/*/checkpoint/diagnostics.jsonl; do [ -f "$d" ] && cp "$d" "$(dirname "$(dirname "$d")")/"; done
-    (cd "$(dirname "$ROBUST_OUT")" && tar czf "$OUT/robust.tgz" --exclude=checkpoint "$(basename "$ROBUST_OUT")") ;;
+    (cd "$(dirname "$ROBUST_OUT")" && tar czf "$OUT/robust.tgz" --exclude=checkpoint "$(basename "$ROBUST_OUT")")
+    exit "${status:-0}" ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),
     # Triton-vs-reference gradients on a trained SSA model, then the kernel timings
     python3 tools/paper_comparison.py --data-path runs/english/english_text_document \

@@ -60,13 +60,15 @@ class _Codec:
             return self._cctx.compress(raw)
         return lzma.compress(raw, format=lzma.FORMAT_XZ, preset=self.level)
 
-    def decompress(self, packed: bytes, raw_size: int) -> bytes:
+    def decompress(self, packed: bytes, raw_size: int, path: str) -> bytes:
         if self.format == "zstd":
             return self._dctx.decompress(packed, max_output_size=raw_size)
         try:
             return lzma.decompress(packed, format=lzma.FORMAT_XZ)
-        except lzma.LZMAError:
-            return b""  # reported by the caller as a size mismatch
+        except lzma.LZMAError as err:  # its sha256 matched: the manifest names the wrong format
+            raise CorpusError(f"shard {path} is not valid xz ({err}) although its sha256 matches "
+                              "the manifest; the manifest's format does not fit its shards: "
+                              "split again") from None
 
 
 def dataset_files(prefix: str) -> List[str]:
@@ -189,7 +191,7 @@ def join_dataset(shard_dir: str, out_dir: str, manifest_path: Optional[str] = No
                     if hashlib.sha256(packed).hexdigest() != shard["sha256"]:
                         raise CorpusError(f"shard {spath} is damaged (sha256 differs from the "
                                           f"manifest); copy it again")
-                    raw = codec.decompress(packed, shard["raw_size"])
+                    raw = codec.decompress(packed, shard["raw_size"], spath)
                     if len(raw) != shard["raw_size"]:
                         raise CorpusError(f"shard {spath} decompressed to {len(raw)} bytes, the "
                                           f"manifest says {shard['raw_size']}; copy it again")

@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also evaluate sparse mode with other block selections (mode "
                          "'sparse@NAME'): oracle (the blocks holding the most full-attention mass: "
                          "no selection of k blocks keeps more of it), recentN (the min(N, k) most "
-                         "recent blocks always kept, the rest by SSA's score), moment2 (SSA's score "
-                         "with each block's key variance added: a second-order estimate of its "
-                         "attention share), quest (the per-channel key bound of Quest)")
+                         "recent blocks always kept, the rest by the model's own score), mean (the "
+                         "paper's score), moment2 (the mean score plus each block's per-channel key "
+                         "variance term: a second-order estimate of its attention share), quest "
+                         "(the per-channel key bound of Quest)")
     ev.add_argument("--reset-attention-mask", choices=["auto", "on", "off"], default="auto",
                     help="keep documents apart inside a window (auto: as the checkpoint trained)")
     an = p.add_argument_group("attention sparsity / alignment gap")

@@ -41,7 +41,8 @@ def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           block_size: int, block_counts: Sequence[int],
                           scale: Optional[float] = None, gate: Optional[torch.Tensor] = None,
                           chunk: Optional[int] = None, gap: bool = True,
-                          q_select: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                          q_select: Optional[torch.Tensor] = None,
+                          score: str = "mean") -> Dict[str, torch.Tensor]:
     """Sums over query tokens for one layer; q [B, T, HQ, D], k/v [B, T, H, D] (ops layout),
     ``gate`` [B, T, HQ] or None, ``q_select`` the queries the layer's selection scores with when
     they are not q (--ssa-select-proj). Returns float64 CPU tensors:
@@ -58,7 +59,8 @@ def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     dev = q.device
     with torch.no_grad():
         q_sel = q if q_select is None else q_select
-        indices = [ops.select_blocks(q_sel, k, block_size, int(bc), scale=scale) for bc in block_counts]
+        indices = [ops.select_blocks(q_sel, k, block_size, int(bc), scale=scale, score=score)
+                   for bc in block_counts]
         sums = {name: torch.zeros(nbc, hq, dtype=torch.float64, device=dev)
                 for name in ("selected_mass", "selected_ge90", "topk_mass", "topk_ge90")}
         rows = chunk or _chunk_rows(b, hq, t)
@@ -126,7 +128,7 @@ class SparsityCollector:
             gate = module.gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], -1)[..., 0]
         s = layer_attention_stats(q, k, v, module.block_size, self.block_counts,
                                   module.softmax_scale, gate, gap=self.gap,
-                                  q_select=module.selection_query(q))
+                                  q_select=module.selection_query(q), score=module.selection_score)
         acc = self.stats.get(module.layer_number)
         self.stats[module.layer_number] = s if acc is None else {n: acc[n] + s[n] for n in s}
         return None

@@ -202,6 +202,10 @@ class SSAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.nsa = getattr(config, "attention_mode", "ssa") == "nsa"
+        score = getattr(config, "ssa_selection_score", "mean")
+        if score != "mean":  # the trainer's moment2 score is not in this export's kernels yet
+            raise ValueError(f"config.ssa_selection_score {score!r}: this model code selects "
+                             "blocks with the mean score only; set it to 'mean'")
         # NSA: 3 gates per head, rows [head 0: cmp, slc, swa, head 1: ...] (megatron's linear_gate)
         self.g_proj = nn.Linear(hidden, self.num_heads * (3 if self.nsa else 1), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)

@@ -88,6 +88,7 @@ class SSACoreAttention(MegatronModule):
             self.select_proj.tensor_model_parallel = True  # heads split over TP ranks
             self.select_proj.partition_dim = 0
             self.select_proj.partition_stride = 1
+        self.selection_score = config.ssa_selection_score
         self.inference_mode = config.default_inference_mode
         # How sparse mode picks its blocks: SSA's pooled scores, or an evaluation-only variant
         # (ops/selection_variants.py); set with set_inference_mode.
@@ -208,7 +209,7 @@ class SSACoreAttention(MegatronModule):
             indices = selection_variants.select_blocks_with(
                 self.selection, q.detach(), k.detach(), self.block_size, self.block_counts,
                 cu_seqlens=cu_seqlens, scale=self.softmax_scale,
-                q_select=self.selection_query(q.detach()))
+                q_select=self.selection_query(q.detach()), score=self.selection_score)
         out = ops.sparse_attention(q, k, v, indices, self.block_size, cu_seqlens=cu_seqlens,
                                    scale=self.softmax_scale)
         return (out, indices) if return_indices else out

@@ -20,6 +20,7 @@ class SSAConfig(TransformerConfig):
     attention_mode: str = shape_default("attention_mode")
     ssa_block_size: int = shape_default("ssa_block_size")
     ssa_block_counts: int = shape_default("ssa_block_counts")
+    ssa_selection_score: str = shape_default("ssa_selection_score")
     ssa_align_coef: float = 10.0
     # the selection alignment loss (ops/selection_loss.py): its weight (0: off) and the query
     # rows per sequence and layer it samples

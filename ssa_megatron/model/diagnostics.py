@@ -87,7 +87,8 @@ class AttentionProbe:
             indices = ops.select_blocks(module.selection_query(q[:1].detach()), k[:1].detach(),
                                         module.block_size,
                                         module.block_counts, scale=module.softmax_scale,
-                                        cu_seqlens=cu_seqlens if q.shape[0] == 1 else None)
+                                        cu_seqlens=cu_seqlens if q.shape[0] == 1 else None,
+                                        score=module.selection_score)
         stats = attention_stats(q, k, indices, module.block_size, module.softmax_scale,
                                 cu_seqlens, self.samples)
         stats["q_norm"] = q.detach().float().norm(dim=-1).mean(dim=(0, 1)).tolist()

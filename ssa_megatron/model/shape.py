@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, Iterator, Optional
 
 ATTENTION_MODES = ("ssa", "full", "sparse", "nsa")
+SELECTION_SCORES = ("mean", "moment2")  # ops/reference.py defines them
 INFERENCE_MODES = ("full", "sparse")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
@@ -152,6 +153,13 @@ class ModelShape(Mapping):
         False, "a learned per-head map of the queries SSA's block selection scores with "
                "(q + q P_h, P_h starting at 0), trained only by --ssa-select-align-coef; not "
                "exported to Hugging Face yet", group=SSA, weights=True, print_flag="changed",
+        hf_import=False)
+    # the HF export refuses moment2, so an HF config never sets it
+    ssa_selection_score: str = arch(
+        "mean", "how the selection scores a block: mean (the paper's: the query against the "
+                "block's mean key) or moment2 (plus half the per-channel key variance term, a "
+                "second-order estimate of the block's attention share; not exported to Hugging "
+                "Face yet)", group=SSA, choices=SELECTION_SCORES, print_flag="changed",
         hf_import=False)
     # new fields above this line (tests/test_model_shape.py adds one here)
 

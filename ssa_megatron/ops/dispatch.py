@@ -54,11 +54,12 @@ def use_triton(t: torch.Tensor, block_size: Optional[int] = None) -> bool:
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
                   cu_seqlens: Optional[torch.Tensor] = None,
-                  scale: Optional[float] = None) -> torch.Tensor:
+                  scale: Optional[float] = None, score: str = "mean") -> torch.Tensor:
     if use_triton(q, block_size):
         from ssa_megatron.ops import triton_selection
-        return triton_selection.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
-    return reference.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale)
+        return triton_selection.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale,
+                                              score)
+    return reference.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale, score)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,

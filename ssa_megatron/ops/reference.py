@@ -12,6 +12,13 @@ Block selection (as in the SSA paper): for token t of block c = t // bs, the sco
 b < (t + 1) // bs are softmax_b(q_{t,h} . mean(K_b) * scale) per query head, summed over the G
 heads of a kv group; the current block is always selected, future blocks never; the top
 ``block_counts`` blocks are kept (ties: the smaller block index wins); unused slots hold -1.
+
+Selection scores (``score``): "mean" is the paper's logit ``scale q . mean(K_b)``; "moment2"
+adds half the per-channel variance term, ``scale^2 / 2 sum_d q_d^2 var_b(k_d)`` (the diagonal
+of the second-order estimate of ``log mean_j exp(scale q . k_j)``, the block's share of full
+attention). Both are one dot product: moment2 is "mean" of ``[q, q * q]`` against the block
+statistics ``[mean, scale / 2 * var]`` (:func:`moment2_operands`), so every kernel that scores
+pooled keys scores it at head dim 2 D.
 """
 from __future__ import annotations
 
@@ -23,6 +30,9 @@ import torch.nn.functional as F
 
 # Tokens processed at once by the reference selection / sparse attention; bounds memory.
 _CHUNK = 1024
+# also in model/shape.py, which cannot import this file (copied alone into HF exports as
+# ssa_ops.py); tests/test_selection_variants.py holds the two equal
+SELECTION_SCORES = ("mean", "moment2")
 
 
 def segments(total: int, cu_seqlens: Optional[torch.Tensor], batch: int) -> List[Tuple[int, int]]:
@@ -55,15 +65,40 @@ def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return x[:, : nb * block_size].reshape(b, nb, block_size, h, d).float().mean(dim=2)
 
 
+def check_score(score: str) -> None:
+    if score not in SELECTION_SCORES:
+        raise ValueError(f"unknown selection score {score!r}; use one of {', '.join(SELECTION_SCORES)}")
+
+
+def moment2_operands(q: torch.Tensor, pooled_mean: torch.Tensor, pooled_square: torch.Tensor,
+                     scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q', pooled') with ``scale * q' . pooled'`` = the moment2 logit: q' = [q, q * q] (fp32,
+    [..., 2 D]) and pooled' = [mean, scale / 2 * var] ([..., 2 D]) from the block means of the
+    keys and of their squares (var = E[k^2] - mean^2, clamped at 0)."""
+    qf = q.float()
+    var = (pooled_square - pooled_mean * pooled_mean).clamp_min(0.0)
+    return torch.cat([qf, qf * qf], -1), torch.cat([pooled_mean, var * (0.5 * scale)], -1)
+
+
+def pooled_selection_keys(k: torch.Tensor, block_size: int, score: str = "mean"):
+    """The per-block key statistics a score needs: (mean,) or (mean, mean of squares), each
+    [B, T // bs, H, D] fp32 (:func:`mean_pool_blocks`)."""
+    check_score(score)
+    mean = mean_pool_blocks(k, block_size)
+    if score == "mean":
+        return (mean,)
+    return mean, mean_pool_blocks(k.float() * k.float(), block_size)
+
+
 def block_scores(q: torch.Tensor, k: torch.Tensor, block_size: int,
-                 scale: Optional[float] = None) -> torch.Tensor:
+                 scale: Optional[float] = None, score: str = "mean") -> torch.Tensor:
     """Group-summed block importance [B, T, H, ceil(T / bs)] of one sequence (fp32).
 
     Complete past blocks get the summed per-head softmax probability; the current block +inf;
     blocks not yet complete and future blocks -inf.
     """
     _check_shapes(q, k)
-    return chunk_scores(q, k, 0, block_size, scale)
+    return chunk_scores(q, k, 0, block_size, scale, score)
 
 
 def _topk_stable(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -103,13 +138,14 @@ def block_attention_mass(q_rows: torch.Tensor, k_prefix: torch.Tensor, positions
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
                   cu_seqlens: Optional[torch.Tensor] = None,
-                  scale: Optional[float] = None) -> torch.Tensor:
+                  scale: Optional[float] = None, score: str = "mean") -> torch.Tensor:
     """Top-``block_counts`` block indices [B, T, H, block_counts] (int32, -1 = empty slot).
 
     Indices count blocks from the start of each token's document. Slot 0 holds the current block;
     the others follow in decreasing score.
     """
     _check_shapes(q, k)
+    check_score(score)
     b, t, hq, d = q.shape
     h = k.shape[2]
     out = torch.full((b, t, h, block_counts), -1, dtype=torch.int32, device=q.device)
@@ -117,17 +153,22 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         for c0 in range(start, end, _CHUNK):
             c1 = min(c0 + _CHUNK, end)
             # Scores need the whole prefix of keys but only this chunk's queries.
-            scores = chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale)
+            scores = chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale,
+                                  score)
             out[:, c0:c1] = top_blocks(scores, block_counts)
     return out
 
 
 def chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
-                 scale: Optional[float]) -> torch.Tensor:
+                 scale: Optional[float], score: str = "mean") -> torch.Tensor:
     """block_scores for queries at positions first_pos.. of a sequence whose keys are k_prefix."""
     nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
-    return pooled_block_scores(q_chunk, mean_pool_blocks(k_prefix, block_size), first_pos,
-                               block_size, nb_all, scale)
+    stats = pooled_selection_keys(k_prefix, block_size, score)
+    if score == "mean":
+        return pooled_block_scores(q_chunk, stats[0], first_pos, block_size, nb_all, scale)
+    scale = 1.0 / math.sqrt(q_chunk.shape[-1]) if scale is None else scale
+    q2, pooled2 = moment2_operands(q_chunk, *stats, scale)
+    return pooled_block_scores(q2, pooled2, first_pos, block_size, nb_all, scale)
 
 
 def pooled_block_scores(q_chunk: torch.Tensor, pooled: torch.Tensor, first_pos: int,

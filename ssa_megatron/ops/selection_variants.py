@@ -1,8 +1,10 @@
 """Block selections other than SSA's, for evaluation: how much of sparse mode's loss is the
 selection's fault and how much the budget's.
 
-* ``pooled`` (SSA's own, :func:`ssa_megatron.ops.dispatch.select_blocks`): scores from the
-  queries against the mean-pooled keys of each block.
+* ``pooled`` (the model's own, :func:`ssa_megatron.ops.dispatch.select_blocks`): scores from
+  the queries against the pooled keys of each block, under the score the model trained with
+  (``--ssa-selection-score``: mean, the paper's, or moment2).
+* ``mean``: the paper's score whatever the model trained with.
 * ``oracle``: per (token, kv head) the blocks that hold the most full-attention mass, summed over
   the group's query heads; the current block is always kept. A mass-greedy reference: no
   selection of k blocks (with the current one) keeps more of the group's attention mass. That
@@ -14,10 +16,12 @@ selection's fault and how much the budget's.
   blocks when k <= N).
 * ``moment2``: SSA's scores with each block's logit ``s q.mean(K_b)`` raised by half the
   variance of ``s q.k`` over the block's keys, taken per channel (``s^2/2 sum_d q_d^2
-  var_b(k_d)``): the second-order estimate of ``log mean_j exp(s q.k_j)``, i.e. of the block's
-  share of full attention, where the mean alone is the first-order one. A block of spread-out
+  var_b(k_d)``): the diagonal of the second-order estimate ``s^2/2 q^T Cov_b(k) q`` of ``log
+  mean_j exp(s q.k_j)``, i.e. of the block's share of full attention, where the mean alone is the
+  first-order one (with a learned selection map both score ``q + q P`` instead). A block of spread-out
   keys can hold one key the query matches well; the mean hides it. Costs a second pooled tensor
-  (the per-channel variances) and twice the scoring work.
+  (the per-channel variances) and twice the scoring work; a model can also train with it
+  (``--ssa-selection-score moment2``, the selection kernel at head dim 2 D).
 * ``quest``: each block's logit is the upper bound ``s sum_d max(q_d max_b(k_d), q_d
   min_b(k_d))`` of ``s q.k_j`` over its keys, from the per-channel extremes (as Quest, Tang et
   al. 2024, ranks KV pages), then SSA's softmax and group sum.
@@ -38,16 +42,16 @@ import torch
 from ssa_megatron.ops import dispatch, reference
 
 POOLED = "pooled"
-_NAME = re.compile(r"^(pooled|oracle|moment2|quest|recent([1-9][0-9]*))$")
+_NAME = re.compile(r"^(pooled|mean|oracle|moment2|quest|recent([1-9][0-9]*))$")
 
 
 def parse_selection(name: str) -> Tuple[str, int]:
-    """("pooled" | "oracle" | "moment2" | "quest" | "recent", N) of a selection name; a clear
-    error otherwise."""
+    """("pooled" | "mean" | "oracle" | "moment2" | "quest" | "recent", N) of a selection name; a
+    clear error otherwise."""
     m = _NAME.match(str(name))
     if not m:
-        raise ValueError(f"unknown block selection {name!r}: use pooled, oracle, moment2, quest or "
-                         "recentN (N >= 1 most recent blocks always kept, e.g. recent4)")
+        raise ValueError(f"unknown block selection {name!r}: use pooled, mean, oracle, moment2, "
+                         "quest or recentN (N >= 1 most recent blocks always kept, e.g. recent4)")
     return ("recent", int(m.group(2))) if m.group(2) else (m.group(1), 0)
 
 
@@ -82,11 +86,12 @@ def oracle_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
 
 
 def recent_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
-                  block_size: int, scale: Optional[float], recent: int) -> torch.Tensor:
+                  block_size: int, scale: Optional[float], recent: int,
+                  score: str = "mean") -> torch.Tensor:
     """SSA's block scores with the ``recent`` - 1 blocks before the current one lifted above every
     scored block (a group's scores sum G softmax rows, so they never exceed G); their order among
     themselves stays SSA's. Pass recent <= the budget, or the budget keeps the best of them."""
-    scores = reference.chunk_scores(q_chunk, k_prefix, first_pos, block_size, scale)
+    scores = reference.chunk_scores(q_chunk, k_prefix, first_pos, block_size, scale, score)
     group = q_chunk.shape[2] // k_prefix.shape[2]
     pos = torch.arange(first_pos, first_pos + q_chunk.shape[1], device=q_chunk.device)
     current = (pos // block_size)[:, None]
@@ -95,42 +100,42 @@ def recent_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
     return scores + lifted[None, :, None, :].to(scores.dtype) * (group + 1)
 
 
-def statistic_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
-                     block_size: int, scale: Optional[float], kind: str) -> torch.Tensor:
-    """Scores of the ``moment2`` or ``quest`` selection (module docstring) for queries at
-    positions first_pos.. of a document whose keys are ``k_prefix``, as
-    :func:`reference.chunk_scores` gives SSA's."""
+def quest_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: int,
+                 scale: Optional[float]) -> torch.Tensor:
+    """[B, Tq, H, G, nb] per-head bound ``s sum_d max(q_d max_b k_d, q_d min_b k_d)`` of each
+    complete block's key logits (``quest``)."""
     b, tc, hq, d = q_chunk.shape
     h = k_prefix.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     nb = k_prefix.shape[1] // block_size
     blocks = k_prefix[:, : nb * block_size].float().reshape(b, nb, block_size, h, d)
     qg = q_chunk.float().reshape(b, tc, h, hq // h, d) * scale
-    if kind == "moment2":
-        mean = blocks.mean(dim=2)
-        var = blocks.var(dim=2, unbiased=False)
-        logits = (torch.einsum("bthgd,bnhd->bthgn", qg, mean)
-                  + 0.5 * torch.einsum("bthgd,bnhd->bthgn", qg * qg, var))
-    elif kind == "quest":  # max(q_d hi_d, q_d lo_d) is q_d hi_d where q_d >= 0, q_d lo_d elsewhere
-        logits = (torch.einsum("bthgd,bnhd->bthgn", qg.clamp(min=0), blocks.amax(dim=2))
-                  + torch.einsum("bthgd,bnhd->bthgn", qg.clamp(max=0), blocks.amin(dim=2)))
-    else:
-        raise ValueError(f"no statistic selection {kind!r}")
+    # max(q_d hi_d, q_d lo_d) is q_d hi_d where q_d >= 0, q_d lo_d elsewhere
+    return (torch.einsum("bthgd,bnhd->bthgn", qg.clamp(min=0), blocks.amax(dim=2))
+            + torch.einsum("bthgd,bnhd->bthgn", qg.clamp(max=0), blocks.amin(dim=2)))
+
+
+def quest_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
+                 block_size: int, scale: Optional[float]) -> torch.Tensor:
+    """Scores of the ``quest`` selection (module docstring) for queries at positions first_pos..
+    of a document whose keys are ``k_prefix``, as :func:`reference.chunk_scores` gives SSA's."""
     nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
-    return reference.group_block_scores(logits, first_pos, block_size, nb_all)
+    return reference.group_block_scores(quest_logits(q_chunk, k_prefix, block_size, scale),
+                                        first_pos, block_size, nb_all)
 
 
 def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_size: int,
                        block_counts: int, cu_seqlens: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None,
-                       q_select: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       q_select: Optional[torch.Tensor] = None, score: str = "mean") -> torch.Tensor:
     """``select_blocks`` under the named selection (module docstring). ``q_select``: the queries
     SSA's scores use when they are not q (a learned selection map); the oracle reads q's own
-    attention."""
+    attention. ``score``: the model's own selection score (what ``pooled`` and ``recentN`` use)."""
     kind, n = parse_selection(selection)
     q_select = q if q_select is None else q_select
-    if kind == POOLED:
-        return dispatch.select_blocks(q_select, k, block_size, block_counts, cu_seqlens, scale)
+    if kind in (POOLED, "mean", "moment2"):
+        own = {POOLED: score}.get(kind, kind)
+        return dispatch.select_blocks(q_select, k, block_size, block_counts, cu_seqlens, scale, own)
     reference._check_shapes(q, k)
     b, t, hq, _ = q.shape
     out = torch.full((b, t, k.shape[2], block_counts), -1, dtype=torch.int32, device=q.device)
@@ -141,14 +146,14 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
             qc, kp = q[:, c0:c1], k[:, start:c1]
             if kind == "oracle":
                 scores = oracle_scores(qc, kp, c0 - start, block_size, scale)
-            elif kind in ("moment2", "quest"):
-                scores = statistic_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale, kind)
+            elif kind == "quest":
+                scores = quest_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale)
             else:
                 scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
-                                       min(n, block_counts))
+                                       min(n, block_counts), score)
             out[:, c0:c1] = reference.top_blocks(scores, block_counts)
     return out
 
 
 __all__ = ["POOLED", "parse_selection", "selection_names_error", "select_blocks_with", "oracle_scores", "recent_scores",
-           "statistic_scores"]
+           "quest_logits", "quest_scores"]

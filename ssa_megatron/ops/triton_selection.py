@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ssa_megatron.ops import reference
+
 LOG2E = 1.4426950408889634  # the kernels use exp2
 _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per document
 
@@ -416,8 +418,9 @@ def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
                   cu_seqlens: Optional[torch.Tensor] = None,
-                  scale: Optional[float] = None) -> torch.Tensor:
-    """Triton twin of ``reference.select_blocks``: int32 [B, T, H, block_counts], -1 = empty."""
+                  scale: Optional[float] = None, score: str = "mean") -> torch.Tensor:
+    """Triton twin of ``reference.select_blocks``: int32 [B, T, H, block_counts], -1 = empty.
+    ``score="moment2"`` runs the same kernel at head dim 2 D on ``reference.moment2_operands``."""
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: expected [B, T, heads, D]")
     b, t, hq, d = q.shape
@@ -432,8 +435,14 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     offs = doc_offsets(b, t, cu_seqlens)
     qf = q.reshape(b * t, hq, d).contiguous()
     kf = k.reshape(b * t, h, d).contiguous()
+    reference.check_score(score)
+    pooled = pooled_keys(kf, offs, block_size)
+    if score == "moment2":
+        qf, pooled = reference.moment2_operands(
+            qf, pooled, pooled_keys(kf.float() * kf.float(), offs, block_size), scale)
+        qf, d = qf.contiguous(), 2 * d
     # the softmax scale (and log2 e) goes into the pooled keys
-    pooled = (pooled_keys(kf, offs, block_size) * (scale * LOG2E)).contiguous()
+    pooled = (pooled * (scale * LOG2E)).contiguous()
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
     if b * t == 0:
         return out.view(b, t, h, kc)

@@ -31,13 +31,15 @@ from ssa_megatron.training import result_record
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
            "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa", "ssa-recipe-late-sparse": "ssa",
-           "ssa-recipe-sparse-end": "ssa", "ssa-recipe-select": "ssa", "ssa-recipe-select-proj": "ssa"}
+           "ssa-recipe-sparse-end": "ssa", "ssa-recipe-select": "ssa", "ssa-recipe-select-proj": "ssa",
+           "ssa-recipe-moment2": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
 # "ssa-recipe" draws it per sequence (probability 0.5: the trainer's defaults), "ssa-recipe-fp25"
 # per sequence with probability 0.25; "ssa-recipe-late-sparse" / "ssa-recipe-sparse-end" keep the
 # recipe to mid-run, then lower the probability linearly to 0.1 / 0 at the end;
 # "ssa-recipe-select" is the recipe plus the selection alignment loss (weight 1) on q and k,
-# "ssa-recipe-select-proj" the same loss (weight 0.1) on a learned selection map alone; "nsa"
+# "ssa-recipe-select-proj" the same loss (weight 0.1) on a learned selection map alone,
+# "ssa-recipe-moment2" the recipe selecting with the moment2 score; "nsa"
 # (compression + selection + window, three gates) has one mode: its "full" column
 PUBLISHED_FULL_PROB = 0.5
 # what runs when --systems is not given: the paper's systems and the two recipes (the later
@@ -52,6 +54,8 @@ SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", s
                                           "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
                 "ssa-recipe-select": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
                                       "--ssa-select-align-coef", "1.0"],
+                "ssa-recipe-moment2": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
+                                       "--ssa-selection-score", "moment2"],
                 # AdamW moves the map the same for any weight; a small one keeps its gradient
                 # from eating into the model's under the global gradient-norm clip
                 "ssa-recipe-select-proj": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
@@ -260,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(evaluate.py --dense-layers); summary.md adds their k = --block-counts column")
     p.add_argument("--eval-selections", nargs="*", default=[], metavar="NAME",
                    help="also evaluate sparse mode under these block selections (evaluate.py "
-                        "--selections: oracle, recentN, moment2, quest); summary.md adds their k = --block-counts column")
+                        "--selections: oracle, recentN, mean, moment2, quest); summary.md adds their k = --block-counts column")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",

@@ -266,6 +266,17 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
     if args.ssa_select_align_coef and args.attention_mode != "ssa":
         raise ConfigError("--ssa-select-align-coef trains SSA's selection beside its full branch: "
                           "it needs --attention-mode ssa")
+    if args.ssa_selection_score != "mean" and args.attention_mode not in ("ssa", "sparse"):
+        raise ConfigError(f"--ssa-selection-score {args.ssa_selection_score} scores SSA's block "
+                          "selection: it needs --attention-mode ssa or sparse")
+    if args.ssa_selection_score != "mean" and args.ssa_select_align_coef:
+        raise ConfigError("--ssa-select-align-coef (and --ssa-select-proj) train the mean score's "
+                          "block probabilities: drop them, or keep --ssa-selection-score mean")
+    head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
+    if args.ssa_selection_score == "moment2" and head_dim > 64:
+        raise ConfigError(f"--ssa-selection-score moment2 runs the selection kernel at twice the "
+                          f"head dim, and {head_dim} x 2 is past what it has been checked at "
+                          "(128): use heads of at most 64 channels, or the mean score")
     if args.ssa_select_proj and not args.ssa_select_align_coef:
         raise ConfigError("--ssa-select-proj is trained by the selection alignment loss alone: "
                           "add --ssa-select-align-coef (e.g. 1.0)")

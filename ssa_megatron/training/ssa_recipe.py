@@ -52,6 +52,9 @@ class BranchRecipe:
         extras = [name for name, on in (("qk-layernorm", getattr(args, "qk_layernorm", False)),
                                         ("zero-init gates", getattr(args, "ssa_gate_init", "normal") == "zero"))
                   if on]
+        score = getattr(args, "ssa_selection_score", "mean")
+        if score != "mean":
+            extras.insert(0, f"{score} selection score")
         select = getattr(args, "ssa_select_align_coef", 0.0)
         if select:
             trains = "a learned selection map" if getattr(args, "ssa_select_proj", False) else "q and k"
@@ -77,7 +80,8 @@ def full_coverage_note(args) -> Optional[str]:
 
 
 RECIPE_ARGS = ("ssa_branch_draw", "ssa_full_prob", "ssa_full_prob_schedule", "ssa_align_coef",
-               "ssa_align_coef_schedule", "ssa_select_align_coef", "ssa_select_align_rows")  # the trainer's flags that set how branches mix
+               "ssa_align_coef_schedule", "ssa_select_align_coef", "ssa_select_align_rows",
+               "ssa_selection_score")  # the trainer's flags that set how branches mix
 
 
 def recipe_change_note(saved_args, args) -> Optional[str]:
