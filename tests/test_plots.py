@@ -22,13 +22,15 @@ def test_plot_train_curves_joins_parts_and_rejects_bad_specs(tmp_path):
             {"iteration": 6, "iterations": [4, 5, 6], "lm_loss": [2 + offset] * 3}))
     runs = ptc.load_runs([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
     assert runs[1][1] == [1, 2, 3, 4, 5, 6] and runs[1][2][0] == 5.5
+    assert ptc.up_to(runs, 4)[1][1:] == ([1, 2, 3, 4], [5.5, 4.5, 3.5, 2.5]) and ptc.up_to(runs, None) == runs
     with pytest.raises(SystemExit):
         ptc.load_runs([str(tmp_path / "a")])  # no LABEL=
     with pytest.raises(SystemExit):
         ptc.load_runs([f"C={tmp_path / 'missing'}"])
     pytest.importorskip("matplotlib")
     out = tmp_path / "curves.png"
-    assert ptc.main(["--out", str(out), "--smooth", "2", f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0
+    assert ptc.main(["--out", str(out), "--smooth", "2", "--max-step", "5", "--ymax", "7",
+                     f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0
     assert out.read_bytes()[:8] == PNG
 
 

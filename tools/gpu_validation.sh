@@ -103,6 +103,11 @@ case "$1" in
       --lr-warmup-fraction "${WARMUP:-0.02}" --systems "${names[@]}" --variant "${variants[@]}" \
       || status=$?  # a deadline stop or a refused folder: whatever finished is still packed
     for d in "$ROBUST_OUT"/*/checkpoint/diagnostics.jsonl; do [ -f "$d" ] && cp "$d" "$(dirname "$(dirname "$d")")/"; done
+    for seed in ${SEEDS:-1}; do  # each seed's replicates against its first
+      specs=(); for name in "${names[@]}"; do specs+=("$name=$ROBUST_OUT/${name}_seed$seed"); done
+      python3 tools/replicate_spread.py "${specs[@]}" --json "$ROBUST_OUT/spread_seed$seed.json" \
+        | tee "$ROBUST_OUT/spread_seed$seed.md" || true
+    done
     (cd "$(dirname "$ROBUST_OUT")" && tar czf "$OUT/robust.tgz" --exclude=checkpoint "$(basename "$ROBUST_OUT")")
     exit "${status:-0}" ;;
   diagnose)  # why SSA trails Full-Full: ablations to step 400 of the 100M schedule (seed 1),

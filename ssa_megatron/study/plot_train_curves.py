@@ -36,6 +36,14 @@ def load_runs(specs):
     return runs
 
 
+def up_to(runs, max_step):
+    """The runs of :func:`load_runs` cut after ``max_step`` (None: whole)."""
+    if not max_step:
+        return runs
+    return [(label, [s for s in steps if s <= max_step],
+             [v for s, v in zip(steps, values) if s <= max_step]) for label, steps, values in runs]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -43,12 +51,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--smooth", type=int, default=25, help="moving-average window in steps")
     p.add_argument("--title", default="")
+    p.add_argument("--max-step", type=int, default=None, help="plot steps up to this one only")
+    p.add_argument("--ymax", type=float, default=6.0, help="top of the loss axis")
     args = p.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = load_runs(args.runs)
+    runs = up_to(load_runs(args.runs), args.max_step)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]})
     base_label, base_steps, base_values = runs[0]
@@ -64,7 +74,7 @@ def main(argv=None) -> int:
             x, y = moving_average(common, diff, args.smooth)
             bottom.plot(x, y, label=f"{label} - {base_label}", lw=1.2, color=color)
     top.set_ylabel(f"train LM loss ({args.smooth}-step mean)")
-    top.set_ylim(top=min(top.get_ylim()[1], 6.0))
+    top.set_ylim(top=min(top.get_ylim()[1], args.ymax))
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
     bottom.axhline(0.0, color="k", lw=0.6)
