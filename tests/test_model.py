@@ -115,6 +115,24 @@ def test_selection_alignment_loss_trains_through_the_autoscaler(single_process_p
         tiny_args("--attention-mode", "full", "--ssa-select-align-coef", "1")
 
 
+def _sparsity_through_the_hook(model, layer, batch):
+    """evaluate.py's sparsity analysis of one forward (full mode, first sequence): the selected
+    mass (k = 2) it records for ``layer``, and the q, k, v that layer saw."""
+    from ssa_megatron.eval.sparsity import SparsityCollector
+    collector = SparsityCollector(model, [2])
+    set_inference_mode(model, "full")
+    model.eval()
+    captured = {}
+    hook = layer.register_forward_pre_hook(
+        lambda m, a, kw: captured.update(qkv=[x.transpose(0, 1) for x in a[:3]]), with_kwargs=True)
+    collector.enabled = True
+    with torch.no_grad():
+        model(batch["tokens"][:1], batch["position_ids"][:1], None)
+    hook.remove()
+    collector.close()
+    return collector.stats[layer.layer_number]["selected_mass"], captured["qkv"]
+
+
 def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_parallel_state):
     """--ssa-select-proj: the selection scores q + q P_h (P_h = 0 at init: SSA's own selection);
     the selection loss trains P and nothing else, and P changes which blocks are selected."""
@@ -154,22 +172,10 @@ def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_p
     _, used = layer.sparse_branch(q, k, v, None, return_indices=True)
     assert torch.equal(used, reference.select_blocks(moved, k, 16, 2))
     # ... and evaluate.py's sparsity analysis (selected mass with the map's selection)
-    from ssa_megatron.eval.sparsity import SparsityCollector, layer_attention_stats
-    collector = SparsityCollector(model, [2])
-    set_inference_mode(model, "full")
-    model.eval()
-    captured = {}
-    hook = layer.register_forward_pre_hook(
-        lambda m, a, kw: captured.update(qkv=[x.transpose(0, 1) for x in a[:3]]), with_kwargs=True)
-    collector.enabled = True
-    with torch.no_grad():
-        model(batch["tokens"][:1], batch["position_ids"][:1], None)
-    hook.remove()
-    collector.close()
-    cq, ck, cv = captured["qkv"]
+    from ssa_megatron.eval.sparsity import layer_attention_stats
+    got, (cq, ck, cv) = _sparsity_through_the_hook(model, layer, batch)
     with_map = layer_attention_stats(cq, ck, cv, 16, [2], gap=False, q_select=layer.selection_query(cq))
     without = layer_attention_stats(cq, ck, cv, 16, [2], gap=False)
-    got = collector.stats[layer.layer_number]["selected_mass"]
     assert torch.allclose(got, with_map["selected_mass"]) and not torch.allclose(got, without["selected_mass"])
     with pytest.raises(ConfigError, match="add --ssa-select-align-coef"):
         tiny_args("--ssa-select-proj")
@@ -201,25 +207,13 @@ def test_moment2_selection_score_reaches_every_place_that_selects(single_process
     layer.selection_score = "moment2"
     assert probe.layers != mean_probe.layers
     # evaluate.py's sparsity analysis, through its hook on a forward of the model
-    from ssa_megatron.eval.sparsity import SparsityCollector
-    collector = SparsityCollector(model, [2])
-    set_inference_mode(model, "full")
-    model.eval()
-    captured = {}
-    hook = layer.register_forward_pre_hook(
-        lambda m, a, kw: captured.update(qkv=[x.transpose(0, 1) for x in a[:3]]), with_kwargs=True)
-    collector.enabled = True
     with torch.no_grad():
         for name, param in model.named_parameters():  # sharper attention than at init
             if "linear_qkv" in name:
                 param.mul_(8)
-        model(*[random_batches(1)[0][n][:1] for n in ("tokens", "position_ids")], None)
-    hook.remove()
-    collector.close()
-    cq, ck, cv = captured["qkv"]
+    got, (cq, ck, cv) = _sparsity_through_the_hook(model, layer, random_batches(1)[0])
     stats = layer_attention_stats(cq, ck, cv, 16, [2], gap=False, score="moment2")
     mean = layer_attention_stats(cq, ck, cv, 16, [2], gap=False)
-    got = collector.stats[layer.layer_number]["selected_mass"]
     assert torch.allclose(got, stats["selected_mass"], rtol=0, atol=1e-9)
     assert not torch.allclose(got, mean["selected_mass"], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="needs --attention-mode ssa or sparse"):
