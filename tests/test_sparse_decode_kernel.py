@@ -41,6 +41,24 @@ def test_decode_kernels_match_reference():
         assert row["ok"], row
 
 
+# (HQ, H, D, cache tokens, position, block_counts, split, kind): the scoring kernels take other
+# queries than the attention: a selection map's (width D), or moment2's operands (width 2 D)
+SELECTION_CASES = [
+    (8, 2, 128, 251, 250, 7, 4, "map"),  # G 4 (Llama)
+    (16, 1, 64, 300, 299, 16, 64, "map"),  # G 16
+    (8, 2, 64, 251, 250, 7, 4, "moment2"),  # scoring at width 128
+    (2, 2, 32, 120, 100, 3, 2, "moment2"),  # G 1, width 64, spare pooled blocks
+]
+
+
+@needs_triton
+def test_decode_kernels_score_with_selection_queries_like_the_reference():
+    rows = run_interpreted(__file__, "selection_queries")
+    assert [r["case"] for r in rows] == list(range(len(SELECTION_CASES)))
+    for row in rows:
+        assert row["ok"] and row["differs_from_q"], row
+
+
 @needs_triton
 def test_dispatch_takes_the_kernels_only_where_they_apply():
     rows = run_interpreted(__file__, "dispatch")
@@ -50,6 +68,12 @@ def test_dispatch_takes_the_kernels_only_where_they_apply():
 @needs_triton
 def test_model_decodes_through_the_kernels_like_the_uncached_pass():
     rows = run_interpreted(__file__, "model")
+    assert rows[0]["ok"], rows[0]
+
+
+@needs_triton
+def test_map_and_moment2_model_decodes_through_the_kernels_like_the_uncached_pass():
+    rows = run_interpreted(__file__, "model_variants")
     assert rows[0]["ok"], rows[0]
 
 
@@ -136,6 +160,38 @@ def _cases():
               flush=True)
 
 
+def _selection_queries():
+    import torch
+
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_sparse_decode as tsd
+    for i, (hq, h, d, t, pos, bc, split, kind) in enumerate(SELECTION_CASES):
+        torch.manual_seed(100 + i)
+        k, v = torch.randn(1, h, t, d), torch.randn(1, h, t, d)
+        if kind == "moment2":  # blocks of unlike spread: the variance term reorders them
+            k = k * (0.2 + 3 * torch.rand(1, 1, t // BS + 1, d)).repeat_interleave(BS, 2)[:, :, :t]
+        q = torch.randn(1, 1, hq, d)
+        scale = d ** -0.5
+        mean, squares = ref.pooled_selection_keys(k.transpose(1, 2), BS, "moment2")
+        if kind == "map":
+            q_select, pooled = q + torch.randn(1, 1, hq, d), mean
+        else:
+            q_select, pooled = ref.moment2_operands(q, mean, squares, scale)
+        tsd.CONFIG["split"] = split
+        o, idx = tsd.sparse_decode_attention(q, k, v, pooled, pos, BS, bc, scale,
+                                             return_indices=True, q_select=q_select)
+        kr, vr = k[:, :, :pos + 1], v[:, :, :pos + 1]
+        n = (pos + 1) // BS
+        ridx = ref.select_blocks_from_pooled(q_select, pooled[:, :n], pos, pos + 1, BS, bc, scale)
+        ro = ref.sparse_decode_attention(q, kr, vr, pooled[:, :n], pos, BS, bc, scale,
+                                         q_select=q_select)
+        plain = ref.select_blocks_from_pooled(q, mean[:, :n], pos, pos + 1, BS, bc, scale)
+        err = (o - ro).abs().max().item()
+        same = torch.equal(idx[0], ridx[0, 0])
+        print(json.dumps({"case": i, "ok": bool(same and err < 1e-5), "indices_equal": same,
+                          "max_err": err, "differs_from_q": not torch.equal(ridx, plain)}), flush=True)
+
+
 def _dispatch():
     """dispatch.sparse_decode_attention: the kernels where they apply, else the reference."""
     import torch
@@ -162,7 +218,7 @@ def _dispatch():
     print(json.dumps({"ok": bool(ok), "rows": rows}), flush=True)
 
 
-def _model():
+def _model(**variant):
     import torch
 
     from ssa_megatron.hf import modeling_ssa
@@ -181,8 +237,11 @@ def _model():
     torch.manual_seed(0)
     cfg = SSAConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=8, num_key_value_heads=2, head_dim=16,
-                    initializer_range=0.3, block_size=BS, block_counts=2)
+                    initializer_range=0.3, block_size=BS, block_counts=2, **variant)
     model = modeling_ssa.SSAForCausalLM(cfg).eval()
+    for layer in model.model.layers:
+        if layer.self_attn.select_proj is not None:
+            torch.nn.init.normal_(layer.self_attn.select_proj)
     model.set_inference_mode("sparse")
     prompt = torch.randint(0, 64, (1, 13))
     steps = 3 * BS  # past block_counts * block_size tokens: the selection matters
@@ -227,4 +286,7 @@ def _bench_check():
 
 
 if __name__ == "__main__":
-    {"cases": _cases, "model": _model, "dispatch": _dispatch, "bench_check": _bench_check}[sys.argv[1]]()
+    {"cases": _cases, "model": _model, "dispatch": _dispatch, "bench_check": _bench_check,
+     "selection_queries": _selection_queries,
+     "model_variants": lambda: _model(ssa_select_proj=True, ssa_selection_score="moment2"),
+     }[sys.argv[1]]()

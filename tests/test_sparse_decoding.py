@@ -312,12 +312,13 @@ def test_selection_agreement_compares_sets_and_measures_swaps():
 
 
 def test_the_hf_model_refuses_a_selection_score_it_does_not_implement():
-    """The export refuses a moment2 checkpoint; a config edited by hand to moment2 must not run
-    the mean score silently."""
+    """A config edited by hand to a score the model code does not know must not run the mean
+    score silently (the exported scores: tests/test_hf_selection_variants.py)."""
     from ssa_megatron.hf.configuration_ssa import SSAConfig
     from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
     cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    SSAForCausalLM(SSAConfig(**cfg, ssa_selection_score="mean"))
-    with pytest.raises(ValueError, match="mean score only"):
-        SSAForCausalLM(SSAConfig(**cfg, ssa_selection_score="moment2"))
+    for score in ("mean", "moment2"):
+        SSAForCausalLM(SSAConfig(**cfg, ssa_selection_score=score))
+    with pytest.raises(ValueError, match="'quest' must be 'mean' or 'moment2'"):
+        SSAForCausalLM(SSAConfig(**cfg, ssa_selection_score="quest"))

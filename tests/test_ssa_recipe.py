@@ -321,8 +321,10 @@ def test_quality_summary_classifies_runs():
     (["--ssa-select-proj", "--ssa-select-align-coef", "1", "--tensor-model-parallel-size", "2"],
      ["core_attention.select_proj"]),
     (["--ssa-selection-score", "moment2"], [])])  # no weights: the checkpoint carries the score
-def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
+def test_checkpoints_with_new_options_evaluate_and_export(
         tmp_path, random_dataset, single_process_parallel_state, flags, weights):
+    """The trained checkpoint evaluates with its options; the HF export computes the evaluated
+    model's logits in both modes (--qk-layernorm: refused in one line, nothing written)."""
     from ssa_megatron.convert.api import megatron_to_hf
     from ssa_megatron.convert.layout import ConversionError
     from ssa_megatron.eval.model import load_model
@@ -347,9 +349,20 @@ def test_checkpoints_with_unexported_weights_evaluate_and_hf_export_refuses(
     from ssa_megatron.model.attention import SSACoreAttention
     scores = {m.selection_score for m in model.modules() if isinstance(m, SSACoreAttention)}
     assert scores == {"moment2" if "moment2" in flags else "mean"}
-    with pytest.raises(ConversionError, match=flags[0]):
-        megatron_to_hf(save, str(tmp_path / "hf"))
-    assert not os.path.exists(tmp_path / "hf")
+    if "--qk-layernorm" in flags:
+        with pytest.raises(ConversionError, match=flags[0]):
+            megatron_to_hf(save, str(tmp_path / "hf"))
+        assert not os.path.exists(tmp_path / "hf")
+        return
+    from test_hf_conversion import hf_logits, load_hf
+    from test_hf_import import megatron_logits
+    megatron_to_hf(save, str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf")).set_inference_mode(block_counts=2)  # 2 of 4 blocks
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    for mode in ("full", "sparse"):
+        torch.testing.assert_close(hf_logits(hf, tokens, mode),
+                                   megatron_logits(model, tokens, mode, 2)[..., :256],
+                                   atol=1e-5, rtol=0)
 
 
 def test_a_budget_covering_the_sequence_is_noted():

@@ -24,15 +24,6 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
         raise hf_ckpt.ConversionError(
             f"{checkpoint} was trained with --qk-layernorm, which the Hugging Face export does not "
             "support yet; evaluate it with tools/evaluate.py --checkpoint instead")
-    if shape.ssa_select_proj:
-        raise hf_ckpt.ConversionError(
-            f"{checkpoint} was trained with --ssa-select-proj, which the Hugging Face export does "
-            "not support yet; evaluate it with tools/evaluate.py --checkpoint instead")
-    if shape.ssa_selection_score != "mean":
-        raise hf_ckpt.ConversionError(
-            f"{checkpoint} selects blocks with --ssa-selection-score {shape.ssa_selection_score}, "
-            "which the Hugging Face export does not support yet; evaluate it with "
-            "tools/evaluate.py --checkpoint instead")
     if inference_mode is not None:
         shape = shape.replace(inference_mode=inference_mode)
     if block_counts is not None:

@@ -380,6 +380,8 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
     if shape.add_qkv_bias:
         expected |= {f"model.layers.{i}.self_attn.{x}_proj.bias"
                      for i in range(shape.num_layers) for x in "qkv"}
+    if shape.ssa_select_proj:
+        expected |= {f"model.layers.{i}.self_attn.select_proj" for i in range(shape.num_layers)}
     missing = sorted(expected - set(state))
     if missing:
         raise ConversionError(f"{path} lacks {len(missing)} expected tensors, e.g. {missing[0]}")

@@ -26,6 +26,7 @@ import torch
 from ssa_megatron.training.checkpoint_format import is_weight_key
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+SELECT_PROJ = "self_attention.core_attention.select_proj"  # --ssa-select-proj's [heads, D, D]
 DIM0 = ("embedding.word_embeddings.weight", "output_layer.weight")
 DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
                "self_attention.linear_gate.weight", "self_attention.core_attention.select_proj")
@@ -126,6 +127,8 @@ def megatron_to_hf(full: Dict[str, torch.Tensor], shape: Mapping) -> Dict[str, t
             out[p + "self_attn.k_proj." + suffix] = k
             out[p + "self_attn.v_proj." + suffix] = v
         out[p + "self_attn.g_proj.weight"] = full[m + "self_attention.linear_gate.weight"].clone()
+        if shape.get("ssa_select_proj"):
+            out[p + "self_attn.select_proj"] = full[m + SELECT_PROJ].clone()
         out[p + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"].clone()
         gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[p + "mlp.gate_proj.weight"] = gate.clone()
@@ -177,6 +180,8 @@ def hf_to_megatron(hf: Dict[str, torch.Tensor], shape: Mapping, padded_vocab: in
             full[m + "self_attention.linear_qkv." + suffix] = _join_qkv(
                 *(hf[f"{p}self_attn.{x}_proj.{suffix}"] for x in "qkv"), h, g, d)
         full[m + "self_attention.linear_gate.weight"] = hf[p + "self_attn.g_proj.weight"].clone()
+        if shape.get("ssa_select_proj"):
+            full[m + SELECT_PROJ] = hf[p + "self_attn.select_proj"].clone()
         full[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"].clone()
         full[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
                                                        hf[p + "mlp.up_proj.weight"]], dim=0)

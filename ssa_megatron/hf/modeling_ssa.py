@@ -12,13 +12,18 @@ Attention runs in one of two modes (``config.inference_mode``, changeable at any
 * ``sparse``: every query attends only the tokens of its top ``config.block_counts`` blocks of
   ``config.block_size`` tokens (its own block always included), blocks ranked by the group-summed
   softmax of q . mean(K_block) over complete past blocks; the first ``config.dense_layers``
-  layers (default 0) stay in full attention (a hybrid sparse mode).
+  layers (default 0) stay in full attention (a hybrid sparse mode). Two trained variants of the
+  ranking: ``config.ssa_select_proj`` (a learned per-head map ``select_proj`` [heads, D, D]:
+  blocks are ranked for the query q + q P_h) and ``config.ssa_selection_score`` ``moment2``
+  (each block's logit raised by half its per-channel key variance term,
+  ``ssa_ops.moment2_operands``).
 
 Both modes work with a KV cache. The cache's layers are ``SSACacheLayer`` (``ssa_cache.py``): a
 ``DynamicLayer`` that also keeps the fp32 mean of each complete block's keys. In sparse mode a new
 token selects its blocks from those means with the rule of ``ssa_ops.select_blocks`` (the
 selection of token t depends only on keys <= t), in O(T / block_size), and attends over the
-tokens of its selected blocks only, so cached generation equals uncached generation. Beam search
+tokens of its selected blocks only, so cached generation equals uncached generation (a moment2
+model's cache also keeps the means of the squared keys). Beam search
 and cropping keep the means in step; a cache of another kind (static, quantized) falls back to
 pooling all cached keys each step (the same result, O(T)).
 
@@ -36,6 +41,7 @@ are used when ssa_megatron is installed.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from types import SimpleNamespace
 from typing import Optional
@@ -56,11 +62,11 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import (full_attention, mean_pool_blocks, select_blocks,
+    from .ssa_ops import (full_attention, moment2_operands, pooled_selection_keys, select_blocks,
                           sparse_attention, sparse_decode_attention)
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import (full_attention, mean_pool_blocks, select_blocks,
-                                            sparse_attention, sparse_decode_attention)
+    from ssa_megatron.ops.reference import (full_attention, moment2_operands, pooled_selection_keys,
+                                            select_blocks, sparse_attention, sparse_decode_attention)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -175,17 +181,53 @@ def full_attention_with_past(q, k, v, past: int, scale: float):
     return o.transpose(1, 2)
 
 
-def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float):
+def _takes(fn, argument: str) -> bool:
+    """Whether ``fn`` has a parameter ``argument`` (an installed ssa_megatron may be older than
+    this model code)."""
+    try:
+        return argument in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _ops_with(q: torch.Tensor, name: str, argument: Optional[str]):
+    """``name`` of :func:`_ops_for`, or the local reference's where that one lacks it or lacks
+    ``argument``."""
+    fn = getattr(_ops_for(q), name, None)
+    if fn is None or (argument is not None and not _takes(fn, argument)):
+        return getattr(_REFERENCE, name)
+    return fn
+
+
+def select_blocks_for(q, q_select, k, block_size: int, block_counts: int, scale: float,
+                      score: str):
+    """Blocks [B, T, H, block_counts] of a pass without cache: ranked for the selection queries
+    ``q_select`` with ``score``."""
+    if score == "mean":
+        return _ops_for(q).select_blocks(q_select, k, block_size, block_counts, scale=scale)
+    return _ops_with(q, "select_blocks", "score")(q_select, k, block_size, block_counts,
+                                                   scale=scale, score=score)
+
+
+def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float,
+                  q_select=None, score: str = "mean"):
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
-    (k, v [B, H, past + Tq, D]): blocks selected from the cache layer's pooled keys (an
-    SSACacheLayer), else from all keys pooled again; one new token on CUDA takes the three
-    decode kernels (ssa_megatron.ops.triton_sparse_decode)."""
-    pooled = getattr(layer, "pooled_keys", None) if isinstance(layer, SSACacheLayer) else None
-    if pooled is None:
-        pooled = mean_pool_blocks(k.transpose(1, 2), block_size)
-    # an installed ssa_megatron older than this export has no decode entry: the local reference
-    decode = getattr(_ops_for(q), "sparse_decode_attention", _REFERENCE.sparse_decode_attention)
-    return decode(q, k, v, pooled, past, block_size, block_counts, scale)
+    (k, v [B, H, past + Tq, D]): blocks ranked for ``q_select`` (default q) with ``score``
+    from the cache layer's pooled keys (an SSACacheLayer), else from all keys pooled again; one
+    new token on CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode)."""
+    stats = None
+    if isinstance(layer, SSACacheLayer) and layer.pooled_keys is not None:
+        stats = (layer.pooled_keys,) if score == "mean" else (layer.pooled_keys, layer.pooled_squares)
+    if stats is None or stats[-1] is None:
+        stats = pooled_selection_keys(k.transpose(1, 2), block_size, score)
+    pooled = stats[0]
+    if score == "moment2":
+        q_select, pooled = moment2_operands(q if q_select is None else q_select, *stats, scale)
+    if q_select is None:
+        decode = _ops_with(q, "sparse_decode_attention", None)
+        return decode(q, k, v, pooled, past, block_size, block_counts, scale)
+    decode = _ops_with(q, "sparse_decode_attention", "q_select")
+    return decode(q, k, v, pooled, past, block_size, block_counts, scale, q_select=q_select)
 
 
 class SSAAttention(nn.Module):
@@ -202,13 +244,23 @@ class SSAAttention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.nsa = getattr(config, "attention_mode", "ssa") == "nsa"
-        score = getattr(config, "ssa_selection_score", "mean")
-        if score != "mean":  # the trainer's moment2 score is not in this export's kernels yet
-            raise ValueError(f"config.ssa_selection_score {score!r}: this model code selects "
-                             "blocks with the mean score only; set it to 'mean'")
+        self.selection_score = getattr(config, "ssa_selection_score", "mean")
+        if self.selection_score not in ("mean", "moment2"):
+            raise ValueError(f"config.ssa_selection_score {self.selection_score!r} must be 'mean' "
+                             "or 'moment2'")
+        # --ssa-select-proj: per-head maps, zero = the paper's selection
+        self.select_proj = None
+        if getattr(config, "ssa_select_proj", False):
+            self.select_proj = nn.Parameter(torch.zeros(self.num_heads, self.head_dim, self.head_dim))
         # NSA: 3 gates per head, rows [head 0: cmp, slc, swa, head 1: ...] (megatron's linear_gate)
         self.g_proj = nn.Linear(hidden, self.num_heads * (3 if self.nsa else 1), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def selection_query(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries blocks are ranked for: q, or q + q P_h with a selection map."""
+        if self.select_proj is None:
+            return q
+        return q + torch.einsum("bthd,hde->bthe", q, self.select_proj.to(q.dtype))
 
     def forward(self, x, cos, sin, cache: Optional[Cache] = None):
         b, t, _ = x.shape
@@ -240,11 +292,14 @@ class SSAAttention(nn.Module):
                 full_attention_with_past(q, k_all, v_all, past, scale)
         elif mode == "sparse":
             bs, bc = self.config.block_size, self.config.block_counts
+            q_select = self.selection_query(q)
             if past == 0:
-                idx = ops.select_blocks(q, k, bs, bc, scale=scale)
+                idx = select_blocks_for(q, q_select, k, bs, bc, scale, self.selection_score)
                 o = ops.sparse_attention(q, k, v, idx, bs, scale=scale)
             else:
-                o = sparse_decode(q, k_all, v_all, cache.layers[self.layer_idx], past, bs, bc, scale)
+                o = sparse_decode(q, k_all, v_all, cache.layers[self.layer_idx], past, bs, bc, scale,
+                                  None if self.select_proj is None else q_select,
+                                  self.selection_score)
         else:
             raise ValueError(f"config.inference_mode {mode!r} must be 'full' or 'sparse'")
         o = o * gate[..., None]
@@ -331,7 +386,8 @@ class SSAModel(SSAPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if use_cache and getattr(self.config, "attention_mode", "ssa") != "nsa":
-            install_pooled_key_layers(cache, self.config.num_hidden_layers, self.config.block_size)
+            install_pooled_key_layers(cache, self.config.num_hidden_layers, self.config.block_size,
+                                      getattr(self.config, "ssa_selection_score", "mean") == "moment2")
         past = cache.get_seq_length() if cache is not None else 0
         # positions are always past..past+T-1: blocks are counted from the sequence start
         positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)

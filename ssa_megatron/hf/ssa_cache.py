@@ -5,7 +5,9 @@ the weights).
 the fp32 mean of the keys of each complete block of ``block_size`` tokens per kv head
 ([B, nb, H, D], the layout of ``ssa_ops.mean_pool_blocks``), one new mean appended whenever an
 update completes a block. A decoding step then selects its blocks from nb = T // block_size means
-(O(T / block_size)) instead of pooling all T cached keys again.
+(O(T / block_size)) instead of pooling all T cached keys again. With ``squares`` (a model that
+selects with the moment2 score) it also keeps the fp32 mean of each block's squared keys
+(``pooled_squares``).
 
 Keys and values live in buffers with spare room (grown by a quarter, at least 256 tokens), so an
 appended token costs a copy of itself rather than of the whole cache as ``DynamicLayer``'s
@@ -47,20 +49,22 @@ def _grown(buf: Optional[torch.Tensor], used: int, needed: int, dim: int, like: 
 
 class SSACacheLayer(DynamicLayer):
     """A DynamicLayer ([B, H, T, D] keys/values) that also keeps the pooled keys of the complete
-    blocks (``pooled_keys``: [B, T // block_size, H, D], fp32)."""
+    blocks (``pooled_keys``: [B, T // block_size, H, D], fp32), and with ``squares`` the means
+    of their squared keys (``pooled_squares``, same shape)."""
 
-    def __init__(self, block_size: int, **kwargs):
+    def __init__(self, block_size: int, squares: bool = False, **kwargs):
         super().__init__()
         self.block_size = int(block_size)
+        self.squares = bool(squares)
         self._length = 0
         self._key_buf = self._value_buf = None
         self._pooled_buf = None
         self._num_pooled = 0
 
     @classmethod
-    def from_layer(cls, layer: DynamicLayer, block_size: int) -> "SSACacheLayer":
+    def from_layer(cls, layer: DynamicLayer, block_size: int, squares: bool = False) -> "SSACacheLayer":
         """An SSACacheLayer holding what ``layer`` holds (its complete blocks pooled)."""
-        new = cls(block_size)
+        new = cls(block_size, squares)
         if layer.is_initialized and layer.get_seq_length() > 0:
             new.update(layer.keys, layer.values)
         return new
@@ -68,11 +72,24 @@ class SSACacheLayer(DynamicLayer):
     @property
     def pooled_keys(self) -> Optional[torch.Tensor]:
         """[B, nb, H, D] fp32 means of the complete blocks (None before the first update)."""
+        pooled = self._pooled()
+        return None if pooled is None else pooled[..., : self.keys.shape[-1]]
+
+    @property
+    def pooled_squares(self) -> Optional[torch.Tensor]:
+        """[B, nb, H, D] fp32 means of the complete blocks' squared keys (None before the first
+        update or without ``squares``)."""
+        pooled = self._pooled() if self.squares else None
+        return None if pooled is None else pooled[..., self.keys.shape[-1]:]
+
+    def _pooled(self) -> Optional[torch.Tensor]:
+        """The filled part of the pooled buffer: [B, nb, H, D], or [B, nb, H, 2 D] with squares
+        (the means, then the means of the squares)."""
         if not self.is_initialized:
             return None
         if self._pooled_buf is None:
             b, h, _, d = self.keys.shape
-            return self.keys.new_zeros(b, 0, h, d, dtype=torch.float32)
+            return self.keys.new_zeros(b, 0, h, 2 * d if self.squares else d, dtype=torch.float32)
         return self._pooled_buf[:, : self._num_pooled]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -119,6 +136,8 @@ class SSACacheLayer(DynamicLayer):
         # [B, H, n * bs, D] -> [B, n * bs, H, D]: the layout (and arithmetic) of the no-cache pass
         tokens = self.keys[:, :, first * bs: complete * bs].transpose(1, 2)
         means = mean_pool_blocks(tokens, bs).detach()  # selection is not differentiated
+        if self.squares:  # the arithmetic of reference.pooled_selection_keys
+            means = torch.cat([means, mean_pool_blocks(tokens.float() * tokens.float(), bs).detach()], -1)
         self._pooled_buf = _grown(self._pooled_buf, first, complete, 1, means, torch.float32)
         self._pooled_buf[:, first:complete].copy_(means)
         self._num_pooled = complete
@@ -139,7 +158,7 @@ class SSACacheLayer(DynamicLayer):
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
-        pooled = self.pooled_keys
+        pooled = self._pooled()
         self._set(fn(self.keys), fn(self.values), None if pooled is None else fn(pooled))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -164,18 +183,22 @@ class SSACacheLayer(DynamicLayer):
         self._key_buf = self._value_buf = self._pooled_buf = None
 
 
-def install_pooled_key_layers(cache, num_layers: int, block_size: int) -> None:
+def install_pooled_key_layers(cache, num_layers: int, block_size: int, squares: bool = False) -> None:
     """Make every plain ``DynamicLayer`` slot of ``cache`` (up to ``num_layers``) an
-    :class:`SSACacheLayer`; other layer kinds (static, quantized, ...) are left as they are."""
+    :class:`SSACacheLayer` (``squares``: also pooling the squared keys); other layer kinds
+    (static, quantized, ...) are left as they are."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         while len(layers) < num_layers:
-            layers.append(SSACacheLayer(block_size))
+            layers.append(SSACacheLayer(block_size, squares))
     for i, layer in enumerate(layers[:num_layers]):
         if type(layer) is DynamicLayer:
-            layers[i] = SSACacheLayer.from_layer(layer, block_size)
+            layers[i] = SSACacheLayer.from_layer(layer, block_size, squares)
         elif isinstance(layer, SSACacheLayer) and layer.block_size != block_size:
             raise ValueError(f"the cache pools blocks of {layer.block_size} tokens but the model's "
                              f"block_size is {block_size}; start generation with a fresh cache")
+        elif isinstance(layer, SSACacheLayer) and squares and not layer.squares:
+            raise ValueError("the cache keeps no squared-key means, which this model's moment2 "
+                             "selection needs; start generation with a fresh cache")

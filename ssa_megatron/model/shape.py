@@ -148,19 +148,15 @@ class ModelShape(Mapping):
     inference_mode: Optional[str] = arch(
         None, "branch used in evaluation: full or sparse; default: the mode's natural one",
         group=SSA)
-    # the HF export refuses it, so an HF config never turns it on
     ssa_select_proj: bool = arch(
         False, "a learned per-head map of the queries SSA's block selection scores with "
-               "(q + q P_h, P_h starting at 0), trained only by --ssa-select-align-coef; not "
-               "exported to Hugging Face yet", group=SSA, weights=True, print_flag="changed",
-        hf_import=False)
-    # the HF export refuses moment2, so an HF config never sets it
+               "(q + q P_h, P_h starting at 0), trained only by --ssa-select-align-coef",
+        group=SSA, weights=True, print_flag="changed")
     ssa_selection_score: str = arch(
         "mean", "how the selection scores a block: mean (the paper's: the query against the "
                 "block's mean key) or moment2 (plus half the per-channel key variance term, a "
-                "second-order estimate of the block's attention share; not exported to Hugging "
-                "Face yet)", group=SSA, choices=SELECTION_SCORES, print_flag="changed",
-        hf_import=False)
+                "second-order estimate of the block's attention share)", group=SSA,
+        choices=SELECTION_SCORES, print_flag="changed")
     # new fields above this line (tests/test_model_shape.py adds one here)
 
     def __post_init__(self):

@@ -240,14 +240,19 @@ def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, sca
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pooled: torch.Tensor, past: int, block_size: int, block_counts: int,
-                            scale: Optional[float] = None) -> torch.Tensor:
+                            scale: Optional[float] = None,
+                            q_select: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. over a KV cache
     k_cache, v_cache [B, H, past + Tq, D] whose complete blocks' mean keys are ``pooled``
     [B, nb, H, D] (fp32): :func:`select_blocks_from_pooled`, then
-    :func:`sparse_attention_with_past` (the spec of ``triton_sparse_decode``)."""
+    :func:`sparse_attention_with_past` (the spec of ``triton_sparse_decode``).
+
+    ``q_select`` [B, Tq, HQ, DS]: the selection scores ``q_select . pooled`` instead of
+    ``q . pooled`` (``pooled`` then [B, nb, H, DS]): a learned selection map's queries, or
+    :func:`moment2_operands`' pair at DS = 2 D; the attention still uses q."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    idx = select_blocks_from_pooled(q, pooled, past, past + q.shape[1], block_size, block_counts,
-                                    scale)
+    idx = select_blocks_from_pooled(q if q_select is None else q_select, pooled, past,
+                                    past + q.shape[1], block_size, block_counts, scale)
     return sparse_attention_with_past(q, k_cache, v_cache, idx, past, block_size, scale)
 
 

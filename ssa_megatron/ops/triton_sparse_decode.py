@@ -22,6 +22,9 @@ buffer of fixed capacity (blocks past a position are never read) launches the sa
 step, so it can capture the step in a CUDA graph. (The HF model passes its cache's filled part
 and an int position: fine eagerly, a new grid as blocks fill.)
 
+The scoring kernels may take other queries than the attention (``q_select``: a learned selection
+map's, or the moment2 score's [q, q * q] against [mean, scale / 2 * var] at twice the head dim).
+
 Scores are computed as the prefill selection computes them: block means times
 ``scale * log2(e)`` in fp32, ``tl.dot`` at the selection's ``CONFIG["dot_precision"]``, exp2.
 """
@@ -181,30 +184,42 @@ def _tile_sizes_ok(block_size: int, head_dim: int) -> bool:
     return all(n >= 16 and not n & (n - 1) for n in (block_size, head_dim))
 
 
-def supports(q: torch.Tensor, k_cache: torch.Tensor, block_size: int) -> bool:
-    """Whether the kernels take this step: one new token, power-of-two block size and head dim
-    >= 16 (tensor-core tiles), q and cache of one dtype."""
+def supports(q: torch.Tensor, k_cache: torch.Tensor, block_size: int,
+             q_select: Optional[torch.Tensor] = None) -> bool:
+    """Whether the kernels take this step: one new token, power-of-two block size, head dim and
+    selection-query width >= 16 (tensor-core tiles), q and cache of one dtype."""
+    width = q.shape[-1] if q_select is None else q_select.shape[-1]
     return (q.dim() == 3 or q.shape[1] == 1) and _tile_sizes_ok(block_size, q.shape[-1]) \
-        and q.dtype == k_cache.dtype
+        and _tile_sizes_ok(block_size, width) and q.dtype == k_cache.dtype
 
 
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pooled: torch.Tensor, positions: Union[int, torch.Tensor],
                             block_size: int, block_counts: int, scale: Optional[float] = None,
-                            return_indices: bool = False):
+                            return_indices: bool = False, q_select: Optional[torch.Tensor] = None):
     """Sparse attention of one new token per sequence over its KV cache.
 
     q [B, HQ, D] (or [B, 1, HQ, D]); k_cache, v_cache [B, H, T, D] (the cache's layout, holding
     the new token at ``positions``); pooled [B, nb, H, D] fp32 means of the cache's complete
     blocks (nb >= (position + 1) // block_size); positions: the new token's position, an int or an
-    int tensor [B] on q's device. Returns o shaped like q (and the selected blocks [B, H,
-    block_counts] int32, -1 = empty slot, with ``return_indices``)."""
+    int tensor [B] on q's device. ``q_select`` (shaped like q but DS channels, DS a power of two
+    >= 16): the two scoring kernels score ``q_select . pooled`` (pooled then [B, nb, H, DS]; a
+    selection map's queries, or ``reference.moment2_operands`` at DS = 2 D) and the attention
+    uses q. Returns o shaped like q (and the selected blocks [B, H, block_counts] int32, -1 =
+    empty slot, with ``return_indices``)."""
     squeeze = q.dim() == 4
     if squeeze:
         if q.shape[1] != 1:
             raise ValueError(f"sparse_decode_attention takes one new token per sequence, got {q.shape[1]}")
         q = q[:, 0]
     b, hq, d = q.shape
+    qs = q if q_select is None else (q_select[:, 0] if q_select.dim() == 4 else q_select)
+    ds = qs.shape[-1]
+    if qs.shape[:2] != (b, hq) or pooled.shape[-1] != ds:
+        raise ValueError(f"selection queries {tuple(qs.shape)} and pooled keys {tuple(pooled.shape)} "
+                         f"do not fit q {tuple(q.shape)}")
+    if not _tile_sizes_ok(block_size, ds):
+        raise ValueError("the decode kernels need selection queries of a power-of-two width >= 16")
     h = k_cache.shape[1]
     if hq % h or k_cache.shape[-1] != d or v_cache.shape[:3] != k_cache.shape[:3]:
         raise ValueError(f"q {tuple(q.shape)} does not fit the cache's keys {tuple(k_cache.shape)} "
@@ -224,11 +239,12 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     g = hq // h
     scale = d ** -0.5 if scale is None else float(scale)
     q = q if q.stride(-1) == 1 else q.contiguous()
+    qs = q if q_select is None else (qs if qs.stride(-1) == 1 else qs.contiguous())
     k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cache, v_cache))
     pooled = pooled.float()
     pooled = pooled if pooled.stride(-1) == 1 else pooled.contiguous()
     if pooled.shape[1] == 0:  # no complete block yet: keep a valid pointer
-        pooled = torch.zeros((b, 1, h, d), dtype=torch.float32, device=q.device)
+        pooled = torch.zeros((b, 1, h, ds), dtype=torch.float32, device=q.device)
     precision = SELECT_CONFIG.get("dot_precision")
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"CONFIG['dot_precision'] = {precision!r}: expected one of {DOT_PRECISIONS}")
@@ -243,15 +259,15 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     idx = torch.empty((b, h, block_counts), dtype=torch.int32, device=q.device)
     o = torch.empty_like(q)
     common = dict(H=h, G=g, GP=gp, D=d, BLOCK=block_size, num_warps=CONFIG["warps"])
-    scoring = dict(SPLIT=split, SP=sp, DOT_PRECISION=precision or "default", **common)
+    scoring = dict(common, D=ds, SPLIT=split, SP=sp, DOT_PRECISION=precision or "default")
     pool_strides = (pooled.stride(0), pooled.stride(1), pooled.stride(2))
     scale_log2 = scale * LOG2E
     decode_stats_kernel[(b * h, pieces)](
-        q, pooled, positions, m_part, l_part, scale_log2, q.stride(0), q.stride(1), *pool_strides,
-        **scoring)
+        qs, pooled, positions, m_part, l_part, scale_log2, qs.stride(0), qs.stride(1),
+        *pool_strides, **scoring)
     decode_select_kernel[(b * h, pieces)](
-        q, pooled, positions, m_part, l_part, keys, scale_log2, pieces, q.stride(0), q.stride(1),
-        *pool_strides, KEEP=keep, KP=kp, IDX_BITS=IDX_BITS, **scoring)
+        qs, pooled, positions, m_part, l_part, keys, scale_log2, pieces, qs.stride(0),
+        qs.stride(1), *pool_strides, KEEP=keep, KP=kp, IDX_BITS=IDX_BITS, **scoring)
     decode_attend_kernel[(b * h,)](
         q, k_cache, v_cache, positions, keys, idx, o, scale, pieces, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

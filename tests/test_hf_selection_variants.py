@@ -1,0 +1,151 @@
+"""The Hugging Face export of the two trained selection variants: a learned selection map
+(--ssa-select-proj: ``self_attn.select_proj`` [heads, D, D]) and the moment2 score
+(--ssa-selection-score moment2: the KV cache also keeps the means of the squared keys).
+
+Checkpoints are built from an imported random Qwen2 model with maps drawn large enough to change
+the selection (a trained map after a few CPU steps is too close to 0 to tell an export that
+ignores it). For each variant: the HF model computes the megatron model's logits in both modes
+and would not without the variant; cached generation equals uncached generation (token by token
+and in the logits); HF -> megatron -> HF is bit-identical with the shape kept; a TP=2 checkpoint
+exports the same tensors; the export loads without ssa_megatron."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_hf_conversion import CHECK_SCRIPT, hf_logits, load_hf
+from test_hf_import import SEQ, build_source, megatron_logits
+
+VARIANTS = {"map": dict(ssa_select_proj=True),
+            "moment2": dict(ssa_selection_score="moment2"),
+            "map+moment2": dict(ssa_select_proj=True, ssa_selection_score="moment2")}
+BUDGET = 2  # blocks of 16 of SEQ = 80 tokens
+
+
+@pytest.fixture(scope="module")
+def variant_checkpoints(tmp_path_factory):
+    """{variant: (TP=1 checkpoint, TP=2 checkpoint)} of one imported model."""
+    from ssa_megatron.convert import api
+    from ssa_megatron.convert.layout import SELECT_PROJ
+    from ssa_megatron.convert.megatron_ckpt import read_checkpoint, write_checkpoint
+    root = tmp_path_factory.mktemp("variants")
+    build_source("qwen2", str(root / "src"))
+    api.hf_to_megatron_checkpoint(str(root / "src"), str(root / "base"))
+    full, meta, shape = read_checkpoint(str(root / "base"))
+    heads, d = shape.num_attention_heads, shape.kv_channels
+    out = {}
+    for name, options in VARIANTS.items():
+        state = dict(full)
+        if options.get("ssa_select_proj"):
+            gen = torch.Generator().manual_seed(7)
+            for i in range(shape.num_layers):
+                state[f"decoder.layers.{i}.{SELECT_PROJ}"] = torch.randn(heads, d, d, generator=gen)
+        variant = shape.replace(ssa_block_counts=BUDGET, **options)
+        paths = []
+        for tp in (1, 2):
+            paths.append(str(root / f"{name}_tp{tp}"))
+            write_checkpoint(state, variant, paths[-1], tp, data=meta.get("data"), source="test")
+        out[name] = tuple(paths)
+    return out
+
+
+def _without_variant(hf, options):
+    """The HF model with its variant switched off in place (map 0, mean score)."""
+    for layer in hf.model.layers:
+        attn = layer.self_attn
+        if options.get("ssa_select_proj"):
+            attn.select_proj.data.zero_()
+        attn.selection_score = "mean"
+    hf.config.ssa_selection_score = "mean"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_export_computes_the_megatron_model_and_needs_the_variant(
+        tmp_path, variant_checkpoints, name, single_process_parallel_state):
+    from ssa_megatron.convert import api
+    from ssa_megatron.eval.model import load_model
+    tp1, _ = variant_checkpoints[name]
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    model, _, _ = load_model(tp1, device="cpu")
+    ref = {mode: megatron_logits(model, tokens, mode, BUDGET)[..., :256] for mode in ("full", "sparse")}
+    api.megatron_to_hf(tp1, str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf"))
+    assert {k: getattr(hf.config, k) for k in VARIANTS[name]} == VARIANTS[name]
+    hf.set_inference_mode("sparse", BUDGET)
+    for mode in ("full", "sparse"):
+        torch.testing.assert_close(hf_logits(hf, tokens, mode), ref[mode], atol=1e-5, rtol=0)
+    _without_variant(hf, VARIANTS[name])
+    assert (hf_logits(hf, tokens, "sparse") - ref["sparse"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cached_generation_equals_uncached(tmp_path, variant_checkpoints, name):
+    from ssa_megatron.convert import api
+    api.megatron_to_hf(variant_checkpoints[name][0], str(tmp_path / "hf"))
+    hf = load_hf(str(tmp_path / "hf")).set_inference_mode("sparse", BUDGET)
+    prompt = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=40, do_sample=False, min_new_tokens=40)  # crosses several blocks
+    with_cache = hf.generate(prompt, use_cache=True, **kw)
+    assert torch.equal(with_cache, hf.generate(prompt, use_cache=False, **kw))
+    with torch.no_grad():  # step by step: the cached logits equal the full forward pass
+        ref = hf(with_cache, use_cache=False).logits
+        out = hf(with_cache[:, :30], use_cache=True)
+        cache, steps = out.past_key_values, [out.logits]
+        for t in range(30, with_cache.shape[1]):
+            out = hf(with_cache[:, t:t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
+    layer = cache.layers[0]
+    moment2 = VARIANTS[name].get("ssa_selection_score") == "moment2"
+    assert (layer.pooled_squares is not None) == moment2
+    if moment2:  # the cache's squared-key means are those of its keys
+        keys = layer.keys.transpose(1, 2).float()
+        nb = keys.shape[1] // 16
+        want = (keys[:, :nb * 16] ** 2).reshape(2, nb, 16, *keys.shape[2:]).mean(2)
+        torch.testing.assert_close(layer.pooled_squares, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_round_trip_and_tp2_export_are_bit_identical(tmp_path, variant_checkpoints, name):
+    from ssa_megatron.convert import api
+    from ssa_megatron.convert.hf_ckpt import load_safetensors_dir
+    from ssa_megatron.convert.megatron_ckpt import read_checkpoint
+    tp1, tp2 = variant_checkpoints[name]
+    api.megatron_to_hf(tp1, str(tmp_path / "hf1"))
+    api.megatron_to_hf(tp2, str(tmp_path / "hf2"))
+    a, b = load_safetensors_dir(str(tmp_path / "hf1")), load_safetensors_dir(str(tmp_path / "hf2"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ("model.layers.1.self_attn.select_proj" in a) == bool(VARIANTS[name].get("ssa_select_proj"))
+    api.hf_to_megatron_checkpoint(str(tmp_path / "hf1"), str(tmp_path / "back"))
+    x, _, shape_x = read_checkpoint(tp1)
+    y, _, shape_y = read_checkpoint(str(tmp_path / "back"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert dict(shape_x, inference_mode="sparse") == dict(shape_y, inference_mode="sparse")
+    assert all(getattr(shape_y, k) == v for k, v in VARIANTS[name].items())
+
+
+def test_export_loads_without_ssa_megatron(tmp_path, variant_checkpoints,
+                                           single_process_parallel_state):
+    """The map and moment2 together, run by plain transformers from the exported files alone."""
+    from safetensors.torch import load_file, save_file
+
+    from ssa_megatron.convert import api
+    from ssa_megatron.eval.model import load_model
+    tp1 = variant_checkpoints["map+moment2"][0]
+    api.megatron_to_hf(tp1, str(tmp_path / "hf"), block_counts=BUDGET)
+    tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    save_file({"tokens": tokens.contiguous()}, str(tmp_path / "tokens.safetensors"))
+    (tmp_path / "check.py").write_text(CHECK_SCRIPT)
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH="")
+    proc = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(tmp_path / "hf"),
+                           str(tmp_path / "tokens.safetensors"), str(tmp_path / "logits.safetensors")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "modules: []" in proc.stdout
+    got = load_file(str(tmp_path / "logits.safetensors"))
+    model, _, _ = load_model(tp1, device="cpu")
+    for mode in ("full", "sparse"):
+        torch.testing.assert_close(got[mode], megatron_logits(model, tokens, mode, BUDGET)[..., :256],
+                                   atol=1e-5, rtol=0)
