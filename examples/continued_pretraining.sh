@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Continued SSA pretraining of an existing Hugging Face model (Llama 2 / 3 / 3.1 / 3.2, Mistral,
-# Qwen2) at a longer context: import (tools/convert_checkpoint.py from-hf), then train with the
+# Qwen2, Qwen3) at a longer context: import (tools/convert_checkpoint.py from-hf), then train with the
 # model flags the importer prints, a longer --seq-length and a RoPE change. Rerunning resumes.
 # Why these settings: examples/README.md, "Continued pretraining of an existing model".
 #

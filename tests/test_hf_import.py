@@ -24,7 +24,15 @@ FAMILIES = {
                                                  "factor": 2.0})),
     "qwen2": ("Qwen2", dict(tie_word_embeddings=True,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # per-head q/k RMSNorm (--qk-layernorm), heads of 16 channels though hidden / heads is 8
+    "qwen3": ("Qwen3", dict(tie_word_embeddings=False, head_dim=16,
+                            rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
 }
+# what each family's import must turn on (the flags the converter prints)
+OPTIONS = {"llama31": {"untie_embeddings_and_output_weights", "use_rope_scaling"},
+           "mistral": {"untie_embeddings_and_output_weights", "use_rope_scaling"},
+           "qwen2": {"add_qkv_bias"},
+           "qwen3": {"untie_embeddings_and_output_weights", "qk_layernorm"}}
 
 
 def build_source(family: str, path: str, **overrides):
@@ -62,9 +70,9 @@ def test_import_computes_the_source_and_round_trips(tmp_path, family, single_pro
         ref = src(tokens).logits.float()
     assert api.hf_to_megatron_checkpoint(str(tmp_path / "src"), str(tmp_path / "tp1")) == "llama"
     meta = json.load(open(tmp_path / "tp1" / "iter_0000000" / "ssa_meta.json"))["args"]
-    assert meta["untie_embeddings_and_output_weights"] == (family != "qwen2")
-    assert meta["add_qkv_bias"] == (family == "qwen2")
-    assert meta["use_rope_scaling"] == (family != "qwen2")
+    for option in ("untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling",
+                   "qk_layernorm"):
+        assert meta[option] == (option in OPTIONS[family]), option
 
     # the megatron model (TP=1): the source's logits in full mode; sparse with every block = full
     model, _, _ = load_model(str(tmp_path / "tp1"), device="cpu")
@@ -89,8 +97,9 @@ def test_import_computes_the_source_and_round_trips(tmp_path, family, single_pro
     api.megatron_to_hf(str(tmp_path / "tp2"), str(tmp_path / "hf2"))
     x, y = load_safetensors_dir(str(tmp_path / "hf")), load_safetensors_dir(str(tmp_path / "hf2"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-    assert ("lm_head.weight" in x) == (family != "qwen2")
-    assert ("model.layers.1.self_attn.k_proj.bias" in x) == (family == "qwen2")
+    assert ("lm_head.weight" in x) == ("untie_embeddings_and_output_weights" in OPTIONS[family])
+    assert ("model.layers.1.self_attn.k_proj.bias" in x) == ("add_qkv_bias" in OPTIONS[family])
+    assert ("model.layers.1.self_attn.k_norm.weight" in x) == ("qk_layernorm" in OPTIONS[family])
 
 
 def test_untied_scaled_biased_import_trains_at_tp2(tmp_path, random_dataset):

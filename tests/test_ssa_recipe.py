@@ -324,9 +324,8 @@ def test_quality_summary_classifies_runs():
 def test_checkpoints_with_new_options_evaluate_and_export(
         tmp_path, random_dataset, single_process_parallel_state, flags, weights):
     """The trained checkpoint evaluates with its options; the HF export computes the evaluated
-    model's logits in both modes (--qk-layernorm: refused in one line, nothing written)."""
+    model's logits in both modes."""
     from ssa_megatron.convert.api import megatron_to_hf
-    from ssa_megatron.convert.layout import ConversionError
     from ssa_megatron.eval.model import load_model
     save = str(tmp_path / "ckpt")
     tp = 2 if "--tensor-model-parallel-size" in flags else 1
@@ -349,11 +348,6 @@ def test_checkpoints_with_new_options_evaluate_and_export(
     from ssa_megatron.model.attention import SSACoreAttention
     scores = {m.selection_score for m in model.modules() if isinstance(m, SSACoreAttention)}
     assert scores == {"moment2" if "moment2" in flags else "mean"}
-    if "--qk-layernorm" in flags:
-        with pytest.raises(ConversionError, match=flags[0]):
-            megatron_to_hf(save, str(tmp_path / "hf"))
-        assert not os.path.exists(tmp_path / "hf")
-        return
     from test_hf_conversion import hf_logits, load_hf
     from test_hf_import import megatron_logits
     megatron_to_hf(save, str(tmp_path / "hf"))

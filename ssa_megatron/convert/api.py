@@ -20,10 +20,6 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
                    block_counts: Optional[int] = None) -> list:
     """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes."""
     full, meta, shape = megatron_ckpt.read_checkpoint(checkpoint, tag)
-    if shape.qk_layernorm:
-        raise hf_ckpt.ConversionError(
-            f"{checkpoint} was trained with --qk-layernorm, which the Hugging Face export does not "
-            "support yet; evaluate it with tools/evaluate.py --checkpoint instead")
     if inference_mode is not None:
         shape = shape.replace(inference_mode=inference_mode)
     if block_counts is not None:

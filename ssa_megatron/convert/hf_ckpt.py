@@ -1,5 +1,5 @@
 """Hugging Face directories: write ours (config, safetensors, model code, tokenizer); read ours, the
-SSA paper authors' layout and plain Llama (2, 3, 3.1/3.2), Mistral and Qwen2 models.
+SSA paper authors' layout and plain Llama (2, 3, 3.1/3.2), Mistral, Qwen2 and Qwen3 models.
 
 Written directory::
 
@@ -24,9 +24,10 @@ Reading (:func:`read_hf`) uses safetensors only and returns our HF naming with `
   interleaved per head): the selection gate is kept (all three, unchanged, when imported with
   attention mode nsa);
 * NSA exports (``attention_mode`` nsa, ``window_size``): ``g_proj`` [3 * heads, hidden] as is;
-* plain Llama, Mistral, Qwen2 (no ``g_proj``): gate weights zero (sigmoid 0.5 on every head) and
-  ``o_proj`` doubled, so the imported model computes exactly what the source model computed (in
-  full attention). Their untied ``lm_head``, q/k/v biases (Qwen2) and default, linear or llama3
+* plain Llama, Mistral, Qwen2, Qwen3 (no ``g_proj``): gate weights zero (sigmoid 0.5 on every
+  head) and ``o_proj`` doubled, so the imported model computes exactly what the source model
+  computed (in full attention). Their untied ``lm_head``, q/k/v biases (Qwen2), per-head q/k
+  RMSNorms (Qwen3's ``q_norm`` / ``k_norm``: ``qk_layernorm``) and default, linear or llama3
   RoPE (Llama-3.1/3.2) carry over as the options of model/options.py. What an SSA model cannot
   compute is refused in one line naming the config field: sliding-window attention
   (``sliding_window``, ``use_sliding_window``, ``layer_types``), mixture-of-experts MLPs, other
@@ -345,7 +346,9 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
     if not untied:
         state.pop("lm_head.weight", None)  # tied: transformers uses the embedding (as we do)
     shape = shape.replace(untie_embeddings_and_output_weights=bool(untied),
-                          add_qkv_bias=_has_qkv_bias(state, cfg, shape))
+                          add_qkv_bias=_has_qkv_bias(state, cfg, shape),
+                          qk_layernorm=shape.qk_layernorm
+                          or "model.layers.0.self_attn.q_norm.weight" in state)  # Qwen3
     heads, hidden = shape.num_attention_heads, shape.hidden_size
     flavour = "ssa" if cfg.get("model_type") == MODEL_TYPE else None
     for i in range(shape.num_layers):
@@ -382,6 +385,9 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
                      for i in range(shape.num_layers) for x in "qkv"}
     if shape.ssa_select_proj:
         expected |= {f"model.layers.{i}.self_attn.select_proj" for i in range(shape.num_layers)}
+    if shape.qk_layernorm:
+        expected |= {f"model.layers.{i}.self_attn.{x}_norm.weight"
+                     for i in range(shape.num_layers) for x in "qk"}
     missing = sorted(expected - set(state))
     if missing:
         raise ConversionError(f"{path} lacks {len(missing)} expected tensors, e.g. {missing[0]}")

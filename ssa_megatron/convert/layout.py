@@ -129,6 +129,9 @@ def megatron_to_hf(full: Dict[str, torch.Tensor], shape: Mapping) -> Dict[str, t
         out[p + "self_attn.g_proj.weight"] = full[m + "self_attention.linear_gate.weight"].clone()
         if shape.get("ssa_select_proj"):
             out[p + "self_attn.select_proj"] = full[m + SELECT_PROJ].clone()
+        if shape.get("qk_layernorm"):
+            for x in "qk":
+                out[f"{p}self_attn.{x}_norm.weight"] = full[f"{m}self_attention.{x}_layernorm.weight"].clone()
         out[p + "self_attn.o_proj.weight"] = full[m + "self_attention.linear_proj.weight"].clone()
         gate, up = full[m + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out[p + "mlp.gate_proj.weight"] = gate.clone()
@@ -182,6 +185,9 @@ def hf_to_megatron(hf: Dict[str, torch.Tensor], shape: Mapping, padded_vocab: in
         full[m + "self_attention.linear_gate.weight"] = hf[p + "self_attn.g_proj.weight"].clone()
         if shape.get("ssa_select_proj"):
             full[m + SELECT_PROJ] = hf[p + "self_attn.select_proj"].clone()
+        if shape.get("qk_layernorm"):
+            for x in "qk":
+                full[f"{m}self_attention.{x}_layernorm.weight"] = hf[f"{p}self_attn.{x}_norm.weight"].clone()
         full[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"].clone()
         full[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
                                                        hf[p + "mlp.up_proj.weight"]], dim=0)

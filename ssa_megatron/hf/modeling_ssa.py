@@ -1,10 +1,11 @@
 """SSA (Sparse Sparse Attention) causal LM for Hugging Face transformers.
 
 Llama layout (embed_tokens, q/k/v/o_proj, gate/up/down_proj, RMSNorms, lm_head tied unless
-``config.tie_word_embeddings`` is false; q/k/v biases with ``config.add_qkv_bias``; RoPE scaled
-per ``config.use_rope_scaling``, see :func:`rope_inv_freq`) plus ``g_proj``: one sigmoid gate per
-query head and token, computed from the normed layer input, that multiplies that head's attention
-output before ``o_proj``.
+``config.tie_word_embeddings`` is false; q/k/v biases with ``config.add_qkv_bias``; per-head
+RMSNorms ``q_norm`` / ``k_norm`` on queries and keys before RoPE with ``config.qk_layernorm``, as
+Qwen3; RoPE scaled per ``config.use_rope_scaling``, see :func:`rope_inv_freq`) plus ``g_proj``:
+one sigmoid gate per query head and token, computed from the normed layer input, that multiplies
+that head's attention output before ``o_proj``.
 
 Attention runs in one of two modes (``config.inference_mode``, changeable at any time):
 
@@ -255,6 +256,9 @@ class SSAAttention(nn.Module):
         # NSA: 3 gates per head, rows [head 0: cmp, slc, swa, head 1: ...] (megatron's linear_gate)
         self.g_proj = nn.Linear(hidden, self.num_heads * (3 if self.nsa else 1), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        if getattr(config, "qk_layernorm", False):  # per-head RMSNorm before RoPE (as Qwen3)
+            self.q_norm = SSARMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = SSARMSNorm(self.head_dim, config.rms_norm_eps)
 
     def selection_query(self, q: torch.Tensor) -> torch.Tensor:
         """The queries blocks are ranked for: q, or q + q P_h with a selection map."""
@@ -268,6 +272,8 @@ class SSAAttention(nn.Module):
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         gate = torch.sigmoid(self.g_proj(x).float()).to(x.dtype)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         past = 0
         if cache is not None:

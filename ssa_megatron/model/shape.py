@@ -107,11 +107,10 @@ class ModelShape(Mapping):
         weights=True, print_flag="changed")
     add_qkv_bias: bool = arch(False, "biases on the q, k and v projections (Qwen2)", group=OPTIONS,
                               weights=True, print_flag="changed")
-    # the HF export refuses it, so an HF config never turns it on
     qk_layernorm: bool = arch(
         False, "RMSNorm on each head's queries and keys before RoPE (megatron-core's "
-               "qk_layernorm; not exported to Hugging Face yet)", group=OPTIONS, weights=True,
-        print_flag="changed", hf_import=False)
+               "qk_layernorm; Qwen3's q_norm / k_norm)", group=OPTIONS, weights=True,
+        print_flag="changed")
     use_rope_scaling: bool = arch(
         False, "scale the RoPE frequencies (--rope-scaling-type; Llama-3.1 style by default)",
         group=OPTIONS, print_flag="changed")
