@@ -110,6 +110,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
                              break_on_hyphens=False)
 
 
+def record_for_launcher(line: str) -> None:
+    """Under torchrun (which gives each process a ``TORCHELASTIC_ERROR_FILE``), write ``line`` as
+    this process's error, so the failure summary torchrun prints last names the cause instead of
+    a pointer to its documentation. Elsewhere, and if the file cannot be written: nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    error = {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": error}, f)
+    except OSError:
+        pass
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the shared help layout and without prefix matching (a misspelt
     ``--num-layer`` is an error, not ``--num-layers``), as Megatron-LM's. Sub-commands made with
@@ -135,7 +151,9 @@ class ArgumentParser(argparse.ArgumentParser):
                     if close:
                         hints.append(f"{word}: did you mean {close[0]}?")
         hint = f" ({'; '.join(hints)})" if hints else ""
-        self.exit(2, f"{self.prog}: error: {message}{hint}; see {self.prog} --help\n")
+        line = f"{self.prog}: error: {message}{hint}; see {self.prog} --help"
+        record_for_launcher(line)
+        self.exit(2, line + "\n")
 
 
 def make_parser(**kwargs) -> argparse.ArgumentParser:

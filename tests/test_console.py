@@ -1,6 +1,7 @@
 """What a new user reads: help without library warnings and with defaults, no prefix matching of
 flags, error messages that point the right way, DeepSpeed's silent first-run build announced."""
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -149,3 +150,36 @@ def test_a_misspelt_flag_is_one_line_with_the_closest_flag():
                            "--input", "x", "--output", "y", "--dtyp", "bf16"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2 and "did you mean --dtype?" in proc.stderr, proc.stderr
+
+
+def test_torchrun_failure_summary_ends_with_the_users_error(tmp_path):
+    """torchrun prints its own traceback and a failure summary after the ranks' output; the
+    summary's last entry must be the ranks' one-line error, not a pointer to torch's docs."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "ssa_megatron.training.pretrain",
+                           "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2",
+                           "--seq-length", "64", "--train-iters", "1", "--hiden-size", "3"],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    summary = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "traceback :" in line]
+    assert summary, proc.stderr[-3000:]
+    assert "unrecognized arguments: --hiden-size 3" in summary[-1], summary[-1]
+    assert "did you mean --hidden-size?" in summary[-1]
+
+
+def test_a_configuration_error_is_recorded_for_torchrun(tmp_path, monkeypatch, capsys):
+    """An error the trainer finds after parsing (ConfigError) reaches torchrun's summary too."""
+    from ssa_megatron.model.config import ConfigError
+    from ssa_megatron.training import pretrain
+
+    def refuse(args):
+        raise ConfigError("--example-flag 3 does not fit; use 2")
+    monkeypatch.setattr(pretrain, "run", refuse)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    assert pretrain.main(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2",
+                          "--seq-length", "64", "--train-iters", "1", "--data-path", "unused"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --example-flag 3 does not fit; use 2"
+    recorded = json.load(open(tmp_path / "error.json"))["message"]
+    assert recorded["message"] == recorded["extraInfo"]["py_callstack"] == \
+        "error: --example-flag 3 does not fit; use 2"

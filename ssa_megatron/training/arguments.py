@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from ssa_megatron.console import make_parser
+from ssa_megatron.console import make_parser, record_for_launcher
 from ssa_megatron.model.config import ConfigError, check_parallel_layout, check_ssa_settings
 from ssa_megatron.model.options import check_model_options, model_options
 from ssa_megatron.model.shape import OPTIONS, SIZE, SSA, ModelShape, add_shape_flags
@@ -165,6 +165,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     try:
         validate_args(args)
     except ConfigError as err:
+        record_for_launcher(f"error: {err}")
         parser.exit(2, f"error: {err}\n")
     return args
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ssa_megatron import engine_patches
+from ssa_megatron.console import record_for_launcher
 from ssa_megatron.model.config import ConfigError
 from ssa_megatron.model.runtime import document_packed_seq_params, masked_lm_loss
 from ssa_megatron.training.arguments import parse_eval_mode
@@ -470,6 +471,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         result = run(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        record_for_launcher(f"error: {err}")
         return 2
     except KeyboardInterrupt:  # Ctrl-C before the training loop took over SIGINT
         print("interrupted (Ctrl-C) before training started; no checkpoint was written",
