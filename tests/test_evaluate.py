@@ -114,6 +114,20 @@ def test_evaluate_refuses_an_unknown_selection(ckpt, random_dataset, tmp_path):
         check_inputs(args)
 
 
+def test_evaluate_refuses_sub_blocks_that_do_not_divide_the_block_size():
+    """subN is checked against the checkpoint's block size before any window is evaluated."""
+    from types import SimpleNamespace
+
+    from ssa_megatron.eval.cli import evaluate_perplexities
+    from ssa_megatron.eval.model import EvalError
+    args = SimpleNamespace(dense_layers=[], selections=["sub4", "sub3"], modes=["sparse"],
+                           block_counts=[2])
+    ev = SimpleNamespace(args=args, shape={"ssa_block_size": 16, "num_layers": 2},
+                         ssa_layers=[object()], notes=[], lengths=[])
+    with pytest.raises(EvalError, match="--selections sub3: N must divide the block size 16"):
+        evaluate_perplexities(ev)
+
+
 def _brute_force(q, k, v, block_size, block_counts, gate=None):
     """Per (token, head) selected / top-k mass and the gap, from the explicit attention matrix."""
     from ssa_megatron.ops import reference

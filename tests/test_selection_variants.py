@@ -8,7 +8,8 @@ import torch
 
 from ssa_megatron.ops import reference as R
 from ssa_megatron.ops.selection_variants import (parse_selection, quest_logits, quest_scores,
-                                                 select_blocks_with)
+                                                 select_blocks_with, selection_names_error,
+                                                 sub_block_logits)
 
 
 def _inputs(b=2, t=100, h=2, g=3, d=8, seed=0):
@@ -88,8 +89,8 @@ def test_recent_keeps_the_latest_blocks_and_fills_by_ssa_scores(N):
 
 
 def _statistic_logits(q, k, bs, kind):
-    """[B, T, H, G, nb] per-head block logits of moment2 / quest, one (token, head, block) at a
-    time in float64, from the block's keys themselves."""
+    """[B, T, H, G, nb] per-head block logits of moment2 / quest / sub2, one (token, head, block)
+    at a time in float64, from the block's keys themselves."""
     b, t, hq, d = q.shape
     h = k.shape[2]
     g, nb, s = hq // h, t // bs, 1 / math.sqrt(d)
@@ -104,6 +105,9 @@ def _statistic_logits(q, k, bs, kind):
                         mu = keys.mean(0)
                         var = ((keys - mu) ** 2).mean(0)
                         out[bi, :, hi, gi, n] = qs @ mu + 0.5 * (qs * qs) @ var
+                    elif kind == "sub2":  # log of the mean exp over the two half-block means
+                        halves = torch.stack([keys[: bs // 2].mean(0), keys[bs // 2:].mean(0)])
+                        out[bi, :, hi, gi, n] = torch.log(torch.exp(qs @ halves.T).mean(1))
                     else:
                         hi_d, lo_d = keys.max(0).values, keys.min(0).values
                         out[bi, :, hi, gi, n] = torch.stack([torch.maximum(x * hi_d, x * lo_d).sum()
@@ -111,15 +115,17 @@ def _statistic_logits(q, k, bs, kind):
     return out
 
 
-@pytest.mark.parametrize("kind", ["moment2", "quest"])
+@pytest.mark.parametrize("kind", ["moment2", "quest", "sub2"])
 def test_statistic_selections_against_the_blocks_keys(kind):
     bs, K = 8, 4
     q, k = _inputs(t=75, g=2, seed=5)  # 9 complete blocks and a partial one
     logits = _statistic_logits(q, k, bs, kind)
     nb_all = -(-q.shape[1] // bs)
     want = R.group_block_scores(logits.float(), 0, bs, nb_all)
-    got = (quest_scores(q, k, 0, bs, None) if kind == "quest"
-           else R.chunk_scores(q, k, 0, bs, None, score="moment2"))
+    got = {"quest": lambda: quest_scores(q, k, 0, bs, None),
+           "moment2": lambda: R.chunk_scores(q, k, 0, bs, None, score="moment2"),
+           "sub2": lambda: R.group_block_scores(sub_block_logits(q, k, bs, 2, None), 0, bs, nb_all),
+           }[kind]()
     finite = torch.isfinite(want)
     assert torch.equal(finite, torch.isfinite(got)) and torch.equal(want[~finite], got[~finite])
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-6)
@@ -138,7 +144,7 @@ def test_statistic_selections_against_the_blocks_keys(kind):
         qq = q.double().reshape(2, 75, 2, 2, -1) * s
         best = torch.einsum("bthgd,bnjhd->bthgnj", qq, kk).amax(-1)
         assert bool((quest_logits(q, k, bs, None).double() >= best - 1e-5).all())
-    else:  # closer than the mean alone to log mean_j exp(s q.k_j), the block's attention share,
+    elif kind == "moment2":  # closer than the mean alone to log mean_j exp(s q.k_j), the block's attention share,
         # where logits spread by about one (far wider, no moment of a block of 8 keys helps)
         q, k = q / 2, k / 2
         kk = k[:, :nb * bs].double().reshape(2, nb, bs, 2, -1)
@@ -151,7 +157,34 @@ def test_statistic_selections_against_the_blocks_keys(kind):
         assert (moment2 - exact).abs().mean() < 0.5 * (first - exact).abs().mean()
 
 
-@pytest.mark.parametrize("selection", ["oracle", "recent3", "moment2", "quest", "mean"])
+def test_sub_block_scores_run_from_ssa_to_the_attention_itself():
+    """sub1 is SSA's mean score; at N = block size the score is each head's exact attention share
+    per complete past block (every key its own sub-block), summed over the group."""
+    bs, K = 8, 4
+    q, k = _inputs(t=75, g=2, seed=6)
+    nb_all = -(-q.shape[1] // bs)
+    assert _sets(select_blocks_with("sub1", q, k, bs, K)) == _sets(R.select_blocks(q, k, bs, K))
+    got = R.group_block_scores(sub_block_logits(q, k, bs, bs, None), 0, bs, nb_all)
+    s, nb = 1 / math.sqrt(q.shape[-1]), q.shape[1] // bs
+    kk = k[:, :nb * bs].double().reshape(2, nb * bs, 2, -1)
+    qq = q.double().reshape(2, 75, 2, 2, -1) * s
+    logits = torch.einsum("bthgd,bjhd->bthgj", qq, kk)  # [B, T, H, G, keys of complete blocks]
+    pos = torch.arange(75)
+    seen = torch.arange(nb * bs)[None, :] < ((pos + 1) // bs * bs)[:, None]  # complete blocks only
+    probs = torch.softmax(logits.masked_fill(~seen[None, :, None, None, :], float("-inf")), -1)
+    share = probs.nan_to_num(0.0).reshape(2, 75, 2, 2, nb, bs).sum((3, 5))  # [B, T, H, nb]
+    finite = torch.isfinite(got[..., :nb])
+    torch.testing.assert_close(got[..., :nb][finite], share.float()[finite], rtol=1e-5, atol=1e-6)
+    assert torch.equal(select_blocks_with(f"sub{bs}", q, k, bs, K), R.top_blocks(got, K))
+    assert not torch.equal(select_blocks_with(f"sub{bs}", q, k, bs, K), R.select_blocks(q, k, bs, K))
+    with pytest.raises(ValueError, match="sub3: N must divide the block size 8"):
+        select_blocks_with("sub3", q, k, bs, K)
+    assert selection_names_error(["sub4", "sub3"], bs) == "sub3: N must divide the block size 8"
+    assert selection_names_error(["sub16"], bs) == "sub16: N must divide the block size 8"
+    assert selection_names_error(["sub3"]) is None  # the block size is not known yet
+
+
+@pytest.mark.parametrize("selection", ["oracle", "recent3", "moment2", "quest", "mean", "sub2"])
 def test_variants_keep_packed_documents_apart(selection):
     bs, K = 8, 3
     q, k = _inputs(b=1, t=90, seed=3)
@@ -166,15 +199,16 @@ def test_a_budget_covering_the_context_selects_every_block():
     bs = 16
     q, k = _inputs(t=64)
     every = R.select_blocks(q, k, bs, 4)
-    for name in ("oracle", "recent2", "pooled", "moment2", "quest"):
+    for name in ("oracle", "recent2", "pooled", "moment2", "quest", "sub4"):
         assert _sets(select_blocks_with(name, q, k, bs, 4)) == _sets(every)
 
 
 def test_unknown_selection_names_are_refused_in_one_line():
     assert parse_selection("recent12") == ("recent", 12)
+    assert parse_selection("sub4") == ("sub", 4)
     assert parse_selection("oracle") == ("oracle", 0)
-    for bad in ("recent0", "recent", "topk", "Oracle"):
-        with pytest.raises(ValueError, match="use pooled, mean, oracle, moment2, quest or recentN"):
+    for bad in ("recent0", "recent", "topk", "Oracle", "sub0", "sub"):
+        with pytest.raises(ValueError, match="use pooled, mean, oracle, moment2, quest, recentN .* or subN"):
             parse_selection(bad)
 
 

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "recent blocks always kept, the rest by the model's own score), mean (the "
                          "paper's score), moment2 (the mean score plus each block's per-channel key "
                          "variance term: a second-order estimate of its attention share), quest "
-                         "(the per-channel key bound of Quest)")
+                         "(the per-channel key bound of Quest), subN (each block scored from the "
+                         "means of N sub-blocks: sub1 is the paper's score, N = block size the "
+                         "attention's own block share)")
     ev.add_argument("--reset-attention-mask", choices=["auto", "on", "off"], default="auto",
                     help="keep documents apart inside a window (auto: as the checkpoint trained)")
     an = p.add_argument_group("attention sparsity / alignment gap")
@@ -317,6 +319,10 @@ def evaluate_perplexities(ev: Evaluation) -> List[dict]:
         ev.notes.append("--dense-layers ignored: the model has no full/sparse switch")
     if args.selections and not ev.ssa_layers:
         ev.notes.append("--selections ignored: the model has no full/sparse switch")
+    from ssa_megatron.ops.selection_variants import selection_names_error
+    unfit = selection_names_error(args.selections, bs)
+    if unfit and ev.ssa_layers:
+        raise EvalError(f"--selections {unfit}")
     settings = settings_for(list(args.modes) if ev.ssa_layers else ["natural"], args.block_counts,
                             args.dense_layers, args.selections)
     records = []

@@ -25,6 +25,12 @@ selection's fault and how much the budget's.
 * ``quest``: each block's logit is the upper bound ``s sum_d max(q_d max_b(k_d), q_d
   min_b(k_d))`` of ``s q.k_j`` over its keys, from the per-channel extremes (as Quest, Tang et
   al. 2024, ranks KV pages), then SSA's softmax and group sum.
+* ``sub<N>`` (e.g. ``sub4``; N divides the block size): each block's logit is ``log mean_j
+  exp(s q.mean(K_bj))`` over the means of its N sub-blocks of block_size / N keys, then SSA's
+  softmax and group sum. ``sub1`` is SSA's score; at N = block_size it is the block's exact
+  share of the head's attention over the complete past blocks (every key its own sub-block), so
+  N measures how much finer the pooled keys must be to select as well as the attention itself
+  would. Costs N pooled keys per block and N times the scoring work.
 
 Every variant has the contract of ``select_blocks``: indices [B, T, H, block_counts] (int32,
 -1 = empty slot) counted from the start of each token's document, slot 0 the current block,
@@ -42,27 +48,31 @@ import torch
 from ssa_megatron.ops import dispatch, reference
 
 POOLED = "pooled"
-_NAME = re.compile(r"^(pooled|mean|oracle|moment2|quest|recent([1-9][0-9]*))$")
+_NAME = re.compile(r"^(pooled|mean|oracle|moment2|quest|(recent|sub)([1-9][0-9]*))$")
 
 
 def parse_selection(name: str) -> Tuple[str, int]:
-    """("pooled" | "mean" | "oracle" | "moment2" | "quest" | "recent", N) of a selection name; a
-    clear error otherwise."""
+    """("pooled" | "mean" | "oracle" | "moment2" | "quest" | "recent" | "sub", N) of a selection
+    name; a clear error otherwise."""
     m = _NAME.match(str(name))
     if not m:
         raise ValueError(f"unknown block selection {name!r}: use pooled, mean, oracle, moment2, "
-                         "quest or recentN (N >= 1 most recent blocks always kept, e.g. recent4)")
-    return ("recent", int(m.group(2))) if m.group(2) else (m.group(1), 0)
+                         "quest, recentN (N >= 1 most recent blocks always kept, e.g. recent4) or "
+                         "subN (N sub-block means per block, e.g. sub4)")
+    return (m.group(2), int(m.group(3))) if m.group(2) else (m.group(1), 0)
 
 
-def selection_names_error(names) -> Optional[str]:
-    """The error of the first unknown selection name in ``names`` (None when all are known), for
-    a command line to raise in its own way."""
+def selection_names_error(names, block_size: Optional[int] = None) -> Optional[str]:
+    """The error of the first unknown selection name in ``names`` (None when all are known; with
+    ``block_size``, also a ``subN`` whose N does not divide it), for a command line to raise in
+    its own way."""
     for name in names:
         try:
-            parse_selection(name)
+            kind, n = parse_selection(name)
         except ValueError as e:
             return str(e)
+        if kind == "sub" and block_size is not None and (n > block_size or block_size % n):
+            return f"{name}: N must divide the block size {block_size}"
     return None
 
 
@@ -124,6 +134,22 @@ def quest_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
                                         first_pos, block_size, nb_all)
 
 
+def sub_block_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: int, parts: int,
+                     scale: Optional[float]) -> torch.Tensor:
+    """[B, Tq, H, G, nb] per-head ``log mean_j exp(s q.mean(K_bj))`` over the ``parts`` sub-blocks
+    of each complete block (``subN``)."""
+    if parts > block_size or block_size % parts:
+        raise ValueError(f"sub{parts}: N must divide the block size {block_size}")
+    b, tc, hq, d = q_chunk.shape
+    h = k_prefix.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = k_prefix.shape[1] // block_size
+    sub = reference.mean_pool_blocks(k_prefix[:, : nb * block_size], block_size // parts)
+    qg = q_chunk.float().reshape(b, tc, h, hq // h, d) * scale
+    logits = torch.einsum("bthgd,bnhd->bthgn", qg, sub).reshape(b, tc, h, hq // h, nb, parts)
+    return torch.logsumexp(logits, dim=-1) - math.log(parts)
+
+
 def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_size: int,
                        block_counts: int, cu_seqlens: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None,
@@ -148,6 +174,10 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
                 scores = oracle_scores(qc, kp, c0 - start, block_size, scale)
             elif kind == "quest":
                 scores = quest_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale)
+            elif kind == "sub":
+                scores = reference.group_block_scores(
+                    sub_block_logits(q_select[:, c0:c1], kp, block_size, n, scale), c0 - start,
+                    block_size, (kp.shape[1] + block_size - 1) // block_size)
             else:
                 scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
                                        min(n, block_counts), score)
@@ -156,4 +186,4 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
 
 
 __all__ = ["POOLED", "parse_selection", "selection_names_error", "select_blocks_with", "oracle_scores", "recent_scores",
-           "quest_logits", "quest_scores"]
+           "quest_logits", "quest_scores", "sub_block_logits"]

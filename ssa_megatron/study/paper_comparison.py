@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(evaluate.py --dense-layers); summary.md adds their k = --block-counts column")
     p.add_argument("--eval-selections", nargs="*", default=[], metavar="NAME",
                    help="also evaluate sparse mode under these block selections (evaluate.py "
-                        "--selections: oracle, recentN, mean, moment2, quest); summary.md adds their k = --block-counts column")
+                        "--selections: oracle, recentN, mean, moment2, quest, subN); summary.md adds their k = --block-counts column")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",
