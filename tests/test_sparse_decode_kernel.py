@@ -80,17 +80,19 @@ def test_map_and_moment2_model_decodes_through_the_kernels_like_the_uncached_pas
 @needs_triton
 def test_benchmark_kernel_check_passes_on_the_kernels():
     """tools/bench_decode.py's kernel check (block sets judged up to near-ties, output error),
-    run on the interpreted kernels over a filled cache: G 4 D 128 and G 16 D 64 (batch 2, a
-    query without its token axis); then the first layout again with the kernel's output scaled
+    run on the interpreted kernels over a filled cache: G 4 D 128, G 16 D 64 (batch 2, a
+    query without its token axis) and a moment2 model with a selection map; then the first
+    layout again with the kernel's output scaled
     by 1.1 and with a future block in its selection, each of which it must fail for that reason."""
     rows = run_interpreted(__file__, "bench_check")
-    assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2 q3d", "output x1.1", "future block"]
-    for row in rows[:2]:
+    assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2 q3d", "8/2/64 moment2 map",
+                                           "output x1.1", "future block"]
+    for row in rows[:3]:
         assert row["check_ok"] and row["check_indices_same"] == 1.0, row
-    assert not rows[2]["check_ok"] and rows[2]["check_indices_same"] == 1.0, rows[2]
-    assert rows[2]["check_rel_err"] > 3e-2, rows[2]
-    assert not rows[3]["check_ok"] and rows[3]["check_swap_gap"] == float("inf"), rows[3]
-    assert rows[3]["check_indices_same"] < 1.0, rows[3]
+    assert not rows[3]["check_ok"] and rows[3]["check_indices_same"] == 1.0, rows[3]
+    assert rows[3]["check_rel_err"] > 3e-2, rows[3]
+    assert not rows[4]["check_ok"] and rows[4]["check_swap_gap"] == float("inf"), rows[4]
+    assert rows[4]["check_indices_same"] < 1.0, rows[4]
 
 
 @needs_triton
@@ -271,16 +273,19 @@ def _bench_check():
 
     disturb = {"output x1.1": lambda o, idx: (o * 1.1, idx), "future block": future_block}
     layouts = (("8/2/128 b1", 8, 2, 128, 1), ("16/1/64 b2 q3d", 16, 1, 64, 2),
+               ("8/2/64 moment2 map", 8, 2, 64, 1),
                ("output x1.1", 8, 2, 128, 1), ("future block", 8, 2, 128, 1))
     for name, hq, h, d, b in layouts:
         torch.manual_seed(hq)
-        layer = SSACacheLayer(BS)
+        moment2 = "moment2" in name
+        layer = SSACacheLayer(BS, squares=moment2)
         layer.update(torch.randn(b, h, ctx, d), torch.randn(b, h, ctx, d))
         q = torch.randn(b, 1, hq, d)
+        q_select = q + torch.randn(b, 1, hq, d) if "map" in name else None
         if name in disturb:
             tsd.sparse_decode_attention = lambda *a, f=disturb[name], **kw: f(*kernel(*a, **kw))
         row = check_decode_kernels(q[:, 0] if "q3d" in name else q, torch.randn(b, h, 1, d), layer,
-                                   ctx, BS, bc, d ** -0.5)
+                                   ctx, BS, bc, d ** -0.5, "moment2" if moment2 else "mean", q_select)
         tsd.sparse_decode_attention = kernel
         print(json.dumps(dict(row, layout=name)), flush=True)
 

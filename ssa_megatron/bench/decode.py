@@ -44,6 +44,12 @@ def build_parser():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--block-counts", type=int, default=16)
+    p.add_argument("--selection-score", default="mean", choices=["mean", "moment2"],
+                   help="the model's block score (moment2: the cache also keeps the squared-key "
+                        "means, the scoring runs at twice the head dim)")
+    p.add_argument("--select-proj", action="store_true",
+                   help="the model has a learned selection map (random here): the scoring "
+                        "queries are q + q P_h")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--rep", type=int, default=50, help="timed steps per row")
@@ -55,12 +61,15 @@ def build_parser():
     return p
 
 
-def predicted_bytes(context, batch, h, d, block_size, block_counts, kv_bytes, pooled_bytes=4):
+def predicted_bytes(context, batch, h, d, block_size, block_counts, kv_bytes, pooled_bytes=4,
+                    pooled_widths=1):
     """Bytes one layer reads per decode step: (full, sparse). Full reads the whole K and V cache;
-    sparse reads the fp32 pooled keys and K/V of block_counts blocks per kv head."""
+    sparse reads the fp32 pooled keys (``pooled_widths`` x D per block: 2 for moment2) and K/V of
+    block_counts blocks per kv head."""
     full = 2 * context * batch * h * d * kv_bytes
     selected = min(block_counts * block_size, context)
-    sparse = (context // block_size) * batch * h * d * pooled_bytes + 2 * selected * batch * h * d * kv_bytes
+    sparse = (context // block_size) * batch * h * d * pooled_bytes * pooled_widths \
+        + 2 * selected * batch * h * d * kv_bytes
     return full, sparse
 
 
@@ -138,20 +147,26 @@ def selection_agreement(idx, scores, block_counts) -> dict:
     return {"check_indices_same": same / max(len(rows), 1), "check_swap_gap": worst}
 
 
-def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale) -> dict:
+def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale, score="mean",
+                         q_select=None) -> dict:
     """The decode kernels against the reference math in fp32 on one step of the filled cache:
     the selected block sets (judged: equal to the reference's up to near-ties, see
     :func:`selection_agreement`), and the output's error against the reference attention over
-    the kernels' own blocks, relative to its largest entry (judged)."""
+    the kernels' own blocks, relative to its largest entry (judged). ``score`` and ``q_select``:
+    the model's selection (modeling_ssa.selection_operands)."""
+    from ssa_megatron.hf.modeling_ssa import selection_operands
     from ssa_megatron.ops import reference, triton_sparse_decode
     if q.dim() == 3:
         q = q[:, None]  # [B, 1, HQ, D], as the model passes it (the kernel refuses more tokens)
+    if q_select is not None and q_select.dim() == 3:
+        q_select = q_select[:, None]
     kc, vc = layer.update(k1, k1)
     try:
+        qs, pooled = selection_operands(q, q_select, kc, layer, block_size, score, scale)
         o, idx = triton_sparse_decode.sparse_decode_attention(
-            q, kc, vc, layer.pooled_keys, ctx, block_size, block_counts, scale, return_indices=True)
-        scores = reference.pooled_block_scores(q.float(), layer.pooled_keys, ctx, block_size,
-                                               (ctx + block_size) // block_size, scale)[:, 0]
+            q, kc, vc, pooled, ctx, block_size, block_counts, scale, return_indices=True, q_select=qs)
+        scores = reference.pooled_block_scores((q if qs is None else qs).float(), pooled, ctx,
+                                               block_size, (ctx + block_size) // block_size, scale)[:, 0]
         ro = reference.sparse_attention_with_past(q.float(), kc.float(), vc.float(), idx[:, None],
                                                   ctx, block_size, scale)
     finally:
@@ -163,7 +178,8 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale) -> 
 
 
 def check_greedy_generation(device, dtype, hq, h, d, block_size, block_counts, mode="sparse",
-                            prompt_len=1000, new_tokens=48, layers=2, hidden=256) -> dict:
+                            prompt_len=1000, new_tokens=48, layers=2, hidden=256,
+                            selection_score="mean", select_proj=False) -> dict:
     """Greedy decoding with the cache in ``mode`` (sparse: the decode kernels on CUDA) against
     the uncached forward pass over the whole sequence (sparse: the prefill kernels): the share of
     generated tokens that are the uncached pass's argmax, and the first position where they
@@ -176,9 +192,14 @@ def check_greedy_generation(device, dtype, hq, h, d, block_size, block_counts, m
     cfg = SSAConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
                     num_hidden_layers=layers, num_attention_heads=hq, num_key_value_heads=h,
                     head_dim=d, block_size=block_size, block_counts=block_counts,
-                    initializer_range=0.3, max_position_embeddings=prompt_len + new_tokens + 16)
+                    initializer_range=0.3, max_position_embeddings=prompt_len + new_tokens + 16,
+                    ssa_selection_score=selection_score, ssa_select_proj=select_proj)
     with torch.device(device):
         model = SSAForCausalLM(cfg).to(dtype).eval()
+    if select_proj:
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.self_attn.select_proj.normal_(0.0, 0.3)
     model.set_inference_mode(mode)
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
     with torch.no_grad():
@@ -190,7 +211,7 @@ def check_greedy_generation(device, dtype, hq, h, d, block_size, block_counts, m
     return {"generation_same": same.float().mean().item(), "generation_first_diff": first}
 
 
-def generation_checks(device, dtype_name, hq, h, d, block_size, block_counts) -> dict:
+def generation_checks(device, dtype_name, hq, h, d, block_size, block_counts, **selection) -> dict:
     """check_greedy_generation in both modes, in the benchmark's dtype and in fp32. Judged: fp32
     (the selection sees the same scores on both paths up to summation order), where every token
     must match in both modes; the benchmark's dtype is reported beside full mode's control."""
@@ -198,7 +219,7 @@ def generation_checks(device, dtype_name, hq, h, d, block_size, block_counts) ->
     for name in dict.fromkeys((dtype_name, "fp32")):
         for mode in ("full", "sparse"):
             checks[f"{mode}/{name}"] = check_greedy_generation(
-                device, DTYPES[name], hq, h, d, block_size, block_counts, mode=mode)
+                device, DTYPES[name], hq, h, d, block_size, block_counts, mode=mode, **selection)
     ok = all(c["generation_same"] == 1.0 for key, c in checks.items() if key.endswith("/fp32"))
     return {"generation": checks, "generation_ok": ok}
 
@@ -206,7 +227,7 @@ def generation_checks(device, dtype_name, hq, h, d, block_size, block_counts) ->
 def bench_layout(args, hq, h, d):
     from ssa_megatron.hf.configuration_ssa import SSAConfig
     from ssa_megatron.hf.modeling_ssa import (SSAForCausalLM, full_attention_with_past,
-                                              sparse_decode)
+                                              selection_operands, sparse_decode)
     from ssa_megatron.hf.ssa_cache import SSACacheLayer
     from ssa_megatron.ops import reference
     from transformers import DynamicCache
@@ -217,11 +238,17 @@ def bench_layout(args, hq, h, d):
     torch.manual_seed(0)
     cfg = SSAConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
                     num_hidden_layers=args.layers, num_attention_heads=hq, num_key_value_heads=h,
-                    head_dim=d, block_size=bs, block_counts=bc, max_position_embeddings=ctx + 16)
+                    head_dim=d, block_size=bs, block_counts=bc, max_position_embeddings=ctx + 16,
+                    ssa_selection_score=args.selection_score, ssa_select_proj=args.select_proj)
+    moment2 = args.selection_score == "moment2"
     with torch.device(dev):
         model = SSAForCausalLM(cfg).to(dtype).eval()
+    if args.select_proj:
+        with torch.no_grad():
+            for block in model.model.layers:
+                block.self_attn.select_proj.normal_(0.0, 0.05)
     cache = DynamicCache(config=cfg)
-    cache.layers = [SSACacheLayer(bs) for _ in range(args.layers)]
+    cache.layers = [SSACacheLayer(bs, squares=moment2) for _ in range(args.layers)]
     for layer in cache.layers:
         layer.update(torch.randn(b, h, ctx, d, device=dev, dtype=dtype),
                      torch.randn(b, h, ctx, d, device=dev, dtype=dtype))
@@ -229,11 +256,12 @@ def bench_layout(args, hq, h, d):
     q = torch.randn(b, 1, hq, d, device=dev, dtype=dtype)
     k1 = torch.randn(b, h, 1, d, device=dev, dtype=dtype)
     layer0 = cache.layers[0]
+    q_select = model.model.layers[0].self_attn.selection_query(q) if args.select_proj else None
     scale = 1.0 / math.sqrt(d)
     timer = _timer(args.device)
     row = {"heads": f"{hq}/{h}/{d}", "context": ctx, "batch": b}
     kv_bytes = torch.finfo(dtype).bits // 8
-    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes)
+    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes, pooled_widths=2 if moment2 else 1)
     n_params = sum(p.numel() for p in model.parameters())
     w_bytes = n_params * kv_bytes
     row["pred_attention_ratio"] = full_b / sparse_b
@@ -241,7 +269,8 @@ def bench_layout(args, hq, h, d):
     row["params"] = n_params
     if args.device == "cuda":
         with torch.no_grad():
-            row.update(check_decode_kernels(q, k1, layer0, ctx, bs, bc, scale))
+            row.update(check_decode_kernels(q, k1, layer0, ctx, bs, bc, scale,
+                                            args.selection_score, q_select))
 
     def crop_one():
         layer0.crop(-1)
@@ -252,9 +281,10 @@ def bench_layout(args, hq, h, d):
             if mode == "full":
                 full_attention_with_past(q, kc, vc, ctx, scale)
             elif mode == "sparse":  # the decode kernels on CUDA
-                sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale)
+                sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale, q_select, args.selection_score)
             else:  # "sparse_unfused": the reference math (torch ops), the path before the kernels
-                reference.sparse_decode_attention(q, kc, vc, layer0.pooled_keys, ctx, bs, bc, scale)
+                qs, pooled = selection_operands(q, q_select, kc, layer0, bs, args.selection_score, scale)
+                reference.sparse_decode_attention(q, kc, vc, pooled, ctx, bs, bc, scale, q_select=qs)
         return step
 
     def model_step(mode):
@@ -295,14 +325,16 @@ def main(argv=None) -> int:
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU"
     print(f"card: {card} | torch {torch.__version__} | {args.dtype} | context {args.context} | "
           f"batch {args.batch} | {args.layers} layers, hidden {args.hidden} | "
-          f"block {args.block_size} x {args.block_counts}", flush=True)
+          f"block {args.block_size} x {args.block_counts} | selection {args.selection_score}"
+          f"{' + map' if args.select_proj else ''}", flush=True)
     rows = []
     for spec in args.heads.split(","):
         hq, h, d = (int(x) for x in spec.split("/"))
         row = bench_layout(args, hq, h, d)
         if args.check_generation:
             row.update(generation_checks(args.device, args.dtype, hq, h, d, args.block_size,
-                                         args.block_counts))
+                                         args.block_counts, selection_score=args.selection_score,
+                                         select_proj=args.select_proj))
             cells = ", ".join(f"{key} {c['generation_same']:.3f} (first difference "
                               f"{c['generation_first_diff']})" for key, c in row["generation"].items())
             print(f"HQ{hq} H{h} D{d} greedy decoding with the cache vs the uncached pass, share of 48 "

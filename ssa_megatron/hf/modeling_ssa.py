@@ -210,20 +210,26 @@ def select_blocks_for(q, q_select, k, block_size: int, block_counts: int, scale:
                                                    scale=scale, score=score)
 
 
-def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float,
-                  q_select=None, score: str = "mean"):
-    """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
-    (k, v [B, H, past + Tq, D]): blocks ranked for ``q_select`` (default q) with ``score``
-    from the cache layer's pooled keys (an SSACacheLayer), else from all keys pooled again; one
-    new token on CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode)."""
+def selection_operands(q, q_select, k, layer, block_size: int, score: str, scale: float):
+    """(scoring queries or None for q, pooled keys) that rank a KV cache's blocks for ``q_select``
+    (None: q) with ``score``: the cache layer's pooled keys (an SSACacheLayer), else all keys
+    k [B, H, T, D] pooled again; for moment2 the pair ``[q, q * q]``, ``[mean, scale / 2 var]``."""
     stats = None
     if isinstance(layer, SSACacheLayer) and layer.pooled_keys is not None:
         stats = (layer.pooled_keys,) if score == "mean" else (layer.pooled_keys, layer.pooled_squares)
     if stats is None or stats[-1] is None:
         stats = pooled_selection_keys(k.transpose(1, 2), block_size, score)
-    pooled = stats[0]
     if score == "moment2":
-        q_select, pooled = moment2_operands(q if q_select is None else q_select, *stats, scale)
+        return moment2_operands(q if q_select is None else q_select, *stats, scale)
+    return q_select, stats[0]
+
+
+def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float,
+                  q_select=None, score: str = "mean"):
+    """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
+    (k, v [B, H, past + Tq, D]): blocks ranked by :func:`selection_operands`; one new token on
+    CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode)."""
+    q_select, pooled = selection_operands(q, q_select, k, layer, block_size, score, scale)
     if q_select is None:
         decode = _ops_with(q, "sparse_decode_attention", None)
         return decode(q, k, v, pooled, past, block_size, block_counts, scale)
