@@ -32,11 +32,6 @@ from ssa_megatron.ops import reference
 THRESHOLD = 0.9
 
 
-def _chunk_rows(b: int, hq: int, t: int, budget_bytes: int = 1 << 29) -> int:
-    rows = budget_bytes // max(1, b * hq * t * 4 * 3)
-    return int(max(16, min(t, rows)))
-
-
 def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           block_size: int, block_counts: Sequence[int],
                           scale: Optional[float] = None, gate: Optional[torch.Tensor] = None,
@@ -63,7 +58,7 @@ def layer_attention_stats(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    for bc in block_counts]
         sums = {name: torch.zeros(nbc, hq, dtype=torch.float64, device=dev)
                 for name in ("selected_mass", "selected_ge90", "topk_mass", "topk_ge90")}
-        rows = chunk or _chunk_rows(b, hq, t)
+        rows = chunk or reference.query_chunk_rows(b, hq, t, 1 << 29, most=t)
         for c0 in range(0, t, rows):
             c1 = min(t, c0 + rows)
             mass = reference.block_attention_mass(q[:, c0:c1], k[:, :c1],

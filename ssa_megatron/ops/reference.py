@@ -58,6 +58,14 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = 
     return q.shape[2] // k.shape[2]
 
 
+def query_chunk_rows(batch: int, heads: int, keys: int, budget_bytes: int = 1 << 28,
+                     most: int = _CHUNK) -> int:
+    """Query rows per chunk so that fp32 logits [batch, rows, heads, keys] and two temporaries of
+    that size fit ``budget_bytes``: at least 16, at most ``most``."""
+    rows = budget_bytes // max(1, batch * heads * keys * 4 * 3)
+    return int(max(16, min(most, rows)))
+
+
 def mean_pool_blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """Mean of each complete block of ``block_size`` tokens: [B, T, H, D] -> [B, T // bs, H, D]."""
     b, t, h, d = x.shape

@@ -76,10 +76,6 @@ def selection_names_error(names, block_size: Optional[int] = None) -> Optional[s
     return None
 
 
-def _chunk_rows(b: int, hq: int, keys: int, budget_bytes: int = 1 << 28) -> int:
-    return int(max(16, min(1024, budget_bytes // max(1, b * hq * keys * 4 * 3))))
-
-
 def oracle_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, block_size: int,
                   scale: Optional[float]) -> torch.Tensor:
     """[B, Tq, H, nb] full-attention mass per past block, summed over each kv head's query heads,
@@ -166,7 +162,7 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
     b, t, hq, _ = q.shape
     out = torch.full((b, t, k.shape[2], block_counts), -1, dtype=torch.int32, device=q.device)
     for start, end in reference.segments(t, cu_seqlens, b):
-        rows = _chunk_rows(b, hq, end - start)
+        rows = reference.query_chunk_rows(b, hq, end - start)
         for c0 in range(start, end, rows):
             c1 = min(c0 + rows, end)
             qc, kp = q[:, c0:c1], k[:, start:c1]
