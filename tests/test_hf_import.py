@@ -149,6 +149,17 @@ def test_what_ssa_cannot_compute_is_refused_naming_the_field(tmp_path, capsys):
         with pytest.raises(ConversionError, match=field.replace("(", r"\(")):
             api.hf_to_megatron_checkpoint(str(tmp_path / f"m{i}"), str(tmp_path / f"out{i}"))
         assert not os.path.exists(tmp_path / f"out{i}")
+    # q/k norms over the whole projection (OLMo-2's), not per head (Qwen3's)
+    from safetensors.torch import load_file, save_file
+    build_source("qwen3", str(tmp_path / "whole"))
+    weights = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for name in [n for n in weights if n.endswith(("q_norm.weight", "k_norm.weight"))]:
+        weights[name] = torch.ones(weights[name].numel() * 8)
+    save_file(weights, str(tmp_path / "whole" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"q_norm has \(128,\) weights, not one per channel "
+                                              "of a 16-channel head"):
+        api.hf_to_megatron_checkpoint(str(tmp_path / "whole"), str(tmp_path / "whole_out"))
+    assert not os.path.exists(tmp_path / "whole_out")
     moe = transformers.MixtralConfig(**{**SMALL, "num_local_experts": 4, "sliding_window": None})
     transformers.MixtralForCausalLM(moe).save_pretrained(str(tmp_path / "moe"))
     from ssa_megatron.convert.cli import main

@@ -1,13 +1,14 @@
 """The Hugging Face export of the two trained selection variants: a learned selection map
 (--ssa-select-proj: ``self_attn.select_proj`` [heads, D, D]) and the moment2 score
-(--ssa-selection-score moment2: the KV cache also keeps the means of the squared keys).
+(--ssa-selection-score moment2: the KV cache keeps each block's [mean, var] of its keys).
 
 Checkpoints are built from an imported random Qwen2 model with maps drawn large enough to change
 the selection (a trained map after a few CPU steps is too close to 0 to tell an export that
 ignores it). For each variant: the HF model computes the megatron model's logits in both modes
 and would not without the variant; cached generation equals uncached generation (token by token
 and in the logits); HF -> megatron -> HF is bit-identical with the shape kept; a TP=2 checkpoint
-exports the same tensors; the export loads without ssa_megatron."""
+exports the same tensors; the export loads without ssa_megatron. And the moment2 cache under
+the cache operations generation uses (crop, beam reordering, batch repetition and selection)."""
 import os
 import subprocess
 import sys
@@ -18,9 +19,8 @@ import torch
 from test_hf_conversion import CHECK_SCRIPT, hf_logits, load_hf
 from test_hf_import import SEQ, build_source, megatron_logits
 
-VARIANTS = {"map": dict(ssa_select_proj=True),
-            "moment2": dict(ssa_selection_score="moment2"),
-            "map+moment2": dict(ssa_select_proj=True, ssa_selection_score="moment2")}
+VARIANTS = {"map": dict(ssa_select_proj=True),  # the trainer refuses the two together
+            "moment2": dict(ssa_selection_score="moment2")}
 BUDGET = 2  # blocks of 16 of SEQ = 80 tokens
 
 
@@ -99,12 +99,13 @@ def test_cached_generation_equals_uncached(tmp_path, variant_checkpoints, name):
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
     layer = cache.layers[0]
     moment2 = VARIANTS[name].get("ssa_selection_score") == "moment2"
-    assert (layer.pooled_squares is not None) == moment2
-    if moment2:  # the cache's squared-key means are those of its keys
-        keys = layer.keys.transpose(1, 2).float()
+    assert (layer.pooled_moment2 is not None) == moment2
+    if moment2:  # the cache's [mean, var] are those of its keys
+        keys = layer.keys.transpose(1, 2).double()
         nb = keys.shape[1] // 16
-        want = (keys[:, :nb * 16] ** 2).reshape(2, nb, 16, *keys.shape[2:]).mean(2)
-        torch.testing.assert_close(layer.pooled_squares, want, atol=1e-6, rtol=1e-6)
+        blocks = keys[:, :nb * 16].reshape(2, nb, 16, *keys.shape[2:])
+        want = torch.cat([blocks.mean(2), blocks.var(2, unbiased=False)], -1)
+        torch.testing.assert_close(layer.pooled_moment2.double(), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -128,12 +129,13 @@ def test_round_trip_and_tp2_export_are_bit_identical(tmp_path, variant_checkpoin
 
 def test_export_loads_without_ssa_megatron(tmp_path, variant_checkpoints,
                                            single_process_parallel_state):
-    """The map and moment2 together, run by plain transformers from the exported files alone."""
+    """A moment2 model (the variant with more model code) run by plain transformers from the
+    exported files alone."""
     from safetensors.torch import load_file, save_file
 
     from ssa_megatron.convert import api
     from ssa_megatron.eval.model import load_model
-    tp1 = variant_checkpoints["map+moment2"][0]
+    tp1 = variant_checkpoints["moment2"][0]
     api.megatron_to_hf(tp1, str(tmp_path / "hf"), block_counts=BUDGET)
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
     save_file({"tokens": tokens.contiguous()}, str(tmp_path / "tokens.safetensors"))
@@ -149,3 +151,33 @@ def test_export_loads_without_ssa_megatron(tmp_path, variant_checkpoints,
     for mode in ("full", "sparse"):
         torch.testing.assert_close(got[mode], megatron_logits(model, tokens, mode, BUDGET)[..., :256],
                                    atol=1e-5, rtol=0)
+
+
+def test_moment2_cache_follows_the_cache_operations():
+    """Crop, beam reordering, batch repetition and selection keep [mean, var] equal to those of
+    the keys the cache holds; a cache that pools means only is refused by a moment2 model."""
+    from transformers import DynamicCache
+
+    from ssa_megatron.hf.ssa_cache import SSACacheLayer, install_pooled_key_layers
+    from ssa_megatron.ops import reference as R
+
+    def expected(layer):
+        return R.moment2_keys(*R.pooled_selection_keys(layer.keys.transpose(1, 2), 16, "moment2"))
+
+    gen = torch.Generator().manual_seed(4)
+    layer = SSACacheLayer(16, squares=True)
+    layer.update(torch.randn(3, 2, 40, 8, generator=gen), torch.randn(3, 2, 40, 8, generator=gen))
+    for step, change in enumerate((lambda: layer.update(torch.randn(3, 2, 30, 8, generator=gen),
+                                                        torch.randn(3, 2, 30, 8, generator=gen)),
+                                   lambda: layer.crop(-21),  # cuts into a block: its entry goes
+                                   lambda: layer.reorder_cache(torch.tensor([2, 0, 1])),
+                                   lambda: layer.batch_repeat_interleave(2),
+                                   lambda: layer.batch_select_indices(torch.tensor([0, 3, 5])))):
+        change()
+        assert layer.pooled_moment2.shape == expected(layer).shape, step
+        assert torch.equal(layer.pooled_moment2, expected(layer)), step
+        assert torch.equal(layer.pooled_keys, layer.pooled_moment2[..., :8]), step
+    cache = DynamicCache()
+    cache.layers = [SSACacheLayer(16)]
+    with pytest.raises(ValueError, match="keeps no key variances.*start generation with a fresh cache"):
+        install_pooled_key_layers(cache, 1, 16, squares=True)

@@ -220,6 +220,10 @@ def test_moment2_selection_score_reaches_every_place_that_selects(single_process
         tiny_args("--ssa-selection-score", "moment2", "--attention-mode", "full")
     with pytest.raises(ConfigError, match="keep --ssa-selection-score mean"):
         tiny_args("--ssa-selection-score", "moment2", "--ssa-select-align-coef", "1")
+    # the map with moment2 is named as such, with or without the loss (not "add the loss" first)
+    for loss in ([], ["--ssa-select-align-coef", "1"]):
+        with pytest.raises(ConfigError, match="cannot go with --ssa-selection-score moment2; drop one"):
+            tiny_args("--ssa-selection-score", "moment2", "--ssa-select-proj", *loss)
     with pytest.raises(ConfigError, match="use heads of at most 64 channels"):
         tiny_args("--ssa-selection-score", "moment2", "--kv-channels", "128")
     # a resume that changes the score is named in the recipe note

@@ -292,6 +292,8 @@ def test_other_selections_are_evaluated_and_summarised(tmp_path):
     assert table.rstrip().endswith("| 11.400 | 11.800 |")
     with pytest.raises(SystemExit, match="--eval-selections: unknown block selection 'best'"):
         _args(tmp_path, "--eval-selections", "best")
+    with pytest.raises(SystemExit, match="--eval-selections: sub3: N must divide the block size 16"):
+        _args(tmp_path, "--eval-selections", "sub4", "sub3")  # refused before any system trains
 
 
 def test_the_trainer_keeps_an_earlier_result_record(tmp_path):

@@ -209,15 +209,18 @@ def test_bench_decode_cpu_smoke(tmp_path, capsys):
     # 300 cached fp32 tokens: full reads 2 * 300 K/V rows, sparse 18 fp32 means + 2 * 64 rows
     assert rows[0]["pred_attention_ratio"] == pytest.approx(600 / (18 + 128))
     assert all(r["attention_ratio"] > 0 and r["model_ratio"] > 0 for r in rows)
-    # a moment2 model with a selection map: twice the pooled widths read, the same steps timed
-    assert bench_decode.main(["--device", "cpu", "--dtype", "fp32", "--context", "300",
-                              "--heads", "4/2/16", "--layers", "1", "--hidden", "32", "--ffn", "48",
-                              "--vocab", "64", "--block-counts", "4", "--rep", "2",
-                              "--selection-score", "moment2", "--select-proj", "--json", str(out)]) == 0
-    assert "selection moment2 + map" in capsys.readouterr().out
-    row = json.loads(out.read_text())["rows"][0]
-    assert row["pred_attention_ratio"] == pytest.approx(600 / (36 + 128))
-    assert row["attention_ratio"] > 0 and row["model_ratio"] > 0
+    # a moment2 model reads twice the pooled widths; a map model also reads its map
+    # (4 x 16 x 16 weights: 32 units of H x D)
+    for flags, shown, sparse_units in ((["--selection-score", "moment2"], "selection moment2\n", 36 + 128),
+                                       (["--select-proj"], "selection mean + map", 18 + 128 + 32)):
+        assert bench_decode.main(["--device", "cpu", "--dtype", "fp32", "--context", "300",
+                                  "--heads", "4/2/16", "--layers", "1", "--hidden", "32", "--ffn", "48",
+                                  "--vocab", "64", "--block-counts", "4", "--rep", "2", *flags,
+                                  "--json", str(out)]) == 0
+        assert shown in capsys.readouterr().out
+        row = json.loads(out.read_text())["rows"][0]
+        assert row["pred_attention_ratio"] == pytest.approx(600 / sparse_units)
+        assert row["attention_ratio"] > 0 and row["model_ratio"] > 0
 
 
 def test_decoding_steps_compute_rotary_frequencies_once(monkeypatch):

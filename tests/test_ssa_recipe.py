@@ -357,6 +357,9 @@ def test_checkpoints_with_new_options_evaluate_and_export(
         torch.testing.assert_close(hf_logits(hf, tokens, mode),
                                    megatron_logits(model, tokens, mode, 2)[..., :256],
                                    atol=1e-5, rtol=0)
+    kw = dict(max_new_tokens=30, do_sample=False, min_new_tokens=30)  # 21 + 30 tokens: 3 blocks
+    assert torch.equal(hf.generate(tokens[:, :21], use_cache=True, **kw),
+                       hf.generate(tokens[:, :21], use_cache=False, **kw))
 
 
 def test_a_budget_covering_the_sequence_is_noted():

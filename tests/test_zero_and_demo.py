@@ -65,8 +65,13 @@ def assert_losses_unchanged(events):
     in tests/golden/demo_losses.json before the architecture refactor: a refactor must not change
     what the model computes. On the recording machine they are bit-identical run after run; the
     2e-6 relative slack only absorbs another CPU's summation order (a real change of the model,
-    the data order or the draws moves them by 1e-3 or more). Rewrite the file with
-    SSA_RECORD_DEMO_LOSSES=1 only for a change that is meant to alter training."""
+    the data order or the draws moves them by 1e-3 or more). Two derived numbers get more: the
+    alignment loss (2e-3) is the mean squared difference of two branch outputs that agree to
+    about 1 %, so the outputs' own rounding reaches it about 100x magnified, and the gradient
+    norm (2e-4) sums rounding over every parameter. On one 2-core machine (session 15) they moved
+    by up to 1.9e-4 and 2e-5 relative from run to run while the LM losses stayed within 1.3e-7:
+    the LM losses are the guard. Rewrite the file with SSA_RECORD_DEMO_LOSSES=1 only for a change
+    that is meant to alter training."""
     measured = {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in RECORDED_TAGS}
     if os.environ.get("SSA_RECORD_DEMO_LOSSES") == "1":
         with open(GOLDEN, "w") as f:
@@ -78,4 +83,5 @@ def assert_losses_unchanged(events):
         steps = [step for step, _ in measured[tag]]
         assert steps == [step for step, _ in golden[tag]], (tag, steps)
         for (step, value), (_, expected) in zip(measured[tag], golden[tag]):
-            assert abs(value - expected) <= 2e-6 * abs(expected), (tag, step, value, expected)
+            slack = {"train/align_loss": 2e-3, "train/grad_norm": 2e-4}.get(tag, 2e-6)
+            assert abs(value - expected) <= slack * abs(expected), (tag, step, value, expected)

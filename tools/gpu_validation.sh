@@ -55,9 +55,11 @@ case "$1" in
       --json "$OUT/decode_b1.json" || rc=1
     python3 tools/bench_decode.py --context 32768 --heads 32/8/128 --batch 4 --cuda-graph --rep 30 \
       --json "$OUT/decode_b4.json" || rc=1
-    # a moment2 model with a learned selection map (the scoring at 2 D, its own queries)
-    python3 tools/bench_decode.py --context 32768 --heads 32/2/64 --selection-score moment2 --select-proj \
-      --cuda-graph --rep 30 --check-generation --json "$OUT/decode_moment2_map.json" || rc=1
+    # a moment2 model (the scoring at 2 D) and a model with a learned selection map (its own queries)
+    python3 tools/bench_decode.py --context 32768 --heads 32/2/64 --selection-score moment2 \
+      --cuda-graph --rep 30 --check-generation --json "$OUT/decode_moment2.json" || rc=1
+    python3 tools/bench_decode.py --context 32768 --heads 32/2/64 --select-proj \
+      --cuda-graph --rep 30 --json "$OUT/decode_map.json" || rc=1
     exit $rc ;;
   mfu)      # full attention at 1x1 (fused/unfused), with accumulation, and SSA/sparse alongside
     python3 tools/bench_training.py --iters 6 --warmup 2 --variants full \

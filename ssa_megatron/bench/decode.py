@@ -45,8 +45,8 @@ def build_parser():
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--block-counts", type=int, default=16)
     p.add_argument("--selection-score", default="mean", choices=["mean", "moment2"],
-                   help="the model's block score (moment2: the cache also keeps the squared-key "
-                        "means, the scoring runs at twice the head dim)")
+                   help="the model's block score (moment2: the cache also keeps each block's key "
+                        "variances, the scoring runs at twice the head dim)")
     p.add_argument("--select-proj", action="store_true",
                    help="the model has a learned selection map (random here): the scoring "
                         "queries are q + q P_h")
@@ -62,14 +62,14 @@ def build_parser():
 
 
 def predicted_bytes(context, batch, h, d, block_size, block_counts, kv_bytes, pooled_bytes=4,
-                    pooled_widths=1):
+                    pooled_widths=1, map_bytes=0):
     """Bytes one layer reads per decode step: (full, sparse). Full reads the whole K and V cache;
-    sparse reads the fp32 pooled keys (``pooled_widths`` x D per block: 2 for moment2) and K/V of
-    block_counts blocks per kv head."""
+    sparse reads the fp32 pooled keys (``pooled_widths`` x D per block: 2 for moment2), K/V of
+    block_counts blocks per kv head and ``map_bytes`` (a selection map's weights)."""
     full = 2 * context * batch * h * d * kv_bytes
     selected = min(block_counts * block_size, context)
     sparse = (context // block_size) * batch * h * d * pooled_bytes * pooled_widths \
-        + 2 * selected * batch * h * d * kv_bytes
+        + 2 * selected * batch * h * d * kv_bytes + map_bytes
     return full, sparse
 
 
@@ -256,12 +256,16 @@ def bench_layout(args, hq, h, d):
     q = torch.randn(b, 1, hq, d, device=dev, dtype=dtype)
     k1 = torch.randn(b, h, 1, d, device=dev, dtype=dtype)
     layer0 = cache.layers[0]
-    q_select = model.model.layers[0].self_attn.selection_query(q) if args.select_proj else None
+    attn0 = model.model.layers[0].self_attn
+
+    def selection_query():  # a map's queries, computed in the timed step as the model does
+        return attn0.selection_query(q) if args.select_proj else None
     scale = 1.0 / math.sqrt(d)
     timer = _timer(args.device)
     row = {"heads": f"{hq}/{h}/{d}", "context": ctx, "batch": b}
     kv_bytes = torch.finfo(dtype).bits // 8
-    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes, pooled_widths=2 if moment2 else 1)
+    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes, pooled_widths=2 if moment2 else 1,
+                                       map_bytes=hq * d * d * kv_bytes if args.select_proj else 0)
     n_params = sum(p.numel() for p in model.parameters())
     w_bytes = n_params * kv_bytes
     row["pred_attention_ratio"] = full_b / sparse_b
@@ -270,7 +274,7 @@ def bench_layout(args, hq, h, d):
     if args.device == "cuda":
         with torch.no_grad():
             row.update(check_decode_kernels(q, k1, layer0, ctx, bs, bc, scale,
-                                            args.selection_score, q_select))
+                                            args.selection_score, selection_query()))
 
     def crop_one():
         layer0.crop(-1)
@@ -281,9 +285,11 @@ def bench_layout(args, hq, h, d):
             if mode == "full":
                 full_attention_with_past(q, kc, vc, ctx, scale)
             elif mode == "sparse":  # the decode kernels on CUDA
-                sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale, q_select, args.selection_score)
+                sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale, selection_query(),
+                              args.selection_score)
             else:  # "sparse_unfused": the reference math (torch ops), the path before the kernels
-                qs, pooled = selection_operands(q, q_select, kc, layer0, bs, args.selection_score, scale)
+                qs, pooled = selection_operands(q, selection_query(), kc, layer0, bs,
+                                                args.selection_score, scale)
                 reference.sparse_decode_attention(q, kc, vc, pooled, ctx, bs, bc, scale, q_select=qs)
         return step
 

@@ -5,9 +5,9 @@ Written directory::
 
     config.json                  Llama-style fields + block_size, block_counts, inference_mode,
                                  attention_mode (+ window_size for nsa), tie_word_embeddings,
-                                 add_qkv_bias, use_rope_scaling (+ rope_scaling_* when on: the
-                                 names of model/options.py); auto_map -> configuration_ssa /
-                                 modeling_ssa
+                                 add_qkv_bias, qk_layernorm, use_rope_scaling (+ rope_scaling_*
+                                 when on), ssa_select_proj, ssa_selection_score (every field of
+                                 model/shape.py); auto_map -> configuration_ssa / modeling_ssa
     model.safetensors            (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
     configuration_ssa.py, modeling_ssa.py, ssa_cache.py   copied from ssa_megatron/hf/
     ssa_ops.py                   copied from ssa_megatron/ops/reference.py (the attention math)
@@ -347,8 +347,7 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
         state.pop("lm_head.weight", None)  # tied: transformers uses the embedding (as we do)
     shape = shape.replace(untie_embeddings_and_output_weights=bool(untied),
                           add_qkv_bias=_has_qkv_bias(state, cfg, shape),
-                          qk_layernorm=shape.qk_layernorm
-                          or "model.layers.0.self_attn.q_norm.weight" in state)  # Qwen3
+                          qk_layernorm=_has_head_norms(state, cfg, shape))
     heads, hidden = shape.num_attention_heads, shape.hidden_size
     flavour = "ssa" if cfg.get("model_type") == MODEL_TYPE else None
     for i in range(shape.num_layers):
@@ -396,6 +395,19 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
         raise ConversionError(f"{path} has tensors an SSA model does not use, e.g. {extra[0]} "
                               "(compression / sliding-window branches are not imported)")
     return {k: state[k] for k in sorted(expected)}, shape, flavour
+
+
+def _has_head_norms(state: Dict[str, torch.Tensor], cfg: dict, shape: ModelShape) -> bool:
+    """Qwen3's per-head q/k RMSNorms (``q_norm`` / ``k_norm`` of head_dim weights) become
+    ``qk_layernorm``; norms over the whole projection (OLMo-2's) are refused in one line."""
+    norm = state.get("model.layers.0.self_attn.q_norm.weight")
+    if norm is None:
+        return shape.qk_layernorm
+    if tuple(norm.shape) != (shape.kv_channels,):
+        raise ConversionError(f"{cfg.get('model_type')}: q_norm has {tuple(norm.shape)} weights, "
+                              f"not one per channel of a {shape.kv_channels}-channel head; SSA "
+                              "models norm each head's queries and keys (as Qwen3) only")
+    return True
 
 
 def _has_qkv_bias(state: Dict[str, torch.Tensor], cfg: dict, shape: ModelShape) -> bool:

@@ -29,7 +29,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 SELECT_PROJ = "self_attention.core_attention.select_proj"  # --ssa-select-proj's [heads, D, D]
 DIM0 = ("embedding.word_embeddings.weight", "output_layer.weight")
 DIM0_SUFFIX = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
-               "self_attention.linear_gate.weight", "self_attention.core_attention.select_proj")
+               "self_attention.linear_gate.weight", SELECT_PROJ)
 DIM1_SUFFIX = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
 STRIDE2_SUFFIX = ("mlp.linear_fc1.weight",)
 REPLICATED_SUFFIX = ("input_layernorm.weight", "pre_mlp_layernorm.weight", "final_layernorm.weight",

@@ -14,7 +14,8 @@ class SSAConfig(PretrainedConfig):
     ``attention_bias`` keeps Llama's meaning, an o_proj bias too, and must stay false),
     ``use_rope_scaling`` with ``rope_scaling_type`` (``llama3`` as Llama-3.1/3.2, or ``linear``),
     ``rope_scaling_factor``, ``rope_scaling_low_freq_factor``, ``rope_scaling_high_freq_factor``
-    and ``rope_scaling_original_max_position_embeddings``.
+    and ``rope_scaling_original_max_position_embeddings``, ``qk_layernorm`` (per-head RMSNorms
+    ``q_norm`` / ``k_norm`` on queries and keys before RoPE, as Qwen3).
 
     SSA fields: ``block_size`` (tokens per selection block), ``block_counts`` (blocks each query
     attends in sparse mode, its own block included), ``inference_mode`` (``full`` or ``sparse``;
@@ -23,7 +24,10 @@ class SSAConfig(PretrainedConfig):
     ``attention_mode`` (how the model was trained: ssa, full, sparse, nsa). ``attention_mode`` nsa
     makes the model an NSA model (three gated branches: compression, selection of
     ``block_counts`` blocks, a sliding window of ``window_size`` tokens; ``inference_mode`` does
-    not apply).
+    not apply). ``ssa_select_proj`` (a learned per-head map ``select_proj``: blocks are ranked
+    for q + q P_h) and ``ssa_selection_score`` (``mean``, or ``moment2``: each block's logit
+    raised by half its per-channel key variance term) are how the model was trained to select;
+    they are read from the config as the converter wrote it.
     """
 
     # The converter writes every field of the model's shape (ssa_megatron/model/shape.py) into

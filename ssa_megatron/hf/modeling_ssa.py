@@ -17,14 +17,13 @@ Attention runs in one of two modes (``config.inference_mode``, changeable at any
   ranking: ``config.ssa_select_proj`` (a learned per-head map ``select_proj`` [heads, D, D]:
   blocks are ranked for the query q + q P_h) and ``config.ssa_selection_score`` ``moment2``
   (each block's logit raised by half its per-channel key variance term,
-  ``ssa_ops.moment2_operands``).
+  ``ssa_ops.moment2_operands``; the KV cache then keeps each block's key variances too).
 
 Both modes work with a KV cache. The cache's layers are ``SSACacheLayer`` (``ssa_cache.py``): a
 ``DynamicLayer`` that also keeps the fp32 mean of each complete block's keys. In sparse mode a new
 token selects its blocks from those means with the rule of ``ssa_ops.select_blocks`` (the
 selection of token t depends only on keys <= t), in O(T / block_size), and attends over the
-tokens of its selected blocks only, so cached generation equals uncached generation (a moment2
-model's cache also keeps the means of the squared keys). Beam search
+tokens of its selected blocks only, so cached generation equals uncached generation. Beam search
 and cropping keep the means in step; a cache of another kind (static, quantized) falls back to
 pooling all cached keys each step (the same result, O(T)).
 
@@ -42,6 +41,7 @@ are used when ssa_megatron is installed.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from types import SimpleNamespace
@@ -63,11 +63,12 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import (full_attention, moment2_operands, pooled_selection_keys, select_blocks,
-                          sparse_attention, sparse_decode_attention)
+    from .ssa_ops import (full_attention, moment2_keys, moment2_query, pooled_selection_keys,
+                          select_blocks, sparse_attention, sparse_decode_attention)
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import (full_attention, moment2_operands, pooled_selection_keys,
-                                            select_blocks, sparse_attention, sparse_decode_attention)
+    from ssa_megatron.ops.reference import (full_attention, moment2_keys, moment2_query,
+                                            pooled_selection_keys, select_blocks, sparse_attention,
+                                            sparse_decode_attention)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -182,9 +183,10 @@ def full_attention_with_past(q, k, v, past: int, scale: float):
     return o.transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=None)
 def _takes(fn, argument: str) -> bool:
     """Whether ``fn`` has a parameter ``argument`` (an installed ssa_megatron may be older than
-    this model code)."""
+    this model code); asked once per function, not at every decoding step."""
     try:
         return argument in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -213,15 +215,18 @@ def select_blocks_for(q, q_select, k, block_size: int, block_counts: int, scale:
 def selection_operands(q, q_select, k, layer, block_size: int, score: str, scale: float):
     """(scoring queries or None for q, pooled keys) that rank a KV cache's blocks for ``q_select``
     (None: q) with ``score``: the cache layer's pooled keys (an SSACacheLayer), else all keys
-    k [B, H, T, D] pooled again; for moment2 the pair ``[q, q * q]``, ``[mean, scale / 2 var]``."""
-    stats = None
-    if isinstance(layer, SSACacheLayer) and layer.pooled_keys is not None:
-        stats = (layer.pooled_keys,) if score == "mean" else (layer.pooled_keys, layer.pooled_squares)
-    if stats is None or stats[-1] is None:
-        stats = pooled_selection_keys(k.transpose(1, 2), block_size, score)
+    k [B, H, T, D] pooled again; for moment2 the pair ``[q, scale / 2 q * q]``, ``[mean, var]``
+    (the cache keeps the second as it is: a step builds only the query side)."""
+    cached = layer if isinstance(layer, SSACacheLayer) else None
     if score == "moment2":
-        return moment2_operands(q if q_select is None else q_select, *stats, scale)
-    return q_select, stats[0]
+        pooled = cached.pooled_moment2 if cached is not None else None
+        if pooled is None:
+            pooled = moment2_keys(*pooled_selection_keys(k.transpose(1, 2), block_size, score))
+        return moment2_query(q if q_select is None else q_select, scale), pooled
+    pooled = cached.pooled_keys if cached is not None else None
+    if pooled is None:
+        pooled = pooled_selection_keys(k.transpose(1, 2), block_size)[0]
+    return q_select, pooled
 
 
 def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int, scale: float,
@@ -398,8 +403,10 @@ class SSAModel(SSAPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if use_cache and getattr(self.config, "attention_mode", "ssa") != "nsa":
+            # the layers' own score (fixed when they were built) decides what the cache keeps
+            moment2 = any(layer.self_attn.selection_score == "moment2" for layer in self.layers)
             install_pooled_key_layers(cache, self.config.num_hidden_layers, self.config.block_size,
-                                      getattr(self.config, "ssa_selection_score", "mean") == "moment2")
+                                      moment2)
         past = cache.get_seq_length() if cache is not None else 0
         # positions are always past..past+T-1: blocks are counted from the sequence start
         positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)

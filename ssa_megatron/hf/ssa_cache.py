@@ -6,8 +6,9 @@ the fp32 mean of the keys of each complete block of ``block_size`` tokens per kv
 ([B, nb, H, D], the layout of ``ssa_ops.mean_pool_blocks``), one new mean appended whenever an
 update completes a block. A decoding step then selects its blocks from nb = T // block_size means
 (O(T / block_size)) instead of pooling all T cached keys again. With ``squares`` (a model that
-selects with the moment2 score) it also keeps the fp32 mean of each block's squared keys
-(``pooled_squares``).
+selects with the moment2 score) it keeps each block's fp32 ``[mean, var]`` of its keys instead
+(``pooled_moment2``: the key side of the moment2 score, ``ssa_ops.moment2_keys``), so a step
+reads the scoring operand as it is.
 
 Keys and values live in buffers with spare room (grown by a quarter, at least 256 tokens), so an
 appended token costs a copy of itself rather than of the whole cache as ``DynamicLayer``'s
@@ -26,9 +27,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 try:  # the copy of ssa_megatron/ops/reference.py the converter writes next to this file
-    from .ssa_ops import mean_pool_blocks
+    from .ssa_ops import mean_pool_blocks, moment2_keys
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import mean_pool_blocks
+    from ssa_megatron.ops.reference import mean_pool_blocks, moment2_keys
 
 _MIN_GROWTH = 256
 
@@ -49,8 +50,9 @@ def _grown(buf: Optional[torch.Tensor], used: int, needed: int, dim: int, like: 
 
 class SSACacheLayer(DynamicLayer):
     """A DynamicLayer ([B, H, T, D] keys/values) that also keeps the pooled keys of the complete
-    blocks (``pooled_keys``: [B, T // block_size, H, D], fp32), and with ``squares`` the means
-    of their squared keys (``pooled_squares``, same shape)."""
+    blocks (``pooled_keys``: [B, T // block_size, H, D], fp32), and with ``squares`` also their
+    per-channel variances (``pooled_moment2``: [B, T // block_size, H, 2 D], means then
+    variances)."""
 
     def __init__(self, block_size: int, squares: bool = False, **kwargs):
         super().__init__()
@@ -76,15 +78,14 @@ class SSACacheLayer(DynamicLayer):
         return None if pooled is None else pooled[..., : self.keys.shape[-1]]
 
     @property
-    def pooled_squares(self) -> Optional[torch.Tensor]:
-        """[B, nb, H, D] fp32 means of the complete blocks' squared keys (None before the first
-        update or without ``squares``)."""
-        pooled = self._pooled() if self.squares else None
-        return None if pooled is None else pooled[..., self.keys.shape[-1]:]
+    def pooled_moment2(self) -> Optional[torch.Tensor]:
+        """[B, nb, H, 2 D] fp32 ``[mean, var]`` of the complete blocks' keys (None before the
+        first update or without ``squares``)."""
+        return self._pooled() if self.squares else None
 
     def _pooled(self) -> Optional[torch.Tensor]:
         """The filled part of the pooled buffer: [B, nb, H, D], or [B, nb, H, 2 D] with squares
-        (the means, then the means of the squares)."""
+        (the means, then the variances)."""
         if not self.is_initialized:
             return None
         if self._pooled_buf is None:
@@ -136,8 +137,8 @@ class SSACacheLayer(DynamicLayer):
         # [B, H, n * bs, D] -> [B, n * bs, H, D]: the layout (and arithmetic) of the no-cache pass
         tokens = self.keys[:, :, first * bs: complete * bs].transpose(1, 2)
         means = mean_pool_blocks(tokens, bs).detach()  # selection is not differentiated
-        if self.squares:  # the arithmetic of reference.pooled_selection_keys
-            means = torch.cat([means, mean_pool_blocks(tokens.float() * tokens.float(), bs).detach()], -1)
+        if self.squares:  # the arithmetic of reference.pooled_selection_keys and moment2_keys
+            means = moment2_keys(means, mean_pool_blocks(tokens.float() * tokens.float(), bs).detach())
         self._pooled_buf = _grown(self._pooled_buf, first, complete, 1, means, torch.float32)
         self._pooled_buf[:, first:complete].copy_(means)
         self._num_pooled = complete
@@ -200,5 +201,5 @@ def install_pooled_key_layers(cache, num_layers: int, block_size: int, squares: 
             raise ValueError(f"the cache pools blocks of {layer.block_size} tokens but the model's "
                              f"block_size is {block_size}; start generation with a fresh cache")
         elif isinstance(layer, SSACacheLayer) and squares and not layer.squares:
-            raise ValueError("the cache keeps no squared-key means, which this model's moment2 "
+            raise ValueError("the cache keeps no key variances, which this model's moment2 "
                              "selection needs; start generation with a fresh cache")

@@ -16,9 +16,10 @@ heads of a kv group; the current block is always selected, future blocks never; 
 Selection scores (``score``): "mean" is the paper's logit ``scale q . mean(K_b)``; "moment2"
 adds half the per-channel variance term, ``scale^2 / 2 sum_d q_d^2 var_b(k_d)`` (the diagonal
 of the second-order estimate of ``log mean_j exp(scale q . k_j)``, the block's share of full
-attention). Both are one dot product: moment2 is "mean" of ``[q, q * q]`` against the block
-statistics ``[mean, scale / 2 * var]`` (:func:`moment2_operands`), so every kernel that scores
-pooled keys scores it at head dim 2 D.
+attention). Both are one dot product: moment2 is "mean" of ``[q, scale / 2 * q * q]`` against
+the block statistics ``[mean, var]`` (:func:`moment2_operands`), so every kernel that scores
+pooled keys scores it at head dim 2 D, and a KV cache keeps ``[mean, var]`` per block as it
+keeps the means (the scale is on the query's side).
 """
 from __future__ import annotations
 
@@ -78,14 +79,24 @@ def check_score(score: str) -> None:
         raise ValueError(f"unknown selection score {score!r}; use one of {', '.join(SELECTION_SCORES)}")
 
 
+def moment2_query(q: torch.Tensor, scale: float) -> torch.Tensor:
+    """q' = [q, scale / 2 * q * q] (fp32, [..., 2 D]): the query side of the moment2 logit."""
+    qf = q.float()
+    return torch.cat([qf, qf * qf * (0.5 * scale)], -1)
+
+
+def moment2_keys(pooled_mean: torch.Tensor, pooled_square: torch.Tensor) -> torch.Tensor:
+    """pooled' = [mean, var] ([..., 2 D]) from the block means of the keys and of their squares
+    (var = E[k^2] - mean^2, clamped at 0): the key side of the moment2 logit."""
+    var = (pooled_square - pooled_mean * pooled_mean).clamp_min(0.0)
+    return torch.cat([pooled_mean, var], -1)
+
+
 def moment2_operands(q: torch.Tensor, pooled_mean: torch.Tensor, pooled_square: torch.Tensor,
                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(q', pooled') with ``scale * q' . pooled'`` = the moment2 logit: q' = [q, q * q] (fp32,
-    [..., 2 D]) and pooled' = [mean, scale / 2 * var] ([..., 2 D]) from the block means of the
-    keys and of their squares (var = E[k^2] - mean^2, clamped at 0)."""
-    qf = q.float()
-    var = (pooled_square - pooled_mean * pooled_mean).clamp_min(0.0)
-    return torch.cat([qf, qf * qf], -1), torch.cat([pooled_mean, var * (0.5 * scale)], -1)
+    """(q', pooled') with ``scale * q' . pooled'`` = the moment2 logit ``scale q . mean +
+    scale^2 / 2 sum_d q_d^2 var_d``: :func:`moment2_query` and :func:`moment2_keys`."""
+    return moment2_query(q, scale), moment2_keys(pooled_mean, pooled_square)
 
 
 def pooled_selection_keys(k: torch.Tensor, block_size: int, score: str = "mean"):

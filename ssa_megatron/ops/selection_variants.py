@@ -27,10 +27,12 @@ selection's fault and how much the budget's.
   al. 2024, ranks KV pages), then SSA's softmax and group sum.
 * ``sub<N>`` (e.g. ``sub4``; N divides the block size): each block's logit is ``log mean_j
   exp(s q.mean(K_bj))`` over the means of its N sub-blocks of block_size / N keys, then SSA's
-  softmax and group sum. ``sub1`` is SSA's score; at N = block_size it is the block's exact
-  share of the head's attention over the complete past blocks (every key its own sub-block), so
-  N measures how much finer the pooled keys must be to select as well as the attention itself
-  would. Costs N pooled keys per block and N times the scoring work.
+  softmax and group sum. ``sub1`` is the mean score (SSA's, also for a model that trained with
+  moment2); at N = block_size it is the block's exact share of the head's attention over the
+  complete past blocks (every key its own sub-block), so N measures how much finer the pooled
+  keys must be to select as well as the attention itself would. With a learned selection map it
+  scores ``q + q P`` as the model's own selection does (N = block_size is then that query's
+  share, not the attention's). Costs N pooled keys per block and N times the scoring work.
 
 Every variant has the contract of ``select_blocks``: indices [B, T, H, block_counts] (int32,
 -1 = empty slot) counted from the start of each token's document, slot 0 the current block,

@@ -213,6 +213,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             raise ValueError(f"sparse_decode_attention takes one new token per sequence, got {q.shape[1]}")
         q = q[:, 0]
     b, hq, d = q.shape
+    if q_select is not None and q_select.dim() == 4 and q_select.shape[1] != 1:
+        raise ValueError(f"selection queries {tuple(q_select.shape)}: one new token per sequence")
     qs = q if q_select is None else (q_select[:, 0] if q_select.dim() == 4 else q_select)
     ds = qs.shape[-1]
     if qs.shape[:2] != (b, hq) or pooled.shape[-1] != ds:

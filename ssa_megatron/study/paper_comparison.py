@@ -62,6 +62,7 @@ SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", s
                                            "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
+BLOCK_SIZE = 16  # every system's (the evaluation selections are checked against it)
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
 
 
@@ -69,7 +70,7 @@ def model_flags(args) -> list:
     return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
             "--ffn-hidden-size", str(args.ffn_hidden_size), "--num-attention-heads", str(args.heads),
             "--num-query-groups", str(args.kv_heads), "--seq-length", str(args.seq_length),
-            "--ssa-block-size", "16", "--ssa-block-counts", str(args.block_counts)]
+            "--ssa-block-size", str(BLOCK_SIZE), "--ssa-block-counts", str(args.block_counts)]
 
 
 def parse_variants(specs) -> dict:
@@ -287,7 +288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if any(n < 1 for n in args.eval_dense_layers):
         raise SystemExit("error: --eval-dense-layers takes layer counts >= 1")
     from ssa_megatron.ops.selection_variants import selection_names_error
-    unknown = selection_names_error(args.eval_selections)
+    unknown = selection_names_error(args.eval_selections, BLOCK_SIZE)
     if unknown:
         raise SystemExit(f"error: --eval-selections: {unknown}")
     unknown = [s for s in args.systems if s not in SYSTEMS and s not in args.variants]

@@ -270,6 +270,10 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
     if args.ssa_selection_score != "mean" and args.attention_mode not in ("ssa", "sparse"):
         raise ConfigError(f"--ssa-selection-score {args.ssa_selection_score} scores SSA's block "
                           "selection: it needs --attention-mode ssa or sparse")
+    if args.ssa_select_proj and args.ssa_selection_score != "mean":
+        raise ConfigError(f"--ssa-select-proj is trained by the selection alignment loss, which "
+                          f"trains the mean score only: it cannot go with --ssa-selection-score "
+                          f"{args.ssa_selection_score}; drop one of the two")
     if args.ssa_selection_score != "mean" and args.ssa_select_align_coef:
         raise ConfigError("--ssa-select-align-coef (and --ssa-select-proj) train the mean score's "
                           "block probabilities: drop them, or keep --ssa-selection-score mean")
