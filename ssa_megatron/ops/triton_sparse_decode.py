@@ -23,7 +23,7 @@ step, so it can capture the step in a CUDA graph. (The HF model passes its cache
 and an int position: fine eagerly, a new grid as blocks fill.)
 
 The scoring kernels may take other queries than the attention (``q_select``: a learned selection
-map's, or the moment2 score's [q, q * q] against [mean, scale / 2 * var] at twice the head dim).
+map's, or the moment2 score's [q, scale / 2 * q * q] against [mean, var] at twice the head dim).
 
 Scores are computed as the prefill selection computes them: block means times
 ``scale * log2(e)`` in fp32, ``tl.dot`` at the selection's ``CONFIG["dot_precision"]``, exp2.
