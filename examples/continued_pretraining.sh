@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Continued SSA pretraining of an existing Hugging Face model (Llama 2 / 3 / 3.1 / 3.2, Mistral,
-# Qwen2, Qwen3) at a longer context: import (tools/convert_checkpoint.py from-hf), then train with the
-# model flags the importer prints, a longer --seq-length and a RoPE change. Rerunning resumes.
+# Qwen2, Qwen3, Phi-3) at a longer context: import (tools/convert_checkpoint.py from-hf), then
+# train with the model flags the importer prints, a longer --seq-length and a RoPE change.
+# Rerunning resumes.
 # Why these settings: examples/README.md, "Continued pretraining of an existing model".
 #
 #   HF_MODEL=/models/Llama-3.2-1B DATA_PATH=data/llama32 SEQ_LENGTH=32768 \

@@ -1,5 +1,6 @@
 """Importing the models people have (tiny random ones built with transformers' own classes):
-Llama-3.1 (untied, llama3 RoPE), Mistral (untied, linear RoPE), Qwen2 (q/k/v biases); GQA in all.
+Llama-3.1 (untied, llama3 RoPE), Mistral (untied, linear RoPE), Qwen2 (q/k/v biases), Qwen3
+(per-head q/k norms, wide heads), Phi-3 (fused qkv and gate/up projections); GQA in all.
 The import computes what the source computed (full mode), exports and re-imports bit-identically,
 splits over TP exactly, trains at TP=2; what SSA cannot compute is refused in one line."""
 import json
@@ -27,12 +28,16 @@ FAMILIES = {
     # per-head q/k RMSNorm (--qk-layernorm), heads of 16 channels though hidden / heads is 8
     "qwen3": ("Qwen3", dict(tie_word_embeddings=False, head_dim=16,
                             rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    # fused qkv_proj and gate_up_proj
+    "phi3": ("Phi3", dict(tie_word_embeddings=False, sliding_window=None, pad_token_id=0,
+                          eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
 }
 # what each family's import must turn on (the flags the converter prints)
 OPTIONS = {"llama31": {"untie_embeddings_and_output_weights", "use_rope_scaling"},
            "mistral": {"untie_embeddings_and_output_weights", "use_rope_scaling"},
            "qwen2": {"add_qkv_bias"},
-           "qwen3": {"untie_embeddings_and_output_weights", "qk_layernorm"}}
+           "qwen3": {"untie_embeddings_and_output_weights", "qk_layernorm"},
+           "phi3": {"untie_embeddings_and_output_weights"}}
 
 
 def build_source(family: str, path: str, **overrides):

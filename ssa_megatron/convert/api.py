@@ -30,7 +30,7 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
                               attention_mode: Optional[str] = None) -> str:
-    """HF directory (ours, the paper's layout, Llama, Mistral, Qwen2, Qwen3) -> weights-only
+    """HF directory (ours, the paper's layout, Llama, Mistral, Qwen2, Qwen3, Phi-3) -> weights-only
     megatron checkpoint. Returns the flavour read (ssa, paper, llama)."""
     hf_state, shape, flavour = hf_ckpt.read_hf(hf_dir, attention_mode)
     full = layout.hf_to_megatron(hf_state, shape, megatron_ckpt.padded_vocab(shape.vocab_size, tp))

@@ -2,7 +2,7 @@
 
     # megatron (any TP, ZeRO 0-3) -> HF directory (config, safetensors, model code, tokenizer)
     python tools/convert_checkpoint.py to-hf --input runs/x/checkpoints --output hf/x
-    # HF (our export, the SSA paper's layout, Llama 2/3/3.1, Mistral, Qwen2, Qwen3) -> megatron, TP=2
+    # HF (ours, the SSA paper's layout, Llama 2/3/3.1, Mistral, Qwen2/3, Phi-3) -> megatron, TP=2
     python tools/convert_checkpoint.py from-hf --input hf/x --output ckpt/x-tp2 \
         --tensor-model-parallel-size 2
     # re-layout a checkpoint to another TP size (weights only)

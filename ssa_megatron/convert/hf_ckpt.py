@@ -1,5 +1,5 @@
 """Hugging Face directories: write ours (config, safetensors, model code, tokenizer); read ours, the
-SSA paper authors' layout and plain Llama (2, 3, 3.1/3.2), Mistral, Qwen2 and Qwen3 models.
+SSA paper authors' layout and plain Llama (2, 3, 3.1/3.2), Mistral, Qwen2, Qwen3 and Phi-3 models.
 
 Written directory::
 
@@ -24,9 +24,9 @@ Reading (:func:`read_hf`) uses safetensors only and returns our HF naming with `
   interleaved per head): the selection gate is kept (all three, unchanged, when imported with
   attention mode nsa);
 * NSA exports (``attention_mode`` nsa, ``window_size``): ``g_proj`` [3 * heads, hidden] as is;
-* plain Llama, Mistral, Qwen2, Qwen3 (no ``g_proj``): gate weights zero (sigmoid 0.5 on every
-  head) and ``o_proj`` doubled, so the imported model computes exactly what the source model
-  computed (in full attention). Their untied ``lm_head``, q/k/v biases (Qwen2), per-head q/k
+* plain Llama, Mistral, Qwen2, Qwen3, Phi-3 (no ``g_proj``; Phi-3's fused ``qkv_proj`` and
+  ``gate_up_proj`` split): gate weights zero (sigmoid 0.5 on every head) and ``o_proj`` doubled,
+  so the imported model computes exactly what the source model computed (in full attention). Their untied ``lm_head``, q/k/v biases (Qwen2), per-head q/k
   RMSNorms (Qwen3's ``q_norm`` / ``k_norm``: ``qk_layernorm``) and default, linear or llama3
   RoPE (Llama-3.1/3.2) carry over as the options of model/options.py. What an SSA model cannot
   compute is refused in one line naming the config field: sliding-window attention
@@ -333,7 +333,7 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
     if attention_mode is not None:
         shape = shape.replace(attention_mode=attention_mode)
     nsa = shape.attention_mode == "nsa"
-    state = _normalise_names(load_safetensors_dir(path))
+    state = _split_fused_projections(_normalise_names(load_safetensors_dir(path)), shape)
     emb = state.get("model.embed_tokens.weight")
     if emb is None:
         raise ConversionError(f"{path} has no model.embed_tokens.weight; not a Llama-style model")
@@ -395,6 +395,25 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
         raise ConversionError(f"{path} has tensors an SSA model does not use, e.g. {extra[0]} "
                               "(compression / sliding-window branches are not imported)")
     return {k: state[k] for k in sorted(expected)}, shape, flavour
+
+
+def _split_fused_projections(state: Dict[str, torch.Tensor], shape: ModelShape) -> Dict[str, torch.Tensor]:
+    """Phi-3's fused ``qkv_proj`` ([q; k; v] rows) and ``gate_up_proj`` ([gate; up] rows) as
+    the separate projections of the Llama layout."""
+    q_rows = shape.num_attention_heads * shape.kv_channels
+    kv_rows = shape.num_query_groups * shape.kv_channels
+    for name in [n for n in state if ".self_attn.qkv_proj." in n]:
+        fused = state.pop(name)
+        if fused.shape[0] != q_rows + 2 * kv_rows:
+            raise ConversionError(f"{name} has {fused.shape[0]} rows; the config's heads make "
+                                  f"{q_rows} + 2 x {kv_rows} (q, k, v)")
+        for x, part in zip("qkv", fused.split([q_rows, kv_rows, kv_rows])):
+            state[name.replace(".qkv_proj.", f".{x}_proj.")] = part.clone()
+    for name in [n for n in state if ".mlp.gate_up_proj." in n]:
+        gate, up = state.pop(name).chunk(2, dim=0)
+        state[name.replace(".gate_up_proj.", ".gate_proj.")] = gate.clone()
+        state[name.replace(".gate_up_proj.", ".up_proj.")] = up.clone()
+    return state
 
 
 def _has_head_norms(state: Dict[str, torch.Tensor], cfg: dict, shape: ModelShape) -> bool:
