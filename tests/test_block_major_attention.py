@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import sys
 
-from interpreter_utils import needs_triton, run_interpreted
+import pytest
+
+from interpreter_utils import ConcurrentRuns, needs_triton, selected_groups
 
 BS = 16
 
@@ -31,21 +33,29 @@ CASES = [
 ]
 
 
-def _run_child(what):
-    return run_interpreted(__file__, what)
+GROUP_OF_TEST = {"test_block_major_matches_reference": "cases",
+                 "test_block_major_edges_and_dispatch": "edges"}
+
+
+@pytest.fixture(scope="module")
+def interpreted(request):
+    """Both interpreter groups at once: a test waits only for its own."""
+    runs = ConcurrentRuns(__file__, selected_groups(request, GROUP_OF_TEST.get))
+    yield runs
+    runs.close()
 
 
 @needs_triton
-def test_block_major_matches_reference():
-    rows = _run_child("cases")
+def test_block_major_matches_reference(interpreted):
+    rows = interpreted.rows("cases")
     assert len(rows) == len(CASES)
     for row in rows:
         assert row["ok"], row
 
 
 @needs_triton
-def test_block_major_edges_and_dispatch():
-    rows = _run_child("edges")
+def test_block_major_edges_and_dispatch(interpreted):
+    rows = interpreted.rows("edges")
     assert [r["case"] for r in rows] == ["hand-made indices", "dispatch"]
     for row in rows:
         assert row["ok"], row

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from interpreter_utils import needs_triton, run_interpreted
+from interpreter_utils import ConcurrentRuns, needs_triton, selected_groups
 
 BS = 16
 
@@ -33,9 +33,26 @@ CASES = [
 ]
 
 
+# the interpreter group each test reads
+GROUP_OF_TEST = {"test_decode_kernels_match_reference": "cases",
+                 "test_decode_kernels_score_with_selection_queries_like_the_reference": "selection_queries",
+                 "test_dispatch_takes_the_kernels_only_where_they_apply": "dispatch",
+                 "test_model_decodes_through_the_kernels_like_the_uncached_pass": "model",
+                 "test_moment2_model_decodes_through_the_kernels_like_the_uncached_pass": "model_variants",
+                 "test_benchmark_kernel_check_passes_on_the_kernels": "bench_check"}
+
+
+@pytest.fixture(scope="module")
+def interpreted(request):
+    """The module's interpreter groups, two at a time: a test waits only for its own group."""
+    runs = ConcurrentRuns(__file__, selected_groups(request, GROUP_OF_TEST.get))
+    yield runs
+    runs.close()
+
+
 @needs_triton
-def test_decode_kernels_match_reference():
-    rows = run_interpreted(__file__, "cases")
+def test_decode_kernels_match_reference(interpreted):
+    rows = interpreted.rows("cases")
     assert len(rows) == len(CASES)
     for row in rows:
         assert row["ok"], row
@@ -52,39 +69,39 @@ SELECTION_CASES = [
 
 
 @needs_triton
-def test_decode_kernels_score_with_selection_queries_like_the_reference():
-    rows = run_interpreted(__file__, "selection_queries")
+def test_decode_kernels_score_with_selection_queries_like_the_reference(interpreted):
+    rows = interpreted.rows("selection_queries")
     assert [r["case"] for r in rows] == list(range(len(SELECTION_CASES)))
     for row in rows:
         assert row["ok"] and row["differs_from_q"], row
 
 
 @needs_triton
-def test_dispatch_takes_the_kernels_only_where_they_apply():
-    rows = run_interpreted(__file__, "dispatch")
+def test_dispatch_takes_the_kernels_only_where_they_apply(interpreted):
+    rows = interpreted.rows("dispatch")
     assert rows[0]["ok"], rows[0]
 
 
 @needs_triton
-def test_model_decodes_through_the_kernels_like_the_uncached_pass():
-    rows = run_interpreted(__file__, "model")
+def test_model_decodes_through_the_kernels_like_the_uncached_pass(interpreted):
+    rows = interpreted.rows("model")
     assert rows[0]["ok"], rows[0]
 
 
 @needs_triton
-def test_moment2_model_decodes_through_the_kernels_like_the_uncached_pass():
-    rows = run_interpreted(__file__, "model_variants")
+def test_moment2_model_decodes_through_the_kernels_like_the_uncached_pass(interpreted):
+    rows = interpreted.rows("model_variants")
     assert rows[0]["ok"], rows[0]
 
 
 @needs_triton
-def test_benchmark_kernel_check_passes_on_the_kernels():
+def test_benchmark_kernel_check_passes_on_the_kernels(interpreted):
     """tools/bench_decode.py's kernel check (block sets judged up to near-ties, output error),
     run on the interpreted kernels over a filled cache: G 4 D 128, G 16 D 64 (batch 2, a
     query without its token axis), a moment2 model and a model with a selection map; then the
     first layout again with the kernel's output scaled
     by 1.1 and with a future block in its selection, each of which it must fail for that reason."""
-    rows = run_interpreted(__file__, "bench_check")
+    rows = interpreted.rows("bench_check")
     assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2 q3d", "8/2/64 moment2",
                                            "8/2/128 map", "output x1.1", "future block"]
     for row in rows[:4]:

@@ -19,7 +19,7 @@ import os
 import sys
 
 import pytest
-from interpreter_utils import needs_triton, run_interpreted
+from interpreter_utils import ConcurrentRuns, needs_triton, selected_groups
 
 from ssa_megatron.ops.kernel_config import override_config
 
@@ -80,20 +80,44 @@ MOMENT2_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96]), (2, 80, 8, 2, 32, 3, BS
                  (1, 90, 2, 2, 16, 5, BS, [0, 20, 90])]
 
 
-def _run_group(what):
-    return run_interpreted(__file__, what)
+# the interpreter group each test reads (test_kernels_match_reference: its parameter)
+GROUP_OF_TEST = {"test_selection_merge_strategies": "select",
+                 "test_moment2_selection_matches_reference": "moment2",
+                 "test_backward_list_building_and_launch_order": "invert",
+                 "test_kernel_variant_sweep_checks": "variants",
+                 "test_tma_forward_and_dq_match_reference": "tma",
+                 "test_byte_floor_kernels_read_what_they_count": "floor"}
+
+
+def _group_of(test_name: str):
+    base, _, param = test_name.partition("[")
+    if base == "test_kernels_match_reference":
+        return param.rstrip("]")
+    return GROUP_OF_TEST.get(base)
+
+
+@pytest.fixture(scope="module")
+def interpreted(request):
+    """The module's interpreter groups, the longest first, two at a time: a test waits only for
+    its own group."""
+    groups = sorted(selected_groups(request, _group_of),
+                    key=lambda g: ("tma", "select", "variants", "invert").index(g)
+                    if g in ("tma", "select", "variants", "invert") else 4)
+    runs = ConcurrentRuns(__file__, groups)
+    yield runs
+    runs.close()
 
 
 @needs_triton
 @pytest.mark.parametrize("group", sorted(GROUPS))
-def test_kernels_match_reference(group):
-    for row in _run_group(group):
+def test_kernels_match_reference(group, interpreted):
+    for row in interpreted.rows(group):
         assert row["ok"], row
 
 
 @needs_triton
-def test_selection_merge_strategies():
-    rows = _run_group("select")
+def test_selection_merge_strategies(interpreted):
+    rows = interpreted.rows("select")
     assert sorted((r["merge"], r["index"]) for r in rows) == sorted(
         (m, i) for m in MERGES for i in range(len(SELECT_CASES)))
     for row in rows:
@@ -101,42 +125,42 @@ def test_selection_merge_strategies():
 
 
 @needs_triton
-def test_moment2_selection_matches_reference():
-    rows = _run_group("moment2")
+def test_moment2_selection_matches_reference(interpreted):
+    rows = interpreted.rows("moment2")
     assert len(rows) == len(MOMENT2_CASES)
     for row in rows:
         assert row["ok"], row
 
 
 @needs_triton
-def test_backward_list_building_and_launch_order():
+def test_backward_list_building_and_launch_order(interpreted):
     """Every way of inverting the selection (CONFIG["invert"]) gives the same key lists, and
     every list method, dk/dv launch order and list split the same gradients (see
     ``_check_invert``)."""
-    rows = _run_group("invert")
+    rows = interpreted.rows("invert")
     assert len(rows) == len(INVERT_CASES) + 1
     for row in rows:
         assert row["ok"], row
 
 
 @needs_triton
-def test_kernel_variant_sweep_checks():
+def test_kernel_variant_sweep_checks(interpreted):
     """The kernel-variant sweep's (tools/bench_kernel_variants.py) correctness pass on the CPU interpreter (fp32): it passes
     for real variants and fails for one that changes the selection without saying so."""
-    rows = _run_group("variants")
+    rows = interpreted.rows("variants")
     assert [r["name"] for r in rows] == ["good", "bad"]
     assert rows[0]["ok"] is True, rows[0]
     assert rows[1]["ok"] is False, rows[1]
 
 
 @needs_triton
-def test_tma_forward_and_dq_match_reference():
+def test_tma_forward_and_dq_match_reference(interpreted):
     """Forward and dq for G >= 16 four ways (gathers; TMA with one, two or four blocks per
     step): o, dq, dk, dv equal the reference's on packed documents, block counts that leave a
     partial step, G 16 / 32 and D 16 / 32 / 128; G 8 keeps the gathers. Then hand-made
     indices with holes and empty documents, a NaN in the next document, and what ``tma_ok``
     refuses (see ``_check_tma_edges``)."""
-    rows = _run_group("tma")
+    rows = interpreted.rows("tma")
     assert set(TMA_PLAN) == {"gather", *TMA_MODES} and all(TMA_PLAN.values())
     from ssa_megatron.ops.triton_sparse_attention import CONFIG
     default = {k: CONFIG["small_d"][k] for k in ("tma_step", "tma_pair")}
@@ -148,11 +172,11 @@ def test_tma_forward_and_dq_match_reference():
 
 
 @needs_triton
-def test_byte_floor_kernels_read_what_they_count():
+def test_byte_floor_kernels_read_what_they_count(interpreted):
     """The byte-floor tool (tools/bench_byte_floor.py): the loads-only, loads+MMA and L2-read kernels read exactly
     the rows the sparse kernels gather (packed documents, G 4 with several tokens per tile,
     G 16), and its byte count agrees with a brute-force count."""
-    rows = _run_group("floor")
+    rows = interpreted.rows("floor")
     assert [r["case"] for r in rows] == ["T100 HQ8 H2 D16", "T64 HQ32 H2 D32", "l2_read"]
     for row in rows:
         assert row["ok"], row
