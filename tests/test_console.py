@@ -15,7 +15,9 @@ PARSERS = [("ssa_megatron.training.arguments", "build_parser"),
            ("ssa_megatron.eval.cli", "build_parser"),
            ("ssa_megatron.convert.cli", "build_parser"),
            ("ssa_megatron.data.preprocess", "build_parser"),
-           ("ssa_megatron.data.tokenizer_training", "build_parser")]
+           ("ssa_megatron.data.tokenizer_training", "build_parser"),
+           ("ssa_megatron.eval.backend_parity", "build_parser"),
+           ("ssa_megatron.study.quality_study", "build_parser")]
 
 
 def test_pretrain_help_starts_with_usage_and_shows_defaults():

@@ -1,17 +1,11 @@
-"""tools/ssa_quality_study.py run: one study folder holds one setting, and a restarted run's
-earlier log is kept (no training here: the queue is stubbed)."""
-import importlib.util
+"""tools/ssa_quality_study.py run (ssa_megatron.study.quality_study): one study folder holds one
+setting, and a restarted run's earlier log is kept (no training here: the queue is stubbed)."""
 import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool():
-    path = os.path.join(ROOT, "tools", "ssa_quality_study.py")
-    spec = importlib.util.spec_from_file_location("ssa_quality_study", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ssa_megatron.study import quality_study
+    return quality_study
 
 
 def test_runs_started_with_other_flags_are_refused_and_cut_runs_keep_their_log(tmp_path, monkeypatch, capsys):
