@@ -148,9 +148,19 @@ def test_what_ssa_cannot_compute_is_refused_naming_the_field(tmp_path, capsys):
         "rope_type 'yarn'": ("llama31", dict(rope_parameters={
             "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
             "original_max_position_embeddings": 64})),
+        # Phi-3-mini-4k ships a window below its context; Phi-4-mini rotates 3/4 of each head
+        "sliding_window=31": ("phi3", dict(sliding_window=31)),
+        "partial_rotary_factor=0.75": ("phi3", dict(rope_parameters={
+            "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75})),
+        r"qkv_proj.weight has 96 rows; the config's heads make 64 \+ 2 x 8": (
+            "phi3", dict(num_key_value_heads=2, _config_edit={"num_key_value_heads": 1})),
     }
     for i, (field, (family, overrides)) in enumerate(cases.items()):
+        edit = overrides.pop("_config_edit", {})
         build_source(family, str(tmp_path / f"m{i}"), **overrides)
+        if edit:  # a config.json that does not fit the weights
+            cfg_path = tmp_path / f"m{i}" / "config.json"
+            cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), **edit}))
         with pytest.raises(ConversionError, match=field.replace("(", r"\(")):
             api.hf_to_megatron_checkpoint(str(tmp_path / f"m{i}"), str(tmp_path / f"out{i}"))
         assert not os.path.exists(tmp_path / f"out{i}")

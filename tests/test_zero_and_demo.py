@@ -63,8 +63,8 @@ RECORDED_TAGS = ("train/lm_loss", "train/align_loss", "train/grad_norm", "valid/
 def assert_losses_unchanged(events):
     """The demo's per-step losses (fp32 CPU, seed 1234, reference attention) equal the ones recorded
     in tests/golden/demo_losses.json before the architecture refactor: a refactor must not change
-    what the model computes. On the recording machine they are bit-identical run after run; the
-    2e-6 relative slack only absorbs another CPU's summation order (a real change of the model,
+    what the model computes. On the recording machine they were bit-identical run after run; the
+    2e-6 relative slack absorbs another CPU's summation order (a real change of the model,
     the data order or the draws moves them by 1e-3 or more). Two derived numbers get more: the
     alignment loss (2e-3) is the mean squared difference of two branch outputs that agree to
     about 1 %, so the outputs' own rounding reaches it about 100x magnified, and the gradient

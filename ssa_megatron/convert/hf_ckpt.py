@@ -333,7 +333,9 @@ def read_hf(path: str, attention_mode: Optional[str] = None) -> Tuple[Dict[str, 
     if attention_mode is not None:
         shape = shape.replace(attention_mode=attention_mode)
     nsa = shape.attention_mode == "nsa"
-    state = _split_fused_projections(_normalise_names(load_safetensors_dir(path)), shape)
+    state = _normalise_names(load_safetensors_dir(path))
+    if cfg.get("model_type") == "phi3":  # Phi-3 and Phi-4 (Phi3ForCausalLM)
+        state = _split_fused_projections(state, shape)
     emb = state.get("model.embed_tokens.weight")
     if emb is None:
         raise ConversionError(f"{path} has no model.embed_tokens.weight; not a Llama-style model")
@@ -410,7 +412,11 @@ def _split_fused_projections(state: Dict[str, torch.Tensor], shape: ModelShape) 
         for x, part in zip("qkv", fused.split([q_rows, kv_rows, kv_rows])):
             state[name.replace(".qkv_proj.", f".{x}_proj.")] = part.clone()
     for name in [n for n in state if ".mlp.gate_up_proj." in n]:
-        gate, up = state.pop(name).chunk(2, dim=0)
+        fused = state.pop(name)
+        if fused.shape[0] != 2 * shape.ffn_hidden_size:
+            raise ConversionError(f"{name} has {fused.shape[0]} rows; the config's "
+                                  f"intermediate_size makes 2 x {shape.ffn_hidden_size} (gate, up)")
+        gate, up = fused.chunk(2, dim=0)
         state[name.replace(".gate_up_proj.", ".gate_proj.")] = gate.clone()
         state[name.replace(".gate_up_proj.", ".up_proj.")] = up.clone()
     return state

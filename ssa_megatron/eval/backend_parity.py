@@ -1,4 +1,4 @@
-"""Does an SSA training step give the same loss and gradients with the Triton kernels as with
+r"""Does an SSA training step give the same loss and gradients with the Triton kernels as with
 the plain-PyTorch reference, on a real model and real text?
 
     python tools/check_backend_parity.py --checkpoint runs/compare100/full-full_seed1/checkpoint \

@@ -1,4 +1,4 @@
-"""SSA quality study: many seeds of small SSA / Full-Full models side by side on one GPU, with
+r"""SSA quality study: many seeds of small SSA / Full-Full models side by side on one GPU, with
 attention diagnostics from step 0, then a summary of which runs land where Full-Full does.
 
     python tools/ssa_quality_study.py run --data-path runs/english/english_text_document \
