@@ -65,6 +65,22 @@ def selected_groups(request, group_of) -> list:
     return [g for g in (group_of(n) for n in names) if g is not None]
 
 
+def interpreted_groups(script: str, group_of, first=()):
+    """A module-scoped fixture ``interpreted`` (a :class:`ConcurrentRuns`) of the groups the
+    module's selected tests need (``group_of(test name)``), the groups named in ``first`` (the
+    longest) started first, in that order: a test waits only for its own group."""
+
+    @pytest.fixture(scope="module")
+    def interpreted(request):
+        groups = selected_groups(request, group_of)
+        groups.sort(key=lambda g: first.index(g) if g in first else len(first))
+        runs = ConcurrentRuns(script, groups)
+        yield runs
+        runs.close()
+
+    return interpreted
+
+
 def _command(script: str, what: str) -> list:
     return [sys.executable, os.path.abspath(script), what]
 

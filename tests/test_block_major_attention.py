@@ -17,9 +17,7 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
-
-from interpreter_utils import ConcurrentRuns, needs_triton, selected_groups
+from interpreter_utils import interpreted_groups, needs_triton
 
 BS = 16
 
@@ -37,12 +35,7 @@ GROUP_OF_TEST = {"test_block_major_matches_reference": "cases",
                  "test_block_major_edges_and_dispatch": "edges"}
 
 
-@pytest.fixture(scope="module")
-def interpreted(request):
-    """Both interpreter groups at once: a test waits only for its own."""
-    runs = ConcurrentRuns(__file__, selected_groups(request, GROUP_OF_TEST.get))
-    yield runs
-    runs.close()
+interpreted = interpreted_groups(__file__, GROUP_OF_TEST.get)
 
 
 @needs_triton

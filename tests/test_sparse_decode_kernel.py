@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from interpreter_utils import ConcurrentRuns, needs_triton, selected_groups
+from interpreter_utils import interpreted_groups, needs_triton
 
 BS = 16
 
@@ -42,12 +42,7 @@ GROUP_OF_TEST = {"test_decode_kernels_match_reference": "cases",
                  "test_benchmark_kernel_check_passes_on_the_kernels": "bench_check"}
 
 
-@pytest.fixture(scope="module")
-def interpreted(request):
-    """The module's interpreter groups, two at a time: a test waits only for its own group."""
-    runs = ConcurrentRuns(__file__, selected_groups(request, GROUP_OF_TEST.get))
-    yield runs
-    runs.close()
+interpreted = interpreted_groups(__file__, GROUP_OF_TEST.get)
 
 
 @needs_triton

@@ -19,7 +19,7 @@ import os
 import sys
 
 import pytest
-from interpreter_utils import ConcurrentRuns, needs_triton, selected_groups
+from interpreter_utils import interpreted_groups, needs_triton
 
 from ssa_megatron.ops.kernel_config import override_config
 
@@ -96,16 +96,7 @@ def _group_of(test_name: str):
     return GROUP_OF_TEST.get(base)
 
 
-@pytest.fixture(scope="module")
-def interpreted(request):
-    """The module's interpreter groups, the longest first, two at a time: a test waits only for
-    its own group."""
-    groups = sorted(selected_groups(request, _group_of),
-                    key=lambda g: ("tma", "select", "variants", "invert").index(g)
-                    if g in ("tma", "select", "variants", "invert") else 4)
-    runs = ConcurrentRuns(__file__, groups)
-    yield runs
-    runs.close()
+interpreted = interpreted_groups(__file__, _group_of, first=("tma", "select", "variants", "invert"))
 
 
 @needs_triton

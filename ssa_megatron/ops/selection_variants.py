@@ -73,8 +73,15 @@ def selection_names_error(names, block_size: Optional[int] = None) -> Optional[s
             kind, n = parse_selection(name)
         except ValueError as e:
             return str(e)
-        if kind == "sub" and block_size is not None and (n > block_size or block_size % n):
-            return f"{name}: N must divide the block size {block_size}"
+        if kind == "sub" and block_size is not None and _sub_parts_error(n, block_size):
+            return _sub_parts_error(n, block_size)
+    return None
+
+
+def _sub_parts_error(parts: int, block_size: int) -> Optional[str]:
+    """Why ``sub<parts>`` cannot split blocks of ``block_size`` tokens (None: it can)."""
+    if parts > block_size or block_size % parts:
+        return f"sub{parts}: N must divide the block size {block_size}"
     return None
 
 
@@ -136,8 +143,9 @@ def sub_block_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: 
                      scale: Optional[float]) -> torch.Tensor:
     """[B, Tq, H, G, nb] per-head ``log mean_j exp(s q.mean(K_bj))`` over the ``parts`` sub-blocks
     of each complete block (``subN``)."""
-    if parts > block_size or block_size % parts:
-        raise ValueError(f"sub{parts}: N must divide the block size {block_size}")
+    unfit = _sub_parts_error(parts, block_size)
+    if unfit:
+        raise ValueError(unfit)
     b, tc, hq, d = q_chunk.shape
     h = k_prefix.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
