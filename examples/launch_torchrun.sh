@@ -20,7 +20,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 PORT="${MASTER_PORT:-$("$SSA_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 echo "torchrun: $NPROC_PER_NODE processes; checkpoints $CKPT_DIR; tensorboard $TB_DIR"
-# --standalone: local rendezvous; torchrun forwards SIGTERM to the ranks, which save and stop (exit 3)
+# one node, rendezvous on a free local port; torchrun forwards SIGTERM to the ranks, which save and stop (exit 3)
 exec "$SSA_PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" \
   --master-addr 127.0.0.1 --master-port "$PORT" \
   -m ssa_megatron.training.signals ssa_megatron.training.pretrain "${SSA_ARGS[@]}"

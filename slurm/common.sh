@@ -28,7 +28,9 @@ ssa_find_python() {
 
 # ssa_load_config [CONFIG]: source CONFIG (bash; sets the array TRAIN_ARGS and optionally RUN_NAME,
 # RUN_DIR), append $SSA_EXTRA_ARGS (shell words, later flags win), then fix where the run writes:
-#   RUN_DIR/checkpoints  --save and --load (a restart or a requeued job resumes from `latest`)
+#   RUN_DIR/checkpoints  --save and --load (a restart or a requeued job resumes from `latest`);
+#                        INIT_FROM=DIR: --load DIR while RUN_DIR/checkpoints holds no checkpoint yet
+#                        (a converted model's weights start the run)
 #   RUN_DIR/tensorboard  --tensorboard-dir (unless the config sets one)
 # Result: the array SSA_ARGS (flags for python -m ssa_megatron.training.pretrain) and CKPT_DIR, TB_DIR.
 ssa_load_config() {
@@ -51,7 +53,7 @@ ssa_load_config() {
   for a in "${TRAIN_ARGS[@]}"; do
     case "$a" in
       --save|--save=*|--load|--load=*)
-        ssa_die "the config sets $a, but the launcher owns --save/--load (RUN_DIR/checkpoints, so a requeued job resumes); set RUN_DIR or RUN_NAME instead" ;;
+        ssa_die "the config sets $a, but the launcher owns --save/--load (RUN_DIR/checkpoints, so a requeued job resumes); set RUN_DIR or RUN_NAME instead, and INIT_FROM=DIR to start from a converted model's weights" ;;
       --tensorboard-dir|--tensorboard-dir=*) has_tb=1 ;;
     esac
   done
@@ -61,7 +63,12 @@ ssa_load_config() {
   CKPT_DIR="$RUN_DIR/checkpoints"
   TB_DIR="$RUN_DIR/tensorboard"
   mkdir -p "$CKPT_DIR"
-  SSA_ARGS=("${TRAIN_ARGS[@]}" --save "$CKPT_DIR" --load "$CKPT_DIR")
+  local load="$CKPT_DIR"
+  if [ -n "${INIT_FROM:-}" ] && [ ! -f "$CKPT_DIR/latest" ]; then  # a first attempt: the given weights
+    case "$INIT_FROM" in /*) load="$INIT_FROM" ;; *) load="$PWD/$INIT_FROM" ;; esac
+    [ -f "$load/latest" ] || ssa_die "INIT_FROM=$INIT_FROM holds no checkpoint (no 'latest' file): give the directory tools/convert_checkpoint.py from-hf (or relayout) wrote"
+  fi
+  SSA_ARGS=("${TRAIN_ARGS[@]}" --save "$CKPT_DIR" --load "$load")
   if [ "$has_tb" = 0 ]; then SSA_ARGS+=(--tensorboard-dir "$TB_DIR"); else TB_DIR="(set in the config)"; fi
   export RUN_NAME RUN_DIR
 }

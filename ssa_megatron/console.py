@@ -89,14 +89,15 @@ def announce_deepspeed_build(build_dir: Optional[str]):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's default after its help (not for required flags, switches that are off, or
-    defaults of None, whose help says what happens instead); descriptions and epilogs keep
-    their line breaks."""
+    """Every flag's default after its help (not for required flags, switches, whose help says
+    what they turn on or off, or defaults of None, whose help says what happens instead);
+    descriptions and epilogs keep their line breaks."""
 
     def _get_help_string(self, action):
         text = action.help or ""
         if ("%(default)" in text or "(default" in text or action.required or action.default is None
                 or action.default is False or action.default is argparse.SUPPRESS
+                or isinstance(action, argparse._StoreConstAction)  # store_true / store_false
                 or not action.option_strings):
             return text
         default = action.default

@@ -413,3 +413,45 @@ def test_demo_corpus_under_a_minute(tmp_path):
     # another vocab size in the same directory rebuilds
     r3 = prepare_demo_corpus(str(tmp_path / "demo"), vocab_size=4000)
     assert r3["built"] and meta_mod.read_metadata(r3["prefix"])["tokenizer"]["vocab_size"] == 4000
+
+
+def test_documents_begin_with_the_tokenizer_s_own_prefix(tmp_path, sp_model, hf_json):
+    """Llama's and Mistral's tokenizers put a BOS before every text (their post-processor
+    template); data for continued pretraining must have it before every document, as the
+    model saw in its pretraining and as generation's encode gives. Tokenizers without one
+    (Qwen-like byte-level BPE, train_tokenizer.py models) add nothing; --bos none never adds."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    llama_dir = tmp_path / "llama"
+    llama_dir.mkdir()
+    tok = Tokenizer.from_file(hf_json)
+    tok.add_special_tokens(["<|begin_of_text|>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    tok.save(str(llama_dir / "tokenizer.json"))
+    assert build_tokenizer(str(llama_dir)).document_prefix() == [bos]
+    assert build_tokenizer(hf_json).document_prefix() == []
+    assert build_tokenizer(sp_model).document_prefix() == []
+    sp_dir = tmp_path / "llama2"  # a tokenizer.model whose HF config asks for its BOS
+    sp_dir.mkdir()
+    shutil.copyfile(sp_model, sp_dir / "tokenizer.model")
+    (sp_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    assert build_tokenizer(str(sp_dir / "tokenizer.model")).document_prefix() == [1]
+
+    texts = [SPEECHES[0], SPEECHES[1]]
+    plain = build_tokenizer(hf_json)
+    for mode, expect in (("auto", [bos]), ("none", [])):
+        prefix = str(tmp_path / f"docs_{mode}")
+        preprocess(texts, prefix, str(llama_dir / "tokenizer.json"), bos=mode, workers=1,
+                   progress=False)
+        ds = _indexed(prefix)
+        for i, path in enumerate(texts):
+            doc = ds[i].tolist()
+            assert doc == expect + plain.tokenize(_read(path)) + [plain.eod]
+        with open(prefix + ".tokenizer.json") as f:
+            assert json.load(f)["dataset"]["bos"] == expect
+    with pytest.raises(CorpusError, match="bos='yes'"):
+        preprocess(texts, str(tmp_path / "x"), hf_json, bos="yes", progress=False)

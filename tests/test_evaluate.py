@@ -247,6 +247,9 @@ class ByteTokenizer:
     def tokenize(self, text):
         return list(text.encode())
 
+    def document_prefix(self):
+        return []
+
     def detokenize(self, ids):
         return bytes(int(i) for i in ids).decode(errors="replace")
 
@@ -290,6 +293,11 @@ def test_text_stream_tokenises_with_eod(tmp_path):
     p = tmp_path / "a.jsonl"
     p.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "c"}) + "\n")
     assert text_stream([str(p)], ByteTokenizer()).tolist() == [97, 98, 0, 99, 0]
+
+    class WithBos(ByteTokenizer):  # as the preprocessor writes an imported Llama's documents
+        def document_prefix(self):
+            return [1]
+    assert text_stream([str(p)], WithBos()).tolist() == [1, 97, 98, 0, 1, 99, 0]
 
 
 def evaluate_worker(out_dir, *argv):

@@ -213,3 +213,15 @@ def test_checkpoints_without_the_options_read_as_before():
         check_compatible(dict(old, weights_only=True), run, "ckpt")
     run.use_rope_scaling = True
     assert "type llama3 factor 8" in rope_change_note(old["args"], run)
+
+
+def test_export_dtype_follows_the_training_precision():
+    """to-hf's default dtype is the precision the checkpoint trained in: a bf16 run exports
+    bfloat16 (half the size of float32), a CPU run float32; --dtype still chooses."""
+    from ssa_megatron.convert.api import training_dtype
+    from ssa_megatron.convert.cli import build_parser
+    assert training_dtype({"args": {"bf16": True, "fp16": False}}) == "bfloat16"
+    assert training_dtype({"args": {"bf16": False, "fp16": True}}) == "float16"
+    assert training_dtype({"args": {"bf16": False}}) == training_dtype({}) == "float32"
+    args = build_parser().parse_args(["to-hf", "--input", "a", "--output", "b"])
+    assert args.dtype == "auto"

@@ -54,3 +54,26 @@ def test_checkout_root_is_found_when_the_package_is_installed_as_a_wheel(tmp_pat
     assert co.checkout_root() == str(tmp_path / "site-packages")  # neither is a checkout
     monkeypatch.chdir(checkout)
     assert co.checkout_root() == checkout
+
+
+def test_setup_env_refuses_a_python_older_than_3_10(tmp_path):
+    """A login node's python3 is often 3.8 or 3.9: setup says which Python it found and what to
+    pass, in one line, before making a virtual environment that pip would then fail in; a venv
+    made earlier with such a Python is named, not reused."""
+    import subprocess
+    fake = tmp_path / "python3.9"
+    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.9.2"; exit 0; }\nexit 1\n')
+    fake.chmod(0o755)
+    venv = tmp_path / "venv"
+    env = dict(os.environ, PYTHON=str(fake), SSA_VENV=str(venv))
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "setup_env.sh")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and not venv.exists()
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"setup: error: {fake} is Python 3.9.2, and ssa_megatron needs Python 3.10 or newer: "
+        "rerun with PYTHON=python3.11 (any python3.10+)")
+    (venv / "bin").mkdir(parents=True)  # a venv an earlier run made with that Python
+    os.symlink(fake, venv / "bin" / "python")
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "setup_env.sh")],
+                       env=dict(env, PYTHON="python3"), capture_output=True, text=True)
+    assert r.returncode == 1 and f"rm -rf {venv}" in r.stderr and "Python 3.9.2" in r.stderr

@@ -18,7 +18,18 @@ pip_install() {  # pip's own output only when it fails
   if "$VENV/bin/python" -m pip install -q "$@" > "$log" 2>&1; then rm -f "$log"; return 0; fi
   cat "$log" >&2; rm -f "$log"; say "failed: pip install $*"; exit 1
 }
+too_old() {  # megatron-core and this package need Python 3.10 or newer
+  ! "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 10))' 2>/dev/null
+}
+if [ -x "$VENV/bin/python" ] && too_old "$VENV/bin/python"; then
+  say "error: $VENV was made with $("$VENV/bin/python" --version 2>&1), and ssa_megatron needs Python 3.10 or newer: remove it (rm -rf $VENV) and rerun with PYTHON=python3.11"
+  exit 1
+fi
 if [ ! -x "$VENV/bin/python" ]; then
+  if too_old "$PY"; then
+    say "error: $PY is $("$PY" --version 2>&1 || echo 'not a Python'), and ssa_megatron needs Python 3.10 or newer: rerun with PYTHON=python3.11 (any python3.10+)"
+    exit 1
+  fi
   say "creating the virtual environment $VENV ($("$PY" --version 2>&1))"
   "$PY" -m venv "$VENV"
 fi

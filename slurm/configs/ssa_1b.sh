@@ -1,4 +1,4 @@
-# SSA 1B, the paper's shape and optimizer (DESIGN §1): 16 layers, hidden 2048, 32 heads / 2 kv groups,
+# SSA 1B, the paper's shape and optimizer (arXiv 2511.20102): 16 layers, hidden 2048, 32 heads / 2 kv groups,
 # seq 8192, AdamW lr 1e-3 cosine, 1% warm-up, bf16, ZeRO-2; the branch is drawn per sequence with
 # full-branch probability 0.5 (the robust recipe, docs/RESULTS.md "SSA quality";
 # SSA_BRANCH_DRAW=micro-batch for the paper's draw).

@@ -15,17 +15,28 @@ def _progress():
         return None
 
 
-def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dtype: str = "float32",
+def training_dtype(meta: dict) -> str:
+    """The HF dtype of the precision a checkpoint trained in (its saved --bf16 / --fp16)."""
+    args = meta.get("args") or {}
+    return "bfloat16" if args.get("bf16") else "float16" if args.get("fp16") else "float32"
+
+
+def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dtype: str = "auto",
                    max_shard_size="5GB", inference_mode: Optional[str] = None,
                    block_counts: Optional[int] = None) -> list:
-    """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes."""
+    """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes.
+    ``dtype`` "auto": :func:`training_dtype`."""
     full, meta, shape = megatron_ckpt.read_checkpoint(checkpoint, tag)
+    notes = []
+    if dtype == "auto":
+        dtype = training_dtype(meta)
+        notes.append(f"weights in {dtype}, the precision the checkpoint trained in (--dtype to choose)")
     if inference_mode is not None:
         shape = shape.replace(inference_mode=inference_mode)
     if block_counts is not None:
         shape = shape.replace(ssa_block_counts=int(block_counts))
     hf_state = layout.megatron_to_hf(full, shape)
-    return hf_ckpt.write_hf(out_dir, hf_state, shape, meta.get("data"), dtype, max_shard_size)
+    return notes + hf_ckpt.write_hf(out_dir, hf_state, shape, meta.get("data"), dtype, max_shard_size)
 
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,

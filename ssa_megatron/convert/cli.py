@@ -5,6 +5,8 @@
     # HF (ours, the SSA paper's layout, Llama 2/3/3.1, Mistral, Qwen2/3, Phi-3) -> megatron, TP=2
     python tools/convert_checkpoint.py from-hf --input hf/x --output ckpt/x-tp2 \
         --tensor-model-parallel-size 2
+    # the trainer's model flags to continue pretraining a converted model at a longer context
+    python tools/convert_checkpoint.py continue-flags --input ckpt/x-tp2 --seq-length 32768
     # re-layout a checkpoint to another TP size (weights only)
     python tools/convert_checkpoint.py relayout --input ckpt/x --output ckpt/x-tp4 \
         --tensor-model-parallel-size 4
@@ -30,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--input", required=True, help="--save directory or one iter_XXXXXXX directory")
     a.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     a.add_argument("--output", required=True)
-    a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights' dtype; auto: the precision the checkpoint trained in (--bf16: "
+                        "bfloat16, --fp16: float16, otherwise float32)")
     a.add_argument("--max-shard-size", default="5GB")
     a.add_argument("--inference-mode", default=None, choices=["full", "sparse"])
     a.add_argument("--block-counts", type=int, default=None)
@@ -40,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tensor-model-parallel-size", type=int, default=1)
     b.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     b.add_argument("--attention-mode", default=None, help="recorded training mode (default: config's / ssa)")
+    f = sub.add_parser("continue-flags", help="the trainer's model flags to continue pretraining "
+                                              "a converted model at a new context (one line)")
+    f.add_argument("--input", required=True, help="the converted checkpoint (from-hf --output)")
+    f.add_argument("--seq-length", type=int, default=None,
+                   help="the new context; default: 4 x the model's, at most 32768")
+    f.add_argument("--rope", default="auto", choices=["auto", "scaling", "base", "keep"],
+                   help="auto: keep a model's own RoPE scaling, else llama3 scaling by seq-length / "
+                        "context when training beyond the context; scaling: that always; base: "
+                        "theta x --rope-base-factor; keep: as imported")
+    f.add_argument("--rope-base-factor", type=float, default=8.0)
     c = sub.add_parser("relayout", help="megatron checkpoint -> another TP layout")
     c.add_argument("--input", required=True)
     c.add_argument("--tag", default=None)
@@ -67,6 +81,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"imported {flavour} model")
             print("train it with these model flags (and --load " + args.output + "): "
                   + " ".join(api.training_flags(args.output)))
+        elif args.command == "continue-flags":
+            from ssa_megatron.convert.continued import continued_flags
+            flags, summary = continued_flags(args.input, args.seq_length, args.rope,
+                                             args.rope_base_factor)
+            print(summary, file=sys.stderr)
+            print(" ".join(flags))
+            return 0
         else:
             api.relayout(args.input, args.output, args.tensor_model_parallel_size,
                          args.pipeline_model_parallel_size, args.tag)

@@ -447,12 +447,19 @@ def _has_qkv_bias(state: Dict[str, torch.Tensor], cfg: dict, shape: ModelShape) 
     return shape.add_qkv_bias or "model.layers.0.self_attn.q_proj.bias" in names
 
 
+TOKENIZER_FILES = (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "huggingface"))
+
+
 def tokenizer_data_from_hf(path: str, vocab_size: int) -> dict:
-    """A ssa_meta.json ``data`` entry naming the tokenizer inside an HF directory (if any)."""
-    for name, kind in (("tokenizer.model", "sentencepiece"), ("tokenizer.json", "huggingface")):
+    """A ssa_meta.json ``data`` entry naming the tokenizer inside an HF directory (if any), with
+    the sha256 of each of its tokenizer files (``file_sha256s``: the same tokenizer in another
+    format, either of which the data may have been made with)."""
+    from ssa_megatron.data.tokenizer import file_sha256
+    files = [os.path.join(path, name) for name, _ in TOKENIZER_FILES]
+    shas = sorted(file_sha256(p) for p in files if os.path.isfile(p))
+    for name, kind in TOKENIZER_FILES:
         p = os.path.join(path, name)
         if os.path.isfile(p):
-            from ssa_megatron.data.tokenizer import file_sha256
             eod = None
             try:
                 with open(os.path.join(path, "config.json")) as f:
@@ -460,5 +467,6 @@ def tokenizer_data_from_hf(path: str, vocab_size: int) -> dict:
             except (OSError, ValueError):
                 pass
             return {"tokenizer": {"kind": kind, "path": os.path.abspath(p), "file": None,
-                                  "vocab_size": vocab_size, "eod": eod, "sha256": file_sha256(p)}}
+                                  "vocab_size": vocab_size, "eod": eod, "sha256": file_sha256(p),
+                                  "file_sha256s": shas}}
     return {"tokenizer": {"kind": "unknown", "vocab_size": vocab_size}}

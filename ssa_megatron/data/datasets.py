@@ -176,7 +176,9 @@ def _effective_split(split: str, num_samples: Sequence[int], prefixes: Sequence[
             if weights[i] > 0 and round(bounds[i + 1] * n_docs) - round(bounds[i] * n_docs) < 1:
                 if num_samples[i] > 0:
                     raise ConfigError(f"--split {split} leaves the {name} split of {prefix} "
-                                      f"({n_docs} documents) empty; give it a larger share or more data")
+                                      f"({n_docs} documents) empty; give it a larger share or more data "
+                                      "(a few large text files: preprocess them with --text-unit "
+                                      "paragraph)")
                 empty.add(i)
     weights = [0.0 if i in empty else w for i, w in enumerate(weights)]
     if weights[0] == 0:

@@ -9,7 +9,8 @@ time by :func:`check_dataset_tokenizer`. Format (version 1)::
                     "sha256": hex of the tokenizer file, "path": absolute path it was read from,
                     "file": name of the copy next to the dataset (same directory) or null},
       "dataset": {"prefix": base name, "dtype": "uint16" | "int32", "documents": int,
-                  "tokens": int (EOD included), "append_eod": bool, "json_key": str | null,
+                  "tokens": int (EOD included), "append_eod": bool, "bos": [int] (ids before
+                  each document; absent in older records: none), "json_key": str | null,
                   "input_format": str, "text_unit": str, "inputs": [absolute paths],
                   "inputs_sha256": hex, "skipped": {reason: count}},
       "created": ISO-8601 UTC time, "tool": "ssa_megatron <version> preprocess"

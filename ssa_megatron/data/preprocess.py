@@ -177,13 +177,15 @@ def _worker_pool(tok: Tokenizer, eod_token: Optional[str], dtype: np.dtype, work
 
 
 class _DocumentSink:
-    """Joins the tokenized pieces of each document (plus EOD) and appends it to its key's
-    dataset builder; counts documents and tokens per key and updates the progress bar."""
+    """Joins the tokenized pieces of each document (after the tokenizer's document prefix, plus
+    EOD) and appends it to its key's dataset builder; counts documents and tokens per key and
+    updates the progress bar."""
 
     def __init__(self, builders: list, eod: Optional[np.ndarray], bar, t_work: float,
-                 skipped: Counter):
+                 skipped: Counter, prefix: Optional[np.ndarray] = None):
         self.builders = builders
         self.eod = eod
+        self.prefix = prefix
         self.bar = bar
         self.t_work = t_work
         self.skipped = skipped
@@ -199,6 +201,8 @@ class _DocumentSink:
             if not last:
                 continue
             parts = self.pending_pieces[k]
+            if self.prefix is not None:
+                parts.insert(0, self.prefix)
             if self.eod is not None:
                 parts.append(self.eod)
             doc = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -265,7 +269,7 @@ def _no_documents_error(skipped: Counter, json_keys: List[str], n_files: int) ->
 
 
 def _stage_outputs(outputs: _Outputs, builders: list, sink: _DocumentSink, tok: Tokenizer,
-                   dtype: np.dtype, *, copy_tokenizer: bool, append_eod: bool,
+                   dtype: np.dtype, *, copy_tokenizer: bool, append_eod: bool, bos_ids: List[int],
                    json_keys: List[str], input_format: str, text_unit: str, files: List[str],
                    fingerprint: str, skipped: Counter):
     """Finalize every dataset under temporary names: its ``.idx``, the tokenizer copy and the
@@ -293,6 +297,7 @@ def _stage_outputs(outputs: _Outputs, builders: list, sink: _DocumentSink, tok: 
                 "documents": sink.docs[k],
                 "tokens": sink.tokens[k],
                 "append_eod": bool(append_eod),
+                "bos": [int(i) for i in bos_ids],
                 "json_key": json_keys[k] if any(_is_jsonl(f, input_format) for f in files) else None,
                 "input_format": input_format,
                 "text_unit": text_unit,
@@ -363,6 +368,7 @@ def preprocess(
     invalid_utf8: str = "skip",
     append_eod: bool = True,
     eod_token: Optional[str] = None,
+    bos: str = "auto",
     workers: Optional[int] = None,
     copy_tokenizer: bool = True,
     piece_chars: int = DEFAULT_PIECE_CHARS,
@@ -379,11 +385,15 @@ def preprocess(
     (EOD included), ``skipped`` (reason → count), ``skipped_total``, ``seconds`` (wall, all of it),
     ``tokenize_seconds`` (reading + tokenizing + writing), ``docs_per_s`` and ``tokens_per_s`` (over
     ``tokenize_seconds``), ``dtype``, ``metadata`` (paths of the ``.tokenizer.json`` files), ``per_key``.
+    ``bos`` "auto" begins each document with ``tok.document_prefix()`` (an imported Llama's BOS;
+    nothing for this project's own tokenizers), recorded as the metadata's ``dataset.bos``.
     Raises :class:`CorpusError` (one-line message) for user errors; nothing is left on disk then.
     An existing dataset at an output prefix is refused before any work unless ``overwrite``
     (then it is replaced only once the new one is complete).
     """
     t_start = time.perf_counter()
+    if bos not in ("auto", "none"):
+        raise CorpusError(f"bos={bos!r}: use 'auto' (the tokenizer's own document prefix) or 'none'")
     json_keys = [json_keys] if isinstance(json_keys, str) else list(json_keys)
     tok = _load_tokenizer(tokenizer, eod_token, append_eod)
     files = expand_inputs(inputs)
@@ -410,6 +420,8 @@ def preprocess(
         for prefix in prefixes:
             builders.append(IndexedDatasetBuilder(outputs.tmp(prefix + ".bin"), dtype=dtype_type))
         eod = np.asarray([tok.eod], dtype=dtype) if append_eod else None
+        prefix_ids = tok.document_prefix() if bos == "auto" else []
+        doc_prefix = np.asarray(prefix_ids, dtype=dtype) if prefix_ids else None
         executor = _worker_pool(tok, eod_token, dtype, workers)
 
         t_work = time.perf_counter()  # throughput is measured from here (after imports, pool start)
@@ -418,7 +430,7 @@ def preprocess(
 
             bar = tqdm(unit=" docs", desc="preprocess", dynamic_ncols=True, mininterval=0.5,
                        file=sys.stderr)
-        sink = _DocumentSink(builders, eod, bar, t_work, skipped)
+        sink = _DocumentSink(builders, eod, bar, t_work, skipped, doc_prefix)
         documents = iter_documents(files, input_format=input_format, json_keys=json_keys,
                                    text_unit=text_unit, invalid_utf8=invalid_utf8, skipped=skipped)
         _tokenize(documents, sink, executor, workers, piece_chars, batch_chars, join_mode)
@@ -432,7 +444,7 @@ def preprocess(
         if sum(sink.docs) == 0:
             raise _no_documents_error(skipped, json_keys, len(files))
         staged = _stage_outputs(outputs, builders, sink, tok, dtype, copy_tokenizer=copy_tokenizer,
-                                append_eod=append_eod, json_keys=json_keys,
+                                append_eod=append_eod, bos_ids=prefix_ids, json_keys=json_keys,
                                 input_format=input_format, text_unit=text_unit, files=files,
                                 fingerprint=fingerprint, skipped=skipped)
         _commit(outputs, staged)
@@ -555,6 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-of-document token (default: SentencePiece eos; HF <|endoftext|>, </s>, ...)")
     p.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                    help="do not append the EOD token after each document")
+    p.add_argument("--bos", choices=["auto", "none"], default="auto",
+                   help="auto: begin each document with the tokens the tokenizer's model expects "
+                        "before a text (an HF tokenizer's post-processor template: Llama's and "
+                        "Mistral's BOS; nothing for Qwen or a train_tokenizer.py model); none: never")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: all CPUs)")
     p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false",
                    help="reference the tokenizer file instead of copying it next to the dataset")
@@ -576,7 +592,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preprocess(
             args.input, args.output_prefix, args.tokenizer, json_keys=args.json_keys,
             input_format=args.input_format, text_unit=args.text_unit, invalid_utf8=args.invalid_utf8,
-            append_eod=args.append_eod, eod_token=args.eod_token, workers=args.workers,
+            append_eod=args.append_eod, eod_token=args.eod_token, bos=args.bos, workers=args.workers,
             copy_tokenizer=args.copy_tokenizer, progress=not args.quiet, log=print,
             overwrite=args.overwrite)
     except CorpusError as e:

@@ -59,6 +59,11 @@ class Tokenizer:
             self._sha256 = file_sha256(self.path)
         return self._sha256
 
+    def document_prefix(self) -> List[int]:
+        """The tokens this tokenizer's model expects before each text (a beginning-of-text token
+        such as Llama's ``<|begin_of_text|>`` or ``<s>``); none by default."""
+        return []
+
     def describe(self) -> dict:
         """Metadata identifying this tokenizer: kind, vocab_size, eod, sha256 (of the file), path."""
         return {
@@ -91,6 +96,17 @@ class SentencePieceTokenizer(Tokenizer):
 
     def tokenize(self, text: str) -> List[int]:
         return self._sp.EncodeAsIds(text)
+
+    def document_prefix(self) -> List[int]:
+        """The BOS id when an HF ``tokenizer_config.json`` beside the model says
+        ``add_bos_token`` (Llama 2's tokenizer.model); a model of train_tokenizer.py has none."""
+        try:
+            with open(os.path.join(os.path.dirname(self.path), "tokenizer_config.json")) as f:
+                add_bos = bool(json.load(f).get("add_bos_token"))
+        except (OSError, ValueError, AttributeError):
+            return []
+        bos = int(self._sp.bos_id())
+        return [bos] if add_bos and bos >= 0 else []
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         # one thread: parallelism comes from the preprocessor's worker processes
@@ -135,6 +151,17 @@ class HFTokenizer(Tokenizer):
 
     def tokenize(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def document_prefix(self) -> List[int]:
+        """What the tokenizer's post-processor puts before a text (Llama 2 / 3 and Mistral: their
+        BOS; Qwen and byte-level BPEs without a template: nothing). Special tokens it appends
+        after a text are not taken: the preprocessor appends its own end of document."""
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        for start in range(len(full) - len(plain) + 1):
+            if full[start:start + len(plain)] == plain:
+                return full[:start]
+        return []
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

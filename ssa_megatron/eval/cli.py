@@ -25,8 +25,9 @@ examples:
   # several GPUs: each rank evaluates a share of the windows, sums are all-reduced
   torchrun --nproc-per-node 8 tools/evaluate.py --checkpoint CKPT --data-path PREFIX ...
 
-Perplexity is exp(mean next-token cross-entropy) over all scored tokens of the windows (the
-model's own loss, as training logs it). --rope-scaling-factor applies only to lengths above the
+Perplexity is exp(mean next-token cross-entropy) over all scored tokens of the windows, over the
+tokenizer's vocabulary: the output rows megatron-core pads the vocabulary with are left out, as in
+the Hugging Face export, so it reads slightly lower than training's logged loss (docs/FIRST_RUN.md). --rope-scaling-factor applies only to lengths above the
 training length (others run unscaled); 'auto' uses length / training length. Sparsity and the
 alignment gap come from the first --sparsity-windows windows at --sparsity-length in full mode
 (see ssa_megatron/eval/sparsity.py for the exact definitions). The needle test needs a tokenizer

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "it (see --start-over)")
     c.add_argument("--load", default=None, help="resume from (or start from the weights of) this "
                                                 "checkpoint directory; default: --save when it has one")
+    c.add_argument("--allow-tokenizer-change", action="store_true",
+                   help="start from an imported model although the data was tokenized with another "
+                        "tokenizer than the model's (refused by default)")
     c.add_argument("--load-iteration", "--ckpt-step", dest="load_iteration", type=int, default=None,
                    help="load iter_N of the --load directory instead of the newest intact one")
     c.add_argument("--start-over", action="store_true",

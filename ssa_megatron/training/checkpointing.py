@@ -263,13 +263,17 @@ def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict
         raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
-    from ssa_megatron.training.resume_notes import data_change_note, schedule_change_note
+    from ssa_megatron.training.resume_notes import (data_change_note, imported_tokenizer_error,
+                                                    schedule_change_note)
     from ssa_megatron.training.ssa_recipe import recipe_change_note
     saved_args = meta.get("args", {})
     notes = [rope_change_note(saved_args, args)]
     if not meta.get("weights_only"):  # a converted model starts training here: nothing to keep
         notes += [recipe_change_note(saved_args, args), schedule_change_note(saved_args, args)]
     if data_description is not None:  # an imported model records its tokenizer too
+        mismatch = imported_tokenizer_error(meta.get("data"), data_description)
+        if mismatch and meta.get("weights_only") and not getattr(args, "allow_tokenizer_change", False):
+            raise ConfigError(f"{tag_dir}: {mismatch}")
         notes.append(data_change_note(meta.get("data"), data_description))
     for note in notes:
         if note and rank == 0:

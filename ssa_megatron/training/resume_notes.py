@@ -4,6 +4,7 @@ branch-mixing flags have their own note beside the recipe: ``ssa_recipe.recipe_c
 from __future__ import annotations
 
 import json
+import os
 from typing import Optional
 
 from ssa_megatron.data.tokenizer import tokenizers_differ
@@ -45,6 +46,21 @@ def data_change_note(saved_data: Optional[dict], data: dict) -> Optional[str]:
         return None
     return ("note: this run's data differs from what the checkpoint records ("
             + ", ".join(changed) + "); training goes on with this run's data")
+
+
+def imported_tokenizer_error(saved_data: Optional[dict], data: dict) -> Optional[str]:
+    """The refusal for an imported HF model whose training data was tokenized with another
+    tokenizer than the model's (its token ids would mean other words to the model), or None.
+    Only imports record ``file_sha256s`` (every tokenizer file of the HF directory)."""
+    saved = (saved_data or {}).get("tokenizer") or {}
+    now = (data or {}).get("tokenizer") or {}
+    if not saved.get("file_sha256s") or not now.get("sha256") or now["sha256"] in saved["file_sha256s"]:
+        return None
+    model_dir = os.path.dirname(saved.get("path") or "") or "the imported model's directory"
+    return (f"the data was tokenized with {now.get('path') or 'another tokenizer'}, not with the "
+            f"imported model's tokenizer ({model_dir}): its token ids would mean other words to "
+            f"the model; re-run tools/preprocess_data.py --tokenizer {model_dir} (or pass "
+            "--allow-tokenizer-change if the model's vocabulary was changed on purpose)")
 
 
 def schedule_change_note(saved_args, args) -> Optional[str]:
