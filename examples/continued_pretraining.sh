@@ -10,7 +10,8 @@
 #     TP=2 bash examples/continued_pretraining.sh
 #
 # HF_MODEL      HF directory (config.json + *.safetensors)
-# DATA_PATH     .bin/.idx prefix made with the model's own tokenizer (refused otherwise):
+# DATA_PATH     .bin/.idx prefix made with the model's own tokenizer (the trainer refuses data
+#               of another tokenizer file):
 #               tools/preprocess_data.py --tokenizer $HF_MODEL ...
 # OUT           runs/continued-NAME: OUT/imported (the import), OUT/checkpoints, OUT/tensorboard
 # SEQ_LENGTH, ROPE, ROPE_BASE_FACTOR, LR, MIN_LR, WARMUP_ITERS, TRAIN_ITERS, GLOBAL_BATCH,
@@ -35,6 +36,9 @@ if [ ! -f "$IMPORTED/latest" ]; then
   "$PY" "$ROOT/tools/convert_checkpoint.py" from-hf --input "$HF_MODEL" --output "$IMPORTED" \
     --tensor-model-parallel-size "${TP:-1}" | tee "$OUT/import.log"
 fi
-INIT_FROM="$IMPORTED" RUN_DIR="$OUT" DATA_PATH="$DATA_PATH" SSA_PYTHON="$PY" \
-  SSA_EXTRA_ARGS="${EXTRA_ARGS:-}" NPROC_PER_NODE="${NPROC_PER_NODE:-$([ "${SSA_DEVICE:-}" = cpu ] && echo 1 || true)}" \
+cd "$ROOT"
+INIT_FROM="$IMPORTED" RUN_DIR="$OUT" RUN_NAME="${RUN_NAME:-continued-$(basename "$HF_MODEL")}" \
+  DATA_PATH="$DATA_PATH" SSA_PYTHON="${SSA_PYTHON:-$PY}" \
+  SSA_EXTRA_ARGS="${SSA_EXTRA_ARGS:-} ${EXTRA_ARGS:-}" \
+  NPROC_PER_NODE="${NPROC_PER_NODE:-$([ "${SSA_DEVICE:-}" = cpu ] && echo 1 || true)}" \
   exec bash "$ROOT/examples/launch_torchrun.sh" "$ROOT/slurm/configs/continued.sh"

@@ -64,7 +64,11 @@ ssa_load_config() {
   TB_DIR="$RUN_DIR/tensorboard"
   mkdir -p "$CKPT_DIR"
   local load="$CKPT_DIR"
-  if [ -n "${INIT_FROM:-}" ] && [ ! -f "$CKPT_DIR/latest" ]; then  # a first attempt: the given weights
+  local own=0 tag
+  for tag in "$CKPT_DIR"/latest "$CKPT_DIR"/iter_[0-9]*; do  # iter_N without latest: a cut-off save
+    case "$tag" in *.partial) ;; *) [ -e "$tag" ] && own=1 ;; esac
+  done
+  if [ -n "${INIT_FROM:-}" ] && [ "$own" = 0 ]; then  # a first attempt: the given weights
     case "$INIT_FROM" in /*) load="$INIT_FROM" ;; *) load="$PWD/$INIT_FROM" ;; esac
     [ -f "$load/latest" ] || ssa_die "INIT_FROM=$INIT_FROM holds no checkpoint (no 'latest' file): give the directory tools/convert_checkpoint.py from-hf (or relayout) wrote"
   fi

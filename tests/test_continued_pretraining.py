@@ -131,12 +131,27 @@ def test_continue_flags_of_a_long_context_model(tmp_path):
     assert summary == "continued pretraining: seq 32768 (model context 131072), RoPE keep"
     assert flags[flags.index("--seq-length") + 1] == "32768"
     assert flags[flags.index("--rope-scaling-factor") + 1] == "8"
-    flags, summary = continued_flags(ckpt, 262144, "scaling")
-    assert flags[flags.index("--rope-scaling-factor") + 1] == "2"
-    assert flags[flags.index("--rope-scaling-original-max-position-embeddings") + 1] == "131072"
-    assert "the model's own scaling (factor 8) is replaced" in summary
+    assert flags[flags.index("--tensor-model-parallel-size") + 1] == "1"  # as converted
+    # beyond its context the model's own scaling grows (factor 8 from 8192 -> 16 from 8192)
+    for rope in ("auto", "scaling"):
+        flags, summary = continued_flags(ckpt, 262144, rope)
+        assert flags[flags.index("--rope-scaling-factor") + 1] == "16"
+        assert "--rope-scaling-original-max-position-embeddings" not in flags  # 8192, the default
+        assert "RoPE scaling (the model's llama3 factor 8 becomes 16)" in summary
+    with pytest.raises(ValueError, match="use ROPE=keep"):
+        continued_flags(ckpt, 65536, "scaling")
     flags, _ = continued_flags(ckpt, None, "base", 4)
     assert flags[flags.index("--rotary-base") + 1] == "2e+06"
+    # once the run has its own checkpoint, its flags, without reading the converted model
+    import shutil
+    run = tmp_path / "run_checkpoints"
+    shutil.copytree(ckpt, run)
+    shutil.rmtree(ckpt)
+    flags, summary = continued_flags(None, resume_from=str(run))
+    assert summary.startswith(f"continued pretraining: resuming {run} (seq 131072")
+    with pytest.raises(ValueError, match="no converted model to start from"):
+        continued_flags(None, resume_from=str(tmp_path / "nothing"))
+    ckpt = str(run)
     r = subprocess.run(CONVERT + ["continue-flags", "--input", ckpt, "--seq-length", "65536"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--seq-length 65536" in r.stdout and "RoPE keep" in r.stderr
@@ -161,6 +176,50 @@ def test_slurm_launcher_starts_from_init_from_until_the_run_has_its_own(tmp_path
     assert r.returncode == 2 and "holds no checkpoint (no 'latest' file)" in r.stderr
     (init / "latest").write_text("iter_0000000\n")
     assert load(INIT_FROM=str(init))[1] == str(init)
-    (tmp_path / "run" / "checkpoints" / "latest").write_text("iter_0000010\n")
-    assert load(INIT_FROM=str(init))[1] == str(tmp_path / "run" / "checkpoints")
+    own = tmp_path / "run" / "checkpoints"
+    (own / "iter_0000010.partial").mkdir()  # a save cut off before its rename: not a checkpoint
+    assert load(INIT_FROM=str(init))[1] == str(init)
+    (own / "iter_0000010").mkdir()  # renamed, but stopped before `latest` moved: the run's own
+    assert load(INIT_FROM=str(init))[1] == str(own)
+    (own / "latest").write_text("iter_0000010\n")
+    assert load(INIT_FROM=str(init))[1] == str(own)
     assert load()[1] == str(tmp_path / "run" / "checkpoints")
+
+
+def test_an_import_records_both_tokenizer_files_and_the_refusal_can_be_lifted(tmp_path, monkeypatch):
+    """An HF directory that ships its tokenizer twice (Llama 2: tokenizer.model and
+    tokenizer.json) accepts data made with either file; data of any other file is refused on
+    load, unless --allow-tokenizer-change. A resumed run (not weights-only) is never refused."""
+    from types import SimpleNamespace
+
+    from model_utils import tiny_args
+    from ssa_megatron.convert.hf_ckpt import tokenizer_data_from_hf
+    from ssa_megatron.data.tokenizer import file_sha256
+    from ssa_megatron.model.config import ConfigError
+    from ssa_megatron.training import checkpointing
+    from ssa_megatron.training.resume_notes import imported_tokenizer_error
+    _tokenizer(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer.model").write_bytes(b"a sentencepiece model")
+    saved = tokenizer_data_from_hf(str(tmp_path), 288)
+    shas = [file_sha256(str(tmp_path / n)) for n in ("tokenizer.json", "tokenizer.model")]
+    assert sorted(saved["tokenizer"]["file_sha256s"]) == sorted(shas)
+    for sha in shas:
+        assert imported_tokenizer_error(saved, {"tokenizer": {"sha256": sha}}) is None
+    other = {"tokenizer": {"sha256": "c" * 64, "path": "/data/tok.model"}}
+    assert f"--tokenizer {tmp_path}" in imported_tokenizer_error(saved, other)
+
+    meta = {"args": {}, "data": saved, "weights_only": True}
+    monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000000", []))
+    monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
+    monkeypatch.setattr(checkpointing, "check_compatible", lambda *a: None)
+    monkeypatch.setattr(checkpointing, "_padded_vocab", lambda engine: None)
+    monkeypatch.setattr(checkpointing, "_deepspeed_load", lambda *a, **k: (None, None))
+    engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
+    with pytest.raises(ConfigError, match="not with the imported model's tokenizer"):
+        checkpointing.load_checkpoint(engine, "unused", tiny_args(), other)
+    # lifted: the load goes on (to the stubbed DeepSpeed load, which fails after the check)
+    with pytest.raises(ConfigError, match="could not load"):
+        checkpointing.load_checkpoint(engine, "unused", tiny_args("--allow-tokenizer-change"), other)
+    meta.pop("weights_only")
+    with pytest.raises(ConfigError, match="could not load"):
+        checkpointing.load_checkpoint(engine, "unused", tiny_args(), other)

@@ -453,5 +453,7 @@ def test_documents_begin_with_the_tokenizer_s_own_prefix(tmp_path, sp_model, hf_
             assert doc == expect + plain.tokenize(_read(path)) + [plain.eod]
         with open(prefix + ".tokenizer.json") as f:
             assert json.load(f)["dataset"]["bos"] == expect
+        from ssa_megatron.data.datasets import read_tokenizer_info
+        assert read_tokenizer_info([prefix], None).description["bos"] == expect  # into checkpoints
     with pytest.raises(CorpusError, match="bos='yes'"):
         preprocess(texts, str(tmp_path / "x"), hf_json, bos="yes", progress=False)

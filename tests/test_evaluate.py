@@ -298,6 +298,8 @@ def test_text_stream_tokenises_with_eod(tmp_path):
         def document_prefix(self):
             return [1]
     assert text_stream([str(p)], WithBos()).tolist() == [1, 97, 98, 0, 1, 99, 0]
+    # the training data's recorded prefix wins over the tokenizer's guess
+    assert text_stream([str(p)], WithBos(), prefix=[]).tolist() == [97, 98, 0, 99, 0]
 
 
 def evaluate_worker(out_dir, *argv):

@@ -16,14 +16,17 @@
 # ROPE          auto | scaling | base | keep, ROPE_BASE_FACTOR (8): tools/convert_checkpoint.py
 #               continue-flags --help
 # LR (3e-5), MIN_LR (LR / 10), WARMUP_ITERS (100), TRAIN_ITERS (2000), GLOBAL_BATCH (64),
-# MICRO_BATCH (1), TP (1; as imported), BLOCK_COUNTS (16), SPLIT (998,2,0), SAVE_INTERVAL (200),
+# MICRO_BATCH (1), TP (default: the layout INIT_FROM was converted for), BLOCK_COUNTS (16), SPLIT (998,2,0), SAVE_INTERVAL (200),
 # KEEP_LAST (2), SSA_DEVICE=cpu (fp32 on CPU processes, a smoke run)
-[ -n "${INIT_FROM:-}" ] || ssa_die "set INIT_FROM to the checkpoint tools/convert_checkpoint.py from-hf wrote"
-CONTINUE_FLAGS="$("$SSA_PYTHON" "$SSA_ROOT/tools/convert_checkpoint.py" continue-flags --input "$INIT_FROM" \
+RUN_NAME="${RUN_NAME:-continued-$(basename "${INIT_FROM:-model}")}"
+# the model flags: INIT_FROM's (its context, RoPE change and TP size) until the run has a
+# checkpoint of its own, then that checkpoint's, so requeued attempts no longer need INIT_FROM
+OWN_CHECKPOINTS="${RUN_DIR:-$SSA_ROOT/runs/$RUN_NAME}/checkpoints"
+CONTINUE_FLAGS="$("$SSA_PYTHON" "$SSA_ROOT/tools/convert_checkpoint.py" continue-flags \
+  ${INIT_FROM:+--input "$INIT_FROM"} --resume-from "$OWN_CHECKPOINTS" \
   ${SEQ_LENGTH:+--seq-length "$SEQ_LENGTH"} --rope "${ROPE:-auto}" \
-  --rope-base-factor "${ROPE_BASE_FACTOR:-8}")" || ssa_die "cannot read the model flags of INIT_FROM=$INIT_FROM (above)"
+  --rope-base-factor "${ROPE_BASE_FACTOR:-8}")" || ssa_die "no model flags for this run (the line above says why; INIT_FROM: the checkpoint tools/convert_checkpoint.py from-hf wrote)"
 read -r -a MODEL_FLAGS <<< "$CONTINUE_FLAGS"
-RUN_NAME="${RUN_NAME:-continued-$(basename "$INIT_FROM")}"
 LR="${LR:-3e-5}"
 PRECISION=(--bf16 --recompute-activations)
 [ "${SSA_DEVICE:-gpu}" = cpu ] && PRECISION=()
@@ -34,7 +37,7 @@ TRAIN_ARGS=(
   --train-iters "${TRAIN_ITERS:-2000}" --lr "$LR" --min-lr "${MIN_LR:-$("$SSA_PYTHON" -c "print($LR / 10)")}"
   --lr-decay-style cosine --lr-warmup-iters "${WARMUP_ITERS:-100}"
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 "${PRECISION[@]}"
-  --tensor-model-parallel-size "${TP:-1}" --deepspeed-config "$SSA_ROOT/examples/ds_zero1.json"
+  ${TP:+--tensor-model-parallel-size "$TP"} --deepspeed-config "$SSA_ROOT/examples/ds_zero1.json"
   --data-path ${DATA_PATH:?set DATA_PATH to a .bin/.idx prefix made with the tokenizer of the model}
   --split "${SPLIT:-998,2,0}" --eval-interval 200 --eval-iters 10
   --save-interval "${SAVE_INTERVAL:-200}" --keep-last "${KEEP_LAST:-2}" --log-interval 10

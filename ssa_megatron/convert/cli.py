@@ -46,13 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attention-mode", default=None, help="recorded training mode (default: config's / ssa)")
     f = sub.add_parser("continue-flags", help="the trainer's model flags to continue pretraining "
                                               "a converted model at a new context (one line)")
-    f.add_argument("--input", required=True, help="the converted checkpoint (from-hf --output)")
+    f.add_argument("--input", default=None, help="the converted checkpoint (from-hf --output)")
+    f.add_argument("--resume-from", default=None,
+                   help="the run's own --save directory: once it holds a checkpoint, its flags as "
+                        "it trained (--input is then not read)")
     f.add_argument("--seq-length", type=int, default=None,
                    help="the new context; default: 4 x the model's, at most 32768")
     f.add_argument("--rope", default="auto", choices=["auto", "scaling", "base", "keep"],
-                   help="auto: keep a model's own RoPE scaling, else llama3 scaling by seq-length / "
-                        "context when training beyond the context; scaling: that always; base: "
-                        "theta x --rope-base-factor; keep: as imported")
+                   help="auto: scaling beyond the model's context, else keep; scaling: the RoPE "
+                        "scaled by seq-length / context (llama3 from the context for a plain "
+                        "model, the factor multiplied for one that scales already); base: theta "
+                        "x --rope-base-factor; keep: as imported")
     f.add_argument("--rope-base-factor", type=float, default=8.0)
     c = sub.add_parser("relayout", help="megatron checkpoint -> another TP layout")
     c.add_argument("--input", required=True)
@@ -83,8 +87,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                   + " ".join(api.training_flags(args.output)))
         elif args.command == "continue-flags":
             from ssa_megatron.convert.continued import continued_flags
-            flags, summary = continued_flags(args.input, args.seq_length, args.rope,
-                                             args.rope_base_factor)
+            try:
+                flags, summary = continued_flags(args.input, args.seq_length, args.rope,
+                                                 args.rope_base_factor, args.resume_from)
+            except ValueError as err:
+                raise ConversionError(str(err)) from None
             print(summary, file=sys.stderr)
             print(" ".join(flags))
             return 0

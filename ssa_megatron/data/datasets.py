@@ -122,7 +122,10 @@ def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> D
         if os.path.isfile(path):
             with open(path) as f:
                 meta = json.load(f)
-            meta = meta.get("tokenizer", meta)
+            bos = (meta.get("dataset") or {}).get("bos")
+            meta = dict(meta.get("tokenizer", meta))
+            if bos is not None:  # what begins each document (checkpoints carry it on)
+                meta["bos"] = list(bos)
             infos.append((prefix, meta))
     if not infos:
         if vocab_size is None:

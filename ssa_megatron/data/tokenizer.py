@@ -156,8 +156,11 @@ class HFTokenizer(Tokenizer):
         """What the tokenizer's post-processor puts before a text (Llama 2 / 3 and Mistral: their
         BOS; Qwen and byte-level BPEs without a template: nothing). Special tokens it appends
         after a text are not taken: the preprocessor appends its own end of document."""
-        plain = self._tok.encode("a", add_special_tokens=False).ids
-        full = self._tok.encode("a", add_special_tokens=True).ids
+        try:
+            plain = self._tok.encode("a", add_special_tokens=False).ids
+            full = self._tok.encode("a", add_special_tokens=True).ids
+        except Exception:  # e.g. a word-level vocabulary without "a" or an unknown token
+            return []
         for start in range(len(full) - len(plain) + 1):
             if full[start:start + len(plain)] == plain:
                 return full[:start]

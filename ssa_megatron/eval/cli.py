@@ -300,7 +300,11 @@ def read_evaluation_data(ev: Evaluation) -> None:
             raise EvalError("--text needs the checkpoint's tokenizer: none was found through its "
                             "ssa_meta.json; pass --tokenizer PATH")
         need = max(ev.lengths) * args.max_windows + 1
-        ev.stream = evdata.text_stream(args.text, ev.tokenizer, args.json_keys, max_tokens=need * 4)
+        # documents begin as the training data's did (recorded since --bos), else as the
+        # tokenizer's own prefix says
+        recorded = ((meta.get("data") or {}).get("tokenizer") or {}).get("bos")
+        ev.stream = evdata.text_stream(args.text, ev.tokenizer, args.json_keys, max_tokens=need * 4,
+                                       prefix=None if args.tokenizer else recorded)
         ev.eod = ev.tokenizer.eod
         ev.source = {"text": list(args.text), "json_keys": list(args.json_keys)}
     if ev.reset and ev.eod is None:

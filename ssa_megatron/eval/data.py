@@ -67,15 +67,15 @@ def indexed_stream(prefix: str, split: str = "969,30,1", split_name: str = "all"
 
 
 def text_stream(paths: Sequence[str], tokenizer, json_keys: Sequence[str] = ("text",),
-                max_tokens: Optional[int] = None) -> np.ndarray:
+                max_tokens: Optional[int] = None, prefix: Optional[Sequence[int]] = None) -> np.ndarray:
     """Raw .txt/.jsonl(.gz/.zst...) documents tokenised with ``tokenizer`` as the preprocessor
     tokenises training data: the tokenizer's document prefix (an imported Llama's BOS) before
-    each, EOD after each."""
+    each (``prefix``: other ids instead, e.g. those the training data recorded), EOD after each."""
     from ssa_megatron.data.corpus import CorpusError, expand_inputs, iter_documents
     try:
         files = expand_inputs(list(paths), flag="--text")
         out: List[int] = []
-        prefix = tokenizer.document_prefix()
+        prefix = tokenizer.document_prefix() if prefix is None else list(prefix)
         for _, text in iter_documents(files, json_keys=json_keys):
             out.extend(prefix)
             out.extend(tokenizer.tokenize(text))

@@ -60,7 +60,8 @@ def imported_tokenizer_error(saved_data: Optional[dict], data: dict) -> Optional
     return (f"the data was tokenized with {now.get('path') or 'another tokenizer'}, not with the "
             f"imported model's tokenizer ({model_dir}): its token ids would mean other words to "
             f"the model; re-run tools/preprocess_data.py --tokenizer {model_dir} (or pass "
-            "--allow-tokenizer-change if the model's vocabulary was changed on purpose)")
+            "--allow-tokenizer-change if the tokenizer is the same one saved anew, or the "
+            "vocabulary was changed on purpose)")
 
 
 def schedule_change_note(saved_args, args) -> Optional[str]:
