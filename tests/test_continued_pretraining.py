@@ -75,7 +75,7 @@ def test_continued_pretraining_of_an_imported_llama(llama, tmp_path):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     # the default context: 4 x the model's 64, with llama3 RoPE scaling from 64 (factor 4)
-    assert "continued pretraining: seq 256 (model context 64), RoPE scaling (factor 4)" in log
+    assert "continued pretraining: seq 256 (model context 64), RoPE scaling (llama3, factor 4 from 64)" in log
     assert "loaded weights-only checkpoint" in log and f"{out}/imported" in log
     with open(out / "checkpoints" / "latest") as f:
         assert f.read().strip() == "iter_0000002"
