@@ -77,3 +77,18 @@ def gather_full(model, pick=lambda p: p.data):
     for part in everything:
         merged.update(part)
     return merged
+
+
+def stub_checkpoint_reading(monkeypatch, meta: dict, tag: str = "iter_0000000"):
+    """checkpointing.load_checkpoint as far as its checks and notes: ``tag`` is found with
+    ``meta`` and fits the flags; DeepSpeed's load then fails ("could not load"). Returns an
+    engine stand-in (ZeRO stage 0)."""
+    from types import SimpleNamespace
+
+    from ssa_megatron.training import checkpointing
+    monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: (tag, []))
+    monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
+    monkeypatch.setattr(checkpointing, "check_compatible", lambda *a: None)
+    monkeypatch.setattr(checkpointing, "_padded_vocab", lambda engine: None)
+    monkeypatch.setattr(checkpointing, "_deepspeed_load", lambda *a, **k: (None, None))
+    return SimpleNamespace(zero_optimization_stage=lambda: 0)

@@ -190,9 +190,7 @@ def test_an_import_records_both_tokenizer_files_and_the_refusal_can_be_lifted(tm
     """An HF directory that ships its tokenizer twice (Llama 2: tokenizer.model and
     tokenizer.json) accepts data made with either file; data of any other file is refused on
     load, unless --allow-tokenizer-change. A resumed run (not weights-only) is never refused."""
-    from types import SimpleNamespace
-
-    from model_utils import tiny_args
+    from model_utils import stub_checkpoint_reading, tiny_args
     from ssa_megatron.convert.hf_ckpt import tokenizer_data_from_hf
     from ssa_megatron.data.tokenizer import file_sha256
     from ssa_megatron.model.config import ConfigError
@@ -209,12 +207,7 @@ def test_an_import_records_both_tokenizer_files_and_the_refusal_can_be_lifted(tm
     assert f"--tokenizer {tmp_path}" in imported_tokenizer_error(saved, other)
 
     meta = {"args": {}, "data": saved, "weights_only": True}
-    monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000000", []))
-    monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
-    monkeypatch.setattr(checkpointing, "check_compatible", lambda *a: None)
-    monkeypatch.setattr(checkpointing, "_padded_vocab", lambda engine: None)
-    monkeypatch.setattr(checkpointing, "_deepspeed_load", lambda *a, **k: (None, None))
-    engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
+    engine = stub_checkpoint_reading(monkeypatch, meta)
     with pytest.raises(ConfigError, match="not with the imported model's tokenizer"):
         checkpointing.load_checkpoint(engine, "unused", tiny_args(), other)
     # lifted: the load goes on (to the stubbed DeepSpeed load, which fails after the check)

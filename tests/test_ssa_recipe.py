@@ -128,19 +128,12 @@ def test_loading_a_checkpoint_prints_the_recipe_note(monkeypatch, capsys, weight
     """load_checkpoint prints recipe_change_note's line for a resumed run, not for a converted
     (weights-only) model that starts training there. DeepSpeed's load is stubbed to fail right
     after the notes."""
-    from types import SimpleNamespace
-
-    from model_utils import tiny_args
+    from model_utils import stub_checkpoint_reading, tiny_args
     from ssa_megatron.model.config import ConfigError
     from ssa_megatron.training import checkpointing
     saved = vars(tiny_args("--ssa-full-prob", "0.25", "--train-iters", "3"))
     meta = {"args": saved, "data": {"tokenizer": {"sha256": "a" * 64}}, **({"weights_only": True} if weights_only else {})}
-    monkeypatch.setattr(checkpointing, "select_checkpoint", lambda *a, **k: ("iter_0000002", []))
-    monkeypatch.setattr(checkpointing, "read_meta", lambda tag_dir: meta)
-    monkeypatch.setattr(checkpointing, "check_compatible", lambda *a: None)
-    monkeypatch.setattr(checkpointing, "_padded_vocab", lambda engine: None)
-    monkeypatch.setattr(checkpointing, "_deepspeed_load", lambda *a, **k: (None, None))
-    engine = SimpleNamespace(zero_optimization_stage=lambda: 0)
+    engine = stub_checkpoint_reading(monkeypatch, meta, "iter_0000002")
     with pytest.raises(ConfigError, match="could not load"):
         checkpointing.load_checkpoint(engine, "unused", tiny_args(), {"tokenizer": {"sha256": "b" * 64}})
     out = capsys.readouterr().out

@@ -69,7 +69,8 @@ def _merge_variants(q, k, merges, cs=None, timed=False):
 def _selection_agreement(q, k, cs, score):
     """Triton's selected block sets against the reference's on the same bf16 inputs (fp32
     scores) under ``score``: (current block in slot 0 everywhere, share of identical sets, the
-    largest reference-score distance from the K-th score of a block in only one of two sets)."""
+    largest reference-score distance from the K-th score of a block in only one of two sets,
+    the reference's indices)."""
     from ssa_megatron.ops import triton_selection as tsel
     b, t = q.shape[:2]
     it = tsel.select_blocks(q, k, BS, KC, cs, score=score)
@@ -88,7 +89,7 @@ def _selection_agreement(q, k, cs, score):
             x.discard(-1)
             kth = sc[ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()].min().item()
             worst = max(worst, max(abs(sc[j].item() - kth) for j in x))
-    return slot0, same.float().mean().item(), worst
+    return slot0, same.float().mean().item(), worst, ir
 
 
 def check_correctness(device, verbose=True, merges=()):
@@ -106,14 +107,14 @@ def check_correctness(device, verbose=True, merges=()):
         k = torch.randn(b, t, h, d, device=device, dtype=torch.bfloat16)
         v = torch.randn(b, t, h, d, device=device, dtype=torch.bfloat16)
         # selection: sets vs the reference on the same bf16 inputs (fp32 scores)
-        slot0, frac_same, worst = _selection_agreement(q, k, cs, "mean")
+        slot0, frac_same, worst, ir = _selection_agreement(q, k, cs, "mean")
         sel_ok = slot0 and (frac_same == 1.0 or worst < 2e-2)
         moment2 = {"sel_moment2": "not run: the trainer refuses moment2 above head dim 64"}
         if 2 * d <= 128:  # the moment2 score runs the same kernel at head dim 2 D
-            m_slot0, m_same, m_worst = _selection_agreement(q, k, cs, "moment2")
+            m_slot0, m_same, m_worst, _ = _selection_agreement(q, k, cs, "moment2")
             sel_ok &= m_slot0 and (m_same == 1.0 or m_worst < 2e-2)
-            moment2 = dict(sel_moment2="checked", sel_moment2_same_frac=round(m_same, 4), sel_moment2_worst_tie=m_worst)
-        ir = ref.select_blocks(q, k, BS, KC, cs)
+            moment2 = dict(sel_moment2="checked", sel_moment2_same_frac=round(m_same, 4),
+                           sel_moment2_worst_tie=m_worst)
         merge_same = None
         if len(merges) > 1:  # every merge strategy must give the same indices
             merge_same = _merge_variants(q, k, merges, cs)[1]

@@ -27,6 +27,12 @@ def has_checkpoint(save_dir: Optional[str]) -> bool:
                                or bool(list_tags(save_dir)))
 
 
+def _with_layout(flags: list, meta: dict) -> list:
+    """``flags`` plus the tensor-parallel size the checkpoint was written for."""
+    tp = (meta.get("args") or {}).get("tensor_model_parallel_size") or 1
+    return flags + ["--tensor-model-parallel-size", str(tp)]
+
+
 def continued_flags(checkpoint: Optional[str], seq_length: Optional[int] = None, rope: str = "auto",
                     rope_base_factor: float = 8.0,
                     resume_from: Optional[str] = None) -> Tuple[list, str]:
@@ -42,12 +48,10 @@ def continued_flags(checkpoint: Optional[str], seq_length: Optional[int] = None,
         raise ValueError(f"rope {rope!r}: use one of {', '.join(ROPE_CHOICES)}")
     if has_checkpoint(resume_from):
         meta = megatron_ckpt.read_meta(megatron_ckpt.resolve_tag_dir(resume_from))
-        args = meta["args"]
-        shape = ModelShape.from_meta(meta, 0).replace(max_position_embeddings=args["seq_length"])
-        tp = args.get("tensor_model_parallel_size") or 1
-        return (shape.training_flags() + ["--tensor-model-parallel-size", str(tp)],
-                f"continued pretraining: resuming {resume_from} (seq {args['seq_length']}, RoPE "
-                "as it trained)")
+        seq = meta["args"]["seq_length"]
+        shape = ModelShape.from_meta(meta, 0).replace(max_position_embeddings=seq)
+        return (_with_layout(shape.training_flags(), meta),
+                f"continued pretraining: resuming {resume_from} (seq {seq}, RoPE as it trained)")
     if not checkpoint:
         raise ValueError("no converted model to start from (INIT_FROM) and no checkpoint of the "
                          "run to resume")
@@ -76,7 +80,5 @@ def continued_flags(checkpoint: Optional[str], seq_length: Optional[int] = None,
         note = f" (theta {new.rotary_base:g})"
     else:
         new = shape
-    tp = (meta.get("args") or {}).get("tensor_model_parallel_size") or 1
-    flags = new.replace(max_position_embeddings=seq).training_flags()
-    return (flags + ["--tensor-model-parallel-size", str(tp)],
+    return (_with_layout(new.replace(max_position_embeddings=seq).training_flags(), meta),
             f"continued pretraining: seq {seq} (model context {context}), RoPE {rope}{note}")

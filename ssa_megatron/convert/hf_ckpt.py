@@ -458,18 +458,18 @@ def tokenizer_data_from_hf(path: str, vocab_size: int) -> dict:
     the sha256 of each of its tokenizer files (``file_sha256s``: the same tokenizer in another
     format, either of which the data may have been made with)."""
     from ssa_megatron.data.tokenizer import file_sha256
-    files = [os.path.join(path, name) for name, _ in TOKENIZER_FILES]
-    shas = sorted(file_sha256(p) for p in files if os.path.isfile(p))
-    for name, kind in TOKENIZER_FILES:
-        p = os.path.join(path, name)
-        if os.path.isfile(p):
-            eod = None
-            try:
-                with open(os.path.join(path, "config.json")) as f:
-                    eod = json.load(f).get("eos_token_id")
-            except (OSError, ValueError):
-                pass
-            return {"tokenizer": {"kind": kind, "path": os.path.abspath(p), "file": None,
-                                  "vocab_size": vocab_size, "eod": eod, "sha256": file_sha256(p),
-                                  "file_sha256s": shas}}
+    present = [(os.path.join(path, name), kind) for name, kind in TOKENIZER_FILES
+               if os.path.isfile(os.path.join(path, name))]
+    shas = {p: file_sha256(p) for p, _ in present}  # each file read once
+    if present:  # the first of TOKENIZER_FILES names the tokenizer
+        p, kind = present[0]
+        eod = None
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                eod = json.load(f).get("eos_token_id")
+        except (OSError, ValueError):
+            pass
+        return {"tokenizer": {"kind": kind, "path": os.path.abspath(p), "file": None,
+                              "vocab_size": vocab_size, "eod": eod, "sha256": shas[p],
+                              "file_sha256s": sorted(shas.values())}}
     return {"tokenizer": {"kind": "unknown", "vocab_size": vocab_size}}
