@@ -61,9 +61,17 @@ def test_setup_env_refuses_a_python_older_than_3_10(tmp_path):
     pass, in one line, before making a virtual environment that pip would then fail in; a venv
     made earlier with such a Python is named, not reused."""
     import subprocess
-    fake = tmp_path / "python3.9"
-    fake.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo "Python 3.9.2"; exit 0; }\nexit 1\n')
-    fake.chmod(0o755)
+    import sys
+
+    def fake_python(version):  # runs -c code in this Python, with sys.version_info = version
+        path = tmp_path / f"python{version[0]}.{version[1]}"
+        path.write_text(
+            f'#!/bin/sh\n[ "$1" = --version ] && {{ echo "Python {".".join(map(str, version))}"; exit 0; }}\n'
+            f'[ "$1" = -c ] && exec {sys.executable} -c "import sys; sys.version_info = {version}; '
+            'exec(sys.argv[1])" "$2"\nexit 1\n')
+        path.chmod(0o755)
+        return path
+    fake = fake_python((3, 9, 2))
     venv = tmp_path / "venv"
     env = dict(os.environ, PYTHON=str(fake), SSA_VENV=str(venv))
     r = subprocess.run(["bash", os.path.join(ROOT, "tools", "setup_env.sh")], env=env,
@@ -77,3 +85,9 @@ def test_setup_env_refuses_a_python_older_than_3_10(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "tools", "setup_env.sh")],
                        env=dict(env, PYTHON="python3"), capture_output=True, text=True)
     assert r.returncode == 1 and f"rm -rf {venv}" in r.stderr and "Python 3.9.2" in r.stderr
+    # a new enough one passes the check (and fails later here: the stand-in cannot make a venv)
+    r = subprocess.run(["bash", os.path.join(ROOT, "tools", "setup_env.sh")],
+                       env=dict(env, PYTHON=str(fake_python((3, 12, 0))), SSA_VENV=str(tmp_path / "v2")),
+                       capture_output=True, text=True)
+    assert "needs Python 3.10 or newer" not in r.stderr
+    assert "creating the virtual environment" in r.stderr
