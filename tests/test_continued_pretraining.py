@@ -76,6 +76,7 @@ def test_continued_pretraining_of_an_imported_llama(llama, tmp_path):
     assert r.returncode == 0, log[-4000:]
     # the default context: 4 x the model's 64, with llama3 RoPE scaling from 64 (factor 4)
     assert "continued pretraining: seq 256 (model context 64), RoPE scaling (llama3, factor 4 from 64)" in log
+    assert "building the model" in log  # the refusal test below reads its absence
     assert "loaded weights-only checkpoint" in log and f"{out}/imported" in log
     with open(out / "checkpoints" / "latest") as f:
         assert f.read().strip() == "iter_0000002"
@@ -105,6 +106,7 @@ def test_data_of_another_tokenizer_is_refused(llama, tmp_path):
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert lines and f"re-run tools/preprocess_data.py --tokenizer {model_dir}" in lines[-1], r.stderr[-3000:]
+    assert "building the model" not in r.stdout + r.stderr  # refused before it is built
     assert not os.path.exists(out / "checkpoints" / "latest")
     assert os.path.isfile(out / "imported" / "latest")  # the import is kept
 
@@ -207,12 +209,11 @@ def test_an_import_records_both_tokenizer_files_and_the_refusal_can_be_lifted(tm
     assert f"--tokenizer {tmp_path}" in imported_tokenizer_error(saved, other)
 
     meta = {"args": {}, "data": saved, "weights_only": True}
-    engine = stub_checkpoint_reading(monkeypatch, meta)
+    stub_checkpoint_reading(monkeypatch, meta)
+    refuse = checkpointing.refuse_data_of_another_tokenizer
     with pytest.raises(ConfigError, match="not with the imported model's tokenizer"):
-        checkpointing.load_checkpoint(engine, "unused", tiny_args(), other)
-    # lifted: the load goes on (to the stubbed DeepSpeed load, which fails after the check)
-    with pytest.raises(ConfigError, match="could not load"):
-        checkpointing.load_checkpoint(engine, "unused", tiny_args("--allow-tokenizer-change"), other)
+        refuse("unused", tiny_args(), other)
+    refuse("unused", tiny_args("--allow-tokenizer-change"), other)  # lifted
+    refuse("unused", tiny_args(), {"tokenizer": {"sha256": shas[1]}})  # the model's own
     meta.pop("weights_only")
-    with pytest.raises(ConfigError, match="could not load"):
-        checkpointing.load_checkpoint(engine, "unused", tiny_args(), other)
+    refuse("unused", tiny_args(), other)  # our own run, resumed: its data is its business

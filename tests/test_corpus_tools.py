@@ -457,3 +457,27 @@ def test_documents_begin_with_the_tokenizer_s_own_prefix(tmp_path, sp_model, hf_
         assert read_tokenizer_info([prefix], None).description["bos"] == expect  # into checkpoints
     with pytest.raises(CorpusError, match="bos='yes'"):
         preprocess(texts, str(tmp_path / "x"), hf_json, bos="yes", progress=False)
+
+
+def test_a_word_level_tokenizer_s_prefix_is_probed_with_its_own_words(tmp_path):
+    """A word-level vocabulary without "a" (and no unknown token) still tells its BOS, probed
+    with words of its own; one where no probe encodes is refused in one line naming --bos
+    none, before anything is written."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    words = {"<s>": 0, "</s>": 1, "liberty": 2, "union": 3}
+    tok = Tokenizer(models.WordLevel(words))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(tmp_path / "words.json"))
+    assert build_tokenizer(str(tmp_path / "words.json")).document_prefix() == [0]
+
+    odd = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1}))  # "<pad>" splits: nothing encodes
+    odd.pre_tokenizer = pre_tokenizers.Whitespace()
+    odd.save(str(tmp_path / "odd.json"))
+    text = tmp_path / "doc.txt"
+    text.write_text("<pad> <pad>")  # refused before it is read
+    with pytest.raises(CorpusError, match="pass --bos none"):
+        preprocess([str(text)], str(tmp_path / "x"), str(tmp_path / "odd.json"), eod_token="<eos>",
+                   workers=1, progress=False)
+    assert not glob.glob(str(tmp_path / "x*"))

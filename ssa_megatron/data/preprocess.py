@@ -410,6 +410,7 @@ def preprocess(
     dtype = np.dtype(dtype_type)
     # read everything once up front for the fingerprint (cheap next to tokenization)
     fingerprint = inputs_fingerprint(files)
+    prefix_ids = tok.document_prefix() if bos == "auto" else []
     join_mode = probe_join_mode(tok.tokenize)
 
     skipped: Counter = Counter()
@@ -420,7 +421,6 @@ def preprocess(
         for prefix in prefixes:
             builders.append(IndexedDatasetBuilder(outputs.tmp(prefix + ".bin"), dtype=dtype_type))
         eod = np.asarray([tok.eod], dtype=dtype) if append_eod else None
-        prefix_ids = tok.document_prefix() if bos == "auto" else []
         doc_prefix = np.asarray(prefix_ids, dtype=dtype) if prefix_ids else None
         executor = _worker_pool(tok, eod_token, dtype, workers)
 

@@ -155,16 +155,25 @@ class HFTokenizer(Tokenizer):
     def document_prefix(self) -> List[int]:
         """What the tokenizer's post-processor puts before a text (Llama 2 / 3 and Mistral: their
         BOS; Qwen and byte-level BPEs without a template: nothing). Special tokens it appends
-        after a text are not taken: the preprocessor appends its own end of document."""
-        try:
-            plain = self._tok.encode("a", add_special_tokens=False).ids
-            full = self._tok.encode("a", add_special_tokens=True).ids
-        except Exception:  # e.g. a word-level vocabulary without "a" or an unknown token
-            return []
-        for start in range(len(full) - len(plain) + 1):
-            if full[start:start + len(plain)] == plain:
-                return full[:start]
-        return []
+        after a text are not taken: the preprocessor appends its own end of document. Raises
+        :class:`CorpusError` when no probe text can be encoded (the prefix cannot be told)."""
+        special = set(self._tok.get_added_tokens_decoder())
+        words = sorted((i, w) for w, i in self._tok.get_vocab(with_added_tokens=False).items()
+                       if i not in special)
+        probes = ["a", "the", "0"] + [w for _, w in words[:8]]
+        for text in probes:
+            try:
+                plain = self._tok.encode(text, add_special_tokens=False).ids
+                full = self._tok.encode(text, add_special_tokens=True).ids
+            except Exception:  # e.g. a word-level vocabulary without the word, no unknown token
+                continue
+            if not plain:
+                continue
+            for start in range(len(full) - len(plain) + 1):
+                if full[start:start + len(plain)] == plain:
+                    return full[:start]
+        raise CorpusError(f"cannot tell what {self.path} puts before a text (no probe text "
+                          "encodes): pass --bos none to begin documents with nothing")
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -245,6 +245,26 @@ def _deepspeed_load(engine, load_dir: str, tag: str, **kw):
                               f"{first}); choose another with --load-iteration N") from None
 
 
+def refuse_data_of_another_tokenizer(load_dir: str, args, data_description: dict) -> None:
+    """Before the model is built: a ConfigError when ``load_dir``'s checkpoint is an imported
+    model (weights only) whose tokenizer is not the one the training data was made with, unless
+    ``--allow-tokenizer-change``. A resumed run of our own is never refused. All ranks call."""
+    from ssa_megatron.training.resume_notes import imported_tokenizer_error
+    if getattr(args, "allow_tokenizer_change", False):
+        return
+    chosen = select_checkpoint(load_dir, getattr(args, "load_iteration", None), collective=True)
+    if chosen is None:
+        return
+    tag_dir = os.path.join(load_dir, chosen[0])
+    try:
+        meta = read_meta(tag_dir)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
+    mismatch = imported_tokenizer_error(meta.get("data"), data_description)
+    if mismatch and meta.get("weights_only"):
+        raise ConfigError(f"{tag_dir}: {mismatch}")
+
+
 def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict] = None):
     """Resume from the newest intact checkpoint (or ``args.load_iteration``); returns
     (iteration, consumed_samples), or (0, 0) if ``load_dir`` holds none. All ranks call."""
@@ -263,17 +283,13 @@ def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict
         raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
-    from ssa_megatron.training.resume_notes import (data_change_note, imported_tokenizer_error,
-                                                    schedule_change_note)
+    from ssa_megatron.training.resume_notes import data_change_note, schedule_change_note
     from ssa_megatron.training.ssa_recipe import recipe_change_note
     saved_args = meta.get("args", {})
     notes = [rope_change_note(saved_args, args)]
     if not meta.get("weights_only"):  # a converted model starts training here: nothing to keep
         notes += [recipe_change_note(saved_args, args), schedule_change_note(saved_args, args)]
-    if data_description is not None:  # an imported model records its tokenizer too
-        mismatch = imported_tokenizer_error(meta.get("data"), data_description)
-        if mismatch and meta.get("weights_only") and not getattr(args, "allow_tokenizer_change", False):
-            raise ConfigError(f"{tag_dir}: {mismatch}")
+    if data_description is not None:
         notes.append(data_change_note(meta.get("data"), data_description))
     for note in notes:
         if note and rank == 0:

@@ -295,6 +295,11 @@ def run(args, fault_hook: Optional[Callable] = None,
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
     guard = prepare_save_dir(args, _log)  # lock --save; auto-resume / --start-over / refuse
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    data_description = {"data_path": args.data_path, "tokenizer": info.description,
+                        "index_sha256": index_fingerprints(args.data_path)}
+    if args.load:
+        ckpt.refuse_data_of_another_tokenizer(args.load, args, data_description)
+    _log(f"building the model ({args.num_layers} layers x {args.hidden_size}) and its DeepSpeed engine")
     engine, ds_config, n_params, config = build_engine(args, info, dp_size)
     nonfinite = NonFiniteSteps(engine, args.max_skipped_steps)
     gas = ds_config["gradient_accumulation_steps"]
@@ -304,8 +309,6 @@ def run(args, fault_hook: Optional[Callable] = None,
         engine_patches.call_before_optimizer_step(engine, lambda: before_step(engine, state.iteration))
 
     state = TrainState()
-    data_description = {"data_path": args.data_path, "tokenizer": info.description,
-                        "index_sha256": index_fingerprints(args.data_path)}
     if args.load:
         state.iteration, state.consumed = ckpt.load_checkpoint(engine, args.load, args, data_description)
         if state.iteration:
