@@ -6,6 +6,18 @@ import pytest
 os.environ.setdefault("SSA_ATTENTION_BACKEND", "reference")
 
 
+def pytest_collection_finish(session):
+    """The Triton interpreter checks start in the background now (niced), not when their files
+    come: tests/interpreter_utils.py."""
+    from interpreter_utils import start_interpreter_queue
+    start_interpreter_queue(session)
+
+
+def pytest_sessionfinish(session):
+    from interpreter_utils import stop_interpreter_queue
+    stop_interpreter_queue(session)
+
+
 @pytest.fixture(scope="session")
 def single_process_parallel_state():
     """torch.distributed (gloo, world 1) + megatron parallel_state for in-process model tests."""

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -13,72 +14,171 @@ needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="triton is not installed")
 
 
-class ConcurrentRuns:
-    """:func:`run_interpreted` of several groups of one script, started together and run
-    ``workers`` at a time (the interpreter keeps about one core busy, and CI has two); each
-    group's rows (or its failure) are handed out when a test asks for them. ``close`` cancels
-    the groups not started and kills the children still running (an interrupted or stopped
-    session does not wait for them)."""
+class _GroupRun:
+    """One group of one interpreter script, run once: by the background runner (niced, from the
+    start of the session) or by its module's test when that comes first."""
 
-    def __init__(self, script: str, groups, workers: int = 2):
-        from concurrent.futures import ThreadPoolExecutor
-        self._script = script
-        self._children = []
-        self._closed = False
-        self._pool = ThreadPoolExecutor(max_workers=workers)
-        self._runs = {g: self._pool.submit(self._run, g) for g in dict.fromkeys(groups)}
+    def __init__(self, script: str, group: str):
+        self.script, self.group = script, group
+        self._lock = threading.Lock()
+        self._claimed = False
+        self._done = threading.Event()
+        self._rows = self._error = None
+        self._proc = None
+        self.cancelled = False
 
-    def _run(self, group: str) -> list:
-        if self._closed:
-            raise RuntimeError("closed")
-        proc = subprocess.Popen(_command(self._script, group), env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        self._children.append(proc)
+    def claim(self) -> bool:
+        with self._lock:
+            if self._claimed or self.cancelled:
+                return False
+            self._claimed = True
+            return True
+
+    def run(self, niced: bool) -> None:
+        """Run the child (the caller has claimed this group)."""
         try:
-            out, err = proc.communicate(timeout=600)
+            self._proc = subprocess.Popen(_command(self.script, self.group), env=_env(),
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if niced:  # idle cores only: the foreground tests keep theirs
+                os.setpriority(os.PRIO_PROCESS, self._proc.pid, 19)
+            if self.cancelled:
+                self._proc.kill()
+            out, err = self._proc.communicate(timeout=900)
+            self._rows = _rows(self._proc.returncode, out, err)
+        except BaseException as exc:  # handed to the test that asks
+            self._error = exc
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait()
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        return _rows(proc.returncode, out, err)
+            self._done.set()
 
-    def rows(self, group: str) -> list:
-        run = self._runs.get(group)
-        return run_interpreted(self._script, group) if run is None else run.result()
+    def rows(self) -> list:
+        if self.claim():
+            self.run(niced=False)
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._rows
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+
+class InterpreterQueue:
+    """Every interpreter group the session's selected tests need. From the end of collection,
+    ``background`` niced workers run them, the latest-collected module first (it waits longest
+    for its turn): the interpreter keeps one core busy, and most of the suite leaves one of CI's
+    two idle. A module's tests take over its groups not yet started, ``workers`` at a time."""
+
+    def __init__(self, modules, background: int = 2, workers: int = 2):
+        self._workers = workers
+        self._runs = {}  # script -> {group: _GroupRun}
+        order = []
+        for script, groups in modules:
+            runs = self._runs.setdefault(script, {})
+            for g in groups:
+                if g not in runs:
+                    runs[g] = _GroupRun(script, g)
+            order.append(list(runs.values()))
+        self._threads = []
+        queue = [run for runs in reversed(order) for run in runs]
+        for _ in range(background if queue else 0):
+            t = threading.Thread(target=self._drain, args=(queue,), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    @staticmethod
+    def _drain(queue) -> None:
+        for run in queue:
+            if run.claim():
+                run.run(niced=True)
+
+    def start_module(self, script: str) -> None:
+        """The module's turn: its groups nobody has started run now, ``workers`` at a time."""
+        pending = [r for r in self._runs.get(script, {}).values() if r.claim()]
+        if not pending:
+            return
+        lanes = [pending[i::self._workers] for i in range(self._workers)]
+        for lane in lanes:
+            if lane:
+                threading.Thread(target=lambda rs=lane: [r.run(niced=False) for r in rs],
+                                 daemon=True).start()
+
+    def rows(self, script: str, group: str) -> list:
+        run = self._runs.get(script, {}).get(group)
+        return run_interpreted(script, group) if run is None else run.rows()
 
     def close(self) -> None:
-        self._closed = True
-        for run in self._runs.values():
-            run.cancel()
-        for proc in self._children:
-            if proc.poll() is None:
-                proc.kill()
-        self._pool.shutdown(wait=True)
+        for runs in self._runs.values():
+            for run in runs.values():
+                run.cancel()
 
 
-def selected_groups(request, group_of) -> list:
-    """The interpreter groups that this session's selected tests of ``request``'s module need
-    (``group_of(test name)``: its group, or None)."""
-    module = request.module
-    names = [item.name for item in request.session.items
-             if getattr(item, "module", None) is module]
-    return [g for g in (group_of(n) for n in names) if g is not None]
+QUEUE_KEY = pytest.StashKey()
 
 
-def interpreted_groups(script: str, group_of, first=()):
-    """A module-scoped fixture ``interpreted`` (a :class:`ConcurrentRuns`) of the groups the
-    module's selected tests need (``group_of(test name)``), the groups named in ``first`` (the
-    longest) started first, in that order: a test waits only for its own group."""
+class InterpretedGroups:
+    """A test module's interpreter groups: ``group_of(test name)`` gives the group a test reads
+    (or None); ``first`` orders the module's groups (the longest first)."""
 
-    @pytest.fixture(scope="module")
-    def interpreted(request):
-        groups = selected_groups(request, group_of)
-        groups.sort(key=lambda g: first.index(g) if g in first else len(first))
-        runs = ConcurrentRuns(script, groups)
-        yield runs
-        runs.close()
+    def __init__(self, script: str, group_of, first=()):
+        self.script, self.group_of, self.first = os.path.abspath(script), group_of, tuple(first)
 
-    return interpreted
+    def groups(self, test_names) -> list:
+        groups = list(dict.fromkeys(g for g in map(self.group_of, test_names) if g is not None))
+        groups.sort(key=lambda g: self.first.index(g) if g in self.first else len(self.first))
+        return groups
+
+    def fixture(self):
+        """The module-scoped fixture ``interpreted``: ``interpreted.rows(group)``."""
+        spec = self
+
+        @pytest.fixture(scope="module")
+        def interpreted(request):
+            queue = request.config.stash.get(QUEUE_KEY, None)
+            if queue is None:  # collected without conftest's hook: this module alone
+                names = [i.name for i in request.session.items
+                         if getattr(i, "module", None) is request.module]
+                queue = InterpreterQueue([(spec.script, spec.groups(names))], background=0)
+            queue.start_module(spec.script)
+            yield _ModuleRows(queue, spec.script)
+            if QUEUE_KEY not in request.config.stash:
+                queue.close()
+
+        return interpreted
+
+
+class _ModuleRows:
+    def __init__(self, queue: InterpreterQueue, script: str):
+        self._queue, self._script = queue, script
+
+    def rows(self, group: str) -> list:
+        return self._queue.rows(self._script, group)
+
+
+def start_interpreter_queue(session) -> None:
+    """conftest's collection hook: start the background runs of every selected module's groups."""
+    modules, names = {}, {}
+    for item in session.items:
+        module = getattr(item, "module", None)
+        spec = getattr(module, "INTERPRETED", None)
+        if isinstance(spec, InterpretedGroups):
+            modules.setdefault(spec.script, spec)
+            names.setdefault(spec.script, []).append(item.name)
+    if modules:
+        session.config.stash[QUEUE_KEY] = InterpreterQueue(
+            [(script, spec.groups(names[script])) for script, spec in modules.items()])
+
+
+def stop_interpreter_queue(session) -> None:
+    queue = session.config.stash.get(QUEUE_KEY, None)
+    if queue is not None:
+        queue.close()
 
 
 def _command(script: str, what: str) -> list:

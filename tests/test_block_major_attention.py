@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 
-from interpreter_utils import interpreted_groups, needs_triton
+from interpreter_utils import InterpretedGroups, needs_triton
 
 BS = 16
 
@@ -35,7 +35,8 @@ GROUP_OF_TEST = {"test_block_major_matches_reference": "cases",
                  "test_block_major_edges_and_dispatch": "edges"}
 
 
-interpreted = interpreted_groups(__file__, GROUP_OF_TEST.get)
+INTERPRETED = InterpretedGroups(__file__, GROUP_OF_TEST.get)
+interpreted = INTERPRETED.fixture()
 
 
 @needs_triton

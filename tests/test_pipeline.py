@@ -38,15 +38,24 @@ def reference_run(tmp_path_factory, random_dataset):
     return flags, run_workers("pipeline_workers:train_and_gather", 1, str(out), *flags)
 
 
-def test_pp2_and_tp2pp2_equal_single_process(tmp_path, reference_run):
+@pytest.fixture(scope="module")
+def pp2_run(tmp_path_factory, reference_run):
+    """The reference run's flags on 2 pipeline stages, saving its checkpoint."""
+    flags, _ = reference_run
+    out = tmp_path_factory.mktemp("pp2")
+    save = str(out / "ckpt")
+    return save, run_workers("pipeline_workers:train_and_gather", 2, str(out / "run"), *flags,
+                             "--pipeline-model-parallel-size", "2", "--save", save)
+
+
+def test_pp2_and_tp2pp2_equal_single_process(tmp_path, reference_run, pp2_run):
     flags, ref = reference_run
     assert len(ref["lm_loss"]) == 3 and "decoder.layers.3.self_attention.linear_gate.weight" in ref["weights"]
     assert {"output_layer.weight", "decoder.layers.3.self_attention.linear_qkv.bias"} <= set(ref["weights"])
-    pp2 = run_workers("pipeline_workers:train_and_gather", 2, str(tmp_path / "pp2"), *flags,
-                      "--pipeline-model-parallel-size", "2", "--save", str(tmp_path / "pp2_ckpt"))
+    save, pp2 = pp2_run
     _compare(ref, pp2)
     from ssa_megatron.convert.megatron_ckpt import read_checkpoint  # the pipeline's files, merged
-    saved, _, spec = read_checkpoint(str(tmp_path / "pp2_ckpt"))
+    saved, _, spec = read_checkpoint(save)
     assert spec["untie_embeddings_and_output_weights"] and spec["use_rope_scaling"]
     assert saved.keys() == pp2["weights"].keys()
     for name, w in pp2["weights"].items():
@@ -84,31 +93,28 @@ def test_zero2_with_pipeline_is_refused(random_dataset):
 
 
 def test_pp2_checkpoint_resumes_exactly(tmp_path, random_dataset):
+    """A 4-step PP2 run saving every 2 steps is the uninterrupted run; resuming its step-2
+    checkpoint gives steps 3-4 again (--exit-interval: test_checkpoints.py, at PP 1)."""
     base = FLAGS + ["--data-path", random_dataset, "--train-iters", "4", "--pipeline-model-parallel-size", "2",
                     "--zero-stage", "1"]
-    full = run_workers("train", 2, str(tmp_path / "full"), *base)
     save = str(tmp_path / "ckpt")
-    first = run_workers("train", 2, str(tmp_path / "first"), *base, "--save", save, "--save-interval", "2",
-                        "--exit-interval", "2")
-    assert first["iteration"] == 2 and os.path.isfile(os.path.join(save, "latest"))
-    resumed = run_workers("train", 2, str(tmp_path / "resumed"), *base, "--load", save)
+    full = run_workers("train", 2, str(tmp_path / "full"), *base, "--save", save, "--save-interval", "2")
+    assert full["iteration"] == 4 and os.path.isdir(os.path.join(save, "iter_0000002"))
+    resumed = run_workers("train", 2, str(tmp_path / "resumed"), *base, "--load", save, "--load-iteration", "2")
     assert resumed["iterations"] == [3, 4]
     assert resumed["lm_loss"] == pytest.approx(full["lm_loss"][2:], rel=1e-6)
     assert resumed["align_loss"] == pytest.approx(full["align_loss"][2:], rel=1e-5)
 
 
-def test_activation_checkpointing_changes_nothing(tmp_path, random_dataset):
-    flags = FLAGS + ["--data-path", random_dataset, "--train-iters", "2",
-                     "--pipeline-model-parallel-size", "2"]
-    plain = run_workers("train", 2, str(tmp_path / "plain"), *flags)
-    recompute = run_workers("train", 2, str(tmp_path / "recompute"), *flags, "--recompute-interval", "1")
-    assert recompute["lm_loss"] == pytest.approx(plain["lm_loss"], rel=1e-6)
-    assert recompute["align_loss"] == pytest.approx(plain["align_loss"], rel=1e-6)
-
-
-def test_megatron_recompute_without_pipeline_changes_nothing(tmp_path, random_dataset):
-    flags = FLAGS + ["--data-path", random_dataset, "--train-iters", "2"]
-    plain = run_workers("train", 1, str(tmp_path / "plain"), *flags)
-    recompute = run_workers("train", 1, str(tmp_path / "recompute"), *flags, "--recompute-activations")
-    assert recompute["lm_loss"] == pytest.approx(plain["lm_loss"], rel=1e-6)
-    assert recompute["align_loss"] == pytest.approx(plain["align_loss"], rel=1e-6)
+def test_activation_checkpointing_changes_nothing(tmp_path, reference_run, pp2_run):
+    """Recomputing every layer (PP2) and megatron's --recompute-activations (no pipeline) give the
+    runs without recomputation: the same losses and weights."""
+    flags, ref = reference_run
+    recompute = run_workers("pipeline_workers:train_and_gather", 2, str(tmp_path / "pp2"), *flags,
+                            "--pipeline-model-parallel-size", "2", "--recompute-interval", "1")
+    for plain, rerun in ((pp2_run[1], recompute),
+                         (ref, run_workers("pipeline_workers:train_and_gather", 1, str(tmp_path / "pp1"),
+                                           *flags, "--recompute-activations"))):
+        _compare(plain, rerun)
+        assert rerun["lm_loss"] == pytest.approx(plain["lm_loss"], rel=1e-6)
+        assert rerun["align_loss"] == pytest.approx(plain["align_loss"], rel=1e-6)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from interpreter_utils import interpreted_groups, needs_triton
+from interpreter_utils import InterpretedGroups, needs_triton
 
 BS = 16
 
@@ -42,7 +42,8 @@ GROUP_OF_TEST = {"test_decode_kernels_match_reference": "cases",
                  "test_benchmark_kernel_check_passes_on_the_kernels": "bench_check"}
 
 
-interpreted = interpreted_groups(__file__, GROUP_OF_TEST.get)
+INTERPRETED = InterpretedGroups(__file__, GROUP_OF_TEST.get)
+interpreted = INTERPRETED.fixture()
 
 
 @needs_triton

@@ -309,11 +309,11 @@ def test_quality_summary_classifies_runs():
 
 
 @pytest.mark.parametrize("flags, weights", [
-    (["--qk-layernorm"], ["q_layernorm", "k_layernorm"]),
+    # the moment2 score has no weights: the checkpoint carries it
+    (["--qk-layernorm", "--ssa-selection-score", "moment2"], ["q_layernorm", "k_layernorm"]),
     # TP 2: the map is split by heads, and evaluation merges it back
     (["--ssa-select-proj", "--ssa-select-align-coef", "1", "--tensor-model-parallel-size", "2"],
-     ["core_attention.select_proj"]),
-    (["--ssa-selection-score", "moment2"], [])])  # no weights: the checkpoint carries the score
+     ["core_attention.select_proj"])])
 def test_checkpoints_with_new_options_evaluate_and_export(
         tmp_path, random_dataset, single_process_parallel_state, flags, weights):
     """The trained checkpoint evaluates with its options; the HF export computes the evaluated

@@ -19,7 +19,7 @@ import os
 import sys
 
 import pytest
-from interpreter_utils import interpreted_groups, needs_triton
+from interpreter_utils import InterpretedGroups, needs_triton
 
 from ssa_megatron.ops.kernel_config import override_config
 
@@ -96,7 +96,8 @@ def _group_of(test_name: str):
     return GROUP_OF_TEST.get(base)
 
 
-interpreted = interpreted_groups(__file__, _group_of, first=("tma", "select", "variants", "invert"))
+INTERPRETED = InterpretedGroups(__file__, _group_of, first=("tma", "select", "variants", "invert"))
+interpreted = INTERPRETED.fixture()
 
 
 @needs_triton

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ssa_megatron.convert import hf_ckpt, layout, megatron_ckpt
-from ssa_megatron.model.shape import ModelShape
+from ssa_megatron.model.shape import ModelShape, padded_vocab_size
 
 
 def _progress():
@@ -44,7 +44,7 @@ def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 
     """HF directory (ours, the paper's layout, Llama, Mistral, Qwen2, Qwen3, Phi-3) -> weights-only
     megatron checkpoint. Returns the flavour read (ssa, paper, llama)."""
     hf_state, shape, flavour = hf_ckpt.read_hf(hf_dir, attention_mode)
-    full = layout.hf_to_megatron(hf_state, shape, megatron_ckpt.padded_vocab(shape.vocab_size, tp))
+    full = layout.hf_to_megatron(hf_state, shape, padded_vocab_size(shape.vocab_size, tp))
     data = hf_ckpt.tokenizer_data_from_hf(hf_dir, shape.vocab_size)
     megatron_ckpt.write_checkpoint(full, shape, out_dir, tp, pp, data=data,
                                    source=f"{flavour} HF model {hf_dir}", progress=_progress())

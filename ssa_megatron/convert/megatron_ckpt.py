@@ -20,7 +20,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from ssa_megatron.convert.layout import ConversionError, merge_tp, split_tp
-from ssa_megatron.model.shape import ModelShape
+from ssa_megatron.model.shape import ModelShape, padded_vocab_size
 from ssa_megatron.training import checkpoint_format as fmt
 
 
@@ -53,15 +53,10 @@ def read_checkpoint(path: str, tag: Optional[str] = None,
     return full, meta, ModelShape.from_meta(meta, full["embedding.word_embeddings.weight"].shape[0])
 
 
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    from ssa_megatron.model.builder import padded_vocab_size
-    return padded_vocab_size(vocab_size, tp)
-
-
 def repad_embedding(full: Dict[str, torch.Tensor], vocab_size: int, tp: int) -> Dict[str, torch.Tensor]:
     """Give the embedding (and an untied output layer) the padded size the model builds with
     ``tp`` (extra rows zero)."""
-    rows = padded_vocab(vocab_size, tp)
+    rows = padded_vocab_size(vocab_size, tp)
     for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
         t = full.get(name)
         if t is not None and t.shape[0] != rows:

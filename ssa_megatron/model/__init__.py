@@ -1,6 +1,17 @@
-"""SSA model: megatron-core GPT layers with gated SSA attention."""
-from ssa_megatron.model.attention import (SSACoreAttention, SSASelfAttention, set_inference_mode,  # noqa: F401
-                                          ssa_branch)
-from ssa_megatron.model.config import ConfigError, SSAConfig  # noqa: F401
-from ssa_megatron.model.layer_spec import get_ssa_layer_spec  # noqa: F401
-from ssa_megatron.model.runtime import draw_mode  # noqa: F401
+"""SSA model: megatron-core GPT layers with gated SSA attention.
+
+The names below load on first use (PEP 562), so that a tool which only reads checkpoints or
+configs does not import megatron-core through ``ssa_megatron.model``."""
+import importlib
+
+_HOMES = {"SSACoreAttention": "attention", "SSASelfAttention": "attention",
+          "set_inference_mode": "attention", "ssa_branch": "attention",
+          "ConfigError": "errors", "SSAConfig": "config",
+          "get_ssa_layer_spec": "layer_spec", "draw_mode": "runtime"}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)

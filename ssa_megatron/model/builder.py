@@ -11,19 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec, init_seed_for_layer
 from ssa_megatron.model.options import rope_scaling, scale_rotary_embedding
-from ssa_megatron.model.shape import ModelShape, shape_default
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Pad the vocabulary to a multiple of ``multiple`` that TP divides.
-
-    Unlike Megatron-LM (multiple x TP), the result does not grow with TP when it need not, so the
-    same model (and its checkpoint) keeps one embedding shape across layouts.
-    """
-    size = (vocab_size + multiple - 1) // multiple * multiple
-    while size % tp:
-        size += multiple
-    return size
+from ssa_megatron.model.shape import ModelShape, padded_vocab_size, shape_default  # noqa: F401
 
 
 def build_config(args) -> SSAConfig:

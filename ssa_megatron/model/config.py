@@ -5,11 +5,8 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from ssa_megatron.model.errors import ConfigError  # noqa: F401  (its home before errors.py)
 from ssa_megatron.model.shape import ATTENTION_MODES, INFERENCE_MODES, shape_default  # noqa: F401
-
-
-class ConfigError(ValueError):
-    """A setting the user chose cannot work; the message says what to change."""
 
 
 @dataclass

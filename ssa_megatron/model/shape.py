@@ -329,3 +329,15 @@ def add_shape_flags(groups: Dict[str, Any]) -> None:
         if meta["choices"]:
             kw["choices"] = meta["choices"]
         group.add_argument(_flag(f.name), **kw)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Pad the vocabulary to a multiple of ``multiple`` that TP divides.
+
+    Unlike Megatron-LM (multiple x TP), the result does not grow with TP when it need not, so the
+    same model (and its checkpoint) keeps one embedding shape across layouts.
+    """
+    size = (vocab_size + multiple - 1) // multiple * multiple
+    while size % tp:
+        size += multiple
+    return size

@@ -20,7 +20,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     if world_size % (tp * pp):
-        from ssa_megatron.model.config import ConfigError
+        from ssa_megatron.model.errors import ConfigError
         raise ConfigError(f"world size {world_size} is not divisible by "
                           f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
     if torch.cuda.is_available():

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ssa_megatron import engine_patches
 from ssa_megatron.console import record_for_launcher
-from ssa_megatron.model.config import ConfigError
+from ssa_megatron.model.errors import ConfigError
 from ssa_megatron.model.runtime import document_packed_seq_params, masked_lm_loss
 from ssa_megatron.training.arguments import parse_eval_mode
 from ssa_megatron.training.diagnostics import Diagnostics
@@ -280,7 +280,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     from ssa_megatron.data.datasets import (build_datasets, check_data_files, index_fingerprints,
                                             make_loader, parse_blend, read_tokenizer_info)
     from ssa_megatron.model.align_loss import AlignLossLoggingHelper
-    from ssa_megatron.model.builder import padded_vocab_size
+    from ssa_megatron.model.shape import padded_vocab_size
     from ssa_megatron.training import checkpointing as ckpt
     from ssa_megatron.training.distributed import init_distributed
     from ssa_megatron.training.flops import flops_per_token
