@@ -316,7 +316,11 @@ SCENARIOS = [restart_without_load, two_runs, damaged_checkpoint, ctrl_c, nonfini
 
 if __name__ == "__main__":
     OUT, DATA = sys.argv[1], sys.argv[2]
-    wanted = sys.argv[3:] or [s.__name__ for s in SCENARIOS]
+    names = [s.__name__ for s in SCENARIOS]
+    if sys.argv[3:4] == ["--except"]:  # every scenario but those named
+        wanted = [n for n in names if n not in sys.argv[4:]]
+    else:
+        wanted = sys.argv[3:] or names
     os.makedirs(OUT, exist_ok=True)
     fi.preload()
     import torch
