@@ -481,3 +481,28 @@ def test_a_word_level_tokenizer_s_prefix_is_probed_with_its_own_words(tmp_path):
         preprocess([str(text)], str(tmp_path / "x"), str(tmp_path / "odd.json"), eod_token="<eos>",
                    workers=1, progress=False)
     assert not glob.glob(str(tmp_path / "x*"))
+
+
+def test_a_corpus_sample_is_reproducible_whole_documents_up_to_a_budget(tmp_path):
+    """tools/sample_corpus.py: the same seed gives the same file, of whole documents of the input
+    (each once), stopping at the first that reaches the budget; an existing output is refused."""
+    from ssa_megatron.data.sample import sample_jsonl
+    src = tmp_path / "all.jsonl"
+    docs = [{"text": f"document {i} " + "x" * (10 + i)} for i in range(40)]
+    src.write_text("\n".join(json.dumps(d) for d in docs) + "\n")
+    a, b, c = (str(tmp_path / n) for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    r = sample_jsonl(str(src), a, 300, seed=3)
+    sample_jsonl(str(src), b, 300, seed=3)
+    sample_jsonl(str(src), c, 300, seed=4)
+    assert open(a).read() == open(b).read() != open(c).read()
+    taken = [json.loads(line) for line in open(a)]
+    texts = [d["text"] for d in taken]
+    assert len(set(texts)) == len(texts) == r["documents"] and all(d in docs for d in taken)
+    assert r["chars"] == sum(map(len, texts)) >= 300 > r["chars"] - len(texts[-1])
+    assert texts != sorted(texts, key=lambda t: int(t.split()[1]))  # drawn, not the first ones
+    with pytest.raises(CorpusError, match="pass --overwrite"):
+        sample_jsonl(str(src), a, 300, seed=3)
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "sample_corpus.py"), "--input",
+                           str(src), "--output", a, "--chars", "300", "--seed", "3"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")

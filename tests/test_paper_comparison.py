@@ -2,6 +2,7 @@
 resume from a run's own checkpoint, skipping finished training and fresh evaluations."""
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -354,3 +355,34 @@ def test_gpu_validation_robust_mode_trains_the_comparisons_recipe():
     flags = shlex.split(re.search(r"^\s*recipe='([^']*)'", script, re.M).group(1))
     diagnostics = flags.index("--diagnostics-interval")
     assert flags[:diagnostics] == ["--attention-mode", pc.SYSTEMS["ssa-recipe"], *pc.SYSTEM_FLAGS["ssa-recipe"]]
+
+
+def test_gpu_validation_compare_small_runs_the_issue_s_small_setting(tmp_path):
+    """gpu_validation.sh compare-small hands paper_comparison the quality issue's small setting
+    (8 x 384, 12 q / 4 kv heads, seq 4096, 600 steps of 4 x 4096, 20 warm-up steps) on the
+    sample corpus; a stand-in python3 records the command instead of training."""
+    import shlex
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bin_dir, small = tmp_path / "bin", tmp_path / "small"
+    bin_dir.mkdir()
+    small.mkdir()
+    (small / "english_text_document.idx").write_bytes(b"")
+    record = tmp_path / "argv.txt"
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {shlex.quote(str(record))}\n')
+    (bin_dir / "python3").chmod(0o755)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'stand-in GPU, 80 GiB'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SMALL=str(small),
+               SMALL_OUT=str(tmp_path / "out" / "cmp"), EVAL_SELECTIONS="oracle sub2")
+    (tmp_path / "out" / "cmp").mkdir(parents=True)
+    proc = subprocess.run(["bash", os.path.join(root, "tools", "gpu_validation.sh"), "compare-small",
+                           str(tmp_path / "res")], env=env, capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(l for l in record.read_text().splitlines() if l.startswith("tools/paper_comparison.py"))
+    args = pc.parse_args(shlex.split(line)[1:])
+    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.heads, args.kv_heads) == (8, 384, 1024, 12, 4)
+    assert (args.seq_length, args.micro_batch_size, args.global_batch_size, args.train_iters) == (4096, 4, 4, 600)
+    assert round(args.lr_warmup_fraction * args.train_iters) == 20 and args.lr == 1e-3
+    assert args.data_path == f"{small}/english_text_document" and args.eval_selections == ["oracle", "sub2"]
+    assert args.systems == ["full-full", "ssa-recipe"] and args.seeds == [1, 2]
+    assert (tmp_path / "res" / "compare_small.tgz").is_file()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a GPU node: offline install from wheelhouse/ (tools/build_wheelhouse.py) when megatron-core or
 # DeepSpeed is missing, then the GPU measurements behind docs/RESULTS.md and docs/KERNEL_NOTES.md.
-#   bash tools/gpu_validation.sh training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|robust|diagnose|quality [OUT]
+#   bash tools/gpu_validation.sh training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|compare-small|robust|diagnose|quality [OUT]
 # OUT: where the results go (default results/). compare, diagnose and quality need the corpus of
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
@@ -12,6 +12,12 @@
 # COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
 # in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections),
 # WARMUP=0.06 (warm-up fraction for every system; default 0.02); run again to resume.
+# compare-small: the quality issue's small setting in one call (8 layers x 384, 12 q / 4 kv heads,
+# seq 4096, 600 steps of 4 x 4096 = 9.8M tokens each seen once, lr 1e-3, 20 warm-up steps) on a
+# 13.5M-token sample of the large corpus (tools/sample_corpus.py --chars 44000000 --seed 17, then
+# preprocess_data.py with its tokenizer: SMALL, default runs/english_sample, or SHARDS=dir to join
+# first: 9 MiB of xz shards); SYSTEMS (default full-full ssa-recipe), SEEDS (default 1 2),
+# JOBS_PER_GPU (default 4), EVAL_SELECTIONS, DEADLINE (default 330), SMALL_OUT.
 # robust: REPLICATES (default 4) runs of the recipe on each of SEEDS (default 1) on the large
 # corpus, stopped at STOP_AT (default 150) of the 1650-step schedule, WARMUP as above, attention
 # diagnostics every step to 60 then every 10 (diagnostics.jsonl beside each run's train.json):
@@ -21,7 +27,7 @@ set -euo pipefail
 usage() { awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
-  training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|robust|diagnose|quality) ;;
+  training|parallel|kernels|variants|select-sweep|floor|mfu|decode|compare|compare-large|compare-small|robust|diagnose|quality) ;;
   *) usage >&2; exit 2 ;;
 esac
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -92,6 +98,20 @@ case "$1" in
       --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
       ${VARIANT:+--variant "$VARIANT"} || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
+  compare-small)  # the small setting, every run side by side on one GPU; run again to resume
+    SMALL="${SMALL:-runs/english_sample}"
+    SMALL_OUT="${SMALL_OUT:-runs/compare_small}"
+    if [ ! -f "$SMALL/english_text_document.idx" ]; then
+      [ -n "${SHARDS:-}" ] || { echo "error: no $SMALL/english_text_document.idx: make it with tools/sample_corpus.py and tools/preprocess_data.py (see the header), or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
+      python3 tools/corpus_shards.py join "$SHARDS" "$SMALL"
+    fi
+    python3 tools/paper_comparison.py --data-path "$SMALL/english_text_document" --out "$SMALL_OUT" \
+      --num-layers 8 --hidden-size 384 --ffn-hidden-size 1024 --heads 12 --kv-heads 4 \
+      --seq-length 4096 --block-counts 16 --micro-batch-size 4 --global-batch-size 4 \
+      --train-iters 600 --lr 1e-3 --lr-warmup-fraction 0.034 --log-interval 10 --eval-windows 32 \
+      ${EVAL_SELECTIONS:+--eval-selections $EVAL_SELECTIONS} --systems ${SYSTEMS:-full-full ssa-recipe} \
+      --seeds ${SEEDS:-1 2} --jobs-per-gpu "${JOBS_PER_GPU:-4}" --deadline "${DEADLINE:-330}" || true
+    (cd "$(dirname "$SMALL_OUT")" && tar czf "$OUT/compare_small.tgz" --exclude=checkpoint "$(basename "$SMALL_OUT")") ;;
   robust)  # replicates to STOP_AT: the spread that the end of the warm-up makes (docs/RESULTS.md)
     LARGE="${LARGE:-runs/english_large}"
     ROBUST_OUT="${ROBUST_OUT:-runs/robust_warmup${WARMUP:-0.02}_stop${STOP_AT:-150}}"
