@@ -91,3 +91,18 @@ def test_setup_env_refuses_a_python_older_than_3_10(tmp_path):
                        capture_output=True, text=True)
     assert "needs Python 3.10 or newer" not in r.stderr
     assert "creating the virtual environment" in r.stderr
+
+
+def test_the_converter_and_checkpoint_readers_import_no_megatron_core():
+    """tools/convert_checkpoint.py (import, export, continue-flags) and the checkpoint format
+    start without megatron-core (3 s of its ~4.5 s start-up); a fresh interpreter checks."""
+    import subprocess
+    import sys
+    code = ("import sys; import ssa_megatron.convert.cli, ssa_megatron.convert.api, "
+            "ssa_megatron.convert.continued, ssa_megatron.training.checkpoint_format, "
+            "ssa_megatron.model; from ssa_megatron.model import ConfigError; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('megatron', 'deepspeed')); "
+            "assert not heavy, heavy[:5]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stderr[-2000:]
