@@ -19,7 +19,7 @@ ssa_comm_env
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE="$("$SSA_PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')"
 fi
-PORT="${MASTER_PORT:-$("$SSA_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+PORT="$(ssa_local_port)"
 echo "deepspeed: $NPROC_PER_NODE processes; checkpoints $CKPT_DIR; tensorboard $TB_DIR"
 # --no_local_rank: the trainer reads LOCAL_RANK from the environment (no --local_rank flag)
 exec "$SSA_PYTHON" -m deepspeed.launcher.runner --num_gpus "$NPROC_PER_NODE" --master_port "$PORT" \

@@ -18,7 +18,7 @@ ssa_comm_env
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE="$("$SSA_PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)')"
 fi
-PORT="${MASTER_PORT:-$("$SSA_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
+PORT="$(ssa_local_port)"
 echo "torchrun: $NPROC_PER_NODE processes; checkpoints $CKPT_DIR; tensorboard $TB_DIR"
 # one node, rendezvous on a free local port; torchrun forwards SIGTERM to the ranks, which save and stop (exit 3)
 exec "$SSA_PYTHON" -m torch.distributed.run --nnodes 1 --nproc-per-node "$NPROC_PER_NODE" \

@@ -77,6 +77,22 @@ ssa_load_config() {
   export RUN_NAME RUN_DIR
 }
 
+# The single-node rendezvous port: MASTER_PORT when set and free on this machine, else a free one.
+# A port already taken (a shell that kept MASTER_PORT from an earlier job) ends in one line.
+ssa_local_port() {
+  "$SSA_PYTHON" - "${MASTER_PORT:-}" <<'PY' || exit 2
+import socket, sys
+want = sys.argv[1]
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", int(want) if want else 0))
+except (OSError, ValueError):
+    sys.exit(f"error: MASTER_PORT={want} is taken (or not a port) on this machine; "
+             "unset MASTER_PORT to use a free port, or set a free one")
+print(s.getsockname()[1])
+PY
+}
+
 # Communication defaults HPC users expect; each one only if the user has not set it.
 #   SSA_DEVICE=cpu  hide GPUs: gloo on CPU processes (tests, CPU-only partitions)
 ssa_comm_env() {

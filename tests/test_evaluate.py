@@ -114,6 +114,20 @@ def test_evaluate_refuses_an_unknown_selection(ckpt, random_dataset, tmp_path):
         check_inputs(args)
 
 
+def test_evaluate_says_a_missing_tokenizer_in_one_line(ckpt, random_dataset, tmp_path):
+    """A --tokenizer that does not exist (a CorpusError of the data code) ends in the tool's one
+    error line, not a traceback."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "evaluate.py"), "--checkpoint", ckpt,
+                           "--data-path", random_dataset, "--device", "cpu", "--tokenizer",
+                           str(tmp_path / "missing.model")], capture_output=True, text=True, cwd=root,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: tokenizer {tmp_path / 'missing.model'} does not exist")
+
+
 def test_evaluate_refuses_sub_blocks_that_do_not_divide_the_block_size():
     """subN is checked against the checkpoint's block size before any window is evaluated."""
     from types import SimpleNamespace
@@ -428,3 +442,11 @@ def test_generate_refuses_bad_inputs_in_one_line(tmp_path, capsys):
                         (["--prompt", "x", "--block-counts", "0"], "--block-counts must be at least 1")):
         assert main(["--model", str(ckpt), *flags]) == 2
         assert says in capsys.readouterr().err
+    # an exported directory without tokenizer files (to-hf only notes their absence)
+    assert main(["--model", str(ckpt), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --model {ckpt} holds no tokenizer") and "\n" not in err
+    (ckpt / "tokenizer.json").write_text("not json")
+    assert main(["--model", str(ckpt), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot load the tokenizer of {ckpt}") and "\n" not in err

@@ -372,6 +372,38 @@ def test_single_node_examples_run_the_same_config_and_resume(dataset, tmp_path):
             assert sorted(iteration_lines(proc.stdout)) == [iters - 1, iters], launcher
 
 
+@pytest.mark.parametrize("launcher", ["launch_torchrun.sh", "launch_deepspeed.sh"])
+def test_single_node_launchers_refuse_a_taken_master_port_in_one_line(launcher, tmp_path):
+    """A MASTER_PORT left in the shell that another process listens on: one error line naming
+    it, before any rank starts (torchrun would fail later with a launcher traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(os.environ, SSA_DEVICE="cpu", NPROC_PER_NODE="1", SSA_PYTHON=sys.executable,
+                   DATA_PATH=str(tmp_path / "none"), RUN_DIR=str(tmp_path / "run"), MASTER_PORT=str(port))
+        proc = subprocess.run(["bash", os.path.join(ROOT, "examples", launcher), CONFIG], env=env,
+                              capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: MASTER_PORT={port} is taken (or not a port) on this machine; "
+        "unset MASTER_PORT to use a free port, or set a free one"), proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest")
+
+
+def test_an_in_process_start_leaves_no_port_for_a_later_launcher():
+    """A lone process (an evaluation, a notebook) listens on a free port of its own and does not
+    write it into os.environ: a launcher it starts later would inherit a port that is taken."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")}
+    code = ("import os; from ssa_megatron.training.distributed import init_distributed; "
+            "init_distributed(1, 1); import torch.distributed as dist; "
+            "print(dist.get_world_size(), os.environ.get('MASTER_PORT'), os.environ.get('MASTER_ADDR'))")
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(env, SSA_DEVICE="cpu", CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-3:] == ["1", "None", "None"], proc.stdout + proc.stderr[-2000:]
+
+
 def test_scancel_saves_but_does_not_requeue(slurm, dataset, tmp_path):
     """A user's `scancel` (SIGTERM to the batch script and the ranks): the ranks save, but the job
     stays cancelled instead of requeueing itself."""

@@ -367,3 +367,20 @@ def test_a_budget_covering_the_sequence_is_noted():
                                         "--ssa-block-counts", "4")) is None
     assert full_coverage_note(tiny_args("--seq-length", "64", "--ssa-block-counts", "4",
                                         "--attention-mode", "full")) is None
+
+
+def test_quality_summary_reads_a_resumed_run_whole(tmp_path):
+    """A study run resumed after a deadline keeps its first part as train_part1_until_N.json
+    (training/result_record.py); the summary reads both parts, not only the last."""
+    from ssa_megatron.study import quality
+    from ssa_megatron.training import result_record
+    record = str(tmp_path / "train.json")
+    result_record.write(record, {"iteration": 3, "iterations": [1, 2, 3], "lm_loss": [6.0, 5.0, 4.0],
+                                 "grad_norm": [9.0, 1.0, 1.0]})
+    result_record.set_aside(record)
+    result_record.write(record, {"iteration": 5, "iterations": [4, 5], "lm_loss": [3.5, 3.0],
+                                 "grad_norm": [0.5, 0.4]})
+    run = quality.read_run(str(tmp_path))
+    assert run["lm_loss"] == [6.0, 5.0, 4.0, 3.5, 3.0] and run["grad_norm"][0] == 9.0
+    assert run["iteration"] == 5 and run["diagnostics"] == []
+    assert quality.read_run(str(tmp_path / "none")) is None

@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     from ssa_megatron.convert import api
     from ssa_megatron.convert.layout import ConversionError
+    from ssa_megatron.errors import ConfigError
     args = build_parser().parse_args(argv)
     try:
         if args.command == "to-hf":
@@ -98,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             api.relayout(args.input, args.output, args.tensor_model_parallel_size,
                          args.pipeline_model_parallel_size, args.tag)
-    except ConversionError as err:
+    except ConfigError as err:  # ConversionError, a checkpoint's or a tokenizer's error
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.output}")

@@ -23,6 +23,7 @@ from typing import Dict, List, Mapping
 
 import torch
 
+from ssa_megatron.errors import ConfigError
 from ssa_megatron.training.checkpoint_format import is_weight_key
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -36,7 +37,7 @@ REPLICATED_SUFFIX = ("input_layernorm.weight", "pre_mlp_layernorm.weight", "fina
                      "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight")
 
 
-class ConversionError(ValueError):
+class ConversionError(ConfigError):
     """A checkpoint or directory that cannot be converted; the message says why and what to do."""
 
 

@@ -24,8 +24,10 @@ import os
 from collections import Counter
 from typing import IO, Iterator, List, Optional, Sequence, Tuple
 
+from ssa_megatron.errors import ConfigError
 
-class CorpusError(Exception):
+
+class CorpusError(ConfigError):
     """A problem the user can fix (bad path, bad option, unusable data). The message is one line."""
 
 

@@ -11,7 +11,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import get_blend_from_list
 
-from ssa_megatron.model.errors import ConfigError
+from ssa_megatron.errors import ConfigError
 
 
 @dataclass

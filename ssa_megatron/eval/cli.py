@@ -111,7 +111,7 @@ def _find_tokenizer(explicit: Optional[str], meta: dict, data_path: Optional[str
     for prefix in prefixes:
         try:
             f = dataset_tokenizer_file(prefix)
-        except Exception:
+        except (OSError, ValueError, KeyError):  # no readable record beside the data: other candidates
             f = None
         if f:
             candidates.append(f)
@@ -269,7 +269,7 @@ def read_evaluation_data(ev: Evaluation) -> None:
         from ssa_megatron.data.datasets import read_tokenizer_info
         try:
             data_tokenizer = read_tokenizer_info([args.data_path], None)
-        except Exception:
+        except (OSError, ValueError, KeyError):  # data without a tokenizer record: the checkpoint's
             data_tokenizer = None
             ev.eod = ev.tokenizer.eod if ev.tokenizer is not None else None
         else:
@@ -420,7 +420,7 @@ def evaluate_needles(ev: Evaluation) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from ssa_megatron.eval.model import EvalError
+    from ssa_megatron.errors import ConfigError
     from ssa_megatron.eval.report import format_table, write_json, write_plot
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -433,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     try:
         result = run(args)
-    except EvalError as e:
+    except ConfigError as e:  # EvalError, a tokenizer's CorpusError, a checkpoint's error
         print(f"error: {e}", file=sys.stderr)
         return 2
     import torch.distributed as dist

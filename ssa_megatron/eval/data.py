@@ -32,7 +32,7 @@ def split_document_range(num_docs: int, split: str, name: str) -> Tuple[int, int
     if name not in SPLIT_NAMES:
         raise EvalError(f"--split-name {name!r}: use one of train, valid, test, all")
     from ssa_megatron.data.datasets import split_bounds
-    from ssa_megatron.model.errors import ConfigError
+    from ssa_megatron.errors import ConfigError
     try:
         _, bounds = split_bounds(split)
     except ConfigError as err:

@@ -74,6 +74,9 @@ def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
     return tokenizer.decode(out[0].tolist())[len(tokenizer.decode(ids[0].tolist())):]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -101,7 +104,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     device, dtype, dtype_name = device_and_dtype(args.device, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    if not any(os.path.isfile(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
+        print(f"error: --model {args.model} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}): "
+              "copy the tokenizer the model was trained with into it (to-hf copies it when the "
+              "training data's tokenizer file is still where preprocessing found it)", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"error: cannot load the tokenizer of {args.model} ({first}); check its tokenizer "
+              "files", file=sys.stderr)
+        return 2
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
                                                  dtype=dtype).to(device).eval()
     budget = args.block_counts if args.block_counts is not None else model.config.block_counts

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from ssa_megatron.errors import ConfigError
 
-class EvalError(Exception):
+
+class EvalError(ConfigError):
     """A problem the user can fix (bad path, flag, data); the message says how."""
 
 
@@ -121,14 +122,4 @@ def load_model(checkpoint: str, tag: Optional[str] = None, device: Optional[str]
 def init_single_process_or_dp(seed: int = 1234) -> None:
     """torch.distributed (world from torchrun env, else 1) + parallel_state with TP=PP=1."""
     from ssa_megatron.training.distributed import init_distributed
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     init_distributed(1, 1, seed=seed)
-
-
-def _free_port() -> int:
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        return 29500
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from ssa_megatron.model.errors import ConfigError  # noqa: F401  (its home before errors.py)
+from ssa_megatron.errors import ConfigError  # noqa: F401  (imported from here by older code)
 from ssa_megatron.model.shape import ATTENTION_MODES, INFERENCE_MODES, shape_default  # noqa: F401
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from typing import Mapping, Optional
 
-from ssa_megatron.model.errors import ConfigError
+from ssa_megatron.errors import ConfigError
 from ssa_megatron.model.shape import (OPTIONS, ROPE_SCALING_TYPES, shape_default, shape_fields,  # noqa: F401
                                       shape_help)
 

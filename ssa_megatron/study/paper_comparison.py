@@ -183,19 +183,9 @@ def eval_step(args, out: str):
 
 
 def step_losses(out: str, key: str = "lm_loss"):
-    """{iteration: LM loss} (or another per-step series of train.json, e.g. "grad_norm") over
-    every part of a run (a later part wins for a step it re-ran), and the last part's record;
-    None when the run has no record."""
-    record = os.path.join(out, "train.json")
-    records = [_read_json(f) for f in result_record.earlier_parts(record) + [record]]
-    records = [r for r in records if r and r.get("lm_loss")]
-    if not records:
-        return None, None
-    values = {}
-    for r in records:
-        steps = r.get("iterations") or range(r["iteration"] - len(r["lm_loss"]) + 1, r["iteration"] + 1)
-        values.update(zip(steps, r.get(key) or []))
-    return values, records
+    """The per-step series ``key`` of the run in folder ``out`` (its train.json and earlier
+    parts): :func:`result_record.read_series`."""
+    return result_record.read_series(os.path.join(out, "train.json"), key)
 
 
 def train_record(losses, records):

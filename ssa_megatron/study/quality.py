@@ -113,11 +113,16 @@ def plan_jobs(groups: Dict[str, List[int]]) -> List[tuple]:
 
 
 def read_run(run_dir: str) -> Optional[dict]:
-    path = os.path.join(run_dir, "train.json")
-    if not os.path.isfile(path):
+    """A run's record with its per-step losses and gradient norms over every part (a resumed
+    run's earlier parts included), and its diagnostics; None before its first logged step."""
+    from ssa_megatron.training.result_record import read_series
+    losses, records = read_series(os.path.join(run_dir, "train.json"))
+    if not losses:
         return None
-    with open(path) as f:
-        result = json.load(f)
+    norms, _ = read_series(os.path.join(run_dir, "train.json"), "grad_norm")
+    steps = sorted(losses)
+    result = dict(records[-1], lm_loss=[losses[s] for s in steps],
+                  grad_norm=[(norms or {}).get(s) for s in steps])
     diag = []
     dpath = os.path.join(run_dir, "diagnostics.jsonl")
     if os.path.isfile(dpath):
@@ -220,7 +225,8 @@ def summarize(runs: Dict[str, Dict[int, dict]], reference: str = "full-full",
                 n = min(len(losses), len(ref_curve))
                 curve = moving_average([losses[i] - ref_curve[i] for i in range(n)], 20)
                 row["onset_step"] = onset_step(curve, row["gap"]) if row["basin"] == "bad" else None
-            row["max_grad_norm_first_100"] = max(r["grad_norm"][:100]) if r.get("grad_norm") else None
+            row["max_grad_norm_first_100"] = max((g for g in r.get("grad_norm", [])[:100] if g is not None),
+                                                 default=None)
             rows.append(row)
         table += rows
         if rows:

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from ssa_megatron.data.tokenizer import file_sha256
-from ssa_megatron.model.errors import ConfigError
+from ssa_megatron.errors import ConfigError
 
 LATEST = "latest"
 META = "ssa_meta.json"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ssa_megatron.model.errors import ConfigError
+from ssa_megatron.errors import ConfigError
 from ssa_megatron.model.shape import OPTIONS, shape_fields
 from ssa_megatron.training.checkpoint_format import (CHECKPOINT_FORMAT, LATEST, META, PARTIAL, CheckpointError,
                                                      broadcast_from_rank0, fsync_dir, gather, iteration_of,

@@ -20,22 +20,24 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     if world_size % (tp * pp):
-        from ssa_megatron.model.errors import ConfigError
+        from ssa_megatron.errors import ConfigError
         raise ConfigError(f"world size {world_size} is not divisible by "
                           f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-            # a lone process needs no agreed port; an inherited MASTER_PORT may be taken (under
-            # torchrun, even with one process, the port is the launcher's store: keep it)
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
-        os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        if world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # a lone process needs no agreed port: it listens on a free one without writing it into
+            # os.environ, where a launcher started later from this process would find it taken
+            # (under torchrun, even with one process, the port is the launcher's store: keep it)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     import deepspeed
 
     from ssa_megatron.console import announce_deepspeed_build

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ssa_megatron import engine_patches
 from ssa_megatron.console import record_for_launcher
-from ssa_megatron.model.errors import ConfigError
+from ssa_megatron.errors import ConfigError
 from ssa_megatron.model.runtime import document_packed_seq_params, masked_lm_loss
 from ssa_megatron.training.arguments import parse_eval_mode
 from ssa_megatron.training.diagnostics import Diagnostics

@@ -2,7 +2,7 @@
 
 A run that continues an earlier one (a resume, a requeue) writes a new record; the earlier record
 is kept beside it as ``<stem>_part<N>_until_<iteration>.json``, oldest first, so that a run's whole
-history is the parts plus the last record (``paper_comparison.step_losses`` joins them).
+history is the parts plus the last record (:func:`read_series` joins them).
 """
 from __future__ import annotations
 
@@ -53,3 +53,22 @@ def write(path: str, result: dict) -> None:
     with open(tmp, "w") as f:
         json.dump({k: v for k, v in result.items() if isinstance(v, (int, float, str, list))}, f)
     os.replace(tmp, path)
+
+
+def read_series(path: str, key: str = "lm_loss"):
+    """({iteration: value} of the per-step series ``key`` of the record at ``path`` (e.g.
+    "lm_loss", "grad_norm") over every part of the run, a later part winning for a step it
+    re-ran; the parts' records, oldest first), or (None, None) when no part logged a step."""
+    records = []
+    for part in earlier_parts(path) + [path]:
+        if os.path.isfile(part):
+            with open(part) as f:
+                records.append(json.load(f))
+    records = [r for r in records if r and r.get("lm_loss")]
+    if not records:
+        return None, None
+    values = {}
+    for r in records:
+        steps = r.get("iterations") or range(r["iteration"] - len(r["lm_loss"]) + 1, r["iteration"] + 1)
+        values.update(zip(steps, r.get(key) or []))
+    return values, records
