@@ -18,7 +18,7 @@ def grads(out_dir, tp, gas):
     from megatron.core import parallel_state as ps
 
     from model_utils import build_tiny_model, ce_loss, full_grads, random_batches, tiny_args
-    from ssa_megatron.model import draw_mode, ssa_branch
+    from ssa_megatron.model import draw_mode
     from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
     from ssa_megatron.training.distributed import init_distributed
     tp, gas = int(tp), int(gas)
@@ -29,9 +29,8 @@ def grads(out_dir, tp, gas):
     AlignLossAutoScaler.set_loss_scale(1.0 / gas)
     losses = []
     for i, batch in enumerate(random_batches(gas)):
-        with ssa_branch(model, draw_mode(args.seed, 0, i)):
-            loss = ce_loss(model, batch)
-            (loss / gas).backward()
+        loss = ce_loss(model, batch, branch=draw_mode(args.seed, 0, i))
+        (loss / gas).backward()
         losses.append(float(loss))
     per_layer = AlignLossLoggingHelper.tracker.per_layer(tp_group=ps.get_tensor_model_parallel_group(),
                                           dp_group=ps.get_data_parallel_group())

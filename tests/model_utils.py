@@ -31,9 +31,12 @@ def random_batches(n: int, batch: int = 2, seq: int = 64, vocab: int = 120, seed
     return out
 
 
-def ce_loss(model, batch, packed_seq_params=None):
+def ce_loss(model, batch, packed_seq_params=None, branch=None):
+    """Mean CE of one forward; ``branch`` is the SSA branch it trains (model/runtime.forward_params)."""
+    from ssa_megatron.model.runtime import forward_params
     per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                      packed_seq_params=packed_seq_params)
+                      packed_seq_params=forward_params(packed_seq_params, batch["tokens"].shape[-1],
+                                                       ssa_branch=branch))
     return per_token.float().mean()
 
 

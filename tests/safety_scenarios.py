@@ -191,8 +191,8 @@ def nan_loss_at(steps):
         from ssa_megatron.training import pretrain
         lm_loss, calls = pretrain.lm_loss, {"n": 0}
 
-        def poisoned(engine, batch, runtime):
-            loss = lm_loss(engine, batch, runtime)
+        def poisoned(engine, batch, *args, **kwargs):
+            loss = lm_loss(engine, batch, *args, **kwargs)
             iteration = calls["n"] // 2 + 1  # 2 micro-batches per iteration (global 4 = 2 x 2)
             calls["n"] += 1
             return loss * float("nan") if iteration in steps else loss

@@ -202,7 +202,7 @@ def test_model_sparsity_hooks_match_brute_force(loaded, random_dataset):
     captured = {}
 
     def grab(module, args, kwargs):
-        gate = module.gate.transpose(0, 1).float()
+        gate = kwargs["packed_seq_params"].ssa_gate.transpose(0, 1).float()
         captured[module.layer_number] = [x.transpose(0, 1).detach().clone() for x in args[:3]] + [gate]
 
     cores = [m for m in model.modules() if isinstance(m, SSACoreAttention)]

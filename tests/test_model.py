@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from model_utils import build_tiny_model, ce_loss, full_grads, random_batches, tiny_args
-from ssa_megatron.model import SSACoreAttention, align_loss, draw_mode, set_inference_mode, ssa_branch
+from ssa_megatron.model import SSACoreAttention, align_loss, draw_mode, set_inference_mode
+from ssa_megatron.model.runtime import forward_params
 from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
 from ssa_megatron.model.config import ConfigError
 
@@ -30,8 +31,7 @@ def test_injected_alignment_gradient_equals_direct_autograd(single_process_paral
     model.zero_grad()
     AlignLossAutoScaler.set_loss_scale(1.0 / gas)
     for mode, batch in zip(modes, batches):
-        with ssa_branch(model, mode):
-            (ce_loss(model, batch) / gas).backward()
+        (ce_loss(model, batch, branch=mode) / gas).backward()
     injected = _grads(model)
 
     # direct: (CE + alpha * mean-over-layers alignment) / GAS through plain autograd; the layers
@@ -39,10 +39,10 @@ def test_injected_alignment_gradient_equals_direct_autograd(single_process_paral
     model.zero_grad()
     for mode, batch in zip(modes, batches):
         collected = []
-        with monkeypatch.context() as patch, ssa_branch(model, mode):
+        with monkeypatch.context() as patch:
             patch.setattr(align_loss, "attach_alignment_loss",
                           lambda output, weighted: collected.append(weighted) or output)
-            loss = ce_loss(model, batch) + sum(collected)
+            loss = ce_loss(model, batch, branch=mode) + sum(collected)
         assert len(collected) == args.num_layers
         (loss / gas).backward()
     direct = _grads(model)
@@ -51,8 +51,7 @@ def test_injected_alignment_gradient_equals_direct_autograd(single_process_paral
     model.zero_grad()
     AlignLossAutoScaler.set_loss_scale(0.0)
     for mode, batch in zip(modes, batches):
-        with ssa_branch(model, mode):
-            (ce_loss(model, batch) / gas).backward()
+        (ce_loss(model, batch, branch=mode) / gas).backward()
     ce_only = _grads(model)
 
     assert injected.keys() == direct.keys()
@@ -83,8 +82,7 @@ def test_selection_alignment_loss_trains_through_the_autoscaler(single_process_p
                 m.select_align_coef = coef
         model.zero_grad()
         torch.manual_seed(3)  # the sampled rows
-        with ssa_branch(model, torch.tensor([True, False])):
-            ce_loss(model, batch).backward()
+        ce_loss(model, batch, branch=torch.tensor([True, False])).backward()
         return _grads(model)
 
     with_loss, without = injected(50.0), injected(0.0)
@@ -103,8 +101,7 @@ def test_selection_alignment_loss_trains_through_the_autoscaler(single_process_p
         patch.setattr(selection_loss, "selection_alignment_loss",
                       lambda *a, **kw: losses.append(real(*a, **kw)) or losses[-1])
         torch.manual_seed(3)
-        with ssa_branch(model, torch.tensor([True, False])):
-            loss = ce_loss(model, batch)
+        loss = ce_loss(model, batch, branch=torch.tensor([True, False]))
         (loss + sum(collected)).backward()
     assert len(losses) == args.num_layers and len(collected) == 2 * args.num_layers
     direct = _grads(model)
@@ -148,8 +145,7 @@ def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_p
             m.select_align_coef = coef
         model.zero_grad()
         torch.manual_seed(3)
-        with ssa_branch(model, torch.tensor([True, False])):
-            ce_loss(model, batch).backward()
+        ce_loss(model, batch, branch=torch.tensor([True, False])).backward()
         return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                 for n, p in model.named_parameters()}
 
@@ -236,10 +232,9 @@ def test_modes_select_branches(single_process_parallel_state):
     args = tiny_args()
     model = build_tiny_model(args)
     batch = random_batches(1)[0]
-    with torch.no_grad(), ssa_branch(model, "full"):
-        train_full = ce_loss(model, batch)
-    with torch.no_grad(), ssa_branch(model, "sparse"):
-        train_sparse = ce_loss(model, batch)
+    with torch.no_grad():
+        train_full = ce_loss(model, batch, branch="full")
+        train_sparse = ce_loss(model, batch, branch="sparse")
     assert not torch.allclose(train_full, train_sparse)
     model.eval()
     with torch.no_grad():
@@ -258,31 +253,35 @@ def test_modes_select_branches(single_process_parallel_state):
 
 def test_training_without_a_mode_is_refused(single_process_parallel_state):
     model = build_tiny_model(tiny_args())
-    with pytest.raises(RuntimeError, match="ssa_branch"):
+    with pytest.raises(RuntimeError, match="forward_params"):
         ce_loss(model, random_batches(1)[0])
 
 
-def test_a_branch_does_not_leak_into_the_next_forward(single_process_parallel_state):
-    """The branch of one micro-batch lives in its ``ssa_branch`` block: the next forward without
-    one is refused (not silently trained on the last branch), also after an error, and a nested
-    block gives the outer branch back."""
+def test_nothing_of_a_forward_stays_on_the_layers(single_process_parallel_state):
+    """The branch, the gate and a probe travel in the forward's packed_seq_params: after a forward
+    no attention module holds a tensor or setting of it, the next forward without a branch is
+    refused (not trained on the last one), and a probe records only the forward it went with."""
+    from ssa_megatron.model.diagnostics import AttentionProbe
     model = build_tiny_model(tiny_args())
     batch = random_batches(1)[0]
-    with torch.no_grad(), ssa_branch(model, "full"):
-        full = ce_loss(model, batch)
-    with pytest.raises(RuntimeError, match="ssa_branch"):
-        ce_loss(model, batch)
-    with pytest.raises(KeyError), ssa_branch(model, "sparse"):
-        raise KeyError("a failed micro-batch")
-    with pytest.raises(RuntimeError, match="ssa_branch"):
-        ce_loss(model, batch)
-    with torch.no_grad(), ssa_branch(model, "full"):
-        with ssa_branch(model, "sparse"):
-            assert not torch.allclose(ce_loss(model, batch), full)
-        torch.testing.assert_close(ce_loss(model, batch), full)
+    before = {id(m): dict(vars(m)) for m in model.modules() if isinstance(m, SSACoreAttention)}
+    probe = AttentionProbe()
+    with torch.no_grad():
+        full = ce_loss(model, batch, forward_params(seq_length=batch["tokens"].shape[-1], ssa_branch="full", ssa_probe=probe))
+        assert sorted(r["layer"] for r in probe.summary()) == [1, 2]
+        probe.layers.clear()
+        with pytest.raises(RuntimeError, match="forward_params"):
+            ce_loss(model, batch)
+        assert not torch.allclose(ce_loss(model, batch, branch="sparse"), full)
+        torch.testing.assert_close(ce_loss(model, batch, branch="full"), full)
+    assert probe.summary() == []
+    after = {id(m): dict(vars(m)) for m in model.modules() if isinstance(m, SSACoreAttention)}
+    assert after.keys() == before.keys()
+    for key in after:
+        assert after[key].keys() == before[key].keys()
+        assert not any(isinstance(v, torch.Tensor) for k, v in after[key].items() if k != "_parameters")
     with pytest.raises(ValueError, match="unknown SSA branch"):
-        with ssa_branch(model, "dense"):
-            pass
+        forward_params(ssa_branch="dense")
 
 
 def test_baseline_modes_train_one_branch(single_process_parallel_state):
@@ -304,9 +303,8 @@ def test_fused_swiglu_and_cross_entropy_match_the_unfused_model(single_process_p
     for flag in ("--no-", "--"):
         model = build_tiny_model(tiny_args(f"{flag}bias-swiglu-fusion"))
         assert model.config.bias_activation_fusion == (flag == "--")
-        with ssa_branch(model, "sparse"):
-            loss = ce_loss(model, batch)
-            loss.backward()
+        loss = ce_loss(model, batch, branch="sparse")
+        loss.backward()
         results.append((loss.detach(), full_grads(model)))
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=1e-6)
     for name, grad in results[0][1].items():

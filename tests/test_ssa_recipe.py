@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from dist_utils import run_workers
-from ssa_megatron.model import ssa_branch
 from ssa_megatron.model.diagnostics import attention_stats
-from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches,
-                                        draw_sequence_branches, packed_documents)
+from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches, draw_sequence_branches,
+                                        forward_params, packed_documents)
 from ssa_megatron.ops import reference
 from ssa_megatron.training.ssa_recipe import first_sample_of_micro
 
@@ -168,9 +167,8 @@ def test_mixed_rows_take_their_own_branch(single_process_parallel_state, packed)
         documents = packed_documents(torch.tensor([0, 40, 64, 104, 128], dtype=torch.int32), 64)
     outs = {}
     for mode in ("full", "sparse", torch.tensor([True, False])):
-        with ssa_branch(model, mode):
-            outs[mode if isinstance(mode, str) else "mixed"] = model(
-                tokens, positions, None, packed_seq_params=documents).detach()
+        outs[mode if isinstance(mode, str) else "mixed"] = model(
+            tokens, positions, None, packed_seq_params=forward_params(documents, 64, ssa_branch=mode)).detach()
     assert not torch.allclose(outs["full"], outs["sparse"])
     torch.testing.assert_close(outs["mixed"][0], outs["full"][0])
     torch.testing.assert_close(outs["mixed"][1], outs["sparse"][1])
@@ -195,8 +193,7 @@ def test_selection_loss_samples_rows_for_every_sequence(single_process_parallel_
     if packed:
         positions[:, 40:] -= 40
         documents = packed_documents(torch.tensor([0, 40, 64, 104, 128], dtype=torch.int32), 64)
-    with ssa_branch(model, "sparse"):
-        model(tokens, positions, None, packed_seq_params=documents)
+    model(tokens, positions, None, packed_seq_params=forward_params(documents, 64, ssa_branch="sparse"))
     assert asked == [(128 if packed else 64, 10 if packed else 5, 16, 3)] * 2  # both layers
     rows = real(4096, 64, 16, 16, generator=torch.Generator().manual_seed(0))
     assert int(rows.min()) >= 256  # 16 blocks of 16: earlier rows select every block

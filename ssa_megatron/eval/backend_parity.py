@@ -33,7 +33,7 @@ def _grads(model):
 
 
 def run_case(model, tokens, labels, position_ids, backend: str, mode: str, lm_weight: float):
-    from ssa_megatron.model import ssa_branch
+    from ssa_megatron.model import forward_params
     from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
     from ssa_megatron.ops import dispatch
 
@@ -42,10 +42,10 @@ def run_case(model, tokens, labels, position_ids, backend: str, mode: str, lm_we
     AlignLossLoggingHelper.tracker.reset()
     model.zero_grad(set_to_none=True)
     try:
-        with ssa_branch(model, mode):
-            per_token = model(tokens, position_ids, None, labels=labels)
-            lm = per_token.float().mean()
-            (lm * lm_weight).backward()
+        per_token = model(tokens, position_ids, None, labels=labels,
+                          packed_seq_params=forward_params(seq_length=tokens.shape[-1], ssa_branch=mode))
+        lm = per_token.float().mean()
+        (lm * lm_weight).backward()
         align = AlignLossLoggingHelper.tracker.per_layer()
     finally:
         dispatch.set_backend(None)

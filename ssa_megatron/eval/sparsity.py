@@ -115,12 +115,13 @@ class SparsityCollector:
         names = ("query", "key", "value")
         qkv = [args[i] if i < len(args) else kwargs[n] for i, n in enumerate(names)]
         packed = kwargs.get("packed_seq_params")
-        if packed is not None:
-            raise RuntimeError("sparsity analysis does not handle packed (thd) sequences")
+        if packed is not None and packed.cu_seqlens_q is not None:
+            raise RuntimeError("sparsity analysis does not handle packed documents")
         q, k, v = (x.transpose(0, 1) for x in qkv)  # [b, sq, heads, hn]
         gate = None
-        if module.gate is not None:
-            gate = module.gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], -1)[..., 0]
+        params = module.ssa_params(packed)
+        if params is not None and params.ssa_gate is not None:
+            gate = params.ssa_gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], -1)[..., 0]
         s = layer_attention_stats(q, k, v, module.block_size, self.block_counts,
                                   module.softmax_scale, gate, gap=self.gap,
                                   q_select=module.selection_query(q), score=module.selection_score)

@@ -5,7 +5,7 @@ configs does not import megatron-core through ``ssa_megatron.model``."""
 import importlib
 
 _HOMES = {"SSACoreAttention": ".attention", "SSASelfAttention": ".attention",
-          "set_inference_mode": ".attention", "ssa_branch": ".attention",
+          "set_inference_mode": ".attention", "forward_params": ".runtime",
           "ConfigError": "ssa_megatron.errors", "SSAConfig": ".config",
           "get_ssa_layer_spec": ".layer_spec", "draw_mode": ".runtime"}
 __all__ = sorted(_HOMES)

@@ -2,11 +2,12 @@
 
 ``SSASelfAttention`` is megatron's SelfAttention plus the per-head sigmoid gate computed from the
 layer input (after the input norm); it hands the gate to ``SSACoreAttention``, the
-``core_attention`` submodule that runs the full and/or sparse branch on the local heads.
+``core_attention`` submodule that runs the full and/or sparse branch on the local heads. What one
+forward needs (the micro-batch's branch, the gate, a diagnostics probe) arrives in the forward's
+``packed_seq_params`` (model/runtime.SSAForwardParams), never as state left on the modules.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -17,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ssa_megatron.model import align_loss
+from ssa_megatron.model.runtime import SSAForwardParams, forward_params
 from ssa_megatron.ops import dispatch as ops
 from ssa_megatron.ops import selection_loss, selection_variants
 
@@ -52,13 +54,20 @@ class SSASelfAttention(SelfAttention):
             with torch.no_grad():
                 self.linear_gate.weight.zero_()
 
+    # SelfAttention.forward's positional arguments after hidden_states, up to packed_seq_params
+    PACKED_SEQ_PARAMS_POSITION = 8
+
     def forward(self, hidden_states, *args, **kwargs):
         gate_logits, _ = self.linear_gate(hidden_states)  # [sq, b, heads per rank]
-        self.core_attention.gate = torch.sigmoid(gate_logits.float()).to(hidden_states.dtype)
-        try:
-            return super().forward(hidden_states, *args, **kwargs)
-        finally:
-            self.core_attention.gate = None
+        gate = torch.sigmoid(gate_logits.float()).to(hidden_states.dtype)
+        # megatron hands packed_seq_params on to this layer's core_attention: the gate rides in it
+        if len(args) > self.PACKED_SEQ_PARAMS_POSITION:
+            args = list(args)
+            args[self.PACKED_SEQ_PARAMS_POSITION] = forward_params(args[self.PACKED_SEQ_PARAMS_POSITION],
+                                                                   ssa_gate=gate)
+        else:
+            kwargs["packed_seq_params"] = forward_params(kwargs.get("packed_seq_params"), ssa_gate=gate)
+        return super().forward(hidden_states, *args, **kwargs)
 
 
 class SSACoreAttention(MegatronModule):
@@ -95,30 +104,31 @@ class SSACoreAttention(MegatronModule):
         self.selection = selection_variants.POOLED
         self.softmax_scale = softmax_scale
         self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.gate: Optional[torch.Tensor] = None
-        # The branch this micro-batch trains: set only inside ``ssa_branch`` (see branch()).
-        self.training_branch = None
-        # Set by model/diagnostics.py for one forward: records attention statistics of this layer.
-        self.probe = None
 
-    def branch(self):
+    def branch(self, params: Optional[SSAForwardParams]):
         """"full", "sparse", or (SSA training with per-sequence draws) a bool tensor [b] whose
         True rows train the full branch."""
         if not self.training:
             return self.inference_mode
         if self.attention_mode == "ssa":
-            if self.training_branch is None:
-                raise RuntimeError("SSA training needs a branch per micro-batch: run the forward "
-                                   "inside `with ssa_branch(model, 'full' or 'sparse'):`")
-            return self.training_branch
+            if params is None or params.ssa_branch is None:
+                raise RuntimeError("SSA training needs a branch per micro-batch: give the model's forward "
+                                   "packed_seq_params=forward_params(seq_length=S, ssa_branch='full' "
+                                   "or 'sparse') (ssa_megatron.model.runtime)")
+            return params.ssa_branch
         return self.attention_mode
+
+    @staticmethod
+    def ssa_params(packed_seq_params) -> Optional[SSAForwardParams]:
+        return packed_seq_params if isinstance(packed_seq_params, SSAForwardParams) else None
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         if attention_bias is not None:
             raise ValueError("SSA attention does not take an attention bias")
         (q, k, v), cu_seqlens, layout = self.to_ops_layout(query, key, value, packed_seq_params)
-        branch = self.branch()
+        params = self.ssa_params(packed_seq_params)
+        branch = self.branch(params)
         mixed = isinstance(branch, torch.Tensor)
         align = self.training and self.attention_mode == "ssa" and torch.is_grad_enabled()
         o_full = o_sparse = indices = None
@@ -127,7 +137,7 @@ class SSACoreAttention(MegatronModule):
         if mixed or branch == "sparse" or align:
             o_sparse, indices = self.sparse_branch(q, k, v, cu_seqlens, return_indices=True)
 
-        gate = self.gate
+        gate = params.ssa_gate if params is not None else None
         if gate is not None:
             gate = gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], -1, 1)
             o_full = None if o_full is None else o_full * gate
@@ -141,8 +151,8 @@ class SSACoreAttention(MegatronModule):
             out = torch.where(rows.reshape(q.shape[0], q.shape[1], 1, 1), o_full, o_sparse)
         else:
             out = o_full if branch == "full" else o_sparse
-        if self.probe is not None:
-            self.probe.record(self, q, k, gate, indices, o_full, o_sparse, cu_seqlens)
+        if params is not None and params.ssa_probe is not None:
+            params.ssa_probe.record(self, q, k, gate, indices, o_full, o_sparse, cu_seqlens)
         if align:
             loss = ops.alignment_loss(o_full, o_sparse)
             align_loss.AlignLossLoggingHelper.tracker.record(self.layer_number, loss.detach())
@@ -238,21 +248,3 @@ def set_inference_mode(model: torch.nn.Module, mode: Optional[str] = None,
                 module.block_counts = block_counts
             if selection is not None:
                 module.selection = selection
-
-
-@contextlib.contextmanager
-def ssa_branch(model: torch.nn.Module, branch):
-    """Train ``model``'s SSA layers on ``branch`` inside the block, and only there: "full",
-    "sparse", or a bool tensor [b] whose True rows train the full branch. Hold it over the
-    micro-batch's backward too when activations are recomputed there."""
-    if not isinstance(branch, torch.Tensor) and branch not in ("full", "sparse"):
-        raise ValueError(f"unknown SSA branch {branch!r}; use 'full', 'sparse' or a bool tensor")
-    layers = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
-    outer = [m.training_branch for m in layers]
-    for m in layers:
-        m.training_branch = branch
-    try:
-        yield
-    finally:
-        for m, previous in zip(layers, outer):
-            m.training_branch = previous

@@ -1,8 +1,8 @@
 """Training diagnostics of SSA attention: what each layer's heads do, measured on the training
 micro-batch itself.
 
-``AttentionProbe`` is attached to every ``SSACoreAttention`` for one forward (``probing(model)``)
-and records, per layer and query head, on a sample of query positions of the first sequence:
+``AttentionProbe`` goes with one forward (``forward_params(ssa_probe=probe)`` as the forward's
+``packed_seq_params``, model/runtime.py) and every ``SSACoreAttention`` of that forward records, per layer and query head, on a sample of query positions of the first sequence:
 the entropy of full attention and of the sparse branch's attention, the share of full
 attention's mass that the sparse selection keeps, the largest attention logit, q/k norms, the
 gate's mean and saturation, and the relative gap between the gated full and sparse outputs.
@@ -10,7 +10,6 @@ gate's mean and saturation, and the relative gap between the gated full and spar
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from typing import Dict, List, Optional
@@ -74,7 +73,7 @@ def attention_stats(q, k, indices, block_size: int, scale: Optional[float],
 
 
 class AttentionProbe:
-    """Collects one record per layer during a probed forward (see ``probing``)."""
+    """Collects one record per layer during the forward it is handed to."""
 
     def __init__(self, samples: int = 32):
         self.samples = samples
@@ -106,22 +105,6 @@ class AttentionProbe:
 
     def summary(self) -> List[Dict[str, object]]:
         return [dict(layer=n, **self.layers[n]) for n in sorted(self.layers)]
-
-
-@contextlib.contextmanager
-def probing(model: torch.nn.Module, samples: int = 32):
-    """Attach an ``AttentionProbe`` to every SSA attention layer of ``model`` for the forwards
-    inside the block; yields the probe."""
-    from ssa_megatron.model.attention import SSACoreAttention
-    probe = AttentionProbe(samples)
-    layers = [m for m in model.modules() if isinstance(m, SSACoreAttention)]
-    for m in layers:
-        m.probe = probe
-    try:
-        yield probe
-    finally:
-        for m in layers:
-            m.probe = None
 
 
 _GROUPS = [("embedding", r"embedding"), ("output_layer", r"output_layer"),

@@ -40,8 +40,9 @@ class NSACoreAttention(SSACoreAttention):
         (q, k, v), cu_seqlens, layout = self.to_ops_layout(query, key, value, packed_seq_params)
 
         gates = None
-        if self.gate is not None:  # [sq, b, 3 * local heads] -> [B, T, local heads, 3]
-            gates = self.gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], 3)
+        params = self.ssa_params(packed_seq_params)
+        if params is not None and params.ssa_gate is not None:  # [sq, b, 3 * local heads] -> [B, T, local heads, 3]
+            gates = params.ssa_gate.transpose(0, 1).reshape(q.shape[0], q.shape[1], q.shape[2], 3)
         out = nsa.nsa_attention(q, k, v, gates, self.block_size, self.block_counts,
                                 self.window_size, cu_seqlens=cu_seqlens, scale=self.softmax_scale)
         return self.from_ops_layout(out, layout)

@@ -3,8 +3,8 @@
 Stages pass a tuple (hidden [s, b, h], position_ids [b, s], branch code [1] or [b]) down the
 pipe. The branch code carries each micro-batch's full/sparse draw to every stage, so a stage that
 runs micro-batch m (in whatever order the 1F1B schedule interleaves them) uses m's branch: each
-layer runs inside ``ssa_branch`` of it, as the PP = 1 trainer runs the whole model, and with
---reset-attention-mask gets the documents from the position ids as ``packed_seq_params``. The
+layer gets it in its forward's ``packed_seq_params``, as the PP = 1 trainer hands it to the whole
+model, with the documents from the position ids under --reset-attention-mask. The
 embedding and the output head share the word embeddings through ``TiedLayerSpec`` (first and
 last stage) unless the model has an untied output layer (``OutputLayerPipe`` on the last stage),
 and every layer's alignment loss trains on its own stage (model/align_loss.py).
@@ -22,11 +22,11 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 
-from ssa_megatron.model.attention import ssa_branch
 from ssa_megatron.model.builder import init_output_layer
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec
 from ssa_megatron.model.options import scale_rotary_embedding
-from ssa_megatron.model.runtime import collapse_branches, document_packed_seq_params, masked_lm_loss
+from ssa_megatron.model.runtime import (collapse_branches, document_packed_seq_params, forward_params,
+                                        masked_lm_loss)
 
 BRANCH_CODES = {"full": 1, "sparse": 0}
 
@@ -85,9 +85,8 @@ class TransformerLayerPipe(torch.nn.Module):
         hidden, position_ids, code = inputs
         packed = document_packed_seq_params(position_ids) if self.reset_attention_mask else None
         rotary = self.rotary(hidden.shape[0])
-        with ssa_branch(self.layer, branch_from_code(code)):
-            hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
-                                   packed_seq_params=packed)
+        hidden, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rotary,
+                               packed_seq_params=forward_params(packed, ssa_branch=branch_from_code(code)))
         return hidden, position_ids, code
 
 

@@ -1,13 +1,52 @@
 """What the trainer computes for each micro-batch: its SSA branch draw, the schedules over
 iterations, its document boundaries (as megatron's ``PackedSeqParams``), and the masked LM loss.
-None of it is kept here: the branch reaches the layers through ``ssa_branch``
-(model/attention.py), the boundaries as the forward's ``packed_seq_params``."""
+None of it is kept here or in the layers: the branch and the boundaries reach the attention
+layers as the forward's ``packed_seq_params`` (:class:`SSAForwardParams`)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from typing import Optional, Union
 
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
+
+
+@dataclasses.dataclass
+class SSAForwardParams(PackedSeqParams):
+    """megatron-core's ``PackedSeqParams`` plus what SSA attention needs for one forward.
+    ``packed_seq_params`` is the argument megatron-core hands from ``GPTModel.forward`` through
+    every layer to the ``core_attention``, so SSA's per-forward data travels in it, as DSA's
+    inputs travel as forward arguments of MLA: nothing is left on the modules between forwards.
+
+    ssa_branch: the branch this micro-batch trains ("full", "sparse", or a bool tensor [b] whose
+      True rows train the full branch); needed by SSA in training mode only.
+    ssa_gate: this layer's sigmoid gate [sq, b, gates of the local heads]; SSASelfAttention sets
+      it on the copy it hands its own core attention.
+    ssa_probe: a model/diagnostics.AttentionProbe that records every layer of this forward.
+    """
+    ssa_branch: Union[str, torch.Tensor, None] = None
+    ssa_gate: Optional[torch.Tensor] = None
+    ssa_probe: object = None
+
+
+def forward_params(packed: Optional[PackedSeqParams] = None, seq_length: Optional[int] = None,
+                   **ssa_fields) -> Optional[SSAForwardParams]:
+    """``packed`` (document boundaries, or None; its own SSA fields kept) with the SSA fields
+    given here that are not None (``ssa_branch=``, ``ssa_gate=``, ``ssa_probe=``); ``packed`` itself
+    when none is given. Without ``packed``, params for a whole model's forward need the rows'
+    ``seq_length`` (megatron sizes the rotary table from max_seqlen when params are given)."""
+    ssa_fields = {name: value for name, value in ssa_fields.items() if value is not None}
+    branch = ssa_fields.get("ssa_branch")
+    if branch is not None and not isinstance(branch, torch.Tensor) and branch not in ("full", "sparse"):
+        raise ValueError(f"unknown SSA branch {branch!r}; use 'full', 'sparse' or a bool tensor")
+    if not ssa_fields:
+        return packed
+    if packed is None:
+        base = dict(qkv_format="sbhd", max_seqlen_q=seq_length, max_seqlen_kv=seq_length)
+    else:
+        base = {f.name: getattr(packed, f.name) for f in dataclasses.fields(packed)}
+    return SSAForwardParams(**{**base, **ssa_fields})
 
 
 def _uniform(key: str) -> float:

@@ -1,7 +1,6 @@
 """When and where the trainer records attention diagnostics (model/diagnostics.py)."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -9,7 +8,7 @@ from typing import Dict, Optional
 
 import torch.distributed as dist
 
-from ssa_megatron.model.diagnostics import UpdateNorms, probing
+from ssa_megatron.model.diagnostics import AttentionProbe, UpdateNorms
 from ssa_megatron.training.checkpoint_format import DIAGNOSTICS
 
 
@@ -18,13 +17,7 @@ class _StepProbe:
 
     def __init__(self, model, measure_updates: bool):
         self.updates = UpdateNorms(model) if measure_updates else None
-        self.probe = None
-
-    @contextlib.contextmanager
-    def attach(self, model):
-        with probing(model) as probe:
-            yield
-        self.probe = probe
+        self.probe = AttentionProbe()  # handed to the first micro-batch's forward
 
 
 def _iteration(line: str) -> float:

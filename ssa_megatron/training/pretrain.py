@@ -9,7 +9,6 @@ steps; the alignment loss reaches the weights through the autoscaler (model/alig
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import torch.distributed as dist
 from ssa_megatron import engine_patches
 from ssa_megatron.console import record_for_launcher
 from ssa_megatron.errors import ConfigError
-from ssa_megatron.model.runtime import document_packed_seq_params, masked_lm_loss
+from ssa_megatron.model.runtime import document_packed_seq_params, forward_params, masked_lm_loss
 from ssa_megatron.training.arguments import parse_eval_mode
 from ssa_megatron.training.diagnostics import Diagnostics
 
@@ -75,11 +74,13 @@ def align_backward_scale(engine, gas: int) -> float:
     return scale
 
 
-def lm_loss(engine, batch, config) -> torch.Tensor:
+def lm_loss(engine, batch, config, branch=None, probe=None) -> torch.Tensor:
     """The micro-batch's weighted LM loss; ``config`` (the model's SSAConfig) gives the weight and
-    whether packed documents stay apart (their boundaries travel as ``packed_seq_params``)."""
+    whether packed documents stay apart. The boundaries, the SSA ``branch`` this micro-batch
+    trains and an attention ``probe`` travel as the forward's ``packed_seq_params``."""
     tokens, labels = batch["tokens"], batch["labels"]
     packed = document_packed_seq_params(batch["position_ids"]) if config.reset_attention_mask else None
+    packed = forward_params(packed, tokens.shape[-1], ssa_branch=branch, ssa_probe=probe)
     per_token = engine(tokens, batch["position_ids"], None, labels=labels, packed_seq_params=packed)
     return masked_lm_loss(per_token, batch["loss_mask"], config.lm_loss_weight)
 
@@ -198,7 +199,6 @@ def train_step(engine, train_iter, args, config, recipe, state: TrainState, gas:
     from megatron.core import parallel_state as ps
 
     from ssa_megatron.model.align_loss import AlignLossAutoScaler
-    from ssa_megatron.model.attention import ssa_branch
     from ssa_megatron.training.ssa_recipe import first_sample_of_micro, set_align_coef
 
     AlignLossAutoScaler.set_loss_scale(align_backward_scale(engine, gas))
@@ -214,13 +214,10 @@ def train_step(engine, train_iter, args, config, recipe, state: TrainState, gas:
         batch = _to_device(next(train_iter))
         branch = recipe.branch(state.iteration, micro, first_sample_of_micro(
             state.consumed, micro, args.micro_batch_size, dp_size, dp_rank))
-        # backward inside: recomputed activations read the branch again
-        with ssa_branch(engine.module, branch):
-            with (probe.attach(engine.module) if probe is not None and micro == 0
-                  else contextlib.nullcontext()):
-                loss = lm_loss(engine, batch, config)
-            engine.backward(loss)
-            engine.step()
+        loss = lm_loss(engine, batch, config, branch,
+                       probe.probe if probe is not None and micro == 0 else None)
+        engine.backward(loss)
+        engine.step()
         step_loss += float(loss.detach()) / gas
     return step_loss
 
