@@ -203,27 +203,26 @@ def _check_dispatch(seed):
     ok = out["default"] == "gather"
     saved = dict(bm.CONFIG)
     bm.forward_flat = counting
-    dispatch.set_backend("triton")
     try:
-        for mode, g, want in (("gather", 4, 0), ("block_major", 16, 1), ("auto", 4, 1),
-                              ("auto", 16, 0)):
-            bm.CONFIG["sparse_forward"] = mode
-            q = torch.randn(1, 40, 2 * g, 16)
-            k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
-            idx = ref.select_blocks(q, k, BS, 2)
-            calls.clear()
-            o = dispatch.sparse_attention(q, k, v, idx, BS)
-            err = (o - ref.sparse_attention(q, k, v, idx, BS)).abs().max().item()
-            ok &= len(calls) == want and err < 1e-4
-            out[f"{mode}/G{g}"] = [len(calls), float(f"{err:.1e}")]
-        bm.CONFIG["sparse_forward"] = "fastest"
-        try:
-            dispatch.sparse_attention(q, k, v, idx, BS)
-            ok = False
-        except ValueError as e:
-            ok &= "sparse_forward" in str(e)
+        with dispatch.attention_backend("triton"):
+            for mode, g, want in (("gather", 4, 0), ("block_major", 16, 1), ("auto", 4, 1),
+                                  ("auto", 16, 0)):
+                bm.CONFIG["sparse_forward"] = mode
+                q = torch.randn(1, 40, 2 * g, 16)
+                k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16)
+                idx = ref.select_blocks(q, k, BS, 2)
+                calls.clear()
+                o = dispatch.sparse_attention(q, k, v, idx, BS)
+                err = (o - ref.sparse_attention(q, k, v, idx, BS)).abs().max().item()
+                ok &= len(calls) == want and err < 1e-4
+                out[f"{mode}/G{g}"] = [len(calls), float(f"{err:.1e}")]
+            bm.CONFIG["sparse_forward"] = "fastest"
+            try:
+                dispatch.sparse_attention(q, k, v, idx, BS)
+                ok = False
+            except ValueError as e:
+                ok &= "sparse_forward" in str(e)
     finally:
-        dispatch.set_backend(None)
         bm.forward_flat = real
         bm.CONFIG.clear()
         bm.CONFIG.update(saved)

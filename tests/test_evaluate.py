@@ -238,20 +238,29 @@ def test_model_sparsity_hooks_match_brute_force(loaded, random_dataset):
 
 def test_windows_and_rope_scaling():
     from ssa_megatron.eval.data import make_windows, split_document_range
-    from ssa_megatron.eval.model import llama3_inv_freq
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from ssa_megatron.eval.model import set_rope_scaling
     ws = make_windows(1000, 100, stride=25)
     scored = [(w.start + w.score_from, w.start + 100) for w in ws]
     assert scored[0] == (0, 100) and all(a == prev[1] for a, prev in zip([s[0] for s in scored[1:]], scored))
     assert [w.start for w in make_windows(1000, 100)] == list(range(0, 900, 100))
     assert split_document_range(1000, "969,30,1", "valid") == (969, 999)
-    inv = 1.0 / (500000.0 ** (torch.arange(0, 64, 2).float() / 64))
-    sc = llama3_inv_freq(inv, 4.0, 64)
+    model = torch.nn.Module()
+    model.rotary_pos_emb = RotaryEmbedding(kv_channels=64, rotary_percent=1.0, rotary_base=500000,
+                                           use_cpu_initialization=True)
+    inv = model.rotary_pos_emb.inv_freq.clone()
+    torch.testing.assert_close(inv, 1.0 / (500000.0 ** (torch.arange(0, 64, 2).float() / 64)))
+    set_rope_scaling(model, 4.0, 64)
+    sc = model.rotary_pos_emb.inv_freq
     wave = 2 * math.pi / inv
     assert torch.equal(sc[wave < 16], inv[wave < 16])           # high frequencies kept
     assert torch.allclose(sc[wave > 64], inv[wave > 64] / 4)     # low frequencies interpolated
     mid = (wave >= 16) & (wave <= 64)
     assert bool(((sc[mid] <= inv[mid]) & (sc[mid] >= inv[mid] / 4)).all())
-    assert torch.equal(llama3_inv_freq(inv, 1.0, 64), inv)
+    set_rope_scaling(model, 2.0, 64)  # from the model's own frequencies, not the last scaled ones
+    assert torch.allclose(model.rotary_pos_emb.inv_freq[wave > 64], inv[wave > 64] / 2)
+    set_rope_scaling(model, None, 64)
+    assert torch.equal(model.rotary_pos_emb.inv_freq, inv)
 
 
 class ByteTokenizer:

@@ -212,7 +212,6 @@ def _dispatch():
     import torch
 
     from ssa_megatron.ops import dispatch, reference, triton_sparse_decode
-    dispatch.set_backend("triton")
     calls = []
     kernel = triton_sparse_decode.sparse_decode_attention
     triton_sparse_decode.sparse_decode_attention = lambda *a, **kw: calls.append(1) or kernel(*a, **kw)
@@ -239,7 +238,6 @@ def _model(**variant):
     from ssa_megatron.hf import modeling_ssa
     from ssa_megatron.hf.configuration_ssa import SSAConfig
     from ssa_megatron.ops import dispatch, triton_sparse_decode
-    dispatch.set_backend("triton")
     modeling_ssa._ops_for = lambda t: dispatch  # CPU tensors: the kernels, interpreted
     calls = []
     kernel = triton_sparse_decode.sparse_decode_attention
@@ -301,7 +299,9 @@ def _bench_check():
 
 
 if __name__ == "__main__":
-    {"cases": _cases, "model": _model, "dispatch": _dispatch, "bench_check": _bench_check,
-     "selection_queries": _selection_queries,
-     "model_variants": lambda: _model(ssa_selection_score="moment2"),
-     }[sys.argv[1]]()
+    from ssa_megatron.ops import dispatch
+    with dispatch.attention_backend("triton" if sys.argv[1] in ("dispatch", "model", "model_variants") else None):
+        {"cases": _cases, "model": _model, "dispatch": _dispatch, "bench_check": _bench_check,
+         "selection_queries": _selection_queries,
+         "model_variants": lambda: _model(ssa_selection_score="moment2"),
+         }[sys.argv[1]]()

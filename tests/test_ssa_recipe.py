@@ -381,3 +381,19 @@ def test_quality_summary_reads_a_resumed_run_whole(tmp_path):
     assert run["lm_loss"] == [6.0, 5.0, 4.0, 3.5, 3.0] and run["grad_norm"][0] == 9.0
     assert run["iteration"] == 5 and run["diagnostics"] == []
     assert quality.read_run(str(tmp_path / "none")) is None
+
+
+def test_the_recipe_defaults_have_one_owner():
+    """The trainer's flags, SSAConfig and arguments saved before a flag existed all take the
+    recipe's defaults from model/recipe_defaults.py."""
+    import argparse
+    import dataclasses
+    from model_utils import tiny_args
+    from ssa_megatron.model.config import SSAConfig
+    from ssa_megatron.model.recipe_defaults import RECIPE_DEFAULTS, recipe_setting
+    args = tiny_args()
+    fields = {f.name: f.default for f in dataclasses.fields(SSAConfig)}
+    for name, value in RECIPE_DEFAULTS.items():
+        assert getattr(args, name) == value, name
+        assert name not in fields or fields[name] == value, name
+        assert recipe_setting(argparse.Namespace(), name) == value

@@ -232,7 +232,6 @@ def test_dispatch_backend_switch(monkeypatch):
     k = torch.randn(1, 40, 2, 16)
     v = torch.randn(1, 40, 2, 16)
     monkeypatch.delenv("SSA_ATTENTION_BACKEND", raising=False)
-    dispatch.set_backend(None)
     assert dispatch.get_backend() == "auto"
     assert not dispatch.use_triton(q)
     idx = dispatch.select_blocks(q, k, BS, 3)
@@ -242,16 +241,19 @@ def test_dispatch_backend_switch(monkeypatch):
     torch.testing.assert_close(dispatch.full_attention(q, k, v), reference.full_attention(q, k, v))
     monkeypatch.setenv("SSA_ATTENTION_BACKEND", "triton")
     assert dispatch.get_backend() == "triton" and dispatch.use_triton(q)
-    dispatch.set_backend("reference")
-    assert dispatch.get_backend() == "reference" and not dispatch.use_triton(q)
-    dispatch.set_backend("auto")
+    with dispatch.attention_backend("reference"):
+        assert dispatch.get_backend() == "reference" and not dispatch.use_triton(q)
+        with dispatch.attention_backend("auto"):
+            assert dispatch.get_backend() == "triton"
+        with pytest.raises(KeyError), dispatch.attention_backend("triton"):
+            raise KeyError("an error inside the block")
+        assert dispatch.get_backend() == "reference"  # the outer choice is back
     assert dispatch.get_backend() == "triton"
     monkeypatch.setenv("SSA_ATTENTION_BACKEND", "bogus")
     with pytest.raises(ValueError):
         dispatch.get_backend()
-    with pytest.raises(ValueError):
-        dispatch.set_backend("cuda")
-    dispatch.set_backend(None)
+    with pytest.raises(ValueError), dispatch.attention_backend("cuda"):
+        pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -369,8 +371,7 @@ def _check_case(case, seed):
     out["err_o_dq_dk_dv"] = [float(f"{e:.2e}") for e in errs]
 
     # ---- dispatch with the Triton backend forced (kernel indices, fused alignment loss)
-    dispatch.set_backend("triton")
-    try:
+    with dispatch.attention_backend("triton"):
         idx = dispatch.select_blocks(q, k, bs, kc, cs)
         o1 = dispatch.sparse_attention(q, k, v, idx, bs, cs)
         o2 = ref.sparse_attention(q, k, v, idx, bs, cs)
@@ -384,8 +385,6 @@ def _check_case(case, seed):
         osp2 = o1.clone().requires_grad_()
         lr = ref.alignment_loss(of2, osp2)
         gr2 = torch.autograd.grad(lr, (of2, osp2))
-    finally:
-        dispatch.set_backend(None)
     disp_errs = [(o1 - o2).abs().max().item(), (full - full_r).abs().max().item(),
                  abs(la.item() - lr.item())] + [(x - y).abs().max().item() for x, y in zip(ga, gr2)]
     disp_ok = max(disp_errs) < 1e-4

@@ -37,18 +37,15 @@ def run_case(model, tokens, labels, position_ids, backend: str, mode: str, lm_we
     from ssa_megatron.model.align_loss import AlignLossAutoScaler, AlignLossLoggingHelper
     from ssa_megatron.ops import dispatch
 
-    dispatch.set_backend(backend)
     AlignLossAutoScaler.set_loss_scale(1.0)
     AlignLossLoggingHelper.tracker.reset()
     model.zero_grad(set_to_none=True)
-    try:
+    with dispatch.attention_backend(backend):
         per_token = model(tokens, position_ids, None, labels=labels,
                           packed_seq_params=forward_params(seq_length=tokens.shape[-1], ssa_branch=mode))
         lm = per_token.float().mean()
         (lm * lm_weight).backward()
         align = AlignLossLoggingHelper.tracker.per_layer()
-    finally:
-        dispatch.set_backend(None)
     return lm.item(), [float(x) for x in align], _grads(model)
 
 

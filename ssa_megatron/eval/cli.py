@@ -178,8 +178,15 @@ class Evaluation:
 
 
 def run(args) -> dict:
-    """Perplexity, sparsity / alignment gap and needle retrieval of ``args.checkpoint``."""
+    """Perplexity, sparsity / alignment gap and needle retrieval of ``args.checkpoint``, with
+    the attention backend ``--attention-backend`` names."""
+    from ssa_megatron.ops import dispatch
     check_inputs(args)
+    with dispatch.attention_backend(args.attention_backend or None):
+        return _evaluate(args)
+
+
+def _evaluate(args) -> dict:
     ev = load_evaluation(args)
     read_evaluation_data(ev)
     result = {"checkpoint": os.path.abspath(args.checkpoint), "iteration": ev.meta.get("iteration"),
@@ -230,9 +237,6 @@ def load_evaluation(args) -> Evaluation:
     import torch.distributed as dist
 
     from ssa_megatron.eval.model import init_single_process_or_dp, load_model
-    from ssa_megatron.ops import dispatch
-    if args.attention_backend:
-        dispatch.set_backend(args.attention_backend)
     init_single_process_or_dp(args.seed)
     started = time.time()
     lengths = list(args.seq_length or [])

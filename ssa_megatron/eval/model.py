@@ -8,8 +8,9 @@ RoPE scaling (llama3 style)
 ---------------------------
 megatron-core's ``RotaryEmbedding`` keeps its frequencies in ``inv_freq`` and caches the angle
 table per length (``forward`` is ``lru_cache``-d). :func:`set_rope_scaling` recomputes
-``inv_freq`` from the unscaled base frequencies and clears that cache; nothing else in the model
-changes. The llama3 rule, with ``L0`` = the training context, ``factor`` f, and wavelength
+``inv_freq`` from the model's own frequencies with megatron's llama3 scaling (what training applies
+to imported models: model/options.py) and clears that cache; nothing else in the model changes.
+The llama3 rule, with ``L0`` = the training context, ``factor`` f, and wavelength
 ``w = 2 pi / freq`` of each frequency pair:
 
 * ``w < L0 / 4`` (high frequencies, local order): unchanged;
@@ -20,7 +21,6 @@ changes. The llama3 rule, with ``L0`` = the training context, ``factor`` f, and 
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -32,28 +32,17 @@ class EvalError(ConfigError):
     """A problem the user can fix (bad path, flag, data); the message says how."""
 
 
-def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, original_length: int,
-                    low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> torch.Tensor:
-    """llama3-style scaled rotary frequencies (see the module docstring)."""
-    if factor <= 1.0:
-        return inv_freq.clone()
-    wavelength = 2 * math.pi / inv_freq
-    low_w = original_length / low_freq_factor    # longer than this: interpolate fully
-    high_w = original_length / high_freq_factor  # shorter than this: keep
-    blend = ((original_length / wavelength - low_freq_factor)
-             / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
-    scaled = (1 - blend) * inv_freq / factor + blend * inv_freq
-    out = torch.where(wavelength > low_w, inv_freq / factor, scaled)
-    return torch.where(wavelength < high_w, inv_freq, out)
-
-
 def set_rope_scaling(model: torch.nn.Module, factor: Optional[float], original_length: int) -> None:
     """Scale (or, with factor None/<=1, restore) the model's RoPE frequencies in place."""
+    from ssa_megatron.model.options import scale_rotary_embedding
     rope = model.rotary_pos_emb
     if not hasattr(rope, "_eval_base_inv_freq"):
         rope._eval_base_inv_freq = rope.inv_freq.detach().clone()
-    base = rope._eval_base_inv_freq
-    rope.inv_freq = llama3_inv_freq(base, factor or 1.0, original_length).to(rope.inv_freq.device)
+    rope.inv_freq = rope._eval_base_inv_freq.clone()
+    if factor is not None and factor > 1.0:
+        scale_rotary_embedding(rope, {"type": "llama3", "factor": float(factor), "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": original_length})
     type(rope).forward.cache_clear()  # the angle tables were cached for the old frequencies
 
 

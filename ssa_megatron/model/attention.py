@@ -18,6 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from ssa_megatron.model import align_loss
+from ssa_megatron.model.recipe_defaults import recipe_setting
 from ssa_megatron.model.runtime import SSAForwardParams, forward_params
 from ssa_megatron.ops import dispatch as ops
 from ssa_megatron.ops import selection_loss, selection_variants
@@ -50,7 +51,7 @@ class SSASelfAttention(SelfAttention):
             is_expert=False,
             tp_comm_buffer_name="gate",
         )
-        if getattr(self.config, "ssa_gate_init", "normal") == "zero":
+        if recipe_setting(self.config, "ssa_gate_init") == "zero":
             with torch.no_grad():
                 self.linear_gate.weight.zero_()
 

@@ -11,6 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from ssa_megatron.model.config import SSAConfig
 from ssa_megatron.model.layer_spec import get_ssa_layer_spec, init_seed_for_layer
 from ssa_megatron.model.options import rope_scaling, scale_rotary_embedding
+from ssa_megatron.model.recipe_defaults import recipe_setting
 from ssa_megatron.model.shape import ModelShape, padded_vocab_size, shape_default  # noqa: F401
 
 
@@ -46,12 +47,12 @@ def build_config(args) -> SSAConfig:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         ssa_align_coef=args.ssa_align_coef,
-        ssa_select_align_coef=getattr(args, "ssa_select_align_coef", 0.0),
-        ssa_select_align_rows=getattr(args, "ssa_select_align_rows", 64),
+        ssa_select_align_coef=recipe_setting(args, "ssa_select_align_coef"),
+        ssa_select_align_rows=recipe_setting(args, "ssa_select_align_rows"),
         ssa_full_prob=args.ssa_full_prob,
-        ssa_gate_init=getattr(args, "ssa_gate_init", "normal"),
+        ssa_gate_init=recipe_setting(args, "ssa_gate_init"),
         init_seed=args.seed,
-        lm_loss_weight=getattr(args, "lm_loss_weight", 1.0),
+        lm_loss_weight=recipe_setting(args, "lm_loss_weight"),
         reset_attention_mask=bool(getattr(args, "reset_attention_mask", False)),
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if getattr(args, "recompute_activations", False) else {}),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from ssa_megatron.errors import ConfigError  # noqa: F401  (imported from here by older code)
+from ssa_megatron.model.recipe_defaults import recipe_default
 from ssa_megatron.model.shape import ATTENTION_MODES, INFERENCE_MODES, shape_default  # noqa: F401
 
 
@@ -18,15 +19,15 @@ class SSAConfig(TransformerConfig):
     ssa_block_size: int = shape_default("ssa_block_size")
     ssa_block_counts: int = shape_default("ssa_block_counts")
     ssa_selection_score: str = shape_default("ssa_selection_score")
-    ssa_align_coef: float = 10.0
+    ssa_align_coef: float = recipe_default("ssa_align_coef")
     # the selection alignment loss (ops/selection_loss.py): its weight (0: off) and the query
     # rows per sequence and layer it samples
     ssa_select_proj: bool = shape_default("ssa_select_proj")
-    ssa_select_align_coef: float = 0.0
-    ssa_select_align_rows: int = 64
-    ssa_full_prob: float = 0.5  # the recipe's (the trainer's --ssa-full-prob default)
+    ssa_select_align_coef: float = recipe_default("ssa_select_align_coef")
+    ssa_select_align_rows: int = recipe_default("ssa_select_align_rows")
+    ssa_full_prob: float = recipe_default("ssa_full_prob")
     nsa_window_size: int = shape_default("nsa_window_size")  # sliding-window branch of --attention-mode nsa
-    ssa_gate_init: str = "normal"  # "zero": every gate starts at sigmoid(0) = 0.5
+    ssa_gate_init: str = recipe_default("ssa_gate_init")  # "zero": every gate starts at sigmoid(0) = 0.5
     # Branch used outside training; None means the mode's natural one (sparse for "sparse").
     inference_mode: str | None = None
     # Seed of the weight initialisation (per layer, see layer_spec.SSATransformerLayer).
@@ -38,7 +39,7 @@ class SSAConfig(TransformerConfig):
     # Training settings the model's pieces read: the LM loss's weight (0 trains the alignment
     # loss alone) and --reset-attention-mask (pipeline stages derive each micro-batch's document
     # boundaries from the reset position ids they pass along).
-    lm_loss_weight: float = 1.0
+    lm_loss_weight: float = recipe_default("lm_loss_weight")
     reset_attention_mask: bool = False
 
     def __post_init__(self):

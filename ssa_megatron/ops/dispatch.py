@@ -5,13 +5,15 @@
 
 Backend switch: environment variable ``SSA_ATTENTION_BACKEND`` = ``auto`` (default: Triton for
 CUDA tensors, reference otherwise), ``triton`` (always Triton; on CPU it needs
-``TRITON_INTERPRET=1``) or ``reference``; or call :func:`set_backend` (which wins over the
-variable). The Triton modules are imported only when first used.
+``TRITON_INTERPRET=1``) or ``reference``; or run the code inside ``with attention_backend(name):``
+(which wins over the variable inside the block). The Triton modules are imported only when first
+used.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,21 +21,30 @@ import torch.nn.functional as F
 from ssa_megatron.ops import reference
 
 _BACKENDS = ("auto", "triton", "reference")
-_forced: Optional[str] = None
+# Process-wide, not a ContextVar: backward (and recomputed forwards) run on autograd's own
+# threads, which must see the backend the forward saw. Set only through attention_backend.
+_forced_backend = {"name": None}
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Force ``"triton"`` or ``"reference"``; ``"auto"`` or None returns to the env/default."""
-    global _forced
+@contextlib.contextmanager
+def attention_backend(name: Optional[str]) -> Iterator[None]:
+    """Inside the block, force ``"triton"`` or ``"reference"``; ``"auto"`` or None use the
+    environment variable / default. The previous choice comes back on exit, also after an error."""
     if name is not None and name not in _BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(_BACKENDS)}")
-    _forced = None if name in (None, "auto") else name
+    previous = _forced_backend["name"]
+    _forced_backend["name"] = None if name in (None, "auto") else name
+    try:
+        yield
+    finally:
+        _forced_backend["name"] = previous
 
 
 def get_backend() -> str:
     """The configured backend name: auto, triton or reference."""
-    if _forced is not None:
-        return _forced
+    forced = _forced_backend["name"]
+    if forced is not None:
+        return forced
     env = os.environ.get("SSA_ATTENTION_BACKEND", "auto").strip().lower() or "auto"
     if env not in _BACKENDS:
         raise ValueError(f"SSA_ATTENTION_BACKEND={env!r} is not one of {', '.join(_BACKENDS)}")
@@ -131,5 +142,5 @@ def alignment_loss(o_full: torch.Tensor, o_sparse: torch.Tensor) -> torch.Tensor
     return triton_alignment_loss.alignment_loss(o_full, o_sparse)
 
 
-__all__ = ["set_backend", "get_backend", "select_blocks", "sparse_attention",
+__all__ = ["attention_backend", "get_backend", "select_blocks", "sparse_attention",
            "sparse_decode_attention", "full_attention", "alignment_loss"]

@@ -122,18 +122,22 @@ def _tiles_cpu(offs: Tuple[int, ...], bt: int, bs: int):
     return torch.cat(tok), torch.cat(dstart), torch.cat(dlen), torch.cat(poff)
 
 
-_DEV_CACHE: dict = {}
-
-
 def tiles(offs: Tuple[int, ...], bt: int, bs: int, device) -> Tuple[torch.Tensor, ...]:
-    key = (offs, bt, bs, str(device))
-    hit = _DEV_CACHE.get(key)
-    if hit is None:
-        if len(_DEV_CACHE) > 64:
-            _DEV_CACHE.clear()
-        hit = tuple(x.to(device) for x in _tiles_cpu(offs, bt, bs))
-        _DEV_CACHE[key] = hit
-    return hit
+    """The query tiles of the documents ``offs`` on ``device``; kept for the next call with the
+    same documents."""
+    return _tiles(tuple(offs), bt, bs, str(device))
+
+
+@lru_cache(maxsize=64)
+def _tiles(offs: Tuple[int, ...], bt: int, bs: int, device: str) -> Tuple[torch.Tensor, ...]:
+    return tuple(x.to(device) for x in _tiles_cpu(offs, bt, bs))
+
+
+@lru_cache(maxsize=64)
+def _block_starts(offs: Tuple[int, ...], bs: int, device: str) -> torch.Tensor:
+    """The first token of each complete block of each document."""
+    starts = [torch.arange(a, a + ((b - a) // bs) * bs, bs) for a, b in zip(offs, offs[1:])]
+    return (torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)).to(device)
 
 
 def pooled_keys(kf: torch.Tensor, offs: Tuple[int, ...], bs: int) -> torch.Tensor:
@@ -147,12 +151,7 @@ def pooled_keys(kf: torch.Tensor, offs: Tuple[int, ...], bs: int) -> torch.Tenso
         nd = len(docs)
         x = kf.view(nd, ln, h, d)[:, : nb * bs].reshape(nd, nb, bs, h, d)
         return x.float().mean(dim=2).reshape(nd * nb, h, d)
-    key = ("pool", offs, bs, str(kf.device))
-    starts = _DEV_CACHE.get(key)
-    if starts is None:
-        s = [torch.arange(a, a + ((b - a) // bs) * bs, bs) for a, b in docs]
-        starts = torch.cat(s).to(kf.device) if s else torch.zeros(0, dtype=torch.long)
-        _DEV_CACHE[key] = starts
+    starts = _block_starts(tuple(offs), bs, str(kf.device))
     gi = starts[:, None] + torch.arange(bs, device=kf.device)[None, :]
     return kf[gi].float().mean(dim=1)
 

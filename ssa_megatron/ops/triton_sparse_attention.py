@@ -110,25 +110,21 @@ def _blocks_cpu(offs: Tuple[int, ...], bs: int):
     return torch.cat(start), torch.cat(length), nb
 
 
-_BLK_CACHE: dict = {}
-
-
 def key_blocks(offs, bs, device):
-    key = (offs, bs, str(device))
-    hit = _BLK_CACHE.get(key)
-    if hit is None:
-        if len(_BLK_CACHE) > 64:
-            _BLK_CACHE.clear()
-        s, ln, nb = _blocks_cpu(offs, bs)
-        # block offset of each token's document, per token
-        tok_boff = torch.empty(offs[-1], dtype=torch.int32)
-        boff = 0
-        for a, b in zip(offs, offs[1:]):
-            tok_boff[a:b] = boff
-            boff += (b - a + bs - 1) // bs
-        hit = (s.to(device), ln.to(device), nb, tok_boff.to(device))
-        _BLK_CACHE[key] = hit
-    return hit
+    """(block starts, block lengths, block count, each token's document block offset) of the
+    documents ``offs`` on ``device``; kept for the next call with the same documents."""
+    return _key_blocks(tuple(offs), bs, str(device))
+
+
+@lru_cache(maxsize=64)
+def _key_blocks(offs, bs, device: str):
+    s, ln, nb = _blocks_cpu(offs, bs)
+    tok_boff = torch.empty(offs[-1], dtype=torch.int32)
+    boff = 0
+    for a, b in zip(offs, offs[1:]):
+        tok_boff[a:b] = boff
+        boff += (b - a + bs - 1) // bs
+    return s.to(device), ln.to(device), nb, tok_boff.to(device)
 
 
 
@@ -771,17 +767,17 @@ def _dkv_plan(idx, offs, bs, device, blocks=None):
     return bstart, blen, nb, off, ltok, order, extra_end, split
 
 
-_SIDE_STREAMS: dict = {}
+@lru_cache(maxsize=None)
+def _side_stream(device) -> "torch.cuda.Stream":
+    # high priority: its few blocks go ahead of the dq pass's queued ones, not after them
+    return torch.cuda.Stream(device, priority=-1)
 
 
 def _dkv_plan_beside(idx, offs, bs):
     """``_dkv_plan`` queued on a side CUDA stream, so the list inversion runs while the dq pass
     does; returns (plan, join): call join() after queueing dq, before using the plan."""
     main = torch.cuda.current_stream(idx.device)
-    side = _SIDE_STREAMS.get(idx.device)
-    if side is None:
-        # high priority: its few blocks go ahead of the dq pass's queued ones, not after them
-        side = _SIDE_STREAMS[idx.device] = torch.cuda.Stream(idx.device, priority=-1)
+    side = _side_stream(idx.device)
     blocks = key_blocks(offs, bs, idx.device)  # cached across calls: made on the main stream
     side.wait_stream(main)
     with torch.cuda.stream(side):

@@ -10,6 +10,7 @@ from typing import List, Optional
 from ssa_megatron.console import make_parser, record_for_launcher
 from ssa_megatron.model.config import ConfigError, check_parallel_layout, check_ssa_settings
 from ssa_megatron.model.options import check_model_options, model_options
+from ssa_megatron.model.recipe_defaults import recipe_default
 from ssa_megatron.model.shape import OPTIONS, SIZE, SSA, ModelShape, add_shape_flags
 
 
@@ -24,13 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_shape_flags({SIZE: m, OPTIONS: o, SSA: s})
     m.add_argument("--seq-length", type=int, required=True,
                    help="training context in tokens; a multiple of --ssa-block-size")
-    s.add_argument("--ssa-align-coef", type=float, default=10.0,
+    s.add_argument("--ssa-align-coef", type=float, default=recipe_default("ssa_align_coef"),
                    help="alpha: weight of the alignment loss (mean over layers)")
-    s.add_argument("--ssa-full-prob", type=float, default=0.5,
+    s.add_argument("--ssa-full-prob", type=float, default=recipe_default("ssa_full_prob"),
                    help="probability that a sequence (or micro-batch, with --ssa-branch-draw "
                         "micro-batch) trains the full branch; the paper and the recipe use 0.5 "
                         "(0.25 was better on one seed and worse on the next: docs/RESULTS.md)")
-    s.add_argument("--ssa-branch-draw", default="sequence", choices=["sequence", "micro-batch"],
+    s.add_argument("--ssa-branch-draw", default=recipe_default("ssa_branch_draw"), choices=["sequence", "micro-batch"],
                    help="SSA training: draw the full/sparse branch once per sequence (both branches "
                         "run anyway; each sequence keeps its own output: the robust recipe, see "
                         "docs/RESULTS.md) or once per micro-batch (the paper's recipe, which leaves "
@@ -41,20 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "overrides --ssa-full-prob")
     s.add_argument("--ssa-align-coef-schedule", default=None, metavar="ITER:ALPHA,...",
                    help="alignment-loss weight over training, same format; overrides --ssa-align-coef")
-    s.add_argument("--ssa-select-align-coef", type=float, default=0.0,
+    s.add_argument("--ssa-select-align-coef", type=float, default=recipe_default("ssa_select_align_coef"),
                    help="weight of the selection alignment loss (mean over layers; 0: off): "
                         "KL from full attention's mass per block to SSA's block scores on sampled "
                         "query rows, so the selection learns where attention goes "
                         "(ops/selection_loss.py, docs/RESULTS.md)")
-    s.add_argument("--ssa-select-align-rows", type=int, default=64,
+    s.add_argument("--ssa-select-align-rows", type=int, default=recipe_default("ssa_select_align_rows"),
                    help="query rows per sequence and layer the selection alignment loss samples")
-    s.add_argument("--ssa-gate-init", default="normal", choices=["normal", "zero"],
+    s.add_argument("--ssa-gate-init", default=recipe_default("ssa_gate_init"), choices=["normal", "zero"],
                    help="gate projection init: normal (std --init-method-std) or zero (every gate "
                         "starts at 0.5)")
     s.add_argument("--layer-spec", default="ssa", choices=["ssa", "megatron-local"],
                    help="megatron-local: megatron-core's stock local GPT layer (outside baseline; "
                         "no gate, no SSA; PP=1 only)")
-    s.add_argument("--lm-loss-weight", type=float, default=1.0,
+    s.add_argument("--lm-loss-weight", type=float, default=recipe_default("lm_loss_weight"),
                    help="weight of the LM cross entropy (0: alignment loss alone, for ablations)")
 
     t = p.add_argument_group("training")

@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 
+from ssa_megatron.model.recipe_defaults import recipe_setting
 from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches, draw_mode,
                                         draw_sequence_branches)
 from ssa_megatron.training.resume_notes import changed_flags
@@ -16,7 +17,7 @@ class BranchRecipe:
 
     def __init__(self, args):
         self.seed = args.seed
-        self.per_sequence = getattr(args, "ssa_branch_draw", "sequence") == "sequence"
+        self.per_sequence = recipe_setting(args, "ssa_branch_draw") == "sequence"
         self.full_prob = args.ssa_full_prob
         self.align_coef = args.ssa_align_coef
         self.mbs = args.micro_batch_size
@@ -50,16 +51,16 @@ class BranchRecipe:
                 else f"{self.full_prob}")
         align = (f"schedule {self.align_schedule.spec}" if self.align_schedule else f"{self.align_coef}")
         extras = [name for name, on in (("qk-layernorm", getattr(args, "qk_layernorm", False)),
-                                        ("zero-init gates", getattr(args, "ssa_gate_init", "normal") == "zero"))
+                                        ("zero-init gates", recipe_setting(args, "ssa_gate_init") == "zero"))
                   if on]
         score = getattr(args, "ssa_selection_score", "mean")
         if score != "mean":
             extras.insert(0, f"{score} selection score")
-        select = getattr(args, "ssa_select_align_coef", 0.0)
+        select = recipe_setting(args, "ssa_select_align_coef")
         if select:
             trains = "a learned selection map" if getattr(args, "ssa_select_proj", False) else "q and k"
             extras.insert(0, f"selection alignment weight {select} "
-                             f"({getattr(args, 'ssa_select_align_rows', 64)} rows, training {trains})")
+                             f"({recipe_setting(args, 'ssa_select_align_rows')} rows, training {trains})")
         return (f"recipe: SSA, branch drawn {draw}, full-branch probability {prob}, "
                 f"alignment weight {align}, top-{args.ssa_block_counts} of {args.ssa_block_size}-token "
                 f"blocks{', ' + ', '.join(extras) if extras else ''}")
