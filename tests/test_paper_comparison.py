@@ -359,8 +359,9 @@ def test_gpu_validation_robust_mode_trains_the_comparisons_recipe():
 
 def test_gpu_validation_compare_small_runs_the_issue_s_small_setting(tmp_path):
     """gpu_validation.sh compare-small hands paper_comparison the quality issue's small setting
-    (8 x 384, 12 q / 4 kv heads, seq 4096, 600 steps of 4 x 4096, 20 warm-up steps) on the
-    sample corpus; a stand-in python3 records the command instead of training."""
+    (8 x 384, 12 q / 4 kv heads, seq 4096, 600 steps of 4 x 4096, 20 warm-up steps, cosine to 0)
+    on the sample corpus with --preset small; a stand-in python3 records the command instead of
+    training."""
     import shlex
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bin_dir, small = tmp_path / "bin", tmp_path / "small"
@@ -382,7 +383,10 @@ def test_gpu_validation_compare_small_runs_the_issue_s_small_setting(tmp_path):
     args = pc.parse_args(shlex.split(line)[1:])
     assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.heads, args.kv_heads) == (8, 384, 1024, 12, 4)
     assert (args.seq_length, args.micro_batch_size, args.global_batch_size, args.train_iters) == (4096, 4, 4, 600)
-    assert round(args.lr_warmup_fraction * args.train_iters) == 20 and args.lr == 1e-3
+    assert args.lr_warmup_iters == 20 and args.lr == 1e-3 and args.min_lr == 0.0  # cosine to 0
+    command = pc.train_command(args, "ssa-recipe", 1, str(tmp_path / "run"))
+    assert command[command.index("--lr-warmup-iters") + 1] == "20" and "--lr-warmup-fraction" not in command
+    assert float(command[command.index("--min-lr") + 1]) == 0.0
     assert args.data_path == f"{small}/english_text_document" and args.eval_selections == ["oracle", "sub2"]
     assert args.systems == ["full-full", "ssa-recipe"] and args.seeds == [1, 2]
     assert (tmp_path / "res" / "compare_small.tgz").is_file()

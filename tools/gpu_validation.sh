@@ -106,9 +106,7 @@ case "$1" in
       python3 tools/corpus_shards.py join "$SHARDS" "$SMALL"
     fi
     python3 tools/paper_comparison.py --data-path "$SMALL/english_text_document" --out "$SMALL_OUT" \
-      --num-layers 8 --hidden-size 384 --ffn-hidden-size 1024 --heads 12 --kv-heads 4 \
-      --seq-length 4096 --block-counts 16 --micro-batch-size 4 --global-batch-size 4 \
-      --train-iters 600 --lr 1e-3 --lr-warmup-fraction 0.034 --log-interval 10 --eval-windows 32 \
+      --preset small --log-interval 10 --eval-windows 32 \
       ${EVAL_SELECTIONS:+--eval-selections $EVAL_SELECTIONS} --systems ${SYSTEMS:-full-full ssa-recipe} \
       --seeds ${SEEDS:-1 2} --jobs-per-gpu "${JOBS_PER_GPU:-4}" --deadline "${DEADLINE:-330}" || true
     (cd "$(dirname "$SMALL_OUT")" && tar czf "$OUT/compare_small.tgz" --exclude=checkpoint "$(basename "$SMALL_OUT")") ;;

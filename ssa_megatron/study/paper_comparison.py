@@ -26,6 +26,8 @@ from ssa_megatron.study.runner import command_changes, one_spelling_of_paths, re
 from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (tests use both)
 
 from ssa_megatron.checkout import checkout_root
+from ssa_megatron.study.recipes import (BLOCK_SIZE, PAPER_DRAW, PRESETS, RECIPE_DRAW, SEQUENCE_DRAW,
+                                        shape_flags)
 from ssa_megatron.training import result_record
 
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
@@ -45,32 +47,23 @@ PUBLISHED_FULL_PROB = 0.5
 # what runs when --systems is not given: the paper's systems and the two recipes (the later
 # candidates run when named)
 DEFAULT_SYSTEMS = ("full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25")
-SYSTEM_FLAGS = {"ssa": ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
-                "ssa-recipe": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", str(PUBLISHED_FULL_PROB)],
-                "ssa-recipe-fp25": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.25"],
-                "ssa-recipe-late-sparse": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
-                                           "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
-                "ssa-recipe-sparse-end": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
-                                          "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
-                "ssa-recipe-select": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
-                                      "--ssa-select-align-coef", "1.0"],
-                "ssa-recipe-moment2": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
-                                       "--ssa-selection-score", "moment2"],
+SYSTEM_FLAGS = {"ssa": PAPER_DRAW,
+                "ssa-recipe": RECIPE_DRAW,
+                "ssa-recipe-fp25": [*SEQUENCE_DRAW, "--ssa-full-prob", "0.25"],
+                "ssa-recipe-late-sparse": [*RECIPE_DRAW, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
+                "ssa-recipe-sparse-end": [*RECIPE_DRAW, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
+                "ssa-recipe-select": [*RECIPE_DRAW, "--ssa-select-align-coef", "1.0"],
+                "ssa-recipe-moment2": [*RECIPE_DRAW, "--ssa-selection-score", "moment2"],
                 # AdamW moves the map the same for any weight; a small one keeps its gradient
                 # from eating into the model's under the global gradient-norm clip
-                "ssa-recipe-select-proj": ["--ssa-branch-draw", "sequence", "--ssa-full-prob", "0.5",
-                                           "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
+                "ssa-recipe-select-proj": [*RECIPE_DRAW, "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
-BLOCK_SIZE = 16  # every system's (the evaluation selections are checked against it)
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps
 
 
 def model_flags(args) -> list:
-    return ["--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
-            "--ffn-hidden-size", str(args.ffn_hidden_size), "--num-attention-heads", str(args.heads),
-            "--num-query-groups", str(args.kv_heads), "--seq-length", str(args.seq_length),
-            "--ssa-block-size", str(BLOCK_SIZE), "--ssa-block-counts", str(args.block_counts)]
+    return shape_flags(vars(args))
 
 
 def parse_variants(specs) -> dict:
@@ -99,8 +92,11 @@ def train_command(args, system: str, seed: int, out: str) -> list:
     return [sys.executable, "-m", "ssa_megatron.training.pretrain", *model_flags(args),
             *mode_flags, "--seed", str(seed),
             "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
-            "--train-iters", str(args.train_iters), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-            "--lr-warmup-fraction", str(args.lr_warmup_fraction), "--weight-decay", "0.1", "--clip-grad", "1.0",
+            "--train-iters", str(args.train_iters), "--lr", str(args.lr),
+            "--min-lr", str(args.lr / 10 if args.min_lr is None else args.min_lr),
+            *(["--lr-warmup-iters", str(args.lr_warmup_iters)] if args.lr_warmup_iters is not None
+              else ["--lr-warmup-fraction", str(args.lr_warmup_fraction)]),
+            "--weight-decay", "0.1", "--clip-grad", "1.0",
             *(["--bf16"] if args.bf16 else []),
             "--data-path", args.data_path, "--split", args.split, "--num-workers", "2",
             "--deepspeed-config", os.path.join(ROOT, "examples", "ds_zero1.json"),
@@ -227,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. 'ssa-alpha0=--attention-mode ssa --ssa-align-coef 0'")
     p.add_argument("--seeds", nargs="*", type=int, default=[1, 2])
     p.add_argument("--gpus", type=int, default=None, help="GPUs to spread jobs over (default: all)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named setting (study/recipes.py): its model, batch, steps and lr schedule "
+                        "become the defaults; flags given as well still win. small: the quality "
+                        "issue's small setting")
     p.add_argument("--num-layers", type=int, default=8)
     p.add_argument("--hidden-size", type=int, default=768)
     p.add_argument("--ffn-hidden-size", type=int, default=2048)
@@ -242,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "still spans --train-iters, so the steps compare with full-length runs")
     p.add_argument("--lr", type=float, default=1e-3,
                    help="peak lr (cosine to lr/10); the documented studies ran at 1e-3")
+    p.add_argument("--min-lr", type=float, default=None, help="where the cosine ends (default: lr/10)")
     p.add_argument("--lr-warmup-fraction", type=float, default=0.02,
                    help="linear warm-up over this fraction of --train-iters, for every system; the "
                         "documented studies ran at 0.02 unless they say otherwise")
+    p.add_argument("--lr-warmup-iters", type=int, default=None,
+                   help="linear warm-up over this many steps instead of --lr-warmup-fraction")
     p.add_argument("--split", default="98,2,0")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--log-interval", type=int, default=50)
@@ -271,7 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        setting = dict(PRESETS[preset])
+        setting["lr_warmup_iters"] = setting.pop("warmup_iters")
+        parser.set_defaults(**setting)
+    args = parser.parse_args(argv)
     args.variants = parse_variants(args.variant)
     if args.systems is None:
         args.systems = list(DEFAULT_SYSTEMS) + list(args.variants)

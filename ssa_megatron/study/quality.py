@@ -2,10 +2,9 @@
 side on one GPU, every run logging attention diagnostics from step 0, then a summary that
 classifies each SSA run by its gap to Full-Full and compares good and bad runs.
 
-The small setting follows the independent plain-PyTorch study it reproduces: 8 layers x 384,
-12 q / 4 kv heads of 32, FFN 1024, seq 4096, 4 sequences per step, 600 steps, lr 1e-3 with 20
-warm-up steps and cosine to 0, AdamW (0.9, 0.95), wd 0.1, clip 1, bf16, alpha 10, top-16 blocks
-of 16 tokens. 600 x 4 x 4096 = 9.8M tokens: under one pass of the english corpus's train split.
+The small setting (study/recipes.py) follows the independent plain-PyTorch study it reproduces,
+with AdamW (0.9, 0.95), wd 0.1, clip 1, bf16, alpha 10. 600 x 4 x 4096 = 9.8M tokens: under one
+pass of the english corpus's train split.
 """
 from __future__ import annotations
 
@@ -17,17 +16,9 @@ import statistics
 import sys
 from typing import Dict, List, Optional
 
-SMALL_SETTING = {
-    "num_layers": 8, "hidden_size": 384, "ffn_hidden_size": 1024, "heads": 12, "kv_heads": 4,
-    "seq_length": 4096, "micro_batch_size": 4, "global_batch_size": 4, "train_iters": 600,
-    "lr": 1e-3, "warmup_iters": 20, "block_counts": 16,
-}
+from ssa_megatron.study.recipes import PAPER_DRAW, RECIPE_DRAW, SEQUENCE_DRAW, SMALL_SETTING, shape_flags
 
 # Named recipes: trainer flags on top of the small setting (--bf16 unless the name says fp32).
-# the paper: one branch per micro-batch (= step here), full branch with probability 0.5
-PAPER_DRAW = ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"]
-SEQ_DRAW = ["--ssa-branch-draw", "sequence"]
-RECIPE_DRAW = [*SEQ_DRAW, "--ssa-full-prob", "0.5"]  # the recipe (ssa-seq)
 VARIANTS: Dict[str, List[str]] = {
     "full-full": ["--attention-mode", "full"],
     "sparse-sparse": ["--attention-mode", "sparse"],
@@ -43,8 +34,8 @@ VARIANTS: Dict[str, List[str]] = {
     "full-full-qknorm": ["--attention-mode", "full", "--qk-layernorm"],
     "ssa-step-alpha0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-align-coef", "0"],
     "ssa-seq-align1": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-align-coef", "1"],
-    "ssa-seq-full75": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.75"],
-    "ssa-seq-full25": ["--attention-mode", "ssa", *SEQ_DRAW, "--ssa-full-prob", "0.25"],
+    "ssa-seq-full75": ["--attention-mode", "ssa", *SEQUENCE_DRAW, "--ssa-full-prob", "0.75"],
+    "ssa-seq-full25": ["--attention-mode", "ssa", *SEQUENCE_DRAW, "--ssa-full-prob", "0.25"],
     # the recipe to mid-run, then more sparse sequences (the large comparison's late-sparse run)
     "ssa-seq-late-sparse": ["--attention-mode", "ssa", *RECIPE_DRAW,
                             "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
@@ -77,14 +68,10 @@ def train_command(name: str, flags: List[str], seed: int, run_dir: str, data_pat
                   diagnostics_interval: int = 10, extra: Optional[List[str]] = None) -> List[str]:
     s = dict(SMALL_SETTING, **(setting or {}))
     precision = [] if "fp32" in name else ["--bf16"]
-    return [sys.executable, "-m", "ssa_megatron.training.pretrain",
-            "--num-layers", str(s["num_layers"]), "--hidden-size", str(s["hidden_size"]),
-            "--ffn-hidden-size", str(s["ffn_hidden_size"]), "--num-attention-heads", str(s["heads"]),
-            "--num-query-groups", str(s["kv_heads"]), "--seq-length", str(s["seq_length"]),
-            "--ssa-block-size", "16", "--ssa-block-counts", str(s["block_counts"]),
+    return [sys.executable, "-m", "ssa_megatron.training.pretrain", *shape_flags(s),
             "--micro-batch-size", str(s["micro_batch_size"]),
             "--global-batch-size", str(s["global_batch_size"]),
-            "--train-iters", str(s["train_iters"]), "--lr", str(s["lr"]), "--min-lr", "0",
+            "--train-iters", str(s["train_iters"]), "--lr", str(s["lr"]), "--min-lr", str(s["min_lr"]),
             "--lr-warmup-iters", str(s["warmup_iters"]), "--weight-decay", "0.1",
             "--clip-grad", "1.0", *precision, "--seed", str(seed),
             "--data-path", data_path, "--split", "98,2,0", "--num-workers", "1",
