@@ -84,6 +84,7 @@ ssa_local_port() {
 import socket, sys
 want = sys.argv[1]
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun's store: a just-closed port is free
 try:
     s.bind(("127.0.0.1", int(want) if want else 0))
 except (OSError, ValueError):
