@@ -84,3 +84,27 @@ def test_a_dataset_rebuilt_under_the_same_prefix_gets_new_sample_indices(single_
     assert again.unique_description_hash != first.unique_description_hash
     for i in range(200):
         again[i]  # every sample index points into the rebuilt data
+
+
+def test_synthetic_records_are_the_versioned_format_and_old_flat_ones_still_read(tmp_path):
+    """Benchmarks, fault injection and these tests write the dataset record through
+    data/metadata.py (kind "synthetic", with the token count the index check compares); a flat
+    record of an earlier version still reads."""
+    from ssa_megatron.data.datasets import check_data_files
+    from ssa_megatron.data.metadata import FORMAT, read_metadata
+    prefix = write_random_dataset(str(tmp_path / "syn"), num_docs=30)
+    record = read_metadata(prefix)
+    assert record["format"] == FORMAT and record["version"] == 1 and record["tokenizer"]["kind"] == "synthetic"
+    check_data_files([prefix])  # the recorded token count matches the index
+    with open(prefix + ".tokenizer.json") as f:
+        wrong = json.load(f)
+    wrong["dataset"]["tokens"] += 1
+    with open(prefix + ".tokenizer.json", "w") as f:
+        json.dump(wrong, f)
+    with pytest.raises(ConfigError, match="records"):
+        check_data_files([prefix])
+    with open(prefix + ".tokenizer.json", "w") as f:  # what earlier versions wrote
+        json.dump({"kind": "synthetic", "vocab_size": 256, "eod": 255, "sha256": "none"}, f)
+    info = read_tokenizer_info([prefix], None)
+    assert (info.vocab_size, info.eod) == (256, 255)
+    check_data_files([prefix])

@@ -426,7 +426,7 @@ def test_data_of_another_tokenizer_is_noted(tmp_path, random_dataset):
 
     from ssa_megatron.eval.cli import read_evaluation_data
     with open(random_dataset + ".tokenizer.json") as f:
-        given = json.load(f).get("sha256")
+        given = json.load(f)["tokenizer"]["sha256"]
     args = SimpleNamespace(data_path=random_dataset, split="90,10,0", split_name="valid", text=None)
     for trained, noted in ((given, False), ("f" * 64, True)):
         ev = SimpleNamespace(args=args, meta={"args": {"split": "90,10,0"},

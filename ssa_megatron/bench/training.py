@@ -33,15 +33,16 @@ def write_synthetic_dataset(prefix: str, vocab: int, tokens: int) -> None:
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ssa_megatron.data.metadata import write_synthetic_record
     rng = np.random.default_rng(0)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     doc_len = 4096
-    for _ in range(tokens // doc_len + 1):
+    documents = tokens // doc_len + 1
+    for _ in range(documents):
         doc = rng.integers(0, vocab - 1, doc_len)
         builder.add_document(torch.from_numpy(np.append(doc, vocab - 1)), [doc_len + 1])
     builder.finalize(prefix + ".idx")
-    with open(prefix + ".tokenizer.json", "w") as f:
-        json.dump({"kind": "synthetic", "vocab_size": vocab, "eod": vocab - 1, "sha256": "none"}, f)
+    write_synthetic_record(prefix, vocab, vocab - 1, documents, documents * (doc_len + 1))
 
 
 def variant_flags(args, name: str) -> list:

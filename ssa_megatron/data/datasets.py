@@ -1,7 +1,6 @@
 """Training data: megatron-core GPTDatasets (weighted blends, splits) and a resumable sampler."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -19,10 +18,6 @@ class DataTokenizerInfo:
     vocab_size: int
     eod: int
     description: dict
-
-
-def tokenizer_metadata_path(prefix: str) -> str:
-    return prefix + ".tokenizer.json"
 
 
 def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
@@ -98,38 +93,41 @@ def check_index_matches_data(prefix: str) -> None:
         why = "truncated" if bin_size < expected_bin else "longer than its index"
         raise ConfigError(f"data file {bin_} is {bin_size} bytes but {idx} describes {expected_bin} "
                           f"bytes ({why}: an interrupted copy, or an .idx of another corpus): {redo}")
+    from ssa_megatron.data.metadata import metadata_path
     meta = _dataset_record(prefix)
     if meta is not None and meta.get("tokens") is not None and int(meta["tokens"]) * item != expected_bin:
         raise ConfigError(f"data index {idx} describes {expected_bin // item} tokens but "
-                          f"{tokenizer_metadata_path(prefix)} records {meta['tokens']} "
+                          f"{metadata_path(prefix)} records {meta['tokens']} "
                           f"(an .idx of another corpus?): {redo}")
 
 
 def _dataset_record(prefix: str) -> Optional[dict]:
+    """The "dataset" part of the record beside ``prefix`` (None: no readable record)."""
+    from ssa_megatron.data.corpus import CorpusError
+    from ssa_megatron.data.metadata import read_metadata
     try:
-        with open(tokenizer_metadata_path(prefix)) as f:
-            record = json.load(f).get("dataset")
-    except (OSError, ValueError, AttributeError):
+        meta = read_metadata(prefix)
+    except CorpusError:
         return None
+    record = (meta or {}).get("dataset")
     return record if isinstance(record, dict) else None
 
 
 def read_tokenizer_info(prefixes: Sequence[str], vocab_size: Optional[int]) -> DataTokenizerInfo:
     """The tokenizer recorded next to the data; every blended dataset must agree."""
+    from ssa_megatron.data.metadata import metadata_path, read_metadata
     infos = []
     for prefix in prefixes:
-        path = tokenizer_metadata_path(prefix)
-        if os.path.isfile(path):
-            with open(path) as f:
-                meta = json.load(f)
-            bos = (meta.get("dataset") or {}).get("bos")
-            meta = dict(meta.get("tokenizer", meta))
+        record = read_metadata(prefix)
+        if record is not None:
+            meta = dict(record["tokenizer"])
+            bos = record["dataset"].get("bos")
             if bos is not None:  # what begins each document (checkpoints carry it on)
                 meta["bos"] = list(bos)
             infos.append((prefix, meta))
     if not infos:
         if vocab_size is None:
-            raise ConfigError(f"no {tokenizer_metadata_path(prefixes[0])}: preprocess the data with "
+            raise ConfigError(f"no {metadata_path(prefixes[0])}: preprocess the data with "
                               "tools/preprocess_data.py, or pass --vocab-size")
         return DataTokenizerInfo(vocab_size, vocab_size - 1, {"kind": "unknown"})
     first_prefix, first = infos[0]

@@ -16,6 +16,11 @@ time by :func:`check_dataset_tokenizer`. Format (version 1)::
       "created": ISO-8601 UTC time, "tool": "ssa_megatron <version> preprocess"
     }
 
+Synthetic corpora (benchmarks, fault injection, tests) write the same record with tokenizer kind
+"synthetic" through :func:`write_synthetic_record`. Records of earlier versions that held only the
+tokenizer fields (``{"kind", "vocab_size", "eod", "sha256"}``) read as version 0 with an empty
+"dataset" part.
+
 This module imports nothing heavy (no torch, no megatron) so training code can use it freely.
 """
 from __future__ import annotations
@@ -52,10 +57,33 @@ def read_metadata(prefix: str) -> Optional[dict]:
     except (OSError, ValueError) as e:
         raise CorpusError(f"cannot read dataset metadata {path}: {e}; rebuild the dataset with "
                           f"tools/preprocess_data.py") from None
+    if isinstance(meta, dict) and "format" not in meta and {"kind", "vocab_size", "eod"} <= meta.keys():
+        return {"format": FORMAT, "version": 0, "tokenizer": meta, "dataset": {}}
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CorpusError(f"{path} is not an ssa_megatron dataset metadata file; rebuild the dataset "
                           f"with tools/preprocess_data.py")
     return meta
+
+
+def write_synthetic_record(prefix: str, vocab_size: int, eod: int, documents: int, tokens: int,
+                           dtype: str = "uint16") -> str:
+    """The record of a corpus of generated token ids (no tokenizer file): kind "synthetic"."""
+    import datetime
+
+    from ssa_megatron import __version__
+    record = {"format": FORMAT, "version": VERSION,
+              "tokenizer": {"kind": "synthetic", "vocab_size": int(vocab_size), "eod": int(eod),
+                            "sha256": "none", "path": None, "file": None},
+              "dataset": {"prefix": os.path.basename(os.fspath(prefix)), "dtype": dtype,
+                          "documents": int(documents), "tokens": int(tokens), "append_eod": True,
+                          "json_key": None, "input_format": "synthetic", "text_unit": "document",
+                          "inputs": [], "inputs_sha256": None, "skipped": {}},
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "tool": f"ssa_megatron {__version__} synthetic"}
+    path = metadata_path(prefix)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return path
 
 
 def dataset_tokenizer_file(prefix: str) -> Optional[str]:
@@ -112,5 +140,5 @@ def check_dataset_tokenizer(
 
 __all__ = [
     "FORMAT", "VERSION", "SUFFIX", "metadata_path", "tokenizer_copy_name", "read_metadata",
-    "dataset_tokenizer_file", "check_dataset_tokenizer",
+    "write_synthetic_record", "dataset_tokenizer_file", "check_dataset_tokenizer",
 ]

@@ -231,15 +231,17 @@ def write_random_corpus(prefix: str, num_docs: int = 300, vocab_size: int = 256,
     import numpy as np
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from ssa_megatron.data.metadata import write_synthetic_record
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     rng = np.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    tokens = 0
     for _ in range(num_docs):
         doc = rng.integers(0, vocab_size - 1, int(rng.integers(20, 300)))
         builder.add_document(torch.tensor(np.append(doc, vocab_size - 1), dtype=torch.int64), [len(doc) + 1])
+        tokens += len(doc) + 1
     builder.finalize(prefix + ".idx")
-    with open(prefix + ".tokenizer.json", "w") as f:
-        json.dump({"kind": "synthetic", "vocab_size": vocab_size, "eod": vocab_size - 1, "sha256": "none"}, f)
+    write_synthetic_record(prefix, vocab_size, vocab_size - 1, num_docs, tokens)
     return prefix
 
 
