@@ -7,12 +7,15 @@ assumptions). Each patch replaces one engine or optimizer method on one engine i
   gradient norm is not finite, as DeepSpeed's own optimizers do.
 * :func:`call_before_optimizer_step`: a callback after backward, before each optimizer step
   (tests and the profiler use it).
+* :func:`checkpoint_write_errors_recorded`: during one save, a failed file write (a full disk)
+  is recorded instead of raised (training/checkpointing.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from typing import Callable
+from typing import Callable, List
 
 
 def record_fp32_grad_norm(engine) -> None:
@@ -53,3 +56,29 @@ def call_before_optimizer_step(engine, callback: Callable[[], None]) -> None:
         callback()
         return take_step(*a, **kw)
     engine._take_model_step = hooked_step
+
+
+@contextlib.contextmanager
+def checkpoint_write_errors_recorded(engine, errors: List[str]):
+    """DeepSpeed writes every file through ``engine.checkpoint_engine.save``: record an OSError
+    (a full disk) instead of raising it, so that this rank still reaches the collectives the other
+    ranks are in, and all ranks can agree that the save failed."""
+    ce = engine.checkpoint_engine
+    write = ce.save
+
+    def save(state_dict, path, *a, **kw):
+        if errors:
+            return None  # this save has failed already; write nothing more
+        try:
+            return write(state_dict, path, *a, **kw)
+        except OSError as err:
+            errors.append(f"{path}: {err.strerror or err}")
+    own = vars(ce).get("save")
+    ce.save = save
+    try:
+        yield
+    finally:
+        if own is None:
+            del ce.save  # the class's method again
+        else:
+            ce.save = own

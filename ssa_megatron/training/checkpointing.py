@@ -19,7 +19,6 @@ tools/convert_checkpoint.py from-hf / relayout) gives its weights and starts at 
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ssa_megatron import engine_patches
 from ssa_megatron.errors import ConfigError
 from ssa_megatron.model.shape import OPTIONS, shape_fields
 from ssa_megatron.training.checkpoint_format import (CHECKPOINT_FORMAT, LATEST, META, PARTIAL, CheckpointError,
@@ -68,32 +68,6 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-@contextlib.contextmanager
-def _catch_write_errors(engine, errors: List[str]):
-    """DeepSpeed writes every file through ``engine.checkpoint_engine.save``: record an OSError
-    (a full disk) instead of raising it, so that this rank still reaches the collectives the other
-    ranks are in, and all ranks can agree that the save failed."""
-    ce = engine.checkpoint_engine
-    write = ce.save
-
-    def save(state_dict, path, *a, **kw):
-        if errors:
-            return None  # this save has failed already; write nothing more
-        try:
-            return write(state_dict, path, *a, **kw)
-        except OSError as err:
-            errors.append(f"{path}: {err.strerror or err}")
-    own = vars(ce).get("save")
-    ce.save = save
-    try:
-        yield
-    finally:
-        if own is None:
-            del ce.save  # the class's method again
-        else:
-            ce.save = own
-
-
 def _first_error(errors: List[str]) -> Optional[str]:
     found = [e for part in gather(errors[:1]) for e in part]
     return found[0] if found else None
@@ -117,7 +91,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, consumed_samples: int
         dist.barrier()
     errors: List[str] = []
     client_state = {"iteration": iteration, "consumed_samples": consumed_samples}
-    with _catch_write_errors(engine, errors):
+    with engine_patches.checkpoint_write_errors_recorded(engine, errors):
         try:
             engine.save_checkpoint(save_dir, tag=partial_tag, client_state=client_state,
                                    save_latest=False)

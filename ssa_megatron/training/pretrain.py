@@ -268,6 +268,59 @@ def build_engine(args, info, dp_size: int):
     return engine, ds_config, n_params, config
 
 
+def _window_mean(tracker, groups: dict):
+    """(per-layer means of this logging window, their mean over the layers that logged, NaN when
+    none did); the tracker starts the next window."""
+    per_layer = tracker.per_layer(**groups)
+    seen = per_layer[~torch.isnan(per_layer)]
+    tracker.reset()
+    return per_layer, (float(seen.mean()) if seen.numel() else float("nan"))
+
+
+def log_window(args, engine, state: TrainState, logger, result: TrainResult, grad_norm: float,
+               tflop_per_iteration: float) -> None:
+    """The log line and TensorBoard scalars of the iterations since the last one: LM loss (DP
+    mean), alignment (and selection) loss per layer, lr, gradient norm, throughput."""
+    from megatron.core import parallel_state as ps
+
+    from ssa_megatron.model.align_loss import AlignLossLoggingHelper
+    groups = dict(
+        pp_group=ps.get_pipeline_model_parallel_group() if args.pipeline_model_parallel_size > 1 else None,
+        tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
+        device=_device() if dist.get_backend() == "nccl" else None)
+    per_layer, align = _window_mean(AlignLossLoggingHelper.tracker, groups)
+    select = float("nan")
+    if args.ssa_select_align_coef:
+        _, select = _window_mean(AlignLossLoggingHelper.selection_tracker, groups)
+        result.setdefault("select_loss", []).append(select)
+    avg_loss = float(_dp_mean(torch.tensor([state.window_loss / state.window_iters], dtype=torch.float64))[0])
+    iterations_per_s = state.window_iters / state.window_time
+    tokens_per_s = args.global_batch_size * args.seq_length * iterations_per_s
+    result["align_loss"].append(align)
+    logger.log_train(state.iteration, avg_loss, align, per_layer, engine.get_lr()[0], grad_norm, tokens_per_s,
+                     tflop_per_iteration * iterations_per_s / dist.get_world_size(), state.consumed,
+                     1000 / iterations_per_s, select_loss=select)
+    state.close_window()
+
+
+def evaluate_now(args, engine, valid_iter, config, eval_modes, gas: int, logger, result: TrainResult,
+                 iteration: int) -> None:
+    """Validation loss (per --eval-modes branch when given, PP = 1), logged and recorded."""
+    pipelined = args.pipeline_model_parallel_size > 1
+    if eval_modes and not pipelined:
+        losses = evaluate_modes(engine, valid_iter, args.eval_iters, config, eval_modes)
+        for mode, val in losses.items():
+            logger.log_eval(iteration, val, mode)
+        if losses:
+            result.setdefault("valid_loss_modes", []).append(dict(iteration=iteration, **losses))
+        return
+    val = (evaluate_pipe(engine, valid_iter, args, gas) if pipelined
+           else evaluate(engine, valid_iter, args.eval_iters, config))
+    if val is not None:
+        logger.log_eval(iteration, val)
+        result.setdefault("valid_loss", []).append(val)
+
+
 def run(args, fault_hook: Optional[Callable] = None,
         before_step: Optional[Callable] = None) -> TrainResult:
     """Train per ``args``. ``fault_hook(rank)`` runs inside each save (tests inject crashes);
@@ -300,7 +353,6 @@ def run(args, fault_hook: Optional[Callable] = None,
     engine, ds_config, n_params, config = build_engine(args, info, dp_size)
     nonfinite = NonFiniteSteps(engine, args.max_skipped_steps)
     gas = ds_config["gradient_accumulation_steps"]
-    pipelined = args.pipeline_model_parallel_size > 1
 
     if before_step is not None:
         engine_patches.call_before_optimizer_step(engine, lambda: before_step(engine, state.iteration))
@@ -356,11 +408,8 @@ def run(args, fault_hook: Optional[Callable] = None,
         diagnostics.resume_at(state.iteration)
     eval_modes = [parse_eval_mode(m) for m in args.eval_modes] if args.eval_modes else None
 
-    tracker = AlignLossLoggingHelper.tracker
-    tracker.reset()
-    select_tracker = AlignLossLoggingHelper.selection_tracker if args.ssa_select_align_coef else None
-    if select_tracker is not None:
-        select_tracker.reset()
+    AlignLossLoggingHelper.tracker.reset()
+    AlignLossLoggingHelper.selection_tracker.reset()
     engine.train()
     while state.iteration < args.train_iters:
         if stop.any_rank_received():
@@ -399,46 +448,9 @@ def run(args, fault_hook: Optional[Callable] = None,
             logger.log_diagnostics(state.iteration, record)
 
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
-            groups = dict(
-                pp_group=ps.get_pipeline_model_parallel_group() if args.pipeline_model_parallel_size > 1 else None,
-                tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
-                device=_device() if dist.get_backend() == "nccl" else None)
-            per_layer = tracker.per_layer(**groups)
-            seen = per_layer[~torch.isnan(per_layer)]
-            align = float(seen.mean()) if seen.numel() else float("nan")
-            tracker.reset()
-            select = float("nan")
-            if select_tracker is not None:
-                select_layers = select_tracker.per_layer(**groups)
-                seen = select_layers[~torch.isnan(select_layers)]
-                select = float(seen.mean()) if seen.numel() else float("nan")
-                select_tracker.reset()
-                result.setdefault("select_loss", []).append(select)
-            avg_loss = float(_dp_mean(torch.tensor([state.window_loss / state.window_iters],
-                                                   dtype=torch.float64))[0])
-            tokens_per_s = tokens_per_iter * state.window_iters / state.window_time
-            world = dist.get_world_size()
-            tflops = tflop_per_token * tokens_per_s / world
-            lr = engine.get_lr()[0]
-            result["align_loss"].append(align)
-            logger.log_train(state.iteration, avg_loss, align, per_layer, lr, grad_norm, tokens_per_s,
-                             tflops, state.consumed, 1000 * state.window_time / state.window_iters,
-                             select_loss=select)
-            state.close_window()
-
+            log_window(args, engine, state, logger, result, grad_norm, tflop_per_token * tokens_per_iter)
         if args.eval_interval and state.iteration % args.eval_interval == 0:
-            if eval_modes and not pipelined:
-                losses = evaluate_modes(engine, valid_iter, args.eval_iters, config, eval_modes)
-                for mode, val in losses.items():
-                    logger.log_eval(state.iteration, val, mode)
-                if losses:
-                    result.setdefault("valid_loss_modes", []).append(dict(iteration=state.iteration, **losses))
-            else:
-                val = (evaluate_pipe(engine, valid_iter, args, gas) if pipelined
-                       else evaluate(engine, valid_iter, args.eval_iters, config))
-                if val is not None:
-                    logger.log_eval(state.iteration, val)
-                    result.setdefault("valid_loss", []).append(val)
+            evaluate_now(args, engine, valid_iter, config, eval_modes, gas, logger, result, state.iteration)
 
         if args.save and ((args.save_interval and state.iteration % args.save_interval == 0)
                           or state.iteration == args.train_iters):
