@@ -20,8 +20,8 @@ def main(argv=None) -> int:
     s.add_argument("--max-mib", type=float, default=60.0, help="largest shard in MiB (default 60)")
     s.add_argument("--format", choices=FORMATS, default="zstd",
                    help="zstd (fast; joining needs the zstandard package) or xz (Python's own lzma: "
-                        "nothing to install where the shards are joined; 14%% smaller than zstd "
-                        "level 10 on the large corpus, several times slower to split)")
+                        "nothing to install where the shards are joined; smaller than zstd, "
+                        "several times slower to split)")
     s.add_argument("--level", type=int, default=None,
                    help="compression level (default: zstd 10, xz preset 9)")
     j = sub.add_parser("join", help="SHARD_DIR OUT_DIR: check and rebuild the files", allow_abbrev=False)

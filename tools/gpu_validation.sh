@@ -13,10 +13,10 @@
 # in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections),
 # WARMUP=0.06 (warm-up fraction for every system; default 0.02); run again to resume.
 # compare-small: the quality issue's small setting in one call (8 layers x 384, 12 q / 4 kv heads,
-# seq 4096, 600 steps of 4 x 4096 = 9.8M tokens each seen once, lr 1e-3, 20 warm-up steps) on a
-# 13.5M-token sample of the large corpus (tools/sample_corpus.py --chars 44000000 --seed 17, then
-# preprocess_data.py with its tokenizer: SMALL, default runs/english_sample, or SHARDS=dir to join
-# first: 9 MiB of xz shards); SYSTEMS (default full-full ssa-recipe), SEEDS (default 1 2),
+# seq 4096, 600 steps of 4 x 4096 tokens each seen once, lr 1e-3, 20 warm-up steps, cosine to 0:
+# paper_comparison.py --preset small) on a sample of the large corpus (tools/sample_corpus.py, then
+# preprocess_data.py with its tokenizer; docs/RESULTS.md has the commands: SMALL, default
+# runs/english_sample, or SHARDS=dir of its shards to join first); SYSTEMS (default full-full ssa-recipe), SEEDS (default 1 2),
 # JOBS_PER_GPU (default 4), EVAL_SELECTIONS, DEADLINE (default 330), SMALL_OUT.
 # robust: REPLICATES (default 4) runs of the recipe on each of SEEDS (default 1) on the large
 # corpus, stopped at STOP_AT (default 150) of the 1650-step schedule, WARMUP as above, attention

@@ -69,7 +69,7 @@ CONFIG = {
     # longer lists (attention sinks: every later token selects them) are cut into segments
     # whose fp32 partials the list's first program adds in order. Peak memory: a scratch of
     # (selection entries / dkv_split) fp32 [2, block, head dim] tiles, sized without a host
-    # sync (B1 T32768 H2 D64 K16: 8 MiB; H8 D128: 128 MiB); a larger split needs less.
+    # sync; a larger split needs less.
     "dkv_split": 512,
     # Launch order of the key-centric dk/dv programs: "longest" (longest token list first, so the
     # few very long lists - early blocks, attention sinks - do not run alone at the end) or
@@ -212,9 +212,9 @@ def tma_block(k_desc, v_desc, idx_row, i, ds, tok, h, D: tl.constexpr, K: tl.con
     The copy takes whole blocks: rows the token must not see (later tokens of its block, or the
     next document's first tokens where a document ends inside a block) are masked in the scores
     but still meet a zero in the MMAs, so a NaN or Inf there reaches the token (0 x NaN).
-    Zeroing them costs 60 % of the forward (0.48 -> 0.78 ms on an H200: the tiles then go
-    through registers before the MMAs), and a batch with non-finite keys or values has a
-    non-finite loss anyway; the gather kernels (CONFIG tma off) keep such values out."""
+    Zeroing them costs much of the forward (docs/KERNEL_NOTES.md: the tiles then go through
+    registers before the MMAs), and a batch with non-finite keys or values has a non-finite
+    loss anyway; the gather kernels (CONFIG tma off) keep such values out."""
     blk = tl.load(idx_row + i, mask=i < K, other=-1)
     row0 = ds + tl.maximum(blk, 0) * BS
     kt = k_desc.load([row0, h * D])
