@@ -209,8 +209,9 @@ def test_nsa_is_a_system_and_its_natural_mode_fills_the_full_column():
     natural = {"perplexity": [{"mode": "natural", "block_counts": None, "ppl": 81.0}]}
     ssa = {"perplexity": [{"mode": "full", "block_counts": None, "ppl": 75.0},
                           {"mode": "sparse", "block_counts": 16, "ppl": 76.0}]}
-    assert pc._ppl(natural, "full") == 81.0 and pc._ppl(natural, "sparse", 16) is None
-    assert pc._ppl(ssa, "full") == 75.0 and pc._ppl(ssa, "sparse", 16) == 76.0
+    from ssa_megatron.study.paper_report import _ppl
+    assert _ppl(natural, "full") == 81.0 and _ppl(natural, "sparse", 16) is None
+    assert _ppl(ssa, "full") == 75.0 and _ppl(ssa, "sparse", 16) == 76.0
 
 
 def _eval_result(full, sparse, mass=None, natural=False):
