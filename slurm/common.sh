@@ -87,7 +87,7 @@ s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun's store: a just-closed port is free
 try:
     s.bind(("127.0.0.1", int(want) if want else 0))
-except (OSError, ValueError):
+except (OSError, ValueError, OverflowError):
     sys.exit(f"error: MASTER_PORT={want} is taken (or not a port) on this machine; "
              "unset MASTER_PORT to use a free port, or set a free one")
 print(s.getsockname()[1])

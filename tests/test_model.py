@@ -284,6 +284,32 @@ def test_nothing_of_a_forward_stays_on_the_layers(single_process_parallel_state)
         forward_params(ssa_branch="dense")
 
 
+def test_a_recomputed_layer_is_probed_once(single_process_parallel_state, monkeypatch):
+    """Under --recompute-activations the layers run their forward again in backward with the
+    same arguments, the probe included: it records each layer once."""
+    from ssa_megatron.model import diagnostics
+    from ssa_megatron.model.diagnostics import AttentionProbe
+    model = build_tiny_model(tiny_args("--recompute-activations"))
+    calls, real = [], diagnostics.attention_stats
+    monkeypatch.setattr(diagnostics, "attention_stats", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    batch = random_batches(1)[0]
+    probe = AttentionProbe()
+    ce_loss(model, batch, forward_params(seq_length=batch["tokens"].shape[-1], ssa_branch="full",
+                                         ssa_probe=probe)).backward()
+    assert len(calls) == 2 and sorted(r["layer"] for r in probe.summary()) == [1, 2]
+
+
+def test_stock_megatron_layers_train_with_diagnostics(tmp_path, random_dataset):
+    """--layer-spec megatron-local (megatron's own attention, which takes no packed_seq_params):
+    the trainer hands SSA's per-forward data only to SSA layers."""
+    from dist_utils import run_workers
+    from test_parallel import COMMON
+    result = run_workers("train", 1, str(tmp_path / "local"), *COMMON, "--data-path", random_dataset,
+                         "--train-iters", "2", "--attention-mode", "full", "--layer-spec", "megatron-local",
+                         "--diagnostics-interval", "1", "--diagnostics-json", str(tmp_path / "diag.jsonl"))
+    assert len(result["lm_loss"]) == 2
+
+
 def test_baseline_modes_train_one_branch(single_process_parallel_state):
     batch = random_batches(1)[0]
     for mode in ("full", "sparse"):

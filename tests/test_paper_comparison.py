@@ -388,6 +388,8 @@ def test_gpu_validation_compare_small_runs_the_issue_s_small_setting(tmp_path):
     command = pc.train_command(args, "ssa-recipe", 1, str(tmp_path / "run"))
     assert command[command.index("--lr-warmup-iters") + 1] == "20" and "--lr-warmup-fraction" not in command
     assert float(command[command.index("--min-lr") + 1]) == 0.0
+    own = pc.parse_args(shlex.split(line)[1:] + ["--lr-warmup-fraction", "0.05", "--lr", "3e-3"])
+    assert own.lr_warmup_iters is None and own.lr_warmup_fraction == 0.05 and own.lr == 3e-3  # flags win
     assert args.data_path == f"{small}/english_text_document" and args.eval_selections == ["oracle", "sub2"]
     assert args.systems == ["full-full", "ssa-recipe"] and args.seeds == [1, 2]
     assert (tmp_path / "res" / "compare_small.tgz").is_file()

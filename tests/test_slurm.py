@@ -389,6 +389,10 @@ def test_single_node_launchers_refuse_a_taken_master_port_in_one_line(launcher, 
         f"error: MASTER_PORT={port} is taken (or not a port) on this machine; "
         "unset MASTER_PORT to use a free port, or set a free one"), proc.stderr
     assert not os.path.exists(tmp_path / "run" / "checkpoints" / "latest")
+    for wrong in ("70000", "-1", "abc"):  # not a port at all: the same one line, no traceback
+        proc = subprocess.run(["bash", os.path.join(ROOT, "examples", launcher), CONFIG],
+                              env=dict(env, MASTER_PORT=wrong), capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith(f"error: MASTER_PORT={wrong} "), proc.stderr
 
 
 def test_an_in_process_start_leaves_no_port_for_a_later_launcher():

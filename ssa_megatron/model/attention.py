@@ -17,6 +17,7 @@ from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubm
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
+from ssa_megatron.errors import ConfigError
 from ssa_megatron.model import align_loss
 from ssa_megatron.model.recipe_defaults import recipe_setting
 from ssa_megatron.model.runtime import SSAForwardParams, forward_params
@@ -39,6 +40,10 @@ class SSASelfAttention(SelfAttention):
         if attn_mask_type is not None:
             kwargs["attn_mask_type"] = attn_mask_type
         super().__init__(config=config, submodules=submodules, layer_number=layer_number, **kwargs)
+        if self.checkpoint_core_attention or config.fused_single_qkv_rope:
+            # the gate rides in packed_seq_params, which neither path hands on as SSA needs
+            raise ConfigError("SSA attention does not support megatron's selective core-attention "
+                              "recompute or fused single-QKV RoPE; use --recompute-activations")
         self.linear_gate = build_module(
             submodules.linear_gate,
             self.config.hidden_size,

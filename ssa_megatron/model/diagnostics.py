@@ -81,6 +81,8 @@ class AttentionProbe:
 
     @torch.no_grad()
     def record(self, module, q, k, gate, indices, o_full, o_sparse, cu_seqlens) -> None:
+        if module.layer_number in self.layers:
+            return  # a recomputed forward (activation checkpointing) in backward: recorded already
         if indices is None:
             from ssa_megatron.ops import dispatch as ops
             indices = ops.select_blocks(module.selection_query(q[:1].detach()), k[:1].detach(),

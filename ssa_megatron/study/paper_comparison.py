@@ -282,6 +282,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         setting["lr_warmup_iters"] = setting.pop("warmup_iters")
         parser.set_defaults(**setting)
     args = parser.parse_args(argv)
+    given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+    if preset and "--lr-warmup-fraction" in given and "--lr-warmup-iters" not in given:
+        args.lr_warmup_iters = None  # the flag given wins over the preset's warm-up
     args.variants = parse_variants(args.variant)
     if args.systems is None:
         args.systems = list(DEFAULT_SYSTEMS) + list(args.variants)

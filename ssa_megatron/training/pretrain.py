@@ -209,13 +209,17 @@ def train_step(engine, train_iter, args, config, recipe, state: TrainState, gas:
         return float(engine.train_batch(pipe_batches(train_iter, args, state.iteration, recipe,
                                                      state.consumed)))
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    # only SSA layers take per-forward SSA data (megatron's own attention refuses the argument)
+    ssa_layers = getattr(args, "layer_spec", "ssa") == "ssa"
     step_loss = 0.0
     for micro in range(gas):
         batch = _to_device(next(train_iter))
-        branch = recipe.branch(state.iteration, micro, first_sample_of_micro(
-            state.consumed, micro, args.micro_batch_size, dp_size, dp_rank))
+        branch = None
+        if args.attention_mode == "ssa":
+            branch = recipe.branch(state.iteration, micro, first_sample_of_micro(
+                state.consumed, micro, args.micro_batch_size, dp_size, dp_rank))
         loss = lm_loss(engine, batch, config, branch,
-                       probe.probe if probe is not None and micro == 0 else None)
+                       probe.probe if probe is not None and micro == 0 and ssa_layers else None)
         engine.backward(loss)
         engine.step()
         step_loss += float(loss.detach()) / gas
