@@ -137,15 +137,25 @@ class ArgumentParser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error()
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         """One line, with the closest flag for a misspelt one, instead of the whole usage block
-        (dozens of lines for the trainer) above the message."""
+        (dozens of lines for the trainer) above the message. A misspelt required flag
+        (``--seq-len``) is named as the unknown flag it is, not as a missing one."""
         import difflib
         hints = []
+        parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                            for p in a.choices.values()]  # a sub-command's flags too
+        flags = sorted({s for p in parsers for s in p._option_string_actions if s.startswith("--")})
+        if message.startswith("the following arguments are required:"):
+            unknown = [w for w in getattr(self, "_argv", []) if w.startswith("--") and w != "--"
+                       and w.split("=")[0] not in flags]
+            if unknown:
+                message = f"unrecognized arguments: {' '.join(unknown)}"
         if message.startswith("unrecognized arguments:"):
-            parsers = [self] + [p for a in self._actions if isinstance(a, argparse._SubParsersAction)
-                                for p in a.choices.values()]  # a sub-command's flags too
-            flags = sorted({s for p in parsers for s in p._option_string_actions if s.startswith("--")})
             for word in message.split(":", 1)[1].split():
                 if word.startswith("--"):
                     close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.75)

@@ -97,6 +97,7 @@ def restart_without_load():
             "again_autoresume": lines(again["log"], "auto-resume:"),
             "iter2_untouched": before == after and bool(before), "records": records,
             "diagnosed": diagnosed, "done": done["code"], "done_note": lines(done["log"], "nothing to train"),
+            "done_built": lines(done["log"], "building the model"),
             "done_iterations": iterations(done["log"]),
             "latest": open(os.path.join(save, "latest")).read().strip(),
             "other": other["code"], "other_log": other["log"],

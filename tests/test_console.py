@@ -1,6 +1,8 @@
 """What a new user reads: help without library warnings and with defaults, no prefix matching of
 flags, error messages that point the right way, DeepSpeed's silent first-run build announced."""
+import contextlib
 import importlib
+import io
 import json
 import os
 import subprocess
@@ -152,6 +154,20 @@ def test_a_misspelt_flag_is_one_line_with_the_closest_flag():
                            "--input", "x", "--output", "y", "--dtyp", "bf16"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2 and "did you mean --dtype?" in proc.stderr, proc.stderr
+
+
+def test_a_misspelt_required_flag_is_named_as_unknown_not_as_missing():
+    """--seq-len for the required --seq-length: argparse would report --seq-length as missing,
+    which the user believes they gave."""
+    from ssa_megatron.training.arguments import build_parser
+    parser = build_parser()
+    with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stderr(io.StringIO()) as err:
+        parser.parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "2",
+                           "--seq-len", "64", "--train-iters", "1", "--", "x"])
+    line = err.getvalue().strip()
+    assert exit_info.value.code == 2 and "\n" not in line
+    assert "unrecognized arguments: --seq-len" in line and "did you mean --seq-length?" in line, line
+    assert "required" not in line
 
 
 def test_torchrun_failure_summary_ends_with_the_users_error(tmp_path):

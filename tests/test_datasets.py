@@ -108,3 +108,11 @@ def test_synthetic_records_are_the_versioned_format_and_old_flat_ones_still_read
     info = read_tokenizer_info([prefix], None)
     assert (info.vocab_size, info.eod) == (256, 255)
     check_data_files([prefix])
+
+
+def test_a_data_path_with_its_extension_names_the_prefix(tmp_path):
+    from ssa_megatron.data.datasets import check_data_files
+    prefix = write_random_dataset(str(tmp_path / "d"), num_docs=5)
+    for ext in (".bin", ".idx"):
+        with pytest.raises(ConfigError, match=f"pass the dataset prefix {prefix} \\(without \\{ext}\\)"):
+            check_data_files([prefix + ext])

@@ -61,6 +61,7 @@ def test_restart_without_load_resumes_and_never_overwrites(results):
     assert r["diagnosed"] == [1, 2, 3, 4]
     # a rerun of the finished command: one line says there is nothing to train
     assert r["done"] == 0 and r["done_iterations"] == [] and len(r["done_note"]) == 1
+    assert r["done_built"] == []  # it says so before building the model
     # another --load into a --save that holds checkpoints: refused, one line with the choices
     assert r["other"] == 2
     line = one_error_line(r["other_log"])

@@ -85,3 +85,11 @@ def assert_losses_unchanged(events):
         for (step, value), (_, expected) in zip(measured[tag], golden[tag]):
             slack = {"train/align_loss": 2e-3, "train/grad_norm": 2e-4}.get(tag, 2e-6)
             assert abs(value - expected) <= slack * abs(expected), (tag, step, value, expected)
+
+
+def test_the_demo_script_refuses_arguments_in_one_line():
+    """Its settings are environment variables: a flag given to it is refused, not ignored."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_demo_cpu.sh"), "--train-iters", "5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "TRAIN_ITERS=" in proc.stderr, proc.stderr

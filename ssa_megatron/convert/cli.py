@@ -20,6 +20,7 @@ refused in one line naming the config field. Recipe: examples/continued_pretrain
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -102,7 +103,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as err:  # ConversionError, a checkpoint's or a tokenizer's error
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.output}")
+    source = ""
+    if args.command in ("to-hf", "relayout"):
+        from ssa_megatron.training.checkpoint_format import read_latest
+        tag = args.tag or read_latest(args.input)
+        source = f" (from {os.path.join(args.input, tag) if tag else args.input})"
+    print(f"wrote {args.output}{source}")
     return 0
 
 

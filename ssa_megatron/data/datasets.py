@@ -51,6 +51,9 @@ def check_data_files(prefixes: Sequence[str]) -> None:
     """Refuse, in one line, a missing, truncated or mismatched .bin/.idx pair (an interrupted copy,
     or an .idx of another corpus) before anything is built from it."""
     for prefix in prefixes:
+        stem, ext = os.path.splitext(prefix)
+        if ext in (".bin", ".idx") and os.path.isfile(stem + ".bin") and os.path.isfile(stem + ".idx"):
+            raise ConfigError(f"--data-path {prefix}: pass the dataset prefix {stem} (without {ext})")
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
                 raise ConfigError(f"data file {prefix + ext} does not exist: build it with "

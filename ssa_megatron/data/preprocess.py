@@ -546,7 +546,6 @@ def format_summary(r: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from ssa_megatron.console import make_parser
     p = make_parser(
-        prog="preprocess_data.py",
         description="Tokenize jsonl / text corpora into megatron-core .bin/.idx datasets "
                     "(EOD after each document), with a <prefix>.tokenizer.json record.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",

@@ -199,8 +199,7 @@ def format_result(r: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from ssa_megatron.console import make_parser
-    p = make_parser(prog="train_tokenizer.py",
-                    description="Train a SentencePiece BPE/unigram tokenizer from text/jsonl files.")
+    p = make_parser(description="Train a SentencePiece BPE/unigram tokenizer from text/jsonl files.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help="input files, directories or globs (.txt, .jsonl; .gz/.bz2/.xz/.zst)")
     p.add_argument("--output-prefix", "--model-prefix", dest="output_prefix", required=True,

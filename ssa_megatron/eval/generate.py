@@ -18,7 +18,7 @@ from typing import List, Optional
 
 def build_parser():
     from ssa_megatron.console import make_parser
-    p = make_parser(prog="generate.py", description=__doc__)
+    p = make_parser(description=__doc__)
     p.add_argument("--model", required=True, metavar="HF_DIR",
                    help="directory written by tools/convert_checkpoint.py to-hf")
     p.add_argument("--prompt", required=True, help="text to continue")

@@ -325,6 +325,20 @@ def evaluate_now(args, engine, valid_iter, config, eval_modes, gas: int, logger,
         result.setdefault("valid_loss", []).append(val)
 
 
+def _finished_checkpoint(args):
+    """(path, iteration) of the checkpoint ``--load`` resumes from when it is already at
+    --train-iters (nothing is left to train, so no model is built), else None. Read from ``latest`` (or --load-iteration)
+    without verifying the files: a resume that trains on verifies them when it loads."""
+    from ssa_megatron.training import checkpoint_format as fmt
+    if not args.load:
+        return None
+    tag = fmt.tag_for(args.load_iteration) if args.load_iteration is not None else fmt.read_latest(args.load)
+    iteration = fmt.iteration_of(tag) if tag else None
+    if iteration is None or iteration < args.train_iters or not os.path.isdir(os.path.join(args.load, tag)):
+        return None
+    return os.path.join(args.load, tag), iteration
+
+
 def run(args, fault_hook: Optional[Callable] = None,
         before_step: Optional[Callable] = None) -> TrainResult:
     """Train per ``args``. ``fault_hook(rank)`` runs inside each save (tests inject crashes);
@@ -348,6 +362,14 @@ def run(args, fault_hook: Optional[Callable] = None,
     info = read_tokenizer_info(prefixes, args.vocab_size)
     init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
     guard = prepare_save_dir(args, _log)  # lock --save; auto-resume / --start-over / refuse
+    finished = _finished_checkpoint(args)
+    if finished:
+        path, iteration = finished
+        _log(f"nothing to train: the checkpoint {path} is at iteration {iteration}, --train-iters is "
+             f"{args.train_iters} (raise --train-iters to continue)")
+        guard.release()
+        return TrainResult(lm_loss=[], align_loss=[], grad_norm=[], iterations=[], saved=[], step_time=[],
+                           iteration=iteration)
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     data_description = {"data_path": args.data_path, "tokenizer": info.description,
                         "index_sha256": index_fingerprints(args.data_path)}
