@@ -459,3 +459,25 @@ def test_generate_refuses_bad_inputs_in_one_line(tmp_path, capsys):
     assert main(["--model", str(ckpt), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: cannot load the tokenizer of {ckpt}") and "\n" not in err
+
+
+def test_evaluation_data_defaults_to_what_the_checkpoint_trained_on(tmp_path, random_dataset):
+    """Without --data-path or --text: the one dataset the checkpoint recorded, when it is here;
+    a blend, or data not on this machine, is one line naming it."""
+    from ssa_megatron.eval import cli
+    from ssa_megatron.eval.model import EvalError
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "iter_0000003").mkdir(parents=True)
+    (ckpt / "latest").write_text("iter_0000003")
+
+    def checked(data_path):
+        (ckpt / "iter_0000003" / "ssa_meta.json").write_text(json.dumps({"data": {"data_path": data_path}}))
+        args = cli.build_parser().parse_args(["--checkpoint", str(ckpt)])
+        cli.check_inputs(args)
+        return args
+
+    assert checked([random_dataset]).data_path == random_dataset
+    for data_path, why in (([str(tmp_path / "gone")], "not on this machine"),
+                           (["0.5", random_dataset, "0.5", random_dataset], "a blend")):
+        with pytest.raises(EvalError, match=why):
+            checked(data_path)

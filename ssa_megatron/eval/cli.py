@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="--save directory (its 'latest') or a tag dir")
     p.add_argument("--tag", default=None, help="checkpoint tag inside --checkpoint (default: latest)")
     src = p.add_argument_group("evaluation data (one of)")
-    src.add_argument("--data-path", default=None, help=".bin/.idx prefix (tools/preprocess_data.py)")
+    src.add_argument("--data-path", default=None,
+                     help=".bin/.idx prefix (tools/preprocess_data.py); without it and --text: the "
+                          "dataset the checkpoint trained on, when it is one prefix on this machine")
     src.add_argument("--text", nargs="+", default=None, help="raw .txt / .jsonl files (or dirs)")
     src.add_argument("--json-keys", nargs="+", default=["text"])
     src.add_argument("--split", default=None,
@@ -208,11 +210,32 @@ def _evaluate(args) -> dict:
     return result
 
 
+def trained_data_path(checkpoint: str, tag: Optional[str] = None) -> list:
+    """The --data-path the checkpoint trained on (a list: one prefix, or weight/prefix pairs of
+    a blend), [] when it does not say."""
+    from ssa_megatron.training.checkpoint_format import CheckpointError, read_latest, read_meta
+    tag = tag or (read_latest(checkpoint) if os.path.isdir(checkpoint) else None)
+    for tag_dir in ([os.path.join(checkpoint, tag)] if tag else []) + [checkpoint]:
+        try:
+            return list((read_meta(tag_dir).get("data") or {}).get("data_path") or [])
+        except CheckpointError:
+            continue
+    return []
+
+
 def check_inputs(args) -> None:
     """Flags that cannot work end here, before the model loads (a wrong path fails at once)."""
     from ssa_megatron.eval.model import EvalError
-    if (args.data_path is None) == (args.text is None):
-        raise EvalError("pass one source of evaluation data: --data-path PREFIX or --text FILES")
+    if args.data_path is None and args.text is None:
+        trained = trained_data_path(args.checkpoint, args.tag)
+        if len(trained) == 1 and os.path.isfile(trained[0] + ".idx"):
+            args.data_path, args.data_path_from_checkpoint = trained[0], True
+        else:
+            where = (f" (the checkpoint trained on {' '.join(trained)}, "
+                     f"{'a blend' if len(trained) > 1 else 'not on this machine'})" if trained else "")
+            raise EvalError(f"pass one source of evaluation data: --data-path PREFIX or --text FILES{where}")
+    if args.data_path is not None and args.text is not None:
+        raise EvalError("pass one source of evaluation data: --data-path PREFIX or --text FILES, not both")
     if args.micro_batch_size < 1 or args.max_windows < 1:
         raise EvalError("--micro-batch-size and --max-windows must be positive")
     if any(n < 1 for n in args.dense_layers) or (args.dense_layers and "sparse" not in args.modes):
@@ -286,6 +309,8 @@ def read_evaluation_data(ev: Evaluation) -> None:
                                 f"{given['sha256'][:12]}) than the checkpoint was trained with "
                                 f"({trained['sha256'][:12]}): the perplexities are not comparable")
         ev.source = {"data_path": args.data_path, "split": split, "split_name": args.split_name}
+        if getattr(args, "data_path_from_checkpoint", False):
+            ev.notes.append(f"--data-path {args.data_path}: the data the checkpoint trained on")
         trained_split = meta["args"].get("split")
         index = {"train": 0, "valid": 1, "test": 2}.get(args.split_name)
         if args.split_name == "train":
