@@ -82,8 +82,9 @@ def test_killed_save_keeps_previous_checkpoint_and_resumes(tmp_path, tmp_path_fa
     assert "Traceback" not in proc.stderr
 
     # its ZeRO-1 optimizer shards are of 2 processes: resuming with 1 is refused in one line
+    # (training on past it: a run with nothing left to train loads nothing)
     proc = subprocess.run([sys.executable, "-m", "ssa_megatron.training.pretrain",
-                           *_flags(random_dataset, 1, 1, "--load", str(ckpt))],
+                           *_flags(random_dataset, 1, 1, "--load", str(ckpt)), "--train-iters", str(ITERS + 2)],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env=dict(os.environ, PYTHONPATH=ROOT, WORLD_SIZE="1", RANK="0",
                                    MASTER_PORT=str(_port())))

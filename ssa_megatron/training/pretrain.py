@@ -326,9 +326,10 @@ def evaluate_now(args, engine, valid_iter, config, eval_modes, gas: int, logger,
 
 
 def _finished_checkpoint(args):
-    """(path, iteration) of the checkpoint ``--load`` resumes from when it is already at
-    --train-iters (nothing is left to train, so no model is built), else None. Read from ``latest`` (or --load-iteration)
-    without verifying the files: a resume that trains on verifies them when it loads."""
+    """(path, iteration, its ssa_meta) of the checkpoint ``--load`` resumes from when it is
+    already at --train-iters (nothing is left to train, so no model is built), else None. Read
+    from ``latest`` (or --load-iteration) without verifying the files: a resume that trains on
+    verifies them when it loads, and one without a readable ssa_meta.json takes that path."""
     from ssa_megatron.training import checkpoint_format as fmt
     if not args.load:
         return None
@@ -336,7 +337,11 @@ def _finished_checkpoint(args):
     iteration = fmt.iteration_of(tag) if tag else None
     if iteration is None or iteration < args.train_iters or not os.path.isdir(os.path.join(args.load, tag)):
         return None
-    return os.path.join(args.load, tag), iteration
+    try:
+        meta = fmt.read_meta(os.path.join(args.load, tag))
+    except fmt.CheckpointError:
+        return None
+    return os.path.join(args.load, tag), iteration, meta
 
 
 def run(args, fault_hook: Optional[Callable] = None,
@@ -364,7 +369,9 @@ def run(args, fault_hook: Optional[Callable] = None,
     guard = prepare_save_dir(args, _log)  # lock --save; auto-resume / --start-over / refuse
     finished = _finished_checkpoint(args)
     if finished:
-        path, iteration = finished
+        path, iteration, meta = finished
+        # flags of another model are still refused in one line, as a load would refuse them
+        ckpt.check_compatible(meta, args, path, padded_vocab_size(info.vocab_size, args.tensor_model_parallel_size))
         _log(f"nothing to train: the checkpoint {path} is at iteration {iteration}, --train-iters is "
              f"{args.train_iters} (raise --train-iters to continue)")
         guard.release()
