@@ -235,3 +235,20 @@ def test_sentencepiece_tokenizer_export_gives_training_ids(tmp_path):
     assert hf_tok.encode(text, add_special_tokens=False) == ids
     assert hf_tok.decode(ids) == tok.detokenize(ids)
     assert hf_tok.eos_token_id == tok.eod
+
+
+def test_export_names_the_checkpoint_it_read_past_a_damaged_latest(tmp_path, sources):
+    """``latest`` names a damaged checkpoint: to-hf falls back to the newest intact one, and its
+    'wrote' line names that one, not the one ``latest`` names."""
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(sources["tp1"]["ckpt"], ckpt)
+    (tag,) = [d.name for d in ckpt.iterdir() if d.name.startswith("iter_")]
+    newer = ckpt / "iter_0000009"
+    shutil.copytree(ckpt / tag, newer)
+    with open(newer / "mp_rank_00_model_states.pt", "r+b") as f:
+        f.write(b"damaged")
+    (ckpt / "latest").write_text("iter_0000009")
+    proc = convert("to-hf", "--input", str(ckpt), "--output", str(tmp_path / "hf"))
+    assert proc.stdout.strip().splitlines()[-1] == f"wrote {tmp_path / 'hf'} (from {ckpt / tag})"
+    assert "iter_0000009" in proc.stderr  # the damaged one is named in a warning

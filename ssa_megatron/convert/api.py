@@ -1,7 +1,7 @@
 """The three conversions, each through the full (TP-merged) megatron state dict."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from ssa_megatron.convert import hf_ckpt, layout, megatron_ckpt
 from ssa_megatron.model.shape import ModelShape, padded_vocab_size
@@ -23,10 +23,11 @@ def training_dtype(meta: dict) -> str:
 
 def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dtype: str = "auto",
                    max_shard_size="5GB", inference_mode: Optional[str] = None,
-                   block_counts: Optional[int] = None) -> list:
-    """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns notes.
-    ``dtype`` "auto": :func:`training_dtype`."""
-    full, meta, shape = megatron_ckpt.read_checkpoint(checkpoint, tag)
+                   block_counts: Optional[int] = None) -> Tuple[str, List[str]]:
+    """Megatron checkpoint (any TP layout / ZeRO stage) -> HF directory. Returns the tag
+    directory it read and notes. ``dtype`` "auto": :func:`training_dtype`."""
+    tag_dir = megatron_ckpt.resolve_tag_dir(checkpoint, tag)
+    full, meta, shape = megatron_ckpt.read_tag_dir(tag_dir)
     notes = []
     if dtype == "auto":
         dtype = training_dtype(meta)
@@ -36,7 +37,7 @@ def megatron_to_hf(checkpoint: str, out_dir: str, tag: Optional[str] = None, dty
     if block_counts is not None:
         shape = shape.replace(ssa_block_counts=int(block_counts))
     hf_state = layout.megatron_to_hf(full, shape)
-    return notes + hf_ckpt.write_hf(out_dir, hf_state, shape, meta.get("data"), dtype, max_shard_size)
+    return tag_dir, notes + hf_ckpt.write_hf(out_dir, hf_state, shape, meta.get("data"), dtype, max_shard_size)
 
 
 def hf_to_megatron_checkpoint(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1,
@@ -58,7 +59,10 @@ def training_flags(checkpoint: str) -> list:
 
 
 def relayout(checkpoint: str, out_dir: str, tp: int, pp: int = 1, tag: Optional[str] = None) -> str:
-    """A checkpoint of any layout -> a weights-only checkpoint with TP=``tp`` (directly)."""
-    full, meta, shape = megatron_ckpt.read_checkpoint(checkpoint, tag)
-    return megatron_ckpt.write_checkpoint(full, shape, out_dir, tp, pp, data=meta.get("data"),
-                                          source=f"relayout of {checkpoint}", progress=_progress())
+    """A checkpoint of any layout -> a weights-only checkpoint with TP=``tp`` (directly). Returns
+    the tag directory it read."""
+    tag_dir = megatron_ckpt.resolve_tag_dir(checkpoint, tag)
+    full, meta, shape = megatron_ckpt.read_tag_dir(tag_dir)
+    megatron_ckpt.write_checkpoint(full, shape, out_dir, tp, pp, data=meta.get("data"),
+                                   source=f"relayout of {checkpoint}", progress=_progress())
+    return tag_dir

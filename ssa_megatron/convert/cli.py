@@ -20,7 +20,6 @@ refused in one line naming the config field. Recipe: examples/continued_pretrain
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
@@ -75,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "to-hf":
-            notes = api.megatron_to_hf(args.input, args.output, args.tag, args.dtype,
+            source, notes = api.megatron_to_hf(args.input, args.output, args.tag, args.dtype,
                                        args.max_shard_size, args.inference_mode, args.block_counts)
             for n in notes:
                 print(f"note: {n}", file=sys.stderr)
@@ -98,17 +97,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(" ".join(flags))
             return 0
         else:
-            api.relayout(args.input, args.output, args.tensor_model_parallel_size,
+            source = api.relayout(args.input, args.output, args.tensor_model_parallel_size,
                          args.pipeline_model_parallel_size, args.tag)
     except ConfigError as err:  # ConversionError, a checkpoint's or a tokenizer's error
         print(f"error: {err}", file=sys.stderr)
         return 2
-    source = ""
-    if args.command in ("to-hf", "relayout"):
-        from ssa_megatron.training.checkpoint_format import read_latest
-        tag = args.tag or read_latest(args.input)
-        source = f" (from {os.path.join(args.input, tag) if tag else args.input})"
-    print(f"wrote {args.output}{source}")
+    print(f"wrote {args.output}" + (f" (from {source})" if args.command in ("to-hf", "relayout") else ""))
     return 0
 
 

@@ -43,7 +43,11 @@ def read_checkpoint(path: str, tag: Optional[str] = None,
                     warn=None) -> Tuple[Dict[str, torch.Tensor], dict, ModelShape]:
     """(full megatron state dict, ssa_meta.json, model shape) of a checkpoint of any layout,
     verified against its manifest (``warn``: where warning lines go, default stderr)."""
-    tag_dir = resolve_tag_dir(path, tag, warn)
+    return read_tag_dir(resolve_tag_dir(path, tag, warn))
+
+
+def read_tag_dir(tag_dir: str) -> Tuple[Dict[str, torch.Tensor], dict, ModelShape]:
+    """:func:`read_checkpoint` of a tag directory :func:`resolve_tag_dir` has chosen."""
     meta = read_meta(tag_dir)
     try:
         shards = fmt.read_model_shards(tag_dir)
