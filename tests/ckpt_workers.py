@@ -41,6 +41,19 @@ def train_logits(out_dir, *argv):
     _save(out_dir, dict(result, tokens=tokens, logits=logits))
 
 
+def train_counting_selections(out_dir, *argv):
+    """pretrain.run() counting how often the checkpoint to resume from is chosen (each choice
+    verifies the checkpoint's files against their sha256)."""
+    from ssa_megatron.training import checkpointing
+    from ssa_megatron.training.arguments import parse_args
+    from ssa_megatron.training.pretrain import run
+    calls, real = [], checkpointing.select_checkpoint
+    checkpointing.select_checkpoint = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    result = run(parse_args(list(argv)))
+    result.pop("engine")
+    _save(out_dir, dict(result, selections=len(calls)))
+
+
 def train_fault(out_dir, fault_rank, fault_at_save, *argv):
     """pretrain.run() whose save number ``fault_at_save`` (1-based) dies on rank ``fault_rank``
     after that rank wrote its files and before ``latest`` is updated (os._exit: no clean-up)."""

@@ -46,9 +46,10 @@ def test_resume_is_exact(tmp_path, tmp_path_factory, random_dataset, tp, stage):
                         *_flags(random_dataset, tp, stage, "--save", ckpt, "--exit-interval", str(STOP)))
     assert first["iterations"] == list(range(1, STOP + 1))
     assert open(os.path.join(ckpt, "latest")).read().strip() == f"iter_{STOP:07d}"
-    second = run_workers("train", 2, str(tmp_path / "b"),
+    second = run_workers("ckpt_workers:train_counting_selections", 2, str(tmp_path / "b"),
                          *_flags(random_dataset, tp, stage, "--save", ckpt, "--load", ckpt))
     assert second["iterations"] == list(range(STOP + 1, ITERS + 1))
+    assert second["selections"] == 1  # its files verified once, for the tokenizer check and the load
     assert first["lm_loss"] == ref[:STOP]
     assert second["lm_loss"] == pytest.approx(ref[STOP:], rel=1e-6, abs=1e-7), (second["lm_loss"], ref)
     assert second["consumed_samples"] == ITERS * 4

@@ -210,7 +210,10 @@ def test_an_import_records_both_tokenizer_files_and_the_refusal_can_be_lifted(tm
 
     meta = {"args": {}, "data": saved, "weights_only": True}
     stub_checkpoint_reading(monkeypatch, meta)
-    refuse = checkpointing.refuse_data_of_another_tokenizer
+    chosen = checkpointing.choose_checkpoint("unused", tiny_args())
+
+    def refuse(load_dir, args, data):
+        checkpointing.refuse_data_of_another_tokenizer(load_dir, args, data, chosen)
     with pytest.raises(ConfigError, match="not with the imported model's tokenizer"):
         refuse("unused", tiny_args(), other)
     refuse("unused", tiny_args("--allow-tokenizer-change"), other)  # lifted

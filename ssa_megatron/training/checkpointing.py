@@ -219,15 +219,22 @@ def _deepspeed_load(engine, load_dir: str, tag: str, **kw):
                               f"{first}); choose another with --load-iteration N") from None
 
 
-def refuse_data_of_another_tokenizer(load_dir: str, args, data_description: dict) -> None:
-    """Before the model is built: a ConfigError when ``load_dir``'s checkpoint is an imported
-    model (weights only) whose tokenizer is not the one the training data was made with, unless
-    ``--allow-tokenizer-change``. A resumed run of our own is never refused. All ranks call."""
+_NOT_CHOSEN = object()  # load_checkpoint's default: choose the checkpoint itself
+
+
+def choose_checkpoint(load_dir: str, args):
+    """(tag, warning lines) of the checkpoint a resume from ``load_dir`` loads (``--load-iteration``,
+    else the newest intact one, its files verified), or None. All ranks call."""
+    return select_checkpoint(load_dir, getattr(args, "load_iteration", None), collective=True)
+
+
+def refuse_data_of_another_tokenizer(load_dir: str, args, data_description: dict, chosen) -> None:
+    """Before the model is built: a ConfigError when the checkpoint ``chosen`` in ``load_dir``
+    (:func:`choose_checkpoint`) is an imported model (weights only) whose tokenizer is not the one
+    the training data was made with, unless ``--allow-tokenizer-change``. A resumed run of our own
+    is never refused."""
     from ssa_megatron.training.resume_notes import imported_tokenizer_error
-    if getattr(args, "allow_tokenizer_change", False):
-        return
-    chosen = select_checkpoint(load_dir, getattr(args, "load_iteration", None), collective=True)
-    if chosen is None:
+    if getattr(args, "allow_tokenizer_change", False) or chosen is None:
         return
     tag_dir = os.path.join(load_dir, chosen[0])
     try:
@@ -239,11 +246,14 @@ def refuse_data_of_another_tokenizer(load_dir: str, args, data_description: dict
         raise ConfigError(f"{tag_dir}: {mismatch}")
 
 
-def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict] = None):
-    """Resume from the newest intact checkpoint (or ``args.load_iteration``); returns
+def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict] = None,
+                    chosen=_NOT_CHOSEN):
+    """Resume from the newest intact checkpoint (or ``args.load_iteration``), or from ``chosen``
+    when :func:`choose_checkpoint` has picked it already (its files are verified once); returns
     (iteration, consumed_samples), or (0, 0) if ``load_dir`` holds none. All ranks call."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    chosen = select_checkpoint(load_dir, getattr(args, "load_iteration", None), collective=True)
+    if chosen is _NOT_CHOSEN:
+        chosen = choose_checkpoint(load_dir, args)
     if chosen is None:
         return 0, 0
     tag, notes = chosen

@@ -380,8 +380,9 @@ def run(args, fault_hook: Optional[Callable] = None,
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     data_description = {"data_path": args.data_path, "tokenizer": info.description,
                         "index_sha256": index_fingerprints(args.data_path)}
-    if args.load:
-        ckpt.refuse_data_of_another_tokenizer(args.load, args, data_description)
+    chosen = ckpt.choose_checkpoint(args.load, args) if args.load else None
+    if chosen is not None:
+        ckpt.refuse_data_of_another_tokenizer(args.load, args, data_description, chosen)
     _log(f"building the model ({args.num_layers} layers x {args.hidden_size}) and its DeepSpeed engine")
     engine, ds_config, n_params, config = build_engine(args, info, dp_size)
     nonfinite = NonFiniteSteps(engine, args.max_skipped_steps)
@@ -392,7 +393,8 @@ def run(args, fault_hook: Optional[Callable] = None,
 
     state = TrainState()
     if args.load:
-        state.iteration, state.consumed = ckpt.load_checkpoint(engine, args.load, args, data_description)
+        state.iteration, state.consumed = ckpt.load_checkpoint(engine, args.load, args, data_description,
+                                                               chosen)
         if state.iteration:
             _log(f"resumed from {args.load} at iteration {state.iteration} "
                  f"({state.consumed} samples consumed)")
