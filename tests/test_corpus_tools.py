@@ -506,3 +506,46 @@ def test_a_corpus_sample_is_reproducible_whole_documents_up_to_a_budget(tmp_path
                            str(src), "--output", a, "--chars", "300", "--seed", "3"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    nested = tmp_path / "new" / "folder" / "d.jsonl"  # a folder not made yet is made
+    assert sample_jsonl(str(src), str(nested), 300, seed=3) == r and nested.read_text() == open(a).read()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(CorpusError, match=r"^cannot write .*writable folder$"):
+        sample_jsonl(str(src), str(blocked / "e.jsonl"), 300, seed=3)
+
+
+def test_small_study_corpus_is_a_tokenized_sample_and_its_shards(tmp_path, sp_model):
+    """tools/prepare_small_study.sh: the sample of the large corpus, tokenized with the large
+    corpus's tokenizer, split into shards that join back to the same files; run again it keeps
+    what is done; without the large corpus it names the command that builds it."""
+    import shutil
+    large, out, shards = tmp_path / "large", tmp_path / "sample", tmp_path / "shards"
+    large.mkdir()
+    shutil.copy(sp_model, large / "english_spm.model")
+    docs = [_read(p) for p in SPEECHES[:30]]
+    (large / "english_large.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    script = os.path.join(REPO, "tools", "prepare_small_study.sh")
+    env = dict(os.environ, PYTHON=sys.executable, CHARS="100000", SEED="5")
+    run = lambda *a: subprocess.run(["bash", script, *map(str, a)], capture_output=True, text=True, env=env)
+    proc = run(large, out, shards)
+    assert proc.returncode == 0, proc.stderr
+    taken = [json.loads(line)["text"] for line in open(out / "english_sample.jsonl")]
+    assert 0 < len(taken) < len(docs) and all(t in docs for t in taken)
+    assert sum(map(len, taken)) >= 100000
+    assert len(_indexed(str(out / "english_text_document")).document_indices) - 1 == len(taken)
+    from ssa_megatron.data.tokenizer import build_tokenizer as _build
+    dataset = _indexed(str(out / "english_text_document"))  # held: its arrays view its mmap
+    assert _build(sp_model).detokenize([int(i) for i in dataset[0]]).strip().startswith(taken[0].strip()[:200])
+    joined = tmp_path / "joined"
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "corpus_shards.py"), "join", str(shards),
+                    str(joined)], check=True, capture_output=True)
+    for suffix in (".bin", ".idx"):
+        assert (joined / f"english_text_document{suffix}").read_bytes() == \
+            (out / f"english_text_document{suffix}").read_bytes()
+    again = run(large, out, shards)
+    assert again.returncode == 0 and "keeping it" in again.stdout and "keeping the shards" in again.stdout
+    (large / "english_spm.model").unlink()
+    proc = run(large, tmp_path / "other")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"error: no {large}/english_spm.model: build the large corpus first with "
+        f"bash tools/prepare_english_corpus.sh --large {large}"]

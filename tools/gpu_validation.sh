@@ -14,9 +14,9 @@
 # WARMUP=0.06 (warm-up fraction for every system; default 0.02); run again to resume.
 # compare-small: the quality issue's small setting in one call (8 layers x 384, 12 q / 4 kv heads,
 # seq 4096, 600 steps of 4 x 4096 tokens each seen once, lr 1e-3, 20 warm-up steps, cosine to 0:
-# paper_comparison.py --preset small) on a sample of the large corpus (tools/sample_corpus.py, then
-# preprocess_data.py with its tokenizer; docs/RESULTS.md has the commands: SMALL, default
-# runs/english_sample, or SHARDS=dir of its shards to join first); SYSTEMS (default full-full ssa-recipe), SEEDS (default 1 2),
+# paper_comparison.py --preset small) on a sample of the large corpus (tools/prepare_small_study.sh
+# LARGE_DIR SMALL [SHARD_DIR]: SMALL, default runs/english_sample, or SHARDS=dir of its shards to
+# join first); SYSTEMS (default full-full ssa-recipe), SEEDS (default 1 2),
 # JOBS_PER_GPU (default 4), EVAL_SELECTIONS, DEADLINE (default 330), SMALL_OUT.
 # robust: REPLICATES (default 4) runs of the recipe on each of SEEDS (default 1) on the large
 # corpus, stopped at STOP_AT (default 150) of the 1650-step schedule, WARMUP as above, attention
@@ -102,7 +102,7 @@ case "$1" in
     SMALL="${SMALL:-runs/english_sample}"
     SMALL_OUT="${SMALL_OUT:-runs/compare_small}"
     if [ ! -f "$SMALL/english_text_document.idx" ]; then
-      [ -n "${SHARDS:-}" ] || { echo "error: no $SMALL/english_text_document.idx: make it with tools/sample_corpus.py and tools/preprocess_data.py (see the header), or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
+      [ -n "${SHARDS:-}" ] || { echo "error: no $SMALL/english_text_document.idx: make it with tools/prepare_small_study.sh, or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
       python3 tools/corpus_shards.py join "$SHARDS" "$SMALL"
     fi
     python3 tools/paper_comparison.py --data-path "$SMALL/english_text_document" --out "$SMALL_OUT" \

@@ -38,7 +38,13 @@ def sample_jsonl(src: str, dst: str, max_chars: int, seed: int, key: str = "text
         if chars >= max_chars:
             break
     tmp = f"{dst}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(taken) + "\n")
-    os.replace(tmp, dst)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(taken) + "\n")
+        os.replace(tmp, dst)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CorpusError(f"cannot write {dst}: {err}; give an --output in a writable folder") from None
     return {"documents": len(taken), "chars": chars, "of_documents": len(lines)}
