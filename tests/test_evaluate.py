@@ -481,3 +481,14 @@ def test_evaluation_data_defaults_to_what_the_checkpoint_trained_on(tmp_path, ra
                            (["0.5", random_dataset, "0.5", random_dataset], "a blend")):
         with pytest.raises(EvalError, match=why):
             checked(data_path)
+
+
+def test_generation_past_the_trained_context_is_noted():
+    """generate.py notes a generation that runs past the context the model trained at, with the
+    largest --max-new-tokens that stays inside (or, when the prompt alone fills it, to shorten it)."""
+    from ssa_megatron.eval.generate import context_note
+    assert context_note(100, 28, 128) is None
+    note = context_note(100, 64, 128)
+    assert note.startswith("note: the prompt (100 tokens) plus --max-new-tokens 64 run past the 128 tokens")
+    assert note.endswith("--max-new-tokens 28 or fewer stays inside it")
+    assert context_note(128, 1, 128).endswith("shorten the prompt to stay inside it")

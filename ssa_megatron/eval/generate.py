@@ -77,6 +77,19 @@ def generate(model, tokenizer, prompt: str, mode: str, max_new_tokens: int,
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
+def context_note(prompt_tokens: int, max_new_tokens: int, trained_context: int) -> Optional[str]:
+    """A note when the generation runs past the context the model was trained at (its RoPE
+    positions there were never seen in training), naming the largest --max-new-tokens that stays
+    inside; None when it stays inside."""
+    if prompt_tokens + max_new_tokens <= trained_context:
+        return None
+    inside = trained_context - prompt_tokens
+    fix = (f"--max-new-tokens {inside} or fewer stays inside it" if inside >= 1 else
+           "shorten the prompt to stay inside it")
+    return (f"note: the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} run past "
+            f"the {trained_context} tokens the model was trained at, where its text is unreliable; {fix}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if not os.path.isfile(os.path.join(args.model, "config.json")):
@@ -119,6 +132,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
                                                  dtype=dtype).to(device).eval()
     budget = args.block_counts if args.block_counts is not None else model.config.block_counts
+    note = context_note(len(tokenizer.encode(args.prompt)), args.max_new_tokens,
+                        model.config.max_position_embeddings)
+    if note:
+        print(note, file=sys.stderr)
     if args.dense_layers > model.config.num_hidden_layers:
         print(f"error: --dense-layers {args.dense_layers}: the model has "
               f"{model.config.num_hidden_layers} layers", file=sys.stderr)
