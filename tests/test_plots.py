@@ -32,6 +32,18 @@ def test_plot_train_curves_joins_parts_and_rejects_bad_specs(tmp_path):
     assert ptc.main(["--out", str(out), "--smooth", "2", "--max-step", "5", "--ymax", "7",
                      f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0
     assert out.read_bytes()[:8] == PNG
+    # --paired: each second run against the one before it, on the steps both logged
+    c = tmp_path / "c"
+    c.mkdir()
+    (c / "train.json").write_text(json.dumps({"iteration": 2, "iterations": [1, 2], "lm_loss": [4.0, 4.0]}))
+    runs = ptc.load_runs([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}", f"B2={tmp_path / 'b'}", f"C={c}"])
+    assert [(label, steps) for label, steps, _ in ptc.differences(runs, paired=True)] == \
+        [("B - A", [1, 2, 3, 4, 5, 6]), ("C - B2", [1, 2])]
+    assert ptc.differences(runs, paired=True)[1][2] == [-1.5, -0.5]
+    assert [label for label, _, _ in ptc.differences(runs, paired=False)] == ["B - A", "B2 - A", "C - A"]
+    with pytest.raises(SystemExit, match="even number"):
+        ptc.differences(runs[:3], paired=True)
+    assert ptc.main(["--out", str(out), "--paired", f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0
 
 
 def test_plot_results_throughput_and_losses(tmp_path):

@@ -1,5 +1,7 @@
 """Train-loss curves of several runs (each a trainer output folder with train.json, resumed
-parts joined) in one PNG: the moving average of the per-step loss, and each run minus the first.
+parts joined) in one PNG: the moving average of the per-step loss, and each run minus the first
+(or, with --paired, each second run of a pair minus the first: runs of one seed that saw the same
+samples, so the data's own step-to-step swings cancel).
 
     python tools/plot_train_curves.py --out curves.png \
         "Full-Full=docs/results/compare100/full-full_seed1" "SSA=docs/results/compare100/ssa_seed1"
@@ -44,6 +46,23 @@ def up_to(runs, max_step):
              [v for s, v in zip(steps, values) if s <= max_step]) for label, steps, values in runs]
 
 
+def differences(runs, paired: bool):
+    """(label, steps, run minus its baseline) for each compared run: every run after the first
+    against the first, or with ``paired`` the second run of each consecutive pair against the
+    first of it; only the steps both runs logged."""
+    if paired and len(runs) % 2:
+        raise SystemExit("error: --paired takes the runs as pairs BASELINE RUN; give an even number")
+    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs), 2)] if paired else \
+        [(runs[0], run) for run in runs[1:]]
+    out = []
+    for (base_label, base_steps, base_values), (label, steps, values) in pairs:
+        base = dict(zip(base_steps, base_values))
+        common = [(s, v - base[s]) for s, v in zip(steps, values) if s in base]
+        if common:
+            out.append((f"{label} - {base_label}", [s for s, _ in common], [d for _, d in common]))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -53,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--title", default="")
     p.add_argument("--max-step", type=int, default=None, help="plot steps up to this one only")
     p.add_argument("--ymax", type=float, default=6.0, help="top of the loss axis")
+    p.add_argument("--paired", action="store_true",
+                   help="runs come as pairs BASELINE RUN (e.g. two systems on one seed); the lower "
+                        "panel shows each RUN minus its BASELINE instead of every run minus the first")
     args = p.parse_args(argv)
     import matplotlib
     matplotlib.use("Agg")
@@ -61,18 +83,15 @@ def main(argv=None) -> int:
     runs = up_to(load_runs(args.runs), args.max_step)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [2, 1]})
-    base_label, base_steps, base_values = runs[0]
-    base = dict(zip(base_steps, base_values))
+    diffs = differences(runs, args.paired)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, steps, values) in enumerate(runs):
-        color = colors[i % len(colors)]  # one color per run in both panels
+        x, y = moving_average(steps, values, args.smooth)  # one color per run in both panels
+        top.plot(x, y, label=label, lw=1.2, color=colors[i % len(colors)])
+    compared = [i + 1 for i in range(0, len(runs), 2)] if args.paired else list(range(1, len(runs)))
+    for i, (label, steps, values) in zip(compared, diffs):
         x, y = moving_average(steps, values, args.smooth)
-        top.plot(x, y, label=label, lw=1.2, color=color)
-        common = [s for s in steps if s in base]
-        if i > 0 and common:
-            diff = [v - base[s] for s, v in zip(steps, values) if s in base]
-            x, y = moving_average(common, diff, args.smooth)
-            bottom.plot(x, y, label=f"{label} - {base_label}", lw=1.2, color=color)
+        bottom.plot(x, y, label=label, lw=1.2, color=colors[i % len(colors)])
     top.set_ylabel(f"train LM loss ({args.smooth}-step mean)")
     top.set_ylim(top=min(top.get_ylim()[1], args.ymax))
     top.legend(fontsize=8)
