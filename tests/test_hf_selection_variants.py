@@ -1,6 +1,7 @@
-"""The Hugging Face export of the two trained selection variants: a learned selection map
-(--ssa-select-proj: ``self_attn.select_proj`` [heads, D, D]) and the moment2 score
-(--ssa-selection-score moment2: the KV cache keeps each block's [mean, var] of its keys).
+"""The Hugging Face export of the trained selection variants: a learned selection map
+(--ssa-select-proj: ``self_attn.select_proj`` [heads, D, D]), the moment2 score
+(--ssa-selection-score moment2: the KV cache keeps each block's [mean, var] of its keys) and the
+sub4 score (--ssa-selection-score sub4: a decode step ranks blocks from all cached keys).
 
 Checkpoints are built from an imported random Qwen2 model with maps drawn large enough to change
 the selection (a trained map after a few CPU steps is too close to 0 to tell an export that
@@ -20,7 +21,8 @@ from test_hf_conversion import CHECK_SCRIPT, hf_logits, load_hf
 from test_hf_import import SEQ, build_source, megatron_logits
 
 VARIANTS = {"map": dict(ssa_select_proj=True),  # the trainer refuses the two together
-            "moment2": dict(ssa_selection_score="moment2")}
+            "moment2": dict(ssa_selection_score="moment2"),
+            "sub4": dict(ssa_selection_score="sub4")}  # ranks from all cached keys at each step
 BUDGET = 2  # blocks of 16 of SEQ = 80 tokens
 
 

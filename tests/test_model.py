@@ -177,20 +177,21 @@ def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_p
         tiny_args("--ssa-select-proj")
 
 
-def test_moment2_selection_score_reaches_every_place_that_selects(single_process_parallel_state):
-    """--ssa-selection-score moment2: the sparse branch, the diagnostics probe and evaluate.py's
+@pytest.mark.parametrize("score", ["moment2", "sub4"])
+def test_selection_scores_reach_every_place_that_selects(single_process_parallel_state, score):
+    """--ssa-selection-score moment2 / sub4: the sparse branch, the diagnostics probe and evaluate.py's
     sparsity analysis select with it; "mean" (the default) keeps the paper's; misuse is one line."""
     from ssa_megatron.eval.sparsity import layer_attention_stats
     from ssa_megatron.ops import reference
     plain = build_tiny_model(tiny_args())
-    model = build_tiny_model(tiny_args("--ssa-selection-score", "moment2"))
+    model = build_tiny_model(tiny_args("--ssa-selection-score", score))
     layer = [m for m in model.modules() if isinstance(m, SSACoreAttention)][0]
-    assert layer.selection_score == "moment2"
+    assert layer.selection_score == score
     assert [m for m in plain.modules() if isinstance(m, SSACoreAttention)][0].selection_score == "mean"
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 64, 8, 8, generator=gen)
     k = torch.randn(1, 64, 2, 8, generator=gen) * torch.rand(1, 64, 2, 8, generator=gen) * 2
-    want = reference.select_blocks(q, k, 16, 2, score="moment2")
+    want = reference.select_blocks(q, k, 16, 2, score=score)
     assert not torch.equal(want, reference.select_blocks(q, k, 16, 2))
     _, used = layer.sparse_branch(q, k, torch.randn_like(k), None, return_indices=True)
     assert torch.equal(used, want)
@@ -200,7 +201,7 @@ def test_moment2_selection_score_reaches_every_place_that_selects(single_process
     mean_probe = AttentionProbe(samples=8)
     layer.selection_score = "mean"
     mean_probe.record(layer, q, k, None, None, None, None, None)
-    layer.selection_score = "moment2"
+    layer.selection_score = score
     assert probe.layers != mean_probe.layers
     # evaluate.py's sparsity analysis, through its hook on a forward of the model
     with torch.no_grad():
@@ -208,23 +209,28 @@ def test_moment2_selection_score_reaches_every_place_that_selects(single_process
             if "linear_qkv" in name:
                 param.mul_(8)
     got, (cq, ck, cv) = _sparsity_through_the_hook(model, layer, random_batches(1)[0])
-    stats = layer_attention_stats(cq, ck, cv, 16, [2], gap=False, score="moment2")
+    stats = layer_attention_stats(cq, ck, cv, 16, [2], gap=False, score=score)
     mean = layer_attention_stats(cq, ck, cv, 16, [2], gap=False)
     assert torch.allclose(got, stats["selected_mass"], rtol=0, atol=1e-9)
     assert not torch.allclose(got, mean["selected_mass"], rtol=0, atol=1e-6)
     with pytest.raises(ConfigError, match="needs --attention-mode ssa or sparse"):
-        tiny_args("--ssa-selection-score", "moment2", "--attention-mode", "full")
+        tiny_args("--ssa-selection-score", score, "--attention-mode", "full")
     with pytest.raises(ConfigError, match="keep --ssa-selection-score mean"):
-        tiny_args("--ssa-selection-score", "moment2", "--ssa-select-align-coef", "1")
+        tiny_args("--ssa-selection-score", score, "--ssa-select-align-coef", "1")
     # the map with moment2 is named as such, with or without the loss (not "add the loss" first)
     for loss in ([], ["--ssa-select-align-coef", "1"]):
-        with pytest.raises(ConfigError, match="cannot go with --ssa-selection-score moment2; drop one"):
-            tiny_args("--ssa-selection-score", "moment2", "--ssa-select-proj", *loss)
-    with pytest.raises(ConfigError, match="use heads of at most 64 channels"):
-        tiny_args("--ssa-selection-score", "moment2", "--kv-channels", "128")
+        with pytest.raises(ConfigError, match=f"cannot go with --ssa-selection-score {score}; drop one"):
+            tiny_args("--ssa-selection-score", score, "--ssa-select-proj", *loss)
+    if score == "moment2":
+        with pytest.raises(ConfigError, match="use heads of at most 64 channels"):
+            tiny_args("--ssa-selection-score", score, "--kv-channels", "128")
+    else:
+        tiny_args("--ssa-selection-score", score, "--kv-channels", "128")  # no kernel limit
+        with pytest.raises(ConfigError, match="use an --ssa-block-size that 4 divides"):
+            tiny_args("--ssa-selection-score", score, "--ssa-block-size", "2")
     # a resume that changes the score is named in the recipe note
     from ssa_megatron.training.ssa_recipe import recipe_change_note
-    note = recipe_change_note(vars(tiny_args()), tiny_args("--ssa-selection-score", "moment2"))
+    note = recipe_change_note(vars(tiny_args()), tiny_args("--ssa-selection-score", score))
     assert note is not None and "ssa_selection_score" in note.replace("-", "_")
 
 

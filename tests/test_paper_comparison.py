@@ -163,6 +163,9 @@ def test_variants_are_systems_with_extra_flags(tmp_path):
     moment2 = pc.train_command(args, "ssa-recipe-moment2", 1, str(tmp_path / "m"))
     assert moment2[moment2.index("--ssa-selection-score") + 1] == "moment2"
     assert moment2[moment2.index("--ssa-branch-draw") + 1] == "sequence"
+    sub4 = pc.train_command(args, "ssa-recipe-sub4", 1, str(tmp_path / "u"))
+    assert sub4[sub4.index("--ssa-selection-score") + 1] == "sub4"
+    assert sub4[sub4.index("--ssa-branch-draw") + 1] == "sequence"
     for name, end in (("ssa-recipe-late-sparse", "0.1"), ("ssa-recipe-sparse-end", "0.0")):
         cmd = pc.train_command(args, name, 1, str(tmp_path / name))
         assert cmd[cmd.index("--ssa-full-prob-schedule") + 1] == f"0:0.5,0.5:0.5,1.0:{end}"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ssa_megatron.ops import reference as R
+from ssa_megatron.ops.reference import sub_block_logits
 from ssa_megatron.ops.selection_variants import (parse_selection, quest_logits, quest_scores,
-                                                 select_blocks_with, selection_names_error,
-                                                 sub_block_logits)
+                                                 select_blocks_with, selection_names_error)
 
 
 def _inputs(b=2, t=100, h=2, g=3, d=8, seed=0):
@@ -232,3 +232,21 @@ def test_recent_blocks_fill_by_the_models_own_score():
         rest = sorted((i for i in range(cur) if i not in recent),
                       key=lambda i: (-float(scores[0, ti, 0, i]), i))
         assert set(own[0, ti, 0].tolist()) - {-1} == recent | set(rest[:K - 2])
+
+
+def test_sub_block_scores_select_in_plain_pytorch_even_where_the_kernel_would_run(monkeypatch):
+    """A model trained with --ssa-selection-score sub4 selects through ops.dispatch: where the
+    Triton kernel would take the mean and moment2 scores, the subN ones go to the reference
+    (the kernel refuses them rather than rank by the mean), per document of a packed batch."""
+    from ssa_megatron.ops import dispatch, triton_selection
+    q, k = _inputs(b=1, t=96, g=2, seed=11)
+    cu = torch.tensor([0, 40, 96], dtype=torch.int32)
+    want = R.select_blocks(q, k, 8, 3, cu, score="sub4")
+    monkeypatch.setattr(dispatch, "use_triton", lambda *a, **kw: True)
+    assert torch.equal(dispatch.select_blocks(q, k, 8, 3, cu, score="sub4"), want)
+    assert not torch.equal(want, R.select_blocks(q, k, 8, 3, cu))  # not the mean score's blocks
+    for start, end in ((0, 40), (40, 96)):  # each document alone
+        assert torch.equal(want[:, start:end], R.select_blocks(q[:, start:end], k[:, start:end], 8, 3,
+                                                               score="sub4"))
+    with pytest.raises(ValueError, match="not sub4"):
+        triton_selection.select_blocks(q, k, 8, 3, cu, score="sub4")

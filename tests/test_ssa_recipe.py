@@ -308,6 +308,8 @@ def test_quality_summary_classifies_runs():
 @pytest.mark.parametrize("flags, weights", [
     # the moment2 score has no weights: the checkpoint carries it
     (["--qk-layernorm", "--ssa-selection-score", "moment2"], ["q_layernorm", "k_layernorm"]),
+    # sub-block scores: the plain-PyTorch selection in training, a cache without pooled means
+    (["--ssa-selection-score", "sub4"], []),
     # TP 2: the map is split by heads, and evaluation merges it back
     (["--ssa-select-proj", "--ssa-select-align-coef", "1", "--tensor-model-parallel-size", "2"],
      ["core_attention.select_proj"])])
@@ -337,7 +339,8 @@ def test_checkpoints_with_new_options_evaluate_and_export(
         assert all(float(p[:2].abs().max()) > 0 and float(p[2:].abs().max()) > 0 for p in proj)
     from ssa_megatron.model.attention import SSACoreAttention
     scores = {m.selection_score for m in model.modules() if isinstance(m, SSACoreAttention)}
-    assert scores == {"moment2" if "moment2" in flags else "mean"}
+    score = flags[flags.index("--ssa-selection-score") + 1] if "--ssa-selection-score" in flags else "mean"
+    assert scores == {score}
     from test_hf_conversion import hf_logits, load_hf
     from test_hf_import import megatron_logits
     megatron_to_hf(save, str(tmp_path / "hf"))

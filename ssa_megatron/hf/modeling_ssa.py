@@ -63,12 +63,15 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import (full_attention, moment2_keys, moment2_query, pooled_selection_keys,
-                          select_blocks, sparse_attention, sparse_decode_attention)
+    from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, moment2_keys,
+                          moment2_query, pooled_selection_keys, select_blocks, sparse_attention,
+                          sparse_attention_with_past, sparse_decode_attention, sub_parts, top_blocks)
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import (full_attention, moment2_keys, moment2_query,
-                                            pooled_selection_keys, select_blocks, sparse_attention,
-                                            sparse_decode_attention)
+    from ssa_megatron.ops.reference import (SELECTION_SCORES, chunk_scores, full_attention,
+                                            moment2_keys, moment2_query, pooled_selection_keys,
+                                            select_blocks, sparse_attention,
+                                            sparse_attention_with_past, sparse_decode_attention,
+                                            sub_parts, top_blocks)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -233,7 +236,14 @@ def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int,
                   q_select=None, score: str = "mean"):
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
     (k, v [B, H, past + Tq, D]): blocks ranked by :func:`selection_operands`; one new token on
-    CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode)."""
+    CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode). A ``subN`` score
+    ranks blocks from all cached keys again at each step (its N means per block are not cached),
+    then attends in plain PyTorch: the same blocks and outputs as without a cache, at O(T) a step."""
+    if sub_parts(score):
+        ranked = q if q_select is None else q_select
+        idx = top_blocks(chunk_scores(ranked, k.transpose(1, 2), past, block_size, scale, score),
+                         block_counts)
+        return sparse_attention_with_past(q, k, v, idx, past, block_size, scale)
     q_select, pooled = selection_operands(q, q_select, k, layer, block_size, score, scale)
     if q_select is None:
         decode = _ops_with(q, "sparse_decode_attention", None)
@@ -257,9 +267,9 @@ class SSAAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.nsa = getattr(config, "attention_mode", "ssa") == "nsa"
         self.selection_score = getattr(config, "ssa_selection_score", "mean")
-        if self.selection_score not in ("mean", "moment2"):
-            raise ValueError(f"config.ssa_selection_score {self.selection_score!r} must be 'mean' "
-                             "or 'moment2'")
+        if self.selection_score not in SELECTION_SCORES:
+            raise ValueError(f"config.ssa_selection_score {self.selection_score!r} must be one of "
+                             f"{', '.join(SELECTION_SCORES)}")
         # --ssa-select-proj: per-head maps, zero = the paper's selection
         self.select_proj = None
         if getattr(config, "ssa_select_proj", False):

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, Iterator, Optional
 
 ATTENTION_MODES = ("ssa", "full", "sparse", "nsa")
-SELECTION_SCORES = ("mean", "moment2")  # ops/reference.py defines them
+SELECTION_SCORES = ("mean", "moment2", "sub2", "sub4")  # ops/reference.py defines them
 INFERENCE_MODES = ("full", "sparse")
 ROPE_SCALING_TYPES = ("llama3", "linear")
 
@@ -153,8 +153,10 @@ class ModelShape(Mapping):
         group=SSA, weights=True, print_flag="changed")
     ssa_selection_score: str = arch(
         "mean", "how the selection scores a block: mean (the paper's: the query against the "
-                "block's mean key) or moment2 (plus half the per-channel key variance term, a "
-                "second-order estimate of the block's attention share)", group=SSA,
+                "block's mean key), moment2 (plus half the per-channel key variance term, a "
+                "second-order estimate of the block's attention share), or sub2 / sub4 (the "
+                "log-mean-exp of the query against the means of 2 or 4 sub-blocks; selected in "
+                "plain PyTorch, not the selection kernel)", group=SSA,
         choices=SELECTION_SCORES, print_flag="changed")
     # new fields above this line (tests/test_model_shape.py adds one here)
 

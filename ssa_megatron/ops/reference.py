@@ -33,7 +33,7 @@ import torch.nn.functional as F
 _CHUNK = 1024
 # also in model/shape.py, which cannot import this file (copied alone into HF exports as
 # ssa_ops.py); tests/test_selection_variants.py holds the two equal
-SELECTION_SCORES = ("mean", "moment2")
+SELECTION_SCORES = ("mean", "moment2", "sub2", "sub4")
 
 
 def segments(total: int, cu_seqlens: Optional[torch.Tensor], batch: int) -> List[Tuple[int, int]]:
@@ -79,6 +79,37 @@ def check_score(score: str) -> None:
         raise ValueError(f"unknown selection score {score!r}; use one of {', '.join(SELECTION_SCORES)}")
 
 
+def sub_parts(score: str) -> int:
+    """N of a ``subN`` score (N sub-block means per block); 0 for the scores of one pooled key."""
+    return int(score[3:]) if score.startswith("sub") else 0
+
+
+def sub_parts_error(parts: int, block_size: int) -> Optional[str]:
+    """Why ``sub<parts>`` cannot split blocks of ``block_size`` tokens (None: it can)."""
+    if parts > block_size or block_size % parts:
+        return f"sub{parts}: N must divide the block size {block_size}"
+    return None
+
+
+def sub_block_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: int, parts: int,
+                     scale: Optional[float]) -> torch.Tensor:
+    """[B, Tq, H, G, nb] per-head ``log mean_j exp(s q.mean(K_bj))`` over the ``parts`` sub-blocks
+    of each complete block (the ``subN`` score): under SSA's softmax over blocks, each block gets
+    the summed probability of its sub-blocks' means. N = 1 is the mean score; N = block_size is
+    each head's exact attention share of the complete past blocks."""
+    unfit = sub_parts_error(parts, block_size)
+    if unfit:
+        raise ValueError(unfit)
+    b, tc, hq, d = q_chunk.shape
+    h = k_prefix.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    nb = k_prefix.shape[1] // block_size
+    sub = mean_pool_blocks(k_prefix[:, : nb * block_size], block_size // parts)
+    qg = q_chunk.float().reshape(b, tc, h, hq // h, d) * scale
+    logits = torch.einsum("bthgd,bnhd->bthgn", qg, sub).reshape(b, tc, h, hq // h, nb, parts)
+    return torch.logsumexp(logits, dim=-1) - math.log(parts)
+
+
 def moment2_query(q: torch.Tensor, scale: float) -> torch.Tensor:
     """q' = [q, scale / 2 * q * q] (fp32, [..., 2 D]): the query side of the moment2 logit."""
     qf = q.float()
@@ -101,8 +132,12 @@ def moment2_operands(q: torch.Tensor, pooled_mean: torch.Tensor, pooled_square: 
 
 def pooled_selection_keys(k: torch.Tensor, block_size: int, score: str = "mean"):
     """The per-block key statistics a score needs: (mean,) or (mean, mean of squares), each
-    [B, T // bs, H, D] fp32 (:func:`mean_pool_blocks`)."""
+    [B, T // bs, H, D] fp32 (:func:`mean_pool_blocks`); ``subN`` scores read the keys
+    themselves (:func:`sub_block_logits`)."""
     check_score(score)
+    if sub_parts(score):
+        raise ValueError(f"the {score} score has no one pooled key per block: score it with "
+                         "chunk_scores or sub_block_logits")
     mean = mean_pool_blocks(k, block_size)
     if score == "mean":
         return (mean,)
@@ -182,6 +217,9 @@ def chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, 
                  scale: Optional[float], score: str = "mean") -> torch.Tensor:
     """block_scores for queries at positions first_pos.. of a sequence whose keys are k_prefix."""
     nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
+    if sub_parts(score):
+        return group_block_scores(sub_block_logits(q_chunk, k_prefix, block_size, sub_parts(score), scale),
+                                  first_pos, block_size, nb_all)
     stats = pooled_selection_keys(k_prefix, block_size, score)
     if score == "mean":
         return pooled_block_scores(q_chunk, stats[0], first_pos, block_size, nb_all, scale)

@@ -73,15 +73,8 @@ def selection_names_error(names, block_size: Optional[int] = None) -> Optional[s
             kind, n = parse_selection(name)
         except ValueError as e:
             return str(e)
-        if kind == "sub" and block_size is not None and _sub_parts_error(n, block_size):
-            return _sub_parts_error(n, block_size)
-    return None
-
-
-def _sub_parts_error(parts: int, block_size: int) -> Optional[str]:
-    """Why ``sub<parts>`` cannot split blocks of ``block_size`` tokens (None: it can)."""
-    if parts > block_size or block_size % parts:
-        return f"sub{parts}: N must divide the block size {block_size}"
+        if kind == "sub" and block_size is not None and reference.sub_parts_error(n, block_size):
+            return reference.sub_parts_error(n, block_size)
     return None
 
 
@@ -139,23 +132,6 @@ def quest_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int,
                                         first_pos, block_size, nb_all)
 
 
-def sub_block_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: int, parts: int,
-                     scale: Optional[float]) -> torch.Tensor:
-    """[B, Tq, H, G, nb] per-head ``log mean_j exp(s q.mean(K_bj))`` over the ``parts`` sub-blocks
-    of each complete block (``subN``)."""
-    unfit = _sub_parts_error(parts, block_size)
-    if unfit:
-        raise ValueError(unfit)
-    b, tc, hq, d = q_chunk.shape
-    h = k_prefix.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    nb = k_prefix.shape[1] // block_size
-    sub = reference.mean_pool_blocks(k_prefix[:, : nb * block_size], block_size // parts)
-    qg = q_chunk.float().reshape(b, tc, h, hq // h, d) * scale
-    logits = torch.einsum("bthgd,bnhd->bthgn", qg, sub).reshape(b, tc, h, hq // h, nb, parts)
-    return torch.logsumexp(logits, dim=-1) - math.log(parts)
-
-
 def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_size: int,
                        block_counts: int, cu_seqlens: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None,
@@ -182,7 +158,7 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
                 scores = quest_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale)
             elif kind == "sub":
                 scores = reference.group_block_scores(
-                    sub_block_logits(q_select[:, c0:c1], kp, block_size, n, scale), c0 - start,
+                    reference.sub_block_logits(q_select[:, c0:c1], kp, block_size, n, scale), c0 - start,
                     block_size, (kp.shape[1] + block_size - 1) // block_size)
             else:
                 scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
@@ -192,4 +168,4 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
 
 
 __all__ = ["POOLED", "parse_selection", "selection_names_error", "select_blocks_with", "oracle_scores", "recent_scores",
-           "quest_logits", "quest_scores", "sub_block_logits"]
+           "quest_logits", "quest_scores"]

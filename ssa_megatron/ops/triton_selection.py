@@ -435,6 +435,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     qf = q.reshape(b * t, hq, d).contiguous()
     kf = k.reshape(b * t, h, d).contiguous()
     reference.check_score(score)
+    if reference.sub_parts(score):
+        raise ValueError(f"the selection kernel scores one pooled key per block, not {score}: "
+                         "select with ops.dispatch (plain PyTorch for subN scores)")
     pooled = pooled_keys(kf, offs, block_size)
     if score == "moment2":
         qf, pooled = reference.moment2_operands(

@@ -36,14 +36,15 @@ ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the ru
 SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": "ssa",
            "ssa-recipe": "ssa", "ssa-recipe-fp25": "ssa", "ssa-recipe-late-sparse": "ssa",
            "ssa-recipe-sparse-end": "ssa", "ssa-recipe-select": "ssa", "ssa-recipe-select-proj": "ssa",
-           "ssa-recipe-moment2": "ssa"}
+           "ssa-recipe-moment2": "ssa", "ssa-recipe-sub4": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
 # "ssa-recipe" draws it per sequence (probability 0.5: the trainer's defaults), "ssa-recipe-fp25"
 # per sequence with probability 0.25; "ssa-recipe-late-sparse" / "ssa-recipe-sparse-end" keep the
 # recipe to mid-run, then lower the probability linearly to 0.1 / 0 at the end;
 # "ssa-recipe-select" is the recipe plus the selection alignment loss (weight 1) on q and k,
 # "ssa-recipe-select-proj" the same loss (weight 0.1) on a learned selection map alone,
-# "ssa-recipe-moment2" the recipe selecting with the moment2 score; "nsa"
+# "ssa-recipe-moment2" the recipe selecting with the moment2 score, "ssa-recipe-sub4" with the
+# means of four sub-blocks per block; "nsa"
 # (compression + selection + window, three gates) has one mode: its "full" column
 # what runs when --systems is not given: the paper's systems and the two recipes (the later
 # candidates run when named)
@@ -55,6 +56,7 @@ SYSTEM_FLAGS = {"ssa": PAPER_DRAW,
                 "ssa-recipe-sparse-end": [*RECIPE_DRAW, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
                 "ssa-recipe-select": [*RECIPE_DRAW, "--ssa-select-align-coef", "1.0"],
                 "ssa-recipe-moment2": [*RECIPE_DRAW, "--ssa-selection-score", "moment2"],
+                "ssa-recipe-sub4": [*RECIPE_DRAW, "--ssa-selection-score", "sub4"],
                 # AdamW moves the map the same for any weight; a small one keeps its gradient
                 # from eating into the model's under the global gradient-norm clip
                 "ssa-recipe-select-proj": [*RECIPE_DRAW, "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
