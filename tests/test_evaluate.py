@@ -489,6 +489,7 @@ def test_generation_past_the_trained_context_is_noted():
     from ssa_megatron.eval.generate import context_note
     assert context_note(100, 28, 128) is None
     note = context_note(100, 64, 128)
-    assert note.startswith("note: the prompt (100 tokens) plus --max-new-tokens 64 run past the 128 tokens")
+    assert note.startswith("note: the prompt (100 tokens) plus --max-new-tokens 64 run past the model's "
+                           "128 positions")
     assert note.endswith("--max-new-tokens 28 or fewer stays inside it")
     assert context_note(128, 1, 128).endswith("shorten the prompt to stay inside it")

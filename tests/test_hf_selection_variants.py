@@ -99,6 +99,10 @@ def test_cached_generation_equals_uncached(tmp_path, variant_checkpoints, name):
             out = hf(with_cache[:, t:t + 1], past_key_values=cache, use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), ref, atol=1e-5, rtol=0)
+    with torch.no_grad():  # a step of several tokens after a cached prefix (crossing a block edge)
+        part = hf(with_cache[:, :27], use_cache=True)
+        more = hf(with_cache[:, 27:50], past_key_values=part.past_key_values, use_cache=True)
+    torch.testing.assert_close(more.logits, ref[:, 27:50], atol=1e-5, rtol=0)
     layer = cache.layers[0]
     moment2 = VARIANTS[name].get("ssa_selection_score") == "moment2"
     assert (layer.pooled_moment2 is not None) == moment2
@@ -129,15 +133,16 @@ def test_round_trip_and_tp2_export_are_bit_identical(tmp_path, variant_checkpoin
     assert all(getattr(shape_y, k) == v for k, v in VARIANTS[name].items())
 
 
-def test_export_loads_without_ssa_megatron(tmp_path, variant_checkpoints,
+@pytest.mark.parametrize("name", ["moment2", "sub4"])
+def test_export_loads_without_ssa_megatron(tmp_path, variant_checkpoints, name,
                                            single_process_parallel_state):
-    """A moment2 model (the variant with more model code) run by plain transformers from the
-    exported files alone."""
+    """A moment2 or sub4 model (the variants with more model code) run by plain transformers
+    from the exported files alone."""
     from safetensors.torch import load_file, save_file
 
     from ssa_megatron.convert import api
     from ssa_megatron.eval.model import load_model
-    tp1 = variant_checkpoints["moment2"][0]
+    tp1 = variant_checkpoints[name][0]
     api.megatron_to_hf(tp1, str(tmp_path / "hf"), block_counts=BUDGET)
     tokens = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
     save_file({"tokens": tokens.contiguous()}, str(tmp_path / "tokens.safetensors"))
@@ -183,3 +188,15 @@ def test_moment2_cache_follows_the_cache_operations():
     cache.layers = [SSACacheLayer(16)]
     with pytest.raises(ValueError, match="keeps no key variances.*start generation with a fresh cache"):
         install_pooled_key_layers(cache, 1, 16, squares=True)
+
+
+def test_a_config_whose_sub_blocks_do_not_split_its_blocks_is_refused_when_built():
+    """A hand-made config with ssa_selection_score sub4 and blocks of 2 tokens fails when the
+    attention is built, naming the rule, not at the first sparse forward."""
+    from ssa_megatron.hf.configuration_ssa import SSAConfig
+    from ssa_megatron.hf.modeling_ssa import SSAAttention
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2)
+    SSAAttention(SSAConfig(**small, block_size=16, ssa_selection_score="sub4"), 0)
+    with pytest.raises(ValueError, match="sub4: N must divide the block size 2"):
+        SSAAttention(SSAConfig(**small, block_size=2, ssa_selection_score="sub4"), 0)

@@ -37,10 +37,13 @@ def test_plot_train_curves_joins_parts_and_rejects_bad_specs(tmp_path):
     c.mkdir()
     (c / "train.json").write_text(json.dumps({"iteration": 2, "iterations": [1, 2], "lm_loss": [4.0, 4.0]}))
     runs = ptc.load_runs([f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}", f"B2={tmp_path / 'b'}", f"C={c}"])
-    assert [(label, steps) for label, steps, _ in ptc.differences(runs, paired=True)] == \
-        [("B - A", [1, 2, 3, 4, 5, 6]), ("C - B2", [1, 2])]
-    assert ptc.differences(runs, paired=True)[1][2] == [-1.5, -0.5]
-    assert [label for label, _, _ in ptc.differences(runs, paired=False)] == ["B - A", "B2 - A", "C - A"]
+    assert [(i, label, steps) for i, label, steps, _ in ptc.differences(runs, paired=True)] == \
+        [(1, "B - A", [1, 2, 3, 4, 5, 6]), (3, "C - B2", [1, 2])]
+    assert ptc.differences(runs, paired=True)[1][3] == [-1.5, -0.5]
+    assert [label for _, label, _, _ in ptc.differences(runs, paired=False)] == ["B - A", "B2 - A", "C - A"]
+    # a pair without common steps is left out, and the next keeps its own run's index (colour)
+    late = [("L", [7, 8], [1.0, 1.0])]
+    assert [i for i, *_ in ptc.differences(runs[:2] + runs[:1] + late + runs[2:], paired=True)] == [1, 5]
     with pytest.raises(SystemExit, match="even number"):
         ptc.differences(runs[:3], paired=True)
     assert ptc.main(["--out", str(out), "--paired", f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0

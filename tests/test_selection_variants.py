@@ -250,3 +250,20 @@ def test_sub_block_scores_select_in_plain_pytorch_even_where_the_kernel_would_ru
                                                                score="sub4"))
     with pytest.raises(ValueError, match="not sub4"):
         triton_selection.select_blocks(q, k, 8, 3, cu, score="sub4")
+
+
+def test_sub_block_selection_bounds_its_query_chunks_by_memory(monkeypatch):
+    """The trainer's sub4 selection holds N logits per block for every query head: its query
+    chunks follow query_chunk_rows (not the fixed 1024 rows), with the same blocks as one pass;
+    a misspelt score is named before any routing."""
+    from ssa_megatron.ops import dispatch
+    q, k = _inputs(b=2, t=96, g=2, seed=12)
+    whole = R.top_blocks(R.chunk_scores(q, k, 0, 8, None, "sub4"), 3)
+    seen = []
+    chunk_scores = R.chunk_scores
+    monkeypatch.setattr(R, "chunk_scores", lambda qc, *a: seen.append(qc.shape[1]) or chunk_scores(qc, *a))
+    monkeypatch.setattr(R, "query_chunk_rows", lambda b, hq, keys: 20 if (b, hq, keys) == (2, 4, 48) else 0)
+    assert torch.equal(R.select_blocks(q, k, 8, 3, score="sub4"), whole)
+    assert seen == [20, 20, 20, 20, 16]
+    with pytest.raises(ValueError, match="unknown selection score 'subx'"):
+        dispatch.select_blocks(q, k, 8, 3, score="subx")

@@ -308,7 +308,7 @@ def test_quality_summary_classifies_runs():
 @pytest.mark.parametrize("flags, weights", [
     # the moment2 score has no weights: the checkpoint carries it
     (["--qk-layernorm", "--ssa-selection-score", "moment2"], ["q_layernorm", "k_layernorm"]),
-    # sub-block scores: the plain-PyTorch selection in training, a cache without pooled means
+    # sub-block scores: the plain-PyTorch selection in training; a cached step ranks from all keys
     (["--ssa-selection-score", "sub4"], []),
     # TP 2: the map is split by heads, and evaluation merges it back
     (["--ssa-select-proj", "--ssa-select-align-coef", "1", "--tensor-model-parallel-size", "2"],

@@ -17,8 +17,12 @@ for f in english_large.jsonl english_spm.model; do
 done
 mkdir -p "$OUT"
 if [ ! -f "$OUT/english_text_document.idx" ]; then
-  [ -f "$OUT/english_sample.jsonl" ] || "$PY" "$ROOT/tools/sample_corpus.py" --input "$LARGE/english_large.jsonl" \
-    --output "$OUT/english_sample.jsonl" --chars "${CHARS:-44000000}" --seed "${SEED:-17}"
+  if [ -f "$OUT/english_sample.jsonl" ]; then
+    echo "$OUT/english_sample.jsonl exists: keeping the sample (move it away to draw another CHARS / SEED)"
+  else
+    "$PY" "$ROOT/tools/sample_corpus.py" --input "$LARGE/english_large.jsonl" \
+      --output "$OUT/english_sample.jsonl" --chars "${CHARS:-44000000}" --seed "${SEED:-17}"
+  fi
   OVERWRITE=(); [ -e "$OUT/english_text_document.bin" ] && OVERWRITE=(--overwrite)  # a .bin without .idx was cut short
   "$PY" "$ROOT/tools/preprocess_data.py" --input "$OUT/english_sample.jsonl" --tokenizer "$LARGE/english_spm.model" \
     --output-prefix "$OUT/english_text_document" --workers 2 ${OVERWRITE[@]+"${OVERWRITE[@]}"}

@@ -87,7 +87,8 @@ def context_note(prompt_tokens: int, max_new_tokens: int, trained_context: int) 
     fix = (f"--max-new-tokens {inside} or fewer stays inside it" if inside >= 1 else
            "shorten the prompt to stay inside it")
     return (f"note: the prompt ({prompt_tokens} tokens) plus --max-new-tokens {max_new_tokens} run past "
-            f"the {trained_context} tokens the model was trained at, where its text is unreliable; {fix}")
+            f"the model's {trained_context} positions (max_position_embeddings: the length it "
+            f"trained at unless set longer), where its text is unreliable; {fix}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

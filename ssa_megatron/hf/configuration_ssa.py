@@ -25,8 +25,9 @@ class SSAConfig(PretrainedConfig):
     makes the model an NSA model (three gated branches: compression, selection of
     ``block_counts`` blocks, a sliding window of ``window_size`` tokens; ``inference_mode`` does
     not apply). ``ssa_select_proj`` (a learned per-head map ``select_proj``: blocks are ranked
-    for q + q P_h) and ``ssa_selection_score`` (``mean``, or ``moment2``: each block's logit
-    raised by half its per-channel key variance term) are how the model was trained to select;
+    for q + q P_h) and ``ssa_selection_score`` (``mean``; ``moment2``: each block's logit
+    raised by half its per-channel key variance term; ``sub2`` / ``sub4``: the log-mean-exp over
+    the means of 2 / 4 sub-blocks per block) are how the model was trained to select;
     they are read from the config as the converter wrote it.
     """
 

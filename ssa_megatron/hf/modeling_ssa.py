@@ -17,7 +17,9 @@ Attention runs in one of two modes (``config.inference_mode``, changeable at any
   ranking: ``config.ssa_select_proj`` (a learned per-head map ``select_proj`` [heads, D, D]:
   blocks are ranked for the query q + q P_h) and ``config.ssa_selection_score`` ``moment2``
   (each block's logit raised by half its per-channel key variance term,
-  ``ssa_ops.moment2_operands``; the KV cache then keeps each block's key variances too).
+  ``ssa_ops.moment2_operands``; the KV cache then keeps each block's key variances too) or
+  ``sub2`` / ``sub4`` (the log-mean-exp over the means of 2 / 4 sub-blocks per block,
+  ``ssa_ops.sub_block_logits``; a cached step ranks from all cached keys, O(T)).
 
 Both modes work with a KV cache. The cache's layers are ``SSACacheLayer`` (``ssa_cache.py``): a
 ``DynamicLayer`` that also keeps the fp32 mean of each complete block's keys. In sparse mode a new
@@ -65,13 +67,14 @@ except ImportError:  # imported from the ssa_megatron source tree
 try:  # the copy written next to this file by the converter
     from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, moment2_keys,
                           moment2_query, pooled_selection_keys, select_blocks, sparse_attention,
-                          sparse_attention_with_past, sparse_decode_attention, sub_parts, top_blocks)
+                          sparse_attention_with_past, sparse_decode_attention, sub_parts,
+                          sub_parts_error, top_blocks)
 except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.reference import (SELECTION_SCORES, chunk_scores, full_attention,
                                             moment2_keys, moment2_query, pooled_selection_keys,
                                             select_blocks, sparse_attention,
                                             sparse_attention_with_past, sparse_decode_attention,
-                                            sub_parts, top_blocks)
+                                            sub_parts, sub_parts_error, top_blocks)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -270,6 +273,10 @@ class SSAAttention(nn.Module):
         if self.selection_score not in SELECTION_SCORES:
             raise ValueError(f"config.ssa_selection_score {self.selection_score!r} must be one of "
                              f"{', '.join(SELECTION_SCORES)}")
+        if sub_parts(self.selection_score) and sub_parts_error(sub_parts(self.selection_score),
+                                                               config.block_size):
+            raise ValueError(f"config.ssa_selection_score: "
+                             f"{sub_parts_error(sub_parts(self.selection_score), config.block_size)}")
         # --ssa-select-proj: per-head maps, zero = the paper's selection
         self.select_proj = None
         if getattr(config, "ssa_select_proj", False):

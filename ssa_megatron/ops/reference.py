@@ -19,7 +19,9 @@ of the second-order estimate of ``log mean_j exp(scale q . k_j)``, the block's s
 attention). Both are one dot product: moment2 is "mean" of ``[q, scale / 2 * q * q]`` against
 the block statistics ``[mean, var]`` (:func:`moment2_operands`), so every kernel that scores
 pooled keys scores it at head dim 2 D, and a KV cache keeps ``[mean, var]`` per block as it
-keeps the means (the scale is on the query's side).
+keeps the means (the scale is on the query's side). "sub2" / "sub4" score a block by the
+log-mean-exp of ``scale q . mean(K_bj)`` over its N sub-blocks (:func:`sub_block_logits`): no
+one pooled key per block, so only this plain-PyTorch selection scores them.
 """
 from __future__ import annotations
 
@@ -203,9 +205,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     b, t, hq, d = q.shape
     h = k.shape[2]
     out = torch.full((b, t, h, block_counts), -1, dtype=torch.int32, device=q.device)
+    parts = sub_parts(score)
     for start, end in segments(t, cu_seqlens, b):
-        for c0 in range(start, end, _CHUNK):
-            c1 = min(c0 + _CHUNK, end)
+        # subN logits hold N entries per block for every query head: bound them by memory (the
+        # trainer selects with this on GPUs)
+        rows = query_chunk_rows(b, hq, (end - start) // block_size * parts) if parts else _CHUNK
+        for c0 in range(start, end, rows):
+            c1 = min(c0 + rows, end)
             # Scores need the whole prefix of keys but only this chunk's queries.
             scores = chunk_scores(q[:, c0:c1], k[:, start:c1], c0 - start, block_size, scale,
                                   score)

@@ -3,7 +3,7 @@ selection's fault and how much the budget's.
 
 * ``pooled`` (the model's own, :func:`ssa_megatron.ops.dispatch.select_blocks`): scores from
   the queries against the pooled keys of each block, under the score the model trained with
-  (``--ssa-selection-score``: mean, the paper's, or moment2).
+  (``--ssa-selection-score``: mean, the paper's, moment2, sub2 or sub4).
 * ``mean``: the paper's score whatever the model trained with.
 * ``oracle``: per (token, kv head) the blocks that hold the most full-attention mass, summed over
   the group's query heads; the current block is always kept. A mass-greedy reference: no

@@ -47,19 +47,21 @@ def up_to(runs, max_step):
 
 
 def differences(runs, paired: bool):
-    """(label, steps, run minus its baseline) for each compared run: every run after the first
-    against the first, or with ``paired`` the second run of each consecutive pair against the
-    first of it; only the steps both runs logged."""
+    """(index of the run in ``runs``, label, steps, run minus its baseline) for each compared
+    run: every run after the first against the first, or with ``paired`` the second run of each
+    consecutive pair against the first of it; only the steps both runs logged (a pair without
+    common steps is left out)."""
     if paired and len(runs) % 2:
         raise SystemExit("error: --paired takes the runs as pairs BASELINE RUN; give an even number")
-    pairs = [(runs[i], runs[i + 1]) for i in range(0, len(runs), 2)] if paired else \
-        [(runs[0], run) for run in runs[1:]]
+    pairs = [(i, i + 1) for i in range(0, len(runs), 2)] if paired else \
+        [(0, i) for i in range(1, len(runs))]
     out = []
-    for (base_label, base_steps, base_values), (label, steps, values) in pairs:
+    for b, i in pairs:
+        (base_label, base_steps, base_values), (label, steps, values) = runs[b], runs[i]
         base = dict(zip(base_steps, base_values))
         common = [(s, v - base[s]) for s, v in zip(steps, values) if s in base]
         if common:
-            out.append((f"{label} - {base_label}", [s for s, _ in common], [d for _, d in common]))
+            out.append((i, f"{label} - {base_label}", [s for s, _ in common], [d for _, d in common]))
     return out
 
 
@@ -88,8 +90,7 @@ def main(argv=None) -> int:
     for i, (label, steps, values) in enumerate(runs):
         x, y = moving_average(steps, values, args.smooth)  # one color per run in both panels
         top.plot(x, y, label=label, lw=1.2, color=colors[i % len(colors)])
-    compared = [i + 1 for i in range(0, len(runs), 2)] if args.paired else list(range(1, len(runs)))
-    for i, (label, steps, values) in zip(compared, diffs):
+    for i, label, steps, values in diffs:  # each difference in its run's colour
         x, y = moving_average(steps, values, args.smooth)
         bottom.plot(x, y, label=label, lw=1.2, color=colors[i % len(colors)])
     top.set_ylabel(f"train LM loss ({args.smooth}-step mean)")
