@@ -330,7 +330,7 @@ def test_the_hf_model_refuses_a_selection_score_it_does_not_implement():
     from ssa_megatron.hf.modeling_ssa import SSAForCausalLM
     cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    for score in ("mean", "moment2"):
+    for score in ("mean", "moment2", "sub2", "sub4"):
         SSAForCausalLM(SSAConfig(**cfg, ssa_selection_score=score))
-    with pytest.raises(ValueError, match="'quest' must be 'mean' or 'moment2'"):
+    with pytest.raises(ValueError, match="'quest' must be one of mean, moment2, sub2, sub4"):
         SSAForCausalLM(SSAConfig(**cfg, ssa_selection_score="quest"))
