@@ -396,3 +396,37 @@ def test_gpu_validation_compare_small_runs_the_issue_s_small_setting(tmp_path):
     assert args.data_path == f"{small}/english_text_document" and args.eval_selections == ["oracle", "sub2"]
     assert args.systems == ["full-full", "ssa-recipe"] and args.seeds == [1, 2]
     assert (tmp_path / "res" / "compare_small.tgz").is_file()
+
+
+def test_same_seed_pairs_and_selection_gaps(tmp_path):
+    """summary.md's pairs: per system, over the seeds both it and Full-Full evaluated, the ln
+    ratio of valid ppl to Full-Full's of the same seed (full to full, sparse k to sparse k,
+    sparse k=16 to full), as exp(mean) - 1 with its sd; and per block selection the mean loss
+    above the model's own full mode."""
+    import math
+    from ssa_megatron.eval.perplexity import selection_mode
+    args = _args(tmp_path, "--systems", "full-full", "ssa-recipe", "--seeds", "1", "2", "3",
+                 "--sweep", "8", "16", "--eval-selections", "oracle")
+
+    def result(full, k8, k16, oracle16):
+        r = _eval_result(full, {8: k8, 16: k16})
+        r["perplexity"].append({"mode": selection_mode("oracle"), "block_counts": 16, "ppl": oracle16})
+        return r
+    evals = {("full-full", 1): result(100.0, 110.0, 105.0, 101.0), ("full-full", 2): result(120.0, 130.0, 125.0, 121.0),
+             ("full-full", 3): result(90.0, 99.0, 95.0, 91.0),
+             ("ssa-recipe", 1): result(99.0, 100.0, 99.5, 99.2), ("ssa-recipe", 2): result(121.0, 122.0, 121.5, 121.2),
+             ("ssa-recipe", 3): None}  # not evaluated: seed 3 is left out of the pairs
+    row = pc.paired_ratios(args, evals)["ssa-recipe"]
+    assert row["seeds"] == [1, 2]
+    want = [math.log(99.0 / 100.0), math.log(121.0 / 120.0)]
+    assert row["full"] == pytest.approx(want)
+    assert row["sparse k=16 / full-full full"] == pytest.approx([math.log(99.5 / 100.0), math.log(121.5 / 120.0)])
+    table = pc.markdown_paired(args, pc.paired_ratios(args, evals))
+    mean = 100 * (math.exp(sum(want) / 2) - 1)
+    assert f"| ssa-recipe | 1 2 | {mean:+.2f} % (sd {100 * abs(want[0] - want[1]) / 2:.2f}) |" in table
+    gaps = pc.selection_gaps(args, evals)
+    assert gaps["ssa-recipe"]["own"][16] == pytest.approx((math.log(99.5 / 99.0) + math.log(121.5 / 121.0)) / 2)
+    assert gaps["full-full"]["oracle"][16] == pytest.approx(
+        (math.log(101 / 100) + math.log(121 / 120) + math.log(91 / 90)) / 3)
+    assert "| full-full | oracle |" in pc.markdown_selection_gaps(args, gaps)
+    assert pc.paired_ratios(_args(tmp_path, "--systems", "ssa-recipe"), evals) == {}  # no Full-Full

@@ -27,7 +27,9 @@ from ssa_megatron.study.runner import run_queue, visible_devices  # noqa: F401 (
 
 from ssa_megatron.checkout import checkout_root
 from ssa_megatron.study.paper_report import (claims, common_seeds, markdown_claims,  # noqa: F401
-                                             markdown_matched, markdown_summary, matched_train_losses)
+                                             markdown_matched, markdown_paired,
+                                             markdown_selection_gaps, markdown_summary,
+                                             matched_train_losses, paired_ratios, selection_gaps)
 from ssa_megatron.study.recipes import (BLOCK_SIZE, PAPER_DRAW, PRESETS, RECIPE_DRAW, SEQUENCE_DRAW,
                                         shape_flags)
 from ssa_megatron.training import result_record
@@ -349,11 +351,15 @@ def main(argv=None) -> int:
     matched = matched_train_losses(args, {key: losses for key, (losses, _) in records.items()})
     seeds = common_seeds(args, evals)
     ticks = claims(args, {system: [evals[(system, seed)] for seed in seeds] for system in args.systems})
+    paired, gaps = paired_ratios(args, evals), selection_gaps(args, evals)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"train": train, "eval": summary, "claims": ticks, "claims_seeds": seeds,
-                   "matched_train_loss": matched, "args": vars(args)}, f, indent=1)
+                   "matched_train_loss": matched, "paired_log_ratios": paired,
+                   "selection_gaps": gaps, "args": vars(args)}, f, indent=1)
     table = "\n\n".join(part for part in (markdown_summary(args, train, summary),
                                           markdown_claims(args, ticks, seeds),
+                                          markdown_paired(args, paired),
+                                          markdown_selection_gaps(args, gaps),
                                           markdown_matched(args, matched)) if part)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(table + "\n")

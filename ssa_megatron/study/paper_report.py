@@ -1,7 +1,9 @@
 """The paper comparison's report (study/paper_comparison.py): train losses matched by step and
-branch, the paper's three claims per system, and the markdown tables of OUT/summary.md."""
+branch, the paper's three claims per system, same-seed pairs against Full-Full, each block
+selection's loss against full mode, and the markdown tables of OUT/summary.md."""
 from __future__ import annotations
 
+import math
 import statistics
 
 PUBLISHED_FULL_PROB = 0.5  # SSA as published draws the full branch with this probability
@@ -204,3 +206,83 @@ def markdown_summary(args, train, evals) -> str:
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
+
+
+def _log_ratios(pairs):
+    """[ln(a / b)] of the (a, b) pairs where both are there."""
+    return [math.log(a / b) for a, b in pairs if a is not None and b is not None]
+
+
+def _percent(logs):
+    """'mean %' of exp(mean ln ratio) - 1, with the sd over seeds of the ln ratio (as a %)."""
+    if not logs:
+        return "-"
+    mean = f"{100 * (math.exp(statistics.mean(logs)) - 1):+.2f} %"
+    return mean if len(logs) == 1 else f"{mean} (sd {100 * statistics.pstdev(logs):.2f})"
+
+
+def paired_ratios(args, evals, reference: str = "full-full") -> dict:
+    """Same-seed pairs against ``reference`` (runs of one seed saw the same samples, so the
+    seeds' own spread cancels): for each other system, the seeds both evaluated and per column
+    the ln ratios of that system's valid ppl to the reference's: full mode to full mode, sparse
+    at each budget of --sweep to the reference's sparse mode at that budget, and sparse at
+    --block-counts to the reference's full mode (the quality issue's goal). ``evals``:
+    {(system, seed): eval.json or None}. Empty without the reference."""
+    if reference not in args.systems:
+        return {}
+    k = args.block_counts
+    out = {}
+    for system in args.systems:
+        if system == reference:
+            continue
+        seeds = [s for s in args.seeds if evals.get((system, s)) and evals.get((reference, s))]
+        pairs = [(evals[(system, s)], evals[(reference, s)]) for s in seeds]
+        row = {"seeds": seeds, "full": _log_ratios((_ppl(a, "full"), _ppl(b, "full")) for a, b in pairs)}
+        for b in args.sweep:
+            row[f"sparse k={b}"] = _log_ratios((_ppl(x, "sparse", b), _ppl(y, "sparse", b)) for x, y in pairs)
+        row[f"sparse k={k} / {reference} full"] = _log_ratios(
+            (_ppl(a, "sparse", k), _ppl(b, "full")) for a, b in pairs)
+        out[system] = row
+    return out
+
+
+def markdown_paired(args, table, reference: str = "full-full") -> str:
+    if not table:
+        return ""
+    columns = [c for c in next(iter(table.values())) if c != "seeds"]
+    lines = [f"Same-seed pairs against {reference} (mean over common seeds of ln(system / {reference}) "
+             "as a percentage, its sd over seeds in brackets):", "",
+             "| system | seeds | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 2)]
+    for system, row in table.items():
+        lines.append(f"| {system} | {' '.join(map(str, row['seeds'])) or '-'} | "
+                     + " | ".join(_percent(row[c]) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def selection_gaps(args, evals) -> dict:
+    """{system: {selection: {budget: mean over evaluated seeds of ln(sparse ppl / full ppl)}}}
+    for the model's own selection ("own") and each --eval-selections one: how much each block
+    selection loses against the same model's full mode (the oracle's loss bounds the others')."""
+    from ssa_megatron.eval.perplexity import selection_mode
+    out = {}
+    for system in args.systems:
+        results = [evals[(system, s)] for s in args.seeds if evals.get((system, s))]
+        modes = {"own": "sparse", **{s: selection_mode(s) for s in args.eval_selections}}
+        out[system] = {name: {b: (statistics.mean(logs) if logs else None) for b in args.sweep
+                              for logs in [_log_ratios((_ppl(r, mode, b), _ppl(r, "full")) for r in results)]}
+                       for name, mode in modes.items()}
+    return out
+
+
+def markdown_selection_gaps(args, table) -> str:
+    if not args.eval_selections or not table:
+        return ""
+    lines = ["Sparse mode's valid loss above the same model's full mode (nats, mean over evaluated "
+             "seeds), per block selection:", "",
+             "| system | selection | " + " | ".join(f"k={b}" for b in args.sweep) + " |",
+             "|" + " --- |" * (len(args.sweep) + 2)]
+    for system, rows in table.items():
+        for name, gaps in rows.items():
+            lines.append(f"| {system} | {name} | " + " | ".join(
+                "-" if gaps[b] is None else f"{gaps[b]:+.4f}" for b in args.sweep) + " |")
+    return "\n".join(lines)
