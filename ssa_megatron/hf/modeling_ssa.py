@@ -273,10 +273,10 @@ class SSAAttention(nn.Module):
         if self.selection_score not in SELECTION_SCORES:
             raise ValueError(f"config.ssa_selection_score {self.selection_score!r} must be one of "
                              f"{', '.join(SELECTION_SCORES)}")
-        if sub_parts(self.selection_score) and sub_parts_error(sub_parts(self.selection_score),
-                                                               config.block_size):
-            raise ValueError(f"config.ssa_selection_score: "
-                             f"{sub_parts_error(sub_parts(self.selection_score), config.block_size)}")
+        parts = sub_parts(self.selection_score)
+        unfit = sub_parts_error(parts, config.block_size) if parts else None
+        if unfit:
+            raise ValueError(f"config.ssa_selection_score: {unfit}")
         # --ssa-select-proj: per-head maps, zero = the paper's selection
         self.select_proj = None
         if getattr(config, "ssa_select_proj", False):

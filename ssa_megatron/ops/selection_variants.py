@@ -157,9 +157,8 @@ def select_blocks_with(selection: str, q: torch.Tensor, k: torch.Tensor, block_s
             elif kind == "quest":
                 scores = quest_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale)
             elif kind == "sub":
-                scores = reference.group_block_scores(
-                    reference.sub_block_logits(q_select[:, c0:c1], kp, block_size, n, scale), c0 - start,
-                    block_size, (kp.shape[1] + block_size - 1) // block_size)
+                scores = reference.chunk_scores(q_select[:, c0:c1], kp, c0 - start, block_size,
+                                                scale, f"sub{n}")
             else:
                 scores = recent_scores(q_select[:, c0:c1], kp, c0 - start, block_size, scale,
                                        min(n, block_counts), score)

@@ -207,7 +207,6 @@ def markdown_summary(args, train, evals) -> str:
     return "\n".join(lines)
 
 
-
 def _log_ratios(pairs):
     """[ln(a / b)] of the (a, b) pairs where both are there."""
     return [math.log(a / b) for a, b in pairs if a is not None and b is not None]
@@ -264,13 +263,14 @@ def selection_gaps(args, evals) -> dict:
     for the model's own selection ("own") and each --eval-selections one: how much each block
     selection loses against the same model's full mode (the oracle's loss bounds the others')."""
     from ssa_megatron.eval.perplexity import selection_mode
+    modes = {"own": "sparse", **{s: selection_mode(s) for s in args.eval_selections}}
     out = {}
     for system in args.systems:
         results = [evals[(system, s)] for s in args.seeds if evals.get((system, s))]
-        modes = {"own": "sparse", **{s: selection_mode(s) for s in args.eval_selections}}
-        out[system] = {name: {b: (statistics.mean(logs) if logs else None) for b in args.sweep
-                              for logs in [_log_ratios((_ppl(r, mode, b), _ppl(r, "full")) for r in results)]}
-                       for name, mode in modes.items()}
+        out[system] = {}
+        for name, mode in modes.items():
+            gaps = {b: _log_ratios((_ppl(r, mode, b), _ppl(r, "full")) for r in results) for b in args.sweep}
+            out[system][name] = {b: statistics.mean(logs) if logs else None for b, logs in gaps.items()}
     return out
 
 

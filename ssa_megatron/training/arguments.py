@@ -281,8 +281,9 @@ def check_recipe_flags(args: argparse.Namespace) -> None:
     if args.ssa_selection_score != "mean" and args.ssa_select_align_coef:
         raise ConfigError("--ssa-select-align-coef (and --ssa-select-proj) train the mean score's "
                           "block probabilities: drop them, or keep --ssa-selection-score mean")
-    parts = int(args.ssa_selection_score[3:]) if args.ssa_selection_score.startswith("sub") else 0
-    if parts and args.ssa_block_size % parts:
+    from ssa_megatron.ops.reference import sub_parts, sub_parts_error
+    parts = sub_parts(args.ssa_selection_score)
+    if parts and sub_parts_error(parts, args.ssa_block_size):
         raise ConfigError(f"--ssa-selection-score {args.ssa_selection_score} splits each block into "
                           f"{parts} sub-blocks: use an --ssa-block-size that {parts} divides")
     head_dim = args.kv_channels or args.hidden_size // args.num_attention_heads
