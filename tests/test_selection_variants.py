@@ -234,22 +234,28 @@ def test_recent_blocks_fill_by_the_models_own_score():
         assert set(own[0, ti, 0].tolist()) - {-1} == recent | set(rest[:K - 2])
 
 
-def test_sub_block_scores_select_in_plain_pytorch_even_where_the_kernel_would_run(monkeypatch):
+def test_sub_block_scores_reach_the_selection_kernel(monkeypatch):
     """A model trained with --ssa-selection-score sub4 selects through ops.dispatch: where the
-    Triton kernel would take the mean and moment2 scores, the subN ones go to the reference
-    (the kernel refuses them rather than rank by the mean), per document of a packed batch."""
+    Triton kernel runs, the subN score reaches it (its interpreter tests compare it with the
+    reference, tests/test_triton_kernels.py); the kernel refuses sub-blocks that do not split a
+    block before launching anything."""
     from ssa_megatron.ops import dispatch, triton_selection
     q, k = _inputs(b=1, t=96, g=2, seed=11)
     cu = torch.tensor([0, 40, 96], dtype=torch.int32)
     want = R.select_blocks(q, k, 8, 3, cu, score="sub4")
-    monkeypatch.setattr(dispatch, "use_triton", lambda *a, **kw: True)
-    assert torch.equal(dispatch.select_blocks(q, k, 8, 3, cu, score="sub4"), want)
     assert not torch.equal(want, R.select_blocks(q, k, 8, 3, cu))  # not the mean score's blocks
     for start, end in ((0, 40), (40, 96)):  # each document alone
         assert torch.equal(want[:, start:end], R.select_blocks(q[:, start:end], k[:, start:end], 8, 3,
                                                                score="sub4"))
-    with pytest.raises(ValueError, match="not sub4"):
-        triton_selection.select_blocks(q, k, 8, 3, cu, score="sub4")
+    seen = []
+    monkeypatch.setattr(dispatch, "use_triton", lambda *a, **kw: True)
+    monkeypatch.setattr(triton_selection, "select_blocks",
+                        lambda *a: seen.append(a[-1]) or R.select_blocks(*a))
+    assert torch.equal(dispatch.select_blocks(q, k, 8, 3, cu, score="sub4"), want)
+    assert seen == ["sub4"]
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="sub4: N must divide the block size 2"):
+        triton_selection.select_blocks(q, k, 2, 3, cu, score="sub4")
 
 
 def test_sub_block_selection_bounds_its_query_chunks_by_memory(monkeypatch):

@@ -80,9 +80,21 @@ MOMENT2_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96]), (2, 80, 8, 2, 32, 3, BS
                  (1, 90, 2, 2, 16, 5, BS, [0, 20, 90])]
 
 
+# Selection under the subN scores (NSUB sub-block means per block; pass 2 sums their
+# probabilities): (B, T, HQ, H, D, block_counts, block_size, cu_seqlens, score, CONFIG overrides);
+# G 1-16, D up to 128, packed documents, odd block counts, pass-2 steps of one and several blocks
+SUBN_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96], "sub4", {}),
+              (2, 80, 8, 2, 32, 3, BS, None, "sub2", {}),
+              (1, 90, 2, 2, 16, 5, BS, [0, 20, 90], "sub4", {"bn": 8}),
+              (1, 120, 4, 4, 64, 6, BS, [0, 51, 120], "sub2", {"bn": 64, "bn_stats": 8}),
+              (1, 72, 8, 1, 128, 3, BS, None, "sub4", {}),
+              (1, 112, 2, 1, 16, 7, BS, [0, 112], "sub4", {"merge": "insert"})]
+
+
 # the interpreter group each test reads (test_kernels_match_reference: its parameter)
 GROUP_OF_TEST = {"test_selection_merge_strategies": "select",
                  "test_moment2_selection_matches_reference": "moment2",
+                 "test_sub_block_selection_matches_reference": "subn",
                  "test_backward_list_building_and_launch_order": "invert",
                  "test_kernel_variant_sweep_checks": "variants",
                  "test_tma_forward_and_dq_match_reference": "tma",
@@ -125,6 +137,14 @@ def test_moment2_selection_matches_reference(interpreted):
 
 
 @needs_triton
+def test_sub_block_selection_matches_reference(interpreted):
+    rows = interpreted.rows("subn")
+    assert len(rows) == len(SUBN_CASES)
+    for row in rows:
+        assert row["ok"], row
+
+
+@needs_triton
 def test_backward_list_building_and_launch_order(interpreted):
     """Every way of inverting the selection (CONFIG["invert"]) gives the same key lists, and
     every list method, dk/dv launch order and list split the same gradients (see
@@ -142,6 +162,7 @@ def test_kernel_variant_sweep_checks(interpreted):
     rows = interpreted.rows("variants")
     assert [r["name"] for r in rows] == ["good", "bad"]
     assert rows[0]["ok"] is True, rows[0]
+    assert rows[0]["rows"][0]["sel_s4_ref_same"] == 1.0  # a score variant: against its reference
     assert rows[1]["ok"] is False, rows[1]
 
 
@@ -328,6 +349,27 @@ def _check_moment2(case, seed):
             "differs_from_mean": differs, "ok": ok and differs}
 
 
+def _check_subn(case, seed):
+    """The kernel under a subN score against the reference's subN selection; the same inputs
+    must select otherwise under the mean score (the sub-block means reach the kernel)."""
+    import torch
+    from ssa_megatron.ops import reference as ref
+    from ssa_megatron.ops import triton_selection as tsel
+
+    b, t, hq, h, d, kc, bs, cu, score, over = case
+    torch.manual_seed(seed)
+    cs = torch.tensor(cu, dtype=torch.int32) if cu else None
+    q = torch.randn(b, t, hq, d) * 1.5
+    k = torch.randn(b, t, h, d) * 1.5
+    with override_config(tsel.CONFIG, **over):
+        it = tsel.select_blocks(q, k, bs, kc, cs, score=score)
+    ir = ref.select_blocks(q, k, bs, kc, cs, score=score)
+    ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs, score)
+    differs = not torch.equal(ir, ref.select_blocks(q, k, bs, kc, cs))
+    return {"case": list(case[:7]) + [cu, score, over], "sel_exact": exact,
+            "sel_worst_tie": worst, "differs_from_mean": differs, "ok": ok and differs}
+
+
 def _sparse_attention_errors(q, k, v, do, idx, cs, bs=BS):
     """Largest absolute differences of o, dq, dk, dv: the Triton kernels (as CONFIG stands)
     against the reference, on the same indices."""
@@ -486,7 +528,7 @@ def _check_variant_tool():
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
     attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
-    for name, sel in (("good", "default;v3:merge=sort,sort_fast=4"),
+    for name, sel in (("good", "default;v3:merge=sort,sort_fast=4;s4:score=sub4"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
                                       attn if name == "good" else attn[:1])
@@ -702,6 +744,10 @@ def _child(group):
     if group == "moment2":
         for i, case in enumerate(MOMENT2_CASES):
             print(json.dumps(_check_moment2(case, seed=5000 + i)), flush=True)
+        return
+    if group == "subn":
+        for i, case in enumerate(SUBN_CASES):
+            print(json.dumps(_check_subn(case, seed=6000 + i)), flush=True)
         return
     if group == "select":
         for i, case in enumerate(SELECT_CASES):

@@ -115,6 +115,10 @@ def check_correctness(device, verbose=True, merges=()):
             sel_ok &= m_slot0 and (m_same == 1.0 or m_worst < 2e-2)
             moment2 = dict(sel_moment2="checked", sel_moment2_same_frac=round(m_same, 4),
                            sel_moment2_worst_tie=m_worst)
+        # the subN scores: pass 2 sums each block's sub-block probabilities
+        s_slot0, s_same, s_worst, _ = _selection_agreement(q, k, cs, "sub4")
+        sel_ok &= s_slot0 and (s_same == 1.0 or s_worst < 2e-2)
+        moment2.update(sel_sub4_same_frac=round(s_same, 4), sel_sub4_worst_tie=s_worst)
         merge_same = None
         if len(merges) > 1:  # every merge strategy must give the same indices
             merge_same = _merge_variants(q, k, merges, cs)[1]

@@ -21,7 +21,9 @@ Usage: python tools/bench_kernel_variants.py [--shapes 4x8192,1x32768] [--heads 
            [--select VARIANTS] [--attn VARIANTS] [--json out.json]
 VARIANTS: semicolon-separated ``name:key=value,key=value`` (values parsed as int, else str);
 ``default`` alone is the unchanged CONFIG; a selection variant named ``ablate-...`` may change
-the indices (e.g. ``ablate-nomerge:topk=0`` times the scoring without the top-k merge). Example:
+the indices (e.g. ``ablate-nomerge:topk=0`` times the scoring without the top-k merge); the key
+``score`` ranks by another block score (``sub4:score=sub4``; checked against the reference's
+selection under that score). Example:
   --select "default;r128w8:rows=128,warps=8" --attn "default;sort64:invert=sort64"
 """
 from __future__ import annotations
@@ -32,7 +34,8 @@ import os
 
 import torch
 
-from ssa_megatron.bench.attention import gpu_header, median_ms, shape_grid, time_sdpa
+from ssa_megatron.bench.attention import (_selection_agreement, gpu_header, median_ms,
+                                          shape_grid, time_sdpa)
 from ssa_megatron.ops import reference as ref
 from ssa_megatron.ops.kernel_config import override_config
 
@@ -68,12 +71,24 @@ def parse_variants(text: str):
     return out
 
 
+def variant_score(over) -> str:
+    """The block score a selection variant ranks with (``score=sub4``: the same kernel on the
+    sub-block means; every other key is a CONFIG override)."""
+    score = over.get("score", "mean")
+    try:
+        ref.check_score(score)
+    except ValueError as exc:
+        raise SystemExit(str(exc))
+    return score
+
+
 def select_config(over):
     from ssa_megatron.ops import triton_selection as tsel
+    over = {k: v for k, v in over.items() if k != "score"}
     unknown = set(over) - set(tsel.CONFIG) - {"topk"}
     if unknown:
         raise SystemExit(f"unknown selection setting(s) {sorted(unknown)}; "
-                         f"known: {sorted(tsel.CONFIG)}")
+                         f"known: {sorted(tsel.CONFIG)} and score")
     return override_config(tsel.CONFIG, **over)
 
 
@@ -164,10 +179,17 @@ def check_variants(device, sel_variants, attn_variants):
         base = None
         for name, over in sel_variants:
             before = compiled_kernels()
+            score = variant_score(over)
             with select_config(over):
-                idx = tsel.select_blocks(q, k, BS, KC, cs)
+                idx = tsel.select_blocks(q, k, BS, KC, cs, score=score)
+                if score != "mean":  # other blocks by design: against the reference's, same score
+                    slot0, same, worst, _ = _selection_agreement(q, k, cs, score)
             res.setdefault(f"select[{name}]", {}).update(
                 {f"{k} G{hq // h} D{d}": v for k, v in resources(before).items()})
+            if score != "mean":
+                row[f"sel_{name}_ref_same"], row[f"sel_{name}_worst_tie"] = same, worst
+                ok &= slot0 and (same == 1.0 or worst < 2e-2)
+                continue
             if base is None:
                 base = idx
             same = (idx == base).all(-1).float().mean().item()
@@ -241,8 +263,10 @@ def time_shape(b, t, hq, h, d, device, sel_variants, attn_variants, indices="sel
     res = {"shape": f"B{b} T{t} HQ{hq} H{h} D{d}"}
     res.update(time_sdpa(q, k, v, do))  # the baseline
     for name, over in sel_variants:
+        score = variant_score(over)
         with select_config(over):
-            res[f"select[{name}]"] = median_ms(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
+            res[f"select[{name}]"] = median_ms(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC,
+                                                                          score=score))
     idx = tsel.select_blocks(q.detach(), k.detach(), BS, KC)
     if indices != "selected":
         idx = pattern_indices(b, t, h, indices, device)

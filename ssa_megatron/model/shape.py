@@ -155,8 +155,8 @@ class ModelShape(Mapping):
         "mean", "how the selection scores a block: mean (the paper's: the query against the "
                 "block's mean key), moment2 (plus half the per-channel key variance term, a "
                 "second-order estimate of the block's attention share), or sub2 / sub4 (the "
-                "log-mean-exp of the query against the means of 2 or 4 sub-blocks; selected in "
-                "plain PyTorch, not the selection kernel)", group=SSA,
+                "log-mean-exp of the query against the means of 2 or 4 sub-blocks of each "
+                "block)", group=SSA,
         choices=SELECTION_SCORES, print_flag="changed")
     # new fields above this line (tests/test_model_shape.py adds one here)
 

@@ -66,10 +66,8 @@ def use_triton(t: torch.Tensor, block_size: Optional[int] = None) -> bool:
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
                   cu_seqlens: Optional[torch.Tensor] = None,
                   scale: Optional[float] = None, score: str = "mean") -> torch.Tensor:
-    # the selection kernel scores one pooled key per block; subN scores run the plain-PyTorch
-    # selection (query chunks, no gradient) on any device
     reference.check_score(score)
-    if use_triton(q, block_size) and not reference.sub_parts(score):
+    if use_triton(q, block_size):
         from ssa_megatron.ops import triton_selection
         return triton_selection.select_blocks(q, k, block_size, block_counts, cu_seqlens, scale,
                                               score)

@@ -14,6 +14,10 @@ tile). Two passes over the pooled keys:
 Slot 0 is the current block. Nothing of size [T, T / bs] is ever written to memory; the only
 extra buffer is the mean-pooled keys [blocks, H, D] (fp32).
 
+The ``subN`` scores (``reference.sub_block_logits``) run the same two passes over the means of N
+equal sub-blocks of each complete block ([blocks * N, H, D]): pass 1's softmax is over the
+sub-blocks, and pass 2 sums each block's N probabilities before the group sum and the merge.
+
 Plain pointer arithmetic only (runs under Triton 3.6 on GPU and 3.9's CPU interpreter).
 """
 from __future__ import annotations
@@ -140,8 +144,10 @@ def _block_starts(offs: Tuple[int, ...], bs: int, device: str) -> torch.Tensor:
     return (torch.cat(starts) if starts else torch.zeros(0, dtype=torch.long)).to(device)
 
 
-def pooled_keys(kf: torch.Tensor, offs: Tuple[int, ...], bs: int) -> torch.Tensor:
-    """Mean of each complete block of each document: [sum_d len_d // bs, H, D] fp32."""
+def pooled_keys(kf: torch.Tensor, offs: Tuple[int, ...], bs: int, parts: int = 1) -> torch.Tensor:
+    """Mean of each complete block of each document: [sum_d len_d // bs, H, D] fp32; with
+    ``parts`` > 1 the means of each complete block's ``parts`` equal sub-blocks, block-major:
+    [sum_d len_d // bs * parts, H, D] (a sub-block of an incomplete block has no entry)."""
     n, h, d = kf.shape
     docs = [(a, b) for a, b in zip(offs, offs[1:])]
     lens = {b - a for a, b in docs}
@@ -149,11 +155,12 @@ def pooled_keys(kf: torch.Tensor, offs: Tuple[int, ...], bs: int) -> torch.Tenso
         ln = lens.pop()
         nb = ln // bs
         nd = len(docs)
-        x = kf.view(nd, ln, h, d)[:, : nb * bs].reshape(nd, nb, bs, h, d)
-        return x.float().mean(dim=2).reshape(nd * nb, h, d)
+        x = kf.view(nd, ln, h, d)[:, : nb * bs].reshape(nd, nb * parts, bs // parts, h, d)
+        return x.float().mean(dim=2).reshape(nd * nb * parts, h, d)
     starts = _block_starts(tuple(offs), bs, str(kf.device))
     gi = starts[:, None] + torch.arange(bs, device=kf.device)[None, :]
-    return kf[gi].float().mean(dim=1)
+    x = kf[gi].reshape(-1, parts, bs // parts, h, d)
+    return x.float().mean(dim=2).reshape(-1, h, d)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +301,7 @@ def _select_kernel(
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
     MERGE: tl.constexpr = 0, LOGKB: tl.constexpr = 0, FAST: tl.constexpr = 0,
-    BN1: tl.constexpr = 0, PREC: tl.constexpr = "default",
+    BN1: tl.constexpr = 0, PREC: tl.constexpr = "default", NSUB: tl.constexpr = 1,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -320,7 +327,10 @@ def _select_kernel(
     # ---- pass 1: running max / sum per row
     bb = tl.arange(0, BN)
     nc_lo = tl.min(tl.where(row_ok, nc_r, nc_max), axis=0)
-    m, lsum = _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H, D, BD, BN1, R, PREC)
+    # NSUB > 1 (subN scores): KP holds NSUB sub-block means per block, so pass 1 runs over
+    # NSUB x the entries and pass 2 sums each block's NSUB probabilities
+    m, lsum = _row_stats(q, KP, poff * NSUB, h, nc_r * NSUB, nc_max * NSUB, nc_lo * NSUB, H, D,
+                         BD, BN1, R, PREC)
     # p = exp2(s - mlog): mlog = +inf zeroes padding / out-of-document rows, which may share a
     # token's group. Blocks a row must not see (b >= its count) get garbage p, but such blocks
     # are never candidates (b >= (pos + 1) // bs >= pos // bs), so their keys are dropped below.
@@ -345,11 +355,20 @@ def _select_kernel(
     thr1 = tl.full([BT], NEG, tl.int64)
     for b0 in range(0, nc_max, BN):
         b = b0 + bb
-        kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
-        kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-        s = score_dot(q, kp, PREC)
-        p = tl.exp2(s - mlog[:, None])
-        score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
+        if NSUB == 1:
+            kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
+            kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
+            s = score_dot(q, kp, PREC)
+            p = tl.exp2(s - mlog[:, None])
+            score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
+        else:
+            e = b0 * NSUB + tl.arange(0, BN * NSUB)  # sub-block entries of blocks b0 .. b0+BN-1
+            kp_ptr = KP + ((poff * NSUB + e) * H + h)[:, None] * D + dd[None, :]
+            kp = tl.load(kp_ptr, mask=(e < nc_max * NSUB)[:, None] & (dd[None, :] < D),
+                         other=0.0)
+            s = score_dot(q, kp, PREC)
+            p = tl.exp2(s - mlog[:, None])
+            score = tl.sum(tl.sum(tl.reshape(p, [BT, GP, BN, NSUB]), axis=3), axis=1)
         cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
         key = tl.where(cand, (bits << IDX_BITS) | (MASK - b[None, :]).to(tl.int64), NEG)
@@ -435,10 +454,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     qf = q.reshape(b * t, hq, d).contiguous()
     kf = k.reshape(b * t, h, d).contiguous()
     reference.check_score(score)
-    if reference.sub_parts(score):
-        raise ValueError(f"the selection kernel scores one pooled key per block, not {score}: "
-                         "select with ops.dispatch (plain PyTorch for subN scores)")
-    pooled = pooled_keys(kf, offs, block_size)
+    parts = max(1, reference.sub_parts(score))
+    unfit = reference.sub_parts_error(parts, block_size)
+    if unfit:
+        raise ValueError(unfit)
+    pooled = pooled_keys(kf, offs, block_size, parts)
     if score == "moment2":
         qf, pooled = reference.moment2_operands(
             qf, pooled, pooled_keys(kf.float() * kf.float(), offs, block_size), scale)
@@ -454,6 +474,8 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     bd = max(16, next_pow2(d))
     bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
     bn1 = next_pow2(CONFIG.get("bn_stats") or bn)
+    # subN: pass 2 steps over bn sub-block entries (whole blocks, at least 16 entries for tl.dot)
+    bn = max(bn // parts, -(-16 // parts), 1) if parts > 1 else bn
     kb = max(1, next_pow2(kc - 1))
     merge = CONFIG.get("merge", "insert")
     if merge not in _MERGES:
@@ -470,6 +492,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
         IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
         LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1, PREC=prec or "default",
+        NSUB=parts,
         num_warps=CONFIG["warps"],
         **compile_options(CONFIG["stages"], CONFIG["maxnreg" if bd <= 64 else "maxnreg_large_d"]),
     )
