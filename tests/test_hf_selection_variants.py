@@ -1,7 +1,7 @@
 """The Hugging Face export of the trained selection variants: a learned selection map
 (--ssa-select-proj: ``self_attn.select_proj`` [heads, D, D]), the moment2 score
 (--ssa-selection-score moment2: the KV cache keeps each block's [mean, var] of its keys) and the
-sub4 score (--ssa-selection-score sub4: a decode step ranks blocks from all cached keys).
+sub4 score (--ssa-selection-score sub4: the KV cache keeps 4 sub-block means per block).
 
 Checkpoints are built from an imported random Qwen2 model with maps drawn large enough to change
 the selection (a trained map after a few CPU steps is too close to 0 to tell an export that
@@ -22,7 +22,7 @@ from test_hf_import import SEQ, build_source, megatron_logits
 
 VARIANTS = {"map": dict(ssa_select_proj=True),  # the trainer refuses the two together
             "moment2": dict(ssa_selection_score="moment2"),
-            "sub4": dict(ssa_selection_score="sub4")}  # ranks from all cached keys at each step
+            "sub4": dict(ssa_selection_score="sub4")}
 BUDGET = 2  # blocks of 16 of SEQ = 80 tokens
 
 
@@ -112,6 +112,22 @@ def test_cached_generation_equals_uncached(tmp_path, variant_checkpoints, name):
         blocks = keys[:, :nb * 16].reshape(2, nb, 16, *keys.shape[2:])
         want = torch.cat([blocks.mean(2), blocks.var(2, unbiased=False)], -1)
         torch.testing.assert_close(layer.pooled_moment2.double(), want, atol=1e-5, rtol=1e-5)
+    if name == "sub4":  # the cache keeps 4 sub-block means per complete block, and a step reads them
+        keys = layer.keys.transpose(1, 2)
+        nb = keys.shape[1] // 16
+        want = keys[:, :nb * 16].reshape(2, nb * 4, 4, *keys.shape[2:]).float().mean(2)
+        assert layer.parts == 4
+        torch.testing.assert_close(layer.pooled_keys, want, atol=1e-6, rtol=1e-6)
+        with torch.no_grad():  # the last step again, with the cached means as kept, then negated
+            for cached in cache.layers:
+                cached.crop(-1)
+            out = hf(with_cache[:, -1:], past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(out.logits[:, -1], ref[:, -1], atol=1e-5, rtol=0)
+            for cached in cache.layers:
+                cached.crop(-1)
+                cached.pooled_keys.neg_()  # the selection now ranks the blocks otherwise
+            out = hf(with_cache[:, -1:], past_key_values=cache, use_cache=True)
+        assert (out.logits[:, -1] - ref[:, -1]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))

@@ -19,7 +19,8 @@ Attention runs in one of two modes (``config.inference_mode``, changeable at any
   (each block's logit raised by half its per-channel key variance term,
   ``ssa_ops.moment2_operands``; the KV cache then keeps each block's key variances too) or
   ``sub2`` / ``sub4`` (the log-mean-exp over the means of 2 / 4 sub-blocks per block,
-  ``ssa_ops.sub_block_logits``; a cached step ranks from all cached keys, O(T)).
+  ``ssa_ops.sub_block_logits``; the KV cache then keeps the 2 / 4 sub-block means of each block
+  instead of its mean).
 
 Both modes work with a KV cache. The cache's layers are ``SSACacheLayer`` (``ssa_cache.py``): a
 ``DynamicLayer`` that also keeps the fp32 mean of each complete block's keys. In sparse mode a new
@@ -65,16 +66,17 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, moment2_keys,
-                          moment2_query, pooled_selection_keys, select_blocks, sparse_attention,
-                          sparse_attention_with_past, sparse_decode_attention, sub_parts,
-                          sub_parts_error, top_blocks)
+    from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, group_block_scores,
+                          moment2_keys, moment2_query, pooled_selection_keys, select_blocks,
+                          sparse_attention, sparse_attention_with_past, sparse_decode_attention,
+                          sub_block_logits_from_means, sub_parts, sub_parts_error, top_blocks)
 except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.reference import (SELECTION_SCORES, chunk_scores, full_attention,
-                                            moment2_keys, moment2_query, pooled_selection_keys,
-                                            select_blocks, sparse_attention,
+                                            group_block_scores, moment2_keys, moment2_query,
+                                            pooled_selection_keys, select_blocks, sparse_attention,
                                             sparse_attention_with_past, sparse_decode_attention,
-                                            sub_parts, sub_parts_error, top_blocks)
+                                            sub_block_logits_from_means, sub_parts,
+                                            sub_parts_error, top_blocks)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -240,12 +242,20 @@ def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int,
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
     (k, v [B, H, past + Tq, D]): blocks ranked by :func:`selection_operands`; one new token on
     CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode). A ``subN`` score
-    ranks blocks from all cached keys again at each step (its N means per block are not cached),
-    then attends in plain PyTorch: the same blocks and outputs as without a cache, at O(T) a step."""
-    if sub_parts(score):
+    ranks blocks from the N sub-block means per block an SSACacheLayer keeps (O(T / block_size)
+    a step; from all keys again without one), then attends in plain PyTorch: the same blocks and
+    outputs as without a cache."""
+    parts = sub_parts(score)
+    if parts:
         ranked = q if q_select is None else q_select
-        idx = top_blocks(chunk_scores(ranked, k.transpose(1, 2), past, block_size, scale, score),
-                         block_counts)
+        if isinstance(layer, SSACacheLayer) and layer.parts == parts:
+            nb_all = (k.shape[2] + block_size - 1) // block_size
+            scores = group_block_scores(
+                sub_block_logits_from_means(ranked, layer.pooled_keys, parts, scale), past,
+                block_size, nb_all)
+        else:
+            scores = chunk_scores(ranked, k.transpose(1, 2), past, block_size, scale, score)
+        idx = top_blocks(scores, block_counts)
         return sparse_attention_with_past(q, k, v, idx, past, block_size, scale)
     q_select, pooled = selection_operands(q, q_select, k, layer, block_size, score, scale)
     if q_select is None:
@@ -421,9 +431,9 @@ class SSAModel(SSAPreTrainedModel):
             cache = DynamicCache(config=self.config)
         if use_cache and getattr(self.config, "attention_mode", "ssa") != "nsa":
             # the layers' own score (fixed when they were built) decides what the cache keeps
-            moment2 = any(layer.self_attn.selection_score == "moment2" for layer in self.layers)
+            scores = {layer.self_attn.selection_score for layer in self.layers}
             install_pooled_key_layers(cache, self.config.num_hidden_layers, self.config.block_size,
-                                      moment2)
+                                      "moment2" in scores, max(sub_parts(s) for s in scores) or 1)
         past = cache.get_seq_length() if cache is not None else 0
         # positions are always past..past+T-1: blocks are counted from the sequence start
         positions = torch.arange(past, past + x.shape[1], device=x.device).expand(x.shape[0], -1)

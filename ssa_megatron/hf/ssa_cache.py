@@ -8,7 +8,9 @@ update completes a block. A decoding step then selects its blocks from nb = T //
 (O(T / block_size)) instead of pooling all T cached keys again. With ``squares`` (a model that
 selects with the moment2 score) it keeps each block's fp32 ``[mean, var]`` of its keys instead
 (``pooled_moment2``: the key side of the moment2 score, ``ssa_ops.moment2_keys``), so a step
-reads the scoring operand as it is.
+reads the scoring operand as it is. With ``parts`` = N (a model that selects with the subN
+score) it keeps the means of each complete block's N sub-blocks instead ([B, nb * N, H, D],
+block-major: ``ssa_ops.sub_block_logits_from_means`` reads them).
 
 Keys and values live in buffers with spare room (grown by a quarter, at least 256 tokens), so an
 appended token costs a copy of itself rather than of the whole cache as ``DynamicLayer``'s
@@ -54,26 +56,32 @@ class SSACacheLayer(DynamicLayer):
     per-channel variances (``pooled_moment2``: [B, T // block_size, H, 2 D], means then
     variances)."""
 
-    def __init__(self, block_size: int, squares: bool = False, **kwargs):
+    def __init__(self, block_size: int, squares: bool = False, parts: int = 1, **kwargs):
         super().__init__()
         self.block_size = int(block_size)
         self.squares = bool(squares)
+        self.parts = int(parts)
+        if self.parts < 1 or self.block_size % self.parts or (self.squares and self.parts > 1):
+            raise ValueError(f"parts={parts}: a cache keeps 1, or a divisor of the block size "
+                             f"{block_size} without squares, means per block")
         self._length = 0
         self._key_buf = self._value_buf = None
         self._pooled_buf = None
         self._num_pooled = 0
 
     @classmethod
-    def from_layer(cls, layer: DynamicLayer, block_size: int, squares: bool = False) -> "SSACacheLayer":
+    def from_layer(cls, layer: DynamicLayer, block_size: int, squares: bool = False,
+                   parts: int = 1) -> "SSACacheLayer":
         """An SSACacheLayer holding what ``layer`` holds (its complete blocks pooled)."""
-        new = cls(block_size, squares)
+        new = cls(block_size, squares, parts)
         if layer.is_initialized and layer.get_seq_length() > 0:
             new.update(layer.keys, layer.values)
         return new
 
     @property
     def pooled_keys(self) -> Optional[torch.Tensor]:
-        """[B, nb, H, D] fp32 means of the complete blocks (None before the first update)."""
+        """[B, nb, H, D] fp32 means of the complete blocks, [B, nb * parts, H, D] those of their
+        sub-blocks (None before the first update)."""
         pooled = self._pooled()
         return None if pooled is None else pooled[..., : self.keys.shape[-1]]
 
@@ -91,7 +99,7 @@ class SSACacheLayer(DynamicLayer):
         if self._pooled_buf is None:
             b, h, _, d = self.keys.shape
             return self.keys.new_zeros(b, 0, h, 2 * d if self.squares else d, dtype=torch.float32)
-        return self._pooled_buf[:, : self._num_pooled]
+        return self._pooled_buf[:, : self._num_pooled * self.parts]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -105,7 +113,7 @@ class SSACacheLayer(DynamicLayer):
         self._length = keys.shape[-2]
         self.keys, self.values = keys, values
         if pooled is not None:
-            self._pooled_buf, self._num_pooled = pooled, pooled.shape[1]
+            self._pooled_buf, self._num_pooled = pooled, pooled.shape[1] // self.parts
         self._num_pooled = min(self._num_pooled, self._length // self.block_size)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -136,11 +144,13 @@ class SSACacheLayer(DynamicLayer):
         first = self._num_pooled
         # [B, H, n * bs, D] -> [B, n * bs, H, D]: the layout (and arithmetic) of the no-cache pass
         tokens = self.keys[:, :, first * bs: complete * bs].transpose(1, 2)
-        means = mean_pool_blocks(tokens, bs).detach()  # selection is not differentiated
+        # selection is not differentiated; sub-blocks of complete blocks only (block-major)
+        means = mean_pool_blocks(tokens, bs // self.parts).detach()
         if self.squares:  # the arithmetic of reference.pooled_selection_keys and moment2_keys
             means = moment2_keys(means, mean_pool_blocks(tokens.float() * tokens.float(), bs).detach())
-        self._pooled_buf = _grown(self._pooled_buf, first, complete, 1, means, torch.float32)
-        self._pooled_buf[:, first:complete].copy_(means)
+        n = self.parts
+        self._pooled_buf = _grown(self._pooled_buf, first * n, complete * n, 1, means, torch.float32)
+        self._pooled_buf[:, first * n:complete * n].copy_(means)
         self._num_pooled = complete
 
     def get_seq_length(self) -> int:
@@ -184,22 +194,27 @@ class SSACacheLayer(DynamicLayer):
         self._key_buf = self._value_buf = self._pooled_buf = None
 
 
-def install_pooled_key_layers(cache, num_layers: int, block_size: int, squares: bool = False) -> None:
+def install_pooled_key_layers(cache, num_layers: int, block_size: int, squares: bool = False,
+                              parts: int = 1) -> None:
     """Make every plain ``DynamicLayer`` slot of ``cache`` (up to ``num_layers``) an
-    :class:`SSACacheLayer` (``squares``: also pooling the squared keys); other layer kinds
-    (static, quantized, ...) are left as they are."""
+    :class:`SSACacheLayer` (``squares``: also pooling the squared keys; ``parts``: keeping that
+    many sub-block means per block); other layer kinds (static, quantized, ...) are left as
+    they are."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return
     if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
         while len(layers) < num_layers:
-            layers.append(SSACacheLayer(block_size, squares))
+            layers.append(SSACacheLayer(block_size, squares, parts))
     for i, layer in enumerate(layers[:num_layers]):
         if type(layer) is DynamicLayer:
-            layers[i] = SSACacheLayer.from_layer(layer, block_size, squares)
+            layers[i] = SSACacheLayer.from_layer(layer, block_size, squares, parts)
         elif isinstance(layer, SSACacheLayer) and layer.block_size != block_size:
             raise ValueError(f"the cache pools blocks of {layer.block_size} tokens but the model's "
                              f"block_size is {block_size}; start generation with a fresh cache")
         elif isinstance(layer, SSACacheLayer) and squares and not layer.squares:
             raise ValueError("the cache keeps no key variances, which this model's moment2 "
                              "selection needs; start generation with a fresh cache")
+        elif isinstance(layer, SSACacheLayer) and layer.parts != parts:
+            raise ValueError(f"the cache keeps {layer.parts} mean(s) per block but this model's "
+                             f"selection reads {parts}; start generation with a fresh cache")

@@ -102,13 +102,21 @@ def sub_block_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: 
     unfit = sub_parts_error(parts, block_size)
     if unfit:
         raise ValueError(unfit)
-    b, tc, hq, d = q_chunk.shape
-    h = k_prefix.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     nb = k_prefix.shape[1] // block_size
-    sub = mean_pool_blocks(k_prefix[:, : nb * block_size], block_size // parts)
+    return sub_block_logits_from_means(
+        q_chunk, mean_pool_blocks(k_prefix[:, : nb * block_size], block_size // parts), parts, scale)
+
+
+def sub_block_logits_from_means(q_chunk: torch.Tensor, sub_means: torch.Tensor, parts: int,
+                                scale: Optional[float]) -> torch.Tensor:
+    """:func:`sub_block_logits` from the sub-block means [B, nb * parts, H, D] (fp32, block-major:
+    what a KV cache keeps for a ``subN`` score) instead of the keys."""
+    b, tc, hq, d = q_chunk.shape
+    h = sub_means.shape[2]
+    nb = sub_means.shape[1] // parts
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     qg = q_chunk.float().reshape(b, tc, h, hq // h, d) * scale
-    logits = torch.einsum("bthgd,bnhd->bthgn", qg, sub).reshape(b, tc, h, hq // h, nb, parts)
+    logits = torch.einsum("bthgd,bnhd->bthgn", qg, sub_means).reshape(b, tc, h, hq // h, nb, parts)
     return torch.logsumexp(logits, dim=-1) - math.log(parts)
 
 
