@@ -430,3 +430,6 @@ def test_same_seed_pairs_and_selection_gaps(tmp_path):
         (math.log(101 / 100) + math.log(121 / 120) + math.log(91 / 90)) / 3)
     assert "| full-full | oracle |" in pc.markdown_selection_gaps(args, gaps)
     assert pc.paired_ratios(_args(tmp_path, "--systems", "ssa-recipe"), evals) == {}  # no Full-Full
+    against = pc.paired_ratios(args, evals, "ssa-recipe")  # --paired-against ssa-recipe
+    assert list(against) == ["full-full"] and against["full-full"]["full"] == pytest.approx([-x for x in want])
+    assert "Same-seed pairs against ssa-recipe" in pc.markdown_paired(args, against, "ssa-recipe")

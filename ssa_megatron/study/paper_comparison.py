@@ -265,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-selections", nargs="*", default=[], metavar="NAME",
                    help="also evaluate sparse mode under these block selections (evaluate.py "
                         "--selections: oracle, recentN, mean, moment2, quest, subN); summary.md adds their k = --block-counts column")
+    p.add_argument("--paired-against", nargs="+", default=["full-full"], metavar="SYSTEM",
+                   help="summary.md's same-seed pair tables: one per system named here (each "
+                        "other system's valid ppl against this one's, seed by seed)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",
@@ -351,14 +354,17 @@ def main(argv=None) -> int:
     matched = matched_train_losses(args, {key: losses for key, (losses, _) in records.items()})
     seeds = common_seeds(args, evals)
     ticks = claims(args, {system: [evals[(system, seed)] for seed in seeds] for system in args.systems})
-    paired, gaps = paired_ratios(args, evals), selection_gaps(args, evals)
+    paired = {ref: paired_ratios(args, evals, ref) for ref in args.paired_against}
+    gaps = selection_gaps(args, evals)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"train": train, "eval": summary, "claims": ticks, "claims_seeds": seeds,
-                   "matched_train_loss": matched, "paired_log_ratios": paired,
+                   "matched_train_loss": matched, "paired_log_ratios": paired.get("full-full", {}),
+                   "paired_log_ratios_against": paired,
                    "selection_gaps": gaps, "args": vars(args)}, f, indent=1)
     table = "\n\n".join(part for part in (markdown_summary(args, train, summary),
                                           markdown_claims(args, ticks, seeds),
-                                          markdown_paired(args, paired),
+                                          *(markdown_paired(args, table, ref)
+                                            for ref, table in paired.items()),
                                           markdown_selection_gaps(args, gaps),
                                           markdown_matched(args, matched)) if part)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
