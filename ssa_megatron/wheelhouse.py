@@ -62,14 +62,16 @@ def build_project_wheel(out: Path) -> None:
              "-w", str(out), str(src)])
 
 
-def install_script(extras) -> str:
-    """install.sh: our packages from the folder, then ``extras`` without their dependencies."""
+def install_script(extras, zstd: bool = True) -> str:
+    """install.sh: our packages from the folder (zstandard only with ``zstd``), then ``extras``
+    without their dependencies."""
+    install = [name for name in INSTALL if zstd or name != "zstandard"]
     lines = ["#!/usr/bin/env bash",
              "# Offline install of ssa_megatron into the current Python environment.",
              "set -euo pipefail",
              'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
              'PY="${PYTHON:-python3}"',
-             f'"$PY" -m pip install --no-index --find-links "$HERE" {" ".join(INSTALL)}']
+             f'"$PY" -m pip install --no-index --find-links "$HERE" {" ".join(install)}']
     if extras:
         lines.append(f'"$PY" -m pip install --no-index --no-deps --find-links "$HERE" {" ".join(extras)}')
     lines.append("\"$PY\" -c 'import megatron.core, deepspeed, ssa_megatron; "
@@ -87,6 +89,10 @@ def main(argv=None) -> int:
     p.add_argument("--extra-no-deps", nargs="*", default=[],
                    help="requirements that depend on torch, taken without dependencies and "
                         "installed by install.sh (e.g. fla-core==0.6.0 for bench_attention.py)")
+    p.add_argument("--without-zstandard", action="store_true",
+                   help="leave zstandard out (5.5 MB, a third of the folder): only zstd corpus "
+                        "shards need it on the node, xz shards join with Python's own lzma; for "
+                        "a GPU node whose transfers are size-limited")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -94,7 +100,11 @@ def main(argv=None) -> int:
     plat = [f"--platform={x}" for x in PLATFORMS]
     impl = ["--implementation", "cp", "--python-version", args.python_version, "--only-binary=:all:"]
     jobs = ([(r, True) for r in NO_DEPS + list(args.extra_no_deps)]
-            + [(r, False) for r in WITH_DEPS + list(args.extra)])
+            + [(r, False) for r in WITH_DEPS + list(args.extra)
+               if not (args.without_zstandard and r == "zstandard")])
+    if args.without_zstandard:  # a folder built before with it: install.sh must not find it
+        for old in out.glob("zstandard-*.whl"):
+            old.unlink()
     for req, no_deps in tqdm(jobs, desc="download", unit="pkg"):
         run(pip + ["download", "-q", "-d", str(out), *impl, *plat, req] + (["--no-deps"] if no_deps else []))
     # DeepSpeed ships as an sdist; building it needs torch, which this interpreter has.
@@ -102,7 +112,8 @@ def main(argv=None) -> int:
         env=dict(os.environ, DS_BUILD_OPS="0"))
     build_project_wheel(out)
     script = out / "install.sh"
-    script.write_text(install_script([Requirement(r).name for r in args.extra_no_deps]))
+    script.write_text(install_script([Requirement(r).name for r in args.extra_no_deps],
+                                     zstd=not args.without_zstandard))
     script.chmod(0o755)
     wheels = sorted(x.name for x in out.glob("*.whl"))
     print(f"wrote {len(wheels)} wheels and install.sh to {out}")

@@ -38,6 +38,9 @@ def test_wheelhouse_brings_what_the_corpus_join_needs_on_a_gpu_node():
     assert "zstandard" in build_wheelhouse.WITH_DEPS
     installs = [line for line in build_wheelhouse.install_script([]).splitlines() if "pip install" in line]
     assert len(installs) == 1 and installs[0].endswith(" zstandard")
+    # --without-zstandard (xz shards only): nothing asks for it
+    lean = build_wheelhouse.install_script([], zstd=False)
+    assert "zstandard" not in lean and "ssa_megatron megatron-core deepspeed hjson pydantic" in lean
 
 
 def test_checkout_root_is_found_when_the_package_is_installed_as_a_wheel(tmp_path, monkeypatch):
