@@ -433,3 +433,6 @@ def test_same_seed_pairs_and_selection_gaps(tmp_path):
     against = pc.paired_ratios(args, evals, "ssa-recipe")  # --paired-against ssa-recipe
     assert list(against) == ["full-full"] and against["full-full"]["full"] == pytest.approx([-x for x in want])
     assert "Same-seed pairs against ssa-recipe" in pc.markdown_paired(args, against, "ssa-recipe")
+    assert args.paired_against == ["full-full"]  # the default, with Full-Full among the systems
+    with pytest.raises(SystemExit, match=r"--paired-against \['ssa-recipe-sub4'\]: name systems"):
+        _args(tmp_path, "--systems", "full-full", "ssa-recipe", "--paired-against", "ssa-recipe-sub4")

@@ -139,19 +139,25 @@ def test_pooled_selection_equals_select_blocks(heads, kv_heads, ties):
             torch.testing.assert_close(row[blk], kth, rtol=1e-6, atol=0)
 
 
-def test_cache_layer_crop_reorder_select_keep_pooled_keys():
+@pytest.mark.parametrize("parts", [1, 2])
+def test_cache_layer_crop_reorder_select_keep_pooled_keys(parts):
+    """The pooled keys (with parts = N: the means of each complete block's N sub-blocks, a subN
+    model's cache) stay those of the cached keys through growth, crops, beam reordering and
+    batch selection; a cache cannot keep sub-blocks that do not split a block, nor both kinds."""
     from ssa_megatron.hf.ssa_cache import SSACacheLayer
     torch.manual_seed(0)
     bs = 4
     k, v = torch.randn(3, 2, 300, 8), torch.randn(3, 2, 300, 8)
-    layer = SSACacheLayer(bs)
+    layer = SSACacheLayer(bs, parts=parts)
     for a in range(0, 300, 7):  # grows its buffers several times
         layer.update(k[:, :, a:a + 7], v[:, :, a:a + 7])
 
     def check(keys, values):
         assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
         assert layer.get_seq_length() == keys.shape[2]
-        assert torch.equal(layer.pooled_keys, ref.mean_pool_blocks(keys.transpose(1, 2), bs))
+        nb = keys.shape[2] // bs
+        want = ref.mean_pool_blocks(keys.transpose(1, 2)[:, :nb * bs], bs // parts)
+        assert torch.equal(layer.pooled_keys, want)
     check(k, v)
     layer.crop(-6)  # cuts into block 73: its mean goes
     check(k[:, :, :294], v[:, :, :294])
@@ -164,6 +170,10 @@ def test_cache_layer_crop_reorder_select_keep_pooled_keys():
     check(k[[2, 0]], v[[2, 0]])
     layer.update(k[:2, :, :5], v[:2, :, :5])
     check(torch.cat([k[[2, 0]], k[:2, :, :5]], 2), torch.cat([v[[2, 0]], v[:2, :, :5]], 2))
+    with pytest.raises(ValueError, match="must divide the block size 4"):
+        SSACacheLayer(bs, parts=3)
+    with pytest.raises(ValueError, match="not both"):
+        SSACacheLayer(bs, squares=True, parts=2)
 
 
 STANDALONE_DECODE = r"""

@@ -181,9 +181,10 @@ def check_variants(device, sel_variants, attn_variants):
             before = compiled_kernels()
             score = variant_score(over)
             with select_config(over):
-                idx = tsel.select_blocks(q, k, BS, KC, cs, score=score)
                 if score != "mean":  # other blocks by design: against the reference's, same score
                     slot0, same, worst, _ = _selection_agreement(q, k, cs, score)
+                else:
+                    idx = tsel.select_blocks(q, k, BS, KC, cs)
             res.setdefault(f"select[{name}]", {}).update(
                 {f"{k} G{hq // h} D{d}": v for k, v in resources(before).items()})
             if score != "mean":

@@ -244,7 +244,8 @@ def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int,
     CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode). A ``subN`` score
     ranks blocks from the N sub-block means per block an SSACacheLayer keeps (O(T / block_size)
     a step; from all keys again without one), then attends in plain PyTorch: the same blocks and
-    outputs as without a cache."""
+    outputs as without a cache (on CUDA up to near-ties, as for the mean score: the pass without
+    a cache scores in the selection kernel's TF32)."""
     parts = sub_parts(score)
     if parts:
         ranked = q if q_select is None else q_select

@@ -61,9 +61,12 @@ class SSACacheLayer(DynamicLayer):
         self.block_size = int(block_size)
         self.squares = bool(squares)
         self.parts = int(parts)
-        if self.parts < 1 or self.block_size % self.parts or (self.squares and self.parts > 1):
-            raise ValueError(f"parts={parts}: a cache keeps 1, or a divisor of the block size "
-                             f"{block_size} without squares, means per block")
+        if self.parts < 1 or self.block_size % self.parts:
+            raise ValueError(f"parts={parts}: the sub-blocks kept per block must divide the block "
+                             f"size {block_size}")
+        if self.squares and self.parts > 1:
+            raise ValueError("a cache keeps either key variances (moment2) or sub-block means "
+                             "(subN), not both")
         self._length = 0
         self._key_buf = self._value_buf = None
         self._pooled_buf = None

@@ -20,8 +20,8 @@ attention). Both are one dot product: moment2 is "mean" of ``[q, scale / 2 * q *
 the block statistics ``[mean, var]`` (:func:`moment2_operands`), so every kernel that scores
 pooled keys scores it at head dim 2 D, and a KV cache keeps ``[mean, var]`` per block as it
 keeps the means (the scale is on the query's side). "sub2" / "sub4" score a block by the
-log-mean-exp of ``scale q . mean(K_bj)`` over its N sub-blocks (:func:`sub_block_logits`): no
-one pooled key per block, so only this plain-PyTorch selection scores them.
+log-mean-exp of ``scale q . mean(K_bj)`` over its N sub-blocks (:func:`sub_block_logits`): N
+pooled keys per block, which the selection kernel and a KV cache keep block-major.
 """
 from __future__ import annotations
 
@@ -215,8 +215,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     out = torch.full((b, t, h, block_counts), -1, dtype=torch.int32, device=q.device)
     parts = sub_parts(score)
     for start, end in segments(t, cu_seqlens, b):
-        # subN logits hold N entries per block for every query head: bound them by memory (the
-        # trainer selects with this on GPUs)
+        # subN logits hold N entries per block for every query head: bound them by memory
         rows = query_chunk_rows(b, hq, (end - start) // block_size * parts) if parts else _CHUNK
         for c0 in range(start, end, rows):
             c1 = min(c0 + rows, end)

@@ -265,9 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-selections", nargs="*", default=[], metavar="NAME",
                    help="also evaluate sparse mode under these block selections (evaluate.py "
                         "--selections: oracle, recentN, mean, moment2, quest, subN); summary.md adds their k = --block-counts column")
-    p.add_argument("--paired-against", nargs="+", default=["full-full"], metavar="SYSTEM",
+    p.add_argument("--paired-against", nargs="+", default=None, metavar="SYSTEM",
                    help="summary.md's same-seed pair tables: one per system named here (each "
-                        "other system's valid ppl against this one's, seed by seed)")
+                        "other system's valid ppl against this one's, seed by seed; default: "
+                        "full-full when it is among --systems)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--in-order", action="store_true",
@@ -305,6 +306,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}: choose from {list(SYSTEMS)} or "
                          "define them with --variant NAME=FLAGS")
+    if args.paired_against is None:
+        args.paired_against = ["full-full"] if "full-full" in args.systems else []
+    unpaired = [s for s in args.paired_against if s not in args.systems]
+    if unpaired:
+        raise SystemExit(f"error: --paired-against {unpaired}: name systems of --systems "
+                         f"({' '.join(args.systems)})")
     one_spelling_of_paths(args)
     return args
 
@@ -355,10 +362,11 @@ def main(argv=None) -> int:
     seeds = common_seeds(args, evals)
     ticks = claims(args, {system: [evals[(system, seed)] for seed in seeds] for system in args.systems})
     paired = {ref: paired_ratios(args, evals, ref) for ref in args.paired_against}
+    against_full = paired["full-full"] if "full-full" in paired else paired_ratios(args, evals)
     gaps = selection_gaps(args, evals)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump({"train": train, "eval": summary, "claims": ticks, "claims_seeds": seeds,
-                   "matched_train_loss": matched, "paired_log_ratios": paired.get("full-full", {}),
+                   "matched_train_loss": matched, "paired_log_ratios": against_full,
                    "paired_log_ratios_against": paired,
                    "selection_gaps": gaps, "args": vars(args)}, f, indent=1)
     table = "\n\n".join(part for part in (markdown_summary(args, train, summary),
