@@ -38,7 +38,7 @@ GROUP_OF_TEST = {"test_decode_kernels_match_reference": "cases",
                  "test_decode_kernels_score_with_selection_queries_like_the_reference": "selection_queries",
                  "test_dispatch_takes_the_kernels_only_where_they_apply": "dispatch",
                  "test_model_decodes_through_the_kernels_like_the_uncached_pass": "model",
-                 "test_moment2_model_decodes_through_the_kernels_like_the_uncached_pass": "model_variants",
+                 "test_moment2_and_sub4_models_decode_through_the_kernels_like_the_uncached_pass": "model_variants",
                  "test_benchmark_kernel_check_passes_on_the_kernels": "bench_check"}
 
 
@@ -55,12 +55,16 @@ def test_decode_kernels_match_reference(interpreted):
 
 
 # (HQ, H, D, cache tokens, position, block_counts, split, kind): the scoring kernels take other
-# queries than the attention: a selection map's (width D), or moment2's operands (width 2 D)
+# queries than the attention: a selection map's (width D), or moment2's operands (width 2 D);
+# or other pooled keys: subN's N sub-block means per block
 SELECTION_CASES = [
     (8, 2, 128, 251, 250, 7, 4, "map"),  # G 4 (Llama)
     (16, 1, 64, 300, 299, 16, 64, "map"),  # G 16
     (8, 2, 64, 251, 250, 7, 4, "moment2"),  # scoring at width 128
     (2, 2, 32, 120, 100, 3, 2, "moment2"),  # G 1, width 64, spare pooled blocks
+    (8, 2, 128, 251, 250, 7, 4, "sub4"),  # sub-block means (4 per block), G 4 (Llama)
+    (16, 1, 64, 300, 299, 16, 64, "sub2"),  # G 16, one program
+    (2, 2, 32, 120, 100, 3, 2, "sub4"),  # G 1, spare pooled blocks, 8 entries per piece
 ]
 
 
@@ -85,9 +89,11 @@ def test_model_decodes_through_the_kernels_like_the_uncached_pass(interpreted):
 
 
 @needs_triton
-def test_moment2_model_decodes_through_the_kernels_like_the_uncached_pass(interpreted):
+def test_moment2_and_sub4_models_decode_through_the_kernels_like_the_uncached_pass(interpreted):
     rows = interpreted.rows("model_variants")
-    assert rows[0]["ok"], rows[0]
+    assert [r["score"] for r in rows] == ["moment2", "sub4"]
+    for row in rows:
+        assert row["ok"], row
 
 
 @needs_triton
@@ -109,10 +115,13 @@ def test_benchmark_kernel_check_passes_on_the_kernels(interpreted):
 
 
 @needs_triton
-@pytest.mark.parametrize("heads, block_size", [((32, 8, 128), 16), ((32, 2, 64), 16), ((12, 4, 64), 64)])
-def test_decode_kernels_compile_for_hopper(heads, block_size):
+@pytest.mark.parametrize("heads, block_size, parts", [((32, 8, 128), 16, 1), ((32, 2, 64), 16, 1),
+                                                     ((12, 4, 64), 64, 1), ((32, 8, 128), 16, 4),
+                                                     ((12, 3, 64), 16, 2)])
+def test_decode_kernels_compile_for_hopper(heads, block_size, parts):
     """The interpreter runs the kernels as Python and ignores what the compiler refuses (a module
-    global read inside a kernel, a type clash): compile all three for sm_90 here, no GPU needed."""
+    global read inside a kernel, a type clash): compile all three for sm_90 here, no GPU needed
+    (``parts``: the scoring kernels over subN's sub-block means)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -121,7 +130,7 @@ def test_decode_kernels_compile_for_hopper(heads, block_size):
     hq, h, d = heads
     g = hq // h
     common = dict(H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BLOCK=block_size)
-    scoring = dict(common, SPLIT=tsd.CONFIG["split"], SP=32, DOT_PRECISION="default")
+    scoring = dict(common, SPLIT=tsd.CONFIG["split"], SP=32, DOT_PRECISION="default", NSUB=parts)
     pointers = {"Q": "*bf16", "P": "*fp32", "POS": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32",
                 "M_IN": "*fp32", "L_IN": "*fp32", "KEYS_OUT": "*i64", "KEYS_IN": "*i64",
                 "IDX_OUT": "*i32", "K": "*bf16", "V": "*bf16", "O": "*bf16"}
@@ -183,28 +192,41 @@ def _selection_queries():
     for i, (hq, h, d, t, pos, bc, split, kind) in enumerate(SELECTION_CASES):
         torch.manual_seed(100 + i)
         k, v = torch.randn(1, h, t, d), torch.randn(1, h, t, d)
-        if kind == "moment2":  # blocks of unlike spread: the variance term reorders them
-            k = k * (0.2 + 3 * torch.rand(1, 1, t // BS + 1, d)).repeat_interleave(BS, 2)[:, :, :t]
+        if kind != "map":  # blocks (sub-blocks) of unlike spread: the variance term, or the
+            # sub-block means, reorder them
+            span = BS // (ref.sub_parts(kind) or 1)
+            k = k * (0.2 + 3 * torch.rand(1, 1, t // span + 1, d)).repeat_interleave(span, 2)[:, :, :t]
         q = torch.randn(1, 1, hq, d)
         scale = d ** -0.5
         mean, squares = ref.pooled_selection_keys(k.transpose(1, 2), BS, "moment2")
+        parts = ref.sub_parts(kind) or 1
         if kind == "map":
             q_select, pooled = q + torch.randn(1, 1, hq, d), mean
-        else:
+        elif kind == "moment2":
             q_select, pooled = ref.moment2_operands(q, mean, squares, scale)
+        else:  # the cache's sub-block means of every complete block
+            q_select = None
+            pooled = ref.mean_pool_blocks(k.transpose(1, 2)[:, :t // BS * BS], BS // parts)
         tsd.CONFIG["split"] = split
         o, idx = tsd.sparse_decode_attention(q, k, v, pooled, pos, BS, bc, scale,
-                                             return_indices=True, q_select=q_select)
+                                             return_indices=True, q_select=q_select, parts=parts)
         kr, vr = k[:, :, :pos + 1], v[:, :, :pos + 1]
         n = (pos + 1) // BS
-        ridx = ref.select_blocks_from_pooled(q_select, pooled[:, :n], pos, pos + 1, BS, bc, scale)
-        ro = ref.sparse_decode_attention(q, kr, vr, pooled[:, :n], pos, BS, bc, scale,
-                                         q_select=q_select)
+        ranked = q if q_select is None else q_select
+        ridx = ref.select_blocks_from_pooled(ranked, pooled[:, :n * parts], pos, pos + 1, BS, bc,
+                                             scale, parts)
+        ro = ref.sparse_decode_attention(q, kr, vr, pooled[:, :n * parts], pos, BS, bc, scale,
+                                         q_select=q_select, parts=parts)
         plain = ref.select_blocks_from_pooled(q, mean[:, :n], pos, pos + 1, BS, bc, scale)
+        spec = True
+        if parts > 1:  # the cached means rank as the subN score of the keys themselves does
+            spec = torch.equal(ridx, ref.top_blocks(ref.chunk_scores(q, kr.transpose(1, 2), pos, BS,
+                                                                     scale, kind), bc))
         err = (o - ro).abs().max().item()
         same = torch.equal(idx[0], ridx[0, 0])
-        print(json.dumps({"case": i, "ok": bool(same and err < 1e-5), "indices_equal": same,
-                          "max_err": err, "differs_from_q": not torch.equal(ridx, plain)}), flush=True)
+        print(json.dumps({"case": i, "ok": bool(same and spec and err < 1e-5), "indices_equal": same,
+                          "spec": spec, "max_err": err, "differs_from_q": not torch.equal(ridx, plain)}),
+              flush=True)
 
 
 def _dispatch():
@@ -261,8 +283,8 @@ def _model(**variant):
         whole = model(out, use_cache=False).logits  # the prefill kernels over every position
     greedy = whole[0, prompt.shape[1] - 1:-1].argmax(-1)
     ok = torch.equal(greedy, out[0, prompt.shape[1]:]) and len(calls) == (steps - 1) * 2
-    print(json.dumps({"ok": bool(ok), "kernel_calls": len(calls), "tokens": out[0].tolist()}),
-          flush=True)
+    print(json.dumps({"ok": bool(ok), "kernel_calls": len(calls), "tokens": out[0].tolist(),
+                      "score": cfg.ssa_selection_score}), flush=True)
 
 
 def _bench_check():
@@ -303,5 +325,5 @@ if __name__ == "__main__":
     with dispatch.attention_backend("triton" if sys.argv[1] in ("dispatch", "model", "model_variants") else None):
         {"cases": _cases, "model": _model, "dispatch": _dispatch, "bench_check": _bench_check,
          "selection_queries": _selection_queries,
-         "model_variants": lambda: _model(ssa_selection_score="moment2"),
+         "model_variants": lambda: [_model(ssa_selection_score=s) for s in ("moment2", "sub4")],
          }[sys.argv[1]]()

@@ -790,3 +790,37 @@ def test_bench_attention_target_table_reads_each_forward_against_its_target():
     assert bat.parse_forwards("gather,block_major") == ("block_major",)
     with pytest.raises(SystemExit, match="block_mayor"):
         bat.parse_forwards("block_mayor")
+
+
+@needs_triton
+@pytest.mark.parametrize("heads, parts", [((32, 2, 64), 1), ((32, 2, 64), 4), ((32, 8, 128), 4),
+                                          ((12, 3, 64), 2)])
+def test_selection_kernel_compiles_for_hopper(heads, parts):
+    """The interpreter ignores what the compiler refuses: compile the selection kernel for sm_90
+    with the launch constants its wrapper picks (CONFIG defaults, K 16), also for the subN
+    scores' sub-block means (the 4-D reshape of pass 2), no GPU needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from ssa_megatron.ops import triton_selection as tsel
+    hq, h, d = heads
+    g, kc, cfg = hq // h, 16, tsel.CONFIG
+    gp = tsel.next_pow2(g)
+    bt = min(max(1, cfg["rows"] // gp), 16)
+    bd = max(16, tsel.next_pow2(d))
+    bn = cfg["bn"] if bd <= 64 else max(16, cfg["bn"] // 2)
+    bn1 = tsel.next_pow2(cfg.get("bn_stats") or bn)
+    bn = max(bn // parts, -(-16 // parts), 1) if parts > 1 else bn
+    kb = tsel.next_pow2(kc - 1)
+    constants = dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=16, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
+                     IDX_BITS=tsel._IDX_BITS, TOPK=True, MERGE=tsel._MERGES[cfg["merge"]],
+                     LOGKB=kb.bit_length() - 1, FAST=tsel._fast(cfg["merge"], kc, kb, bn), BN1=bn1,
+                     PREC="default", NSUB=parts)
+    pointers = {"Q": "*bf16", "KP": "*fp32", "OUT": "*i32"}
+    kernel = tsel._select_kernel
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "*i32")
+                 for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["warps"]})
+    assert compiled.asm["cubin"]

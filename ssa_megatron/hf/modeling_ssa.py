@@ -66,17 +66,16 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, group_block_scores,
-                          moment2_keys, moment2_query, pooled_selection_keys, select_blocks,
-                          sparse_attention, sparse_attention_with_past, sparse_decode_attention,
-                          sub_block_logits_from_means, sub_parts, sub_parts_error, top_blocks)
+    from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, moment2_keys,
+                          moment2_query, pooled_selection_keys, select_blocks, sparse_attention,
+                          sparse_attention_with_past, sparse_decode_attention, sub_parts,
+                          sub_parts_error, top_blocks)
 except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.reference import (SELECTION_SCORES, chunk_scores, full_attention,
-                                            group_block_scores, moment2_keys, moment2_query,
-                                            pooled_selection_keys, select_blocks, sparse_attention,
+                                            moment2_keys, moment2_query, pooled_selection_keys,
+                                            select_blocks, sparse_attention,
                                             sparse_attention_with_past, sparse_decode_attention,
-                                            sub_block_logits_from_means, sub_parts,
-                                            sub_parts_error, top_blocks)
+                                            sub_parts, sub_parts_error, top_blocks)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -243,20 +242,18 @@ def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int,
     (k, v [B, H, past + Tq, D]): blocks ranked by :func:`selection_operands`; one new token on
     CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode). A ``subN`` score
     ranks blocks from the N sub-block means per block an SSACacheLayer keeps (O(T / block_size)
-    a step; from all keys again without one), then attends in plain PyTorch: the same blocks and
-    outputs as without a cache (on CUDA up to near-ties, as for the mean score: the pass without
-    a cache scores in the selection kernel's TF32)."""
+    a step, the decode kernels too); without one it ranks from all keys again and attends in
+    plain PyTorch. Either way: the same blocks and outputs as without a cache (on CUDA up to
+    near-ties, as for the mean score: the pass without a cache scores in TF32)."""
     parts = sub_parts(score)
     if parts:
-        ranked = q if q_select is None else q_select
         if isinstance(layer, SSACacheLayer) and layer.parts == parts:
-            nb_all = (k.shape[2] + block_size - 1) // block_size
-            scores = group_block_scores(
-                sub_block_logits_from_means(ranked, layer.pooled_keys, parts, scale), past,
-                block_size, nb_all)
-        else:
-            scores = chunk_scores(ranked, k.transpose(1, 2), past, block_size, scale, score)
-        idx = top_blocks(scores, block_counts)
+            decode = _ops_with(q, "sparse_decode_attention", "parts")
+            return decode(q, k, v, layer.pooled_keys, past, block_size, block_counts, scale,
+                          q_select=q_select, parts=parts)
+        ranked = q if q_select is None else q_select
+        idx = top_blocks(chunk_scores(ranked, k.transpose(1, 2), past, block_size, scale, score),
+                         block_counts)
         return sparse_attention_with_past(q, k, v, idx, past, block_size, scale)
     q_select, pooled = selection_operands(q, q_select, k, layer, block_size, score, scale)
     if q_select is None:

@@ -91,19 +91,20 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pooled: torch.Tensor, past: int, block_size: int, block_counts: int,
                             scale: Optional[float] = None,
-                            q_select: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            q_select: Optional[torch.Tensor] = None, parts: int = 1) -> torch.Tensor:
     """One new token per sequence (q [B, 1, HQ, D]) takes the three Triton decode kernels where
     they apply (``triton_sparse_decode.supports``); more new tokens (a chunk appended to the
     cache), other shapes and the reference backend take the reference math. ``q_select``: the
-    queries the selection scores with (``reference.sparse_decode_attention``)."""
+    queries the selection scores with, ``parts`` the sub-block means per block of ``pooled``
+    (``reference.sparse_decode_attention``)."""
     if use_triton(q, block_size):
         from ssa_megatron.ops import triton_sparse_decode
         if triton_sparse_decode.supports(q, k_cache, block_size, q_select):
             return triton_sparse_decode.sparse_decode_attention(
                 q, k_cache, v_cache, pooled, past, block_size, block_counts, scale,
-                q_select=q_select)
+                q_select=q_select, parts=parts)
     return reference.sparse_decode_attention(q, k_cache, v_cache, pooled, past, block_size,
-                                             block_counts, scale, q_select=q_select)
+                                             block_counts, scale, q_select=q_select, parts=parts)
 
 
 def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

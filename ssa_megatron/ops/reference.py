@@ -274,14 +274,19 @@ def group_block_scores(logits: torch.Tensor, first_pos: int, block_size: int,
 
 def select_blocks_from_pooled(q: torch.Tensor, pooled: torch.Tensor, first_pos: int,
                               num_keys: int, block_size: int, block_counts: int,
-                              scale: Optional[float] = None) -> torch.Tensor:
+                              scale: Optional[float] = None, parts: int = 1) -> torch.Tensor:
     """:func:`select_blocks` rows of queries q [B, Tq, HQ, D] at positions first_pos.. of a
     sequence of ``num_keys`` keys (first_pos + Tq <= num_keys), given the pooled keys [B, nb, H, D]
-    of its complete blocks (nb = num_keys // block_size; rows a query cannot see are masked).
+    of its complete blocks (nb = num_keys // block_size; rows a query cannot see are masked), or
+    with ``parts`` = N > 1 the means of their N sub-blocks [B, nb * N, H, D] (the subN score).
     Returns [B, Tq, H, block_counts] int32, -1 = empty slot."""
     nb_all = (num_keys + block_size - 1) // block_size
-    return top_blocks(pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale),
-                      block_counts)
+    if parts > 1:
+        scores = group_block_scores(sub_block_logits_from_means(q, pooled, parts, scale),
+                                    first_pos, block_size, nb_all)
+    else:
+        scores = pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale)
+    return top_blocks(scores, block_counts)
 
 
 def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, scale: float):
@@ -311,7 +316,7 @@ def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, sca
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pooled: torch.Tensor, past: int, block_size: int, block_counts: int,
                             scale: Optional[float] = None,
-                            q_select: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            q_select: Optional[torch.Tensor] = None, parts: int = 1) -> torch.Tensor:
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. over a KV cache
     k_cache, v_cache [B, H, past + Tq, D] whose complete blocks' mean keys are ``pooled``
     [B, nb, H, D] (fp32): :func:`select_blocks_from_pooled`, then
@@ -319,10 +324,11 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     ``q_select`` [B, Tq, HQ, DS]: the selection scores ``q_select . pooled`` instead of
     ``q . pooled`` (``pooled`` then [B, nb, H, DS]): a learned selection map's queries, or
-    :func:`moment2_operands`' pair at DS = 2 D; the attention still uses q."""
+    :func:`moment2_operands`' pair at DS = 2 D; the attention still uses q. ``parts`` = N > 1:
+    ``pooled`` holds the N sub-block means of each complete block [B, nb * N, H, D] (subN)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     idx = select_blocks_from_pooled(q if q_select is None else q_select, pooled, past,
-                                    past + q.shape[1], block_size, block_counts, scale)
+                                    past + q.shape[1], block_size, block_counts, scale, parts)
     return sparse_attention_with_past(q, k_cache, v_cache, idx, past, block_size, scale)
 
 

@@ -49,11 +49,13 @@ CONFIG = {"split": 64, "tile_tokens": 64, "warps": 4}
 @triton.jit
 def _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
                   H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-                  BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """For this program of a (B x H, pieces) grid: logits in log2 units [GP, SPLIT] of the
-    group's query heads against the piece's block means (-inf for padding heads and for blocks
-    not complete at the sequence's position), the block ids, the position, and the program's
-    (sequence x kv head, piece) index."""
+                  BLOCK: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  NSUB: tl.constexpr = 1):
+    """For this program of a (B x H, pieces) grid: logits in log2 units [GP, SPLIT * NSUB] of the
+    group's query heads against the piece's block means, or with NSUB > 1 its blocks' sub-block
+    means (block-major; -inf for padding heads and for blocks not complete at the sequence's
+    position), the piece's block ids [SPLIT], the position, and the program's (sequence x kv
+    head, piece) index."""
     bh = tl.program_id(0)
     piece = tl.program_id(1)
     b = (bh // H).to(tl.int64)
@@ -62,13 +64,14 @@ def _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh, stride_pb, stride
     rows = tl.arange(0, GP)
     dd = tl.arange(0, D)
     cols = piece * SPLIT + tl.arange(0, SPLIT)
-    complete = (pos + 1) // BLOCK
+    entries = piece * SPLIT * NSUB + tl.arange(0, SPLIT * NSUB)
+    complete = (pos + 1) // BLOCK * NSUB  # entries of complete blocks
     q = tl.load(Q + b * stride_qb + (h * G + rows[:, None]) * stride_qh + dd[None, :],
                 mask=rows[:, None] < G, other=0.0).to(tl.float32)
-    kbar = tl.load(P + b * stride_pb + cols[:, None] * stride_pn + h * stride_ph + dd[None, :],
-                   mask=cols[:, None] < complete, other=0.0).to(tl.float32)
+    kbar = tl.load(P + b * stride_pb + entries[:, None] * stride_pn + h * stride_ph + dd[None, :],
+                   mask=entries[:, None] < complete, other=0.0).to(tl.float32)
     logits = score_dot(q, kbar * scale_log2, DOT_PRECISION)
-    visible = (rows[:, None] < G) & (cols[None, :] < complete)
+    visible = (rows[:, None] < G) & (entries[None, :] < complete)
     return tl.where(visible, logits, float("-inf")), cols, pos, bh, piece
 
 
@@ -77,10 +80,10 @@ def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, scale_log2,
                         stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+                        DOT_PRECISION: tl.constexpr, NSUB: tl.constexpr = 1):
     logits, _, _, bh, piece = _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh, stride_pb,
                                             stride_pn, stride_ph, H, G, GP, D, BLOCK, SPLIT,
-                                            DOT_PRECISION)
+                                            DOT_PRECISION, NSUB)
     m = tl.max(logits, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l = tl.sum(tl.exp2(logits - m_safe[:, None]), 1)
@@ -95,10 +98,10 @@ def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale_log2, pieces,
                          H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                          BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
                          KEEP: tl.constexpr, KP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         IDX_BITS: tl.constexpr):
+                         IDX_BITS: tl.constexpr, NSUB: tl.constexpr = 1):
     logits, cols, pos, bh, piece = _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh,
                                                  stride_pb, stride_pn, stride_ph, H, G, GP, D,
-                                                 BLOCK, SPLIT, DOT_PRECISION)
+                                                 BLOCK, SPLIT, DOT_PRECISION, NSUB)
     rows = tl.arange(0, GP)
     sp = tl.arange(0, SP)
     stat = (bh * SP + sp[:, None]) * GP + rows[None, :]
@@ -109,7 +112,9 @@ def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale_log2, pieces,
     z = tl.sum(l_all * tl.exp2(m_all - m_safe[None, :]), 0)
     # heads with no visible block (and padding heads) add 0 to the group sum
     mlog = tl.where(z > 0, m_safe + tl.log2(tl.where(z > 0, z, 1.0)), float("inf"))
-    score = tl.sum(tl.exp2(logits - mlog[:, None]), 0)  # [SPLIT] group-summed probability, >= 0
+    score = tl.sum(tl.exp2(logits - mlog[:, None]), 0)  # group-summed probability, >= 0
+    if NSUB > 1:  # each block's NSUB sub-block probabilities
+        score = tl.sum(tl.reshape(score, [SPLIT, NSUB]), 1)
     candidate = (cols < (pos + 1) // BLOCK) & (cols != pos // BLOCK)
     bits = score.to(tl.int32, bitcast=True).to(tl.int64)
     low = ((1 << IDX_BITS) - 1 - cols).to(tl.int64)
@@ -196,7 +201,8 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor, block_size: int,
 def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             pooled: torch.Tensor, positions: Union[int, torch.Tensor],
                             block_size: int, block_counts: int, scale: Optional[float] = None,
-                            return_indices: bool = False, q_select: Optional[torch.Tensor] = None):
+                            return_indices: bool = False, q_select: Optional[torch.Tensor] = None,
+                            parts: int = 1):
     """Sparse attention of one new token per sequence over its KV cache.
 
     q [B, HQ, D] (or [B, 1, HQ, D]); k_cache, v_cache [B, H, T, D] (the cache's layout, holding
@@ -205,8 +211,10 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     int tensor [B] on q's device. ``q_select`` (shaped like q but DS channels, DS a power of two
     >= 16): the two scoring kernels score ``q_select . pooled`` (pooled then [B, nb, H, DS]; a
     selection map's queries, or ``reference.moment2_operands`` at DS = 2 D) and the attention
-    uses q. Returns o shaped like q (and the selected blocks [B, H, block_counts] int32, -1 =
-    empty slot, with ``return_indices``)."""
+    uses q. ``parts`` = N > 1 (the subN score): pooled holds the means of each complete block's N
+    sub-blocks [B, nb * N, H, D] (``SSACacheLayer(parts=N)``) and a block scores the sum of their
+    probabilities. Returns o shaped like q (and the selected blocks [B, H, block_counts] int32,
+    -1 = empty slot, with ``return_indices``)."""
     squeeze = q.dim() == 4
     if squeeze:
         if q.shape[1] != 1:
@@ -230,11 +238,16 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError("the decode kernels need a power-of-two block size and head dim >= 16")
     if q.dtype != k_cache.dtype or v_cache.dtype != k_cache.dtype:
         raise ValueError(f"q ({q.dtype}) and the cache ({k_cache.dtype}, {v_cache.dtype}) must share a dtype")
-    if pooled.shape[1] >= 1 << IDX_BITS:
-        raise ValueError(f"{pooled.shape[1]} pooled blocks: the decode kernels index at most {1 << IDX_BITS}")
+    parts = int(parts)
+    if parts < 1 or parts & (parts - 1) or block_size % parts or pooled.shape[1] % parts:
+        raise ValueError(f"parts={parts}: a power of two dividing the block size {block_size} and "
+                         f"the {pooled.shape[1]} pooled entries")
+    blocks = pooled.shape[1] // parts
+    if blocks >= 1 << IDX_BITS:
+        raise ValueError(f"{blocks} pooled blocks: the decode kernels index at most {1 << IDX_BITS}")
     if not torch.is_tensor(positions):
-        if pooled.shape[1] < (int(positions) + 1) // block_size:
-            raise ValueError(f"pooled keys of {pooled.shape[1]} blocks, but position {int(positions)} "
+        if blocks < (int(positions) + 1) // block_size:
+            raise ValueError(f"pooled keys of {blocks} blocks, but position {int(positions)} "
                              f"has completed {(int(positions) + 1) // block_size}")
         positions = torch.full((b,), int(positions), dtype=torch.int32, device=q.device)
     positions = positions.to(device=q.device, dtype=torch.int32).expand(b).contiguous()
@@ -245,13 +258,13 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     k_cache, v_cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (k_cache, v_cache))
     pooled = pooled.float()
     pooled = pooled if pooled.stride(-1) == 1 else pooled.contiguous()
-    if pooled.shape[1] == 0:  # no complete block yet: keep a valid pointer
-        pooled = torch.zeros((b, 1, h, ds), dtype=torch.float32, device=q.device)
+    if blocks == 0:  # no complete block yet: keep a valid pointer
+        pooled = torch.zeros((b, parts, h, ds), dtype=torch.float32, device=q.device)
     precision = SELECT_CONFIG.get("dot_precision")
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"CONFIG['dot_precision'] = {precision!r}: expected one of {DOT_PRECISIONS}")
     split = CONFIG["split"]
-    pieces = triton.cdiv(pooled.shape[1], split)
+    pieces = triton.cdiv(pooled.shape[1] // parts, split)
     sp, gp = next_pow2(pieces), max(16, next_pow2(g))
     keep, kp = max(block_counts - 1, 1), max(next_pow2(max(block_counts - 1, 1)), 2)
     chunk = max(1, CONFIG["tile_tokens"] // block_size)
@@ -261,7 +274,8 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     idx = torch.empty((b, h, block_counts), dtype=torch.int32, device=q.device)
     o = torch.empty_like(q)
     common = dict(H=h, G=g, GP=gp, D=d, BLOCK=block_size, num_warps=CONFIG["warps"])
-    scoring = dict(common, D=ds, SPLIT=split, SP=sp, DOT_PRECISION=precision or "default")
+    scoring = dict(common, D=ds, SPLIT=split, SP=sp, DOT_PRECISION=precision or "default",
+                   NSUB=parts)
     pool_strides = (pooled.stride(0), pooled.stride(1), pooled.stride(2))
     scale_log2 = scale * LOG2E
     decode_stats_kernel[(b * h, pieces)](
