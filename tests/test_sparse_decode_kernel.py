@@ -100,18 +100,18 @@ def test_moment2_and_sub4_models_decode_through_the_kernels_like_the_uncached_pa
 def test_benchmark_kernel_check_passes_on_the_kernels(interpreted):
     """tools/bench_decode.py's kernel check (block sets judged up to near-ties, output error),
     run on the interpreted kernels over a filled cache: G 4 D 128, G 16 D 64 (batch 2, a
-    query without its token axis), a moment2 model and a model with a selection map; then the
-    first layout again with the kernel's output scaled
+    query without its token axis), a moment2 model, a model with a selection map and a sub4 model
+    (the cache's sub-block means); then the first layout again with the kernel's output scaled
     by 1.1 and with a future block in its selection, each of which it must fail for that reason."""
     rows = interpreted.rows("bench_check")
     assert [r["layout"] for r in rows] == ["8/2/128 b1", "16/1/64 b2 q3d", "8/2/64 moment2",
-                                           "8/2/128 map", "output x1.1", "future block"]
-    for row in rows[:4]:
+                                           "8/2/128 map", "8/2/64 sub4", "output x1.1", "future block"]
+    for row in rows[:5]:
         assert row["check_ok"] and row["check_indices_same"] == 1.0, row
-    assert not rows[4]["check_ok"] and rows[4]["check_indices_same"] == 1.0, rows[4]
-    assert rows[4]["check_rel_err"] > 3e-2, rows[4]
-    assert not rows[5]["check_ok"] and rows[5]["check_swap_gap"] == float("inf"), rows[5]
-    assert rows[5]["check_indices_same"] < 1.0, rows[5]
+    assert not rows[5]["check_ok"] and rows[5]["check_indices_same"] == 1.0, rows[5]
+    assert rows[5]["check_rel_err"] > 3e-2, rows[5]
+    assert not rows[6]["check_ok"] and rows[6]["check_swap_gap"] == float("inf"), rows[6]
+    assert rows[6]["check_indices_same"] < 1.0, rows[6]
 
 
 @needs_triton
@@ -284,7 +284,7 @@ def _model(**variant):
     greedy = whole[0, prompt.shape[1] - 1:-1].argmax(-1)
     ok = torch.equal(greedy, out[0, prompt.shape[1]:]) and len(calls) == (steps - 1) * 2
     print(json.dumps({"ok": bool(ok), "kernel_calls": len(calls), "tokens": out[0].tolist(),
-                      "score": cfg.ssa_selection_score}), flush=True)
+                      "score": getattr(cfg, "ssa_selection_score", "mean")}), flush=True)
 
 
 def _bench_check():
@@ -304,18 +304,20 @@ def _bench_check():
     disturb = {"output x1.1": lambda o, idx: (o * 1.1, idx), "future block": future_block}
     layouts = (("8/2/128 b1", 8, 2, 128, 1), ("16/1/64 b2 q3d", 16, 1, 64, 2),
                ("8/2/64 moment2", 8, 2, 64, 1), ("8/2/128 map", 8, 2, 128, 1),
-               ("output x1.1", 8, 2, 128, 1), ("future block", 8, 2, 128, 1))
+               ("8/2/64 sub4", 8, 2, 64, 1), ("output x1.1", 8, 2, 128, 1),
+               ("future block", 8, 2, 128, 1))
     for name, hq, h, d, b in layouts:
         torch.manual_seed(hq)
         moment2 = "moment2" in name
-        layer = SSACacheLayer(BS, squares=moment2)
+        score = "moment2" if moment2 else "sub4" if "sub4" in name else "mean"
+        layer = SSACacheLayer(BS, squares=moment2, parts=4 if score == "sub4" else 1)
         layer.update(torch.randn(b, h, ctx, d), torch.randn(b, h, ctx, d))
         q = torch.randn(b, 1, hq, d)
         q_select = q + torch.randn(b, 1, hq, d) if "map" in name else None
         if name in disturb:
             tsd.sparse_decode_attention = lambda *a, f=disturb[name], **kw: f(*kernel(*a, **kw))
         row = check_decode_kernels(q[:, 0] if "q3d" in name else q, torch.randn(b, h, 1, d), layer,
-                                   ctx, BS, bc, d ** -0.5, "moment2" if moment2 else "mean", q_select)
+                                   ctx, BS, bc, d ** -0.5, score, q_select)
         tsd.sparse_decode_attention = kernel
         print(json.dumps(dict(row, layout=name)), flush=True)
 

@@ -221,7 +221,9 @@ def test_bench_decode_cpu_smoke(tmp_path, capsys):
     assert all(r["attention_ratio"] > 0 and r["model_ratio"] > 0 for r in rows)
     # a moment2 model reads twice the pooled widths; a map model also reads its map
     # (4 x 16 x 16 weights: 32 units of H x D)
+    # a sub4 model four (its cache keeps 4 sub-block means per block)
     for flags, shown, sparse_units in ((["--selection-score", "moment2"], "selection moment2\n", 36 + 128),
+                                       (["--selection-score", "sub4"], "selection sub4\n", 72 + 128),
                                        (["--select-proj"], "selection mean + map", 18 + 128 + 32)):
         assert bench_decode.main(["--device", "cpu", "--dtype", "fp32", "--context", "300",
                                   "--heads", "4/2/16", "--layers", "1", "--hidden", "32", "--ffn", "48",

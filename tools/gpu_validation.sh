@@ -66,6 +66,9 @@ case "$1" in
       --cuda-graph --rep 30 --check-generation --json "$OUT/decode_moment2.json" || rc=1
     python3 tools/bench_decode.py --context 32768 --heads 32/2/64 --select-proj \
       --cuda-graph --rep 30 --json "$OUT/decode_map.json" || rc=1
+    # a sub4 model (the cache's 4 sub-block means per block)
+    python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/128 --selection-score sub4 \
+      --cuda-graph --rep 30 --check-generation --json "$OUT/decode_sub4.json" || rc=1
     exit $rc ;;
   mfu)      # full attention at 1x1 (fused/unfused), with accumulation, and SSA/sparse alongside
     python3 tools/bench_training.py --iters 6 --warmup 2 --variants full \

@@ -44,9 +44,10 @@ def build_parser():
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--block-counts", type=int, default=16)
-    p.add_argument("--selection-score", default="mean", choices=["mean", "moment2"],
+    p.add_argument("--selection-score", default="mean", choices=["mean", "moment2", "sub2", "sub4"],
                    help="the model's block score (moment2: the cache also keeps each block's key "
-                        "variances, the scoring runs at twice the head dim)")
+                        "variances, the scoring runs at twice the head dim; subN: the cache keeps "
+                        "N sub-block means per block, the scoring reads N x the pooled keys)")
     p.add_argument("--select-proj", action="store_true",
                    help="the model has a learned selection map (random here): the scoring "
                         "queries are q + q P_h")
@@ -64,7 +65,7 @@ def build_parser():
 def predicted_bytes(context, batch, h, d, block_size, block_counts, kv_bytes, pooled_bytes=4,
                     pooled_widths=1, map_bytes=0):
     """Bytes one layer reads per decode step: (full, sparse). Full reads the whole K and V cache;
-    sparse reads the fp32 pooled keys (``pooled_widths`` x D per block: 2 for moment2), K/V of
+    sparse reads the fp32 pooled keys (``pooled_widths`` x D per block: 2 for moment2, N for subN), K/V of
     block_counts blocks per kv head and ``map_bytes`` (a selection map's weights)."""
     full = 2 * context * batch * h * d * kv_bytes
     selected = min(block_counts * block_size, context)
@@ -153,20 +154,31 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale, sco
     the selected block sets (judged: equal to the reference's up to near-ties, see
     :func:`selection_agreement`), and the output's error against the reference attention over
     the kernels' own blocks, relative to its largest entry (judged). ``score`` and ``q_select``:
-    the model's selection (modeling_ssa.selection_operands)."""
+    the model's selection (modeling_ssa.selection_operands; a subN score reads the layer's
+    sub-block means)."""
     from ssa_megatron.hf.modeling_ssa import selection_operands
     from ssa_megatron.ops import reference, triton_sparse_decode
+    parts = reference.sub_parts(score) or 1
     if q.dim() == 3:
         q = q[:, None]  # [B, 1, HQ, D], as the model passes it (the kernel refuses more tokens)
     if q_select is not None and q_select.dim() == 3:
         q_select = q_select[:, None]
     kc, vc = layer.update(k1, k1)
     try:
-        qs, pooled = selection_operands(q, q_select, kc, layer, block_size, score, scale)
+        if parts > 1:
+            qs, pooled = q_select, layer.pooled_keys
+        else:
+            qs, pooled = selection_operands(q, q_select, kc, layer, block_size, score, scale)
         o, idx = triton_sparse_decode.sparse_decode_attention(
-            q, kc, vc, pooled, ctx, block_size, block_counts, scale, return_indices=True, q_select=qs)
-        scores = reference.pooled_block_scores((q if qs is None else qs).float(), pooled, ctx,
-                                               block_size, (ctx + block_size) // block_size, scale)[:, 0]
+            q, kc, vc, pooled, ctx, block_size, block_counts, scale, return_indices=True, q_select=qs,
+            parts=parts)
+        ranked, nb_all = (q if qs is None else qs).float(), (ctx + block_size) // block_size
+        if parts > 1:
+            scores = reference.group_block_scores(
+                reference.sub_block_logits_from_means(ranked, pooled, parts, scale), ctx,
+                block_size, nb_all)[:, 0]
+        else:
+            scores = reference.pooled_block_scores(ranked, pooled, ctx, block_size, nb_all, scale)[:, 0]
         ro = reference.sparse_attention_with_past(q.float(), kc.float(), vc.float(), idx[:, None],
                                                   ctx, block_size, scale)
     finally:
@@ -241,6 +253,7 @@ def bench_layout(args, hq, h, d):
                     head_dim=d, block_size=bs, block_counts=bc, max_position_embeddings=ctx + 16,
                     ssa_selection_score=args.selection_score, ssa_select_proj=args.select_proj)
     moment2 = args.selection_score == "moment2"
+    parts = reference.sub_parts(args.selection_score) or 1
     with torch.device(dev):
         model = SSAForCausalLM(cfg).to(dtype).eval()
     if args.select_proj:
@@ -248,7 +261,7 @@ def bench_layout(args, hq, h, d):
             for block in model.model.layers:
                 block.self_attn.select_proj.normal_(0.0, 0.05)
     cache = DynamicCache(config=cfg)
-    cache.layers = [SSACacheLayer(bs, squares=moment2) for _ in range(args.layers)]
+    cache.layers = [SSACacheLayer(bs, squares=moment2, parts=parts) for _ in range(args.layers)]
     for layer in cache.layers:
         layer.update(torch.randn(b, h, ctx, d, device=dev, dtype=dtype),
                      torch.randn(b, h, ctx, d, device=dev, dtype=dtype))
@@ -264,7 +277,7 @@ def bench_layout(args, hq, h, d):
     timer = _timer(args.device)
     row = {"heads": f"{hq}/{h}/{d}", "context": ctx, "batch": b}
     kv_bytes = torch.finfo(dtype).bits // 8
-    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes, pooled_widths=2 if moment2 else 1,
+    full_b, sparse_b = predicted_bytes(ctx, b, h, d, bs, bc, kv_bytes, pooled_widths=2 if moment2 else parts,
                                        map_bytes=hq * d * d * kv_bytes if args.select_proj else 0)
     n_params = sum(p.numel() for p in model.parameters())
     w_bytes = n_params * kv_bytes
@@ -287,6 +300,9 @@ def bench_layout(args, hq, h, d):
             elif mode == "sparse":  # the decode kernels on CUDA
                 sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale, selection_query(),
                               args.selection_score)
+            elif parts > 1:  # "sparse_unfused", subN: the reference math on the cached sub-block means
+                reference.sparse_decode_attention(q, kc, vc, layer0.pooled_keys, ctx, bs, bc, scale,
+                                                  q_select=selection_query(), parts=parts)
             else:  # "sparse_unfused": the reference math (torch ops), the path before the kernels
                 qs, pooled = selection_operands(q, selection_query(), kc, layer0, bs,
                                                 args.selection_score, scale)
