@@ -109,16 +109,16 @@ def check_correctness(device, verbose=True, merges=()):
         # selection: sets vs the reference on the same bf16 inputs (fp32 scores)
         slot0, frac_same, worst, ir = _selection_agreement(q, k, cs, "mean")
         sel_ok = slot0 and (frac_same == 1.0 or worst < 2e-2)
-        moment2 = {"sel_moment2": "not run: the trainer refuses moment2 above head dim 64"}
+        scored = {"sel_moment2": "not run: the trainer refuses moment2 above head dim 64"}
         if 2 * d <= 128:  # the moment2 score runs the same kernel at head dim 2 D
             m_slot0, m_same, m_worst, _ = _selection_agreement(q, k, cs, "moment2")
             sel_ok &= m_slot0 and (m_same == 1.0 or m_worst < 2e-2)
-            moment2 = dict(sel_moment2="checked", sel_moment2_same_frac=round(m_same, 4),
-                           sel_moment2_worst_tie=m_worst)
+            scored = dict(sel_moment2="checked", sel_moment2_same_frac=round(m_same, 4),
+                          sel_moment2_worst_tie=m_worst)
         # the subN scores: pass 2 sums each block's sub-block probabilities
         s_slot0, s_same, s_worst, _ = _selection_agreement(q, k, cs, "sub4")
         sel_ok &= s_slot0 and (s_same == 1.0 or s_worst < 2e-2)
-        moment2.update(sel_sub4_same_frac=round(s_same, 4), sel_sub4_worst_tie=s_worst)
+        scored.update(sel_sub4_same_frac=round(s_same, 4), sel_sub4_worst_tie=s_worst)
         merge_same = None
         if len(merges) > 1:  # every merge strategy must give the same indices
             merge_same = _merge_variants(q, k, merges, cs)[1]
@@ -162,7 +162,7 @@ def check_correctness(device, verbose=True, merges=()):
         al_ok &= nsa_err < 3e-2
         ok &= sel_ok and att_ok and al_ok
         rows.append(dict(shape=f"B{b} T{t} HQ{hq} H{h} D{d}" + (f" docs{len(cu) - 1}" if cu else ""),
-                         sel_same_frac=round(frac_same, 4), sel_worst_tie=worst, **moment2,
+                         sel_same_frac=round(frac_same, 4), sel_worst_tie=worst, **scored,
                          rel_err_o_dq_dk_dv=[float(f"{e:.2e}") for e in errs], nan=nan,
                          align_rel_err=float(f"{al_err:.1e}"), full_rel_err=float(f"{full_err:.1e}"),
                          nsa_cmp_win_rel_err=float(f"{nsa_err:.1e}"),

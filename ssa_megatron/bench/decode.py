@@ -154,8 +154,7 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale, sco
     the selected block sets (judged: equal to the reference's up to near-ties, see
     :func:`selection_agreement`), and the output's error against the reference attention over
     the kernels' own blocks, relative to its largest entry (judged). ``score`` and ``q_select``:
-    the model's selection (modeling_ssa.selection_operands; a subN score reads the layer's
-    sub-block means)."""
+    the model's selection (modeling_ssa.selection_operands)."""
     from ssa_megatron.hf.modeling_ssa import selection_operands
     from ssa_megatron.ops import reference, triton_sparse_decode
     parts = reference.sub_parts(score) or 1
@@ -165,20 +164,13 @@ def check_decode_kernels(q, k1, layer, ctx, block_size, block_counts, scale, sco
         q_select = q_select[:, None]
     kc, vc = layer.update(k1, k1)
     try:
-        if parts > 1:
-            qs, pooled = q_select, layer.pooled_keys
-        else:
-            qs, pooled = selection_operands(q, q_select, kc, layer, block_size, score, scale)
+        qs, pooled = selection_operands(q, q_select, kc, layer, block_size, score, scale)
         o, idx = triton_sparse_decode.sparse_decode_attention(
             q, kc, vc, pooled, ctx, block_size, block_counts, scale, return_indices=True, q_select=qs,
             parts=parts)
-        ranked, nb_all = (q if qs is None else qs).float(), (ctx + block_size) // block_size
-        if parts > 1:
-            scores = reference.group_block_scores(
-                reference.sub_block_logits_from_means(ranked, pooled, parts, scale), ctx,
-                block_size, nb_all)[:, 0]
-        else:
-            scores = reference.pooled_block_scores(ranked, pooled, ctx, block_size, nb_all, scale)[:, 0]
+        scores = reference.pooled_block_scores((q if qs is None else qs).float(), pooled, ctx,
+                                               block_size, (ctx + block_size) // block_size, scale,
+                                               parts)[:, 0]
         ro = reference.sparse_attention_with_past(q.float(), kc.float(), vc.float(), idx[:, None],
                                                   ctx, block_size, scale)
     finally:
@@ -300,13 +292,11 @@ def bench_layout(args, hq, h, d):
             elif mode == "sparse":  # the decode kernels on CUDA
                 sparse_decode(q, kc, vc, layer0, ctx, bs, bc, scale, selection_query(),
                               args.selection_score)
-            elif parts > 1:  # "sparse_unfused", subN: the reference math on the cached sub-block means
-                reference.sparse_decode_attention(q, kc, vc, layer0.pooled_keys, ctx, bs, bc, scale,
-                                                  q_select=selection_query(), parts=parts)
             else:  # "sparse_unfused": the reference math (torch ops), the path before the kernels
                 qs, pooled = selection_operands(q, selection_query(), kc, layer0, bs,
                                                 args.selection_score, scale)
-                reference.sparse_decode_attention(q, kc, vc, pooled, ctx, bs, bc, scale, q_select=qs)
+                reference.sparse_decode_attention(q, kc, vc, pooled, ctx, bs, bc, scale, q_select=qs,
+                                                  parts=parts)
         return step
 
     def model_step(mode):

@@ -66,16 +66,14 @@ except ImportError:  # imported from the ssa_megatron source tree
     from ssa_megatron.ops.nsa import nsa_attention as _local_nsa_attention
 
 try:  # the copy written next to this file by the converter
-    from .ssa_ops import (SELECTION_SCORES, chunk_scores, full_attention, moment2_keys,
-                          moment2_query, pooled_selection_keys, select_blocks, sparse_attention,
-                          sparse_attention_with_past, sparse_decode_attention, sub_parts,
-                          sub_parts_error, top_blocks)
+    from .ssa_ops import (SELECTION_SCORES, full_attention, moment2_keys, moment2_query,
+                          pooled_selection_keys, select_blocks, sparse_attention,
+                          sparse_decode_attention, sub_parts, sub_parts_error)
 except ImportError:  # imported from the ssa_megatron source tree
-    from ssa_megatron.ops.reference import (SELECTION_SCORES, chunk_scores, full_attention,
-                                            moment2_keys, moment2_query, pooled_selection_keys,
-                                            select_blocks, sparse_attention,
-                                            sparse_attention_with_past, sparse_decode_attention,
-                                            sub_parts, sub_parts_error, top_blocks)
+    from ssa_megatron.ops.reference import (SELECTION_SCORES, full_attention, moment2_keys,
+                                            moment2_query, pooled_selection_keys, select_blocks,
+                                            sparse_attention, sparse_decode_attention, sub_parts,
+                                            sub_parts_error)
 
 _REFERENCE = SimpleNamespace(full_attention=full_attention, select_blocks=select_blocks,
                              sparse_attention=sparse_attention,
@@ -223,16 +221,18 @@ def selection_operands(q, q_select, k, layer, block_size: int, score: str, scale
     """(scoring queries or None for q, pooled keys) that rank a KV cache's blocks for ``q_select``
     (None: q) with ``score``: the cache layer's pooled keys (an SSACacheLayer), else all keys
     k [B, H, T, D] pooled again; for moment2 the pair ``[q, scale / 2 q * q]``, ``[mean, var]``
-    (the cache keeps the second as it is: a step builds only the query side)."""
+    (the cache keeps the second as it is: a step builds only the query side); for subN the N
+    sub-block means of each block."""
     cached = layer if isinstance(layer, SSACacheLayer) else None
     if score == "moment2":
         pooled = cached.pooled_moment2 if cached is not None else None
         if pooled is None:
             pooled = moment2_keys(*pooled_selection_keys(k.transpose(1, 2), block_size, score))
         return moment2_query(q if q_select is None else q_select, scale), pooled
-    pooled = cached.pooled_keys if cached is not None else None
+    parts = sub_parts(score) or 1
+    pooled = cached.pooled_keys if cached is not None and cached.parts == parts else None
     if pooled is None:
-        pooled = pooled_selection_keys(k.transpose(1, 2), block_size)[0]
+        pooled = pooled_selection_keys(k.transpose(1, 2), block_size, score)[0]
     return q_select, pooled
 
 
@@ -241,21 +241,15 @@ def sparse_decode(q, k, v, layer, past: int, block_size: int, block_counts: int,
     """Sparse attention of new queries q [B, Tq, HQ, D] at positions past.. with a KV cache
     (k, v [B, H, past + Tq, D]): blocks ranked by :func:`selection_operands`; one new token on
     CUDA takes the three decode kernels (ssa_megatron.ops.triton_sparse_decode). A ``subN`` score
-    ranks blocks from the N sub-block means per block an SSACacheLayer keeps (O(T / block_size)
-    a step, the decode kernels too); without one it ranks from all keys again and attends in
-    plain PyTorch. Either way: the same blocks and outputs as without a cache (on CUDA up to
-    near-ties, as for the mean score: the pass without a cache scores in TF32)."""
+    ranks blocks from the N sub-block means of each block (O(T / block_size) a step with an
+    SSACacheLayer, which keeps them). The same blocks and outputs as without a cache (on CUDA up
+    to near-ties: the pass without a cache scores in TF32)."""
+    q_select, pooled = selection_operands(q, q_select, k, layer, block_size, score, scale)
     parts = sub_parts(score)
     if parts:
-        if isinstance(layer, SSACacheLayer) and layer.parts == parts:
-            decode = _ops_with(q, "sparse_decode_attention", "parts")
-            return decode(q, k, v, layer.pooled_keys, past, block_size, block_counts, scale,
-                          q_select=q_select, parts=parts)
-        ranked = q if q_select is None else q_select
-        idx = top_blocks(chunk_scores(ranked, k.transpose(1, 2), past, block_size, scale, score),
-                         block_counts)
-        return sparse_attention_with_past(q, k, v, idx, past, block_size, scale)
-    q_select, pooled = selection_operands(q, q_select, k, layer, block_size, score, scale)
+        decode = _ops_with(q, "sparse_decode_attention", "parts")
+        return decode(q, k, v, pooled, past, block_size, block_counts, scale, q_select=q_select,
+                      parts=parts)
     if q_select is None:
         decode = _ops_with(q, "sparse_decode_attention", None)
         return decode(q, k, v, pooled, past, block_size, block_counts, scale)

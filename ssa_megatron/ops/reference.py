@@ -99,12 +99,8 @@ def sub_block_logits(q_chunk: torch.Tensor, k_prefix: torch.Tensor, block_size: 
     of each complete block (the ``subN`` score): under SSA's softmax over blocks, each block gets
     the summed probability of its sub-blocks' means. N = 1 is the mean score; N = block_size is
     each head's exact attention share of the complete past blocks."""
-    unfit = sub_parts_error(parts, block_size)
-    if unfit:
-        raise ValueError(unfit)
-    nb = k_prefix.shape[1] // block_size
-    return sub_block_logits_from_means(
-        q_chunk, mean_pool_blocks(k_prefix[:, : nb * block_size], block_size // parts), parts, scale)
+    sub_means = pooled_selection_keys(k_prefix, block_size, f"sub{parts}")[0]
+    return sub_block_logits_from_means(q_chunk, sub_means, parts, scale)
 
 
 def sub_block_logits_from_means(q_chunk: torch.Tensor, sub_means: torch.Tensor, parts: int,
@@ -142,12 +138,17 @@ def moment2_operands(q: torch.Tensor, pooled_mean: torch.Tensor, pooled_square: 
 
 def pooled_selection_keys(k: torch.Tensor, block_size: int, score: str = "mean"):
     """The per-block key statistics a score needs: (mean,) or (mean, mean of squares), each
-    [B, T // bs, H, D] fp32 (:func:`mean_pool_blocks`); ``subN`` scores read the keys
-    themselves (:func:`sub_block_logits`)."""
+    [B, T // bs, H, D] fp32 (:func:`mean_pool_blocks`); for ``subN`` (the means of the N
+    sub-blocks of each complete block,) [B, T // bs * N, H, D], block-major (any N that divides
+    the block size: evaluation's subN selections are not limited to the trainer's scores)."""
+    parts = sub_parts(score)
+    if parts:
+        unfit = sub_parts_error(parts, block_size)
+        if unfit:
+            raise ValueError(unfit)
+        nb = k.shape[1] // block_size
+        return (mean_pool_blocks(k[:, : nb * block_size], block_size // parts),)
     check_score(score)
-    if sub_parts(score):
-        raise ValueError(f"the {score} score has no one pooled key per block: score it with "
-                         "chunk_scores or sub_block_logits")
     mean = mean_pool_blocks(k, block_size)
     if score == "mean":
         return (mean,)
@@ -230,22 +231,25 @@ def chunk_scores(q_chunk: torch.Tensor, k_prefix: torch.Tensor, first_pos: int, 
                  scale: Optional[float], score: str = "mean") -> torch.Tensor:
     """block_scores for queries at positions first_pos.. of a sequence whose keys are k_prefix."""
     nb_all = (k_prefix.shape[1] + block_size - 1) // block_size
-    if sub_parts(score):
-        return group_block_scores(sub_block_logits(q_chunk, k_prefix, block_size, sub_parts(score), scale),
-                                  first_pos, block_size, nb_all)
     stats = pooled_selection_keys(k_prefix, block_size, score)
-    if score == "mean":
-        return pooled_block_scores(q_chunk, stats[0], first_pos, block_size, nb_all, scale)
+    if score != "moment2":
+        return pooled_block_scores(q_chunk, stats[0], first_pos, block_size, nb_all, scale,
+                                   sub_parts(score) or 1)
     scale = 1.0 / math.sqrt(q_chunk.shape[-1]) if scale is None else scale
     q2, pooled2 = moment2_operands(q_chunk, *stats, scale)
     return pooled_block_scores(q2, pooled2, first_pos, block_size, nb_all, scale)
 
 
 def pooled_block_scores(q_chunk: torch.Tensor, pooled: torch.Tensor, first_pos: int,
-                        block_size: int, nb_all: int, scale: Optional[float]) -> torch.Tensor:
+                        block_size: int, nb_all: int, scale: Optional[float],
+                        parts: int = 1) -> torch.Tensor:
     """block_scores [B, Tq, H, nb_all] for queries at positions first_pos.. from the pooled keys
     [B, nb, H, D] (fp32, :func:`mean_pool_blocks`) of the complete blocks of a key range of
-    ``nb_all`` blocks; a KV cache that keeps the block means selects in O(nb) per token."""
+    ``nb_all`` blocks, or with ``parts`` = N > 1 their N sub-block means [B, nb * N, H, D] (the
+    subN score); a KV cache that keeps them selects in O(nb) per token."""
+    if parts > 1:
+        return group_block_scores(sub_block_logits_from_means(q_chunk, pooled, parts, scale),
+                                  first_pos, block_size, nb_all)
     b, tc, hq, d = q_chunk.shape
     h = pooled.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -281,12 +285,8 @@ def select_blocks_from_pooled(q: torch.Tensor, pooled: torch.Tensor, first_pos: 
     with ``parts`` = N > 1 the means of their N sub-blocks [B, nb * N, H, D] (the subN score).
     Returns [B, Tq, H, block_counts] int32, -1 = empty slot."""
     nb_all = (num_keys + block_size - 1) // block_size
-    if parts > 1:
-        scores = group_block_scores(sub_block_logits_from_means(q, pooled, parts, scale),
-                                    first_pos, block_size, nb_all)
-    else:
-        scores = pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale)
-    return top_blocks(scores, block_counts)
+    return top_blocks(pooled_block_scores(q, pooled, first_pos, block_size, nb_all, scale, parts),
+                      block_counts)
 
 
 def sparse_attention_with_past(q, k, v, indices, past: int, block_size: int, scale: float):
