@@ -49,7 +49,73 @@ def test_study_recipes_name_their_branch_draw_and_probability():
             assert draw == ("micro-batch" if name.startswith("ssa-step") else "sequence"), name
             assert flags.count("--ssa-full-prob") + flags.count("--ssa-full-prob-schedule") >= 1, name
             assert flags.count("--ssa-full-prob") <= 1, name
-    assert VARIANTS["ssa-step"][-2:] == ["--ssa-full-prob", "0.5"]  # the paper's
+    assert VARIANTS["ssa-step"][-4:] == ["--ssa-full-prob", "0.5", "--ssa-selection-score", "mean"]
+
+
+def test_study_systems_name_their_selection_score():
+    """The trainer's default score changed (mean to sub4) after most study systems were measured:
+    each SSA system of both studies names its score, so its runs stay what they were."""
+    from ssa_megatron.study.paper_comparison import SYSTEM_FLAGS
+    from ssa_megatron.study.quality import VARIANTS
+    for name, flags in [*SYSTEM_FLAGS.items(), *((n, f) for n, f in VARIANTS.items() if n.startswith("ssa-"))]:
+        assert flags.count("--ssa-selection-score") == 1, name
+        score = flags[flags.index("--ssa-selection-score") + 1]
+        assert score == {"ssa-recipe-moment2": "moment2", "ssa-recipe-sub4": "sub4"}.get(name, "mean"), name
+
+
+def test_a_new_ssa_run_selects_with_the_recipe_score():
+    """--ssa-selection-score left out: sub4 for SSA (the recipe), and the recipe line says so;
+    the paper's mean where sub4 cannot go (other attention modes, blocks that 4 does not divide,
+    the selection alignment loss, which trains the mean score); a score asked for is kept."""
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import BranchRecipe
+    args = tiny_args()
+    assert args.attention_mode == "ssa" and args.ssa_selection_score == "sub4"
+    assert "sub4 selection score" in BranchRecipe(args).describe(args)
+    assert tiny_args("--ssa-selection-score", "mean").ssa_selection_score == "mean"
+    assert not getattr(tiny_args("--ssa-selection-score", "sub4"), "_selection_score_defaulted", False)
+    for flags in (["--attention-mode", "full"], ["--attention-mode", "sparse"], ["--attention-mode", "nsa"],
+                  ["--ssa-block-size", "2", "--ssa-block-counts", "4"],
+                  ["--ssa-select-align-coef", "0.5"]):
+        assert tiny_args(*flags).ssa_selection_score == "mean", flags
+    assert "selection score" not in BranchRecipe(tiny_args("--ssa-block-size", "2")).describe(
+        tiny_args("--ssa-block-size", "2"))
+
+
+def test_a_resumed_run_keeps_its_checkpoint_score():
+    """A checkpoint of the mean score (or of a time before the score was recorded) resumed
+    without --ssa-selection-score goes on with the mean score, in one line; a score asked for,
+    a checkpoint of the recipe's own score and converted weights (a new run) take the flags'."""
+    from model_utils import tiny_args
+    from ssa_megatron.training.ssa_recipe import keep_checkpoint_selection_score
+    for saved in ({"attention_mode": "ssa", "ssa_selection_score": "mean"}, {"attention_mode": "ssa"}):
+        args = tiny_args()
+        note = keep_checkpoint_selection_score(args, {"args": saved})
+        assert args.ssa_selection_score == "mean" and note.count("\n") == 0
+        assert "keeps it" in note and "--ssa-selection-score sub4" in note
+    for args, meta in ((tiny_args("--ssa-selection-score", "sub4"), {"args": {"attention_mode": "ssa"}}),
+                       (tiny_args(), {"args": {"attention_mode": "ssa", "ssa_selection_score": "sub4"}}),
+                       (tiny_args(), {"args": {"attention_mode": "ssa"}, "weights_only": True}),
+                       (tiny_args(), {"args": {"attention_mode": "full"}})):
+        assert keep_checkpoint_selection_score(args, meta) is None
+        assert args.ssa_selection_score == "sub4"
+
+
+def test_a_requeued_run_trains_on_with_its_checkpoint_score(tmp_path, random_dataset):
+    """The trainer end to end: a run saved with the mean score and resumed without the flag
+    trains its second step with the mean score, records it in its next checkpoint, and says so."""
+    from ssa_megatron.training.checkpoint_format import read_meta
+    base = FLAGS + ["--data-path", random_dataset, "--micro-batch-size", "4"]
+    ckpt = str(tmp_path / "ckpt")
+    run_workers("train", 1, str(tmp_path / "a"), *base, "--ssa-selection-score", "mean",
+                "--save", ckpt, "--exit-interval", "1")
+    second = run_workers("train", 1, str(tmp_path / "b"), *base, "--save", ckpt, "--load", ckpt)
+    assert second["iterations"] == [2]
+    saved = read_meta(os.path.join(ckpt, "iter_0000002"))["args"]
+    assert saved["ssa_selection_score"] == "mean"
+    assert not any(key.startswith("_") for key in saved)
+    with open(tmp_path / "b" / "rank0.log") as f:
+        assert "trained with the mean selection score, so the run keeps it" in f.read()
 
 
 def test_the_default_recipe_draws_per_sequence():

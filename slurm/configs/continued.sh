@@ -17,7 +17,8 @@
 #               continue-flags --help
 # LR (3e-5), MIN_LR (LR / 10), WARMUP_ITERS (100), TRAIN_ITERS (2000), GLOBAL_BATCH (64),
 # MICRO_BATCH (1), TP (default: the layout INIT_FROM was converted for), BLOCK_COUNTS (16), SPLIT (998,2,0), SAVE_INTERVAL (200),
-# KEEP_LAST (2), SSA_DEVICE=cpu (fp32 on CPU processes, a smoke run)
+# KEEP_LAST (2), SSA_DEVICE=cpu (fp32 on CPU processes, a smoke run), SSA_SELECTION_SCORE (the
+# trainer's default: sub4, the recipe's block score; mean selects as the paper does)
 RUN_NAME="${RUN_NAME:-continued-$(basename "${INIT_FROM:-model}")}"
 # the model flags: INIT_FROM's (its context, RoPE change and TP size) until the run has a
 # checkpoint of its own, then that checkpoint's, so requeued attempts no longer need INIT_FROM
@@ -33,6 +34,7 @@ PRECISION=(--bf16 --recompute-activations)
 TRAIN_ARGS=(
   "${MODEL_FLAGS[@]}"
   --attention-mode ssa --ssa-block-size 16 --ssa-block-counts "${BLOCK_COUNTS:-16}"
+  ${SSA_SELECTION_SCORE:+--ssa-selection-score "$SSA_SELECTION_SCORE"}
   --micro-batch-size "${MICRO_BATCH:-1}" --global-batch-size "${GLOBAL_BATCH:-64}"
   --train-iters "${TRAIN_ITERS:-2000}" --lr "$LR" --min-lr "${MIN_LR:-$("$SSA_PYTHON" -c "print($LR / 10)")}"
   --lr-decay-style cosine --lr-warmup-iters "${WARMUP_ITERS:-100}"

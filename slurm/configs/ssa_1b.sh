@@ -1,7 +1,8 @@
 # SSA 1B, the paper's shape and optimizer (arXiv 2511.20102): 16 layers, hidden 2048, 32 heads / 2 kv groups,
-# seq 8192, AdamW lr 1e-3 cosine, 1% warm-up, bf16, ZeRO-2; the branch is drawn per sequence with
-# full-branch probability 0.5 (the robust recipe, docs/RESULTS.md "SSA quality";
-# SSA_BRANCH_DRAW=micro-batch for the paper's draw).
+# seq 8192, AdamW lr 1e-3 cosine, 1% warm-up, bf16, ZeRO-2; SSA with this project's recipe (the
+# trainer's defaults, docs/RESULTS.md "SSA quality" and "Session 21"): the branch drawn per
+# sequence with full-branch probability 0.5, blocks selected by the sub4 score.
+# SSA_BRANCH_DRAW=micro-batch SSA_SELECTION_SCORE=mean for SSA as published.
 # For slurm/pretrain.sbatch and examples/launch_*.sh.
 #
 # Format: a bash file that the launchers `source`. It sets the array TRAIN_ARGS (flags of
@@ -15,6 +16,7 @@ TRAIN_ARGS=(
   --num-attention-heads 32 --num-query-groups 2 --seq-length 8192
   --attention-mode ssa --ssa-block-size 16 --ssa-block-counts 16 --ssa-align-coef 10
   --ssa-branch-draw "${SSA_BRANCH_DRAW:-sequence}" --ssa-full-prob "${SSA_FULL_PROB:-0.5}"
+  ${SSA_SELECTION_SCORE:+--ssa-selection-score "$SSA_SELECTION_SCORE"}
   --micro-batch-size "${MICRO_BATCH:-1}" --global-batch-size "${GLOBAL_BATCH:-64}"
   --train-iters "${TRAIN_ITERS:-20000}"
   --lr 1e-3 --min-lr 0 --lr-decay-style cosine --lr-warmup-fraction 0.01

@@ -14,6 +14,26 @@ RECIPE_DEFAULTS = {
 }
 
 
+# The block score a new SSA training run selects with unless told otherwise: the log-mean-exp
+# over four sub-block means (docs/RESULTS.md, "Session 21"). It is the trainer's default only:
+# a model or checkpoint that records no score selects with the paper's mean (ModelShape's
+# default), and a resumed run keeps the score its checkpoint recorded.
+RECIPE_SELECTION_SCORE = "sub4"
+
+
+def recipe_selection_score(attention_mode: str, block_size: int, select_align_coef: float = 0.0,
+                           select_proj: bool = False) -> str:
+    """The score a new run trains with when ``--ssa-selection-score`` is not given: the recipe's
+    for SSA when four sub-blocks fit a block and no selection alignment (which trains the mean
+    score) is on; the paper's mean otherwise."""
+    from ssa_megatron.ops.reference import sub_parts, sub_parts_error
+    parts = sub_parts(RECIPE_SELECTION_SCORE)
+    if (attention_mode != "ssa" or select_align_coef or select_proj
+            or sub_parts_error(parts, block_size)):
+        return "mean"
+    return RECIPE_SELECTION_SCORE
+
+
 def recipe_default(name: str):
     return RECIPE_DEFAULTS[name]
 

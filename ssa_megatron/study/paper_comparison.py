@@ -30,8 +30,8 @@ from ssa_megatron.study.paper_report import (claims, common_seeds, markdown_clai
                                              markdown_matched, markdown_paired,
                                              markdown_selection_gaps, markdown_summary,
                                              matched_train_losses, paired_ratios, selection_gaps)
-from ssa_megatron.study.recipes import (BLOCK_SIZE, PAPER_DRAW, PRESETS, RECIPE_DRAW, SEQUENCE_DRAW,
-                                        shape_flags)
+from ssa_megatron.study.recipes import (BLOCK_SIZE, MEAN_RECIPE, PAPER_SCORE, PAPER_SSA, PRESETS,
+                                        RECIPE_DRAW, SEQUENCE_DRAW, shape_flags)
 from ssa_megatron.training import result_record
 
 ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the runs it starts
@@ -51,17 +51,17 @@ SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": 
 # what runs when --systems is not given: the paper's systems and the two recipes (the later
 # candidates run when named)
 DEFAULT_SYSTEMS = ("full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25")
-SYSTEM_FLAGS = {"ssa": PAPER_DRAW,
-                "ssa-recipe": RECIPE_DRAW,
-                "ssa-recipe-fp25": [*SEQUENCE_DRAW, "--ssa-full-prob", "0.25"],
-                "ssa-recipe-late-sparse": [*RECIPE_DRAW, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
-                "ssa-recipe-sparse-end": [*RECIPE_DRAW, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
-                "ssa-recipe-select": [*RECIPE_DRAW, "--ssa-select-align-coef", "1.0"],
+SYSTEM_FLAGS = {"ssa": PAPER_SSA,
+                "ssa-recipe": MEAN_RECIPE,
+                "ssa-recipe-fp25": [*SEQUENCE_DRAW, "--ssa-full-prob", "0.25", *PAPER_SCORE],
+                "ssa-recipe-late-sparse": [*MEAN_RECIPE, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
+                "ssa-recipe-sparse-end": [*MEAN_RECIPE, "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.0"],
+                "ssa-recipe-select": [*MEAN_RECIPE, "--ssa-select-align-coef", "1.0"],
                 "ssa-recipe-moment2": [*RECIPE_DRAW, "--ssa-selection-score", "moment2"],
                 "ssa-recipe-sub4": [*RECIPE_DRAW, "--ssa-selection-score", "sub4"],
                 # AdamW moves the map the same for any weight; a small one keeps its gradient
                 # from eating into the model's under the global gradient-norm clip
-                "ssa-recipe-select-proj": [*RECIPE_DRAW, "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
+                "ssa-recipe-select-proj": [*MEAN_RECIPE, "--ssa-select-proj", "--ssa-select-align-coef", "0.1"]}
 # relative step cost, to start the longest runs first (SSA runs both branches every step)
 COST = {"ssa": 1.7, "nsa": 1.5, "full": 1.0, "sparse": 0.9}  # by attention mode
 FINAL_LOSS_STEPS = 10  # the final train loss is the mean over this many last steps

@@ -16,32 +16,32 @@ import statistics
 import sys
 from typing import Dict, List, Optional
 
-from ssa_megatron.study.recipes import PAPER_DRAW, RECIPE_DRAW, SEQUENCE_DRAW, SMALL_SETTING, shape_flags
+from ssa_megatron.study.recipes import MEAN_RECIPE, PAPER_SCORE, PAPER_SSA, SEQUENCE_DRAW, SMALL_SETTING, shape_flags
 
 # Named recipes: trainer flags on top of the small setting (--bf16 unless the name says fp32).
 VARIANTS: Dict[str, List[str]] = {
     "full-full": ["--attention-mode", "full"],
     "sparse-sparse": ["--attention-mode", "sparse"],
-    "ssa-step": ["--attention-mode", "ssa", *PAPER_DRAW],
-    "ssa-seq": ["--attention-mode", "ssa", *RECIPE_DRAW],
-    "ssa-step-fp32": ["--attention-mode", "ssa", *PAPER_DRAW],
+    "ssa-step": ["--attention-mode", "ssa", *PAPER_SSA],
+    "ssa-seq": ["--attention-mode", "ssa", *MEAN_RECIPE],
+    "ssa-step-fp32": ["--attention-mode", "ssa", *PAPER_SSA],
     "full-full-fp32": ["--attention-mode", "full"],
-    "ssa-step-qknorm": ["--attention-mode", "ssa", *PAPER_DRAW, "--qk-layernorm"],
-    "ssa-step-fullwarm": ["--attention-mode", "ssa", *PAPER_DRAW,
+    "ssa-step-qknorm": ["--attention-mode", "ssa", *PAPER_SSA, "--qk-layernorm"],
+    "ssa-step-fullwarm": ["--attention-mode", "ssa", *PAPER_SSA,
                           "--ssa-full-prob-schedule", "0:1.0,100:1.0,150:0.5"],
-    "ssa-step-gate0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-gate-init", "zero"],
-    "ssa-seq-qknorm": ["--attention-mode", "ssa", *RECIPE_DRAW, "--qk-layernorm"],
+    "ssa-step-gate0": ["--attention-mode", "ssa", *PAPER_SSA, "--ssa-gate-init", "zero"],
+    "ssa-seq-qknorm": ["--attention-mode", "ssa", *MEAN_RECIPE, "--qk-layernorm"],
     "full-full-qknorm": ["--attention-mode", "full", "--qk-layernorm"],
-    "ssa-step-alpha0": ["--attention-mode", "ssa", *PAPER_DRAW, "--ssa-align-coef", "0"],
-    "ssa-seq-align1": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-align-coef", "1"],
-    "ssa-seq-full75": ["--attention-mode", "ssa", *SEQUENCE_DRAW, "--ssa-full-prob", "0.75"],
-    "ssa-seq-full25": ["--attention-mode", "ssa", *SEQUENCE_DRAW, "--ssa-full-prob", "0.25"],
+    "ssa-step-alpha0": ["--attention-mode", "ssa", *PAPER_SSA, "--ssa-align-coef", "0"],
+    "ssa-seq-align1": ["--attention-mode", "ssa", *MEAN_RECIPE, "--ssa-align-coef", "1"],
+    "ssa-seq-full75": ["--attention-mode", "ssa", *SEQUENCE_DRAW, "--ssa-full-prob", "0.75", *PAPER_SCORE],
+    "ssa-seq-full25": ["--attention-mode", "ssa", *SEQUENCE_DRAW, "--ssa-full-prob", "0.25", *PAPER_SCORE],
     # the recipe to mid-run, then more sparse sequences (the large comparison's late-sparse run)
-    "ssa-seq-late-sparse": ["--attention-mode", "ssa", *RECIPE_DRAW,
+    "ssa-seq-late-sparse": ["--attention-mode", "ssa", *MEAN_RECIPE,
                             "--ssa-full-prob-schedule", "0:0.5,0.5:0.5,1.0:0.1"],
     # the recipe plus the selection alignment loss (ops/selection_loss.py)
-    "ssa-seq-select": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-select-align-coef", "1.0"],
-    "ssa-seq-select-proj": ["--attention-mode", "ssa", *RECIPE_DRAW, "--ssa-select-proj",
+    "ssa-seq-select": ["--attention-mode", "ssa", *MEAN_RECIPE, "--ssa-select-align-coef", "1.0"],
+    "ssa-seq-select-proj": ["--attention-mode", "ssa", *MEAN_RECIPE, "--ssa-select-proj",
                             "--ssa-select-align-coef", "0.1"],
 }
 

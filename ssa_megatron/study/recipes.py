@@ -11,8 +11,13 @@ BLOCK_SIZE = 16  # every study system's SSA block (evaluation selections are che
 # SSA as published: one branch per micro-batch (= per step at one micro-batch), full with p 0.5
 PAPER_DRAW = ["--ssa-branch-draw", "micro-batch", "--ssa-full-prob", "0.5"]
 SEQUENCE_DRAW = ["--ssa-branch-draw", "sequence"]
-# the robust recipe: one branch per sequence, full with p 0.5 (the trainer's defaults)
+# the robust recipe's draw: one branch per sequence, full with p 0.5 (the trainer's defaults)
 RECIPE_DRAW = [*SEQUENCE_DRAW, "--ssa-full-prob", "0.5"]
+# the paper's block score; the trainer's default for a new SSA run is the recipe's sub4 since
+# session 21, so the systems measured with the mean score name it
+PAPER_SCORE = ["--ssa-selection-score", "mean"]
+PAPER_SSA = [*PAPER_DRAW, *PAPER_SCORE]      # SSA as published
+MEAN_RECIPE = [*RECIPE_DRAW, *PAPER_SCORE]   # the recipe of sessions 11-20 (the mean score)
 
 # The quality issue's small setting (it follows an independent plain-PyTorch study): 8 layers x
 # 384, 12 q / 4 kv heads of 32, FFN 1024, seq 4096, 4 sequences per step, 600 steps, lr 1e-3 with

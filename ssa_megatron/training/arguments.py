@@ -10,7 +10,8 @@ from typing import List, Optional
 from ssa_megatron.console import make_parser, record_for_launcher
 from ssa_megatron.model.config import ConfigError, check_parallel_layout, check_ssa_settings
 from ssa_megatron.model.options import check_model_options, model_options
-from ssa_megatron.model.recipe_defaults import recipe_default
+from ssa_megatron.model.recipe_defaults import (RECIPE_SELECTION_SCORE, recipe_default,
+                                                recipe_selection_score)
 from ssa_megatron.model.shape import OPTIONS, SIZE, SSA, ModelShape, add_shape_flags
 
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(tools/convert_checkpoint.py from-hf prints the ones a model needs)")
     s = p.add_argument_group("SSA attention")
     add_shape_flags({SIZE: m, OPTIONS: o, SSA: s})
+    _leave_selection_score_to_the_recipe(p)
     m.add_argument("--seq-length", type=int, required=True,
                    help="training context in tokens; a multiple of --ssa-block-size")
     s.add_argument("--ssa-align-coef", type=float, default=recipe_default("ssa_align_coef"),
@@ -163,6 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave_selection_score_to_the_recipe(parser: argparse.ArgumentParser) -> None:
+    """--ssa-selection-score defaults to None here, so that validate_args can tell a score left
+    out (the recipe's, or a resumed run's own) from one asked for."""
+    action = next(a for a in parser._actions if a.dest == "ssa_selection_score")
+    action.default = None
+    action.help += (f"; default: {RECIPE_SELECTION_SCORE} for a new --attention-mode ssa run (the "
+                    "recipe; mean where 4 does not divide --ssa-block-size or with "
+                    "--ssa-select-align-coef), mean otherwise; a resumed run keeps its checkpoint's")
+
+
+def resolve_selection_score(args: argparse.Namespace) -> None:
+    """Fill a --ssa-selection-score left out with the recipe's score for this run's flags;
+    ``args._selection_score_defaulted`` remembers it (the trainer then lets a resumed
+    checkpoint's own score win: training/ssa_recipe.py)."""
+    if getattr(args, "ssa_selection_score", None) is not None:
+        return
+    args.ssa_selection_score = recipe_selection_score(args.attention_mode, args.ssa_block_size,
+                                                      args.ssa_select_align_coef, args.ssa_select_proj)
+    args._selection_score_defaulted = True
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -242,6 +265,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"ZeRO stage {stage} cannot run with --pipeline-model-parallel-size "
                               f"{args.pipeline_model_parallel_size} (DeepSpeed allows only ZeRO-0/1 with "
                               "pipeline parallelism): use ZeRO-1, or --pipeline-model-parallel-size 1")
+    resolve_selection_score(args)
     check_recipe_flags(args)
     if args.save_interval is not None and args.save is None:
         raise ConfigError("--save-interval needs --save DIR")

@@ -107,7 +107,7 @@ def save_checkpoint(engine, save_dir: str, iteration: int, consumed_samples: int
             write_meta(partial_dir, {
                 "iteration": iteration, "consumed_samples": consumed_samples,
                 "checkpoint_format": CHECKPOINT_FORMAT,
-                "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
+                "args": {k: v for k, v in vars(args).items() if _jsonable(v) and not k.startswith("_")},
                 "data": data_description, "world_size": world,
                 "padded_vocab_size": _padded_vocab(engine),
                 "zero_stage": engine.zero_optimization_stage()})

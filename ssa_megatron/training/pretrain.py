@@ -359,7 +359,8 @@ def run(args, fault_hook: Optional[Callable] = None,
     from ssa_megatron.training.flops import flops_per_token
     from ssa_megatron.training.run_safety import NonFiniteSteps, prepare_save_dir
     from ssa_megatron.training.signals import StopSignal
-    from ssa_megatron.training.ssa_recipe import BranchRecipe, full_coverage_note
+    from ssa_megatron.training.ssa_recipe import (BranchRecipe, full_coverage_note,
+                                                  keep_checkpoint_selection_score)
     from ssa_megatron.training.tb import TrainLogger
 
     prefixes, _ = parse_blend(args.data_path)
@@ -383,6 +384,9 @@ def run(args, fault_hook: Optional[Callable] = None,
     chosen = ckpt.choose_checkpoint(args.load, args) if args.load else None
     if chosen is not None:
         ckpt.refuse_data_of_another_tokenizer(args.load, args, data_description, chosen)
+        kept = keep_checkpoint_selection_score(args, ckpt.read_meta(os.path.join(args.load, chosen[0])))
+        if kept:
+            _log(kept)
     _log(f"building the model ({args.num_layers} layers x {args.hidden_size}) and its DeepSpeed engine")
     engine, ds_config, n_params, config = build_engine(args, info, dp_size)
     nonfinite = NonFiniteSteps(engine, args.max_skipped_steps)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ssa_megatron.model.recipe_defaults import recipe_setting
+from ssa_megatron.model.shape import shape_default
 from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches, draw_mode,
                                         draw_sequence_branches)
 from ssa_megatron.training.resume_notes import changed_flags
@@ -96,6 +97,26 @@ def recipe_change_note(saved_args, args) -> Optional[str]:
         return None
     return ("note: this run trains SSA with other recipe settings than the checkpoint it continues ("
             + ", ".join(changed) + "); pass the checkpoint's values to keep its recipe")
+
+
+def keep_checkpoint_selection_score(args, meta: dict) -> Optional[str]:
+    """A resumed SSA run whose --ssa-selection-score was left out keeps the score its checkpoint
+    trained with (the paper's mean where it records none), so that a job requeued after the
+    recipe's default changed goes on as it started; sets ``args.ssa_selection_score`` and
+    returns the line that says so (None: nothing to keep). A converted model (weights only)
+    starts training here and takes the recipe's score."""
+    if not getattr(args, "_selection_score_defaulted", False) or meta.get("weights_only"):
+        return None
+    saved = meta.get("args", {})
+    if saved.get("attention_mode") != "ssa" or args.attention_mode != "ssa":
+        return None
+    kept = saved.get("ssa_selection_score", shape_default("ssa_selection_score"))
+    if kept == args.ssa_selection_score:
+        return None
+    recipe_score, args.ssa_selection_score = args.ssa_selection_score, kept
+    return (f"note: the checkpoint this run continues trained with the {kept} selection score, so "
+            f"the run keeps it (new runs default to {recipe_score}); pass --ssa-selection-score "
+            f"{recipe_score} to change it")
 
 
 def first_sample_of_micro(consumed: int, micro: int, mbs: int, dp_size: int, dp_rank: int) -> int:
