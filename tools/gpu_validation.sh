@@ -11,7 +11,8 @@
 # = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
 # COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
 # in SYSTEMS), EVAL_SELECTIONS='oracle recent4' (sparse mode also under those block selections),
-# WARMUP=0.06 (warm-up fraction for every system; default 0.02); run again to resume.
+# WARMUP=0.06 (warm-up fraction for every system; default 0.02), EVAL_WINDOWS (valid windows of
+# 4096 tokens, default 64; each evaluation takes about 4x as long at 256); run again to resume.
 # compare-small: the quality issue's small setting in one call (8 layers x 384, 12 q / 4 kv heads,
 # seq 4096, 600 steps of 4 x 4096 tokens each seen once, lr 1e-3, 20 warm-up steps, cosine to 0:
 # paper_comparison.py --preset small) on a sample of the large corpus (tools/prepare_small_study.sh
@@ -95,7 +96,7 @@ case "$1" in
     fi
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" \
       --out "$COMPARE_OUT" --seeds ${SEEDS:-1 2} --train-iters 1650 --micro-batch-size 16 \
-      --global-batch-size 16 --log-interval 50 --eval-windows 64 --deadline "${DEADLINE:-540}" \
+      --global-batch-size 16 --log-interval 50 --eval-windows "${EVAL_WINDOWS:-64}" --deadline "${DEADLINE:-540}" \
       --eval-dense-layers 1 ${EVAL_SELECTIONS:+--eval-selections $EVAL_SELECTIONS} \
       ${WARMUP:+--lr-warmup-fraction $WARMUP} \
       --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \

@@ -23,7 +23,8 @@ ROOT = checkout_root()  # its examples/ and tools/, and the PYTHONPATH of the ru
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 VARIANTS = {
     "full": ["--attention-mode", "full"],
-    "ssa": ["--attention-mode", "ssa"],
+    "ssa": ["--attention-mode", "ssa"],  # the trainer's recipe: the sub4 block score
+    "ssa-mean": ["--attention-mode", "ssa", "--ssa-selection-score", "mean"],  # the paper's score
     "sparse": ["--attention-mode", "sparse"],
     "megatron-local": ["--attention-mode", "full", "--layer-spec", "megatron-local"],
 }
