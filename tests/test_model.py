@@ -180,10 +180,10 @@ def test_a_selection_map_is_trained_by_the_selection_loss_alone(single_process_p
 @pytest.mark.parametrize("score", ["moment2", "sub4"])
 def test_selection_scores_reach_every_place_that_selects(single_process_parallel_state, score):
     """--ssa-selection-score moment2 / sub4: the sparse branch, the diagnostics probe and evaluate.py's
-    sparsity analysis select with it; "mean" (the default) keeps the paper's; misuse is one line."""
+    sparsity analysis select with it; "mean" keeps the paper's; misuse is one line."""
     from ssa_megatron.eval.sparsity import layer_attention_stats
     from ssa_megatron.ops import reference
-    plain = build_tiny_model(tiny_args())
+    plain = build_tiny_model(tiny_args("--ssa-selection-score", "mean"))
     model = build_tiny_model(tiny_args("--ssa-selection-score", score))
     layer = [m for m in model.modules() if isinstance(m, SSACoreAttention)][0]
     assert layer.selection_score == score
@@ -230,7 +230,8 @@ def test_selection_scores_reach_every_place_that_selects(single_process_parallel
             tiny_args("--ssa-selection-score", score, "--ssa-block-size", "2")
     # a resume that changes the score is named in the recipe note
     from ssa_megatron.training.ssa_recipe import recipe_change_note
-    note = recipe_change_note(vars(tiny_args()), tiny_args("--ssa-selection-score", score))
+    note = recipe_change_note(vars(tiny_args("--ssa-selection-score", "mean")),
+                              tiny_args("--ssa-selection-score", score))
     assert note is not None and "ssa_selection_score" in note.replace("-", "_")
 
 

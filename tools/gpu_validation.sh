@@ -121,7 +121,7 @@ case "$1" in
       [ -n "${SHARDS:-}" ] || { echo "error: no $LARGE/english_text_document.idx: build it with tools/prepare_english_corpus.sh --large, or set SHARDS=dir of tools/corpus_shards.py split" >&2; exit 1; }
       python3 tools/corpus_shards.py join "$SHARDS" "$LARGE"
     fi
-    recipe='--attention-mode ssa --ssa-branch-draw sequence --ssa-full-prob 0.5 --diagnostics-interval 10 --diagnostics-dense-until 60'
+    recipe='--attention-mode ssa --ssa-branch-draw sequence --ssa-full-prob 0.5 --ssa-selection-score mean --diagnostics-interval 10 --diagnostics-dense-until 60'
     names=(); variants=()
     for i in $(seq 1 "${REPLICATES:-4}"); do names+=("rep$i"); variants+=("rep$i=$recipe"); done
     python3 tools/paper_comparison.py --data-path "$LARGE/english_text_document" --out "$ROBUST_OUT" \
@@ -143,9 +143,9 @@ case "$1" in
       --out runs/diagnose --seeds 1 --train-iters 1530 --stop-at 400 --micro-batch-size 16 \
       --global-batch-size 16 --log-interval 100 --skip-eval --deadline "${DEADLINE:-330}" \
       --systems ssa ssa-alpha0 ssa-always-full ssa-always-sparse full-full sparse-sparse \
-      --variant "ssa-alpha0=--attention-mode ssa --ssa-branch-draw micro-batch --ssa-full-prob 0.5 --ssa-align-coef 0" \
-      "ssa-always-full=--attention-mode ssa --ssa-branch-draw micro-batch --ssa-full-prob 1" \
-      "ssa-always-sparse=--attention-mode ssa --ssa-branch-draw micro-batch --ssa-full-prob 0" || true
+      --variant "ssa-alpha0=--attention-mode ssa --ssa-selection-score mean --ssa-branch-draw micro-batch --ssa-full-prob 0.5 --ssa-align-coef 0" \
+      "ssa-always-full=--attention-mode ssa --ssa-selection-score mean --ssa-branch-draw micro-batch --ssa-full-prob 1" \
+      "ssa-always-sparse=--attention-mode ssa --ssa-selection-score mean --ssa-branch-draw micro-batch --ssa-full-prob 0" || true
     (cd runs && tar czf "$OUT/diagnose.tgz" --exclude=checkpoint diagnose)
     CUDA_VISIBLE_DEVICES=0 python3 tools/check_backend_parity.py --data-path runs/english/english_text_document \
       --checkpoint runs/diagnose/ssa_seed1/checkpoint --json "$OUT/parity.json" > "$OUT/parity.txt" 2>&1 &
