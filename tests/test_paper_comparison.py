@@ -349,6 +349,26 @@ def test_a_rerun_with_other_training_flags_is_refused(tmp_path, capsys, monkeypa
     assert not (tmp_path / "commands.txt").exists()  # nothing was started
 
 
+def test_a_run_recorded_before_the_sub4_default_is_still_the_same_run(tmp_path):
+    """Commands recorded before the trainer's default score became sub4 name no score: they
+    trained with the mean score, so the mean-score systems still continue and summarise them;
+    a recorded sub4 run is still refused under a mean-score system."""
+    import shlex
+    args = _args(tmp_path)
+    out = tmp_path / "ssa_seed1"
+    out.mkdir()
+    pc.train_step(args, "ssa", 1, str(out))()
+    path = out / pc.TRAIN_COMMAND
+    words = shlex.split(path.read_text())
+    at = words.index("--ssa-selection-score")
+    assert words[at + 1] == "mean"
+    path.write_text(shlex.join(words[:at] + words[at + 2:]))  # as recorded before session 21
+    assert pc.changed_runs(args, {("ssa", 1): str(out)}) == []
+    path.write_text(shlex.join(words[:at + 1] + ["sub4"] + words[at + 2:]))
+    (changed,) = pc.changed_runs(args, {("ssa", 1): str(out)})
+    assert "sub4 -> mean" in changed
+
+
 def test_gpu_validation_robust_mode_trains_the_comparisons_recipe():
     """gpu_validation.sh robust spells the recipe's flags out as --variant values: they must stay
     those of paper_comparison's ssa-recipe system (plus the diagnostics)."""

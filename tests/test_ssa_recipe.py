@@ -78,8 +78,11 @@ def test_a_new_ssa_run_selects_with_the_recipe_score():
                   ["--ssa-block-size", "2", "--ssa-block-counts", "4"],
                   ["--ssa-select-align-coef", "0.5"]):
         assert tiny_args(*flags).ssa_selection_score == "mean", flags
-    assert "selection score" not in BranchRecipe(tiny_args("--ssa-block-size", "2")).describe(
-        tiny_args("--ssa-block-size", "2"))
+    small_blocks = tiny_args("--ssa-block-size", "2", "--ssa-block-counts", "4")
+    assert ("mean (not sub4: its sub-blocks do not split 2-token blocks) selection score"
+            in BranchRecipe(small_blocks).describe(small_blocks))
+    explicit = tiny_args("--ssa-selection-score", "mean")
+    assert ", mean selection score" in BranchRecipe(explicit).describe(explicit)
 
 
 def test_a_resumed_run_keeps_its_checkpoint_score():
@@ -92,13 +95,23 @@ def test_a_resumed_run_keeps_its_checkpoint_score():
         args = tiny_args()
         note = keep_checkpoint_selection_score(args, {"args": saved})
         assert args.ssa_selection_score == "mean" and note.count("\n") == 0
-        assert "keeps it" in note and "--ssa-selection-score sub4" in note
+        assert "keeps it (left out, these flags would give sub4)" in note
+        assert note.endswith("pass --ssa-selection-score sub4 to change it")
     for args, meta in ((tiny_args("--ssa-selection-score", "sub4"), {"args": {"attention_mode": "ssa"}}),
                        (tiny_args(), {"args": {"attention_mode": "ssa", "ssa_selection_score": "sub4"}}),
                        (tiny_args(), {"args": {"attention_mode": "ssa"}, "weights_only": True}),
                        (tiny_args(), {"args": {"attention_mode": "full"}})):
         assert keep_checkpoint_selection_score(args, meta) is None
         assert args.ssa_selection_score == "sub4"
+    # a relayout of a run (weights only, to continue at another TP size) is the run going on
+    relayout = {"args": {"attention_mode": "ssa", "ssa_selection_score": "mean"}, "weights_only": True,
+                "source": "relayout of runs/x/checkpoints"}
+    args = tiny_args()
+    assert keep_checkpoint_selection_score(args, relayout) and args.ssa_selection_score == "mean"
+    # flags that now forbid the checkpoint's score win (the selection alignment loss: mean only)
+    args = tiny_args("--ssa-select-align-coef", "1")
+    sub4 = {"args": {"attention_mode": "ssa", "ssa_selection_score": "sub4"}}
+    assert keep_checkpoint_selection_score(args, sub4) is None and args.ssa_selection_score == "mean"
 
 
 def test_a_requeued_run_trains_on_with_its_checkpoint_score(tmp_path, random_dataset):
@@ -115,7 +128,9 @@ def test_a_requeued_run_trains_on_with_its_checkpoint_score(tmp_path, random_dat
     assert saved["ssa_selection_score"] == "mean"
     assert not any(key.startswith("_") for key in saved)
     with open(tmp_path / "b" / "rank0.log") as f:
-        assert "trained with the mean selection score, so the run keeps it" in f.read()
+        log = f.read()
+    assert "trained with the mean selection score, so the run keeps it" in log
+    assert "mean (not sub4: the checkpoint's) selection score" in log  # the recipe line
 
 
 def test_the_default_recipe_draws_per_sequence():

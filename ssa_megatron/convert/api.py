@@ -5,6 +5,7 @@ from typing import List, Optional, Tuple
 
 from ssa_megatron.convert import hf_ckpt, layout, megatron_ckpt
 from ssa_megatron.model.shape import ModelShape, padded_vocab_size
+from ssa_megatron.training import checkpoint_format as fmt
 
 
 def _progress():
@@ -64,5 +65,5 @@ def relayout(checkpoint: str, out_dir: str, tp: int, pp: int = 1, tag: Optional[
     tag_dir = megatron_ckpt.resolve_tag_dir(checkpoint, tag)
     full, meta, shape = megatron_ckpt.read_tag_dir(tag_dir)
     megatron_ckpt.write_checkpoint(full, shape, out_dir, tp, pp, data=meta.get("data"),
-                                   source=f"relayout of {checkpoint}", progress=_progress())
+                                   source=f"{fmt.RELAYOUT_SOURCE}{checkpoint}", progress=_progress())
     return tag_dir

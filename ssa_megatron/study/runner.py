@@ -45,6 +45,10 @@ def _without(words: List[str], flags: Sequence[str]) -> List[str]:
     return kept
 
 
+def _names_the_paper_score(words: List[str]) -> bool:
+    return any(a == "--ssa-selection-score" and b == "mean" for a, b in zip(words, words[1:]))
+
+
 def command_changes(path: str, words: List[str], ignoring: Sequence[str] = ()) -> Optional[List[str]]:
     """How ``words`` differ from the command recorded at ``path`` (``old -> new`` for the first
     differing words, at most two), leaving out the flags ``ignoring`` and their values; None
@@ -53,6 +57,9 @@ def command_changes(path: str, words: List[str], ignoring: Sequence[str] = ()) -
     if before is None:
         return None
     before, now = _without(before, ignoring), _without(words, ignoring)
+    if _names_the_paper_score(now) and "--ssa-selection-score" not in before:
+        # recorded before the trainer's default score became sub4: the run trained with mean
+        now = _without(now, ("--ssa-selection-score",))
     if before == now:
         return None
     return [f"{a} -> {b}" for a, b in zip(before, now) if a != b][:2] or ["other flags"]

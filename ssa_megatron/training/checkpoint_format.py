@@ -138,6 +138,15 @@ def write_meta(tag_dir: str, meta: dict) -> None:
     write_atomic(os.path.join(tag_dir, META), json.dumps(meta, indent=1, sort_keys=True))
 
 
+RELAYOUT_SOURCE = "relayout of "  # how the "source" of a relayout's metadata begins
+
+
+def is_relayout(meta: dict) -> bool:
+    """Whether a weights-only checkpoint is a relayout of one of our runs (its training goes on
+    there) rather than an imported model (a new run starts there)."""
+    return str(meta.get("source", "")).startswith(RELAYOUT_SOURCE)
+
+
 def read_meta(tag_dir: str) -> dict:
     path = os.path.join(tag_dir, META)
     if not os.path.isfile(path):

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ssa_megatron.model.recipe_defaults import recipe_setting
+from ssa_megatron.model.recipe_defaults import RECIPE_SELECTION_SCORE, recipe_setting
 from ssa_megatron.model.shape import shape_default
 from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches, draw_mode,
                                         draw_sequence_branches)
@@ -54,9 +54,7 @@ class BranchRecipe:
         extras = [name for name, on in (("qk-layernorm", getattr(args, "qk_layernorm", False)),
                                         ("zero-init gates", recipe_setting(args, "ssa_gate_init") == "zero"))
                   if on]
-        score = getattr(args, "ssa_selection_score", "mean")
-        if score != "mean":
-            extras.insert(0, f"{score} selection score")
+        extras.insert(0, f"{selection_score_text(args)} selection score")
         select = recipe_setting(args, "ssa_select_align_coef")
         if select:
             trains = "a learned selection map" if getattr(args, "ssa_select_proj", False) else "q and k"
@@ -65,6 +63,21 @@ class BranchRecipe:
         return (f"recipe: SSA, branch drawn {draw}, full-branch probability {prob}, "
                 f"alignment weight {align}, top-{args.ssa_block_counts} of {args.ssa_block_size}-token "
                 f"blocks{', ' + ', '.join(extras) if extras else ''}")
+
+
+def selection_score_text(args) -> str:
+    """The block score, and why a run that left the flag out did not get the recipe's."""
+    score = getattr(args, "ssa_selection_score", None) or shape_default("ssa_selection_score")
+    if not getattr(args, "_selection_score_defaulted", False) or score == RECIPE_SELECTION_SCORE:
+        return score
+    from ssa_megatron.ops.reference import sub_parts, sub_parts_error
+    if args.ssa_select_align_coef:
+        why = "the selection alignment loss trains the mean score"
+    elif sub_parts_error(sub_parts(RECIPE_SELECTION_SCORE), args.ssa_block_size):
+        why = f"its sub-blocks do not split {args.ssa_block_size}-token blocks"
+    else:
+        why = "the checkpoint's"
+    return f"{score} (not {RECIPE_SELECTION_SCORE}: {why})"
 
 
 def full_coverage_note(args) -> Optional[str]:
@@ -103,9 +116,13 @@ def keep_checkpoint_selection_score(args, meta: dict) -> Optional[str]:
     """A resumed SSA run whose --ssa-selection-score was left out keeps the score its checkpoint
     trained with (the paper's mean where it records none), so that a job requeued after the
     recipe's default changed goes on as it started; sets ``args.ssa_selection_score`` and
-    returns the line that says so (None: nothing to keep). A converted model (weights only)
-    starts training here and takes the recipe's score."""
-    if not getattr(args, "_selection_score_defaulted", False) or meta.get("weights_only"):
+    returns the line that says so (None: nothing kept). An imported model (weights only, not a
+    relayout of a run) starts training here and takes the recipe's score; so does a run whose
+    other flags now forbid its checkpoint's score (the load's recipe note then names the change)."""
+    from ssa_megatron.training.checkpoint_format import is_relayout
+    if not getattr(args, "_selection_score_defaulted", False):
+        return None
+    if meta.get("weights_only") and not is_relayout(meta):
         return None
     saved = meta.get("args", {})
     if saved.get("attention_mode") != "ssa" or args.attention_mode != "ssa":
@@ -113,10 +130,17 @@ def keep_checkpoint_selection_score(args, meta: dict) -> Optional[str]:
     kept = saved.get("ssa_selection_score", shape_default("ssa_selection_score"))
     if kept == args.ssa_selection_score:
         return None
-    recipe_score, args.ssa_selection_score = args.ssa_selection_score, kept
+    from ssa_megatron.model.config import ConfigError
+    from ssa_megatron.training.arguments import check_recipe_flags
+    flags_score, args.ssa_selection_score = args.ssa_selection_score, kept
+    try:
+        check_recipe_flags(args)
+    except ConfigError:
+        args.ssa_selection_score = flags_score
+        return None
     return (f"note: the checkpoint this run continues trained with the {kept} selection score, so "
-            f"the run keeps it (new runs default to {recipe_score}); pass --ssa-selection-score "
-            f"{recipe_score} to change it")
+            f"the run keeps it (left out, these flags would give {flags_score}); pass "
+            f"--ssa-selection-score {flags_score} to change it")
 
 
 def first_sample_of_micro(consumed: int, micro: int, mbs: int, dp_size: int, dp_rank: int) -> int:
