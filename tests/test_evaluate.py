@@ -493,3 +493,14 @@ def test_generation_past_the_trained_context_is_noted():
                            "128 positions")
     assert note.endswith("--max-new-tokens 28 or fewer stays inside it")
     assert context_note(128, 1, 128).endswith("shorten the prompt to stay inside it")
+
+
+def test_a_checkpoint_that_records_no_score_evaluates_with_the_mean_score():
+    """Checkpoints saved before --ssa-selection-score existed select as they trained, with the
+    paper's mean score, although a new training run now defaults to sub4; a recorded score is
+    kept."""
+    from ssa_megatron.eval.model import _namespace_from_meta
+    recorded = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=64,
+                    attention_mode="ssa")
+    assert _namespace_from_meta(recorded).ssa_selection_score == "mean"
+    assert _namespace_from_meta(dict(recorded, ssa_selection_score="sub4")).ssa_selection_score == "sub4"

@@ -52,6 +52,9 @@ def _namespace_from_meta(meta_args: dict) -> argparse.Namespace:
     parser = build_parser()
     values = {a.dest: a.default for a in parser._actions if a.dest != "help"}
     values.update(meta_args)
+    if values.get("ssa_selection_score") is None:  # recorded before the score existed: the paper's
+        from ssa_megatron.model.shape import shape_default
+        values["ssa_selection_score"] = shape_default("ssa_selection_score")
     return fill_model_defaults(argparse.Namespace(**values))
 
 
