@@ -137,7 +137,7 @@ def test_a_part_that_reran_steps_replaces_them(tmp_path):
 def test_variants_are_systems_with_extra_flags(tmp_path):
     args = _args(tmp_path, "--variant", "ssa-a0=--attention-mode ssa --ssa-align-coef 0",
                  "dense=--attention-mode full --exit-interval 5")
-    assert args.systems == ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25",
+    assert args.systems == ["full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-sub4",
                             "ssa-a0", "dense"]
     cmd = pc.train_command(args, "ssa-a0", 1, str(tmp_path / "x"))
     assert cmd[-4:] == ["--attention-mode", "ssa", "--ssa-align-coef", "0"]

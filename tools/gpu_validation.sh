@@ -6,7 +6,7 @@
 # tools/prepare_english_corpus.sh in runs/english. quality: the SSA quality study (small models,
 # many seeds side by side on each GPU; STUDY_GROUPS, JOBS_PER_GPU, DEADLINE, STUDY pick what and how).
 # select-sweep and floor take HEADS=HQ/H/D (e.g. 32/8/128, the Llama layout).
-# compare-large: the five systems on the non-repeating corpus (prepare_english_corpus.sh --large in
+# compare-large: six systems (Full-Full, Sparse-Sparse, NSA, SSA as published, the mean-score recipe and the shipped sub4 recipe) on the non-repeating corpus (prepare_english_corpus.sh --large in
 # runs/english_large, or SHARDS=dir of tools/corpus_shards.py to join first), 1650 steps x 16 x 4096
 # = 108M tokens each seen once; SYSTEMS (started in the order given), SEEDS, DEADLINE, JOBS_PER_GPU,
 # COMPARE_OUT (default runs/compare_large), VARIANT='name=trainer flags' (one more system, named
@@ -99,7 +99,7 @@ case "$1" in
       --global-batch-size 16 --log-interval 50 --eval-windows "${EVAL_WINDOWS:-64}" --deadline "${DEADLINE:-540}" \
       --eval-dense-layers 1 ${EVAL_SELECTIONS:+--eval-selections $EVAL_SELECTIONS} \
       ${WARMUP:+--lr-warmup-fraction $WARMUP} \
-      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
+      --systems ${SYSTEMS:-full-full sparse-sparse nsa ssa ssa-recipe ssa-recipe-sub4} --in-order --jobs-per-gpu "${JOBS_PER_GPU:-1}" \
       ${VARIANT:+--variant "$VARIANT"} || true
     (cd "$(dirname "$COMPARE_OUT")" && tar czf "$OUT/compare_large.tgz" --exclude=checkpoint "$(basename "$COMPARE_OUT")") ;;
   compare-small)  # the small setting, every run side by side on one GPU; run again to resume

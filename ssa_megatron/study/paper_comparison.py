@@ -40,17 +40,17 @@ SYSTEMS = {"full-full": "full", "sparse-sparse": "sparse", "nsa": "nsa", "ssa": 
            "ssa-recipe-sparse-end": "ssa", "ssa-recipe-select": "ssa", "ssa-recipe-select-proj": "ssa",
            "ssa-recipe-moment2": "ssa", "ssa-recipe-sub4": "ssa"}
 # "ssa" is SSA as published (one branch per micro-batch, full branch with probability 0.5);
-# "ssa-recipe" draws it per sequence (probability 0.5: the trainer's defaults), "ssa-recipe-fp25"
+# "ssa-recipe" draws it per sequence (probability 0.5, the mean score: the recipe of sessions
+# 11-20), "ssa-recipe-sub4" adds the sub4 block score (the trainer's defaults since session 21), "ssa-recipe-fp25"
 # per sequence with probability 0.25; "ssa-recipe-late-sparse" / "ssa-recipe-sparse-end" keep the
 # recipe to mid-run, then lower the probability linearly to 0.1 / 0 at the end;
 # "ssa-recipe-select" is the recipe plus the selection alignment loss (weight 1) on q and k,
 # "ssa-recipe-select-proj" the same loss (weight 0.1) on a learned selection map alone,
-# "ssa-recipe-moment2" the recipe selecting with the moment2 score, "ssa-recipe-sub4" with the
-# means of four sub-blocks per block; "nsa"
+# "ssa-recipe-moment2" the recipe selecting with the moment2 score; "nsa"
 # (compression + selection + window, three gates) has one mode: its "full" column
-# what runs when --systems is not given: the paper's systems and the two recipes (the later
-# candidates run when named)
-DEFAULT_SYSTEMS = ("full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-fp25")
+# what runs when --systems is not given: the paper's systems, the shipped recipe and the
+# mean-score recipe it replaced (the other candidates run when named)
+DEFAULT_SYSTEMS = ("full-full", "sparse-sparse", "nsa", "ssa", "ssa-recipe", "ssa-recipe-sub4")
 SYSTEM_FLAGS = {"ssa": PAPER_SSA,
                 "ssa-recipe": MEAN_RECIPE,
                 "ssa-recipe-fp25": [*SEQUENCE_DRAW, "--ssa-full-prob", "0.25", *PAPER_SCORE],
