@@ -21,17 +21,27 @@ RECIPE_DEFAULTS = {
 RECIPE_SELECTION_SCORE = "sub4"
 
 
+def recipe_score_unfit(attention_mode: str, block_size: int, select_align_coef: float = 0.0,
+                       select_proj: bool = False):
+    """Why these flags cannot train with the recipe's score (None: they can): it scores SSA's
+    selection, needs blocks its sub-blocks split, and the selection alignment loss trains the
+    mean score only."""
+    from ssa_megatron.ops.reference import sub_parts, sub_parts_error
+    if attention_mode != "ssa":
+        return f"--attention-mode {attention_mode} has no SSA selection"
+    if select_align_coef or select_proj:
+        return "the selection alignment loss trains the mean score"
+    if sub_parts_error(sub_parts(RECIPE_SELECTION_SCORE), block_size):
+        return f"its sub-blocks do not split {block_size}-token blocks"
+    return None
+
+
 def recipe_selection_score(attention_mode: str, block_size: int, select_align_coef: float = 0.0,
                            select_proj: bool = False) -> str:
     """The score a new run trains with when ``--ssa-selection-score`` is not given: the recipe's
-    for SSA when four sub-blocks fit a block and no selection alignment (which trains the mean
-    score) is on; the paper's mean otherwise."""
-    from ssa_megatron.ops.reference import sub_parts, sub_parts_error
-    parts = sub_parts(RECIPE_SELECTION_SCORE)
-    if (attention_mode != "ssa" or select_align_coef or select_proj
-            or sub_parts_error(parts, block_size)):
-        return "mean"
-    return RECIPE_SELECTION_SCORE
+    where :func:`recipe_score_unfit` finds nothing against it, the paper's mean otherwise."""
+    unfit = recipe_score_unfit(attention_mode, block_size, select_align_coef, select_proj)
+    return "mean" if unfit else RECIPE_SELECTION_SCORE
 
 
 def recipe_default(name: str):

@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from ssa_megatron.model.recipe_defaults import RECIPE_SELECTION_SCORE, recipe_setting
+from ssa_megatron.model.recipe_defaults import (RECIPE_SELECTION_SCORE, recipe_score_unfit,
+                                                recipe_setting)
 from ssa_megatron.model.shape import shape_default
 from ssa_megatron.model.runtime import (PiecewiseLinear, collapse_branches, draw_mode,
                                         draw_sequence_branches)
@@ -70,13 +71,8 @@ def selection_score_text(args) -> str:
     score = getattr(args, "ssa_selection_score", None) or shape_default("ssa_selection_score")
     if not getattr(args, "_selection_score_defaulted", False) or score == RECIPE_SELECTION_SCORE:
         return score
-    from ssa_megatron.ops.reference import sub_parts, sub_parts_error
-    if args.ssa_select_align_coef:
-        why = "the selection alignment loss trains the mean score"
-    elif sub_parts_error(sub_parts(RECIPE_SELECTION_SCORE), args.ssa_block_size):
-        why = f"its sub-blocks do not split {args.ssa_block_size}-token blocks"
-    else:
-        why = "the checkpoint's"
+    why = recipe_score_unfit(args.attention_mode, args.ssa_block_size, args.ssa_select_align_coef,
+                             args.ssa_select_proj) or "the checkpoint's"
     return f"{score} (not {RECIPE_SELECTION_SCORE}: {why})"
 
 
