@@ -2,8 +2,10 @@
 ``CONFIG["dot_precision"] = "ieee"`` under TRITON_INTERPRET=1 (fp32) picks the fp32 reference's
 blocks, up to swaps of blocks whose reference scores agree with the K-th to 1e-6 relative; the
 same inputs with the scores' operands rounded to TF32 (what tensor cores do by default) pick other
-blocks in many rows, so these inputs do expose TF32 scoring. The kernel runs in a fresh
-subprocess: TRITON_INTERPRET must be set before triton is imported."""
+blocks in many rows, so these inputs do expose TF32 scoring. With ``CONFIG["operands"] = "fp16"``
+the selection keeps the reference's blocks up to TF32-sized near-ties also where q and the keys
+lie far outside fp16's range (scaled by powers of two that leave the scores unchanged). The kernel
+runs in a fresh subprocess: TRITON_INTERPRET must be set before triton is imported."""
 import json
 import os
 import subprocess
@@ -61,6 +63,24 @@ def child():
         tf32 = ref.select_blocks_from_pooled(_tf32(q), pooled, 0, q.shape[1], bs, kc)
         out[seed] = {"ieee": _agreement(got, want, scores), "tf32": _agreement(tf32, want, scores),
                      "slot0": bool(torch.equal(got[..., 0], want[..., 0]))}
+    g = torch.Generator().manual_seed(5)
+    for hq, h, d, score in ((8, 2, 64, "mean"), (8, 2, 32, "sub4")):
+        q = torch.randn(1, 256, hq, d, generator=g)
+        k = torch.randn(1, 256, h, d, generator=g)
+        want = ref.select_blocks(q, k, bs, kc, score=score)
+        scores = ref.block_scores(q, k, bs, score=score)
+        for name, (qs, ks) in {"fp16": (1.0, 1.0), "fp16_big_q": (2.0 ** 24, 2.0 ** -24),
+                               "fp16_big_k": (2.0 ** -24, 2.0 ** 24)}.items():
+            with override_config(tsel.CONFIG, operands="fp16"):
+                got = tsel.select_blocks(q * qs, k * ks, bs, kc, score=score)
+            out[f"{name} {score}"] = {"agree": _agreement(got, want, scores),
+                                      "slot0": bool(torch.equal(got[..., 0], want[..., 0]))}
+    try:
+        with override_config(tsel.CONFIG, operands="fp16", dot_precision="ieee"):
+            tsel.select_blocks(*near_tie_inputs(0, t=32), bs, kc)
+        out["refused_fp16"] = ""
+    except ValueError as e:
+        out["refused_fp16"] = str(e)
     try:
         with override_config(tsel.CONFIG, dot_precision="fp64"):
             tsel.select_blocks(*near_tie_inputs(0, t=32), bs, kc)
@@ -77,6 +97,11 @@ def test_exact_precision_selection_on_near_ties():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert "dot_precision" in res.pop("refused")
+    assert "operands" in res.pop("refused_fp16")
+    for name in [n for n in res if n.startswith("fp16")]:
+        r = res.pop(name)
+        same, worst = r["agree"]
+        assert r["slot0"] and same >= 0.98 and worst <= 2e-3, (name, r)
     for seed, r in res.items():
         same, worst = r["ieee"]
         assert r["slot0"] and same >= 0.99 and worst <= 1e-6, (seed, r)

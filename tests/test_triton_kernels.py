@@ -81,14 +81,21 @@ MOMENT2_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96]), (2, 80, 8, 2, 32, 3, BS
 
 
 # Selection under the subN scores (NSUB sub-block means per block; pass 2 sums their
-# probabilities): (B, T, HQ, H, D, block_counts, block_size, cu_seqlens, score, CONFIG overrides);
-# G 1-16, D up to 128, packed documents, odd block counts, pass-2 steps of one and several blocks
+# probabilities), and fp16 scoring operands under either score: (B, T, HQ, H, D, block_counts,
+# block_size, cu_seqlens, score, CONFIG overrides); G 1-16, D up to 128, packed documents, odd
+# block counts, pass-2 steps of one and several blocks
 SUBN_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96], "sub4", {}),
               (2, 80, 8, 2, 32, 3, BS, None, "sub2", {}),
               (1, 90, 2, 2, 16, 5, BS, [0, 20, 90], "sub4", {"bn": 8}),
               (1, 120, 4, 4, 64, 6, BS, [0, 51, 120], "sub2", {"bn": 64, "bn_stats": 8}),
               (1, 72, 8, 1, 128, 3, BS, None, "sub4", {}),
-              (1, 112, 2, 1, 16, 7, BS, [0, 112], "sub4", {"merge": "insert"})]
+              (1, 112, 2, 1, 16, 7, BS, [0, 112], "sub4", {"merge": "insert"}),
+              # fp16 scoring operands (CONFIG["operands"]) and wider pass-2 steps ("bn_sub")
+              (1, 120, 4, 4, 64, 6, BS, [0, 51, 120], "sub4", {"operands": "fp16", "bn_sub": 64}),
+              (1, 96, 16, 1, 128, 5, BS, [0, 37, 96], "sub4", {"operands": "fp16"}),
+              (2, 80, 8, 2, 64, 3, BS, None, "sub2", {"operands": "fp16", "bn_sub": 32}),
+              (1, 100, 8, 2, 128, 4, BS, [0, 60, 100], "mean", {"operands": "fp16"}),
+              (1, 90, 16, 16, 64, 3, BS, None, "mean", {"operands": "fp16", "bn": 16})]
 
 
 # the interpreter group each test reads (test_kernels_match_reference: its parameter)
@@ -163,6 +170,8 @@ def test_kernel_variant_sweep_checks(interpreted):
     assert [r["name"] for r in rows] == ["good", "bad"]
     assert rows[0]["ok"] is True, rows[0]
     assert rows[0]["rows"][0]["sel_s4_ref_same"] == 1.0  # a score variant: against its reference
+    assert rows[0]["rows"][0]["sel_f16_ref_same"] == 1.0  # other score arithmetic: likewise
+    assert rows[0]["rows"][0]["sel_s4f_ref_same"] == 1.0
     assert rows[1]["ok"] is False, rows[1]
 
 
@@ -365,7 +374,7 @@ def _check_subn(case, seed):
         it = tsel.select_blocks(q, k, bs, kc, cs, score=score)
     ir = ref.select_blocks(q, k, bs, kc, cs, score=score)
     ok, exact, worst = _selection_ok(it, ir, q, k, t, cs, b, bs, score)
-    differs = not torch.equal(ir, ref.select_blocks(q, k, bs, kc, cs))
+    differs = score == "mean" or not torch.equal(ir, ref.select_blocks(q, k, bs, kc, cs))
     return {"case": list(case[:7]) + [cu, score, over], "sel_exact": exact,
             "sel_worst_tie": worst, "differs_from_mean": differs, "ok": ok and differs}
 
@@ -528,7 +537,8 @@ def _check_variant_tool():
     bkv.DTYPE = torch.float32
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
     attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
-    for name, sel in (("good", "default;v3:merge=sort,sort_fast=4;s4:score=sub4"),
+    for name, sel in (("good", "default;v3:merge=sort,sort_fast=4;s4:score=sub4;"
+                               "f16:operands=fp16;s4f:score=sub4,operands=fp16,bn_sub=64"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
                                       attn if name == "good" else attn[:1])
@@ -793,34 +803,30 @@ def test_bench_attention_target_table_reads_each_forward_against_its_target():
 
 
 @needs_triton
-@pytest.mark.parametrize("heads, parts", [((32, 2, 64), 1), ((32, 2, 64), 4), ((32, 8, 128), 4),
-                                          ((12, 3, 64), 2)])
-def test_selection_kernel_compiles_for_hopper(heads, parts):
+@pytest.mark.parametrize("heads, parts, operands", [
+    ((32, 2, 64), 1, "fp32"), ((32, 2, 64), 4, "fp32"), ((32, 8, 128), 4, "fp32"),
+    ((12, 3, 64), 2, "fp32"), ((32, 2, 64), 1, "fp16"), ((32, 8, 128), 1, "fp16"),
+    ((32, 8, 128), 4, "fp16")])
+def test_selection_kernel_compiles_for_hopper(heads, parts, operands):
     """The interpreter ignores what the compiler refuses: compile the selection kernel for sm_90
     with the launch constants its wrapper picks (CONFIG defaults, K 16), also for the subN
-    scores' sub-block means (the 4-D reshape of pass 2), no GPU needed."""
+    scores' sub-block means (the 4-D reshape of pass 2) and fp16 scoring operands, no GPU
+    needed."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from ssa_megatron.ops import triton_selection as tsel
+    from ssa_megatron.ops.kernel_config import override_config
     hq, h, d = heads
-    g, kc, cfg = hq // h, 16, tsel.CONFIG
-    gp = tsel.next_pow2(g)
-    bt = min(max(1, cfg["rows"] // gp), 16)
-    bd = max(16, tsel.next_pow2(d))
-    bn = cfg["bn"] if bd <= 64 else max(16, cfg["bn"] // 2)
-    bn1 = tsel.next_pow2(cfg.get("bn_stats") or bn)
-    bn = max(bn // parts, -(-16 // parts), 1) if parts > 1 else bn
-    kb = tsel.next_pow2(kc - 1)
-    constants = dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=16, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
-                     IDX_BITS=tsel._IDX_BITS, TOPK=True, MERGE=tsel._MERGES[cfg["merge"]],
-                     LOGKB=kb.bit_length() - 1, FAST=tsel._fast(cfg["merge"], kc, kb, bn), BN1=bn1,
-                     PREC="default", NSUB=parts)
-    pointers = {"Q": "*bf16", "KP": "*fp32", "OUT": "*i32"}
+    with override_config(tsel.CONFIG, operands=operands):
+        constants = tsel.launch_constants(hq, h, d, 16, 16, parts)
+    pointers = {"Q": "*bf16", "KP": "*fp16" if operands == "fp16" else "*fp32",
+                "KSCALE": "*fp32", "OUT": "*i32"}
     kernel = tsel._select_kernel
     signature = {name: "constexpr" if name in constants else pointers.get(name, "*i32")
                  for name in kernel.arg_names}
     compiled = triton.compile(ASTSource(kernel, signature, constants),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["warps"]})
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": tsel.CONFIG["warps"]})
     assert compiled.asm["cubin"]

@@ -63,8 +63,17 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 # fp32 rounding; the CPU interpreter is fp32 whatever this says (tests/test_selection_precision.py).
 # Cost and agreement on a GPU:
 # tools/bench_kernel_variants.py --select "default;x3:dot_precision=tf32x3;ieee:dot_precision=ieee".
+# "operands": "fp32" scores fp32 q and pooled keys through tl.dot at "dot_precision"; "fp16"
+# scales each tile's q and all pooled keys by powers of two into fp16's range and multiplies
+# them in fp16 (fp32 accumulation). bf16 q is exact in fp16 and the pooled keys keep 11
+# significant bits, as TF32 keeps them, so the scores are as exact as the TF32 default's at
+# half the operand bytes and twice the tensor-core rate (docs/KERNEL_NOTES.md, "fp16 scoring").
+# "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width); more
+# entries per step means fewer, wider merges.
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
-          "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None}
+          "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
+          "operands": "fp32", "bn_sub": 0}
+OPERANDS = ("fp32", "fp16")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
@@ -255,9 +264,33 @@ def score_dot(q, kp, PREC: tl.constexpr):
 
 
 @triton.jit
+def scaled_score(q, kp, smul, PREC: tl.constexpr, F16: tl.constexpr):
+    """The tile's scores in fp32: fp16 operands (F16, both scaled by powers of two) are scaled
+    back by ``smul``; fp32 operands go through ``score_dot``."""
+    if F16:
+        s = tl.dot(q, tl.trans(kp)) * smul
+    else:
+        s = score_dot(q, kp, PREC)
+    return s
+
+
+@triton.jit
+def fp16_operand(x):
+    """``x`` (fp32) times the power of two that brings its largest magnitude into
+    [2^14, 2^15), in fp16, and that power of two's inverse (exact: only the rounding to fp16's
+    11 significant bits is lost, as TF32 loses it)."""
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    e = (amax.to(tl.int32, bitcast=True) >> 23) & 0xFF  # biased exponent of the largest
+    e = tl.minimum(tl.maximum(e, 15), 254)  # both powers of two stay normal
+    up = ((268 - e) << 23).to(tl.float32, bitcast=True)
+    down = ((e - 14) << 23).to(tl.float32, bitcast=True)
+    return (x * up).to(tl.float16), down
+
+
+@triton.jit
 def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr,
                  H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
-                 PREC: tl.constexpr = "default"):
+                 PREC: tl.constexpr = "default", smul=1.0, F16: tl.constexpr = False):
     """One pass-1 step over blocks b0 .. b0+BN-1: the running row max and sum, updated."""
     dd = tl.arange(0, BD)
     b = b0 + tl.arange(0, BN)
@@ -268,7 +301,7 @@ def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr
         kp = tl.load(kp_ptr)
     else:
         kp = tl.load(kp_ptr, mask=dd[None, :] < D, other=0.0)
-    s = score_dot(q, kp, PREC)
+    s = scaled_score(q, kp, smul, PREC, F16)
     if MASKED:
         s = tl.where(b[None, :] < nc_r[:, None], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -278,7 +311,8 @@ def _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, MASKED: tl.constexpr
 
 @triton.jit
 def _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H: tl.constexpr, D: tl.constexpr,
-               BD: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr = "default"):
+               BD: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, PREC: tl.constexpr = "default",
+               smul=1.0, F16: tl.constexpr = False):
     """Pass 1: per row, running max and sum of exp2(q . Kbar') over its blocks (Kbar' = pooled
     keys times scale * log2(e)). Chunks below ``nc_lo`` (every valid row's block count) need
     no masks; the tail does."""
@@ -287,21 +321,22 @@ def _row_stats(q, KP, poff, h, nc_r, nc_max, nc_lo, H: tl.constexpr, D: tl.const
     nc_int = (nc_lo // BN) * BN
     for b0 in range(0, nc_int, BN):
         m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, False, H, D, BD, BN,
-                               PREC)
+                               PREC, smul, F16)
     for b0 in range(nc_int, nc_max, BN):
         m, lsum = _stats_chunk(q, KP, poff, h, b0, m, lsum, nc_r, nc_max, True, H, D, BD, BN,
-                               PREC)
+                               PREC, smul, F16)
     return m, lsum
 
 
 @triton.jit
 def _select_kernel(
-    Q, KP, OUT, TILE_TOK, TILE_DS, TILE_DL, TILE_POFF,
+    Q, KP, KSCALE, OUT, TILE_TOK, TILE_DS, TILE_DL, TILE_POFF,
     HQ: tl.constexpr, H: tl.constexpr, D: tl.constexpr, G: tl.constexpr, K: tl.constexpr,
     BS: tl.constexpr, BT: tl.constexpr, GP: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
     KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
     MERGE: tl.constexpr = 0, LOGKB: tl.constexpr = 0, FAST: tl.constexpr = 0,
     BN1: tl.constexpr = 0, PREC: tl.constexpr = "default", NSUB: tl.constexpr = 1,
+    F16: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -323,6 +358,10 @@ def _select_kernel(
     dd = tl.arange(0, BD)
     q_ptr = Q + (tok_r.to(tl.int64) * HQ + h * G + rg)[:, None] * D + dd[None, :]
     q = tl.load(q_ptr, mask=row_ok[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+    smul = 1.0
+    if F16:  # KP holds the pooled keys divided by KSCALE, in fp16
+        q, qdown = fp16_operand(q)
+        smul = qdown * tl.load(KSCALE)
 
     # ---- pass 1: running max / sum per row
     bb = tl.arange(0, BN)
@@ -330,7 +369,7 @@ def _select_kernel(
     # NSUB > 1 (subN scores): KP holds NSUB sub-block means per block, so pass 1 runs over
     # NSUB x the entries and pass 2 sums each block's NSUB probabilities
     m, lsum = _row_stats(q, KP, poff * NSUB, h, nc_r * NSUB, nc_max * NSUB, nc_lo * NSUB, H, D,
-                         BD, BN1, R, PREC)
+                         BD, BN1, R, PREC, smul, F16)
     # p = exp2(s - mlog): mlog = +inf zeroes padding / out-of-document rows, which may share a
     # token's group. Blocks a row must not see (b >= its count) get garbage p, but such blocks
     # are never candidates (b >= (pos + 1) // bs >= pos // bs), so their keys are dropped below.
@@ -358,7 +397,7 @@ def _select_kernel(
         if NSUB == 1:
             kp_ptr = KP + ((poff + b) * H + h)[:, None] * D + dd[None, :]
             kp = tl.load(kp_ptr, mask=(b < nc_max)[:, None] & (dd[None, :] < D), other=0.0)
-            s = score_dot(q, kp, PREC)
+            s = scaled_score(q, kp, smul, PREC, F16)
             p = tl.exp2(s - mlog[:, None])
             score = tl.sum(tl.reshape(p, [BT, GP, BN]), axis=1)  # [BT, BN]
         else:
@@ -366,7 +405,7 @@ def _select_kernel(
             kp_ptr = KP + ((poff * NSUB + e) * H + h)[:, None] * D + dd[None, :]
             kp = tl.load(kp_ptr, mask=(e < nc_max * NSUB)[:, None] & (dd[None, :] < D),
                          other=0.0)
-            s = score_dot(q, kp, PREC)
+            s = scaled_score(q, kp, smul, PREC, F16)
             p = tl.exp2(s - mlog[:, None])
             score = tl.sum(tl.sum(tl.reshape(p, [BT, GP, BN, NSUB]), axis=3), axis=1)
         cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
@@ -425,6 +464,16 @@ def _select_kernel(
     tl.store(out_t[:, None] + 1 + kk[None, :], dec, mask=tok_ok[:, None] & (kk[None, :] < K - 1))
 
 
+def fp16_keys(pooled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pooled keys divided by the power of two that brings their largest magnitude into
+    [2^14, 2^15), in fp16, and that power of two as a one-element fp32 tensor (computed on the
+    device: no host synchronisation)."""
+    amax = pooled.abs().amax().reshape(1).float() if pooled.numel() else pooled.new_zeros(1)
+    e = ((amax.view(torch.int32) >> 23) & 0xFF).clamp(15, 254)  # as the kernel's fp16_operand
+    down = ((e - 14) << 23).view(torch.float32)
+    return (pooled * ((268 - e) << 23).view(torch.float32)).half().contiguous(), down
+
+
 def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
     """The FAST constexpr: "sort" extracts that many keys statically (at most K-1); "extract"
     sorts the whole chunk only above it (>= bn: never)."""
@@ -432,6 +481,37 @@ def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
     if merge == "extract":
         return min(fast, bn)
     return min(fast, kc - 1, kb)
+
+
+def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: int) -> dict:
+    """``_select_kernel``'s constexprs for these heads (q heads, kv heads, head dim of the
+    scoring operands), K, block size and sub-blocks per block, under the current CONFIG."""
+    operands = CONFIG.get("operands", "fp32")
+    if operands not in OPERANDS:
+        raise ValueError(f"CONFIG['operands'] = {operands!r}: expected one of {OPERANDS}")
+    prec = CONFIG.get("dot_precision")
+    if prec not in DOT_PRECISIONS:
+        raise ValueError(f"CONFIG['dot_precision'] = {prec!r}: expected one of {DOT_PRECISIONS}")
+    if operands == "fp16" and prec not in (None, "tf32"):
+        raise ValueError(f"CONFIG['dot_precision'] = {prec!r} applies to fp32 operands; "
+                         "set CONFIG['operands'] = 'fp32' with it")
+    merge = CONFIG.get("merge", "insert")
+    if merge not in _MERGES:
+        raise ValueError(f"CONFIG['merge'] = {merge!r}: expected one of {sorted(_MERGES)}")
+    g = hq // h
+    gp = next_pow2(g)
+    bt = min(max(1, CONFIG["rows"] // gp), next_pow2(block_size))
+    bd = max(16, next_pow2(d))
+    bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
+    bn1 = next_pow2(CONFIG.get("bn_stats") or bn)
+    # subN: pass 2 steps over bn_sub sub-block entries (whole blocks, at least 16 for tl.dot)
+    if parts > 1:
+        bn = max(next_pow2(CONFIG.get("bn_sub") or bn) // parts, -(-16 // parts), 1)
+    kb = max(1, next_pow2(kc - 1))
+    return dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
+                IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
+                LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
+                PREC=prec or "default", NSUB=parts, F16=operands == "fp16")
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
@@ -445,7 +525,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     h = k.shape[2]
     if hq % h:
         raise ValueError(f"{hq} query heads are not a multiple of {h} kv heads")
-    g = hq // h
     kc = int(block_counts)
     if kc < 1:
         raise ValueError("block_counts must be >= 1")
@@ -463,37 +542,23 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         qf, pooled = reference.moment2_operands(
             qf, pooled, pooled_keys(kf.float() * kf.float(), offs, block_size), scale)
         qf, d = qf.contiguous(), 2 * d
+    const = launch_constants(hq, h, d, kc, block_size, parts)
     # the softmax scale (and log2 e) goes into the pooled keys
     pooled = (pooled * (scale * LOG2E)).contiguous()
+    if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
+        pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
+    kscale = torch.ones(1, dtype=torch.float32, device=q.device)
+    if const["F16"]:
+        pooled, kscale = fp16_keys(pooled)
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
     if b * t == 0:
         return out.view(b, t, h, kc)
-    gp = next_pow2(g)
-    bt = max(1, CONFIG["rows"] // gp)
-    bt = min(bt, next_pow2(block_size))
-    bd = max(16, next_pow2(d))
-    bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
-    bn1 = next_pow2(CONFIG.get("bn_stats") or bn)
-    # subN: pass 2 steps over bn sub-block entries (whole blocks, at least 16 entries for tl.dot)
-    bn = max(bn // parts, -(-16 // parts), 1) if parts > 1 else bn
-    kb = max(1, next_pow2(kc - 1))
-    merge = CONFIG.get("merge", "insert")
-    if merge not in _MERGES:
-        raise ValueError(f"CONFIG['merge'] = {merge!r}: expected one of {sorted(_MERGES)}")
-    prec = CONFIG.get("dot_precision")
-    if prec not in DOT_PRECISIONS:
-        raise ValueError(f"CONFIG['dot_precision'] = {prec!r}: expected one of {DOT_PRECISIONS}")
-    tok, dstart, dlen, poff = tiles(offs, bt, block_size, q.device)
-    if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
-        pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
+    tok, dstart, dlen, poff = tiles(offs, const["BT"], block_size, q.device)
     grid = (tok.shape[0], h)
     _select_kernel[grid](
-        qf, pooled, out, tok, dstart, dlen, poff,
-        HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
-        IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
-        LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1, PREC=prec or "default",
-        NSUB=parts,
+        qf, pooled, kscale, out, tok, dstart, dlen, poff, **const,
         num_warps=CONFIG["warps"],
-        **compile_options(CONFIG["stages"], CONFIG["maxnreg" if bd <= 64 else "maxnreg_large_d"]),
+        **compile_options(CONFIG["stages"],
+                          CONFIG["maxnreg" if const["BD"] <= 64 else "maxnreg_large_d"]),
     )
     return out.view(b, t, h, kc)
