@@ -65,6 +65,10 @@ SELECT_CASES = [
     # pass 1 stepping wider / narrower than pass 2 ("bn_stats")
     (1, 200, 16, 1, 16, 5, BS, [0, 90, 200], {"bn": 4, "bn_stats": 8}),
     (1, 144, 4, 1, 16, 4, BS, None, {"bn": 8, "bn_stats": 2, "rows": 16}),
+    # int32 merge keys: G 16 packed, G 4 with a list wider than the chunk, G 1 with < K blocks
+    (1, 200, 32, 2, 16, 6, BS, [0, 90, 200], {"bn": 4, "keys": "int32"}),
+    (1, 120, 4, 1, 16, 24, BS, [0, 20, 120], {"bn": 16, "keys": "int32"}),
+    (1, 112, 2, 2, 16, 16, BS, None, {"bn": 16, "sort_fast": 15, "keys": "int32"}),
 ]
 MERGES = ("insert", "sort", "extract")  # insert first: the others are compared with it
 
@@ -803,11 +807,12 @@ def test_bench_attention_target_table_reads_each_forward_against_its_target():
 
 
 @needs_triton
-@pytest.mark.parametrize("heads, parts, operands", [
-    ((32, 2, 64), 1, "fp32"), ((32, 2, 64), 4, "fp32"), ((32, 8, 128), 4, "fp32"),
-    ((12, 3, 64), 2, "fp32"), ((32, 2, 64), 1, "fp16"), ((32, 8, 128), 1, "fp16"),
-    ((32, 8, 128), 4, "fp16")])
-def test_selection_kernel_compiles_for_hopper(heads, parts, operands):
+@pytest.mark.parametrize("heads, parts, operands, keys", [
+    ((32, 2, 64), 1, "fp32", "int64"), ((32, 2, 64), 4, "fp32", "int64"),
+    ((32, 8, 128), 4, "fp32", "int64"), ((12, 3, 64), 2, "fp32", "int64"),
+    ((32, 2, 64), 1, "fp16", "int64"), ((32, 8, 128), 1, "fp16", "int32"),
+    ((32, 8, 128), 4, "fp16", "int32")])
+def test_selection_kernel_compiles_for_hopper(heads, parts, operands, keys):
     """The interpreter ignores what the compiler refuses: compile the selection kernel for sm_90
     with the launch constants its wrapper picks (CONFIG defaults, K 16), also for the subN
     scores' sub-block means (the 4-D reshape of pass 2) and fp16 scoring operands, no GPU
@@ -819,8 +824,9 @@ def test_selection_kernel_compiles_for_hopper(heads, parts, operands):
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops.kernel_config import override_config
     hq, h, d = heads
-    with override_config(tsel.CONFIG, operands=operands):
-        constants = tsel.launch_constants(hq, h, d, 16, 16, parts)
+    with override_config(tsel.CONFIG, operands=operands, keys=keys):
+        constants = tsel.launch_constants(hq, h, d, 16, 16, parts, 32768)
+    assert constants["KEY32"] == (keys == "int32")
     pointers = {"Q": "*bf16", "KP": "*fp16" if operands == "fp16" else "*fp32",
                 "KSCALE": "*fp32", "OUT": "*i32"}
     kernel = tsel._select_kernel
@@ -830,3 +836,18 @@ def test_selection_kernel_compiles_for_hopper(heads, parts, operands):
                               target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": tsel.CONFIG["warps"]})
     assert compiled.asm["cubin"]
+
+
+def test_int32_merge_keys_only_where_the_score_keeps_its_bits():
+    """int32 keys give the block index the bits the sequence's block count needs; past 4096
+    blocks the score would keep fewer than 11 significant bits, so int64 keys stay."""
+    from ssa_megatron.ops import triton_selection as tsel
+    with override_config(tsel.CONFIG, keys="int32"):
+        at_64k = tsel.launch_constants(32, 8, 128, 16, 16, 1, 65536)
+        at_128k = tsel.launch_constants(32, 8, 128, 16, 16, 1, 131072)
+        short = tsel.launch_constants(32, 8, 128, 16, 16, 1, 100)
+    assert (at_64k["KEY32"], at_64k["IDX_BITS"]) == (True, 12)
+    assert (at_128k["KEY32"], at_128k["IDX_BITS"]) == (False, 20)
+    assert (short["KEY32"], short["IDX_BITS"]) == (True, 3)
+    with override_config(tsel.CONFIG, keys="int16"), pytest.raises(ValueError, match="keys"):
+        tsel.launch_constants(32, 8, 128, 16, 16, 1, 100)

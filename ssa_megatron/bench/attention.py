@@ -273,6 +273,9 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
     # --- pieces of the sparse branch
     idx = tsel.select_blocks(q.detach(), k.detach(), BS, KC)
     res["select"] = median_ms(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC))
+    # the trainer's default block score (the recipe's sub4); the rows below keep the mean score
+    res["select_sub4"] = median_ms(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC,
+                                                              score="sub4"))
     res["sparse_attn_fwd"] = median_ms(lambda: tsp.sparse_attention(q.detach(), k.detach(), v.detach(), idx, BS))
     o = tsp.sparse_attention(q, k, v, idx, BS)
     nan = bool(torch.isnan(o).any())
@@ -512,7 +515,7 @@ def main(argv=None):
 
     print(f"\n=== {name}: median ms (ratio = ours / SDPA in the same run; SDPA backend: "
           f"{args.sdpa_backend}) ===")
-    cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "sparse_attn_fwd", "sparse_attn_bwd",
+    cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "select_sub4", "sparse_attn_fwd", "sparse_attn_bwd",
             "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "full_branch_fwdbwd", "nsa_fwd",
             "nsa_fwdbwd", "prefill_sparse", "fla_sel_fwd", "fla_sel_fwdbwd"]
     if merges:

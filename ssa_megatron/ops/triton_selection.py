@@ -7,9 +7,9 @@ tile). Two passes over the pooled keys:
 
 1. per-row online max / sum of ``exp(q . Kbar * scale)`` over blocks b < (t + 1) // bs;
 2. probabilities, summed over the G heads of each token, merged into an exact running top-(K-1)
-   kept in registers as packed int64 keys ``(float bits of score) << 20 | (2^20 - 1 - block)``:
-   larger score first, then the smaller block index (the reference's stable-sort tie rule).
-   Two merge strategies, ``CONFIG["merge"]`` (see there): "insert" and "sort".
+   kept in registers as packed int64 keys ``(float bits of score) << 20 | (2^20 - 1 - block)``
+   (or int32 keys, ``CONFIG["keys"]``): larger score first, then the smaller block index (the
+   reference's stable-sort tie rule). Merge strategies: ``CONFIG["merge"]`` (see there).
 
 Slot 0 is the current block. Nothing of size [T, T / bs] is ever written to memory; the only
 extra buffer is the mean-pooled keys [blocks, H, D] (fp32).
@@ -34,7 +34,8 @@ import triton.language as tl
 from ssa_megatron.ops import reference
 
 LOG2E = 1.4426950408889634  # the kernels use exp2
-_IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per document
+_IDX_BITS = 20  # block index bits in a packed int64 key: up to ~1M blocks per document
+_IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significant score bits
 
 # launch parameters (swept with tools/bench_kernel_variants.py; the measurements behind each value
 # are in docs/KERNEL_NOTES.md)
@@ -70,10 +71,16 @@ _IDX_BITS = 20  # block index bits in a packed key: up to ~1M blocks per documen
 # half the operand bytes and twice the tensor-core rate (docs/KERNEL_NOTES.md, "fp16 scoring").
 # "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width); more
 # entries per step means fewer, wider merges.
+# "keys": the merge's packed keys. "int64": the score's 32 bits, then 20 bits of block index.
+# "int32": the block index in as many bits as the sequence's block count needs, the score's bits
+# above them truncated (at most 4096 blocks, so >= 11 significant bits: scores closer than
+# that tie and the smaller block wins, a near-tie as TF32 scoring makes them); longer
+# sequences keep int64. Half the registers and compare work in the merge.
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
           "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
-          "operands": "fp32", "bn_sub": 0}
+          "operands": "fp32", "bn_sub": 0, "keys": "int64"}
 OPERANDS = ("fp32", "fp16")
+KEYS = ("int64", "int32")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
@@ -229,7 +236,7 @@ def _merge_few(top, key, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.constexpr,
     its (K-1)-th kept one): F max-extractions into an ascending [BT, KB] segment, then one
     half-cleaner + bitonic merge."""
     kk = tl.arange(0, KB)[None, :]
-    seg = tl.full([BT, KB], NEG, tl.int64)
+    seg = tl.full([BT, KB], NEG, top.dtype)
     for i in tl.static_range(F):
         c = tl.max(key, axis=1)
         seg = tl.where(kk == KB - 1 - i, c[:, None], seg)
@@ -244,7 +251,7 @@ def _merge_extract(top, key, n, NEG: tl.constexpr, BT: tl.constexpr, KB: tl.cons
     """Like ``_merge_few`` with a run-time count: the chunk's ``n`` best keys per token into an
     ascending segment (n max-extractions), then one half-cleaner + bitonic merge."""
     kk = tl.arange(0, KB)[None, :]
-    seg = tl.full([BT, KB], NEG, tl.int64)
+    seg = tl.full([BT, KB], NEG, top.dtype)
     for i in range(n):
         c = tl.max(key, axis=1)
         seg = tl.where(kk == KB - 1 - i, c[:, None], seg)
@@ -336,7 +343,7 @@ def _select_kernel(
     KB: tl.constexpr, IDX_BITS: tl.constexpr, TOPK: tl.constexpr = True,
     MERGE: tl.constexpr = 0, LOGKB: tl.constexpr = 0, FAST: tl.constexpr = 0,
     BN1: tl.constexpr = 0, PREC: tl.constexpr = "default", NSUB: tl.constexpr = 1,
-    F16: tl.constexpr = False,
+    F16: tl.constexpr = False, KEY32: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -383,15 +390,18 @@ def _select_kernel(
     cur_t = pos_t // BS  # candidates: complete blocks b < cur (the current block is forced)
     kk = tl.arange(0, KB)
     MASK: tl.constexpr = (1 << IDX_BITS) - 1
-    NEG: tl.constexpr = -(1 << 62)
+    # keys: int64 (all 32 score bits above the block), or int32 (KEY32: the score's bits above
+    # IDX_BITS, truncated, then the block)
+    KT: tl.constexpr = tl.int32 if KEY32 else tl.int64
+    NEG: tl.constexpr = -(1 << 30) if KEY32 else -(1 << 62)
     # running top-(K-1), unsorted; empty slots hold distinct negatives (-1 - slot) so the minimum
     # is unique, padding slots (>= K-1) a huge value so they are never the minimum
-    BIG: tl.constexpr = 1 << 62
-    kk64 = kk.to(tl.int64) + tl.zeros([BT, KB], tl.int64)
-    lst = tl.where(kk64 < K - 1, -1 - kk64, BIG)
+    BIG: tl.constexpr = (1 << 31) - 1 if KEY32 else (1 << 62)  # above every key
+    kkk = kk.to(KT) + tl.zeros([BT, KB], KT)
+    lst = tl.where(kkk < K - 1, -1 - kkk, BIG)
     # MERGE == 1: the running list sorted descending (empty = NEG); thr = its (K-1)-th key
-    top = tl.full([BT, KB], NEG, tl.int64)
-    thr1 = tl.full([BT], NEG, tl.int64)
+    top = tl.full([BT, KB], NEG, KT)
+    thr1 = tl.full([BT], NEG, KT)
     for b0 in range(0, nc_max, BN):
         b = b0 + bb
         if NSUB == 1:
@@ -409,8 +419,12 @@ def _select_kernel(
             p = tl.exp2(s - mlog[:, None])
             score = tl.sum(tl.sum(tl.reshape(p, [BT, GP, BN, NSUB]), axis=3), axis=1)
         cand = (b[None, :] < cur_t[:, None]) & tok_ok[:, None]
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        key = tl.where(cand, (bits << IDX_BITS) | (MASK - b[None, :]).to(tl.int64), NEG)
+        if KEY32:  # scores are >= 0: bit 31 stays clear
+            bits = (score.to(tl.int32, bitcast=True) >> IDX_BITS) << IDX_BITS
+            key = tl.where(cand, bits | (MASK - b[None, :]), NEG)
+        else:
+            bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+            key = tl.where(cand, (bits << IDX_BITS) | (MASK - b[None, :]).to(tl.int64), NEG)
         if MERGE >= 1:
             if K > 1:
                 # keys above the (K-1)-th kept one, most over the tile's tokens (uniform branch)
@@ -450,7 +464,7 @@ def _select_kernel(
         lst = top  # already sorted, slot 1 = best
     else:
         # order the kept entries by decreasing score (slot 1 = best)
-        srt = tl.full([BT, KB], -1, tl.int64)
+        srt = tl.full([BT, KB], -1, KT)
         lst = tl.where(kk[None, :] < K - 1, lst, NEG)
         for i in tl.static_range(K - 1):
             best = tl.max(lst, axis=1)
@@ -483,9 +497,11 @@ def _fast(merge: str, kc: int, kb: int, bn: int) -> int:
     return min(fast, kc - 1, kb)
 
 
-def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: int) -> dict:
+def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: int,
+                     seqlen: int) -> dict:
     """``_select_kernel``'s constexprs for these heads (q heads, kv heads, head dim of the
-    scoring operands), K, block size and sub-blocks per block, under the current CONFIG."""
+    scoring operands), K, block size, sub-blocks per block and the longest document's length
+    (the sequence length bounds it), under the current CONFIG."""
     operands = CONFIG.get("operands", "fp32")
     if operands not in OPERANDS:
         raise ValueError(f"CONFIG['operands'] = {operands!r}: expected one of {OPERANDS}")
@@ -508,8 +524,15 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     if parts > 1:
         bn = max(next_pow2(CONFIG.get("bn_sub") or bn) // parts, -(-16 // parts), 1)
     kb = max(1, next_pow2(kc - 1))
+    keys = CONFIG.get("keys", "int64")
+    if keys not in KEYS:
+        raise ValueError(f"CONFIG['keys'] = {keys!r}: expected one of {KEYS}")
+    # int32 keys give the block index the bits of the longest sequence's block count; the score
+    # keeps the rest, and at least 11 significant bits (TF32's and fp16's) where int32 is used
+    idx32 = max(1, (max(1, seqlen // block_size) - 1).bit_length())
+    key32 = keys == "int32" and idx32 <= _IDX_BITS_32
     return dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
-                IDX_BITS=_IDX_BITS, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
+                IDX_BITS=idx32 if key32 else _IDX_BITS, KEY32=key32, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
                 LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
                 PREC=prec or "default", NSUB=parts, F16=operands == "fp16")
 
@@ -542,7 +565,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         qf, pooled = reference.moment2_operands(
             qf, pooled, pooled_keys(kf.float() * kf.float(), offs, block_size), scale)
         qf, d = qf.contiguous(), 2 * d
-    const = launch_constants(hq, h, d, kc, block_size, parts)
+    const = launch_constants(hq, h, d, kc, block_size, parts, t)
     # the softmax scale (and log2 e) goes into the pooled keys
     pooled = (pooled * (scale * LOG2E)).contiguous()
     if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
