@@ -69,6 +69,9 @@ SELECT_CASES = [
     (1, 200, 32, 2, 16, 6, BS, [0, 90, 200], {"bn": 4, "keys": "int32"}),
     (1, 120, 4, 1, 16, 24, BS, [0, 20, 120], {"bn": 16, "keys": "int32"}),
     (1, 112, 2, 2, 16, 16, BS, None, {"bn": 16, "sort_fast": 15, "keys": "int32"}),
+    # tiles of more tokens than a block ("tokens_max"): 64 tokens over 4 blocks, packed
+    (1, 230, 2, 2, 16, 5, BS, [0, 70, 230], {"bn": 8, "tokens_max": 64}),
+    (1, 200, 8, 2, 16, 4, BS, None, {"rows": 128, "tokens_max": 32, "keys": "int32"}),
 ]
 MERGES = ("insert", "sort", "extract")  # insert first: the others are compared with it
 

@@ -71,6 +71,7 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # half the operand bytes and twice the tensor-core rate (docs/KERNEL_NOTES.md, "fp16 scoring").
 # "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width); more
 # entries per step means fewer, wider merges.
+# "tokens_max": most tokens per tile (0: the block size); a tile holds rows // G tokens up to it.
 # "keys": the merge's packed keys. "int64": the score's 32 bits, then 20 bits of block index.
 # "int32": the block index in as many bits as the sequence's block count needs, the score's bits
 # above them truncated (at most 4096 blocks, so >= 11 significant bits: scores closer than
@@ -78,7 +79,7 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # sequences keep int64. Half the registers and compare work in the merge.
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
           "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
-          "operands": "fp32", "bn_sub": 0, "keys": "int64"}
+          "operands": "fp32", "bn_sub": 0, "keys": "int64", "tokens_max": 0}
 OPERANDS = ("fp32", "fp16")
 KEYS = ("int64", "int32")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
@@ -516,7 +517,7 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
         raise ValueError(f"CONFIG['merge'] = {merge!r}: expected one of {sorted(_MERGES)}")
     g = hq // h
     gp = next_pow2(g)
-    bt = min(max(1, CONFIG["rows"] // gp), next_pow2(block_size))
+    bt = min(max(1, CONFIG["rows"] // gp), next_pow2(CONFIG.get("tokens_max") or block_size))
     bd = max(16, next_pow2(d))
     bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
     bn1 = next_pow2(CONFIG.get("bn_stats") or bn)

@@ -11,9 +11,9 @@ timeout 120 python3 tools/bench_attention.py --check-only --json "$OUT/check_bf1
 echo "check rc $? at $(( $(date +%s) - t0 )) s"; grep -E "PASS|FAIL" "$OUT/check_bf16.txt" | tail -3
 SEL="default;f16:operands=fp16;f16bn64:operands=fp16,bn=64;f16r96:operands=fp16,maxnreg_large_d=96"
 SEL="$SEL;sub4:score=sub4;sub4f:score=sub4,operands=fp16;sub4f64:score=sub4,operands=fp16,bn_sub=64"
-SEL="$SEL;sub4f128:score=sub4,operands=fp16,bn_sub=128;k32:keys=int32;f16k32:operands=fp16,keys=int32"
-SEL="$SEL;sub4f64k32:score=sub4,operands=fp16,bn_sub=64,keys=int32"
-timeout 300 python3 tools/bench_kernel_variants.py --heads 32/8/128,32/2/64,12/3/64 \
+SEL="$SEL;k32:keys=int32;f16k32:operands=fp16,keys=int32"
+SEL="$SEL;sub4f64k32:score=sub4,operands=fp16,bn_sub=64,keys=int32;f16t32:operands=fp16,rows=128,warps=8,tokens_max=32"
+timeout 330 python3 tools/bench_kernel_variants.py --heads 32/8/128,32/2/64 \
   --shapes 4x8192,1x32768 --select "$SEL" --attn default --json "$OUT/select_fp16.json" \
   > "$OUT/select_fp16.txt" 2>&1
 echo "variants rc $? at $(( $(date +%s) - t0 )) s"; grep -E "PASS|FAIL|===|select|SDPA" "$OUT/select_fp16.txt" | tail -60

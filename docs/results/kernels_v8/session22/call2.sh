@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Session 22, GPU call 2 (run from the repository root with OUT set), after the selection's new
+# defaults: the target tables (bench_attention, SDPA in the same run), then the 1B
+# training step: full attention, the recipe (sub4) and the mean score, same run.
+set -uo pipefail
+export PYTHONPATH="$PWD"
+t0=$(date +%s)
+python3 -c "import megatron.core, deepspeed" 2>/dev/null || bash wheelhouse_lean/install.sh > "$OUT/install.log" 2>&1
+echo "install $(( $(date +%s) - t0 )) s"; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+timeout 300 python3 tools/bench_attention.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
+echo "bench_attention rc $? at $(( $(date +%s) - t0 )) s"; sed -n '/===/,$p' "$OUT/kernels.txt" | head -60
+timeout $(( 575 - ($(date +%s) - t0) )) python3 tools/bench_training.py --iters 7 --warmup 2 \
+  --variants full ssa ssa-mean --json "$OUT/training.json" > "$OUT/training.txt" 2>&1
+echo "training rc $? at $(( $(date +%s) - t0 )) s"; tail -15 "$OUT/training.txt"
