@@ -841,6 +841,23 @@ def test_selection_kernel_compiles_for_hopper(heads, parts, operands, keys):
     assert compiled.asm["cubin"]
 
 
+def test_auto_operands_are_fp16_on_a_gpu_only(monkeypatch):
+    """CONFIG["operands"] = "auto": fp16 scoring where the kernel compiles for a GPU, fp32 under
+    the CPU interpreter and wherever a finer dot precision is asked for; "fp16" with such a
+    precision is refused in one line."""
+    from ssa_megatron.ops import triton_selection as tsel
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with override_config(tsel.CONFIG, operands="auto"):
+        assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["F16"] is True
+        with override_config(tsel.CONFIG, dot_precision="ieee"):
+            assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["F16"] is False
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["F16"] is False
+    with override_config(tsel.CONFIG, operands="fp16", dot_precision="tf32x3"):
+        with pytest.raises(ValueError, match="operands"):
+            tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)
+
+
 def test_int32_merge_keys_only_where_the_score_keeps_its_bits():
     """int32 keys give the block index the bits the sequence's block count needs; past 4096
     blocks the score would keep fewer than 11 significant bits, so int64 keys stay."""

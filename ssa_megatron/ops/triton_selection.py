@@ -69,6 +69,7 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # them in fp16 (fp32 accumulation). bf16 q is exact in fp16 and the pooled keys keep 11
 # significant bits, as TF32 keeps them, so the scores are as exact as the TF32 default's at
 # half the operand bytes and twice the tensor-core rate (docs/KERNEL_NOTES.md, "fp16 scoring").
+# "auto": fp16 on a GPU, fp32 under the CPU interpreter or with "dot_precision" tf32x3 / ieee.
 # "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width); more
 # entries per step means fewer, wider merges.
 # "tokens_max": most tokens per tile (0: the block size); a tile holds rows // G tokens up to it.
@@ -80,7 +81,7 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
           "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
           "operands": "fp32", "bn_sub": 0, "keys": "int64", "tokens_max": 0}
-OPERANDS = ("fp32", "fp16")
+OPERANDS = ("auto", "fp32", "fp16")
 KEYS = ("int64", "int32")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
@@ -509,6 +510,9 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     prec = CONFIG.get("dot_precision")
     if prec not in DOT_PRECISIONS:
         raise ValueError(f"CONFIG['dot_precision'] = {prec!r}: expected one of {DOT_PRECISIONS}")
+    if operands == "auto":  # fp32 where a finer dot precision is asked for, and under the
+        # interpreter (its exact-fp32 tests; the fp16 path has its own)
+        operands = "fp32" if _interpret() or prec not in (None, "tf32") else "fp16"
     if operands == "fp16" and prec not in (None, "tf32"):
         raise ValueError(f"CONFIG['dot_precision'] = {prec!r} applies to fp32 operands; "
                          "set CONFIG['operands'] = 'fp32' with it")
