@@ -68,19 +68,26 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # scales each tile's q and all pooled keys by powers of two into fp16's range and multiplies
 # them in fp16 (fp32 accumulation). bf16 q is exact in fp16 and the pooled keys keep 11
 # significant bits, as TF32 keeps them, so the scores are as exact as the TF32 default's at
-# half the operand bytes and twice the tensor-core rate (docs/KERNEL_NOTES.md, "fp16 scoring").
+# half the operand bytes and twice the tensor-core rate (docs/KERNEL_NOTES.md, "fp16
+# scoring"), except for elements below ~2^-28 of their tile's (q) or the tensor's (keys)
+# largest magnitude, which become fp16 subnormals and keep fewer bits (their products are
+# that much smaller than the row's largest, so the ranking hardly sees them).
 # "auto": fp16 on a GPU, fp32 under the CPU interpreter or with "dot_precision" tf32x3 / ieee.
-# "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width); more
-# entries per step means fewer, wider merges.
+# "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width, halved above
+# head dim 64 like "bn"; a value set here is used at every head dim); more entries per step
+# means fewer, wider merges.
 # "tokens_max": most tokens per tile (0: the block size); a tile holds rows // G tokens up to it.
 # "keys": the merge's packed keys. "int64": the score's 32 bits, then 20 bits of block index.
-# "int32": the block index in as many bits as the sequence's block count needs, the score's bits
-# above them truncated (at most 4096 blocks, so >= 11 significant bits: scores closer than
-# that tie and the smaller block wins, a near-tie as TF32 scoring makes them); longer
-# sequences keep int64. Half the registers and compare work in the merge.
+# "int32": the block index in as many bits as the longest document's block count needs (at
+# least 8; "key_index_bits" sets it, for tests), the score's bits above them truncated (at most
+# 4096 blocks, so >= 11 significant bits: scores closer than that tie and the smaller block
+# wins, a near-tie as TF32 scoring makes them); longer documents keep int64. Half the
+# registers and compare work in the merge. (A NaN score may equal the list's padding sentinel;
+# NaN inputs select garbage with either key width.)
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
           "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
-          "operands": "fp32", "bn_sub": 0, "keys": "int64", "tokens_max": 0}
+          "operands": "fp32", "bn_sub": 0, "keys": "int64", "tokens_max": 0,
+          "key_index_bits": 0}
 OPERANDS = ("auto", "fp32", "fp16")
 KEYS = ("int64", "int32")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
@@ -480,6 +487,12 @@ def _select_kernel(
     tl.store(out_t[:, None] + 1 + kk[None, :], dec, mask=tok_ok[:, None] & (kk[None, :] < K - 1))
 
 
+@lru_cache(maxsize=8)
+def _unit_scale(device: str) -> torch.Tensor:
+    """The key scale of fp32 operands (unused by the kernel, but a valid pointer)."""
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
 def fp16_keys(pooled: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The pooled keys divided by the power of two that brings their largest magnitude into
     [2^14, 2^15), in fp16, and that power of two as a one-element fp32 tensor (computed on the
@@ -503,7 +516,7 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
                      seqlen: int) -> dict:
     """``_select_kernel``'s constexprs for these heads (q heads, kv heads, head dim of the
     scoring operands), K, block size, sub-blocks per block and the longest document's length
-    (the sequence length bounds it), under the current CONFIG."""
+    ``seqlen``, under the current CONFIG."""
     operands = CONFIG.get("operands", "fp32")
     if operands not in OPERANDS:
         raise ValueError(f"CONFIG['operands'] = {operands!r}: expected one of {OPERANDS}")
@@ -532,9 +545,12 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     keys = CONFIG.get("keys", "int64")
     if keys not in KEYS:
         raise ValueError(f"CONFIG['keys'] = {keys!r}: expected one of {KEYS}")
-    # int32 keys give the block index the bits of the longest sequence's block count; the score
-    # keeps the rest, and at least 11 significant bits (TF32's and fp16's) where int32 is used
-    idx32 = max(1, (max(1, seqlen // block_size) - 1).bit_length())
+    # int32 keys give the block index the bits of the longest document's block count (at least
+    # 8: few compiled variants); the score keeps the rest, >= 11 significant bits where used
+    idx32 = CONFIG.get("key_index_bits") or max(8, (max(1, seqlen // block_size) - 1).bit_length())
+    if keys == "int32" and (seqlen // block_size) > (1 << idx32):
+        raise ValueError(f"CONFIG['key_index_bits'] = {idx32} is too few for "
+                         f"{seqlen // block_size} blocks")
     key32 = keys == "int32" and idx32 <= _IDX_BITS_32
     return dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
                 IDX_BITS=idx32 if key32 else _IDX_BITS, KEY32=key32, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
@@ -570,12 +586,13 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
         qf, pooled = reference.moment2_operands(
             qf, pooled, pooled_keys(kf.float() * kf.float(), offs, block_size), scale)
         qf, d = qf.contiguous(), 2 * d
-    const = launch_constants(hq, h, d, kc, block_size, parts, t)
+    const = launch_constants(hq, h, d, kc, block_size, parts,
+                             max(e - a for a, e in zip(offs, offs[1:])))
     # the softmax scale (and log2 e) goes into the pooled keys
     pooled = (pooled * (scale * LOG2E)).contiguous()
     if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
         pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
-    kscale = torch.ones(1, dtype=torch.float32, device=q.device)
+    kscale = _unit_scale(str(q.device))
     if const["F16"]:
         pooled, kscale = fp16_keys(pooled)
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)

@@ -25,7 +25,7 @@ import pickle
 import random
 import shutil
 import time
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -222,10 +222,25 @@ def _deepspeed_load(engine, load_dir: str, tag: str, **kw):
 _NOT_CHOSEN = object()  # load_checkpoint's default: choose the checkpoint itself
 
 
-def choose_checkpoint(load_dir: str, args):
-    """(tag, warning lines) of the checkpoint a resume from ``load_dir`` loads (``--load-iteration``,
-    else the newest intact one, its files verified), or None. All ranks call."""
-    return select_checkpoint(load_dir, getattr(args, "load_iteration", None), collective=True)
+class ChosenCheckpoint(NamedTuple):
+    """The checkpoint a resume loads: its tag, warning lines about the choice, its ssa_meta.json."""
+    tag: str
+    notes: List[str]
+    meta: dict
+
+
+def choose_checkpoint(load_dir: str, args) -> Optional[ChosenCheckpoint]:
+    """The checkpoint a resume from ``load_dir`` loads (``--load-iteration``, else the newest
+    intact one, its files verified, its ssa_meta.json read once), or None. All ranks call."""
+    picked = select_checkpoint(load_dir, getattr(args, "load_iteration", None), collective=True)
+    if picked is None:
+        return None
+    tag, notes = picked
+    try:
+        meta = read_meta(os.path.join(load_dir, tag))
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
+    return ChosenCheckpoint(tag, notes, meta)
 
 
 def refuse_data_of_another_tokenizer(load_dir: str, args, data_description: dict, chosen) -> None:
@@ -236,14 +251,9 @@ def refuse_data_of_another_tokenizer(load_dir: str, args, data_description: dict
     from ssa_megatron.training.resume_notes import imported_tokenizer_error
     if getattr(args, "allow_tokenizer_change", False) or chosen is None:
         return
-    tag_dir = os.path.join(load_dir, chosen[0])
-    try:
-        meta = read_meta(tag_dir)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
-    mismatch = imported_tokenizer_error(meta.get("data"), data_description)
-    if mismatch and meta.get("weights_only"):
-        raise ConfigError(f"{tag_dir}: {mismatch}")
+    mismatch = imported_tokenizer_error(chosen.meta.get("data"), data_description)
+    if mismatch and chosen.meta.get("weights_only"):
+        raise ConfigError(f"{os.path.join(load_dir, chosen.tag)}: {mismatch}")
 
 
 def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict] = None,
@@ -256,15 +266,11 @@ def load_checkpoint(engine, load_dir: str, args, data_description: Optional[dict
         chosen = choose_checkpoint(load_dir, args)
     if chosen is None:
         return 0, 0
-    tag, notes = chosen
+    tag, notes, meta = chosen
     if rank == 0:
         for note in notes:
             print(f"warning: {note}", flush=True)
     tag_dir = os.path.join(load_dir, tag)
-    try:
-        meta = read_meta(tag_dir)
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}; choose another checkpoint with --load-iteration N") from None
     check_compatible(meta, args, tag_dir, _padded_vocab(engine))
     from ssa_megatron.model.options import rope_change_note
     from ssa_megatron.training.resume_notes import data_change_note, schedule_change_note

@@ -384,7 +384,7 @@ def run(args, fault_hook: Optional[Callable] = None,
     chosen = ckpt.choose_checkpoint(args.load, args) if args.load else None
     if chosen is not None:
         ckpt.refuse_data_of_another_tokenizer(args.load, args, data_description, chosen)
-        kept = keep_checkpoint_selection_score(args, ckpt.read_meta(os.path.join(args.load, chosen[0])))
+        kept = keep_checkpoint_selection_score(args, chosen.meta)
         if kept:
             _log(kept)
     _log(f"building the model ({args.num_layers} layers x {args.hidden_size}) and its DeepSpeed engine")
