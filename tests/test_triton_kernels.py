@@ -858,6 +858,20 @@ def test_selection_kernel_compiles_for_hopper(heads, parts, operands, keys):
     assert compiled.asm["cubin"]
 
 
+def test_side_stream_runs_inline_off_cuda():
+    """Off CUDA, ``side_stream.beside`` runs the function at once and its wait returns the
+    result (on a GPU the benchmark compares the overlapped SSA step with the plain one bit for
+    bit: ``overlap_same``)."""
+    import torch
+
+    from ssa_megatron.ops import side_stream
+    calls = []
+    x = torch.ones(3)
+    wait = side_stream.beside(lambda: calls.append(1) or x * 2, x)
+    assert calls == [1]
+    assert torch.equal(wait(), torch.full((3,), 2.0)) and calls == [1]
+
+
 @needs_triton
 def test_auto_operands_are_fp16_on_a_gpu_only(monkeypatch):
     """CONFIG["operands"] = "auto": fp16 scoring where the kernel compiles for a GPU, fp32 under

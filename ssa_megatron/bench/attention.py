@@ -246,7 +246,7 @@ def gpu_header(tool):
 
 def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=False,
                sdpa_backends=False, sdpa_forced=contextlib.nullcontext, sparse_forwards=()):
-    from ssa_megatron.ops import dispatch
+    from ssa_megatron.ops import dispatch, side_stream
     from ssa_megatron.ops import triton_selection as tsel
     from ssa_megatron.ops import triton_sparse_attention as tsp
     torch.manual_seed(1)
@@ -297,8 +297,17 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
         loss = dispatch.alignment_loss(of, osp)
         return torch.autograd.grad([of, loss], (q, k, v), [do, torch.ones_like(loss)])
 
+    def ssa_step_overlapped():  # the selection on a side stream beside the full branch's SDPA
+        wait = side_stream.beside(lambda: tsel.select_blocks(q.detach(), k.detach(), BS, KC), q, k)
+        of = dispatch.full_attention(q, k, v)
+        osp = tsp.sparse_attention(q, k, v, wait(), BS)
+        loss = dispatch.alignment_loss(of, osp)
+        return torch.autograd.grad([of, loss], (q, k, v), [do, torch.ones_like(loss)])
+
     with sdpa_forced():
         res["ssa_fwdbwd"] = median_ms(ssa_step)
+        res["ssa_fwdbwd_overlap"] = median_ms(ssa_step_overlapped)
+        res["overlap_same"] = all(torch.equal(a, c) for a, c in zip(ssa_step(), ssa_step_overlapped()))
 
     def full_branch():  # SSA's full branch alone (GQA inside SDPA, [B, T, H, D] layout)
         return torch.autograd.grad(dispatch.full_attention(q, k, v), (q, k, v), do)
@@ -381,6 +390,8 @@ def target_table(name: str, table, forwards=("gather",)) -> list:
     targets = [  # (heads, shape, what, key, target, higher is better)
         ("HQ32 H8 D128", "B4 T8192", "sparse branch fwd+bwd / SDPA fwd+bwd", "sparse_fwdbwd", 0.40, False),
         ("HQ32 H8 D128", "B4 T8192", "whole SSA fwd+bwd / SDPA fwd+bwd", "ssa_fwdbwd", 1.45, False),
+        ("HQ32 H8 D128", "B4 T8192", "whole SSA, selection beside SDPA (side stream)",
+         "ssa_fwdbwd_overlap", 1.45, False),
         ("HQ32 H8 D128", "B1 T32768", "sparse prefill speed-up vs SDPA fwd", "prefill_sparse", 3.0, True),
         ("HQ32 H8 D128", "B1 T32768", "selection alone (ms)", "select", 3.0, False),
         ("HQ32 H2 D64", "B1 T32768", "sparse prefill speed-up vs SDPA fwd", "prefill_sparse", 4.0, True),
@@ -392,7 +403,7 @@ def target_table(name: str, table, forwards=("gather",)) -> list:
         r = next((r for r in table if r["shape"].startswith(shape + " ") and r["shape"].endswith(heads)), None)
         if r is None:
             continue
-        for fwd in (("gather",) if key in ("select", "ssa_fwdbwd") else forwards):
+        for fwd in (("gather",) if key in ("select", "ssa_fwdbwd", "ssa_fwdbwd_overlap") else forwards):
             col = key if fwd == "gather" else f"{key}@{fwd}"
             if not isinstance(r.get(col), float):
                 continue
@@ -516,7 +527,7 @@ def main(argv=None):
     print(f"\n=== {name}: median ms (ratio = ours / SDPA in the same run; SDPA backend: "
           f"{args.sdpa_backend}) ===")
     cols = ["sdpa_fwd", "sdpa_fwdbwd", "select", "select_sub4", "sparse_attn_fwd", "sparse_attn_bwd",
-            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "full_branch_fwdbwd", "nsa_fwd",
+            "sparse_fwd", "sparse_fwdbwd", "ssa_fwdbwd", "ssa_fwdbwd_overlap", "full_branch_fwdbwd", "nsa_fwd",
             "nsa_fwdbwd", "prefill_sparse", "fla_sel_fwd", "fla_sel_fwdbwd"]
     if merges:
         cols[3:3] = [f"select_{m}" for m in merges] + ["sel_merge_same"]
