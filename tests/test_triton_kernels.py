@@ -891,6 +891,20 @@ def test_auto_operands_are_fp16_on_a_gpu_only(monkeypatch):
 
 
 @needs_triton
+def test_launch_constants_follow_the_tile_options():
+    """The tile options reach the kernel's constants (the interpreter cases that run them would
+    pass with the options ignored): tokens per tile up to "tokens_max", and the subN pass-2
+    step of "bn_sub" entries in whole blocks."""
+    from ssa_megatron.ops import triton_selection as tsel
+    assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["BT"] == 16
+    with override_config(tsel.CONFIG, rows=128, tokens_max=32):
+        assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["BT"] == 32
+    assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 4  # 16 entries at D 128
+    with override_config(tsel.CONFIG, bn_sub=64):
+        assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 16
+
+
+@needs_triton
 def test_int32_merge_keys_only_where_the_score_keeps_its_bits():
     """int32 keys give the block index the bits the longest document's block count needs (at
     least 8, so that few kernels compile); past 4096 blocks the score would keep fewer than 11

@@ -553,8 +553,8 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
                          f"{seqlen // block_size} blocks")
     key32 = keys == "int32" and idx32 <= _IDX_BITS_32
     return dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
-                IDX_BITS=idx32 if key32 else _IDX_BITS, KEY32=key32, TOPK=CONFIG.get("topk", True), MERGE=_MERGES[merge],
-                LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
+                IDX_BITS=idx32 if key32 else _IDX_BITS, KEY32=key32, TOPK=CONFIG.get("topk", True),
+                MERGE=_MERGES[merge], LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
                 PREC=prec or "default", NSUB=parts, F16=operands == "fp16")
 
 
