@@ -874,17 +874,25 @@ def test_side_stream_runs_inline_off_cuda():
 
 @needs_triton
 def test_auto_operands_are_fp16_on_a_gpu_only(monkeypatch):
-    """CONFIG["operands"] = "auto": fp16 scoring where the kernel compiles for a GPU, fp32 under
-    the CPU interpreter and wherever a finer dot precision is asked for; "fp16" with such a
-    precision is refused in one line."""
+    """CONFIG["operands"] = "auto" (the default): fp16 scoring where the kernel compiles for a
+    GPU, fp32 under the CPU interpreter and wherever a finer dot precision is asked for; "fp16"
+    with such a precision is refused in one line. keys = "auto" follows the operands (int32
+    merge keys with fp16 scores, int64 with fp32 ones), and fp16 operands keep the full pass-2
+    step at head dim 128 where fp32 ones halve it."""
     from ssa_megatron.ops import triton_selection as tsel
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with override_config(tsel.CONFIG, operands="auto"):
-        assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["F16"] is True
+
+    def chosen():
+        c = tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)
+        return c["F16"], c["KEY32"], c["BN"]
+    with override_config(tsel.CONFIG, operands="auto", keys="auto", bn=32):
+        assert chosen() == (True, True, 32)
         with override_config(tsel.CONFIG, dot_precision="ieee"):
-            assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["F16"] is False
+            assert chosen() == (False, False, 16)
+        with override_config(tsel.CONFIG, keys="int64"):
+            assert chosen() == (True, False, 32)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["F16"] is False
+        assert chosen() == (False, False, 16)
     with override_config(tsel.CONFIG, operands="fp16", dot_precision="tf32x3"):
         with pytest.raises(ValueError, match="operands"):
             tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)
@@ -899,9 +907,10 @@ def test_launch_constants_follow_the_tile_options():
     assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["BT"] == 16
     with override_config(tsel.CONFIG, rows=128, tokens_max=32):
         assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["BT"] == 32
-    assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 4  # 16 entries at D 128
-    with override_config(tsel.CONFIG, bn_sub=64):
-        assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 16
+    with override_config(tsel.CONFIG, operands="fp32", bn=32):  # fp32: 16 entries at D 128
+        assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 4
+        with override_config(tsel.CONFIG, bn_sub=64):
+            assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 16
 
 
 @needs_triton

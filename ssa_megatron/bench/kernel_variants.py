@@ -183,7 +183,7 @@ def check_variants(device, sel_variants, attn_variants):
             before = compiled_kernels()
             score = variant_score(over)
             # other blocks by design, or other score arithmetic: against the reference's
-            against_ref = score != "mean" or bool(set(over) & {"operands", "dot_precision"})
+            against_ref = score != "mean" or bool(set(over) & {"operands", "dot_precision", "keys"})
             with select_config(over):
                 if against_ref:
                     slot0, same, worst, _ = _selection_agreement(q, k, cs, score)

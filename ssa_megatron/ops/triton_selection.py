@@ -72,7 +72,8 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # scoring"), except for elements below ~2^-28 of their tile's (q) or the tensor's (keys)
 # largest magnitude, which become fp16 subnormals and keep fewer bits (their products are
 # that much smaller than the row's largest, so the ranking hardly sees them).
-# "auto": fp16 on a GPU, fp32 under the CPU interpreter or with "dot_precision" tf32x3 / ieee.
+# "auto" (the default): fp16 on a GPU, fp32 under the CPU interpreter or with "dot_precision"
+# tf32x3 / ieee.
 # "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width, halved above
 # head dim 64 like "bn"; a value set here is used at every head dim); more entries per step
 # means fewer, wider merges.
@@ -83,13 +84,14 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # 4096 blocks, so >= 11 significant bits: scores closer than that tie and the smaller block
 # wins, a near-tie as TF32 scoring makes them); longer documents keep int64. Half the
 # registers and compare work in the merge. (A NaN score may equal the list's padding sentinel;
-# NaN inputs select garbage with either key width.)
+# NaN inputs select garbage with either key width.) "auto" (the default): int32 with fp16
+# operands, int64 with fp32 ones (the interpreter's exact tests, tf32x3 / ieee scoring).
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
           "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
-          "operands": "fp32", "bn_sub": 0, "keys": "int64", "tokens_max": 0,
+          "operands": "auto", "bn_sub": 0, "keys": "auto", "tokens_max": 0,
           "key_index_bits": 0}
 OPERANDS = ("auto", "fp32", "fp16")
-KEYS = ("int64", "int32")
+KEYS = ("auto", "int64", "int32")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
@@ -532,11 +534,14 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     merge = CONFIG.get("merge", "insert")
     if merge not in _MERGES:
         raise ValueError(f"CONFIG['merge'] = {merge!r}: expected one of {sorted(_MERGES)}")
+    f16 = operands == "fp16"
     g = hq // h
     gp = next_pow2(g)
     bt = min(max(1, CONFIG["rows"] // gp), next_pow2(CONFIG.get("tokens_max") or block_size))
     bd = max(16, next_pow2(d))
-    bn = CONFIG["bn"] if bd <= 64 else max(16, CONFIG["bn"] // 2)
+    # fp32 operands halve the step above head dim 64 (shared memory); fp16 ones are half the
+    # bytes and keep the full step, which is faster at D 128 (docs/KERNEL_NOTES.md, v8)
+    bn = CONFIG["bn"] if bd <= 64 or f16 else max(16, CONFIG["bn"] // 2)
     bn1 = next_pow2(CONFIG.get("bn_stats") or bn)
     # subN: pass 2 steps over bn_sub sub-block entries (whole blocks, at least 16 for tl.dot)
     if parts > 1:
@@ -545,6 +550,8 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     keys = CONFIG.get("keys", "int64")
     if keys not in KEYS:
         raise ValueError(f"CONFIG['keys'] = {keys!r}: expected one of {KEYS}")
+    if keys == "auto":  # the truncated keys go with the scores that are no finer than them
+        keys = "int32" if f16 else "int64"
     # int32 keys give the block index the bits of the longest document's block count (at least
     # 8: few compiled variants); the score keeps the rest, >= 11 significant bits where used
     idx32 = CONFIG.get("key_index_bits") or max(8, (max(1, seqlen // block_size) - 1).bit_length())
@@ -555,7 +562,7 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     return dict(HQ=hq, H=h, D=d, G=g, K=kc, BS=block_size, BT=bt, GP=gp, BD=bd, BN=bn, KB=kb,
                 IDX_BITS=idx32 if key32 else _IDX_BITS, KEY32=key32, TOPK=CONFIG.get("topk", True),
                 MERGE=_MERGES[merge], LOGKB=kb.bit_length() - 1, FAST=_fast(merge, kc, kb, bn), BN1=bn1,
-                PREC=prec or "default", NSUB=parts, F16=operands == "fp16")
+                PREC=prec or "default", NSUB=parts, F16=f16)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_counts: int,
