@@ -181,6 +181,8 @@ def test_kernel_variant_sweep_checks(interpreted):
     assert rows[0]["rows"][0]["sel_s4_ref_same"] == 1.0  # a score variant: against its reference
     assert rows[0]["rows"][0]["sel_f16_ref_same"] == 1.0  # other score arithmetic: likewise
     assert rows[0]["rows"][0]["sel_s4f_ref_same"] == 1.0
+    assert rows[0]["rows"][0]["sel_k32_ref_same"] == 1.0  # truncated merge keys: likewise
+    assert rows[0]["rows"][0]["sel_v3_same"] is True  # another merge: the same bits
     assert rows[1]["ok"] is False, rows[1]
 
 
@@ -562,7 +564,7 @@ def _check_variant_tool():
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
     attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
     for name, sel in (("good", "default;v3:merge=sort,sort_fast=4;s4:score=sub4;"
-                               "f16:operands=fp16;s4f:score=sub4,operands=fp16,bn_sub=64"),
+                               "f16:operands=fp16;s4f:score=sub4,operands=fp16,bn_sub=64;k32:keys=int32"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
                                       attn if name == "good" else attn[:1])

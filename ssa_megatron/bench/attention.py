@@ -88,7 +88,8 @@ def _selection_agreement(q, k, cs, score):
             x = set(it[bi, ti, hi].tolist()) ^ set(ir[bi, ti, hi].tolist())
             x.discard(-1)
             kth = sc[ir[bi, ti, hi][ir[bi, ti, hi] >= 0].long()].min().item()
-            worst = max(worst, max(abs(sc[j].item() - kth) for j in x))
+            # sets that differ only in empty slots hold different numbers of blocks: no tie
+            worst = max(worst, max((abs(sc[j].item() - kth) for j in x), default=float("inf")))
     return slot0, same.float().mean().item(), worst, ir
 
 

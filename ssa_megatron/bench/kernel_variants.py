@@ -182,27 +182,18 @@ def check_variants(device, sel_variants, attn_variants):
         for name, over in sel_variants:
             before = compiled_kernels()
             score = variant_score(over)
-            # other blocks by design, or other score arithmetic: against the reference's
-            against_ref = score != "mean" or bool(set(over) & {"operands", "dot_precision", "keys"})
-            with select_config(over):
-                if against_ref:
-                    slot0, same, worst, _ = _selection_agreement(q, k, cs, score)
-                else:
-                    idx = tsel.select_blocks(q, k, BS, KC, cs)
+            with select_config(over):  # every variant against the reference (fp32 scores)
+                slot0, same, worst, _ = _selection_agreement(q, k, cs, score)
+                idx = tsel.select_blocks(q, k, BS, KC, cs, score=score)
             res.setdefault(f"select[{name}]", {}).update(
                 {f"{k} G{hq // h} D{d}": v for k, v in resources(before).items()})
-            if against_ref:
-                row[f"sel_{name}_ref_same"], row[f"sel_{name}_worst_tie"] = same, worst
-                ok &= slot0 and (same == 1.0 or worst < 2e-2)
-                continue
-            if base is None:
-                base = idx
-            same = (idx == base).all(-1).float().mean().item()
-            row[f"sel_{name}_same"] = same
-            if set(over) <= {"merge", "sort_fast", "stages"}:  # same scores: same bits
-                ok &= same == 1.0
-            elif not name.startswith("ablate"):  # other tiles round the scores differently
-                ok &= same >= 0.999
+            row[f"sel_{name}_ref_same"], row[f"sel_{name}_worst_tie"] = same, worst
+            ok &= slot0 and (same == 1.0 or worst < 2e-2)
+            if set(over) <= {"merge", "sort_fast", "stages"}:  # same scores and keys: same bits
+                if base is None:
+                    base = idx
+                row[f"sel_{name}_same"] = same_bits = bool(torch.equal(idx, base))
+                ok &= same_bits
         idx = ref.select_blocks(q, k, BS, KC, cs)
         leaves_r = [x.detach().float().requires_grad_() for x in (q, k, v)]
         o_r = ref.sparse_attention(*leaves_r, idx, BS, cs)

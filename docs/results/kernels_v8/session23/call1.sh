@@ -15,6 +15,6 @@ echo "variants rc $? at $(( $(date +%s) - t0 )) s"; grep -E "PASS|FAIL|===|selec
 grep -E "^check" "$OUT/select_defaults.txt" | python3 -c "
 import sys, json
 for line in sys.stdin:
-    r = json.loads(line[6:]); print(r['shape'], {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if 'k32' in k or 'v7' in k or 'default' in k or 'i64' in k})"
+    r = json.loads(line[6:]); print(r['shape'], {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k.startswith('sel_')})"
 timeout $(( 580 - ($(date +%s) - t0) )) python3 tools/bench_attention.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
 echo "bench_attention rc $? at $(( $(date +%s) - t0 )) s"; sed -n '/===/,$p' "$OUT/kernels.txt" | head -70
