@@ -62,9 +62,10 @@ SELECTION_CASES = [
     (16, 1, 64, 300, 299, 16, 64, "map"),  # G 16
     (8, 2, 64, 251, 250, 7, 4, "moment2"),  # scoring at width 128
     (2, 2, 32, 120, 100, 3, 2, "moment2"),  # G 1, width 64, spare pooled blocks
-    (8, 2, 128, 251, 250, 7, 4, "sub4"),  # sub-block means (4 per block), G 4 (Llama)
+    (8, 2, 128, 251, 250, 7, 4, "sub4"),  # sub-block means (4 per block), G 4 (Llama), one
+    # block per piece
     (16, 1, 64, 300, 299, 16, 64, "sub2"),  # G 16, one program
-    (2, 2, 32, 120, 100, 3, 2, "sub4"),  # G 1, spare pooled blocks, 8 entries per piece
+    (2, 2, 32, 120, 100, 3, 8, "sub4"),  # G 1, spare pooled blocks, 2 blocks (8 means) per piece
 ]
 
 
@@ -130,7 +131,8 @@ def test_decode_kernels_compile_for_hopper(heads, block_size, parts):
     hq, h, d = heads
     g = hq // h
     common = dict(H=h, G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BLOCK=block_size)
-    scoring = dict(common, SPLIT=tsd.CONFIG["split"], SP=32, DOT_PRECISION="default", NSUB=parts)
+    scoring = dict(common, SPLIT=tsd.blocks_per_piece(parts), SP=32, DOT_PRECISION="default",
+                   NSUB=parts)
     pointers = {"Q": "*bf16", "P": "*fp32", "POS": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32",
                 "M_IN": "*fp32", "L_IN": "*fp32", "KEYS_OUT": "*i64", "KEYS_IN": "*i64",
                 "IDX_OUT": "*i32", "K": "*bf16", "V": "*bf16", "O": "*bf16"}

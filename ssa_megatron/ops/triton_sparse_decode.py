@@ -40,10 +40,17 @@ from ssa_megatron.ops.triton_selection import CONFIG as SELECT_CONFIG
 from ssa_megatron.ops.triton_selection import DOT_PRECISIONS, LOG2E, next_pow2, score_dot
 
 IDX_BITS = 20  # block index bits in a packed key (as in the selection kernel): 2^20 blocks
-# "split": block means per program of the two scoring kernels (one tile: the whole piece);
+# "split": means per program of the two scoring kernels (one tile: the whole piece); a subN
+# cache's piece holds split / N blocks, so its tile stays split means wide;
 # "tile_tokens": cached tokens per attention tile (whole blocks; at least one block);
 # "warps": warps per program of all three kernels.
 CONFIG = {"split": 64, "tile_tokens": 64, "warps": 4}
+
+
+def blocks_per_piece(parts: int) -> int:
+    """Blocks per program of the two scoring kernels: ``CONFIG["split"]`` means, ``parts`` per
+    block (subN caches hold N sub-block means per block)."""
+    return max(1, CONFIG["split"] // parts)
 
 
 @triton.jit
@@ -263,7 +270,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     precision = SELECT_CONFIG.get("dot_precision")
     if precision not in DOT_PRECISIONS:
         raise ValueError(f"CONFIG['dot_precision'] = {precision!r}: expected one of {DOT_PRECISIONS}")
-    split = CONFIG["split"]
+    split = blocks_per_piece(parts)
     pieces = triton.cdiv(pooled.shape[1] // parts, split)
     sp, gp = next_pow2(pieces), max(16, next_pow2(g))
     keep, kp = max(block_counts - 1, 1), max(next_pow2(max(block_counts - 1, 1)), 2)
