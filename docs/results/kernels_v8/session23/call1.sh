@@ -2,7 +2,7 @@
 # Session 23, GPU call 1 (run from the repository root with OUT set): the selection's new
 # defaults (fp16 scoring operands, int32 merge keys, the full pass-2 step at D 128) beside the
 # v7 arithmetic and the subN step widths; the sub4 decode step with pieces of split means
-# (not split blocks); then the target tables with the new defaults.
+# (not split blocks). The target tables follow in call2.sh (fla-core installed there).
 set -uo pipefail
 export PYTHONPATH="$PWD"
 t0=$(date +%s)
@@ -21,5 +21,3 @@ timeout 120 python3 tools/bench_decode.py --context 32768 --heads 32/2/64,32/8/1
   --selection-score sub4 --cuda-graph --rep 30 --check-generation --json "$OUT/decode_sub4.json" \
   > "$OUT/decode_sub4.txt" 2>&1
 echo "decode rc $? at $(( $(date +%s) - t0 )) s"; grep -E "PASS|FAIL|step" "$OUT/decode_sub4.txt" | tail -8
-timeout $(( 580 - ($(date +%s) - t0) )) python3 tools/bench_attention.py --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1
-echo "bench_attention rc $? at $(( $(date +%s) - t0 )) s"; sed -n '/===/,$p' "$OUT/kernels.txt" | head -70
