@@ -8,7 +8,7 @@ export PYTHONPATH="$PWD"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 SEL="default;v7:operands=fp32,keys=int64;f16i64:keys=int64;bn64:bn=64;st64:bn_stats=64;st128:bn_stats=128"
-SEL="$SEL;sub4:score=sub4;sub4b64:score=sub4,bn_sub=64;sub4b128:score=sub4,bn_sub=128"
+SEL="$SEL;r96:maxnreg_large_d=96;s3:stages=3;sub4:score=sub4;sub4b64:score=sub4,bn_sub=64;sub4b128:score=sub4,bn_sub=128"
 timeout 240 python3 tools/bench_kernel_variants.py --heads 32/8/128,32/2/64 \
   --shapes 4x8192,1x32768 --select "$SEL" --attn default --json "$OUT/select_defaults.json" \
   > "$OUT/select_defaults.txt" 2>&1
