@@ -909,7 +909,7 @@ def test_launch_constants_follow_the_tile_options():
     assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["BT"] == 16
     with override_config(tsel.CONFIG, rows=128, tokens_max=32):
         assert tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)["BT"] == 32
-    with override_config(tsel.CONFIG, operands="fp32", bn=32):  # fp32: 16 entries at D 128
+    with override_config(tsel.CONFIG, operands="fp32", bn=32, bn_sub=0):  # 16 entries at D 128
         assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 4
         with override_config(tsel.CONFIG, bn_sub=64):
             assert tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)["BN"] == 16

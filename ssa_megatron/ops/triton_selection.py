@@ -52,11 +52,13 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 #             loop) and the chunk sort runs only when n > "sort_fast" (>= bn: never).
 # All give bit-identical indices; "sort" is faster than "insert" and "extract" faster than "sort"
 # (docs/KERNEL_NOTES.md v3-v5).
-# "bn_stats": pass 1's blocks per step (0: "bn"); pass 1 has no merge, so it may step wider.
+# "bn_stats": pass 1's entries per step (0: "bn"); pass 1 has no merge, so it may step wider
+# (64: 4-8 % faster than "bn" with fp16 operands, 128 slower; docs/KERNEL_NOTES.md, session 23).
 # "maxnreg" / "maxnreg_large_d": registers per thread the compiler may use for head dims <= 64 /
 # > 64 (0: its own choice). The scoring loop is latency-bound, so more programs per SM pay: at
 # D 64 a cap of 96 fits 5 programs of 4 warps per SM instead of 4, without spills (lower caps
-# spill at G 8); at D 128 a cap of 128 fits 4 instead of 3 (docs/KERNEL_NOTES.md v6).
+# spill at G 8); at D 128 a cap of 128 fit 4 instead of 3 with fp32 operands (v6), and with
+# fp16 operands (half the q tile's registers) 96 fits 5 (docs/KERNEL_NOTES.md, session 23).
 # "dot_precision": tl.dot's input_precision for the q . Kbar scores of both passes. None is
 # Triton's default, TF32 on NVIDIA tensor cores: scores carry ~1e-3 relative error, so rows whose
 # K-th and (K+1)-th fp32 scores are that close may pick the other block (docs/KERNEL_NOTES.md).
@@ -74,9 +76,9 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # that much smaller than the row's largest, so the ranking hardly sees them).
 # "auto" (the default): fp16 on a GPU, fp32 under the CPU interpreter or with "dot_precision"
 # tf32x3 / ieee.
-# "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width, halved above
-# head dim 64 like "bn"; a value set here is used at every head dim); more entries per step
-# means fewer, wider merges.
+# "bn_sub": sub-block entries per pass-2 step of the subN scores (0: "bn"'s width; a value set
+# here is used at every head dim); more entries per step means fewer, wider merges (64: sub4
+# 12-20 % faster than 32, 128 slower at D 128; docs/KERNEL_NOTES.md, session 23).
 # "tokens_max": most tokens per tile (0: the block size); a tile holds rows // G tokens up to it.
 # "keys": the merge's packed keys. "int64": the score's 32 bits, then 20 bits of block index.
 # "int32": the block index in as many bits as the longest document's block count needs (at
@@ -87,8 +89,8 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # NaN inputs select garbage with either key width.) "auto" (the default): int32 with fp16
 # operands, int64 with fp32 ones (the interpreter's exact tests, tf32x3 / ieee scoring).
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
-          "bn_stats": 0, "maxnreg": 96, "maxnreg_large_d": 128, "dot_precision": None,
-          "operands": "auto", "bn_sub": 0, "keys": "auto", "tokens_max": 0,
+          "bn_stats": 64, "maxnreg": 96, "maxnreg_large_d": 96, "dot_precision": None,
+          "operands": "auto", "bn_sub": 64, "keys": "auto", "tokens_max": 0,
           "key_index_bits": 0}
 OPERANDS = ("auto", "fp32", "fp16")
 KEYS = ("auto", "int64", "int32")
