@@ -135,9 +135,12 @@ def test_decode_kernels_compile_for_hopper(heads, block_size, parts):
                    NSUB=parts)
     pointers = {"Q": "*bf16", "P": "*fp32", "POS": "*i32", "M_OUT": "*fp32", "L_OUT": "*fp32",
                 "M_IN": "*fp32", "L_IN": "*fp32", "KEYS_OUT": "*i64", "KEYS_IN": "*i64",
-                "IDX_OUT": "*i32", "K": "*bf16", "V": "*bf16", "O": "*bf16"}
+                "IDX_OUT": "*i32", "K": "*bf16", "V": "*bf16", "O": "*bf16",
+                "LOGITS": "*fp32"}
     kernels = [(tsd.decode_stats_kernel, scoring),
-               (tsd.decode_select_kernel, dict(scoring, KEEP=15, KP=16, IDX_BITS=tsd.IDX_BITS)),
+               (tsd.decode_select_kernel, dict(H=h, G=g, GP=common["GP"], BLOCK=block_size,
+                                               SPLIT=scoring["SPLIT"], SP=32, KEEP=15, KP=16,
+                                               IDX_BITS=tsd.IDX_BITS, NSUB=parts)),
                (tsd.decode_attend_kernel, dict(common, SP=32, KP=16, NSEL=16, IDX_BITS=tsd.IDX_BITS,
                                                CHUNK=max(1, tsd.CONFIG["tile_tokens"] // block_size)))]
     for kernel, constants in kernels:

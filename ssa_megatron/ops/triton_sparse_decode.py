@@ -6,7 +6,8 @@ blocks (``hf/ssa_cache.SSACacheLayer``). The block means are split into pieces o
 blocks, so that many programs share the scoring of a long cache:
 
 1. ``decode_stats_kernel``, grid (B * H, splits): per query head of the group, the max and the sum of
-   ``exp(q . Kbar * scale)`` over the piece's complete blocks;
+   ``exp(q . Kbar * scale)`` over the piece's complete blocks, and the logits themselves (G floats
+   per mean, so that the next kernel reads them instead of the D-float means a second time);
 2. ``decode_select_kernel``, same grid: the global softmax statistics from every piece's, the
    group-summed probability of each block of the piece, and the piece's best (K - 1) blocks
    other than the current one, as packed int64 keys ``(float bits of score) << 20 |
@@ -83,7 +84,7 @@ def _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh, stride_pb, stride
 
 
 @triton.jit
-def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, scale_log2,
+def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, LOGITS, scale_log2,
                         stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
                         BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
@@ -97,19 +98,26 @@ def decode_stats_kernel(Q, P, POS, M_OUT, L_OUT, scale_log2,
     rows = tl.arange(0, GP)
     tl.store(M_OUT + (bh * SP + piece) * GP + rows, m)
     tl.store(L_OUT + (bh * SP + piece) * GP + rows, l)
+    # the group's logits for the select kernel: G x 4 bytes per mean instead of its D x 4
+    e = tl.arange(0, SPLIT * NSUB)
+    tl.store(LOGITS + ((bh * SP + piece) * G + rows[:, None]) * (SPLIT * NSUB) + e[None, :],
+             logits, mask=rows[:, None] < G)
 
 
 @triton.jit
-def decode_select_kernel(Q, P, POS, M_IN, L_IN, KEYS_OUT, scale_log2, pieces,
-                         stride_qb, stride_qh, stride_pb, stride_pn, stride_ph,
-                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+def decode_select_kernel(LOGITS, POS, M_IN, L_IN, KEYS_OUT, pieces,
+                         H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
                          BLOCK: tl.constexpr, SPLIT: tl.constexpr, SP: tl.constexpr,
-                         KEEP: tl.constexpr, KP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         IDX_BITS: tl.constexpr, NSUB: tl.constexpr = 1):
-    logits, cols, pos, bh, piece = _piece_logits(Q, P, POS, scale_log2, stride_qb, stride_qh,
-                                                 stride_pb, stride_pn, stride_ph, H, G, GP, D,
-                                                 BLOCK, SPLIT, DOT_PRECISION, NSUB)
+                         KEEP: tl.constexpr, KP: tl.constexpr, IDX_BITS: tl.constexpr,
+                         NSUB: tl.constexpr = 1):
+    bh = tl.program_id(0)
+    piece = tl.program_id(1)
+    pos = tl.load(POS + bh // H)
     rows = tl.arange(0, GP)
+    cols = piece * SPLIT + tl.arange(0, SPLIT)
+    e = tl.arange(0, SPLIT * NSUB)
+    logits = tl.load(LOGITS + ((bh * SP + piece) * G + rows[:, None]) * (SPLIT * NSUB) + e[None, :],
+                     mask=rows[:, None] < G, other=float("-inf"))  # the stats kernel's
     sp = tl.arange(0, SP)
     stat = (bh * SP + sp[:, None]) * GP + rows[None, :]
     m_all = tl.load(M_IN + stat, mask=sp[:, None] < pieces, other=float("-inf"))  # [SP, GP]
@@ -278,6 +286,7 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     m_part = torch.empty((b * h, sp, gp), dtype=torch.float32, device=q.device)
     l_part = torch.empty_like(m_part)
     keys = torch.empty((b * h, sp, kp), dtype=torch.int64, device=q.device)
+    logits = torch.empty((b * h, sp, g, split * parts), dtype=torch.float32, device=q.device)
     idx = torch.empty((b, h, block_counts), dtype=torch.int32, device=q.device)
     o = torch.empty_like(q)
     common = dict(H=h, G=g, GP=gp, D=d, BLOCK=block_size, num_warps=CONFIG["warps"])
@@ -286,11 +295,12 @@ def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     pool_strides = (pooled.stride(0), pooled.stride(1), pooled.stride(2))
     scale_log2 = scale * LOG2E
     decode_stats_kernel[(b * h, pieces)](
-        qs, pooled, positions, m_part, l_part, scale_log2, qs.stride(0), qs.stride(1),
+        qs, pooled, positions, m_part, l_part, logits, scale_log2, qs.stride(0), qs.stride(1),
         *pool_strides, **scoring)
     decode_select_kernel[(b * h, pieces)](
-        qs, pooled, positions, m_part, l_part, keys, scale_log2, pieces, qs.stride(0),
-        qs.stride(1), *pool_strides, KEEP=keep, KP=kp, IDX_BITS=IDX_BITS, **scoring)
+        logits, positions, m_part, l_part, keys, pieces, H=h, G=g, GP=gp, BLOCK=block_size,
+        SPLIT=split, SP=sp, KEEP=keep, KP=kp, IDX_BITS=IDX_BITS, NSUB=parts,
+        num_warps=CONFIG["warps"])
     decode_attend_kernel[(b * h,)](
         q, k_cache, v_cache, positions, keys, idx, o, scale, pieces, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
