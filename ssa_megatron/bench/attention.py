@@ -493,6 +493,9 @@ def main(argv=None):
                     help="also time one decode step of a 1B-shape model per --heads layout, "
                          "full and sparse mode (bench/decode.py)")
     ap.add_argument("--decode-context", type=int, default=32768, help="tokens in the KV cache for --decode")
+    ap.add_argument("--decode-score", default=None, choices=["mean", "moment2", "sub2", "sub4"],
+                    help="the selection score of the --decode model (default: the one new runs "
+                         "train with, model/recipe_defaults.py)")
     args = ap.parse_args(argv)
     if args.check_only and args.skip_check:
         ap.error("--check-only and --skip-check exclude each other")
@@ -577,9 +580,12 @@ def main(argv=None):
     if not args.select_only:
         print("\n" + "\n".join(target_table(name, table, forwards)))
         for row in out.get("decode", []):
-            print(f"| HQ{row['heads'].replace('/', ' H', 1).replace('/', ' D')} | B1 context {row['context']} | "
-                  f"decode step full / sparse (model) | - | {row['model_ratio']:.2f}x | >= 3x | "
-                  f"{'yes' if row['model_ratio'] >= 3 else 'no'} |")
+            for key, how in (("model_ratio", "eager"), ("model_graph_ratio", "CUDA graph")):
+                if key in row:
+                    print(f"| HQ{row['heads'].replace('/', ' H', 1).replace('/', ' D')} | B1 context "
+                          f"{row['context']} | decode step full / sparse (model, {how}, "
+                          f"{row['selection_score']}) | - | {row[key]:.2f}x | >= 3x | "
+                          f"{'yes' if row[key] >= 3 else 'no'} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(out, fh, indent=1)
@@ -589,7 +595,10 @@ def main(argv=None):
 def decode_rows(args) -> list:
     """bench/decode.py's rows for every --heads layout at --decode-context, batch 1, bf16."""
     from ssa_megatron.bench import decode
-    dargs = decode.build_parser().parse_args(["--context", str(args.decode_context)])
+    from ssa_megatron.model.recipe_defaults import RECIPE_SELECTION_SCORE
+    score = args.decode_score or RECIPE_SELECTION_SCORE
+    dargs = decode.build_parser().parse_args(["--context", str(args.decode_context),
+                                              "--selection-score", score, "--cuda-graph"])
     rows = []
     for spec in args.heads.split(","):
         hq, h, d = (int(x) for x in spec.split("/"))
@@ -598,6 +607,7 @@ def decode_rows(args) -> list:
         except Exception as exc:  # noqa: BLE001  (report and go on)
             print(f"decode {spec} failed: {exc}", flush=True)
             continue
+        row["selection_score"] = score
         rows.append(row)
         print("decode", json.dumps(row), flush=True)
         torch.cuda.empty_cache()
