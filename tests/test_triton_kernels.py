@@ -104,7 +104,9 @@ SUBN_CASES = [(1, 96, 16, 1, 16, 4, BS, [0, 37, 96], "sub4", {}),
               (1, 96, 16, 1, 128, 5, BS, [0, 37, 96], "sub4", {"operands": "fp16"}),
               (2, 80, 8, 2, 64, 3, BS, None, "sub2", {"operands": "fp16", "bn_sub": 32}),
               (1, 100, 8, 2, 128, 4, BS, [0, 60, 100], "mean", {"operands": "fp16"}),
-              (1, 90, 16, 16, 64, 3, BS, None, "mean", {"operands": "fp16", "bn": 16})]
+              (1, 90, 16, 16, 64, 3, BS, None, "mean", {"operands": "fp16", "bn": 16}),
+              # fp16 with int64 keys (what "auto" keys give documents past 4096 blocks)
+              (1, 110, 8, 2, 64, 4, BS, [0, 45, 110], "sub4", {"operands": "fp16", "keys": "int64"})]
 
 
 # the interpreter group each test reads (test_kernels_match_reference: its parameter)
@@ -183,6 +185,7 @@ def test_kernel_variant_sweep_checks(interpreted):
     assert rows[0]["rows"][0]["sel_s4f_ref_same"] == 1.0
     assert rows[0]["rows"][0]["sel_k32_ref_same"] == 1.0  # truncated merge keys: likewise
     assert rows[0]["rows"][0]["sel_v3_same"] is True  # another merge: the same bits
+    assert rows[0]["rows"][0]["sel_ablate-nomerge_ref_same"] < 1.0  # other blocks, only reported
     assert rows[1]["ok"] is False, rows[1]
 
 
@@ -564,7 +567,8 @@ def _check_variant_tool():
     bkv.CHECK_CASES = [(1, 100, 8, 2, 16, [0, 37, 100])]
     attn = bkv.parse_variants("default;sort32:invert=sort32;index:dkv_order=index,invert=sort32")
     for name, sel in (("good", "default;v3:merge=sort,sort_fast=4;s4:score=sub4;"
-                               "f16:operands=fp16;s4f:score=sub4,operands=fp16,bn_sub=64;k32:keys=int32"),
+                               "f16:operands=fp16;s4f:score=sub4,operands=fp16,bn_sub=64;k32:keys=int32;"
+                               "ablate-nomerge:topk=0"),
                       ("bad", "default;nomerge:topk=0")):
         ok, rows, _ = bkv.check_variants(torch.device("cpu"), bkv.parse_variants(sel),
                                       attn if name == "good" else attn[:1])
@@ -879,22 +883,28 @@ def test_auto_operands_are_fp16_on_a_gpu_only(monkeypatch):
     """CONFIG["operands"] = "auto" (the default): fp16 scoring where the kernel compiles for a
     GPU, fp32 under the CPU interpreter and wherever a finer dot precision is asked for; "fp16"
     with such a precision is refused in one line. keys = "auto" follows the operands (int32
-    merge keys with fp16 scores, int64 with fp32 ones), and fp16 operands keep the full pass-2
-    step at head dim 128 where fp32 ones halve it."""
+    merge keys with fp16 scores, int64 with fp32 ones); fp16 operands keep the full pass-2
+    step at head dim 128 where fp32 ones halve it, and take their own pass-1 / subN steps and
+    register cap."""
     from ssa_megatron.ops import triton_selection as tsel
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tsel.CONFIG["operands"] == tsel.CONFIG["keys"] == "auto"
 
     def chosen():
         c = tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)
-        return c["F16"], c["KEY32"], c["BN"]
-    with override_config(tsel.CONFIG, operands="auto", keys="auto", bn=32):
-        assert chosen() == (True, True, 32)
+        sub4 = tsel.launch_constants(32, 8, 128, 16, 16, 4, 8192)
+        return c["F16"], c["KEY32"], c["BN"], c["BN1"], sub4["BN"], tsel.register_cap(c)
+    # fp16 operands: wider steps and a lower register cap than fp32 ones (per-operand settings)
+    with override_config(tsel.CONFIG, bn=32):
+        assert chosen() == (True, True, 32, 64, 16, 96)
         with override_config(tsel.CONFIG, dot_precision="ieee"):
-            assert chosen() == (False, False, 16)
+            assert chosen() == (False, False, 16, 16, 4, 128)
         with override_config(tsel.CONFIG, keys="int64"):
-            assert chosen() == (True, False, 32)
+            assert chosen() == (True, False, 32, 64, 16, 96)
+        with override_config(tsel.CONFIG, bn_stats=32, maxnreg_large_d=0):  # one for both
+            assert chosen() == (True, True, 32, 32, 16, 0)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        assert chosen() == (False, False, 16)
+        assert chosen() == (False, False, 16, 16, 4, 128)
     with override_config(tsel.CONFIG, operands="fp16", dot_precision="tf32x3"):
         with pytest.raises(ValueError, match="operands"):
             tsel.launch_constants(32, 8, 128, 16, 16, 1, 8192)

@@ -313,6 +313,7 @@ def time_shape(b, t, hq, h, d, device, want_fla=True, merges=(), select_only=Fal
         res["overlap_rel_err"] = max(((a.float() - c.float()).abs().max()
                                       / a.float().abs().max().clamp_min(1e-6)).item()
                                      for a, c in zip(plain, beside))
+        del plain, again, beside  # three sets of gradients: not held through the later timings
 
     def full_branch():  # SSA's full branch alone (GQA inside SDPA, [B, T, H, D] layout)
         return torch.autograd.grad(dispatch.full_attention(q, k, v), (q, k, v), do)

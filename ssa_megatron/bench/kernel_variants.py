@@ -5,12 +5,12 @@ Every variant is a set of overrides of ``triton_selection.CONFIG`` (selection) o
 or its top-level keys such as "invert" and "dkv_order").
 
 1. Correctness (bf16, small shapes, dense and packed documents; ``bench_attention.py`` checks
-   the defaults against the reference in full): each selection variant's indices must equal
-   the default settings' bit for bit where only the merge or the stages change (same scores),
-   and in >= 99.9 % of rows otherwise (other tiles round the tf32 scores differently, which
-   flips near-ties); a variant with another score, ``operands`` or ``dot_precision`` must pick
-   the fp32 reference's blocks up to near-ties (as ``bench_attention.py`` judges the default);
-   ``ablate-`` variants are only reported. Each attention variant's
+   the defaults against the reference in full): every selection variant must pick the fp32
+   reference's block sets (under its own score) up to near-ties, as ``bench_attention.py``
+   judges the default (tiles, operands and key widths round the scores differently, which
+   flips near-ties); variants that change only the merge or the stages must also equal the
+   first such variant's indices bit for bit (same scores, same keys); ``ablate-`` variants
+   are only reported. Each attention variant's
    o/dq/dk/dv must match the fp32 reference on the reference's indices (rel. err < 3e-2), and
    equal the first deterministic variant's bit for bit where only the list building, the
    launch order or the stages change.
@@ -188,6 +188,8 @@ def check_variants(device, sel_variants, attn_variants):
             res.setdefault(f"select[{name}]", {}).update(
                 {f"{k} G{hq // h} D{d}": v for k, v in resources(before).items()})
             row[f"sel_{name}_ref_same"], row[f"sel_{name}_worst_tie"] = same, worst
+            if name.startswith("ablate"):  # reported only: it may pick other blocks by design
+                continue
             ok &= slot0 and (same == 1.0 or worst < 2e-2)
             if set(over) <= {"merge", "sort_fast", "stages"}:  # same scores and keys: same bits
                 if base is None:

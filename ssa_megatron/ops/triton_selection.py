@@ -89,10 +89,25 @@ _IDX_BITS_32 = 12  # int32 keys up to 4096 blocks per document: >= 11 significan
 # NaN inputs select garbage with either key width.) "auto" (the default): int32 with fp16
 # operands, int64 with fp32 ones (the interpreter's exact tests, tf32x3 / ieee scoring).
 CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "sort_fast": 8,
-          "bn_stats": 64, "maxnreg": 96, "maxnreg_large_d": 96, "dot_precision": None,
-          "operands": "auto", "bn_sub": 64, "keys": "auto", "tokens_max": 0,
+          "bn_stats": {"fp16": 64, "fp32": 0}, "maxnreg": 96,
+          "maxnreg_large_d": {"fp16": 96, "fp32": 128}, "dot_precision": None,
+          "operands": "auto", "bn_sub": {"fp16": 64, "fp32": 0}, "keys": "auto", "tokens_max": 0,
           "key_index_bits": 0}
+# "bn_stats", "bn_sub" and "maxnreg_large_d" hold one value per operand type ({"fp16": ...,
+# "fp32": ...}: fp16 halves the tiles' registers and shared memory, so it takes wider steps and
+# a lower register cap), or one value for both (what a variant sweep sets).
 OPERANDS = ("auto", "fp32", "fp16")
+
+
+def by_operands(name: str, f16: bool):
+    """``CONFIG[name]``, or its entry for fp16 / fp32 operands where it holds one per type."""
+    value = CONFIG.get(name)
+    return value["fp16" if f16 else "fp32"] if isinstance(value, dict) else value
+
+
+def register_cap(const: dict) -> int:
+    """The register cap for a ``launch_constants`` result (0: the compiler's choice)."""
+    return CONFIG["maxnreg"] if const["BD"] <= 64 else by_operands("maxnreg_large_d", const["F16"])
 KEYS = ("auto", "int64", "int32")
 DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
 _MERGES = {"insert": 0, "sort": 1, "extract": 2}
@@ -544,10 +559,10 @@ def launch_constants(hq: int, h: int, d: int, kc: int, block_size: int, parts: i
     # fp32 operands halve the step above head dim 64 (shared memory); fp16 ones are half the
     # bytes and keep the full step, which is faster at D 128 (docs/KERNEL_NOTES.md, v8)
     bn = CONFIG["bn"] if bd <= 64 or f16 else max(16, CONFIG["bn"] // 2)
-    bn1 = next_pow2(CONFIG.get("bn_stats") or bn)
+    bn1 = next_pow2(by_operands("bn_stats", f16) or bn)
     # subN: pass 2 steps over bn_sub sub-block entries (whole blocks, at least 16 for tl.dot)
     if parts > 1:
-        bn = max(next_pow2(CONFIG.get("bn_sub") or bn) // parts, -(-16 // parts), 1)
+        bn = max(next_pow2(by_operands("bn_sub", f16) or bn) // parts, -(-16 // parts), 1)
     kb = max(1, next_pow2(kc - 1))
     keys = CONFIG.get("keys", "int64")
     if keys not in KEYS:
@@ -612,7 +627,6 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
     _select_kernel[grid](
         qf, pooled, kscale, out, tok, dstart, dlen, poff, **const,
         num_warps=CONFIG["warps"],
-        **compile_options(CONFIG["stages"],
-                          CONFIG["maxnreg" if const["BD"] <= 64 else "maxnreg_large_d"]),
+        **compile_options(CONFIG["stages"], register_cap(const)),
     )
     return out.view(b, t, h, kc)
