@@ -926,6 +926,19 @@ def test_launch_constants_follow_the_tile_options():
 
 
 @needs_triton
+def test_selection_of_no_tokens_is_empty(monkeypatch):
+    """An empty batch or zero-length sequences select nothing and launch nothing (the longest
+    document of none is 0 tokens long)."""
+    import torch
+
+    from ssa_megatron.ops import triton_selection as tsel
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for b, t in ((0, 32), (1, 0)):
+        q, k = torch.randn(b, t, 4, 16), torch.randn(b, t, 2, 16)
+        assert tsel.select_blocks(q, k, 16, 2).shape == (b, t, 2, 2)
+
+
+@needs_triton
 def test_int32_merge_keys_only_where_the_score_keeps_its_bits():
     """int32 keys give the block index the bits the longest document's block count needs (at
     least 8, so that few kernels compile); past 4096 blocks the score would keep fewer than 11

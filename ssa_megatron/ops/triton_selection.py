@@ -97,6 +97,9 @@ CONFIG = {"rows": 64, "bn": 32, "warps": 4, "stages": 2, "merge": "extract", "so
 # "fp32": ...}: fp16 halves the tiles' registers and shared memory, so it takes wider steps and
 # a lower register cap), or one value for both (what a variant sweep sets).
 OPERANDS = ("auto", "fp32", "fp16")
+KEYS = ("auto", "int64", "int32")
+DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
+_MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
 
 def by_operands(name: str, f16: bool):
@@ -108,9 +111,6 @@ def by_operands(name: str, f16: bool):
 def register_cap(const: dict) -> int:
     """The register cap for a ``launch_constants`` result (0: the compiler's choice)."""
     return CONFIG["maxnreg"] if const["BD"] <= 64 else by_operands("maxnreg_large_d", const["F16"])
-KEYS = ("auto", "int64", "int32")
-DOT_PRECISIONS = (None, "tf32", "tf32x3", "ieee")
-_MERGES = {"insert": 0, "sort": 1, "extract": 2}
 
 
 def _interpret() -> bool:
@@ -611,14 +611,15 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, block_size: int, block_count
             qf, pooled, pooled_keys(kf.float() * kf.float(), offs, block_size), scale)
         qf, d = qf.contiguous(), 2 * d
     const = launch_constants(hq, h, d, kc, block_size, parts,
-                             max(e - a for a, e in zip(offs, offs[1:])))
+                             max((e - a for a, e in zip(offs, offs[1:])), default=0))
     # the softmax scale (and log2 e) goes into the pooled keys
     pooled = (pooled * (scale * LOG2E)).contiguous()
     if pooled.shape[0] == 0:  # no complete block anywhere: keep a valid pointer
         pooled = torch.zeros(1, h, d, dtype=torch.float32, device=q.device)
-    kscale = _unit_scale(str(q.device))
     if const["F16"]:
         pooled, kscale = fp16_keys(pooled)
+    else:
+        kscale = _unit_scale(str(q.device))
     out = torch.empty(b * t, h, kc, dtype=torch.int32, device=q.device)
     if b * t == 0:
         return out.view(b, t, h, kc)
